@@ -1,0 +1,126 @@
+"""The migration's phases and the steps between them: one table, as data.
+
+Each step names its gates (checks that must pass, with evidence, before it is taken) and its
+actions (what happens once the new phase is recorded), for the forward direction and for its
+rollback. The runner (``migrator.command``) only interprets this table; gates and actions are
+looked up by name in ``migrator.gates`` and ``migrator.actions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Phase(str, Enum):
+    PLANNED = "planned"
+    COMPATIBLE = "compatible"
+    MIRRORING = "mirroring"
+    READS_ON_TARGET = "reads-on-target"
+    WRITES_ON_TARGET = "writes-on-target"
+    COMPLETED = "completed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward step ``source → dest`` and, if ``reversible``, its rollback ``dest → source``."""
+
+    name: str
+    source: Phase
+    dest: Phase
+    description: str
+    gates: tuple[str, ...]
+    actions: tuple[str, ...]
+    reversible: bool = True
+    rollback_gates: tuple[str, ...] = ()
+    rollback_actions: tuple[str, ...] = ()
+    rollback_description: str = ""
+
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        name="compatibility",
+        source=Phase.PLANNED,
+        dest=Phase.COMPATIBLE,
+        description="run the compatibility checks and the test suite against Valkey",
+        gates=("compatibility",),
+        actions=("publish_phase", "await_shim_ack"),
+        rollback_actions=("publish_phase", "await_shim_ack"),
+        rollback_description="forget the compatibility result; nothing is routed differently",
+    ),
+    Step(
+        name="mirror",
+        source=Phase.COMPATIBLE,
+        dest=Phase.MIRRORING,
+        description="mirror every write to Valkey and compare reads; the source stays authoritative",
+        gates=("shim_running",),
+        actions=("publish_phase", "await_shim_ack"),
+        rollback_actions=("publish_phase", "await_shim_ack"),
+        rollback_description="stop mirroring at once; the source was authoritative throughout",
+    ),
+    Step(
+        name="read_cutover",
+        source=Phase.MIRRORING,
+        dest=Phase.READS_ON_TARGET,
+        description="serve reads from Valkey; writes still go to both, source first",
+        gates=("mirror_duration", "shim_ack"),
+        actions=("publish_phase", "await_shim_ack"),
+        rollback_actions=("publish_phase", "await_shim_ack"),
+        rollback_description="serve reads from the source again at once; writes kept going to both",
+    ),
+    Step(
+        name="write_cutover",
+        source=Phase.READS_ON_TARGET,
+        dest=Phase.WRITES_ON_TARGET,
+        description="make Valkey authoritative; Redis is kept in sync for the rollback window",
+        gates=("read_cutover_duration", "shim_ack"),
+        actions=("publish_phase", "await_shim_ack"),
+        rollback_gates=("shim_ack",),
+        rollback_actions=("publish_phase", "await_shim_ack"),
+        rollback_description="make the source authoritative again; it was kept in sync",
+    ),
+    Step(
+        name="complete",
+        source=Phase.WRITES_ON_TARGET,
+        dest=Phase.COMPLETED,
+        description="stop writing to Redis; it can be decommissioned",
+        gates=("rollback_window", "shim_ack"),
+        actions=("publish_phase", "await_shim_ack"),
+        reversible=False,
+    ),
+)
+
+INITIAL = Phase.PLANNED
+FINAL = Phase.COMPLETED
+
+
+def step_from(phase: Phase) -> Step | None:
+    """The forward step that leaves ``phase`` (None at the end)."""
+    return next((s for s in STEPS if s.source == phase), None)
+
+
+def step_into(phase: Phase) -> Step | None:
+    """The step that entered ``phase`` — the one ``rollback`` reverses (None at the start)."""
+    return next((s for s in STEPS if s.dest == phase), None)
+
+
+def rollback_target(phase: Phase) -> Phase | None:
+    step = step_into(phase)
+    return step.source if step and step.reversible else None
+
+
+def all_gate_names() -> set[str]:
+    names: set[str] = set()
+    for s in STEPS:
+        names.update(s.gates, s.rollback_gates)
+    return names
+
+
+def all_action_names() -> set[str]:
+    names: set[str] = set()
+    for s in STEPS:
+        names.update(s.actions, s.rollback_actions)
+    return names

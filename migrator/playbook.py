@@ -1,0 +1,434 @@
+"""Playbooks: one YAML file per migration, validated with pydantic.
+
+Every problem is reported as ``PATH:LINE:COL: field.path: message`` (all of them, not just the
+first), using ruamel.yaml's line numbers. Strings may use ``${VAR}`` / ``${VAR:-default}``;
+passwords come from the URL or from ``password_env`` and are registered as secrets so that
+nothing migrator writes ever shows them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from migrator.durations import Duration
+from migrator.errors import PlaybookError
+from migrator.redact import redact_url, register_secret
+
+DEFAULT_PLAYBOOK = "migrator.yaml"
+PLAYBOOK_ENV = "MIGRATOR_PLAYBOOK"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_default=True)
+
+
+class TLSConfig(_Strict):
+    """TLS options for a ``rediss://`` endpoint (or the shim's client side)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify: bool = True
+    server_name: str | None = None
+
+
+class Endpoint(_Strict):
+    """A Redis or Valkey server: ``redis://[user[:password]@]host[:port][/db]`` or ``rediss://``."""
+
+    url: str
+    username: str | None = None
+    password_env: str | None = None
+    tls: TLSConfig | None = None
+    connect_timeout: Duration = timedelta(seconds=5)
+    socket_timeout: Duration = timedelta(seconds=30)
+
+    _password: str | None = PrivateAttr(default=None)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError as e:
+            raise ValueError(f"not a valid URL ({e})") from None
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"URL scheme must be redis:// or rediss://, not {parts.scheme + '://' if parts.scheme else 'missing'}")
+        if not parts.hostname:
+            raise ValueError("URL has no host")
+        if port is not None and not (0 < port < 65536):
+            raise ValueError(f"port {port} out of range")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"database in URL path must be a number, not {path!r}")
+        if parts.password:
+            register_secret(unquote(parts.password))
+        return v
+
+    @model_validator(mode="after")
+    def _tls_only_with_rediss(self) -> "Endpoint":
+        if self.tls is not None and not self.use_tls:
+            raise ValueError("tls options given but the URL is not rediss://")
+        return self
+
+    # Derived, password-free views -------------------------------------------------------
+    @property
+    def _parts(self):
+        return urlsplit(self.url)
+
+    @property
+    def host(self) -> str:
+        return self._parts.hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self._parts.port or 6379
+
+    @property
+    def db(self) -> int:
+        path = self._parts.path.strip("/")
+        return int(path) if path else 0
+
+    @property
+    def use_tls(self) -> bool:
+        return self._parts.scheme == "rediss"
+
+    @property
+    def user(self) -> str | None:
+        if self.username:
+            return self.username
+        u = self._parts.username
+        return unquote(u) if u else None
+
+    @property
+    def password(self) -> str | None:
+        if self._password is not None:
+            return self._password
+        p = self._parts.password
+        return unquote(p) if p else None
+
+    @property
+    def display(self) -> str:
+        """The URL with any password masked: safe to print, log and store."""
+        return redact_url(self.url)
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the server (no secrets): used to notice endpoints changing mid-migration."""
+        return {"host": self.host, "port": self.port, "db": self.db, "tls": self.use_tls, "user": self.user}
+
+
+class ShimConfig(_Strict):
+    """The mirroring shim applications point at during the migration."""
+
+    listen: str = "127.0.0.1:6380"
+    admin: str = "127.0.0.1:9121"
+    compare_reads: float = Field(1.0, ge=0.0, le=1.0)
+    log_values: bool = False
+    password: str | None = None
+    password_env: str | None = None
+    tls: TLSConfig | None = None
+    shadow_timeout: Duration = timedelta(milliseconds=500)
+    ack_timeout: Duration = timedelta(seconds=10)
+    max_request_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    max_client_buffer_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    mirror_queue_size: int = Field(10000, gt=0)
+
+    _resolved_password: str | None = PrivateAttr(default=None)
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _check_addr(cls, v: str) -> str:
+        split_hostport(v)
+        return v
+
+    @field_validator("password")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        register_secret(v)
+        return v
+
+    @property
+    def client_password(self) -> str | None:
+        return self._resolved_password or self.password
+
+    @property
+    def listen_is_loopback(self) -> bool:
+        return is_loopback(split_hostport(self.listen)[0])
+
+
+class CompatibilityStep(_Strict):
+    test_command: str | list[str] | None = None
+    test_timeout: Duration = timedelta(minutes=30)
+    scratch: Literal["local", "docker", "target"] | None = None
+    scratch_seed: int = Field(0, ge=0)
+    allow_non_empty_target: bool = False
+
+
+class MirrorStep(_Strict):
+    min_duration: Duration = timedelta(days=7)
+    max_divergence_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class ReadCutoverStep(_Strict):
+    min_duration: Duration = timedelta(hours=48)
+    max_divergence_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class WriteCutoverStep(_Strict):
+    rollback_window: Duration = timedelta(hours=72)
+    max_pause: Duration = timedelta(seconds=5)
+
+
+class Steps(_Strict):
+    compatibility: CompatibilityStep = Field(default_factory=CompatibilityStep)
+    mirror: MirrorStep = Field(default_factory=MirrorStep)
+    read_cutover: ReadCutoverStep = Field(default_factory=ReadCutoverStep)
+    write_cutover: WriteCutoverStep = Field(default_factory=WriteCutoverStep)
+
+
+class SyncConfig(_Strict):
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    databases: list[int] | None = None
+    batch: int = Field(500, gt=0)
+    rate: float | None = Field(None, gt=0)
+
+
+class CheckConfig(_Strict):
+    sample: int = Field(10000, gt=0)
+    ttl_tolerance: Duration = timedelta(seconds=2)
+    rounds: int = Field(3, ge=1)
+    interval: Duration = timedelta(seconds=1)
+    max_mismatch_rate: float = Field(0.001, ge=0.0, le=1.0)
+
+
+class Playbook(_Strict):
+    """A whole migration: where from, where to, how the shim runs, and what each step requires."""
+
+    version: Literal[1]
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    source: Endpoint
+    target: Endpoint
+    shim: ShimConfig = Field(default_factory=ShimConfig)
+    state_dir: Path | None = None
+    steps: Steps = Field(default_factory=Steps)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
+
+    # Where the playbook came from (not part of the YAML).
+    _path: Path | None = PrivateAttr(default=None)
+    _raw_hash: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Playbook":
+        if self.source.identity() == self.target.identity():
+            raise ValueError("source and target are the same server")
+        if not self.shim.listen_is_loopback and not (self.shim.password or self.shim.password_env):
+            raise ValueError("shim.password (or shim.password_env) is required when shim.listen is not a loopback address")
+        return self
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    @property
+    def state_path(self) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir
+
+    def endpoints_hash(self) -> str:
+        """A hash of the servers' identities (no secrets): a change mid-migration is refused."""
+        blob = json.dumps({"source": self.source.identity(), "target": self.target.identity()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def playbook_hash(self) -> str:
+        """A hash of the playbook's content as written (secrets are in it only as ${ENV} references or not at all)."""
+        return self._raw_hash
+
+
+# --- addresses ---------------------------------------------------------------------------
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s]+):(\d+)", addr or "")
+    if not m:
+        raise ValueError(f"address must be HOST:PORT, not {addr!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not (0 <= port < 65536):
+        raise ValueError(f"port {port} out of range")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def resolve_path(path: str | os.PathLike | None) -> Path:
+    """The playbook path: the argument, else $MIGRATOR_PLAYBOOK, else ./migrator.yaml."""
+    return Path(path or os.environ.get(PLAYBOOK_ENV) or DEFAULT_PLAYBOOK)
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Playbook:
+    """Read, interpolate and validate a playbook. Raises PlaybookError listing every problem."""
+    env = dict(os.environ if env is None else env)
+    p = resolve_path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlaybookError([f"{p}: playbook not found (give -p PATH or set {PLAYBOOK_ENV})"]) from None
+    except IsADirectoryError:
+        raise PlaybookError([f"{p}: is a directory, not a playbook file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlaybookError([f"{p}: cannot read playbook: {e}"]) from None
+    return loads(text, p, env)
+
+
+def loads(text: str, path: Path | str = "<playbook>", env: dict[str, str] | None = None) -> Playbook:
+    env = dict(os.environ if env is None else env)
+    path = Path(path)
+    yaml = YAML(typ="rt")
+    try:
+        root = yaml.load(text)
+    except MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = (e.problem or e.context or "invalid YAML").strip()
+        raise PlaybookError([f"{path}:{line}:{col}: yaml: {problem}"]) from None
+    except YAMLError as e:
+        raise PlaybookError([f"{path}:1:1: yaml: {str(e).splitlines()[0]}"]) from None
+    if root is None:
+        raise PlaybookError([f"{path}:1:1: playbook is empty"])
+    if not isinstance(root, CommentedMap):
+        raise PlaybookError([f"{path}:1:1: playbook must be a mapping of fields, not {type(root).__name__}"])
+
+    problems: list[tuple[int, int, str]] = []
+    data = _interpolate(root, root, (), env, problems)
+    model: Playbook | None = None
+    try:
+        model = Playbook.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            loc = tuple(err["loc"])
+            line, col = _position(root, loc, key=err["type"] == "extra_forbidden")
+            where = _dotted(loc) or "playbook"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            problems.append((line, col, f"{where}: {msg}"))
+    if model is not None:
+        for section, ep in (("source", model.source), ("target", model.target)):
+            if ep.password_env:
+                value = env.get(ep.password_env)
+                if value is None:
+                    line, col = _position(root, (section, "password_env"))
+                    problems.append((line, col, f"{section}.password_env: environment variable {ep.password_env} is not set"))
+                else:
+                    register_secret(value)
+                    ep._password = value
+        if model.shim.password_env:
+            value = env.get(model.shim.password_env)
+            if value is None:
+                line, col = _position(root, ("shim", "password_env"))
+                problems.append((line, col, f"shim.password_env: environment variable {model.shim.password_env} is not set"))
+            else:
+                register_secret(value)
+                model.shim._resolved_password = value
+    if problems:
+        problems.sort()
+        raise PlaybookError([f"{path}:{line}:{col}: {msg}" for line, col, msg in problems])
+    assert model is not None
+    base = path.resolve().parent
+    if model.state_dir is None:
+        model.state_dir = base / ".migrator" / model.name
+    elif not model.state_dir.is_absolute():
+        model.state_dir = (base / model.state_dir).resolve()
+    for ep in (model.source, model.target):
+        if ep.tls:
+            for field in ("ca_file", "cert_file", "key_file"):
+                f = getattr(ep.tls, field)
+                if f is not None and not f.is_absolute():
+                    setattr(ep.tls, field, (base / f).resolve())
+    model._path = path.resolve()
+    model._raw_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return model
+
+
+def _interpolate(root: CommentedMap, node: Any, loc: tuple, env: dict[str, str], problems: list) -> Any:
+    """Plain Python data from the ruamel tree, with ${VAR} references replaced."""
+    if isinstance(node, CommentedMap):
+        return {k: _interpolate(root, v, loc + (k,), env, problems) for k, v in node.items()}
+    if isinstance(node, CommentedSeq):
+        return [_interpolate(root, v, loc + (i,), env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append((*_position(root, loc), f"{_dotted(loc)}: environment variable {name} is not set"))
+            return ""
+
+        return _ENV_REF.sub(sub, str(node))
+    if isinstance(node, str):
+        return str(node)
+    return node
+
+
+def _position(root: Any, loc: tuple, key: bool = False) -> tuple[int, int]:
+    """1-based (line, col) of the node at ``loc``; the nearest existing parent if it is missing.
+
+    ``key`` points at the key rather than the value (for unknown fields). A nested block is
+    located by its key, which is where a human looks.
+    """
+    node, pos = root, (root.lc.line, root.lc.col)
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, CommentedMap) and part in node:
+            child = node[part]
+            nested = isinstance(child, (CommentedMap, CommentedSeq))
+            pos = node.lc.key(part) if (key and last) or nested else node.lc.value(part)
+            node = child
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            pos = node.lc.item(part)
+            node = node[part]
+        else:
+            break  # a missing field, or pydantic's tag for a union member
+    return pos[0] + 1, pos[1] + 1
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out

@@ -1,0 +1,131 @@
+"""Where running shims announce themselves and acknowledge the phase they apply.
+
+Each shim keeps one file, ``state_dir/shims/<id>.json``, rewritten atomically at least every
+``HEARTBEAT`` seconds and at once after it applies a new phase generation. ``advance`` and
+``rollback`` read these files to wait for every shim's acknowledgement; ``status`` shows them.
+
+A shim is *live* while its heartbeat is fresh; *unresponsive* when the heartbeat is stale but
+its process may still run (same host and the pid exists, or another host); *dead* when it ran
+on this host and its pid is gone (a crash). Dead shims are ignored; unresponsive ones block an
+acknowledgement, since they may still route by the old phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from migrator.state import atomic_write_json, iso, now, parse_iso
+
+SHIMS_DIR = "shims"
+HEARTBEAT = 0.5  # seconds between a shim's heartbeats
+STALE_AFTER = 5.0  # seconds without a heartbeat before a shim is unresponsive
+
+
+@dataclass
+class ShimRecord:
+    id: str
+    pid: int
+    host: str
+    listen: str
+    admin: str
+    started_at: str
+    heartbeat_at: str
+    applied_phase: str
+    applied_generation: int
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    def age(self) -> float:
+        return (now() - parse_iso(self.heartbeat_at)).total_seconds()
+
+    def liveness(self, stale_after: float = STALE_AFTER) -> str:
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return "dead"
+        if self.age() <= stale_after:
+            return "live"
+        return "unresponsive"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def shims_dir(state_dir: Path | str) -> Path:
+    return Path(state_dir) / SHIMS_DIR
+
+
+def write(state_dir: Path | str, record: ShimRecord) -> None:
+    """Publish a shim's record (heartbeat, applied phase, counters)."""
+    record.heartbeat_at = iso(now())
+    atomic_write_json(shims_dir(state_dir) / f"{record.id}.json", asdict(record))
+
+
+def remove(state_dir: Path | str, shim_id: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (shims_dir(state_dir) / f"{shim_id}.json").unlink()
+
+
+def read_all(state_dir: Path | str) -> list[ShimRecord]:
+    records: list[ShimRecord] = []
+    d = shims_dir(state_dir)
+    if not d.is_dir():
+        return records
+    for f in sorted(d.glob("*.json")):
+        try:
+            records.append(ShimRecord(**json.loads(f.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, TypeError):
+            continue  # being replaced right now, or foreign: not a shim record
+    return records
+
+
+def active(state_dir: Path | str, stale_after: float = STALE_AFTER) -> list[ShimRecord]:
+    """Shims that are not known to be dead: they must acknowledge a phase change."""
+    return [r for r in read_all(state_dir) if r.liveness(stale_after) != "dead"]
+
+
+@dataclass
+class AckResult:
+    generation: int
+    acked: list[ShimRecord]
+    missing: list[ShimRecord]
+    waited: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+    def evidence(self) -> str:
+        if not self.acked and not self.missing:
+            return "no shim is running"
+        parts = [f"{len(self.acked)} of {len(self.acked) + len(self.missing)} shim(s) applied generation {self.generation}"]
+        for r in self.missing:
+            parts.append(
+                f"shim {r.id} ({r.listen}) still at generation {r.applied_generation} ({r.applied_phase}), "
+                f"{r.liveness()}, heartbeat {r.age():.1f}s ago"
+            )
+        return "; ".join(parts)
+
+
+def await_ack(state_dir: Path | str, generation: int, timeout: float, poll: float = 0.05) -> AckResult:
+    """Wait until every active shim has applied ``generation`` (or newer), or the timeout passes."""
+    start = time.monotonic()
+    while True:
+        shims = active(state_dir)
+        acked = [r for r in shims if r.applied_generation >= generation]
+        missing = [r for r in shims if r.applied_generation < generation]
+        waited = time.monotonic() - start
+        if not missing or waited >= timeout:
+            return AckResult(generation, acked, missing, waited)
+        time.sleep(poll)

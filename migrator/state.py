@@ -1,0 +1,231 @@
+"""The persisted state of one migration, in ``state_dir``.
+
+- ``state.json``: the current phase, its generation (bumped on every phase change, which is
+  what shims acknowledge), when it began, the transition in progress if any, and the history.
+  Written atomically: temp file, fsync, rename, fsync of the folder.
+- ``journal.jsonl``: append-only, one JSON object per line, fsynced; every transition's start
+  (with the gates' evidence, overrides, operator and hashes), completion and refusals.
+- ``lock``: held by ``advance``/``rollback`` so two runs cannot interleave.
+
+Every write is redacted: no secret reaches these files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from filelock import FileLock, Timeout
+
+from migrator.errors import LockedError, StateError
+from migrator.phases import INITIAL, Phase
+from migrator.redact import redact
+
+STATE_FILE = "state.json"
+JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "lock"
+LOCK_OWNER_FILE = "lock.owner"
+FORMAT_VERSION = 1
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def operator() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user database entry in some containers
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class Transition:
+    """A phase change that was recorded but whose actions have not all finished."""
+
+    id: str
+    step: str
+    direction: str  # "advance" or "rollback"
+    from_phase: str
+    to_phase: str
+    started_at: str
+
+
+@dataclass
+class State:
+    migration: str
+    phase: Phase = INITIAL
+    generation: int = 0
+    phase_since: str = field(default_factory=lambda: iso(now()))
+    created_at: str = field(default_factory=lambda: iso(now()))
+    endpoints_hash: str = ""
+    transition: Transition | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["phase"] = self.phase.value
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "State":
+        if d.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported state format version {d.get('version')!r}")
+        t = d.get("transition")
+        return cls(
+            migration=d["migration"],
+            phase=Phase(d["phase"]),
+            generation=int(d["generation"]),
+            phase_since=d["phase_since"],
+            created_at=d["created_at"],
+            endpoints_hash=d.get("endpoints_hash", ""),
+            transition=Transition(**t) if t else None,
+            history=list(d.get("history", [])),
+        )
+
+    @property
+    def phase_started(self) -> datetime:
+        return parse_iso(self.phase_since)
+
+
+class StateStore:
+    """Reads and writes one migration's state folder."""
+
+    def __init__(self, state_dir: Path | str, migration: str) -> None:
+        self.dir = Path(state_dir)
+        self.migration = migration
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / JOURNAL_FILE
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.dir / "reports"
+
+    # --- state ---------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.state_path.exists()
+
+    def load(self) -> State:
+        """The current state; a fresh ``planned`` state if none was written yet (nothing is created)."""
+        try:
+            raw = self.state_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return State(migration=self.migration)
+        try:
+            state = State.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as e:
+            raise StateError(f"{self.state_path}: state file is unreadable ({e}); restore it from the journal or a backup") from None
+        if state.migration != self.migration:
+            raise StateError(
+                f"{self.state_path}: belongs to migration {state.migration!r}, not {self.migration!r}; "
+                "use a different state_dir for each migration"
+            )
+        return state
+
+    def save(self, state: State) -> None:
+        atomic_write_json(self.state_path, state.to_json())
+
+    # --- journal -------------------------------------------------------------------------
+    def journal(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one event to the journal and fsync it before returning."""
+        entry = {"time": iso(now()), "event": event, "migration": self.migration, **fields}
+        line = json.dumps(redact(entry), sort_keys=False, default=str)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return entry
+
+    def read_journal(self) -> list[dict[str, Any]]:
+        """Every journal entry; a torn last line (a crash mid-append) is skipped, not fatal."""
+        entries: list[dict[str, Any]] = []
+        try:
+            with self.journal_path.open(encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        entries.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+        except FileNotFoundError:
+            pass
+        return entries
+
+    # --- lock ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, what: str) -> Iterator[None]:
+        """Hold the migration's lock, or fail at once naming who holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.dir / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            owner = ""
+            with contextlib.suppress(OSError):
+                owner = (self.dir / LOCK_OWNER_FILE).read_text().strip()
+            raise LockedError(
+                f"another migrator run holds the lock on {self.dir} ({owner or 'owner unknown'}); "
+                "wait for it to finish and try again"
+            ) from None
+        try:
+            with contextlib.suppress(OSError):
+                (self.dir / LOCK_OWNER_FILE).write_text(f"{what} by {operator()} pid {os.getpid()} since {iso(now())}\n")
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                (self.dir / LOCK_OWNER_FILE).unlink()
+            lock.release()
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so that a reader (or a crash) sees the old file or the new one, never a mix."""
+    atomic_write_text(path, json.dumps(redact(data), indent=2, default=str) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
