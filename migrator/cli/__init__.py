@@ -1,0 +1,118 @@
+"""The command line: parses options, calls plain functions, renders results. No work lives here.
+
+Each area's commands live in a module of this package and are registered on ``main`` below.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from migrator import logs, playbook
+from migrator.errors import EXIT_INTERNAL, MigratorError, PlaybookError
+from migrator.redact import redact
+
+
+@dataclass
+class Ctx:
+    playbook_path: str | None
+    traceback: bool
+
+    def load_playbook(self) -> playbook.Playbook:
+        return playbook.load(self.playbook_path)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+playbook_option = click.option(
+    "-p",
+    "--playbook",
+    "playbook_path",
+    envvar=playbook.PLAYBOOK_ENV,
+    type=click.Path(dir_okay=False, path_type=str),
+    default=None,
+    help=f"Playbook file (default ./{playbook.DEFAULT_PLAYBOOK}, or ${playbook.PLAYBOOK_ENV}).",
+)
+
+output_option = click.option(
+    "--output", "output", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format."
+)
+
+
+def with_playbook(f):
+    """Accept -p/--playbook on the subcommand as well as on the group."""
+
+    def callback(ctx: click.Context, _param, value):
+        if value is not None:
+            ctx.ensure_object(Ctx).playbook_path = value
+        return value
+
+    return click.option(
+        "-p",
+        "--playbook",
+        "_playbook",
+        envvar=playbook.PLAYBOOK_ENV,
+        type=click.Path(dir_okay=False, path_type=str),
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=callback,
+        help=f"Playbook file (default ./{playbook.DEFAULT_PLAYBOOK}, or ${playbook.PLAYBOOK_ENV}).",
+    )(f)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(redact(data), indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@playbook_option
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True)
+@click.option("--log-level", type=click.Choice(list(logs.LEVELS)), default="warning", show_default=True)
+@click.option("--traceback", "show_traceback", is_flag=True, help="Show the traceback of an error.")
+@click.version_option(package_name="migrator")
+@click.pass_context
+def cli(ctx: click.Context, playbook_path, log_format, log_level, show_traceback) -> None:
+    """Move a live Redis deployment to Valkey without losing a write, with a way back at every step."""
+    logs.configure(log_format, log_level)
+    ctx.obj = Ctx(playbook_path=playbook_path, traceback=show_traceback)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI, turning MigratorError into one line and its exit code."""
+    try:
+        rv = cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except PlaybookError as e:
+        for line in e.problems:
+            click.echo(redact(line), err=True)
+        sys.exit(e.exit_code)
+    except MigratorError as e:
+        if "--traceback" in (argv or sys.argv):
+            traceback.print_exc()
+        click.echo(f"FAILED: {redact(e.message)}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except Exception:  # noqa: BLE001 - a bug: show it
+        click.echo(redact(traceback.format_exc()), err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Commands, one module per area. Each module defines click commands and registers them here.
+from migrator.cli import phases as _phases  # noqa: E402,F401

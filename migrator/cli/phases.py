@@ -1,0 +1,1 @@
+"""Commands that walk the phases: plan, advance, rollback, status, history."""
