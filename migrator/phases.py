@@ -1,8 +1,8 @@
 """The migration's phases and the steps between them: one table, as data.
 
 Each step names its gates (checks that must pass, with evidence, before it is taken) and its
-actions (what happens once the new phase is recorded), for the forward direction and for its
-rollback. The runner (``migrator.command``) only interprets this table; gates and actions are
+actions (what happens once the new phase is recorded in the state, which is what shims follow),
+for the forward direction and for its rollback. The runner (``migrator.command``) only interprets this table; gates and actions are
 looked up by name in ``migrator.gates`` and ``migrator.actions``.
 """
 
@@ -47,8 +47,8 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.COMPATIBLE,
         description="run the compatibility checks and the test suite against Valkey",
         gates=("compatibility",),
-        actions=("publish_phase", "await_shim_ack"),
-        rollback_actions=("publish_phase", "await_shim_ack"),
+        actions=("await_shim_ack",),
+        rollback_actions=("await_shim_ack",),
         rollback_description="forget the compatibility result; nothing is routed differently",
     ),
     Step(
@@ -57,8 +57,8 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.MIRRORING,
         description="mirror every write to Valkey and compare reads; the source stays authoritative",
         gates=("shim_running",),
-        actions=("publish_phase", "await_shim_ack"),
-        rollback_actions=("publish_phase", "await_shim_ack"),
+        actions=("await_shim_ack",),
+        rollback_actions=("await_shim_ack",),
         rollback_description="stop mirroring at once; the source was authoritative throughout",
     ),
     Step(
@@ -67,8 +67,8 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.READS_ON_TARGET,
         description="serve reads from Valkey; writes still go to both, source first",
         gates=("mirror_duration", "shim_ack"),
-        actions=("publish_phase", "await_shim_ack"),
-        rollback_actions=("publish_phase", "await_shim_ack"),
+        actions=("await_shim_ack",),
+        rollback_actions=("await_shim_ack",),
         rollback_description="serve reads from the source again at once; writes kept going to both",
     ),
     Step(
@@ -77,9 +77,9 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.WRITES_ON_TARGET,
         description="make Valkey authoritative; Redis is kept in sync for the rollback window",
         gates=("read_cutover_duration", "shim_ack"),
-        actions=("publish_phase", "await_shim_ack"),
+        actions=("await_shim_ack",),
         rollback_gates=("shim_ack",),
-        rollback_actions=("publish_phase", "await_shim_ack"),
+        rollback_actions=("await_shim_ack",),
         rollback_description="make the source authoritative again; it was kept in sync",
     ),
     Step(
@@ -88,7 +88,7 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.COMPLETED,
         description="stop writing to Redis; it can be decommissioned",
         gates=("rollback_window", "shim_ack"),
-        actions=("publish_phase", "await_shim_ack"),
+        actions=("await_shim_ack",),
         reversible=False,
     ),
 )

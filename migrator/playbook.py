@@ -326,13 +326,16 @@ def loads(text: str, path: Path | str = "<playbook>", env: dict[str, str] | None
         raise PlaybookError([f"{path}:1:1: playbook must be a mapping of fields, not {type(root).__name__}"])
 
     problems: list[tuple[int, int, str]] = []
-    data = _interpolate(root, root, (), env, problems)
+    unresolved: set[tuple] = set()  # values with an unset ${VAR}: their other errors would be noise
+    data = _interpolate(root, root, (), env, problems, unresolved)
     model: Playbook | None = None
     try:
         model = Playbook.model_validate(data)
     except ValidationError as e:
         for err in e.errors(include_url=False):
             loc = tuple(err["loc"])
+            if any(loc[: len(u)] == u for u in unresolved):
+                continue
             line, col = _position(root, loc, key=err["type"] == "extra_forbidden")
             where = _dotted(loc) or "playbook"
             msg = err["msg"]
@@ -379,12 +382,13 @@ def loads(text: str, path: Path | str = "<playbook>", env: dict[str, str] | None
     return model
 
 
-def _interpolate(root: CommentedMap, node: Any, loc: tuple, env: dict[str, str], problems: list) -> Any:
+def _interpolate(root: CommentedMap, node: Any, loc: tuple, env: dict[str, str], problems: list,
+                 unresolved: set[tuple]) -> Any:
     """Plain Python data from the ruamel tree, with ${VAR} references replaced."""
     if isinstance(node, CommentedMap):
-        return {k: _interpolate(root, v, loc + (k,), env, problems) for k, v in node.items()}
+        return {k: _interpolate(root, v, loc + (k,), env, problems, unresolved) for k, v in node.items()}
     if isinstance(node, CommentedSeq):
-        return [_interpolate(root, v, loc + (i,), env, problems) for i, v in enumerate(node)]
+        return [_interpolate(root, v, loc + (i,), env, problems, unresolved) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def sub(m: re.Match) -> str:
@@ -394,7 +398,8 @@ def _interpolate(root: CommentedMap, node: Any, loc: tuple, env: dict[str, str],
             if default is not None:
                 return default
             problems.append((*_position(root, loc), f"{_dotted(loc)}: environment variable {name} is not set"))
-            return ""
+            unresolved.add(loc)
+            return m.group(0)
 
         return _ENV_REF.sub(sub, str(node))
     if isinstance(node, str):

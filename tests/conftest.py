@@ -48,7 +48,7 @@ def pair(request, server_factory):
     return server_factory(source_label), server_factory(target_label)
 
 
-def write_playbook(path: Path, source_url: str, target_url: str, **sections) -> Path:
+def write_playbook(path: Path, source_url: str, target_url: str, /, **sections) -> Path:
     """A playbook for two servers (JSON is YAML); ``sections`` override top-level fields."""
     doc = {
         "version": 1,
@@ -74,7 +74,7 @@ def write_playbook(path: Path, source_url: str, target_url: str, **sections) -> 
 
 @pytest.fixture
 def make_playbook(tmp_path):
-    def make(source, target, **sections) -> Path:
+    def make(source, target, /, **sections) -> Path:
         s = source.url if hasattr(source, "url") else source
         t = target.url if hasattr(target, "url") else target
         return write_playbook(tmp_path / "migrator.yaml", s, t, **sections)

@@ -1,1 +1,204 @@
 """Commands that walk the phases: plan, advance, rollback, status, history."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from migrator import command
+from migrator.cli import Ctx, cli, emit_json, output_option, pass_ctx, with_playbook
+from migrator.errors import UsageError
+from migrator.gates import GateResult
+from migrator.redact import redact
+
+
+def console() -> Console:
+    # Piped output (logs, CI, tests) must not be wrapped at 80 columns mid-evidence.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+def _mark(ok: bool, overridden: bool = False) -> str:
+    if overridden:
+        return "[yellow]OVERRIDDEN[/]"
+    return "[green]pass[/]" if ok else "[red]FAIL[/]"
+
+
+def render_gates(con: Console, gates: list[GateResult]) -> None:
+    if not gates:
+        con.print("  (no gates)")
+        return
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("gate")
+    table.add_column("result")
+    table.add_column("evidence")
+    for g in gates:
+        ev = g.evidence + (f" — override reason: {g.override_reason}" if g.overridden else "")
+        table.add_row(g.name, _mark(g.passed, g.overridden), redact(ev))
+    con.print(table)
+
+
+def render_plan(con: Console, p: command.PlanResult) -> None:
+    con.print(f"[bold]Migration {p.migration}[/]  playbook {p.playbook}")
+    con.print(f"Phase: [bold]{p.phase}[/] since {p.phase_since} (generation {p.generation})")
+    for s in p.servers:
+        con.print(f"  {redact(s.describe())}")
+    if p.note:
+        con.print(f"[yellow]Note:[/] {p.note}")
+    if p.step is None:
+        return
+    desc = p.step.description if p.direction == "advance" else (p.step.rollback_description or f"undo {p.step.name}")
+    con.print(f"Next {p.direction}: [bold]{p.phase} → {p.to_phase}[/] ({p.step.name}): {desc}")
+    con.print("Gates:")
+    render_gates(con, p.gates)
+    if p.actions:
+        con.print(f"Actions {p.direction} would take after recording {p.to_phase}:")
+        for a in p.actions:
+            con.print(f"  - {a}: {command.actions_mod.describe(a)}")
+    failing = [g for g in p.gates if not g.passed and not g.overridden]
+    if failing:
+        con.print(f"[red]{p.direction} would be refused:[/] {len(failing)} gate(s) failing ({', '.join(g.name for g in failing)})")
+    else:
+        con.print(f"[green]{p.direction} is allowed now.[/]")
+
+
+@cli.command()
+@with_playbook
+@output_option
+@click.option("--rollback", "for_rollback", is_flag=True, help="Plan the rollback instead of the next advance.")
+@pass_ctx
+def plan(ctx: Ctx, output: str, for_rollback: bool) -> None:
+    """Validate the playbook and show the next step, its gates with evidence, and its actions. Changes nothing."""
+    pb = ctx.load_playbook()
+    p = command.plan(pb, "rollback" if for_rollback else "advance")
+    if output == "json":
+        emit_json(p.to_json())
+    else:
+        render_plan(console(), p)
+    command.require_reachable(p.servers)
+
+
+def _overrides(override: tuple[str, ...], reason: str | None) -> dict[str, str]:
+    if override and not (reason and reason.strip()):
+        raise UsageError("--override needs --reason TEXT: the journal records why a gate was overridden")
+    if reason and not override:
+        raise UsageError("--reason is only meaningful with --override GATE")
+    return {name: reason.strip() for name in override} if reason else {}
+
+
+def _move(ctx: Ctx, direction: str, yes: bool, dry_run: bool, override: tuple[str, ...], reason: str | None, output: str) -> None:
+    pb = ctx.load_playbook()
+    con = console()
+    overrides = _overrides(override, reason)
+
+    def confirm(p: command.PlanResult) -> bool:
+        render_plan(con, p)
+        return click.confirm(f"{direction.capitalize()} {pb.name} from {p.phase} to {p.to_phase}?", default=False)
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not yes and not dry_run
+    fn = command.advance if direction == "advance" else command.rollback
+    try:
+        result = fn(pb, overrides=overrides, dry_run=dry_run, confirm=confirm if interactive else None)
+    except command.GatesFailed as e:
+        if output == "json":
+            emit_json({"refused": True, "direction": direction, "gates": [g.to_json() for g in e.results]})
+        else:
+            con.print(f"{direction} refused; gates:")
+            render_gates(con, e.results)
+        raise
+    if output == "json":
+        emit_json(result.to_json())
+        return
+    verb = "would move" if result.dry_run else ("finished the interrupted step" if result.resumed else "moved")
+    con.print(f"{pb.name}: {verb} {result.from_phase} → {result.to_phase} (generation {result.generation})")
+    if result.gates:
+        render_gates(con, result.gates)
+    for a in result.actions:
+        con.print(f"  {a.name}: {'ok' if a.ok else 'FAILED'} — {a.evidence}")
+
+
+def _move_options(f):
+    f = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")(f)
+    f = click.option("--dry-run", is_flag=True, help="Evaluate the gates and show what would happen; change nothing.")(f)
+    f = click.option("--override", multiple=True, metavar="GATE", help="Take the step although GATE fails (needs --reason).")(f)
+    f = click.option("--reason", metavar="TEXT", help="Why the gate is overridden; recorded in the journal.")(f)
+    return output_option(with_playbook(f))
+
+
+@cli.command()
+@_move_options
+@pass_ctx
+def advance(ctx: Ctx, yes: bool, dry_run: bool, override: tuple[str, ...], reason: str | None, output: str) -> None:
+    """Take the next step of the migration if every gate passes."""
+    _move(ctx, "advance", yes, dry_run, override, reason, output)
+
+
+@cli.command()
+@_move_options
+@pass_ctx
+def rollback(ctx: Ctx, yes: bool, dry_run: bool, override: tuple[str, ...], reason: str | None, output: str) -> None:
+    """Reverse the last step, after its own safety checks."""
+    _move(ctx, "rollback", yes, dry_run, override, reason, output)
+
+
+@cli.command()
+@with_playbook
+@output_option
+@pass_ctx
+def status(ctx: Ctx, output: str) -> None:
+    """Show the phase, time in phase, history and the running shims."""
+    st = command.status(ctx.load_playbook())
+    if output == "json":
+        emit_json(st)
+        return
+    con = console()
+    con.print(f"[bold]Migration {st['migration']}[/]  {st['source']} → {st['target']}")
+    con.print(f"Phase: [bold]{st['phase']}[/] for {st['time_in_phase']} (since {st['phase_since']}, generation {st['generation']})")
+    if st["endpoints_changed"]:
+        con.print("[red]The playbook's endpoints differ from the ones this migration started with.[/]")
+    if st["note"]:
+        con.print(f"[yellow]Note:[/] {st['note']}")
+    if st["shims"]:
+        table = Table("shim", "listen", "liveness", "applied", "current", box=None, header_style="bold")
+        for s in st["shims"]:
+            table.add_row(s["id"], s["listen"], f"{s['liveness']} ({s['heartbeat_age_s']}s)",
+                          f"{s['applied_phase']} (gen {s['applied_generation']})", "yes" if s["current"] else "[red]no[/]")
+        con.print(table)
+    else:
+        con.print("Shims: none running")
+    if st["history"]:
+        con.print("History:")
+        for h in st["history"][-10:]:
+            con.print(f"  {h['completed_at']}  {h['direction']:<8} {h['from']} → {h['to']}  by {h['operator']}")
+
+
+@cli.command()
+@with_playbook
+@output_option
+@click.option("--limit", type=int, default=0, help="Show only the last N entries.")
+@pass_ctx
+def history(ctx: Ctx, output: str, limit: int) -> None:
+    """Show the journal: every transition, refusal and override, with its evidence."""
+    entries = command.history(ctx.load_playbook())
+    if limit > 0:
+        entries = entries[-limit:]
+    if output == "json":
+        emit_json(entries)
+        return
+    con = console()
+    if not entries:
+        con.print("The journal is empty: no step has been attempted yet.")
+    for e in entries:
+        move = f"{e.get('from', '')} → {e.get('to', '')}" if e.get("from") or e.get("to") else ""
+        con.print(f"{e['time']}  [bold]{e['event']}[/] {e.get('direction', '')} {move}  {e.get('operator', '')}")
+        for g in e.get("gates", []):
+            flag = "overridden" if g.get("overridden") else ("pass" if g["passed"] else "FAIL")
+            con.print(f"    {g['gate']}: {flag} — {g['evidence']}")
+        for o in e.get("overrides", []):
+            con.print(f"    override {o['gate']}: {o['reason']}")
+        for a in e.get("actions", []):
+            con.print(f"    {a['action']}: {'ok' if a['ok'] else 'FAILED'} — {a['evidence']}")
+        if e.get("reason"):
+            con.print(f"    reason: {e['reason']}")

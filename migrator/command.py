@@ -1,0 +1,403 @@
+"""The Python API of migrator's phase commands: plan, advance, rollback, status, history.
+
+One plain function per command; no printing (the CLI renders what these return). The runner
+interprets the phase table (``migrator.phases``); gates and actions are looked up by name.
+
+A transition is crash-safe because of its order:
+1. the gates' evidence is appended to the journal (``transition-started``), fsynced;
+2. the state records the new phase and generation with a ``transition`` marker, atomically —
+   shims follow this file, so this is the moment routing changes;
+3. the step's actions run (e.g. waiting for every shim's acknowledgement);
+4. the state clears the marker and appends to its history; the journal gets
+   ``transition-completed``.
+A crash before 2 leaves the old phase (the journal shows an attempt that changed nothing); a
+crash after 2 leaves the new phase with the marker, and running the same command again runs the
+actions again (they are idempotent) and completes the step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from migrator import actions as actions_mod
+from migrator import gates as gates_mod
+from migrator import registry
+from migrator.connect import client_kwargs
+from migrator.durations import format_duration
+from migrator.errors import RefusedError, UnreachableError, UsageError
+from migrator.phases import STEPS, Phase, Step, step_from, step_into
+from migrator.playbook import Endpoint, Playbook
+from migrator.state import State, StateStore, Transition, iso, now, operator
+
+CRASH_ENV = "MIGRATOR_CRASH_AT"
+
+
+def crashpoint(name: str) -> None:
+    """Kill this process with SIGKILL at a named point when $MIGRATOR_CRASH_AT says so.
+
+    The crash-safety tests use it to kill -9 ``advance``/``rollback`` exactly at the dangerous
+    points of a transition; it does nothing otherwise.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class GatesFailed(RefusedError):
+    """A step was refused because at least one gate failed; carries every gate's result."""
+
+    def __init__(self, step: Step, direction: str, results: list[gates_mod.GateResult]) -> None:
+        failed = [r for r in results if not r.passed and not r.overridden]
+        names = ", ".join(r.name for r in failed)
+        super().__init__(f"{direction} to {target_of(step, direction)} refused: gate(s) failed: {names}")
+        self.step = step
+        self.direction = direction
+        self.results = results
+
+
+def target_of(step: Step, direction: str) -> Phase:
+    return step.dest if direction == "advance" else step.source
+
+
+@dataclass
+class ServerInfo:
+    role: str
+    url: str
+    reachable: bool
+    server: str | None = None
+    version: str | None = None
+    error: str | None = None
+
+    def describe(self) -> str:
+        if not self.reachable:
+            return f"{self.role} {self.url}: unreachable ({self.error})"
+        return f"{self.role} {self.url}: {self.server} {self.version}"
+
+
+@dataclass
+class PlanResult:
+    migration: str
+    playbook: str
+    state_dir: str
+    phase: Phase
+    generation: int
+    phase_since: str
+    direction: str
+    step: Step | None
+    gates: list[gates_mod.GateResult] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    servers: list[ServerInfo] = field(default_factory=list)
+    pending: Transition | None = None
+    note: str | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.step is not None and all(g.passed or g.overridden for g in self.gates)
+
+    @property
+    def to_phase(self) -> Phase | None:
+        return target_of(self.step, self.direction) if self.step else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "migration": self.migration,
+            "playbook": self.playbook,
+            "state_dir": self.state_dir,
+            "phase": self.phase.value,
+            "generation": self.generation,
+            "phase_since": self.phase_since,
+            "direction": self.direction,
+            "step": self.step.name if self.step else None,
+            "to_phase": self.to_phase.value if self.to_phase else None,
+            "allowed": self.allowed,
+            "gates": [g.to_json() for g in self.gates],
+            "actions": [{"action": a, "description": actions_mod.describe(a)} for a in self.actions],
+            "servers": [vars(s) for s in self.servers],
+            "pending_transition": vars(self.pending) if self.pending else None,
+            "note": self.note,
+        }
+
+
+@dataclass
+class TransitionResult:
+    migration: str
+    direction: str
+    from_phase: Phase
+    to_phase: Phase
+    generation: int
+    dry_run: bool
+    gates: list[gates_mod.GateResult]
+    actions: list[actions_mod.ActionResult]
+    resumed: bool = False
+    transition_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "migration": self.migration,
+            "direction": self.direction,
+            "from_phase": self.from_phase.value,
+            "to_phase": self.to_phase.value,
+            "generation": self.generation,
+            "dry_run": self.dry_run,
+            "resumed": self.resumed,
+            "transition_id": self.transition_id,
+            "gates": [g.to_json() for g in self.gates],
+            "actions": [a.to_json() for a in self.actions],
+        }
+
+
+GateEvaluator = Callable[[tuple[str, ...], gates_mod.GateContext], list[gates_mod.GateResult]]
+Confirm = Callable[[PlanResult], bool]
+
+
+def store_for(pb: Playbook) -> StateStore:
+    return StateStore(pb.state_path, pb.name)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def probe_server(ep: Endpoint, role: str) -> ServerInfo:
+    """Identify a server read-only (INFO server); never raises for an unreachable server."""
+    c = redis.Redis(**{**client_kwargs(ep), "socket_timeout": ep.connect_timeout.total_seconds()})
+    try:
+        info = c.info("server")
+    except (redis.exceptions.RedisError, OSError) as e:
+        return ServerInfo(role, ep.display, False, error=str(e) or type(e).__name__)
+    finally:
+        c.close()
+    if info.get("server_name") == "valkey" or "valkey_version" in info:
+        return ServerInfo(role, ep.display, True, "valkey", str(info.get("valkey_version", "?")))
+    return ServerInfo(role, ep.display, True, "redis", str(info.get("redis_version", "?")))
+
+
+def check_endpoints(pb: Playbook, state: State) -> None:
+    if state.endpoints_hash and state.endpoints_hash != pb.endpoints_hash():
+        raise RefusedError(
+            f"the playbook's source/target changed since this migration began (now {pb.source.display} → "
+            f"{pb.target.display}); a migration cannot switch servers midway: restore the original endpoints, "
+            "or roll back to planned and start a new migration with its own state_dir"
+        )
+
+
+def _next_step(state: State, direction: str) -> tuple[Step | None, str | None]:
+    if direction == "advance":
+        step = step_from(state.phase)
+        return step, None if step else f"the migration is {state.phase}; there is no further step"
+    step = step_into(state.phase)
+    if step is None:
+        return None, f"the migration is {state.phase}; there is nothing to roll back"
+    if not step.reversible:
+        return None, f"the migration is {state.phase}: the source was released for decommissioning, so there is no way back"
+    return step, None
+
+
+def _interrupted_note(store: StateStore, state: State) -> str | None:
+    if state.transition:
+        t = state.transition
+        return (f"an interrupted {t.direction} from {t.from_phase} to {t.to_phase} (started {t.started_at}) "
+                f"changed the phase but did not finish; run `migrator {t.direction}` to finish it")
+    last = _dangling_start(store, state)
+    if last:
+        return (f"an attempt to {last['direction']} from {last['from']} to {last['to']} at {last['time']} "
+                "stopped before the phase changed; nothing was applied")
+    return None
+
+
+def _dangling_start(store: StateStore, state: State) -> dict | None:
+    """The journal's last ``transition-started`` if nothing completed it and the state never moved."""
+    entries = store.read_journal()
+    for e in reversed(entries):
+        if e.get("event") in ("transition-completed", "transition-reverted", "transition-aborted"):
+            return None
+        if e.get("event") == "transition-started":
+            return e if e.get("from") == state.phase.value and state.transition is None else None
+    return None
+
+
+def plan(pb: Playbook, direction: str = "advance", evaluate: GateEvaluator | None = None, probe: bool = True) -> PlanResult:
+    """What ``advance`` (or ``rollback``) would do now: gates with current evidence, actions. Read-only."""
+    store = store_for(pb)
+    state = store.load()
+    check_endpoints(pb, state)
+    step, why_not = _next_step(state, direction)
+    result = PlanResult(
+        migration=pb.name, playbook=str(pb.path), state_dir=str(store.dir), phase=state.phase,
+        generation=state.generation, phase_since=state.phase_since, direction=direction, step=step,
+        pending=state.transition, note=why_not or _interrupted_note(store, state),
+    )
+    if probe:
+        result.servers = [probe_server(pb.source, "source"), probe_server(pb.target, "target")]
+    if step is not None:
+        names = step.gates if direction == "advance" else step.rollback_gates
+        ctx = gates_mod.make_context(pb, store, state, read_only=True)
+        result.gates = (evaluate or gates_mod.evaluate)(names, ctx)
+        result.actions = list(step.actions if direction == "advance" else step.rollback_actions)
+    return result
+
+
+# --- changing ----------------------------------------------------------------------------------
+
+
+def advance(pb: Playbook, *, overrides: dict[str, str] | None = None, dry_run: bool = False,
+            confirm: Confirm | None = None, evaluate: GateEvaluator | None = None) -> TransitionResult:
+    """Take the next step if every gate passes (or is overridden with a reason)."""
+    return _move(pb, "advance", overrides or {}, dry_run, confirm, evaluate)
+
+
+def rollback(pb: Playbook, *, overrides: dict[str, str] | None = None, dry_run: bool = False,
+             confirm: Confirm | None = None, evaluate: GateEvaluator | None = None) -> TransitionResult:
+    """Reverse the step that entered the current phase, after its own safety checks."""
+    return _move(pb, "rollback", overrides or {}, dry_run, confirm, evaluate)
+
+
+def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool,
+          confirm: Confirm | None, evaluate: GateEvaluator | None) -> TransitionResult:
+    store = store_for(pb)
+    with store.locked(direction):
+        state = store.load()
+        check_endpoints(pb, state)
+        pending = state.transition
+        if pending and pending.direction == direction:
+            return _finish(pb, store, state, dry_run)
+        if pending:
+            store.journal("transition-superseded", id=pending.id, by=direction, operator=operator())
+        elif (dangling := _dangling_start(store, state)) is not None and not dry_run:
+            store.journal("transition-aborted", id=dangling.get("id"), reason="stopped before the phase changed; nothing was applied")
+        step, why_not = _next_step(state, direction)
+        if step is None:
+            raise RefusedError(why_not or "no step")
+        names = step.gates if direction == "advance" else step.rollback_gates
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise UsageError(f"--override {unknown[0]}: the {direction} to {target_of(step, direction)} has no such gate "
+                             f"(its gates: {', '.join(names) or 'none'})")
+        ctx = gates_mod.make_context(pb, store, state)
+        results = (evaluate or gates_mod.evaluate)(names, ctx)
+        for r in results:
+            if r.name in overrides and not r.passed:
+                r.overridden, r.override_reason = True, overrides[r.name]
+        failed = [r for r in results if not r.passed and not r.overridden]
+        if failed:
+            if not dry_run:
+                store.journal("refused", direction=direction, step=step.name, **{"from": state.phase.value},
+                              to=target_of(step, direction).value, gates=[r.to_json() for r in results], operator=operator())
+            raise GatesFailed(step, direction, results)
+        to = target_of(step, direction)
+        if dry_run:
+            return TransitionResult(pb.name, direction, state.phase, to, state.generation, True, results, [])
+        if confirm is not None:
+            preview = plan(pb, direction, evaluate=lambda _n, _c: results, probe=False)
+            if not confirm(preview):
+                raise RefusedError(f"{direction} to {to} not confirmed; nothing changed")
+        return _transition(pb, store, state, step, direction, results)
+
+
+def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direction: str,
+                results: list[gates_mod.GateResult]) -> TransitionResult:
+    from_phase, to = state.phase, target_of(step, direction)
+    tid = uuid.uuid4().hex[:12]
+    store.journal(
+        "transition-started", id=tid, step=step.name, direction=direction, **{"from": from_phase.value},
+        to=to.value, generation=state.generation + 1, gates=[r.to_json() for r in results],
+        overrides=[{"gate": r.name, "reason": r.override_reason} for r in results if r.overridden],
+        operator=operator(), playbook=str(pb.path), playbook_hash=pb.playbook_hash(), endpoints_hash=pb.endpoints_hash(),
+    )
+    crashpoint("after-journal")
+    started = now()
+    state.transition = Transition(id=tid, step=step.name, direction=direction, from_phase=from_phase.value,
+                                  to_phase=to.value, started_at=iso(started))
+    state.phase, state.generation, state.phase_since = to, state.generation + 1, iso(started)
+    state.endpoints_hash = state.endpoints_hash or pb.endpoints_hash()
+    store.save(state)
+    crashpoint("after-state")
+    result = _finish(pb, store, state, dry_run=False, resumed=False)
+    result.gates = results
+    result.from_phase = from_phase
+    return result
+
+
+def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resumed: bool = True) -> TransitionResult:
+    """Run the actions of the recorded transition and complete it (again, after a crash)."""
+    t = state.transition
+    assert t is not None
+    step = next(s for s in STEPS if s.name == t.step)
+    names = step.actions if t.direction == "advance" else step.rollback_actions
+    from_phase, to = Phase(t.from_phase), Phase(t.to_phase)
+    if dry_run:
+        return TransitionResult(pb.name, t.direction, from_phase, to, state.generation, True, [], [], resumed, t.id)
+    if resumed:
+        store.journal("transition-resumed", id=t.id, operator=operator())
+    results = actions_mod.run(names, actions_mod.ActionContext(pb, store, state, t.direction))
+    crashpoint("after-actions")
+    failed = [a for a in results if not a.ok]
+    if failed:
+        _revert(pb, store, state, failed[0])
+    state.history.append({"id": t.id, "direction": t.direction, "from": t.from_phase, "to": t.to_phase,
+                          "started_at": t.started_at, "completed_at": iso(now()), "operator": operator()})
+    state.transition = None
+    store.save(state)
+    store.journal("transition-completed", id=t.id, direction=t.direction, **{"from": t.from_phase}, to=t.to_phase,
+                  generation=state.generation, actions=[a.to_json() for a in results], operator=operator())
+    return TransitionResult(pb.name, t.direction, from_phase, to, state.generation, False, [], results, resumed, t.id)
+
+
+def _revert(pb: Playbook, store: StateStore, state: State, failure: actions_mod.ActionResult) -> None:
+    """An action failed after the phase changed: put the previous phase back, then refuse."""
+    t = state.transition
+    assert t is not None
+    state.phase, state.generation, state.phase_since = Phase(t.from_phase), state.generation + 1, iso(now())
+    state.transition = None
+    store.save(state)
+    back = registry.await_ack(store.dir, state.generation, pb.shim.ack_timeout.total_seconds())
+    store.journal("transition-reverted", id=t.id, reason=f"{failure.name}: {failure.evidence}",
+                  restored=t.from_phase, generation=state.generation, restore_ack=back.evidence(), operator=operator())
+    raise RefusedError(f"{t.direction} to {t.to_phase} reverted to {t.from_phase}: {failure.name} failed: {failure.evidence}; "
+                       f"restoring {t.from_phase}: {back.evidence()}")
+
+
+def status(pb: Playbook) -> dict[str, Any]:
+    """The migration's phase, time in it, pending transition, history and shims. Read-only."""
+    store = store_for(pb)
+    state = store.load()
+    shims = registry.read_all(store.dir)
+    in_phase = now() - state.phase_started
+    return {
+        "migration": pb.name,
+        "playbook": str(pb.path),
+        "state_dir": str(store.dir),
+        "started": store.exists(),
+        "phase": state.phase.value,
+        "generation": state.generation,
+        "phase_since": state.phase_since,
+        "time_in_phase": format_duration(in_phase),
+        "time_in_phase_s": round(in_phase.total_seconds(), 3),
+        "source": pb.source.display,
+        "target": pb.target.display,
+        "endpoints_changed": bool(state.endpoints_hash and state.endpoints_hash != pb.endpoints_hash()),
+        "pending_transition": vars(state.transition) if state.transition else None,
+        "note": _interrupted_note(store, state),
+        "history": state.history,
+        "shims": [
+            {"id": s.id, "listen": s.listen, "admin": s.admin, "pid": s.pid, "host": s.host,
+             "liveness": s.liveness(), "heartbeat_age_s": round(s.age(), 1), "applied_phase": s.applied_phase,
+             "applied_generation": s.applied_generation, "current": s.applied_generation >= state.generation}
+            for s in shims
+        ],
+    }
+
+
+def history(pb: Playbook) -> list[dict[str, Any]]:
+    """Every journal entry, oldest first."""
+    return store_for(pb).read_journal()
+
+
+def require_reachable(infos: list[ServerInfo]) -> None:
+    down = [i for i in infos if not i.reachable]
+    if down:
+        raise UnreachableError("; ".join(i.describe() for i in down))

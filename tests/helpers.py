@@ -1,0 +1,83 @@
+"""Test helpers shared by several test files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from migrator import registry
+from migrator.state import StateStore, iso, now
+
+
+def run_cli(*args: str, playbook: Path | None = None, env: dict | None = None, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m migrator`` as a real process (exit codes, output and kill -9 are real)."""
+    cmd = [sys.executable, "-m", "migrator"]
+    if playbook is not None:
+        cmd += ["-p", str(playbook)]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=full_env, timeout=timeout,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
+
+
+def start_cli(*args: str, playbook: Path, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "migrator", "-p", str(playbook), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+class AckingShim:
+    """Plays a shim's part of the acknowledgement protocol (registry file + heartbeat), no proxying.
+
+    Used to test the state machine's waiting and reverting; the real shim is tested in
+    test_shim*. ``stuck = True`` makes it stop applying new generations while still heartbeating
+    (alive but behind), which is what a hung routing switch looks like.
+    """
+
+    def __init__(self, state_dir: Path, migration: str, shim_id: str = "test-shim") -> None:
+        self.store = StateStore(state_dir, migration)
+        self.state_dir = state_dir
+        self.stuck = False
+        st = self.store.load()
+        self.record = registry.ShimRecord(
+            id=shim_id, pid=os.getpid(), host=socket.gethostname(), listen="127.0.0.1:0", admin="127.0.0.1:0",
+            started_at=iso(now()), heartbeat_at=iso(now()), applied_phase=st.phase.value,
+            applied_generation=st.generation)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.stuck:
+                try:
+                    st = self.store.load()
+                    self.record.applied_phase, self.record.applied_generation = st.phase.value, st.generation
+                except Exception:  # noqa: BLE001 - the state is being replaced; next tick
+                    pass
+            registry.write(self.state_dir, self.record)
+            time.sleep(0.05)
+
+    def __enter__(self) -> "AckingShim":
+        registry.write(self.state_dir, self.record)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        registry.remove(self.state_dir, self.record.id)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,130 @@
+"""The phase table walked exhaustively, and random advance/rollback sequences against the persisted state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from migrator import actions, command, gates, phases
+from migrator.errors import RefusedError
+from migrator.phases import FINAL, INITIAL, STEPS, Phase
+from migrator.state import StateStore
+from tests.conftest import write_playbook
+
+
+def test_every_phase_is_reachable_from_the_start():
+    """Walking forward from planned visits every phase exactly once and ends at completed."""
+    seen, phase = [INITIAL], INITIAL
+    while (step := phases.step_from(phase)) is not None:
+        phase = step.dest
+        assert phase not in seen, "the table has a cycle"
+        seen.append(phase)
+    assert seen == list(Phase)
+    assert phase == FINAL
+
+
+def test_every_forward_step_but_completion_has_its_rollback():
+    """Each step except completion can be reversed, and the reverse leads back to where it came from."""
+    for step in STEPS:
+        assert phases.step_into(step.dest) is step
+        if step.dest == FINAL:
+            assert not step.reversible and phases.rollback_target(step.dest) is None
+        else:
+            assert step.reversible and phases.rollback_target(step.dest) == step.source
+
+
+def test_no_dead_ends():
+    """Every phase but the last has a way forward, and every phase but the first and last a way back."""
+    for phase in Phase:
+        assert (phases.step_from(phase) is None) == (phase == FINAL)
+        assert (phases.rollback_target(phase) is None) == (phase in (INITIAL, FINAL))
+
+
+def test_every_gate_and_action_named_in_the_table_exists():
+    """The table names only registered gates and actions, and each has a description."""
+    gates.load_gate_modules()
+    # Gates provided by optional modules are checked where those modules are tested.
+    missing = phases.all_gate_names() - set(gates.GATES)
+    assert missing <= {"compatibility"} or not missing, missing
+    assert phases.all_action_names() <= set(actions.ACTIONS)
+
+
+def always_pass(names, ctx):
+    return [gates.GateResult(n, True, "test: passes") for n in names]
+
+
+class Walk(RuleBasedStateMachine):
+    """Random advance/rollback sequences; after each, the persisted state matches a simple model."""
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+        from pathlib import Path
+
+        self.dir = Path(tempfile.mkdtemp(prefix="migrator-walk-"))
+        path = write_playbook(self.dir / "pb.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0")
+        from migrator import playbook
+
+        self.pb = playbook.load(path)
+        self.store = StateStore(self.pb.state_path, self.pb.name)
+        self.phase = INITIAL
+        self.generation = 0
+        self.transitions = 0
+
+    def teardown(self):
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule()
+    def advance(self):
+        step = phases.step_from(self.phase)
+        if step is None:
+            with pytest.raises(RefusedError):
+                command.advance(self.pb, evaluate=always_pass)
+            return
+        r = command.advance(self.pb, evaluate=always_pass)
+        assert (r.from_phase, r.to_phase) == (self.phase, step.dest)
+        self.phase, self.generation, self.transitions = step.dest, self.generation + 1, self.transitions + 1
+
+    @rule()
+    def rollback(self):
+        back = phases.rollback_target(self.phase)
+        if back is None:
+            with pytest.raises(RefusedError):
+                command.rollback(self.pb, evaluate=always_pass)
+            return
+        r = command.rollback(self.pb, evaluate=always_pass)
+        assert r.to_phase == back
+        self.phase, self.generation, self.transitions = back, self.generation + 1, self.transitions + 1
+
+    @rule(dry=st.booleans())
+    def dry_run_changes_nothing(self, dry):
+        before = self.store.state_path.read_bytes() if self.store.exists() else None
+        try:
+            command.advance(self.pb, evaluate=always_pass, dry_run=True)
+        except RefusedError:
+            pass
+        after = self.store.state_path.read_bytes() if self.store.exists() else None
+        assert before == after
+
+    @invariant()
+    def persisted_state_matches(self):
+        st_ = self.store.load()
+        assert st_.phase == self.phase
+        assert st_.generation == self.generation
+        assert st_.transition is None
+        assert len(st_.history) == self.transitions
+        if self.store.exists():
+            json.loads(self.store.state_path.read_text())  # always whole JSON
+        events = [e["event"] for e in self.store.read_journal()]
+        assert events.count("transition-started") == events.count("transition-completed") == self.transitions
+
+
+Walk.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow])
+test_random_walks = Walk.TestCase
