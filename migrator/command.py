@@ -27,6 +27,7 @@ import redis
 
 from migrator import actions as actions_mod
 from migrator import gates as gates_mod
+from migrator import hooks
 from migrator import registry
 from migrator.connect import client_kwargs
 from migrator.durations import format_duration
@@ -135,11 +136,13 @@ class TransitionResult:
     actions: list[actions_mod.ActionResult]
     resumed: bool = False
     transition_id: str | None = None
+    hooks: list[hooks.HookResult] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "migration": self.migration,
             "direction": self.direction,
+            "hooks": [h.to_json() for h in self.hooks],
             "from_phase": self.from_phase.value,
             "to_phase": self.to_phase.value,
             "generation": self.generation,
@@ -295,6 +298,7 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
             preview = plan(pb, direction, evaluate=lambda _n, _c: results, probe=False)
             if not confirm(preview):
                 raise RefusedError(f"{direction} to {to} not confirmed; nothing changed")
+        hooks.run(pb, store, step, direction, state.phase.value, to.value, "before")
         return _transition(pb, store, state, step, direction, results)
 
 
@@ -344,7 +348,9 @@ def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resume
     store.save(state)
     store.journal("transition-completed", id=t.id, direction=t.direction, **{"from": t.from_phase}, to=t.to_phase,
                   generation=state.generation, actions=[a.to_json() for a in results], operator=operator())
-    return TransitionResult(pb.name, t.direction, from_phase, to, state.generation, False, [], results, resumed, t.id)
+    after = hooks.run(pb, store, step, t.direction, t.from_phase, t.to_phase, "after")
+    return TransitionResult(pb.name, t.direction, from_phase, to, state.generation, False, [], results, resumed, t.id,
+                            hooks=after)
 
 
 def _revert(pb: Playbook, store: StateStore, state: State, failure: actions_mod.ActionResult) -> None:

@@ -253,3 +253,46 @@ def test_kill_9_while_waiting_for_shim_acknowledgement(servers_pb):
         again = run_cli("advance", "--yes", playbook=servers_pb)
         assert again.returncode == 0, again.stderr
         assert store.load().transition is None and store.load().phase == Phase.READS_ON_TARGET
+
+
+# --- hooks -----------------------------------------------------------------------------------------
+
+
+def test_hooks_run_around_steps_with_migration_environment(servers_pb, tmp_path):
+    """before/after hooks run around advance and rollback with MIGRATOR_* variables; output goes to the journal."""
+    log = tmp_path / "hooks.log"
+    doc = json.loads(servers_pb.read_text())
+    doc["hooks"] = {
+        "every_step": {"before": f"echo before $MIGRATOR_STEP $MIGRATOR_DIRECTION >> {log}",
+                       "after_rollback": f"echo after-rollback $MIGRATOR_FROM_PHASE $MIGRATOR_TO_PHASE >> {log}"},
+        "read_cutover": {"after": [f"echo after $MIGRATOR_TO_PHASE $MIGRATOR_TARGET_URL >> {log}", "echo visible-output"]},
+    }
+    servers_pb.write_text(json.dumps(doc))
+    pb = load(servers_pb)
+    force_phase(pb, Phase.MIRRORING)
+    with AckingShim(pb.state_path, pb.name):
+        assert run_cli("advance", "--yes", playbook=servers_pb).returncode == 0
+        assert run_cli("rollback", "--yes", playbook=servers_pb).returncode == 0
+    lines = log.read_text().splitlines()
+    assert lines[0] == "before read_cutover advance"
+    assert lines[1].startswith("after reads-on-target redis://127.0.0.1:")
+    assert lines[2] == "after-rollback reads-on-target mirroring"
+    hooks = [e for e in command.history(pb) if e["event"] == "hook"]
+    assert [h["exit_code"] for h in hooks] == [0, 0, 0, 0]
+    assert "visible-output" in hooks[2]["output_tail"]
+
+
+def test_failing_before_hook_aborts_the_step_cleanly(servers_pb):
+    """A before hook that fails stops the step before anything changes, exit 1, its output in the journal."""
+    doc = json.loads(servers_pb.read_text())
+    doc["hooks"] = {"mirror": {"before": "echo apps not ready >&2; exit 3"}}
+    servers_pb.write_text(json.dumps(doc))
+    pb = load(servers_pb)
+    force_phase(pb, Phase.COMPATIBLE)
+    out = run_cli("advance", "--yes", "--override", "shim_running", "--reason", "t", playbook=servers_pb)
+    assert out.returncode == 1 and "before hook failed (exit 3)" in out.stderr and "apps not ready" in out.stderr
+    st = StateStore(pb.state_path, pb.name).load()
+    assert st.phase == Phase.COMPATIBLE and st.transition is None
+    events = command.history(pb)
+    assert events[-1]["event"] == "hook" and events[-1]["exit_code"] == 3
+    assert not any(e["event"] == "transition-started" for e in events)

@@ -117,6 +117,10 @@ def _move(ctx: Ctx, direction: str, yes: bool, dry_run: bool, override: tuple[st
         render_gates(con, result.gates)
     for a in result.actions:
         con.print(f"  {a.name}: {'ok' if a.ok else 'FAILED'} — {a.evidence}")
+    for h in result.hooks:
+        con.print(f"  {h.when} hook: {'ok' if h.ok else f'FAILED (exit {h.exit_code})'} — {h.command}")
+        if not h.ok:
+            con.print(f"[yellow]warning:[/] the step is complete but its {h.when} hook failed; see `migrator history`")
 
 
 def _move_options(f):
@@ -198,6 +202,8 @@ def history(ctx: Ctx, output: str, limit: int) -> None:
             con.print(f"    {g['gate']}: {flag} — {g['evidence']}")
         for o in e.get("overrides", []):
             con.print(f"    override {o['gate']}: {o['reason']}")
+        if e["event"] == "hook":
+            con.print(f"    {e['hook']}: exit {e['exit_code']} in {e['seconds']}s — {e['command']}")
         for a in e.get("actions", []):
             con.print(f"    {a['action']}: {'ok' if a['ok'] else 'FAILED'} — {a['evidence']}")
         if e.get("reason"):
