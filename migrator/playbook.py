@@ -216,6 +216,34 @@ class CheckConfig(_Strict):
     max_mismatch_rate: float = Field(0.001, ge=0.0, le=1.0)
 
 
+HookCommands = str | list[str]
+
+
+class HookSet(_Strict):
+    """Shell commands run around one step (each field: one command or a list, run in order)."""
+
+    before: HookCommands = Field(default_factory=list)
+    after: HookCommands = Field(default_factory=list)
+    before_rollback: HookCommands = Field(default_factory=list)
+    after_rollback: HookCommands = Field(default_factory=list)
+
+    def commands(self, field_name: str) -> list[str]:
+        value = getattr(self, field_name)
+        return [value] if isinstance(value, str) else list(value)
+
+
+class Hooks(_Strict):
+    """Commands run before and after steps and rollbacks (like gh-ost's hooks)."""
+
+    timeout: Duration = timedelta(minutes=5)
+    every_step: HookSet = Field(default_factory=HookSet)
+    compatibility: HookSet = Field(default_factory=HookSet)
+    mirror: HookSet = Field(default_factory=HookSet)
+    read_cutover: HookSet = Field(default_factory=HookSet)
+    write_cutover: HookSet = Field(default_factory=HookSet)
+    complete: HookSet = Field(default_factory=HookSet)
+
+
 class Playbook(_Strict):
     """A whole migration: where from, where to, how the shim runs, and what each step requires."""
 
@@ -228,6 +256,7 @@ class Playbook(_Strict):
     steps: Steps = Field(default_factory=Steps)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
+    hooks: Hooks = Field(default_factory=Hooks)
 
     # Where the playbook came from (not part of the YAML).
     _path: Path | None = PrivateAttr(default=None)
