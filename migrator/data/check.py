@@ -1,0 +1,320 @@
+"""``migrator check``: is the target's data the source's data?
+
+1. Keys: ``--sample N`` draws about N/2 keys with RANDOMKEY from the source and N/2 from the
+   target (so keys only on the target are found), per database in proportion to its size; a
+   database no larger than its share is walked whole. ``--full`` SCANs the source, and the
+   target for keys the source lacks.
+2. Each batch is probed on both servers (type, PTTL, size, digest), and differing digests are
+   confirmed by the exact type-aware comparison (``values.difference``).
+3. Rounds: differing keys are compared again after ``check.interval``, up to ``rounds`` times.
+   A key equal in a later round was a transient difference (a mirrored write in flight); a key
+   whose value changed on either side, or that expired, between rounds is "in flux". Only
+   keys that differed, unchanged, in every round are mismatches.
+4. ``repair`` re-copies mismatches from the authoritative side of the current phase and
+   compares them again.
+5. The verdict states its strength: k mismatches in n keys → the 95% upper bound of the
+   mismatch rate (exact for a full walk, Clopper-Pearson for a sample).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import redis
+
+from migrator import reports
+from migrator.connect import connect
+from migrator.data import render, stats, values
+from migrator.data.copy import Copier, detect_method
+from migrator.data.keyspace import Selection, databases, keyspace_sizes, scan_batches
+from migrator.data.throttle import RateLimiter
+from migrator.phases import Phase
+from migrator.playbook import Playbook
+from migrator.state import StateStore, iso, now
+
+DEFAULT_CHUNK = 1000
+CHUNK_BYTES = 1 << 20
+BATCH = 1000
+SOURCE_IS_AUTHORITATIVE = (Phase.PLANNED, Phase.COMPATIBLE, Phase.MIRRORING, Phase.READS_ON_TARGET)
+_EXISTS_LUA = "local o = {} for i, k in ipairs(KEYS) do o[i] = redis.call('EXISTS', k) end return o"
+
+
+@dataclass
+class Mismatch:
+    db: int
+    key: bytes
+    kind: str
+    detail: str
+    source: values.KeyState
+    target: values.KeyState
+    source_value: str | None = None
+    target_value: str | None = None
+    repaired: bool = False
+
+
+@dataclass
+class CheckResult:
+    verdict: str
+    summary: str
+    mode: str
+    exhaustive: bool
+    checked: int
+    mismatches: list[Mismatch]
+    repaired: list[Mismatch]
+    in_flux: int
+    transient: int
+    bound: float
+    max_rate: float
+    rounds: int
+    counts: dict[int, dict[str, int]]
+    ttl_deltas_ms: list[int]
+    duration_s: float
+    phase: str
+    authoritative: str
+    started_at: str
+    report_id: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not self.mismatches
+
+    @property
+    def keys_per_s(self) -> float:
+        return self.checked / self.duration_s if self.duration_s > 0 else 0.0
+
+
+@dataclass
+class _Db:
+    """Clients and probers of one database on both servers."""
+
+    db: int
+    src: redis.Redis
+    dst: redis.Redis
+    src_probe: values.Prober
+    dst_probe: values.Prober
+
+
+@dataclass
+class _Run:
+    pb: Playbook
+    rounds: int
+    interval: float
+    ttl_tolerance_ms: int
+    chunk: int
+    limiter: RateLimiter
+    pool: ThreadPoolExecutor
+    checked: int = 0
+    ttl_deltas: list[int] = field(default_factory=list)
+    transient: int = 0
+    in_flux: int = 0
+
+    def open(self, db: int) -> _Db:
+        src, dst = connect(self.pb.source, "source", db=db), connect(self.pb.target, "target", db=db)
+        return _Db(db, src, dst, values.Prober(src, self.chunk, CHUNK_BYTES), values.Prober(dst, self.chunk, CHUNK_BYTES))
+
+
+def _both(r: _Run, d: _Db, keys: list[bytes]) -> tuple[list[values.KeyState], list[values.KeyState]]:
+    """Probe both servers at once: each probe runs on its own connection, in parallel."""
+    fs = r.pool.submit(d.src_probe.probe, keys)
+    fd = r.pool.submit(d.dst_probe.probe, keys)
+    return fs.result(), fd.result()
+
+
+def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, rounds: int | None = None,
+        repair: bool = False, show_values: bool = False, rate: float | None = None, interval: float | None = None,
+        chunk: int = DEFAULT_CHUNK) -> CheckResult:
+    """Compare source and target (a sample or everything), recheck, optionally repair; write a report."""
+    cfg = playbook.check
+    started, t0 = iso(now()), time.monotonic()
+    phase = StateStore(playbook.state_path, playbook.name).load().phase
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
+                 int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
+        selection = Selection.from_config(playbook.sync)
+        src0, dst0 = connect(playbook.source, "source"), connect(playbook.target, "target")
+        dbs = databases(selection, src0, dst0)
+        src_sizes, dst_sizes = keyspace_sizes(src0), keyspace_sizes(dst0)
+        counts = {db: {"source": src_sizes.get(db, 0), "target": dst_sizes.get(db, 0)} for db in dbs}
+        n = sample or cfg.sample
+        plan = _plan(dbs, src_sizes, dst_sizes, None if full else n)
+        mismatches: list[Mismatch] = []
+        for db in dbs:
+            d = r.open(db)
+            for keys in _keys(d, selection, plan[db]):
+                r.limiter.wait(len(keys))
+                mismatches += _check_keys(r, d, keys)
+        repaired = _repair(r, mismatches, phase) if repair and mismatches else []
+    remaining = [m for m in mismatches if not m.repaired]
+    if show_values:
+        _attach_values(r, remaining + repaired)
+    exhaustive = all(p is None for p in plan.values())
+    bound = len(remaining) / r.checked if exhaustive and r.checked else stats.upper_bound(len(remaining), r.checked)
+    result = CheckResult(
+        verdict="", summary="", mode="full" if full else "sample", exhaustive=exhaustive, checked=r.checked,
+        mismatches=remaining, repaired=repaired, in_flux=r.in_flux, transient=r.transient, bound=bound,
+        max_rate=cfg.max_mismatch_rate, rounds=r.rounds, counts=counts, ttl_deltas_ms=r.ttl_deltas,
+        duration_s=time.monotonic() - t0, phase=str(phase), authoritative=_authoritative(phase), started_at=started)
+    result.verdict, result.summary = verdict(result)
+    data = render.check_report_data(playbook, result)
+    ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
+    result.report_id = ref.id
+    return result
+
+
+def verdict(res: CheckResult) -> tuple[str, str]:
+    """pass: no mismatch and the bound is below the limit; warn: no mismatch, too few keys; fail."""
+    k, n = len(res.mismatches), res.checked
+    strength = (f"exact rate {stats.format_rate(res.bound)}" if res.exhaustive
+                else f"95% bound {stats.format_rate(res.bound)}")
+    rel = "<" if res.bound < res.max_rate else "≥"
+    text = f"{k} mismatch{'es' if k != 1 else ''} in {n:,} keys ({strength} {rel} {stats.format_rate(res.max_rate)})"
+    if res.in_flux:
+        text += f"; {res.in_flux} in flux"
+    if res.repaired:
+        text += f"; {len(res.repaired)} repaired"
+    if k:
+        return "fail", text
+    count_drift = [db for db, c in res.counts.items() if c["source"] != c["target"]]
+    if res.bound >= res.max_rate or count_drift:
+        if count_drift:
+            text += f"; key counts differ in db {', '.join(map(str, count_drift))}"
+        return "warn", text
+    return "pass", text
+
+
+def _authoritative(phase: Phase) -> str:
+    return "source" if phase in SOURCE_IS_AUTHORITATIVE else "target"
+
+
+# --- which keys ---------------------------------------------------------------------------------
+
+
+def _plan(dbs: list[int], src_sizes: dict[int, int], dst_sizes: dict[int, int], n: int | None) -> dict[int, tuple | None]:
+    """Per database: None to walk it whole, else (keys to draw from source, from target)."""
+    if n is None:
+        return {db: None for db in dbs}
+    total_src = sum(src_sizes.get(db, 0) for db in dbs) or 1
+    total_dst = sum(dst_sizes.get(db, 0) for db in dbs) or 1
+    plan: dict[int, tuple | None] = {}
+    for db in dbs:
+        from_src = math.ceil(n / 2 * src_sizes.get(db, 0) / total_src)
+        from_dst = math.ceil(n / 2 * dst_sizes.get(db, 0) / total_dst)
+        small = max(src_sizes.get(db, 0), dst_sizes.get(db, 0)) <= from_src + from_dst
+        plan[db] = None if small else (from_src, from_dst)
+    return plan
+
+
+def _keys(d: _Db, selection: Selection, plan: tuple | None) -> Iterator[list[bytes]]:
+    if plan is None:
+        yield from _walk(d, selection)
+    else:
+        yield from _draw(d, selection, *plan)
+
+
+def _walk(d: _Db, selection: Selection) -> Iterator[list[bytes]]:
+    """Every source key, then the target's keys that the source lacks."""
+    for _cursor, keys in scan_batches(d.src, selection, 0, BATCH):
+        if keys:
+            yield keys
+    exists = d.src.register_script(_EXISTS_LUA)
+    for _cursor, keys in scan_batches(d.dst, selection, 0, BATCH):
+        if keys:
+            yield [k for k, e in zip(keys, _exists(d.src, exists, keys)) if not e]
+
+
+def _exists(client: redis.Redis, script, keys: list[bytes]) -> list[int]:
+    try:
+        return [int(x) for x in script(keys=keys)]
+    except redis.exceptions.ResponseError:
+        p = client.pipeline(transaction=False)
+        for k in keys:
+            p.exists(k)
+        return p.execute()
+
+
+def _draw(d: _Db, selection: Selection, from_src: int, from_dst: int) -> Iterator[list[bytes]]:
+    """Uniform draws (RANDOMKEY) from each side, deduplicated, in batches."""
+    seen: set[bytes] = set()
+    for client, want in ((d.src, from_src), (d.dst, from_dst)):
+        for start in range(0, want, BATCH):
+            p = client.pipeline(transaction=False)
+            for _ in range(min(BATCH, want - start)):
+                p.randomkey()
+            keys = [k for k in p.execute() if k is not None and k not in seen and selection.wants(k)]
+            seen.update(keys)
+            if keys:
+                yield keys
+
+
+# --- comparing, rechecking ----------------------------------------------------------------------
+
+
+def _check_keys(r: _Run, d: _Db, keys: list[bytes]) -> list[Mismatch]:
+    keys = list(dict.fromkeys(keys))
+    s_states, d_states = _both(r, d, keys)
+    r.checked += len(keys)
+    found: dict[bytes, tuple] = {}
+    for k, s, t in zip(keys, s_states, d_states):
+        delta = values.ttl_delta(s, t)
+        if delta is not None and len(r.ttl_deltas) < 100_000:
+            r.ttl_deltas.append(delta)
+        diff = values.difference(d.src, d.dst, k, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES)
+        if diff:
+            found[k] = (diff, s, t)
+    return _recheck(r, d, found)
+
+
+def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:
+    for _round in range(1, r.rounds):
+        if not found:
+            break
+        time.sleep(r.interval)
+        keys = list(found)
+        s_states, d_states = _both(r, d, keys)
+        still: dict[bytes, tuple] = {}
+        for k, s, t in zip(keys, s_states, d_states):
+            _old, s0, t0 = found[k]
+            if s.fingerprint != s0.fingerprint or t.fingerprint != t0.fingerprint or not (s.exists or t.exists):
+                r.in_flux += 1
+                continue
+            diff = values.difference(d.src, d.dst, k, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES)
+            if diff is None:
+                r.transient += 1
+            else:
+                still[k] = (diff, s, t)
+        found = still
+    return [Mismatch(d.db, k, diff.kind, diff.detail, s, t) for k, (diff, s, t) in found.items()]
+
+
+def _repair(r: _Run, mismatches: list[Mismatch], phase: Phase) -> list[Mismatch]:
+    """Copy each mismatch from the authoritative side, then compare it again; returns those fixed."""
+    forward = _authoritative(phase) == "source"
+    fixed: list[Mismatch] = []
+    by_db: dict[int, list[Mismatch]] = {}
+    for m in mismatches:
+        by_db.setdefault(m.db, []).append(m)
+    for db, ms in by_db.items():
+        d = r.open(db)
+        auth, other = (d.src, d.dst) if forward else (d.dst, d.src)
+        compat = reports.latest(r.pb.state_path, "compat") if forward else None
+        method, _why = detect_method(auth, other, compat)
+        keys = [m.key for m in ms]
+        Copier(auth, other, method, chunk=r.chunk, chunk_bytes=CHUNK_BYTES).copy(keys)
+        s_states, d_states = _both(r, d, keys)
+        for m, s, t in zip(ms, s_states, d_states):
+            if values.difference(d.src, d.dst, m.key, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES) is None:
+                m.repaired = True
+                fixed.append(m)
+    return fixed
+
+
+def _attach_values(r: _Run, ms: list[Mismatch]) -> None:
+    opened: dict[int, _Db] = {}
+    for m in ms:
+        d = opened.get(m.db) or opened.setdefault(m.db, r.open(m.db))
+        m.source_value = values.value_preview(d.src, m.key, m.source.type)
+        m.target_value = values.value_preview(d.dst, m.key, m.target.type)

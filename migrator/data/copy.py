@@ -1,0 +1,429 @@
+"""Copy keys from one server to another: DUMP/RESTORE where the target accepts the source's
+payloads, a type-aware copy otherwise, and big keys in chunks through a temporary key.
+
+Expiry travels as an absolute time (RESTORE ... ABSTTL, PEXPIREAT), taken from the source's
+clock in the same Lua call that reads the key, so a slow copy does not stretch TTLs. A key
+missing on the source is deleted on the target: copying "nothing" is part of copying.
+
+Nothing here decides whether a copy is *right*: under live mirrored writes a copy can race a
+write, and ``sync`` verifies every copied key afterwards (see docs/data.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from migrator.data import values
+from migrator.data.keyspace import TMP_PREFIX
+
+DUMP, STRUCT = "dump", "struct"
+
+_READ_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local maxn, maxb, dump = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
+local size = {string='STRLEN', hash='HLEN', list='LLEN', set='SCARD', zset='ZCARD', stream='XLEN'}
+local out = {now}
+for i, k in ipairs(KEYS) do
+  local ty = redis.call('TYPE', k)['ok']
+  local n, payload = 0, false
+  if size[ty] then n = redis.call(size[ty], k) end
+  local ttl = redis.call('PTTL', k)
+  local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
+  if dump and ty ~= 'none' and not big then payload = redis.call('DUMP', k) end
+  out[i + 1] = {ty, n, ttl, payload}
+end
+return out
+"""
+
+# ARGV holds (absolute expiry or 0, payload) per key; an empty payload deletes the key.
+_RESTORE_LUA = r"""
+local out = {}
+for i, k in ipairs(KEYS) do
+  local at, payload = ARGV[2 * i - 1], ARGV[2 * i]
+  local r
+  if payload == '' then r = redis.pcall('DEL', k)
+  else r = redis.pcall('RESTORE', k, at, payload, 'REPLACE', 'ABSTTL') end
+  if type(r) == 'table' and r.err then out[i] = r.err else out[i] = 'OK' end
+end
+return out
+"""
+
+
+@dataclass
+class Snap:
+    """One key as read from the source: what to write, and when it expires (ms since epoch, 0 = never)."""
+
+    key: bytes
+    type: str
+    size: int
+    expire_at: int
+    payload: bytes | None = None
+    big: bool = False  # too many elements (or bytes) to read at once: copied in chunks
+
+
+@dataclass
+class CopyResult:
+    copied: int = 0
+    deleted: int = 0
+    big: int = 0
+    bytes: int = 0
+    errors: dict[bytes, str] = field(default_factory=dict)
+
+    def add(self, other: "CopyResult") -> None:
+        self.copied += other.copied
+        self.deleted += other.deleted
+        self.big += other.big
+        self.bytes += other.bytes  # errors stay with the batch that met them
+
+
+def tmp_key(key: bytes) -> bytes:
+    """Where a big key is built before it is renamed over the real one; unique per process."""
+    return TMP_PREFIX + hashlib.sha1(key).hexdigest().encode() + b":" + str(os.getpid()).encode()
+
+
+def rdb_version(payload: bytes) -> int:
+    """The RDB version in a DUMP payload's footer (2 bytes little-endian before the CRC64)."""
+    return int.from_bytes(payload[-10:-8], "little")
+
+
+def _payload_rejected(err: str) -> bool:
+    return "payload version" in err.lower() or "bad data format" in err.lower()
+
+
+class Copier:
+    """Copies batches of keys of one database from ``src`` to ``dst``.
+
+    ``method`` is DUMP or STRUCT; a DUMP copier falls back to STRUCT for good the first time
+    the target rejects a payload's version (the batch is then copied type-aware).
+    """
+
+    def __init__(self, src: redis.Redis, dst: redis.Redis, method: str, chunk: int = 1000,
+                 chunk_bytes: int = 1 << 20) -> None:
+        self.src, self.dst = src, dst
+        self.method = method
+        self.chunk, self.chunk_bytes = chunk, chunk_bytes
+        self._read = src.register_script(_READ_LUA)
+        self._restore = dst.register_script(_RESTORE_LUA)
+        self.lua = True
+
+    # --- reading -------------------------------------------------------------------------
+    def read(self, keys: list[bytes]) -> list[Snap]:
+        dump = self.method == DUMP
+        if self.lua:
+            try:
+                rows = self._read(keys=keys, args=[self.chunk, self.chunk_bytes, "1" if dump else "0"])
+                return _snaps(keys, rows[0], rows[1:], self.chunk, self.chunk_bytes)
+            except redis.exceptions.ResponseError as e:
+                if not values._scripting_denied(e):
+                    raise
+                self.lua = False
+        return self._read_pipelined(keys, dump)
+
+    def _read_pipelined(self, keys: list[bytes], dump: bool) -> list[Snap]:
+        states = values.probe_by_reads(self.src, keys, 0, 0)  # sizes and TTLs only
+        now_s, now_us = self.src.time()
+        now = now_s * 1000 + now_us // 1000
+        rows = []
+        for k, st in zip(keys, states):
+            big = (st.type == "string" and st.size > self.chunk_bytes) or (st.type != "string" and st.size > self.chunk)
+            payload = self.src.dump(k) if dump and st.exists and not big else None
+            rows.append([st.type, st.size, st.pttl, payload])
+        return _snaps(keys, now, rows, self.chunk, self.chunk_bytes)
+
+    # --- writing -------------------------------------------------------------------------
+    def copy(self, keys: list[bytes]) -> CopyResult:
+        """Copy ``keys`` as they are now on the source (missing ones are deleted on the target)."""
+        snaps = self.read(keys)
+        result = CopyResult()
+        small = [s for s in snaps if not s.big]
+        if self.method == DUMP:
+            retry = self._write_dump(small, result)
+        else:
+            retry = small
+        if retry:
+            self._write_struct(retry, result)
+        for s in snaps:
+            if s.big:
+                self._copy_big(s, result)
+        return result
+
+    def _write_dump(self, snaps: list[Snap], result: CopyResult) -> list[Snap]:
+        """RESTORE the batch; returns the snaps the target rejected (to copy type-aware)."""
+        if not snaps:
+            return []
+        keys = [s.key for s in snaps]
+        args: list[Any] = []
+        for s in snaps:
+            args += [s.expire_at, s.payload or b""]
+        if self.lua:
+            replies = [values._s(r) for r in self._restore(keys=keys, args=args)]
+        else:
+            replies = self._restore_pipelined(snaps)
+        retry = []
+        for s, reply in zip(snaps, replies):
+            if reply == "OK":
+                result.deleted += s.type == "none"
+                result.copied += s.type != "none"
+                result.bytes += len(s.payload or b"")
+            elif _payload_rejected(reply):
+                self.method = STRUCT  # this target cannot read the source's format at all
+                retry.append(s)
+            else:
+                result.errors[s.key] = reply
+        return retry
+
+    def _restore_pipelined(self, snaps: list[Snap]) -> list[str]:
+        p = self.dst.pipeline(transaction=False)
+        for s in snaps:
+            if s.payload is None:
+                p.delete(s.key)
+            else:
+                p.execute_command("RESTORE", s.key, s.expire_at, s.payload, "REPLACE", "ABSTTL")
+        return [str(r) if isinstance(r, Exception) else "OK" for r in p.execute(raise_on_error=False)]
+
+    def _write_struct(self, snaps: list[Snap], result: CopyResult) -> None:
+        """Small keys, each in one MULTI/EXEC so a reader never sees it half written."""
+        readable = [s for s in snaps if s.type in values.CONTAINERS or s.type == "string"]
+        p = self.src.pipeline(transaction=False)
+        for s in readable:
+            _queue_small_read(p, s)
+        read = dict(zip((s.key for s in readable), p.execute()))
+        for s in snaps:
+            if s.type == "none":
+                self.dst.delete(s.key)
+                result.deleted += 1
+            elif s.key in read:
+                result.bytes += _write_small(self.dst, s, read[s.key])
+                result.copied += 1
+            elif s.type == "stream":
+                self._copy_big(s, result)
+            else:
+                result.errors[s.key] = f"type {s.type} cannot be copied type-aware and the target rejects its DUMP"
+
+    def _copy_big(self, s: Snap, result: CopyResult) -> None:
+        try:
+            result.bytes += copy_big(self.src, self.dst, s, self.chunk, self.chunk_bytes)
+            result.copied += 1
+            result.big += 1
+        except redis.exceptions.ResponseError as e:
+            result.errors[s.key] = str(e)
+
+
+def _snaps(keys: list[bytes], now: int, rows: list, chunk: int, chunk_bytes: int) -> list[Snap]:
+    out = []
+    for k, (ty, n, ttl, payload) in zip(keys, rows):
+        ty, n, ttl = values._s(ty), int(n), int(ttl)
+        big = n > chunk_bytes if ty == "string" else (ty != "none" and n > chunk)
+        out.append(Snap(k, ty, n, now + ttl if ttl > 0 else 0, payload, big))
+    return out
+
+
+def _queue_small_read(p, s: Snap) -> None:
+    if s.type == "string":
+        p.get(s.key)
+    elif s.type == "hash":
+        p.hgetall(s.key)
+    elif s.type == "set":
+        p.smembers(s.key)
+    elif s.type == "zset":
+        p.zrange(s.key, 0, -1, withscores=True, score_cast_func=bytes)
+    else:
+        p.lrange(s.key, 0, -1)
+
+
+def _write_small(dst: redis.Redis, s: Snap, value: Any) -> int:
+    """Replace the key with ``value`` atomically; returns bytes written. An emptied key is deleted."""
+    p = dst.pipeline(transaction=True)
+    p.delete(s.key)
+    size = _queue_write(p, s.key, s.type, value)
+    if size is not None and s.expire_at:
+        p.pexpireat(s.key, s.expire_at)
+    p.execute()
+    return size or 0
+
+
+def _queue_write(p, key: bytes, type_: str, value: Any) -> int | None:
+    """Queue the commands that add ``value`` (a chunk) to ``key``; its size in bytes, None if nothing."""
+    if value is None or (type_ != "string" and len(value) == 0):
+        return None
+    if type_ == "string":
+        p.append(key, value)  # creates the key even for an empty string
+        return len(value)
+    if type_ == "hash":
+        p.hset(key, mapping=value)
+        return sum(len(f) + len(v) for f, v in value.items())
+    if type_ == "set":
+        p.sadd(key, *value)
+        return sum(len(m) for m in value)
+    if type_ == "zset":
+        args: list[Any] = []
+        for m, score in value:
+            args += [score, m]
+        p.execute_command("ZADD", key, *args)
+        return sum(len(m) + 8 for m, _ in value)
+    if type_ == "list":
+        p.rpush(key, *value)
+        return sum(len(v) for v in value)
+    raise ValueError(f"cannot write type {type_}")
+
+
+# --- big keys: chunks into a temporary key, renamed over the real one --------------------------
+
+
+def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> int:
+    """Copy one key of any size with memory bounded by ``chunk``; returns bytes written.
+
+    The value is built in a temporary key and RENAMEd over the real key at the end, so readers
+    of the target never see a half-copied key. The chunks are read at different moments, so a
+    key written meanwhile may be copied inconsistently: the caller verifies it afterwards.
+    """
+    tmp = tmp_key(s.key)
+    dst.delete(tmp)
+    if s.type == "stream":
+        written = _copy_stream(src, dst, s.key, tmp, chunk)
+    else:
+        written = _copy_chunks(src, dst, s, tmp, chunk, chunk_bytes)
+    if not dst.exists(tmp):  # the source key vanished or emptied while we read it
+        dst.delete(s.key)
+        return 0
+    if s.expire_at:
+        dst.pexpireat(tmp, s.expire_at)
+    dst.rename(tmp, s.key)
+    return written
+
+
+def _chunks(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int):
+    if s.type == "string":
+        return values.range_string(src, s.key, chunk_bytes)
+    if s.type == "hash":
+        return values.scan_hash(src, s.key, chunk)
+    if s.type == "set":
+        return values.scan_set(src, s.key, chunk)
+    if s.type == "zset":
+        return ([(m, repr(sc)) for m, sc in part] for part in values.range_zset(src, s.key, chunk))
+    if s.type == "list":
+        return values.range_list(src, s.key, chunk)
+    raise redis.exceptions.ResponseError(f"type {s.type} is too big to DUMP and has no type-aware copy")
+
+
+def _copy_chunks(src, dst, s: Snap, tmp: bytes, chunk: int, chunk_bytes: int) -> int:
+    written = 0
+    for part in _chunks(src, s, chunk, chunk_bytes):
+        p = dst.pipeline(transaction=False)
+        written += _queue_write(p, tmp, s.type, part) or 0
+        p.execute()
+    return written
+
+
+def _copy_stream(src: redis.Redis, dst: redis.Redis, key: bytes, tmp: bytes, chunk: int) -> int:
+    """Entries by ID range, then the stream's last ID, consumer groups, consumers and PELs."""
+    written = 0
+    for part in values.range_stream(src, key, chunk):
+        p = dst.pipeline(transaction=False)
+        for entry_id, fields in part:
+            p.xadd(tmp, fields, id=entry_id)
+            written += sum(len(f) + len(v) for f, v in fields.items())
+        p.execute()
+    if not src.exists(key):
+        return written
+    info = src.xinfo_stream(key)
+    if not dst.exists(tmp):  # an empty stream: create it through a throwaway group
+        dst.xgroup_create(tmp, "__migrator__", id="0", mkstream=True)
+        dst.xgroup_destroy(tmp, "__migrator__")
+    _set_last_id(dst, tmp, info)
+    for g in src.xinfo_groups(key):
+        _copy_group(src, dst, key, tmp, g, chunk)
+    return written
+
+
+def _set_last_id(dst: redis.Redis, tmp: bytes, info: dict) -> None:
+    last = info["last-generated-id"]
+    if info.get("entries-added") is not None:
+        try:
+            dst.execute_command("XSETID", tmp, last, "ENTRIESADDED", info["entries-added"],
+                                "MAXDELETEDID", info.get("max-deleted-entry-id") or b"0-0")
+            return
+        except redis.exceptions.ResponseError:
+            pass  # a target before 7.0 has no ENTRIESADDED
+    dst.execute_command("XSETID", tmp, last)
+
+
+def _copy_group(src, dst, key: bytes, tmp: bytes, g: dict, chunk: int) -> None:
+    name = g["name"]
+    try:
+        if g.get("entries-read") is None:
+            raise redis.exceptions.ResponseError("no entries-read")
+        dst.execute_command("XGROUP", "CREATE", tmp, name, g["last-delivered-id"], "ENTRIESREAD", g["entries-read"])
+    except redis.exceptions.ResponseError:
+        dst.execute_command("XGROUP", "CREATE", tmp, name, g["last-delivered-id"])
+    for c in src.xinfo_consumers(key, name):
+        dst.execute_command("XGROUP", "CREATECONSUMER", tmp, name, c["name"])
+    start = b"-"
+    while True:
+        pending = src.xpending_range(key, name, min=start, max=b"+", count=chunk)
+        p = dst.pipeline(transaction=False)
+        for e in pending:
+            p.xclaim(tmp, name, e["consumer"], 0, [e["message_id"]], idle=e["time_since_delivered"],
+                     retrycount=e["times_delivered"], force=True, justid=True)
+        p.execute()
+        if len(pending) < chunk:
+            return
+        start = b"(" + pending[-1]["message_id"]
+
+
+# --- method detection and functions -----------------------------------------------------------
+
+
+def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None) -> tuple[str, str]:
+    """DUMP if the target accepts the source's payloads, else STRUCT; with the reason."""
+    if compat_report and compat_report.get("copy_method") in (DUMP, STRUCT):
+        return compat_report["copy_method"], f"from compatibility report {compat_report.get('id')}"
+    key = src.randomkey()
+    payload = src.dump(key) if key is not None else None
+    if payload is None:
+        return DUMP, "source is empty; DUMP assumed (a rejected payload switches to the type-aware copy)"
+    version = rdb_version(payload)
+    probe = TMP_PREFIX + b"probe:" + str(os.getpid()).encode()
+    try:
+        dst.execute_command("RESTORE", probe, 0, payload, "REPLACE")
+    except redis.exceptions.ResponseError as e:
+        return STRUCT, f"target rejects the source's DUMP payload (RDB version {version}): {e}"
+    finally:
+        dst.delete(probe)
+    return DUMP, f"target accepts the source's DUMP payload (RDB version {version})"
+
+
+def copy_functions(src: redis.Redis, dst: redis.Redis) -> tuple[int, str]:
+    """Copy the source's function libraries; returns (libraries copied, how)."""
+    try:
+        libs = src.execute_command("FUNCTION", "LIST", "WITHCODE")
+    except redis.exceptions.ResponseError:
+        return 0, "source has no functions (before Redis 7.0)"
+    if not libs:
+        return 0, "source has no function libraries"
+    payload = src.execute_command("FUNCTION", "DUMP")
+    try:
+        dst.execute_command("FUNCTION", "RESTORE", payload, "REPLACE")
+        return len(libs), "FUNCTION DUMP/RESTORE"
+    except redis.exceptions.ResponseError:
+        pass  # an older target rejects the newer dump format: load each library's code
+    for lib in libs:
+        code = _lib_field(lib, b"library_code")
+        dst.execute_command("FUNCTION", "LOAD", "REPLACE", code)
+    return len(libs), "FUNCTION LIST WITHCODE + FUNCTION LOAD REPLACE"
+
+
+def _lib_field(lib: Any, name: bytes) -> Any:
+    if isinstance(lib, dict):
+        return lib.get(name) or lib.get(name.decode())
+    items = list(lib)
+    for i in range(0, len(items) - 1, 2):
+        if values._s(items[i]) == name.decode():
+            return items[i + 1]
+    raise KeyError(name)

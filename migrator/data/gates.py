@@ -1,0 +1,56 @@
+"""Gates owned by data sync and the consistency checker.
+
+- ``sync_complete``: a full sync finished (every database walked, every key verified, none
+  unsettled) in a pass that started after the current phase began, so every write since then
+  was either mirrored or copied; and no dirty keys recorded by the shim are waiting.
+- ``consistency``: a check newer than the phase start found no mismatch, and the mismatch
+  rate's 95% upper bound is below ``check.max_mismatch_rate``.
+"""
+
+from __future__ import annotations
+
+from migrator import reports
+from migrator.data import dirty, stats
+from migrator.gates import GateContext, gate
+from migrator.state import parse_iso
+
+
+def _since_phase(ctx: GateContext, stamp: str | None) -> bool:
+    return bool(stamp) and parse_iso(stamp) >= ctx.state.phase_started
+
+
+@gate("sync_complete")
+def sync_complete(ctx: GateContext):
+    """A full sync started in this phase completed and verified every key; no dirty keys wait."""
+    state_dir = ctx.playbook.state_path
+    last = reports.latest(state_dir, "sync", lambda r: r.get("mode") == "full")
+    if last is None:
+        return False, f"no sync has run (run: migrator sync -p {ctx.playbook.path})", {}
+    data = {"report": last["id"], "complete": last.get("complete"), "keys": last.get("keys")}
+    if not last.get("complete"):
+        return False, f"the last sync ({last['id']}) is not complete: {last['summary']}", data
+    if not _since_phase(ctx, last.get("pass_started_at")):
+        return False, (f"the last complete sync ({last['id']}) started at {last.get('pass_started_at')}, before "
+                       f"{ctx.state.phase} began at {ctx.state.phase_since}: writes in between may be missing; run it again"), data
+    waiting = dirty.list_dirty(state_dir).count
+    data["dirty_keys"] = waiting
+    if waiting:
+        return False, f"{waiting} dirty key(s) recorded by the shim await `migrator sync --dirty`", data
+    when = last["finished_at"][11:16]
+    return True, f"sync at {when}: {last['summary']}", data
+
+
+@gate("consistency")
+def consistency(ctx: GateContext):
+    """A consistency check in this phase found no mismatch, with a 95% bound below check.max_mismatch_rate."""
+    last = reports.latest(ctx.playbook.state_path, "check")
+    limit = ctx.playbook.check.max_mismatch_rate
+    if last is None or not _since_phase(ctx, last.get("started_at")):
+        return False, f"no consistency check since {ctx.state.phase} began (run: migrator check -p {ctx.playbook.path})", {}
+    k, n, bound = last["mismatch_count"], last["checked"], last["bound"]
+    data = {"report": last["id"], "checked": n, "mismatches": k, "bound": bound, "limit": limit}
+    kind = "exact rate" if last.get("exhaustive") else "95% bound"
+    rel = "<" if bound < limit else "≥"
+    ev = (f"consistency check at {last['created_at'][11:16]}: {k} mismatch{'es' if k != 1 else ''} in {n:,} keys "
+          f"({kind} {stats.format_rate(bound)} {rel} {stats.format_rate(limit)})")
+    return k == 0 and bound < limit, ev, data

@@ -1,0 +1,92 @@
+"""Which keys are in scope (include/exclude patterns, databases) and SCAN over them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Iterator
+
+import redis
+
+from migrator.playbook import SyncConfig
+
+# Temporary keys that a big-key copy builds before renaming them over the real key. They are
+# never copied nor compared: a run that was killed may leave one behind (see ``copy``).
+TMP_PREFIX = b"__migrator_tmp__:"
+
+
+def _as_text(key: bytes) -> str:
+    # latin-1 maps every byte to one character, so glob patterns match byte for byte.
+    return key.decode("latin-1")
+
+
+@dataclass
+class Selection:
+    """The keys a sync or check covers: include/exclude globs (Redis glob syntax) and databases."""
+
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    databases: list[int] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: SyncConfig) -> "Selection":
+        return cls(include=list(cfg.include) or ["*"], exclude=list(cfg.exclude), databases=cfg.databases)
+
+    @property
+    def scan_match(self) -> str | None:
+        """A MATCH pattern SCAN can apply server-side (only when one include pattern is given)."""
+        return self.include[0] if len(self.include) == 1 and self.include[0] != "*" else None
+
+    def wants(self, key: bytes) -> bool:
+        if key.startswith(TMP_PREFIX):
+            return False
+        text = _as_text(key)
+        if not any(_glob(p, text) for p in self.include):
+            return False
+        return not any(_glob(p, text) for p in self.exclude)
+
+    def filter(self, keys: list[bytes]) -> list[bytes]:
+        if self.include == ["*"] and not self.exclude:
+            return [k for k in keys if not k.startswith(TMP_PREFIX)]
+        return [k for k in keys if self.wants(k)]
+
+
+def _glob(pattern: str, text: str) -> bool:
+    # Redis globs escape with backslash; fnmatch has no escapes but [x] quotes a character.
+    if "\\" in pattern:
+        pattern = re.sub(r"\\(.)", lambda m: "[" + m.group(1) + "]" if m.group(1) not in "]!^" else m.group(1), pattern)
+    return fnmatchcase(text, pattern)
+
+
+def keyspace_sizes(client: redis.Redis) -> dict[int, int]:
+    """Keys per logical database, from INFO keyspace (databases without keys are absent)."""
+    info = client.info("keyspace")
+    out: dict[int, int] = {}
+    for name, value in info.items():
+        if name.startswith("db") and isinstance(value, dict):
+            out[int(name[2:])] = int(value.get("keys", 0))
+    return out
+
+
+def databases(selection: Selection, *clients: redis.Redis) -> list[int]:
+    """The databases to cover: the playbook's list, else every database with keys on any side."""
+    if selection.databases is not None:
+        return sorted(set(selection.databases))
+    dbs: set[int] = set()
+    for c in clients:
+        dbs.update(keyspace_sizes(c))
+    return sorted(dbs)
+
+
+def scan_batches(client: redis.Redis, selection: Selection, cursor: int = 0, count: int = 500) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(cursor_after, keys)`` per SCAN call from ``cursor`` until the scan is complete.
+
+    ``cursor_after`` is what a resumed scan starts from; 0 means the scan is finished.
+    """
+    match = selection.scan_match
+    started = False
+    while not started or cursor != 0:
+        started = True
+        cursor, keys = client.scan(cursor=cursor, match=match, count=count)
+        yield int(cursor), selection.filter(keys)

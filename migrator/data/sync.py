@@ -1,0 +1,288 @@
+"""``migrator sync``: copy every key of every selected database, resumably, verifying each batch.
+
+Order of work per database: SCAN from the checkpoint's cursor; for each batch read the keys
+on the source (one Lua call: type, size, PTTL, DUMP), write them to the target (RESTORE in one
+Lua call, or type-aware), queue the batch for verification once the mirror has settled
+(``verify``), and save the checkpoint about once a second. Then keys left unsettled by earlier
+runs are tried again, and a report of kind ``sync`` is written.
+
+Correctness relies on the shim mirroring writes from before the sync starts: a key created
+after SCAN passed its slot is on the target through the mirror alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import redis
+from filelock import FileLock, Timeout
+
+from migrator import reports
+from migrator.connect import connect
+from migrator.data import checkpoint as cpmod
+from migrator.data import dirty as dirtymod
+from migrator.data.copy import Copier, CopyResult, copy_functions, detect_method
+from migrator.data.keyspace import Selection, databases, keyspace_sizes, scan_batches
+from migrator.data.throttle import RateLimiter
+from migrator.data.verify import Verifier
+from migrator.errors import LockedError
+from migrator.playbook import Playbook
+from migrator.state import StateStore, iso, now
+
+CHECKPOINT_EVERY_S = 1.0
+DEFAULT_CHUNK = 1000
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class SyncProgress:
+    db: int
+    keys: int
+    bytes: int
+    total_keys: int
+    elapsed_s: float
+
+    @property
+    def keys_per_s(self) -> float:
+        return self.keys / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.keys_per_s
+        return max(0.0, (self.total_keys - self.keys) / rate) if rate > 0 and self.total_keys >= self.keys else None
+
+
+@dataclass
+class SyncResult:
+    complete: bool
+    mode: str  # "full" or "dirty"
+    method: str
+    method_reason: str
+    pass_started_at: str
+    finished_at: str
+    resumed: bool
+    keys: int = 0
+    bytes: int = 0
+    deleted: int = 0
+    big: int = 0
+    verified: int = 0
+    recopied: int = 0
+    duration_s: float = 0.0
+    functions: str = ""
+    dbs: dict[int, dict] = field(default_factory=dict)
+    unsettled: list[tuple[int, str]] = field(default_factory=list)
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+    report_id: str = ""
+
+    @property
+    def keys_per_s(self) -> float:
+        return self.keys / self.duration_s if self.duration_s > 0 else 0.0
+
+
+ProgressFn = Callable[[SyncProgress], None]
+
+
+class _Run:
+    """One invocation: connections, checkpoint, counters."""
+
+    def __init__(self, pb: Playbook, rate: float | None, batch: int | None, progress: ProgressFn | None,
+                 chunk: int, settle: float | None) -> None:
+        self.pb = pb
+        self.selection = Selection.from_config(pb.sync)
+        self.batch = batch or pb.sync.batch
+        self.limiter = RateLimiter(rate if rate is not None else pb.sync.rate)
+        self.progress = progress
+        self.chunk = chunk
+        self.settle = pb.shim.shadow_timeout.total_seconds() if settle is None else settle
+        self.ttl_tolerance_ms = int(pb.check.ttl_tolerance.total_seconds() * 1000)
+        self.t0 = time.monotonic()
+        self.total = CopyResult()
+        self.verified = self.recopied = 0
+        self.total_keys = 0
+        self.unsettled: list[tuple[int, str]] = []
+        self.errors: list[tuple[int, str, str]] = []
+
+    def clients(self, db: int) -> tuple[redis.Redis, redis.Redis]:
+        return connect(self.pb.source, "source", db=db), connect(self.pb.target, "target", db=db)
+
+    def tick(self, db: int) -> None:
+        if self.progress:
+            self.progress(SyncProgress(db, self.total.copied + self.total.deleted, self.total.bytes, self.total_keys,
+                                       time.monotonic() - self.t0))
+
+    def absorb(self, db: int, verifier: Verifier, copy_errors: dict[bytes, str]) -> None:
+        self.verified += verifier.stats.verified
+        self.recopied += verifier.stats.recopied
+        self.unsettled += [(db, cpmod.encode_key(k)) for k in verifier.stats.unsettled]
+        self.errors += [(db, cpmod.encode_key(k), e) for k, e in copy_errors.items()]
+
+    def copier(self, src, dst, method: str) -> Copier:
+        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES)
+
+    def verifier(self, src, dst, copier: Copier) -> Verifier:
+        return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms)
+
+
+def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate: float | None = None,
+        batch: int | None = None, progress: ProgressFn | None = None, chunk: int = DEFAULT_CHUNK,
+        settle: float | None = None) -> SyncResult:
+    """Copy the selected keyspace (or, with ``dirty``, the shim's dirty keys) and write a report."""
+    state_dir = playbook.state_path
+    lock = FileLock(str(Path(state_dir) / cpmod.SYNC_DIR / "lock"), timeout=0)
+    (Path(state_dir) / cpmod.SYNC_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"another migrator sync is running on {state_dir}; wait for it to finish") from None
+    try:
+        r = _Run(playbook, rate, batch, progress, chunk, settle)
+        result = _run_dirty(r) if dirty else _run_full(r, restart)
+        result.report_id = _write_report(playbook, result)
+        return result
+    finally:
+        lock.release()
+
+
+def _method(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> tuple[str, str]:
+    if cp.method:
+        return cp.method, cp.method_reason
+    sizes = keyspace_sizes(connect(r.pb.source, "source"))
+    db = next((d for d in dbs if sizes.get(d)), dbs[0] if dbs else 0)
+    src, dst = r.clients(db)
+    return detect_method(src, dst, reports.latest(r.pb.state_path, "compat"))
+
+
+def _run_full(r: _Run, restart: bool) -> SyncResult:
+    state_dir = r.pb.state_path
+    src0, dst0 = r.clients(0)
+    old = None if restart else cpmod.load(state_dir)
+    resumed = old is not None and not old.finished
+    cp = old if resumed else cpmod.Checkpoint()
+    cp.runs += 1
+    dbs = databases(r.selection, src0)
+    cp.method, cp.method_reason = _method(r, cp, dbs)
+    sizes = keyspace_sizes(src0)
+    r.total_keys = sum(sizes.get(d, 0) for d in dbs)
+    functions = _copy_functions(src0, dst0)
+    cpmod.save(state_dir, cp)
+    for db in dbs:
+        if not cp.db(db).done:
+            _sync_db(r, cp, db)
+    _retry_unsettled(r, cp)
+    complete = all(cp.db(d).done for d in dbs) and not r.unsettled and not r.errors
+    cp.unsettled = list(r.unsettled)
+    cp.completed_at = iso(now()) if complete else None
+    cpmod.save(state_dir, cp)
+    return _result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
+                   {d: {"keys": cp.db(d).keys, "bytes": cp.db(d).bytes, "done": cp.db(d).done} for d in dbs})
+
+
+def _copy_functions(src: redis.Redis, dst: redis.Redis) -> str:
+    try:
+        n, how = copy_functions(src, dst)
+    except redis.exceptions.ResponseError as e:
+        return f"function libraries NOT copied: {e}"
+    return f"{n} function librar{'y' if n == 1 else 'ies'} copied ({how})" if n else how
+
+
+def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
+    src, dst = r.clients(db)
+    copier = r.copier(src, dst, cp.method)
+    verifier = r.verifier(src, dst, copier)
+    prog = cp.db(db)
+    cursors = {-1: prog.cursor}  # seq → cursor to resume from once that batch is verified
+    last_save = time.monotonic()
+    errors: dict[bytes, str] = {}
+    for seq, (cursor_after, keys) in enumerate(scan_batches(src, r.selection, prog.cursor, r.batch)):
+        r.limiter.wait(len(keys))
+        read_at = time.monotonic()
+        res = copier.copy(keys) if keys else CopyResult()
+        errors.update(res.errors)
+        r.total.add(res)
+        prog.keys += res.copied + res.deleted
+        prog.bytes += res.bytes
+        cursors[seq] = cursor_after
+        verifier.add(seq, keys, read_at)
+        verifier.poll()
+        r.tick(db)
+        if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
+            prog.cursor = cursors[verifier.safe_seq]
+            cp.method = copier.method
+            cpmod.save(r.pb.state_path, cp)
+            last_save = time.monotonic()
+    verifier.drain()
+    prog.cursor, prog.done = 0, True
+    cp.method = copier.method
+    r.absorb(db, verifier, errors)
+    cpmod.save(r.pb.state_path, cp)
+
+
+def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str) -> Verifier:
+    src, dst = r.clients(db)
+    copier = r.copier(src, dst, method)
+    verifier = r.verifier(src, dst, copier)
+    errors: dict[bytes, str] = {}
+    for i in range(0, len(keys), r.batch):
+        part = keys[i:i + r.batch]
+        r.limiter.wait(len(part))
+        read_at = time.monotonic()
+        res = copier.copy(part)
+        errors.update(res.errors)
+        r.total.add(res)
+        verifier.add(i, part, read_at)
+        verifier.poll()
+        r.tick(db)
+    verifier.drain()
+    r.absorb(db, verifier, errors)
+    return verifier
+
+
+def _retry_unsettled(r: _Run, cp: cpmod.Checkpoint) -> None:
+    """Keys left unsettled (by this or an earlier run) get one more copy-and-verify."""
+    pending = list(dict.fromkeys(cp.unsettled + r.unsettled))
+    r.unsettled = []
+    by_db: dict[int, list[bytes]] = {}
+    for db, key in pending:
+        by_db.setdefault(db, []).append(cpmod.decode_key(key))
+    for db, keys in by_db.items():
+        _copy_and_verify(r, db, keys, cp.method)
+
+
+def _run_dirty(r: _Run) -> SyncResult:
+    started = iso(now())
+    dirty = dirtymod.list_dirty(r.pb.state_path)
+    cp = cpmod.load(r.pb.state_path)
+    method = cp.method if cp and cp.method else ""
+    reason = cp.method_reason if cp and cp.method else ""
+    r.total_keys = dirty.count
+    for db, keys in sorted(dirty.keys.items()):
+        if not method:
+            src, dst = r.clients(db)
+            method, reason = detect_method(src, dst, reports.latest(r.pb.state_path, "compat"))
+        _copy_and_verify(r, db, sorted(keys), method)
+    complete = not r.unsettled and not r.errors
+    if complete:
+        dirtymod.clear_dirty(dirty)
+    return _result(r, "dirty", method, reason, started, False, complete, "not copied (dirty keys only)",
+                   {db: {"keys": len(keys)} for db, keys in dirty.keys.items()})
+
+
+def _result(r: _Run, mode: str, method: str, reason: str, started: str, resumed: bool, complete: bool,
+            functions: str, dbs: dict) -> SyncResult:
+    return SyncResult(
+        complete=complete, mode=mode, method=method, method_reason=reason, pass_started_at=started,
+        finished_at=iso(now()), resumed=resumed, keys=r.total.copied + r.total.deleted, bytes=r.total.bytes,
+        deleted=r.total.deleted, big=r.total.big, verified=r.verified, recopied=r.recopied,
+        duration_s=time.monotonic() - r.t0, functions=functions, dbs=dbs, unsettled=r.unsettled, errors=r.errors)
+
+
+def _write_report(pb: Playbook, res: SyncResult) -> str:
+    from migrator.data import render
+
+    phase = StateStore(pb.state_path, pb.name).load().phase
+    data = render.sync_report_data(pb, res, str(phase))
+    ref = reports.write(pb.state_path, data, render.sync_markdown(data), render.sync_html(data))
+    return ref.id

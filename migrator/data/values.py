@@ -1,0 +1,447 @@
+"""Type-aware reads in chunks, value fingerprints, and exact comparison of one key on two servers.
+
+Two ways to learn a key's state, with the same meaning:
+
+- ``probe``: one Lua script per batch returns, for each key, its type, PTTL, size (elements,
+  or bytes for strings) and a canonical digest of its value: hashes and sets sorted, sorted
+  sets with normalised scores, lists in order. Keys larger than ``chunk`` elements, streams
+  and module types get no digest. Without scripting (EVAL denied) the same state is read with
+  pipelined commands and the digest computed here.
+- ``compare``: the exact, bounded-memory comparison: lengths first, then chunk by chunk
+  (HSCAN → HMGET, SSCAN → SMISMEMBER, ZSCAN → ZMSCORE, LRANGE ranges, GETRANGE, XRANGE by ID
+  plus consumer groups). A digest difference is always confirmed by ``compare`` before a key
+  is called different, so a digest can clear a key but never condemn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import redis
+
+SIZE_COMMAND = {"string": "STRLEN", "hash": "HLEN", "list": "LLEN", "set": "SCARD", "zset": "ZCARD", "stream": "XLEN"}
+CONTAINERS = ("hash", "list", "set", "zset")
+
+_PROBE_LUA = r"""
+local maxn, maxb = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function enc(s) return #s .. ':' .. s end
+local function score(s) local n = tonumber(s); if n then return string.format('%.17g', n) end; return s end
+local out = {}
+for i, k in ipairs(KEYS) do
+  local ty = redis.call('TYPE', k)['ok']
+  local ttl = redis.call('PTTL', k)
+  local n, d = 0, ''
+  if ty == 'string' then
+    n = redis.call('STRLEN', k)
+    if n <= maxb then d = redis.sha1hex(redis.call('GET', k)) end
+  elseif ty == 'hash' then
+    n = redis.call('HLEN', k)
+    if n <= maxn then
+      local a, p = redis.call('HGETALL', k), {}
+      for j = 1, #a, 2 do p[#p + 1] = enc(a[j]) .. '=' .. enc(a[j + 1]) end
+      table.sort(p); d = redis.sha1hex(table.concat(p, ','))
+    end
+  elseif ty == 'set' then
+    n = redis.call('SCARD', k)
+    if n <= maxn then
+      local a, p = redis.call('SMEMBERS', k), {}
+      for j = 1, #a do p[j] = enc(a[j]) end
+      table.sort(p); d = redis.sha1hex(table.concat(p, ','))
+    end
+  elseif ty == 'zset' then
+    n = redis.call('ZCARD', k)
+    if n <= maxn then
+      local a, p = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES'), {}
+      for j = 1, #a, 2 do p[#p + 1] = enc(a[j]) .. '=' .. score(a[j + 1]) end
+      d = redis.sha1hex(table.concat(p, ','))
+    end
+  elseif ty == 'list' then
+    n = redis.call('LLEN', k)
+    if n <= maxn then
+      local a, p = redis.call('LRANGE', k, 0, -1), {}
+      for j = 1, #a do p[j] = enc(a[j]) end
+      d = redis.sha1hex(table.concat(p, ','))
+    end
+  elseif ty == 'stream' then
+    n = redis.call('XLEN', k)
+  end
+  out[i] = {ty, ttl, n, d}
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """One key on one server at one moment. ``digest`` is empty when none was computed."""
+
+    type: str
+    pttl: int  # -1 no expiry, -2 missing
+    size: int
+    digest: str = ""
+
+    @property
+    def exists(self) -> bool:
+        return self.type != "none"
+
+    @property
+    def fingerprint(self) -> tuple:
+        """What changes when the value changes (the TTL counts down, so it is left out)."""
+        return (self.type, self.size, self.digest)
+
+
+MISSING = KeyState("none", -2, 0, "")
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Prober:
+    """Reads KeyStates for batches of keys, by Lua script where allowed, else by pipelined reads."""
+
+    def __init__(self, client: redis.Redis, chunk: int, max_bytes: int) -> None:
+        self.client = client
+        self.chunk = chunk
+        self.max_bytes = max_bytes
+        self.lua: bool | None = None  # unknown until the first call
+        self._script = client.register_script(_PROBE_LUA)
+
+    def probe(self, keys: list[bytes]) -> list[KeyState]:
+        if not keys:
+            return []
+        if self.lua is not False:
+            try:
+                rows = self._script(keys=keys, args=[self.chunk, self.max_bytes])
+                self.lua = True
+                return [KeyState(_s(t), int(ttl), int(n), _s(d)) for t, ttl, n, d in rows]
+            except redis.exceptions.ResponseError as e:
+                if self.lua or not _scripting_denied(e):
+                    raise
+                self.lua = False
+        return probe_by_reads(self.client, keys, self.chunk, self.max_bytes)
+
+
+def _scripting_denied(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("unknown command", "noperm", "no permissions", "disabled", "not allowed"))
+
+
+def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes: int) -> list[KeyState]:
+    """The Lua probe's result computed with ordinary pipelined commands."""
+    p = client.pipeline(transaction=False)
+    for k in keys:
+        p.type(k)
+        p.pttl(k)
+    head = p.execute()
+    types = [_s(t) for t in head[0::2]]
+    ttls = [int(t) for t in head[1::2]]
+    p = client.pipeline(transaction=False)
+    for k, t in zip(keys, types):
+        p.execute_command(SIZE_COMMAND.get(t, "EXISTS"), k)
+    sizes = [int(n) if isinstance(n, int) else 0 for n in p.execute(raise_on_error=False)]
+    out = []
+    for k, t, ttl, n in zip(keys, types, ttls, sizes):
+        small = (t == "string" and n <= max_bytes) or (t in CONTAINERS and n <= chunk)
+        d = canonical_digest(t, read_small(client, k, t)) if small else ""
+        out.append(KeyState(t, ttl, n if t != "none" else 0, d))
+    return out
+
+
+def read_small(client: redis.Redis, key: bytes, type_: str) -> Any:
+    """The whole value of a small key, in the server's natural order."""
+    if type_ == "string":
+        return client.get(key)
+    if type_ == "hash":
+        return client.execute_command("HGETALL", key, NEVER_DECODE=True)
+    if type_ == "set":
+        return client.execute_command("SMEMBERS", key)
+    if type_ == "zset":
+        return _flat(client.zrange(key, 0, -1, withscores=True, score_cast_func=bytes))
+    if type_ == "list":
+        return client.lrange(key, 0, -1)
+    raise ValueError(f"no small read for {type_}")
+
+
+def _flat(pairs) -> list:
+    return [x for pair in pairs for x in pair]
+
+
+def _enc(b: bytes) -> bytes:
+    return str(len(b)).encode() + b":" + b
+
+
+def _score(s: bytes | float) -> bytes:
+    try:
+        return b"%.17g" % float(s)
+    except (TypeError, ValueError):
+        return s if isinstance(s, bytes) else str(s).encode()
+
+
+def canonical_digest(type_: str, value: Any) -> str:
+    """The same digest the Lua probe computes (for a server with a bytewise collation)."""
+    if type_ == "string":
+        return hashlib.sha1(value or b"").hexdigest()
+    if type_ == "hash":
+        items = value.items() if isinstance(value, dict) else zip(value[0::2], value[1::2])
+        parts = sorted(_enc(f) + b"=" + _enc(v) for f, v in items)
+    elif type_ == "set":
+        parts = sorted(_enc(m) for m in value)
+    elif type_ == "zset":
+        parts = [_enc(m) + b"=" + _score(s) for m, s in zip(value[0::2], value[1::2])]
+    elif type_ == "list":
+        parts = [_enc(v) for v in value]
+    else:
+        return ""
+    return hashlib.sha1(b",".join(parts)).hexdigest()
+
+
+# --- chunked reads (used by the copy of big keys and by compare) ----------------------------
+
+
+def scan_hash(client: redis.Redis, key: bytes, chunk: int) -> Iterator[dict[bytes, bytes]]:
+    cursor = 0
+    while True:
+        cursor, part = client.hscan(key, cursor, count=chunk)
+        if part:
+            yield part
+        if cursor == 0:
+            return
+
+
+def scan_set(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[bytes]]:
+    cursor = 0
+    while True:
+        cursor, part = client.sscan(key, cursor, count=chunk)
+        if part:
+            yield list(part)
+        if cursor == 0:
+            return
+
+
+def range_zset(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[tuple[bytes, float]]]:
+    """Members with scores in rank order; rank ranges can shift under writes (verify catches it)."""
+    start = 0
+    while True:
+        part = client.zrange(key, start, start + chunk - 1, withscores=True)
+        if part:
+            yield part
+        if len(part) < chunk:
+            return
+        start += chunk
+
+
+def range_list(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[bytes]]:
+    start = 0
+    while True:
+        part = client.lrange(key, start, start + chunk - 1)
+        if part:
+            yield part
+        if len(part) < chunk:
+            return
+        start += chunk
+
+
+def range_string(client: redis.Redis, key: bytes, chunk_bytes: int) -> Iterator[bytes]:
+    start = 0
+    while True:
+        part = client.getrange(key, start, start + chunk_bytes - 1)
+        if part:
+            yield part
+        if len(part) < chunk_bytes:
+            return
+        start += chunk_bytes
+
+
+def range_stream(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[tuple[bytes, dict]]]:
+    """Entries by ID range: each chunk starts just after the last ID seen."""
+    start = b"-"
+    while True:
+        part = client.xrange(key, min=start, max=b"+", count=chunk)
+        if part:
+            yield part
+        if len(part) < chunk:
+            return
+        start = b"(" + part[-1][0]
+
+
+def stream_meta(client: redis.Redis, key: bytes) -> dict[str, Any]:
+    """The parts of a stream that are not entries: last ID, groups, their consumers and PELs."""
+    info = client.xinfo_stream(key)
+    groups = []
+    for g in client.xinfo_groups(key):
+        name = g["name"]
+        consumers = sorted((c["name"], int(c["pending"])) for c in client.xinfo_consumers(key, name))
+        groups.append({"name": name, "last_delivered_id": g["last-delivered-id"], "pending": int(g["pending"]),
+                       "entries_read": g.get("entries-read"), "consumers": consumers})
+    groups.sort(key=lambda g: g["name"])
+    return {"last_generated_id": info["last-generated-id"], "groups": groups}
+
+
+def stream_meta_for_compare(meta: dict[str, Any]) -> dict[str, Any]:
+    # entries-read is absent before Redis 7.0 and may be unknown (None) after a copy.
+    return {"last_generated_id": meta["last_generated_id"],
+            "groups": [{k: v for k, v in g.items() if k != "entries_read"} for g in meta["groups"]]}
+
+
+# --- exact comparison ---------------------------------------------------------------------
+
+
+def compare(src: redis.Redis, dst: redis.Redis, key: bytes, type_: str, chunk: int, chunk_bytes: int) -> str | None:
+    """None if the key's values are equal on both servers, else a value-free description.
+
+    Both keys are known to exist with type ``type_``. Memory is bounded by ``chunk``.
+    """
+    n_src = src.execute_command(SIZE_COMMAND.get(type_, "EXISTS"), key)
+    n_dst = dst.execute_command(SIZE_COMMAND.get(type_, "EXISTS"), key)
+    if n_src != n_dst:
+        return f"size {n_src} on source, {n_dst} on target"
+    fn = _COMPARERS.get(type_)
+    if fn is None:
+        return _compare_dump(src, dst, key)
+    return fn(src, dst, key, chunk, chunk_bytes)
+
+
+def _compare_string(src, dst, key, _chunk, chunk_bytes):
+    for i, (a, b) in enumerate(zip(range_string(src, key, chunk_bytes), range_string(dst, key, chunk_bytes))):
+        if a != b:
+            return f"bytes differ in chunk {i} (offset {i * chunk_bytes})"
+    return None
+
+
+def _compare_hash(src, dst, key, chunk, _cb):
+    for part in scan_hash(src, key, chunk):
+        fields = list(part)
+        for f, theirs in zip(fields, dst.hmget(key, fields)):
+            if theirs != part[f]:
+                return f"field of {len(f)} bytes {'missing' if theirs is None else 'differs'} on target"
+    return None
+
+
+def _compare_set(src, dst, key, chunk, _cb):
+    for part in scan_set(src, key, chunk):
+        present = dst.smismember(key, part)
+        missing = sum(1 for p in present if not p)
+        if missing:
+            return f"{missing} member(s) missing on target"
+    return None
+
+
+def _compare_zset(src, dst, key, chunk, _cb):
+    for part in range_zset(src, key, chunk):
+        members = [m for m, _ in part]
+        for (m, s), theirs in zip(part, dst.zmscore(key, members)):
+            if theirs is None:
+                return "member missing on target"
+            if not _same_score(s, theirs):
+                return f"score {s!r} on source, {theirs!r} on target"
+    return None
+
+
+def _same_score(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _compare_list(src, dst, key, chunk, _cb):
+    for i, (a, b) in enumerate(zip(range_list(src, key, chunk), range_list(dst, key, chunk))):
+        if a != b:
+            first = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else 0
+            return f"element {i * chunk + first} differs"
+    return None
+
+
+def _compare_stream(src, dst, key, chunk, _cb):
+    for i, (a, b) in enumerate(zip(range_stream(src, key, chunk), range_stream(dst, key, chunk))):
+        if a != b:
+            return f"entries differ in chunk {i} (after ID {_s(a[0][0]) if a else '-'})"
+    ms, md = stream_meta_for_compare(stream_meta(src, key)), stream_meta_for_compare(stream_meta(dst, key))
+    if ms["last_generated_id"] != md["last_generated_id"]:
+        return "last generated ID differs"
+    if ms["groups"] != md["groups"]:
+        return "consumer groups differ"
+    return None
+
+
+def _compare_dump(src, dst, key):
+    # Module types: no type-aware reader exists, so only identical serialisations compare equal.
+    a, b = src.dump(key), dst.dump(key)
+    if a is not None and b is not None and a[:-10] == b[:-10]:
+        return None
+    return "serialised values differ (no type-aware comparison for this type)"
+
+
+_COMPARERS = {"string": _compare_string, "hash": _compare_hash, "set": _compare_set, "zset": _compare_zset,
+              "list": _compare_list, "stream": _compare_stream}
+
+
+def value_preview(client: redis.Redis, key: bytes, type_: str, limit: int = 10) -> str:
+    """A short rendering of a value, for reports made with --show-values only."""
+    try:
+        if type_ == "string":
+            v = client.getrange(key, 0, 199)
+            return repr(v)
+        if type_ == "hash":
+            return repr(dict(list(client.hscan(key, 0, count=limit)[1].items())[:limit]))
+        if type_ == "set":
+            return repr(sorted(client.sscan(key, 0, count=limit)[1])[:limit])
+        if type_ == "zset":
+            return repr(client.zrange(key, 0, limit - 1, withscores=True))
+        if type_ == "list":
+            return repr(client.lrange(key, 0, limit - 1))
+        if type_ == "stream":
+            return repr(client.xrange(key, count=limit))
+    except redis.exceptions.RedisError as e:
+        return f"(unreadable: {e})"
+    return "(none)"
+
+
+# --- classifying one key's difference -------------------------------------------------------
+
+MISSING_ON_TARGET, EXTRA_ON_TARGET, TYPE, VALUE, TTL = "missing", "extra", "type", "value", "ttl"
+KINDS = (MISSING_ON_TARGET, EXTRA_ON_TARGET, TYPE, VALUE, TTL)
+
+
+@dataclass(frozen=True)
+class Difference:
+    kind: str
+    detail: str
+    ttl_delta_ms: int | None = None
+
+
+def ttl_delta(s: KeyState, d: KeyState) -> int | None:
+    """Target PTTL minus source PTTL in ms, when both keys expire."""
+    return d.pttl - s.pttl if s.pttl >= 0 and d.pttl >= 0 else None
+
+
+def difference(src: redis.Redis, dst: redis.Redis, key: bytes, s: KeyState, d: KeyState, ttl_tolerance_ms: int,
+               chunk: int, chunk_bytes: int) -> Difference | None:
+    """How ``key`` differs between source state ``s`` and target state ``d``; None if it does not.
+
+    Equal digests clear the value; otherwise ``compare`` decides, reading both servers again.
+    """
+    if not s.exists and not d.exists:
+        return None
+    if not d.exists:
+        return Difference(MISSING_ON_TARGET, f"{s.type} of size {s.size} missing on target")
+    if not s.exists:
+        return Difference(EXTRA_ON_TARGET, f"{d.type} of size {d.size} only on target")
+    if s.type != d.type:
+        return Difference(TYPE, f"{s.type} on source, {d.type} on target")
+    if not (s.digest and s.digest == d.digest):
+        detail = compare(src, dst, key, s.type, chunk, chunk_bytes)
+        if detail:
+            return Difference(VALUE, detail)
+    return _ttl_difference(s, d, ttl_tolerance_ms)
+
+
+def _ttl_difference(s: KeyState, d: KeyState, tolerance_ms: int) -> Difference | None:
+    if (s.pttl < 0) != (d.pttl < 0):
+        which = "target" if s.pttl < 0 else "source"
+        return Difference(TTL, f"expires only on the {which}", None)
+    delta = ttl_delta(s, d)
+    if delta is not None and abs(delta) > tolerance_ms:
+        return Difference(TTL, f"expiry differs by {delta / 1000:+.3f}s", delta)
+    return None
