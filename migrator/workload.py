@@ -1,0 +1,256 @@
+"""A ledger workload: concurrent clients whose every acknowledged write is recorded, then audited.
+
+Used by ``migrator demo`` and by the end-to-end ledger tests, Jepsen-style: run it through the
+shim while the migration walks its steps (with rollbacks and restarts), then check that the
+final server holds every acknowledged write.
+
+Each client owns its keys (``<prefix>c<i>:…``) except the shared counters, so the expected
+final value of every key is known exactly from what that client was told succeeded:
+
+- ``INCR`` on shared counters: the final value equals the sum of acknowledged increments;
+- ``RPUSH`` of unique ids: the list holds every acknowledged id, in order;
+- ``HSET``: each field holds its last acknowledged value;
+- ``SET … EX`` then ``EXPIRE``: the key holds its value with a TTL; ``DEL``: the key is gone;
+- ``SADD`` then ``SPOP``: the set holds exactly what was added and not popped;
+- ``MULTI``/``EXEC`` of an ``INCR`` and an ``RPUSH``: both or neither.
+
+A command that failed has an unknown outcome: its key is listed as uncertain and audited
+leniently (a counter may be up to that many higher), and the error is reported, since the
+ledger tests require that clients see no error the source itself would not have returned.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+COUNTERS = 8
+
+
+@dataclass
+class ClientLedger:
+    counters: Counter = field(default_factory=Counter)
+    uncertain_counters: Counter = field(default_factory=Counter)
+    lists: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    hashes: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
+    strings: dict[str, str] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    sets: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    uncertain: set[str] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+    ops: int = 0
+
+
+@dataclass
+class AuditResult:
+    ok: bool
+    checked: int
+    problems: list[str]
+    uncertain_keys: int
+    errors: list[str]
+    ops: int
+
+    def summary(self) -> str:
+        verdict = "every acknowledged write is present" if self.ok else f"{len(self.problems)} problem(s)"
+        return (f"{self.ops} acknowledged operations, {self.checked} keys audited: {verdict}; "
+                f"{len(self.errors)} client error(s), {self.uncertain_keys} key(s) with an unknown outcome")
+
+
+class Workload:
+    """Run ``clients`` threads against ``url`` until ``stop()``; then ``audit`` a server."""
+
+    def __init__(self, url: str, clients: int = 4, prefix: str = "ledger:", rate: float | None = 200.0,
+                 seed: int = 0, protocol: int = 2) -> None:
+        self.url, self.prefix, self.rate, self.protocol = url, prefix, rate, protocol
+        self.ledgers = [ClientLedger() for _ in range(clients)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i, seed + i), daemon=True, name=f"ledger-{i}")
+                         for i in range(clients)]
+
+    # --- running ---------------------------------------------------------------------------
+    def start(self) -> "Workload":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def __enter__(self) -> "Workload":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def ops(self) -> int:
+        return sum(led.ops for led in self.ledgers)
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for led in self.ledgers for e in led.errors]
+
+    def _run(self, i: int, seed: int) -> None:
+        rng = random.Random(seed)
+        led = self.ledgers[i]
+        c = redis.Redis.from_url(self.url, socket_timeout=30, protocol=self.protocol, decode_responses=True)
+        n = 0
+        interval = 1.0 / self.rate if self.rate else 0.0
+        try:
+            while not self._stop.is_set():
+                n += 1
+                op = rng.choice(_OPS)
+                try:
+                    op(self, c, led, i, n, rng)
+                    led.ops += 1
+                except redis.exceptions.RedisError as e:
+                    led.errors.append(f"client {i} op {op.__name__}: {type(e).__name__}: {e}")
+                if interval:
+                    time.sleep(interval)
+        finally:
+            c.close()
+
+    def k(self, i: int, *parts: Any) -> str:
+        return self.prefix + f"c{i}:" + ":".join(str(p) for p in parts)
+
+    # --- operations (each records only what the server acknowledged) ---------------------------
+    def _incr(self, c, led, i, n, rng):
+        key = f"{self.prefix}counter:{rng.randrange(COUNTERS)}"
+        try:
+            c.incr(key)
+        except redis.exceptions.RedisError:
+            led.uncertain_counters[key] += 1
+            raise
+        led.counters[key] += 1
+
+    def _rpush(self, c, led, i, n, rng):
+        key = self.k(i, "list")
+        uid = f"{i}-{n}"
+        try:
+            c.rpush(key, uid)
+        except redis.exceptions.RedisError:
+            led.uncertain.add(key)
+            raise
+        led.lists[key].append(uid)
+
+    def _hset(self, c, led, i, n, rng):
+        key, fld = self.k(i, "hash"), f"f{rng.randrange(20)}"
+        try:
+            c.hset(key, fld, str(n))
+        except redis.exceptions.RedisError:
+            led.uncertain.add(key)
+            raise
+        led.hashes[key][fld] = str(n)
+
+    def _set_ex_then_expire_or_del(self, c, led, i, n, rng):
+        key = self.k(i, "str", n)
+        try:
+            c.set(key, f"v{n}", ex=3600)
+            if rng.random() < 0.3:
+                c.delete(key)
+                led.deleted.add(key)
+                return
+            c.expire(key, 7200)
+        except redis.exceptions.RedisError:
+            led.uncertain.add(key)
+            raise
+        led.strings[key] = f"v{n}"
+
+    def _sadd_spop(self, c, led, i, n, rng):
+        key = self.k(i, "set")
+        try:
+            c.sadd(key, f"m{n}", f"m{n}b")
+            led.sets[key].update((f"m{n}", f"m{n}b"))
+            popped = c.spop(key)
+        except redis.exceptions.RedisError:
+            led.uncertain.add(key)
+            raise
+        if popped is not None:
+            led.sets[key].discard(popped)
+
+    def _multi(self, c, led, i, n, rng):
+        ctr, lst = self.k(i, "txcounter"), self.k(i, "txlist")
+        pipe = c.pipeline(transaction=True)
+        pipe.incr(ctr)
+        pipe.rpush(lst, f"tx{n}")
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            led.uncertain.update((ctr, lst))
+            raise
+        led.counters[ctr] += 1
+        led.lists[lst].append(f"tx{n}")
+
+    # --- auditing --------------------------------------------------------------------------------
+    def audit(self, client: redis.Redis) -> AuditResult:
+        """Compare the ledger with what ``client``'s server holds now."""
+        problems: list[str] = []
+        checked = 0
+        expected_counters: Counter = Counter()
+        slack: Counter = Counter()
+        uncertain: set[str] = set()
+        for led in self.ledgers:
+            expected_counters.update(led.counters)
+            slack.update(led.uncertain_counters)
+            uncertain |= led.uncertain
+        for key, want in expected_counters.items():
+            checked += 1
+            got = int(client.get(key) or 0)
+            if not (want <= got <= want + slack[key]):
+                problems.append(f"{key}: counter is {got}, acknowledged increments sum to {want}"
+                                + (f" (+{slack[key]} uncertain)" if slack[key] else ""))
+        for led in self.ledgers:
+            for key, ids in led.lists.items():
+                checked += 1
+                got = [_s(x) for x in client.lrange(key, 0, -1)]
+                if key in uncertain:
+                    missing = [x for x in ids if x not in set(got)]
+                    if missing:
+                        problems.append(f"{key}: {len(missing)} acknowledged id(s) missing, e.g. {missing[:3]}")
+                elif got != ids:
+                    problems.append(f"{key}: list differs from the acknowledged pushes ({len(got)} vs {len(ids)} items)")
+            for key, fields in led.hashes.items():
+                if key in uncertain:
+                    continue
+                checked += 1
+                got = {_s(k): _s(v) for k, v in client.hgetall(key).items()}
+                if got != fields:
+                    problems.append(f"{key}: hash differs in {sum(got.get(f) != v for f, v in fields.items())} field(s)")
+            for key, value in led.strings.items():
+                if key in uncertain:
+                    continue
+                checked += 1
+                got, ttl = client.get(key), client.ttl(key)
+                if _s(got) != value:
+                    problems.append(f"{key}: string is {_s(got)!r}, acknowledged {value!r}")
+                elif not (0 < ttl <= 7200):
+                    problems.append(f"{key}: TTL is {ttl}, expected an expiry within 7200s")
+            for key in led.deleted - uncertain:
+                checked += 1
+                if client.exists(key):
+                    problems.append(f"{key}: deleted (acknowledged) but present")
+            for key, members in led.sets.items():
+                if key in uncertain:
+                    continue
+                checked += 1
+                got = {_s(m) for m in client.smembers(key)}
+                if got != members:
+                    problems.append(f"{key}: set has {len(got)} members, ledger expects {len(members)}")
+        errors = self.errors
+        return AuditResult(not problems, checked, problems, len(uncertain), errors, self.ops)
+
+
+def _s(v: Any) -> Any:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+_OPS = [Workload._incr, Workload._incr, Workload._rpush, Workload._hset, Workload._set_ex_then_expire_or_del,
+        Workload._sadd_spop, Workload._multi]
