@@ -117,3 +117,4 @@ def main(argv: list[str] | None = None) -> None:
 # Commands, one module per area. Each module defines click commands and registers them here.
 from migrator.cli import phases as _phases  # noqa: E402,F401
 from migrator.cli import data as _data  # noqa
+from migrator.cli import compat as _compat  # noqa

@@ -1,0 +1,89 @@
+"""Which server is which: Redis or Valkey, its version, and whether it runs standalone.
+
+Valkey keeps ``redis_version:7.2.4`` pinned for client compatibility, so the kind comes from
+``server_name``/``valkey_version`` and never from ``redis_version`` alone. Valkey 8 renamed
+``redis_mode`` to ``server_mode``; both are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from migrator.compat.model import FAIL, PASS, WARN, Check
+
+
+@dataclass(frozen=True)
+class Identity:
+    kind: str  # "redis" or "valkey"
+    version: str  # "9.1.2"
+    mode: str  # "standalone", "cluster" or "sentinel"
+    role: str  # "master" or "slave"
+    redis_version: str  # what INFO says under that name (7.2.4 on every Valkey)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.version.split(".") if p.isdigit())
+
+    @property
+    def major_minor(self) -> str:
+        return ".".join(self.version.split(".")[:2])
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.version}"
+
+    def at_least(self, kind: str, *version: int) -> bool:
+        return self.kind == kind and self.version_tuple >= version
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def identify(info: dict[str, Any]) -> Identity:
+    """An Identity from a parsed ``INFO`` reply (server and replication sections)."""
+    valkey = str(info.get("server_name", "")).lower() == "valkey" or "valkey_version" in info
+    version = str(info.get("valkey_version") if valkey else info.get("redis_version", "0.0.0"))
+    mode = str(info.get("server_mode") or info.get("redis_mode") or "standalone")
+    return Identity(
+        kind="valkey" if valkey else "redis",
+        version=version,
+        mode=mode,
+        role=str(info.get("role", "master")),
+        redis_version=str(info.get("redis_version", "")),
+    )
+
+
+def identity_check(source: Identity, target: Identity) -> Check:
+    """Both servers identified; a target that is not Valkey, or older than a Valkey source, warns."""
+    evidence = f"source {source.label} ({source.mode}), target {target.label} ({target.mode})"
+    data = {"source": source.to_json(), "target": target.to_json()}
+    if target.kind != "valkey":
+        return Check("identity", "Identity and versions", WARN, evidence + "; the target is not Valkey",
+                     "check the target URL: migrator is built to move Redis to Valkey", data)
+    if source.kind == "valkey" and source.version_tuple > target.version_tuple:
+        return Check("identity", "Identity and versions", WARN,
+                     evidence + "; the target is an older Valkey than the source (a downgrade)",
+                     f"use a Valkey {source.major_minor} or newer target, or expect the data-format and command checks to fail",
+                     data)
+    return Check("identity", "Identity and versions", PASS, evidence, "", data)
+
+
+def topology_check(source: Identity, target: Identity) -> Check:
+    """Cluster or sentinel mode on either side, or a read-only replica as the target, fails."""
+    problems, fixes = [], []
+    for role, ident in (("source", source), ("target", target)):
+        if ident.mode != "standalone":
+            problems.append(f"the {role} runs in {ident.mode} mode")
+            fixes.append(f"migrate the {role}'s shards one standalone node at a time, or use a cluster-aware tool"
+                         if ident.mode == "cluster" else f"point the {role} URL at the data node, not at sentinel")
+    if target.role != "master":
+        problems.append("the target is a replica (read-only), so nothing can be written to it")
+        fixes.append("run REPLICAOF NO ONE on the target, or point the target URL at its primary")
+    modes = {"source": {"mode": source.mode, "role": source.role}, "target": {"mode": target.mode, "role": target.role}}
+    if problems:
+        return Check("topology", "Standalone servers", FAIL,
+                     "; ".join(problems) + ": migrator moves one standalone primary to another "
+                     "(the shim, sync and cutover address one keyspace, not hash slots across nodes)",
+                     "; ".join(fixes), modes)
+    return Check("topology", "Standalone servers", PASS, "both servers are standalone; the target is a primary", "", modes)

@@ -1,0 +1,58 @@
+"""Everything the checks read, gathered once: identities, the source's command history, samples.
+
+``INFO commandstats`` is read first, before any check runs a command of its own on the source
+(HTTL, DUMP...), so the commands compared are the application's, not migrator's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from migrator.compat.identify import Identity, identify
+from migrator.compat.rpc import Side
+from migrator.compat.sample import KeyspaceSample, sample
+from migrator.playbook import Playbook
+
+
+@dataclass
+class Probe:
+    playbook: Playbook
+    source: Side
+    target: Side
+    source_id: Identity
+    target_id: Identity
+    commandstats: dict[str, int]  # "client|setname" → calls on the source
+    source_keys: KeyspaceSample
+    target_keys: KeyspaceSample
+    # Results one check leaves for another (copy methods...) and cached replies.
+    facts: dict[str, Any] = field(default_factory=dict)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def gather(cls, playbook: Playbook, source: Side, target: Side) -> "Probe":
+        stats = command_calls(source.call("INFO", "commandstats"))
+        source_id = identify({**source.call("INFO", "server"), **source.call("INFO", "replication")})
+        target_id = identify({**target.call("INFO", "server"), **target.call("INFO", "replication")})
+        return cls(playbook, source, target, source_id, target_id, stats, sample(source), sample(target))
+
+    def side(self, role: str) -> Side:
+        return self.source if role == "source" else self.target
+
+    def identity(self, role: str) -> Identity:
+        return self.source_id if role == "source" else self.target_id
+
+    def memo(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` once per run (a failure, e.g. Unavailable, is not cached and raises again)."""
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+
+def command_calls(info: dict[str, Any]) -> dict[str, int]:
+    """{"get": 12, "client|setname": 1} from a parsed ``INFO commandstats`` (commands with calls only)."""
+    out = {}
+    for name, stats in info.items():
+        if name.startswith("cmdstat_") and isinstance(stats, dict) and int(stats.get("calls", 0)) > 0:
+            out[name[len("cmdstat_"):].lower()] = int(stats["calls"])
+    return out

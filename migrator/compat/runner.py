@@ -1,0 +1,101 @@
+"""The pre-flight: connect, gather, run every check, write the report.
+
+Each check is a function of the gathered ``Probe``. A check that meets a restricted command
+(``Unavailable``) or an unexpected server error becomes "could not check" with what to verify
+by hand; only a lost connection (``UnreachableError``) stops the run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import redis
+
+from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, suite
+from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
+from migrator.compat.probe import Probe
+from migrator.compat import report as report_files
+from migrator.compat.rpc import Side, Unavailable
+from migrator.playbook import Playbook
+
+CheckFn = Callable[[Probe], Check]
+
+# (name, title, function, what to verify by hand when it cannot run); in the order they run.
+CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
+    ("identity", "Identity and versions", lambda p: identify.identity_check(p.source_id, p.target_id),
+     "compare the server versions in the provider's console"),
+    ("topology", "Standalone servers", lambda p: identify.topology_check(p.source_id, p.target_id),
+     "confirm both servers run standalone"),
+    ("keyspace", "Keyspace", keyspace.keyspace_check, "run INFO keyspace on the target and confirm it is empty"),
+    ("data.format", "Data format and copy method", dataformat.data_format_check,
+     "DUMP a key on the source and RESTORE it on the target under a test name"),
+    ("data.types", "Data the target cannot hold", modules.data_types_check,
+     "look for module types, vector sets and hash field TTLs on the source"),
+    ("modules", "Modules", modules.modules_check, "compare the modules loaded on both servers in the provider's console"),
+    ("commands.missing", "Commands the target lacks", commands.missing_commands_check,
+     "compare INFO commandstats on the source with COMMAND on the target"),
+    ("commands.behaviour", "Commands that behave differently", commands.behaviour_check,
+     "compare INFO commandstats on the source with the differences in docs/compatibility.md"),
+    ("config", "Configuration", config.config_check, "compare the two servers' settings in the provider's console"),
+    ("acl", "ACL users", acl.acl_check, "compare ACL LIST on both servers (or the provider's user settings)"),
+    ("auth", "Password (requirepass)", acl.auth_check, "confirm both servers require a password, or neither does"),
+    ("functions", "Lua functions", functions.functions_check, "compare FUNCTION LIST on both servers"),
+    ("scripts", "Lua scripts (EVAL)", functions.scripts_check, "check whether the application runs EVAL scripts"),
+    ("tests", suite.TITLE, suite.tests_check, "run the application's tests against a Valkey of the target's version"),
+)
+
+# Checks that write (canaries, test data) are skipped when the topology is wrong: a cluster
+# answers MOVED and a replica refuses writes, which would only add noise.
+_WRITES = frozenset({"data.format", "tests"})
+
+
+def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> Check:
+    try:
+        return fn(probe)
+    except Unavailable as e:
+        return Check(name, title, UNKNOWN, f"could not check: {e}",
+                     f"enable {e.command} for migrator's user on the {e.role}, or {manual}", {"unavailable": str(e)})
+    except redis.exceptions.ResponseError as e:
+        return Check(name, title, UNKNOWN, f"could not check: a server answered {str(e).splitlines()[0]!r}",
+                     manual, {"error": str(e)})
+
+
+def run_checks(probe: Probe) -> list[Check]:
+    checks: list[Check] = []
+    for name, title, fn, manual in CHECKS:
+        if name in _WRITES and any(c.name == "topology" and c.status == FAIL for c in checks):
+            checks.append(Check(name, title, UNKNOWN, "skipped: the topology check failed",
+                                "fix the topology, then run migrator compat again"))
+            continue
+        checks.append(run_check(name, title, fn, manual, probe))
+    return checks
+
+
+def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
+    """Run the whole pre-flight against the playbook's servers; raises UnreachableError if one is down."""
+    started = time.monotonic()
+    source = Side.open("source", playbook.source)
+    try:
+        target = Side.open("target", playbook.target)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        probe = Probe.gather(playbook, source, target)
+        checks = run_checks(probe)
+    finally:
+        source.close()
+        target.close()
+    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions")}
+    data = {
+        "source": {"url": playbook.source.display, **probe.source_id.to_json()},
+        "target": {"url": playbook.target.display, **probe.target_id.to_json()},
+        **facts,
+        "keyspace": {"source": probe.source_keys.to_json(), "target": probe.target_keys.to_json()},
+        "duration_s": round(time.monotonic() - started, 3),
+    }
+    result = CompatResult(verdict(checks), checks, None, data)
+    if write_report:
+        result.report_id = report_files.write(playbook, result).id
+    return result
