@@ -7,12 +7,14 @@ must be idempotent: after a crash, running the command again runs them again.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 from migrator import registry
 from migrator.playbook import Playbook
-from migrator.state import State, StateStore
+from migrator.state import Barrier, State, StateStore, iso, now
 
 
 @dataclass
@@ -74,3 +76,32 @@ def await_shim_ack(ctx: ActionContext) -> ActionResult:
         ack.evidence() + (f" (waited {ack.waited:.1f}s)" if ack.acked or ack.missing else ""),
         {"acked": [r.id for r in ack.acked], "missing": [r.id for r in ack.missing], "waited_s": round(ack.waited, 3)},
     )
+
+
+@action("hold_writes")
+def hold_writes(ctx: ActionContext) -> ActionResult:
+    """Make every shim hold new commands and drain in-flight ones, so authority can switch with no write reordered."""
+    max_pause = ctx.playbook.steps.write_cutover.max_pause
+    barrier = Barrier(id=uuid.uuid4().hex[:12], generation=ctx.state.generation + 1,
+                      deadline=iso(now() + max_pause), purpose=f"{ctx.direction} write authority")
+    ctx.state.barrier, ctx.state.generation = barrier, barrier.generation
+    ctx.store.save(ctx.state)
+    # Leave a margin before the deadline so the switch lands while shims still hold.
+    held = registry.await_hold(ctx.store.dir, barrier.id, max_pause.total_seconds() * 0.6)
+    data = {"barrier": barrier.id, "held": [r.id for r in held.held], "missing": [r.id for r in held.missing],
+            "waited_s": round(held.waited, 3)}
+    if not held.ok:
+        ctx.state.barrier, ctx.state.generation = None, ctx.state.generation + 1
+        ctx.store.save(ctx.state)
+    return ActionResult("hold_writes", held.ok, held.evidence(), data)
+
+
+@action("write_pause")
+def write_pause(ctx: ActionContext) -> ActionResult:
+    """Report how long each shim held client commands during the switch."""
+    pauses = {r.id: r.last_pause_ms for r in registry.active(ctx.store.dir) if r.last_pause_ms is not None}
+    if not pauses:
+        return ActionResult("write_pause", True, "no shim held commands (none running)", {})
+    worst = max(pauses.values())
+    return ActionResult("write_pause", True, f"write pause {worst:.1f} ms (worst of {len(pauses)} shim(s))",
+                        {"pause_ms": pauses, "max_pause_ms": worst})

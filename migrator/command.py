@@ -265,6 +265,12 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
     with store.locked(direction):
         state = store.load()
         check_endpoints(pb, state)
+        if state.barrier is not None and state.transition is None and not dry_run:
+            # A run died while shims held commands; they released at the deadline. Clear it.
+            store.journal("barrier-lifted", barrier=state.barrier.id, reason="left by an interrupted run")
+            state.barrier, state.generation = None, state.generation + 1
+            store.save(state)
+            registry.await_ack(store.dir, state.generation, pb.shim.ack_timeout.total_seconds())
         pending = state.transition
         if pending and pending.direction == direction:
             return _finish(pb, store, state, dry_run)
@@ -313,10 +319,20 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
         operator=operator(), playbook=str(pb.path), playbook_hash=pb.playbook_hash(), endpoints_hash=pb.endpoints_hash(),
     )
     crashpoint("after-journal")
+    prepare = step.prepare if direction == "advance" else step.rollback_prepare
+    if prepare:
+        pre = actions_mod.run(prepare, actions_mod.ActionContext(pb, store, state, direction))
+        crashpoint("after-prepare")
+        failed = [a for a in pre if not a.ok]
+        if failed:
+            store.journal("transition-aborted", id=tid, reason=f"{failed[0].name}: {failed[0].evidence}",
+                          actions=[a.to_json() for a in pre])
+            raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {failed[0].name} failed: {failed[0].evidence}")
     started = now()
     state.transition = Transition(id=tid, step=step.name, direction=direction, from_phase=from_phase.value,
                                   to_phase=to.value, started_at=iso(started))
     state.phase, state.generation, state.phase_since = to, state.generation + 1, iso(started)
+    state.barrier = None  # the same write that switches the phase releases held commands
     state.endpoints_hash = state.endpoints_hash or pb.endpoints_hash()
     store.save(state)
     crashpoint("after-state")

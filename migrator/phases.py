@@ -38,6 +38,10 @@ class Step:
     rollback_gates: tuple[str, ...] = ()
     rollback_actions: tuple[str, ...] = ()
     rollback_description: str = ""
+    # Run after the journal records the start and before the new phase is recorded; if one
+    # fails the step is abandoned with the phase unchanged.
+    prepare: tuple[str, ...] = ()
+    rollback_prepare: tuple[str, ...] = ()
 
 
 STEPS: tuple[Step, ...] = (
@@ -77,9 +81,11 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.WRITES_ON_TARGET,
         description="make Valkey authoritative; Redis is kept in sync for the rollback window",
         gates=("read_cutover_duration", "shim_ack"),
-        actions=("await_shim_ack",),
+        prepare=("hold_writes",),
+        actions=("await_shim_ack", "write_pause"),
         rollback_gates=("shim_ack",),
-        rollback_actions=("await_shim_ack",),
+        rollback_prepare=("hold_writes",),
+        rollback_actions=("await_shim_ack", "write_pause"),
         rollback_description="make the source authoritative again; it was kept in sync",
     ),
     Step(
@@ -122,5 +128,5 @@ def all_gate_names() -> set[str]:
 def all_action_names() -> set[str]:
     names: set[str] = set()
     for s in STEPS:
-        names.update(s.actions, s.rollback_actions)
+        names.update(s.actions, s.rollback_actions, s.prepare, s.rollback_prepare)
     return names

@@ -40,6 +40,13 @@ class ShimRecord:
     applied_phase: str
     applied_generation: int
     counters: dict[str, Any] = field(default_factory=dict)
+    # The write-switch barrier this shim holds commands for (``barrier_state`` "held" once its
+    # in-flight commands and mirror queue drained), with what is still owed to the other side.
+    barrier_id: str | None = None
+    barrier_state: str | None = None  # "held", "released", "expired"
+    pending_shadow: int = 0
+    dirty_keys: int = 0
+    last_pause_ms: float | None = None
 
     def age(self) -> float:
         return (now() - parse_iso(self.heartbeat_at)).total_seconds()
@@ -128,4 +135,40 @@ def await_ack(state_dir: Path | str, generation: int, timeout: float, poll: floa
         waited = time.monotonic() - start
         if not missing or waited >= timeout:
             return AckResult(generation, acked, missing, waited)
+        time.sleep(poll)
+
+
+@dataclass
+class HoldResult:
+    barrier_id: str
+    held: list[ShimRecord]
+    missing: list[ShimRecord]
+    waited: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and all(r.pending_shadow == 0 and r.dirty_keys == 0 for r in self.held)
+
+    def evidence(self) -> str:
+        if not self.held and not self.missing:
+            return "no shim is running: nothing to hold"
+        parts = [f"{len(self.held)} of {len(self.held) + len(self.missing)} shim(s) holding new commands with in-flight drained"]
+        owed = [r for r in self.held if r.pending_shadow or r.dirty_keys]
+        for r in owed:
+            parts.append(f"shim {r.id} still owes the other side {r.pending_shadow} write(s) and has {r.dirty_keys} dirty key(s)")
+        for r in self.missing:
+            parts.append(f"shim {r.id} ({r.listen}) did not hold ({r.liveness()}, barrier {r.barrier_state or 'not seen'})")
+        return "; ".join(parts)
+
+
+def await_hold(state_dir: Path | str, barrier_id: str, timeout: float, poll: float = 0.01) -> HoldResult:
+    """Wait until every active shim holds for ``barrier_id`` with nothing owed, or the timeout passes."""
+    start = time.monotonic()
+    while True:
+        shims = active(state_dir)
+        held = [r for r in shims if r.barrier_id == barrier_id and r.barrier_state == "held"]
+        missing = [r for r in shims if r not in held]
+        result = HoldResult(barrier_id, held, missing, time.monotonic() - start)
+        if result.ok or result.waited >= timeout:
+            return result
         time.sleep(poll)

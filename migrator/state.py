@@ -69,6 +69,21 @@ class Transition:
 
 
 @dataclass
+class Barrier:
+    """Asks every shim to hold new client commands and drain in-flight ones (the write switch).
+
+    Shims hold until the state's generation moves past ``generation`` (the new phase, or the
+    barrier lifted) or until ``deadline``, whichever comes first: a crashed ``advance`` can
+    never hold clients longer than the playbook's ``write_cutover.max_pause``.
+    """
+
+    id: str
+    generation: int
+    deadline: str
+    purpose: str
+
+
+@dataclass
 class State:
     migration: str
     phase: Phase = INITIAL
@@ -77,6 +92,7 @@ class State:
     created_at: str = field(default_factory=lambda: iso(now()))
     endpoints_hash: str = ""
     transition: Transition | None = None
+    barrier: Barrier | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     version: int = FORMAT_VERSION
 
@@ -90,6 +106,7 @@ class State:
         if d.get("version") != FORMAT_VERSION:
             raise ValueError(f"unsupported state format version {d.get('version')!r}")
         t = d.get("transition")
+        b = d.get("barrier")
         return cls(
             migration=d["migration"],
             phase=Phase(d["phase"]),
@@ -98,6 +115,7 @@ class State:
             created_at=d["created_at"],
             endpoints_hash=d.get("endpoints_hash", ""),
             transition=Transition(**t) if t else None,
+            barrier=Barrier(**b) if b else None,
             history=list(d.get("history", [])),
         )
 

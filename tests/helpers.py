@@ -43,6 +43,8 @@ class AckingShim:
         self.store = StateStore(state_dir, migration)
         self.state_dir = state_dir
         self.stuck = False
+        self.refuse_hold = False  # never reports "held" (a shim that cannot drain)
+        self.owed = 0  # shadow writes it reports as still pending while holding
         st = self.store.load()
         self.record = registry.ShimRecord(
             id=shim_id, pid=os.getpid(), host=socket.gethostname(), listen="127.0.0.1:0", admin="127.0.0.1:0",
@@ -52,15 +54,25 @@ class AckingShim:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        held_since = None
         while not self._stop.is_set():
             if not self.stuck:
                 try:
                     st = self.store.load()
-                    self.record.applied_phase, self.record.applied_generation = st.phase.value, st.generation
                 except Exception:  # noqa: BLE001 - the state is being replaced; next tick
-                    pass
+                    st = None
+                if st is not None:
+                    self.record.applied_phase, self.record.applied_generation = st.phase.value, st.generation
+                    if st.barrier and not self.refuse_hold:
+                        if self.record.barrier_id != st.barrier.id:
+                            held_since = time.monotonic()
+                        self.record.barrier_id, self.record.barrier_state = st.barrier.id, "held"
+                        self.record.pending_shadow = self.owed
+                    elif self.record.barrier_state == "held":
+                        self.record.barrier_state = "released"
+                        self.record.last_pause_ms = (time.monotonic() - held_since) * 1000
             registry.write(self.state_dir, self.record)
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def __enter__(self) -> "AckingShim":
         registry.write(self.state_dir, self.record)

@@ -296,3 +296,57 @@ def test_failing_before_hook_aborts_the_step_cleanly(servers_pb):
     events = command.history(pb)
     assert events[-1]["event"] == "hook" and events[-1]["exit_code"] == 3
     assert not any(e["event"] == "transition-started" for e in events)
+
+
+# --- the write switch --------------------------------------------------------------------------------
+
+
+def test_write_cutover_holds_shims_switches_and_reports_the_pause(servers_pb):
+    """reads-on-target → writes-on-target holds every shim, switches authority in one state write, and reports the pause."""
+    pb = load(servers_pb)
+    force_phase(pb, Phase.READS_ON_TARGET)
+    with AckingShim(pb.state_path, pb.name) as shim:
+        out = run_cli("advance", "--yes", "--output", "json", playbook=servers_pb)
+        assert out.returncode == 0, out.stderr
+        r = json.loads(out.stdout)
+        assert r["to_phase"] == "writes-on-target"
+        pause = next(a for a in r["actions"] if a["action"] == "write_pause")
+        assert pause["data"]["max_pause_ms"] > 0 and shim.record.barrier_state == "released"
+        st = StateStore(pb.state_path, pb.name).load()
+        assert st.barrier is None and st.phase == Phase.WRITES_ON_TARGET
+
+
+def test_write_cutover_abandoned_when_a_shim_still_owes_writes(servers_pb):
+    """A shim with writes still owed to the other side makes the switch abandon, phase unchanged, hold lifted."""
+    doc = json.loads(servers_pb.read_text())
+    doc["steps"]["write_cutover"]["max_pause"] = "1s"
+    servers_pb.write_text(json.dumps(doc))
+    pb = load(servers_pb)
+    force_phase(pb, Phase.READS_ON_TARGET)
+    with AckingShim(pb.state_path, pb.name) as shim:
+        shim.owed = 3
+        out = run_cli("advance", "--yes", playbook=servers_pb)
+        assert out.returncode == 1
+        assert "abandoned, phase unchanged" in out.stderr and "owes the other side 3 write(s)" in out.stderr
+        st = StateStore(pb.state_path, pb.name).load()
+        assert st.phase == Phase.READS_ON_TARGET and st.barrier is None and st.transition is None
+        wait_for(lambda: shim.record.barrier_state == "released", what="the shim to release")
+
+
+def test_kill_9_while_shims_hold_is_bounded_and_recovered(servers_pb):
+    """advance killed while shims hold: the hold has a deadline, and the next run lifts it and switches."""
+    pb = load(servers_pb)
+    force_phase(pb, Phase.READS_ON_TARGET)
+    with AckingShim(pb.state_path, pb.name):
+        out = run_cli("advance", "--yes", playbook=servers_pb, env={"MIGRATOR_CRASH_AT": "after-prepare"})
+        assert out.returncode == -signal.SIGKILL
+        st = StateStore(pb.state_path, pb.name).load()
+        assert st.barrier is not None and st.phase == Phase.READS_ON_TARGET
+        from migrator.state import now, parse_iso
+
+        assert (parse_iso(st.barrier.deadline) - now()).total_seconds() <= pb.steps.write_cutover.max_pause.total_seconds()
+        again = run_cli("advance", "--yes", playbook=servers_pb)
+        assert again.returncode == 0, again.stderr
+        events = [e["event"] for e in command.history(pb)]
+        assert "barrier-lifted" in events and events[-1] == "transition-completed"
+        assert StateStore(pb.state_path, pb.name).load().phase == Phase.WRITES_ON_TARGET

@@ -89,7 +89,9 @@ class Walk(RuleBasedStateMachine):
             return
         r = command.advance(self.pb, evaluate=always_pass)
         assert (r.from_phase, r.to_phase) == (self.phase, step.dest)
-        self.phase, self.generation, self.transitions = step.dest, self.generation + 1, self.transitions + 1
+        # A step that holds the shims first (write switch) uses one generation for the hold.
+        self.generation += 1 + len(step.prepare)
+        self.phase, self.transitions = step.dest, self.transitions + 1
 
     @rule()
     def rollback(self):
@@ -100,7 +102,8 @@ class Walk(RuleBasedStateMachine):
             return
         r = command.rollback(self.pb, evaluate=always_pass)
         assert r.to_phase == back
-        self.phase, self.generation, self.transitions = back, self.generation + 1, self.transitions + 1
+        self.generation += 1 + len(phases.step_into(self.phase).rollback_prepare)
+        self.phase, self.transitions = back, self.transitions + 1
 
     @rule(dry=st.booleans())
     def dry_run_changes_nothing(self, dry):
@@ -117,7 +120,7 @@ class Walk(RuleBasedStateMachine):
         st_ = self.store.load()
         assert st_.phase == self.phase
         assert st_.generation == self.generation
-        assert st_.transition is None
+        assert st_.transition is None and st_.barrier is None
         assert len(st_.history) == self.transitions
         if self.store.exists():
             json.loads(self.store.state_path.read_text())  # always whole JSON
