@@ -1,0 +1,279 @@
+"""``migrator sync`` on real servers: types, TTLs, big keys, methods, resume, concurrent writes, dirty keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from migrator import reports
+from migrator.data import check, checkpoint, copy, dirty, sync, values
+from migrator.data.keyspace import TMP_PREFIX
+from migrator.data.verify import Verifier
+from migrator.gates import make_context
+from migrator.phases import Phase
+from migrator.state import State, StateStore, iso, now
+from tests.test_data_helpers import FAST, MirroringWriter, bulk, load, populate, wait_for
+
+
+def _full_check(pb, **kw):
+    return check.run(pb, full=True, interval=0.05, **kw)
+
+
+def test_every_type_with_ttls_is_copied_and_checks_clean(pair, make_playbook):
+    """Every data type (streams with groups and PELs, HyperLogLogs, empty strings) arrives equal, with absolute expiries."""
+    src, dst = pair
+    types = populate(src.client())
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb)
+    assert res.complete and res.keys == len(types)
+    t = dst.client()
+    for key, type_ in types.items():
+        assert t.type(key).decode() == type_, key
+    assert 590_000 < t.pttl("counter") <= 600_000
+    assert t.ttl("str") == -1
+    g1 = {g["name"]: g for g in t.xinfo_groups("stream")}[b"g1"]
+    assert g1["pending"] == 2 and g1["last-delivered-id"] == b"2-1"
+    assert t.xpending("stream", "g1")["consumers"] == [{"name": b"consumer-a", "pending": 2}]
+    assert t.pfcount("hll") == 3
+    res = _full_check(pb)
+    assert res.clean and res.checked == len(types) and res.verdict == "pass", [(m.key, m.detail, m.source, m.target) for m in res.mismatches]
+
+
+@pytest.mark.parametrize("source,target", [("valkey-9.1", "redis-6.2"), ("valkey-8.1", "redis-7.0")])
+def test_copy_back_to_older_redis_is_type_aware(server_factory, make_playbook, source, target):
+    """A target that rejects the source's DUMP format gets a type-aware copy that checks clean."""
+    src, dst = server_factory(source), server_factory(target)
+    types = populate(src.client())
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb)
+    assert res.method == copy.STRUCT and "rejects" in res.method_reason
+    assert res.complete, res
+    assert dst.client().xinfo_groups("stream")[0]["pending"] == 2
+    assert _full_check(pb).clean
+    assert len(types) == dst.client().dbsize()
+
+
+def test_compat_report_copy_method_is_used(server_factory, make_playbook):
+    """The newest compatibility report's copy_method decides the method without probing."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    populate(src.client())
+    pb = load(make_playbook(src, dst, **FAST))
+    data = reports.common("compat", pb.name, "pass", "compatible", copy_method="struct")
+    reports.write(pb.state_path, data, "# compat\n", "<p>compat</p>")
+    res = sync.run(pb)
+    assert res.method == "struct" and "compatibility report" in res.method_reason
+    assert _full_check(pb).clean
+
+
+def test_big_keys_are_copied_in_chunks_through_a_temporary_key(server_factory, make_playbook):
+    """Keys larger than the chunk size (set, hash, zset, list, stream, string) are chunk-copied, renamed, and equal."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-8.1")
+    s = src.client()
+    s.sadd("bigset", *range(50_000))
+    s.hset("bighash", mapping={f"f{i}": i for i in range(3000)})
+    s.zadd("bigzset", {f"m{i}": i / 3 for i in range(3000)})
+    s.rpush("biglist", *range(3000))
+    for i in range(700):
+        s.xadd("bigstream", {"i": i})
+    s.set("bigstring", b"x" * (3 << 20))
+    s.expire("bigset", 5000)
+    dst.client().sadd("bigset", "stale-member")  # an old value must be replaced, not merged
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb, chunk=500)
+    assert res.complete and res.big == 6
+    t = dst.client()
+    assert t.scard("bigset") == 50_000 and not t.sismember("bigset", "stale-member")
+    assert 4990 < t.ttl("bigset") <= 5000
+    assert not [k for k in t.keys() if k.startswith(TMP_PREFIX)]
+    assert _full_check(pb, chunk=500).clean
+
+
+def test_include_exclude_and_databases_limit_the_copy(server_factory, make_playbook):
+    """Only keys matching include and not exclude, in the listed databases, are copied."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    for db in (0, 1, 2):
+        c = src.client(db=db)
+        c.set("user:1", db)
+        c.set("user:tmp:1", db)
+        c.set("order:1", db)
+    pb = load(make_playbook(src, dst, sync={"include": ["user:*"], "exclude": ["user:tmp:*"], "databases": [0, 2]}, **FAST))
+    assert sync.run(pb).complete
+    assert dst.client(db=0).keys() == [b"user:1"]
+    assert dst.client(db=1).dbsize() == 0
+    assert dst.client(db=2).get("user:1") == b"2"
+
+
+def test_functions_are_copied_both_ways(server_factory, make_playbook):
+    """Function libraries reach the target by FUNCTION RESTORE, or by LOAD when the dump format is rejected."""
+    lib = "#!lua name=mylib\nredis.register_function('hello', function() return 'hi' end)"
+    for source, target in (("redis-7.0", "valkey-9.1"), ("valkey-9.1", "redis-7.0")):
+        src, dst = server_factory(source), server_factory(target)
+        src.client().function_load(lib)
+        src.client().set("k", "v")
+        pb = load(make_playbook(src, dst, **FAST))
+        res = sync.run(pb)
+        assert "1 function library copied" in res.functions
+        assert dst.client().fcall("hello", 0) == b"hi"
+
+
+def test_second_run_is_idempotent(server_factory, make_playbook):
+    """Running sync again after it completed copies the same data and still checks clean."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    bulk(src.client(), 500)
+    pb = load(make_playbook(src, dst, **FAST))
+    first = sync.run(pb)
+    second = sync.run(pb)
+    assert first.complete and second.complete and not second.resumed
+    assert second.keys == first.keys == 500
+    assert dst.client().dbsize() == 500
+    assert _full_check(pb).clean
+
+
+def test_killed_sync_resumes_from_its_checkpoint(server_factory, make_playbook):
+    """A sync killed with SIGKILL mid-way continues from the checkpoint on the next run and ends clean."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    bulk(src.client(), 4000)
+    path = make_playbook(src, dst, **FAST)
+    pb = load(path)
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", "-p", str(path), "sync", "--rate", "2000", "--batch", "50"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        assert wait_for(lambda: (cp := checkpoint.load(pb.state_path)) is not None and cp.db(0).cursor != 0, timeout=30)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    copied_before = dst.client().dbsize()
+    assert 0 < copied_before < 4000
+    res = sync.run(pb)
+    assert res.resumed and res.complete
+    assert res.keys < 4000  # it continued rather than started over
+    assert dst.client().dbsize() == 4000
+    assert _full_check(pb).clean
+    restarted = sync.run(pb, restart=True)
+    assert not restarted.resumed and restarted.keys == 4000
+
+
+def test_concurrent_mirrored_partial_updates_end_clean(pair, make_playbook):
+    """Partial updates mirrored (source, then target) during the copy leave no key different."""
+    src, dst = pair
+    n = 3000
+    bulk(src.client(), n)
+    pb = load(make_playbook(src, dst, **FAST))
+    writer = MirroringWriter(src.client(), dst.client(), n // 10)  # hot keys, so writes hit batches in flight
+    writer.start()
+    try:
+        res = sync.run(pb, batch=50, rate=6000)
+    finally:
+        ops = writer.stop()
+    assert ops > 500, "the writer must have raced the copy"
+    assert res.complete, res
+    result = _full_check(pb)
+    assert result.clean and result.in_flux == 0, [(m.key, m.detail) for m in result.mismatches]
+
+
+class RacingCopier(copy.Copier):
+    """A copier that lets a mirrored write land between its read and its write, once per key, in every batch."""
+
+    raced: set = set()
+
+    def read(self, keys):
+        snaps = super().read(keys)
+        for key in [k for k in keys if k not in self.raced][:3]:
+            self.raced.add(key)
+            cmd = {b"hash": ["HINCRBY", key, "f", 1], b"string": ["APPEND", key, "+"], b"list": ["LPUSH", key, "+"],
+                   b"set": ["SADD", key, "+"], b"zset": ["ZINCRBY", key, 1, "m"]}[self.src.type(key)]
+            for server in (self.src, self.dst):  # the shim's order: source first, then target
+                server.execute_command(*cmd)
+        return snaps
+
+
+@pytest.mark.parametrize("source,target", [("redis-7.0", "valkey-9.1"), ("redis-6.2", "valkey-8.1")])
+def test_writes_landing_between_read_and_write_are_repaired(server_factory, make_playbook, monkeypatch, source, target):
+    """When a mirrored update lands between a batch's read and its write, verify re-copies the key and the end is clean."""
+    src, dst = server_factory(source), server_factory(target)
+    bulk(src.client(), 500)
+    pb = load(make_playbook(src, dst, **FAST))
+    monkeypatch.setattr(sync, "Copier", RacingCopier)
+    RacingCopier.raced = set()
+    res = sync.run(pb, batch=50)
+    assert res.complete and res.recopied > 0, res
+    result = _full_check(pb)
+    assert result.clean, [(m.key, m.detail) for m in result.mismatches]
+
+
+def test_verifier_recopies_a_key_overwritten_by_a_stale_copy(server_factory, make_playbook):
+    """A key left different by a racing copy is detected after the settle time and copied again."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    s, t = src.client(), dst.client()
+    s.hset("h", mapping={"a": 1, "b": 2})
+    copier = copy.Copier(s, t, copy.DUMP)
+    copier.copy([b"h"])
+    t.hdel("h", "b")  # what a stale RESTORE after a mirrored HSET leaves behind
+    verifier = Verifier(s, t, copier, settle=0.05, ttl_tolerance_ms=2000)
+    verifier.add(0, [b"h"], time.monotonic())
+    verifier.drain()
+    assert verifier.stats.recopied == 1 and not verifier.stats.unsettled
+    assert t.hgetall("h") == {b"a": b"1", b"b": b"2"}
+
+
+def test_dirty_keys_recorded_by_the_shim_are_recopied(server_factory, make_playbook):
+    """``sync --dirty`` re-copies the keys in state_dir/dirty/ and then clears those files."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    s = src.client()
+    bulk(s, 100)
+    pb = load(make_playbook(src, dst, **FAST))
+    assert sync.run(pb).complete
+    s.set("k:0", "changed while the shim could not mirror")
+    s.client().delete if False else None
+    src.client(db=3).set("other-db", "x")
+    dirty.record_dirty(pb.state_path, "shim-1-0001", [(0, b"k:0"), (3, b"other-db")])
+    res = sync.run(pb, dirty=True)
+    assert res.complete and res.mode == "dirty" and res.keys == 2
+    assert dst.client().get("k:0") == b"changed while the shim could not mirror"
+    assert dst.client(db=3).get("other-db") == b"x"
+    assert dirty.list_dirty(pb.state_path).count == 0
+
+
+def test_sync_complete_gate(server_factory, make_playbook):
+    """The gate passes only after a complete sync that started in the current phase, with no dirty keys waiting."""
+    from migrator.data import gates as data_gates
+
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    src.client().set("a", 1)
+    pb = load(make_playbook(src, dst, **FAST))
+    store = StateStore(pb.state_path, pb.name)
+    store.save(State(migration=pb.name, phase=Phase.MIRRORING, phase_since=iso(now())))
+    ctx = lambda: make_context(pb, store, store.load())  # noqa: E731
+    assert not data_gates.sync_complete(ctx()).passed
+    assert sync.run(pb).complete
+    ok = data_gates.sync_complete(ctx())
+    assert ok.passed and "1 keys copied" in ok.evidence, ok.evidence
+    dirty.record_dirty(pb.state_path, "s", [(0, b"a")])
+    assert "dirty" in data_gates.sync_complete(ctx()).evidence
+    dirty.clear_dirty(dirty.list_dirty(pb.state_path))
+    time.sleep(0.01)
+    store.save(State(migration=pb.name, phase=Phase.MIRRORING, phase_since=iso(now())))
+    late = data_gates.sync_complete(ctx())
+    assert not late.passed and "before" in late.evidence
+
+
+def test_cli_sync_prints_summary_and_report(server_factory, make_playbook):
+    """The CLI sync exits 0 when complete, prints the verdict line and writes a report of kind sync."""
+    src, dst = server_factory("redis-6.2"), server_factory("valkey-8.1")
+    populate(src.client())
+    path = make_playbook(src, dst, **FAST)
+    out = subprocess.run([sys.executable, "-m", "migrator", "-p", str(path), "sync", "--output", "json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["kind"] == "sync" and data["complete"] and data["verdict"] == "pass"
+    assert '"sync progress"' in out.stderr or "sync progress" in out.stderr
+    assert values.KeyState  # the module imports cleanly from the CLI process too
