@@ -29,6 +29,7 @@ from migrator import actions as actions_mod
 from migrator import gates as gates_mod
 from migrator import hooks
 from migrator import registry
+from migrator.compat.identify import identify
 from migrator.connect import client_kwargs
 from migrator.durations import format_duration
 from migrator.errors import RefusedError, UnreachableError, UsageError
@@ -174,9 +175,8 @@ def probe_server(ep: Endpoint, role: str) -> ServerInfo:
         return ServerInfo(role, ep.display, False, error=str(e) or type(e).__name__)
     finally:
         c.close()
-    if info.get("server_name") == "valkey" or "valkey_version" in info:
-        return ServerInfo(role, ep.display, True, "valkey", str(info.get("valkey_version", "?")))
-    return ServerInfo(role, ep.display, True, "redis", str(info.get("redis_version", "?")))
+    ident = identify(info)
+    return ServerInfo(role, ep.display, True, ident.kind, ident.version)
 
 
 def check_endpoints(pb: Playbook, state: State) -> None:
