@@ -278,12 +278,11 @@ def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:
         still: dict[bytes, tuple] = {}
         for k, s, t in zip(keys, s_states, d_states):
             _old, s0, t0 = found[k]
-            if s.fingerprint != s0.fingerprint or t.fingerprint != t0.fingerprint or not (s.exists or t.exists):
-                r.in_flux += 1
-                continue
             diff = values.difference(d.src, d.dst, k, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES)
             if diff is None:
-                r.transient += 1
+                r.transient += 1  # converged: the difference was a write in flight
+            elif s.fingerprint != s0.fingerprint or t.fingerprint != t0.fingerprint:
+                r.in_flux += 1  # still being written: no verdict on this key now
             else:
                 still[k] = (diff, s, t)
         found = still
