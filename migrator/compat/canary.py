@@ -15,7 +15,7 @@ import redis
 
 from migrator.compat import typecopy
 from migrator.compat.rdb import payload_version
-from migrator.compat.rpc import Side, Unavailable, is_restricted
+from migrator.compat.rpc import Side, Unavailable, first_line, is_restricted
 
 RESERVED_PREFIX = "__migrator:"
 CANARY_PREFIX = RESERVED_PREFIX + "canary:"
@@ -94,8 +94,8 @@ class Canaries:
         pipe.pexpire(key, CANARY_TTL_MS)
         try:
             side.guard("canary write", pipe.execute)
-        except redis.exceptions.ResponseError as e:  # READONLY replica, OOM...
-            raise Unavailable(role, "canary write", str(e).splitlines()[0]) from None
+        except redis.exceptions.ResponseError as e:  # e.g. a write refused by a proxy or a script-only ACL
+            raise Unavailable(role, "canary write", first_line(e)) from None
         return key
 
     def dump_restore(self, src_role: str, dst_role: str, kind: str, key: str) -> Transfer:
@@ -109,7 +109,7 @@ class Canaries:
         except redis.exceptions.ResponseError as e:
             if is_restricted(e):
                 raise
-            return Transfer(kind, "dump-restore", False, version, str(e).splitlines()[0])
+            return Transfer(kind, "dump-restore", False, version, first_line(e))
         return self._compare(src, key, dst, copy, kind, "dump-restore", version)
 
     def type_aware(self, src_role: str, dst_role: str, kind: str, key: str) -> Transfer:
@@ -120,7 +120,7 @@ class Canaries:
             _, value, _ = src.guard("type-aware read", lambda: typecopy.read(src.client, key))
             dst.guard("type-aware write", lambda: typecopy.write(dst.client, copy, kind, value, CANARY_TTL_MS))
         except redis.exceptions.ResponseError as e:
-            return Transfer(kind, "type-aware", False, None, str(e).splitlines()[0])
+            return Transfer(kind, "type-aware", False, None, first_line(e))
         return self._compare(src, key, dst, copy, kind, "type-aware", None)
 
     @staticmethod

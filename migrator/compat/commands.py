@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from migrator.compat.model import FAIL, PASS, WARN, Check
 from migrator.compat.probe import Probe
-from migrator.compat.rpc import Side, Unavailable, text
+from migrator.compat.rpc import Side, Unavailable, pairs, text
 
 _LISTED = 12  # names shown in one line of evidence
 
@@ -57,11 +57,15 @@ def _since(source: Side, names: list[str]) -> dict[str, str]:
     except Unavailable:
         return {}
     out = {}
-    for name, doc in zip(reply[::2], reply[1::2]):
-        fields = dict(zip(map(text, doc[::2]), doc[1::2])) if isinstance(doc, list) else {}
+    for name, doc in pairs(reply):
+        fields = {text(k): v for k, v in pairs(doc)} if isinstance(doc, (list, dict)) else {}
         if "since" in fields:
             out[text(name).lower()] = f"since {text(fields['since'])}"
     return out
+
+
+def _calls(n: int) -> str:
+    return f"{n} call{'s' if n != 1 else ''}"
 
 
 def missing_commands_check(probe: Probe) -> Check:
@@ -78,7 +82,7 @@ def missing_commands_check(probe: Probe) -> Check:
         return Check("commands.missing", "Commands the target lacks", PASS,
                      f"all {len(executed)} commands the source executed exist on the target", "", data)
     since = _since(probe.source, missing)
-    shown = ", ".join(f"{n} ({executed[n]} calls{', ' + since[n] if n in since else ''})" for n in missing[:_LISTED])
+    shown = ", ".join(f"{n} ({_calls(executed[n])}{', ' + since[n] if n in since else ''})" for n in missing[:_LISTED])
     more = f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
     return Check("commands.missing", "Commands the target lacks", FAIL,
                  f"{len(missing)} of {len(executed)} commands the source executed do not exist on the target "

@@ -19,6 +19,7 @@ SECRET_SETTINGS = frozenset({"requirepass", "masterauth", "masteruser", "tls-key
 
 # Settings a Valkey target lacks on purpose (retired or internal) with Redis's default: a
 # source still at the default loses nothing.
+LACKING = "(settings the target lacks)"
 RETIRED_DEFAULTS = {
     "dynamic-hz": "yes", "io-threads-do-reads": "no", "aof-disable-auto-gc": "no", "sanitize-dump-payload": "no",
     "lua-replicate-commands": "yes", "gopher-enabled": "no", "use-exit-on-panic": "no", "watchdog-period": "0",
@@ -52,6 +53,11 @@ class Finding:
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
+
+    def describe(self) -> str:
+        if self.setting == LACKING:
+            return f"{self.note}: {self.source}"
+        return f"{self.setting}: {self.note} (source {self.source!r}, target {self.target!r})"
 
 
 def _int(v: str | None) -> int:
@@ -155,10 +161,10 @@ def _lacking(s: dict, t: dict) -> Finding | None:
     if not missing:
         return None
     if not changed:
-        return Finding("(settings the target lacks)", ", ".join(missing), "", PASS,
+        return Finding(LACKING, ", ".join(missing), "", PASS,
                        "retired in the target; the source has them at their defaults")
-    return Finding("(settings the target lacks)", ", ".join(changed), "", WARN,
-                   "set on the source but unknown to the target", "find the target's equivalent or confirm they are not needed")
+    return Finding(LACKING, ", ".join(changed), "", WARN,
+                   "settings the target does not have", "find the target's equivalent or confirm they are not needed")
 
 
 def _aliases(conf: dict[str, str]) -> dict[str, str]:
@@ -187,5 +193,5 @@ def config_check(probe: Probe) -> Check:
         return Check("config", "Configuration", PASS, f"{len(findings)} settings compared; no difference that matters",
                      "", data)
     return Check("config", "Configuration", worst,
-                 "; ".join(f"{f.setting}: {f.note} (source {f.source!r}, target {f.target!r})" for f in bad),
+                 "; ".join(f.describe() for f in bad),
                  "; ".join(f.fix for f in bad if f.fix), data)

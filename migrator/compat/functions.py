@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from migrator.compat.model import FAIL, PASS, WARN, Check
 from migrator.compat.probe import Probe
-from migrator.compat.rpc import Unavailable, text
+from migrator.compat.rpc import Unavailable, pairs, text
 
 SCRIPT_COMMANDS = ("eval", "evalsha", "eval_ro", "evalsha_ro", "script|load", "script")
 
@@ -18,8 +18,8 @@ def libraries(probe: Probe, role: str) -> dict[str, dict]:
     """{library: {"engine", "functions": [...], "code"}} from ``FUNCTION LIST WITHCODE``."""
     out = {}
     for lib in probe.side(role).call("FUNCTION", "LIST", "WITHCODE", raw=True):
-        fields = {text(k): v for k, v in zip(lib[::2], lib[1::2])}
-        funcs = sorted(text(dict(zip(map(text, f[::2]), f[1::2]))["name"]) for f in fields.get("functions", []))
+        fields = {text(k): v for k, v in pairs(lib)}
+        funcs = sorted(text(dict((text(k), v) for k, v in pairs(f))["name"]) for f in fields.get("functions", []))
         out[text(fields["library_name"])] = {"engine": text(fields.get("engine", b"")), "functions": funcs,
                                              "code": text(fields.get("library_code", b""))}
     return out

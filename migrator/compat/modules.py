@@ -54,50 +54,68 @@ def module_names(probe: Probe, role: str) -> set[str]:
     return names - BUILTIN_MODULES
 
 
-def compare_modules(source: set[str], target: set[str]) -> list[tuple[str, str, str]]:
-    """(module, status, note) for each source module: present on the target, replaceable, or missing."""
+@dataclass(frozen=True)
+class Finding:
+    what: str
+    status: str
+    note: str
+    fix: str = ""
+
+    def to_json(self) -> dict:
+        return {"what": self.what, "status": self.status, "note": self.note, "fix": self.fix}
+
+
+def compare_modules(source: set[str], target: set[str]) -> list[Finding]:
+    """One finding per source module: loaded on the target, replaced by a Valkey module, or missing."""
     out = []
     for name in sorted(source):
         rep = MODULES.get(name)
+        replaced_by = sorted(set(rep.valkey_modules) & target) if rep else []
         if name in target:
-            out.append((name, PASS, "loaded on the target too"))
-        elif rep and set(rep.valkey_modules) & target:
-            out.append((name, PASS, f"{rep.what}: the target has {', '.join(sorted(set(rep.valkey_modules) & target))}"))
+            out.append(Finding(name, PASS, "loaded on the target too"))
+        elif replaced_by:
+            out.append(Finding(name, PASS, f"{rep.what}: the target has {', '.join(replaced_by)}"))
         elif rep:
-            out.append((name, FAIL, f"{rep.what}: {rep.advice}"))
+            out.append(Finding(name, FAIL, f"{rep.what} is not available on the target", rep.advice))
         else:
-            out.append((name, FAIL, "unknown module with no known Valkey counterpart: load an equivalent on the "
-                                    "target or stop using it"))
+            out.append(Finding(name, FAIL, "a module with no known Valkey counterpart is not loaded on the target",
+                               f"load an equivalent of {name} on the target, or stop using it"))
     return out
+
+
+def _findings_check(name: str, title: str, findings: list[Finding], passed: str, data: dict) -> Check:
+    data = {**data, "findings": [f.to_json() for f in findings]}
+    bad = [f for f in findings if f.status != PASS]
+    if not bad:
+        return Check(name, title, PASS, passed, "", data)
+    status = FAIL if any(f.status == FAIL for f in bad) else WARN
+    return Check(name, title, status, "; ".join(f"{f.what}: {f.note}" for f in bad),
+                 "; ".join(f.fix for f in bad if f.fix), data)
 
 
 def modules_check(probe: Probe) -> Check:
     source, target = module_names(probe, "source"), module_names(probe, "target")
-    rows = compare_modules(source, target)
-    data = {"source": sorted(source), "target": sorted(target),
-            "modules": [{"module": m, "status": s, "note": n} for m, s, n in rows]}
-    failed = [(m, n) for m, s, n in rows if s == FAIL]
-    if failed:
-        return Check("modules", "Modules", FAIL, "; ".join(f"{m}: {n}" for m, n in failed),
-                     "; ".join(n.split(": ", 1)[-1] for _m, n in failed), data)
-    evidence = ("no modules loaded on the source" if not rows else "; ".join(f"{m}: {n}" for m, _s, n in rows))
-    return Check("modules", "Modules", PASS, evidence, "", data)
+    findings = compare_modules(source, target)
+    passed = "; ".join(f"{f.what}: {f.note}" for f in findings) or "no modules loaded on the source"
+    return _findings_check("modules", "Modules", findings, passed, {"source": sorted(source), "target": sorted(target)})
 
 
-def odd_types(probe: Probe, target_modules: set[str] | None) -> list[tuple[str, int, str, str]]:
-    """(type, sampled count, status, note) for each sampled non-core type."""
+def odd_types(types: dict[str, int], target_modules: set[str] | None) -> list[Finding]:
+    """A finding for each sampled type outside the core types (module data, vector sets)."""
     out = []
-    for kind, n in sorted(probe.source_keys.types().items()):
+    for kind, n in sorted(types.items()):
         if kind in CORE_TYPES:
             continue
-        module = MODULE_TYPES.get(kind.lower())
-        rep = MODULES.get(module) if module else None
+        rep = MODULES.get(MODULE_TYPES.get(kind.lower(), ""))
+        what = f"type {kind} ({n} sampled key{'s' if n != 1 else ''})"
         if rep and target_modules is not None and set(rep.valkey_modules) & target_modules:
-            out.append((kind, n, WARN, f"{rep.what} data; the target has a module for it, but migrator cannot "
-                                       "verify the copy: cover it in test_command"))
+            out.append(Finding(what, WARN, f"{rep.what} data; the target has a module for it, but migrator "
+                                           "cannot verify the copy", "cover this data in steps.compatibility.test_command"))
+        elif rep:
+            out.append(Finding(what, FAIL, f"{rep.what} data the target cannot hold", rep.advice))
         else:
-            advice = rep.advice if rep else "a module type with no known Valkey counterpart"
-            out.append((kind, n, FAIL, f"{rep.what if rep else kind}: {advice}"))
+            out.append(Finding(what, FAIL, "a module type with no known Valkey counterpart",
+                               f"load a module on the target that defines {kind}, or move this data elsewhere first"))
     return out
 
 
@@ -116,18 +134,18 @@ def _field_ttl_keys(probe: Probe) -> tuple[int, str]:
     return hits, "sampled HTTL"
 
 
-def _hash_ttl(probe: Probe) -> tuple[str, str] | None:
-    """(status, note) about hash field TTLs, or None when the source cannot have them."""
+def hash_ttl(probe: Probe) -> Finding | None:
+    """Hash field TTLs (Redis 7.4+, Valkey 9.0+) on the source; None when the source cannot have them."""
     if not (probe.source_id.at_least("redis", 7, 4) or probe.source_id.at_least("valkey", 9, 0)):
         return None
     count, how = _field_ttl_keys(probe)
-    target_has = lookup(target_table(probe), "hexpire") is not None
     if count == 0:
-        return PASS, f"no hash uses field TTLs ({how})"
-    if target_has:
-        return PASS, f"{count} hash(es) use field TTLs ({how}); the target supports them"
-    return FAIL, (f"{count} hash(es) use field TTLs ({how}), which the target {probe.target_id.label} cannot hold: "
-                  "use Valkey 9.0+ as the target, or remove the field TTLs (HPERSIST) first")
+        return Finding("hash field TTLs", PASS, f"no hash uses field TTLs ({how})")
+    if lookup(target_table(probe), "hexpire") is not None:
+        return Finding("hash field TTLs", PASS, f"{count} hash(es) use field TTLs ({how}); the target supports them")
+    return Finding("hash field TTLs", FAIL, f"{count} hash(es) use field TTLs ({how}), which the target "
+                   f"{probe.target_id.label} cannot hold",
+                   "use Valkey 9.0+ as the target, or remove the field TTLs (HPERSIST) first")
 
 
 def data_types_check(probe: Probe) -> Check:
@@ -135,21 +153,15 @@ def data_types_check(probe: Probe) -> Check:
         target_modules = module_names(probe, "target")
     except Unavailable:
         target_modules = None
-    rows = odd_types(probe, target_modules)
-    ttl = _hash_ttl(probe)
-    findings = [(f"type {k} ({n} sampled)", s, note) for k, n, s, note in rows]
-    if ttl:
-        findings.append(("hash field TTLs", *ttl))
+    types = dict(probe.source_keys.types())
+    findings = odd_types(types, target_modules)
+    if (ttl := hash_ttl(probe)) is not None:
+        findings.append(ttl)
     sampled = sum(len(d.sampled) for d in probe.source_keys.dbs.values())
-    data = {"sampled_keys": sampled, "types": dict(probe.source_keys.types()),
-            "findings": [{"what": w, "status": s, "note": n} for w, s, n in findings]}
-    bad = [f for f in findings if f[1] != PASS]
-    if not bad:
-        types = ", ".join(f"{k} {n}" for k, n in sorted(probe.source_keys.types().items())) or "none"
-        extra = f"; {ttl[1]}" if ttl else ""
-        return Check("data.types", "Data the target cannot hold", PASS,
-                     f"{sampled} keys sampled; types: {types}; all core types{extra}", "", data)
-    status = FAIL if any(s == FAIL for _w, s, _n in bad) else WARN
-    return Check("data.types", "Data the target cannot hold", status,
-                 f"{sampled} keys sampled; " + "; ".join(f"{w}: {n}" for w, _s, n in bad),
-                 "; ".join(n.split(": ", 1)[-1] for _w, _s, n in bad), data)
+    listed = ", ".join(f"{k} {n}" for k, n in sorted(types.items())) or "none"
+    passed = f"{sampled} keys sampled; types: {listed}; all core types" + (f"; {ttl.note}" if ttl else "")
+    check = _findings_check("data.types", "Data the target cannot hold", findings, passed,
+                            {"sampled_keys": sampled, "types": types})
+    if check.status != PASS:
+        check.evidence = f"{sampled} keys sampled; {check.evidence}"
+    return check

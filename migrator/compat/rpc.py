@@ -8,6 +8,7 @@ becomes ``UnreachableError`` (exit code 3).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,8 +38,13 @@ def is_restricted(err: Exception) -> bool:
     return isinstance(err, redis.exceptions.ResponseError) and any(s in str(err).lower() for s in _RESTRICTED)
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
+
+
+def first_line(err: Exception) -> str:
+    """The server's message, without redis-py's pipeline preamble (which quotes the command and its values)."""
+    msg = _PIPELINE_PREFIX.sub("", str(err).strip())
+    return msg.splitlines()[0] if msg else type(err).__name__
 
 
 @dataclass
@@ -79,12 +85,15 @@ class Side:
         command = " ".join(str(a) for a in args[:words])
         try:
             return fn()
+        except redis.exceptions.ReadOnlyError:
+            raise Unavailable(self.role, command, "the server is a read-only replica") from None
         except redis.exceptions.ResponseError as e:
             if is_restricted(e):
-                raise Unavailable(self.role, command.upper(), _first_line(e)) from None
+                raise Unavailable(self.role, command, first_line(e)) from None
             raise
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-            raise UnreachableError(f"{self.role} {self.endpoint.display}: connection lost during {command.upper()} ({e})") from None
+            where = f"{self.role} {self.endpoint.display}"
+            raise UnreachableError(f"{where}: connection lost during {command} ({e})") from None
 
     def close(self) -> None:
         for c in self._by_db.values():
@@ -110,6 +119,13 @@ def _raw(client: redis.Redis, args: tuple) -> Any:
     if isinstance(reply, redis.exceptions.ResponseError):
         raise reply
     return reply
+
+
+def pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """A map reply as (key, value) pairs, whether it came as a flat RESP2 list or a parsed dict."""
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return list(zip(reply[::2], reply[1::2]))
 
 
 def text(value: Any) -> str:

@@ -16,7 +16,7 @@ from migrator.compat import acl, commands, config, dataformat, functions, identi
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
 from migrator.compat import report as report_files
-from migrator.compat.rpc import Side, Unavailable
+from migrator.compat.rpc import Side, Unavailable, first_line
 from migrator.playbook import Playbook
 
 CheckFn = Callable[[Probe], Check]
@@ -57,7 +57,7 @@ def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> 
         return Check(name, title, UNKNOWN, f"could not check: {e}",
                      f"enable {e.command} for migrator's user on the {e.role}, or {manual}", {"unavailable": str(e)})
     except redis.exceptions.ResponseError as e:
-        return Check(name, title, UNKNOWN, f"could not check: a server answered {str(e).splitlines()[0]!r}",
+        return Check(name, title, UNKNOWN, f"could not check: a server answered {first_line(e)!r}",
                      manual, {"error": str(e)})
 
 

@@ -21,6 +21,7 @@ import redis
 from migrator.compat import typecopy
 from migrator.compat.dataformat import DUMP_RESTORE, TYPE_AWARE
 from migrator.compat.probe import Probe
+from migrator.compat.rpc import first_line
 from migrator.compat.scratch import Scratch
 
 TAIL_LINES = 40
@@ -89,7 +90,7 @@ def seed(probe: Probe, scratch: Scratch, n: int) -> dict:
             _copy_key(probe.source.on_db(db), clients[db], key, method)
             copied += 1
         except (redis.exceptions.ResponseError, ValueError) as e:
-            reason = str(e).splitlines()[0]
+            reason = first_line(e)
             skipped[reason] = skipped.get(reason, 0) + 1
     for client in clients.values():
         if client is not scratch.client:
@@ -100,9 +101,13 @@ def seed(probe: Probe, scratch: Scratch, n: int) -> dict:
 def _copy_key(src: redis.Redis, dst: redis.Redis, key: bytes, method: str) -> None:
     if method == DUMP_RESTORE:
         payload, pttl = src.dump(key), int(src.pttl(key))
-        if payload is not None:
+        if payload is None:
+            return
+        try:
             dst.restore(key, max(pttl, 0), payload, replace=True)
-        return
+            return
+        except redis.exceptions.ResponseError:
+            pass  # a local scratch binary older than the target may refuse the payload: copy by type instead
     kind, value, pttl = typecopy.read(src, key)
     if kind != "none":
         typecopy.write(dst, key, kind, value, pttl)
