@@ -1,0 +1,65 @@
+"""The gates the shim provides: ``divergence`` and ``no_dirty_keys``.
+
+Registered with ``migrator.gates.gate``; the phase table names them on the steps that leave
+``mirroring`` and ``reads-on-target``.
+"""
+
+from __future__ import annotations
+
+from migrator.gates import GateContext, gate
+from migrator.phases import Phase
+from migrator.shim.dirty import list_dirty
+from migrator.shim.divergence import read_counters
+
+
+def _limit(ctx: GateContext) -> tuple[float, str] | None:
+    phase = ctx.state.phase
+    if phase == Phase.MIRRORING:
+        return ctx.playbook.steps.mirror.max_divergence_rate, "steps.mirror.max_divergence_rate"
+    if phase == Phase.READS_ON_TARGET:
+        return ctx.playbook.steps.read_cutover.max_divergence_rate, "steps.read_cutover.max_divergence_rate"
+    return None
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+@gate("divergence")
+def divergence(ctx: GateContext):
+    """Compared replies diverged no more than the step allows since the current phase began."""
+    limit = _limit(ctx)
+    counters = read_counters(ctx.store.dir, ctx.state.generation)
+    compared, divergent = counters["compared"], counters["divergent"]
+    data = {**counters, "phase": str(ctx.state.phase)}
+    if limit is None:
+        return True, f"no replies are compared in {ctx.state.phase}; nothing to check", data
+    max_rate, field_name = limit
+    data["max_rate"] = max_rate
+    if counters["shims"] == 0:
+        return False, (f"no shim has reported comparisons for {ctx.state.phase} (generation {ctx.state.generation}); "
+                       "run the shim and send traffic through it"), data
+    rate = divergent / compared if compared else 0.0
+    data["rate"] = rate
+    kinds = ", ".join(f"{k} {n}" for k, n in counters["by_kind"].items() if n)
+    ev = f"divergence rate {_pct(rate)} ({divergent:,} in {compared:,} compared)"
+    if compared == 0:
+        ev = f"no replies compared yet in {ctx.state.phase} (0 divergences)"
+    ok = rate <= max_rate
+    ev += f" {'<=' if ok else '>'} {_pct(max_rate)} ({field_name})"
+    if kinds:
+        ev += f"; by kind: {kinds}"
+    return ok, ev, data
+
+
+@gate("no_dirty_keys")
+def no_dirty_keys(ctx: GateContext):
+    """No key is waiting for repair after a write the shadow side did not apply."""
+    dirty = list_dirty(ctx.store.dir)
+    data = {"dirty_keys": len(dirty), "examples": [d.display for d in dirty[:5]]}
+    if not dirty:
+        return True, "no dirty keys", data
+    reasons = sorted({d.reason for d in dirty})
+    names = ", ".join(d.display for d in dirty[:5]) + (", ..." if len(dirty) > 5 else "")
+    return False, (f"{len(dirty):,} dirty key(s) awaiting repair ({names}); reasons: {', '.join(reasons)}; "
+                   "repair them (migrator sync --repair) before the next cutover"), data

@@ -1,0 +1,189 @@
+"""The shim's numbers: plain counters on the hot path, exported to Prometheus at scrape time.
+
+Incrementing a prometheus-client metric takes a lock per call; at hundreds of thousands of
+commands a second that is measurable, so the hot path bumps plain ints and a custom collector
+turns them into metric families when ``/metrics`` is read. Several worker processes each keep
+their own ``Stats`` and the supervisor adds their snapshots (``Stats.merge``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from migrator.shim.commands import SIDE_NAMES
+
+# Latency buckets (seconds): a local Redis answers in tens of microseconds.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Histogram:
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def quantile(self, q: float) -> float | None:
+        """An upper bound of the q-quantile from the buckets (None without observations)."""
+        if not self.count:
+            return None
+        target = q * self.count
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= target:
+                return BUCKETS[i] if i < len(BUCKETS) else float("inf")
+        return float("inf")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.sum, "count": self.count}
+
+    def add(self, other: dict[str, Any]) -> None:
+        for i, c in enumerate(other.get("counts", [])):
+            if i < len(self.counts):
+                self.counts[i] += c
+        self.sum += other.get("sum", 0.0)
+        self.count += other.get("count", 0)
+
+
+class Stats:
+    """Everything ``/metrics`` and ``/status`` report for one shim process."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.commands: Counter = Counter()  # (class, side name) -> n
+        self.latency = [Histogram(), Histogram()]  # per side
+        self.divergences: Counter = Counter()  # kind -> n
+        self.compared = 0
+        self.dirty_marked: Counter = Counter()  # reason -> n
+        self.unknown: Counter = Counter()  # (side name, command) -> n
+        self.shadow_failures: Counter = Counter()  # (side name, reason) -> n
+        self.refused: Counter = Counter()  # reason -> n (unsupported commands, auth, limits)
+        self.connections = 0
+        self.connections_total = 0
+        self.mirror_queue = 0
+        self.dirty_keys = 0
+        self.script_heals = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "commands": [[c, s, n] for (c, s), n in self.commands.items()],
+            "latency": [h.to_json() for h in self.latency],
+            "divergences": dict(self.divergences),
+            "compared": self.compared,
+            "dirty_marked": dict(self.dirty_marked),
+            "unknown": [[s, c, n] for (s, c), n in self.unknown.items()],
+            "shadow_failures": [[s, r, n] for (s, r), n in self.shadow_failures.items()],
+            "refused": dict(self.refused),
+            "connections": self.connections,
+            "connections_total": self.connections_total,
+            "mirror_queue": self.mirror_queue,
+            "dirty_keys": self.dirty_keys,
+            "script_heals": self.script_heals,
+        }
+
+    @classmethod
+    def merge(cls, snapshots: Iterable[dict[str, Any]]) -> Stats:
+        """The sum of several processes' snapshots (gauges add up too: they are per process)."""
+        out = cls()
+        for s in snapshots:
+            out.started = min(out.started, s.get("started", out.started))
+            for c, side, n in s.get("commands", []):
+                out.commands[(c, side)] += n
+            for i, h in enumerate(s.get("latency", [])[:2]):
+                out.latency[i].add(h)
+            out.divergences.update(s.get("divergences", {}))
+            out.compared += s.get("compared", 0)
+            out.dirty_marked.update(s.get("dirty_marked", {}))
+            for side, c, n in s.get("unknown", []):
+                out.unknown[(side, c)] += n
+            for side, r, n in s.get("shadow_failures", []):
+                out.shadow_failures[(side, r)] += n
+            out.refused.update(s.get("refused", {}))
+            for g in ("connections", "connections_total", "mirror_queue", "script_heals"):
+                setattr(out, g, getattr(out, g) + s.get(g, 0))
+            out.dirty_keys = max(out.dirty_keys, s.get("dirty_keys", 0))  # shared state, not per process
+        return out
+
+
+class StatsCollector:
+    """A prometheus-client collector reading ``get_stats()`` at scrape time."""
+
+    def __init__(self, get_stats, get_extra=dict) -> None:
+        self.get_stats = get_stats
+        self.get_extra = get_extra
+
+    def collect(self):
+        st: Stats = self.get_stats()
+        extra = self.get_extra()
+        c = CounterMetricFamily("migrator_shim_commands", "Commands forwarded, by class and side", labels=["class", "side"])
+        for (cls, side), n in sorted(st.commands.items()):
+            c.add_metric([cls, side], n)
+        yield c
+        h = HistogramMetricFamily("migrator_shim_latency_seconds", "Time from sending a command to its reply, per side",
+                                  labels=["side"])
+        for i, hist in enumerate(st.latency):
+            buckets, acc = [], 0
+            for bound, n in zip(BUCKETS, hist.counts):
+                acc += n
+                buckets.append((repr(bound), acc))
+            buckets.append(("+Inf", hist.count))
+            h.add_metric([SIDE_NAMES[i]], buckets, hist.sum)
+        yield h
+        d = CounterMetricFamily("migrator_shim_divergences", "Compared replies that differed, by kind", labels=["kind"])
+        for kind, n in sorted(st.divergences.items()):
+            d.add_metric([kind], n)
+        yield d
+        yield CounterMetricFamily("migrator_shim_compared", "Replies compared between the two sides", value=st.compared)
+        dm = CounterMetricFamily("migrator_shim_dirty_marks", "Writes the shadow side did not apply, by reason", labels=["reason"])
+        for reason, n in sorted(st.dirty_marked.items()):
+            dm.add_metric([reason], n)
+        yield dm
+        yield GaugeMetricFamily("migrator_shim_dirty_keys", "Keys currently dirty (awaiting repair)", value=st.dirty_keys)
+        u = CounterMetricFamily("migrator_shim_unknown_commands", "Commands a side does not know", labels=["side", "command"])
+        for (side, cmd), n in sorted(st.unknown.items()):
+            u.add_metric([side, cmd], n)
+        yield u
+        f = CounterMetricFamily("migrator_shim_shadow_failures", "Shadow-side failures, by side and reason", labels=["side", "reason"])
+        for (side, reason), n in sorted(st.shadow_failures.items()):
+            f.add_metric([side, reason], n)
+        yield f
+        r = CounterMetricFamily("migrator_shim_refused", "Commands or clients refused by the shim", labels=["reason"])
+        for reason, n in sorted(st.refused.items()):
+            r.add_metric([reason], n)
+        yield r
+        yield GaugeMetricFamily("migrator_shim_mirror_queue_depth", "Commands sent to the shadow side awaiting its reply",
+                                value=st.mirror_queue)
+        yield GaugeMetricFamily("migrator_shim_connections", "Client connections open", value=st.connections)
+        yield CounterMetricFamily("migrator_shim_connections_accepted", "Client connections accepted",
+                                  value=st.connections_total)
+        yield CounterMetricFamily("migrator_shim_script_heals", "Scripts loaded on the shadow side before an EVALSHA",
+                                  value=st.script_heals)
+        g = GaugeMetricFamily("migrator_shim_applied_generation", "Phase generation the shim applies", labels=["phase"])
+        if "phase" in extra:
+            g.add_metric([extra["phase"]], extra.get("generation", 0))
+        yield g
+
+
+def render(get_stats, get_extra=dict) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(get_stats, get_extra))
+    return generate_latest(registry)

@@ -1,0 +1,93 @@
+"""Where a command goes in each phase: a pure function of (phase, command class), as a table.
+
+Two roles per phase: the side that answers reads (R) and the side that answers writes (W).
+The other side, when the phase uses both, is the *shadow*: it receives writes (so it stays in
+step) and, for comparison, reads. The shim's session interprets a ``Plan``; it decides nothing
+about routing itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from migrator.phases import Phase
+from migrator.shim.commands import SOURCE, TARGET, Cls
+
+SHIM = -1  # "answered by the shim itself"
+
+
+@dataclass(frozen=True)
+class Plan:
+    answer: int  # SOURCE, TARGET or SHIM: whose reply the client gets
+    shadow: int | None = None  # the other side that also receives the command, if any
+    compare: bool = False  # compare the shadow's reply with the answer
+    sampled: bool = False  # shadow + comparison only for the ``shim.compare_reads`` fraction
+    sequential: bool = False  # the shadow gets it only after the answer side replied
+    wait_shadow: bool = False  # the client's reply waits until the shadow applied it too
+    fallback: bool = False  # if the answer side is unavailable, the shadow's reply answers
+    effect: bool = False  # the shadow gets the command's effect, computed from the answer
+
+    def sides(self) -> tuple[int, ...]:
+        return (self.answer,) if self.shadow is None else (self.answer, self.shadow)
+
+
+@dataclass(frozen=True)
+class Roles:
+    reads: int  # R
+    writes: int  # W
+    write_shadow: int | None  # where writes are also applied
+    read_shadow: int | None  # where reads are also sent, to compare
+    sequential_writes: bool  # writes: W first, then the shadow, acknowledged after both
+    both_connected: bool  # the phase uses both sides (connection state goes to both)
+
+
+ROLES: dict[Phase, Roles] = {
+    Phase.PLANNED: Roles(SOURCE, SOURCE, None, None, False, False),
+    Phase.COMPATIBLE: Roles(SOURCE, SOURCE, None, None, False, False),
+    Phase.MIRRORING: Roles(SOURCE, SOURCE, TARGET, TARGET, False, True),
+    Phase.READS_ON_TARGET: Roles(TARGET, SOURCE, TARGET, SOURCE, True, True),
+    Phase.WRITES_ON_TARGET: Roles(TARGET, TARGET, SOURCE, None, False, True),
+    Phase.COMPLETED: Roles(TARGET, TARGET, None, None, False, False),
+}
+
+
+def route(phase: Phase, cls: Cls) -> Plan:
+    """The plan for a command of class ``cls`` while ``phase`` is applied."""
+    r = ROLES[phase]
+    seq = r.sequential_writes
+    if cls is Cls.READ:
+        return Plan(r.reads, r.read_shadow, compare=r.read_shadow is not None, sampled=r.read_shadow is not None,
+                    fallback=r.read_shadow is not None)
+    if cls in (Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN):
+        return Plan(r.writes, r.write_shadow, compare=r.write_shadow is not None, sequential=seq and r.write_shadow is not None,
+                    wait_shadow=seq and r.write_shadow is not None)
+    if cls is Cls.BLOCKING:
+        # Blocks only on the answering side; the shadow gets the effect of what it returned,
+        # so it necessarily comes after the answer.
+        has = r.write_shadow is not None
+        return Plan(r.writes, r.write_shadow, sequential=has, wait_shadow=seq and has, effect=has)
+    if cls is Cls.TX:
+        # A transaction runs whole on the write side; the shadow gets it (as a transaction,
+        # with non-deterministic commands replaced by their effects) once EXEC has answered.
+        has = r.write_shadow is not None
+        return Plan(r.writes, r.write_shadow, compare=has, sequential=has, wait_shadow=seq and has, effect=has)
+    if cls is Cls.CONNECTION:
+        return Plan(r.writes, (1 - r.writes) if r.both_connected else None)
+    if cls is Cls.PUBLISH:
+        return Plan(r.writes, (1 - r.writes) if r.both_connected else None)
+    if cls in (Cls.BLOCKING_READ, Cls.SUBSCRIBE):
+        return Plan(r.reads)
+    if cls in (Cls.ADMIN, Cls.UNKNOWN):
+        return Plan(r.writes)
+    if cls in (Cls.LOCAL, Cls.UNSUPPORTED):
+        return Plan(SHIM)
+    raise ValueError(f"no route for class {cls!r}")  # pragma: no cover - every class is listed above
+
+
+ROUTES: dict[Phase, dict[Cls, Plan]] = {p: {c: route(p, c) for c in Cls} for p in Phase}
+
+
+def publish_reaches(phase: Phase) -> frozenset[int]:
+    """The sides a PUBLISH through the shim reaches: subscribers elsewhere must move."""
+    plan = ROUTES[phase][Cls.PUBLISH]
+    return frozenset(plan.sides())

@@ -1,0 +1,656 @@
+"""The shim's sockets: the client listener, upstream connections, admin endpoint, timers.
+
+Everything that touches the network or the clock's timers is here; what to do with bytes is in
+``session`` (per connection) and the pure modules it uses. One ``Shim`` runs on one asyncio
+loop (uvloop when installed). Background tasks:
+
+- every ``POLL_INTERVAL``: re-read ``state.json`` when its mtime changes and apply a new phase;
+  once the commands issued under the old generation have finished (bounded wait), publish the
+  new generation through ``migrator.registry`` — that is the acknowledgement ``advance`` and
+  ``rollback`` wait for;
+- every ``registry.HEARTBEAT``: heartbeat record, divergence counters, dirty marks (written off
+  the loop, in a thread);
+- every few milliseconds: shadow timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+import redis
+
+from migrator import registry
+from migrator.connect import client_kwargs, ssl_context
+from migrator.errors import UnreachableError, UsageError
+from migrator.logs import get_logger
+from migrator.phases import Phase
+from migrator.playbook import Playbook, split_hostport
+from migrator.shim import admin as admin_http
+from migrator.shim import metrics
+from migrator.shim.commands import (
+    SIDE_NAMES,
+    SOURCE,
+    TARGET,
+    CommandTable,
+    parse_command_reply,
+)
+from migrator.shim.dirty import DirtyRecorder
+from migrator.shim.divergence import DivergenceRecorder
+from migrator.shim.routing import ROUTES
+from migrator.shim.session import Session, sha1_hex
+from migrator.state import StateError, StateStore, iso, now
+
+POLL_INTERVAL = 0.1  # seconds between checks of state.json (the spec allows up to 1 s)
+TABLE_RETRY = 5.0  # seconds between attempts to read a side's COMMAND table that was down
+MAX_BACKOFF = 5.0
+DRAIN_TIMEOUT = 10.0  # seconds SIGTERM waits for in-flight commands
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection; hands its bytes to a Session."""
+
+    def __init__(self, shim: Shim) -> None:
+        self.shim = shim
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.peer = ""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if self.shim.stopping:
+            transport.close()
+            return
+        self.session = Session(self.shim, self)
+        self.shim.session_opened(self.session)
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.on_client_data(data)
+
+    def connection_lost(self, exc) -> None:
+        if self.session is not None:
+            self.session.on_client_lost()
+
+    # The Session's view of its client.
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered first
+
+    def buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing() and not self.shim.stopping:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    def __init__(self, session: Session, side: int) -> None:
+        self.session = session
+        self.side = side
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.session.on_upstream_data(self.side, data)
+
+    def connection_lost(self, exc) -> None:
+        reason = f"connection lost ({exc})" if exc else "connection closed by server"
+        self.session.on_upstream_lost(self.side, self.transport, reason)
+
+    def resume_writing(self) -> None:
+        self.session.client.resume_reading()
+
+
+class SideHealth:
+    """Reconnection backoff for one side, shared by every session."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.retry_at = 0.0
+        self.last_reason = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": "down" if self.failures else "up", "failures": self.failures, "last_error": self.last_reason or None}
+
+
+def _tls_server_context(cfg) -> ssl.SSLContext | None:
+    tls = cfg.tls
+    if tls is None:
+        return None
+    if not tls.cert_file or not tls.key_file:
+        raise UsageError("shim.tls needs cert_file and key_file to serve TLS to clients")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file:  # client certificates, when a CA to check them is given
+        ctx.load_verify_locations(str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.verify else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def load_command_table(ep) -> dict:
+    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop)."""
+    kw = client_kwargs(ep)
+    kw["socket_timeout"] = max(kw.get("socket_timeout") or 0, 10)
+    client = redis.Redis(**kw)
+    try:
+        conn = client.connection_pool.get_connection()
+        try:
+            conn.send_command("COMMAND")
+            reply = conn.read_response()
+        finally:
+            client.connection_pool.release(conn)
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise UnreachableError(f"{ep.display}: cannot read COMMAND ({e})") from None
+    finally:
+        client.close()
+    return parse_command_reply(reply)
+
+
+class Shim:
+    """One shim process (or worker): listener, sessions, phase, counters."""
+
+    def __init__(self, playbook: Playbook, *, listen: str | None = None, admin: str | None = None,
+                 shim_id: str | None = None, reuse_port: bool = False, worker: int | None = None) -> None:
+        self.playbook = playbook
+        self.cfg = playbook.shim
+        self.listen = listen or self.cfg.listen
+        self.admin_addr = self.cfg.admin if admin is None else admin
+        self.reuse_port = reuse_port
+        self.worker = worker
+        self.endpoints = (playbook.source, playbook.target)
+        self.state_dir = playbook.state_path
+        self.store = StateStore(self.state_dir, playbook.name)
+        host, port = split_hostport(self.listen)
+        self.id = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}" + (f"-w{worker}" if worker is not None else "")
+        pw = self.cfg.client_password
+        self.password: bytes | None = pw.encode() if pw else None
+        self.shadow_timeout = self.cfg.shadow_timeout.total_seconds()
+        self.ttl_tolerance_ms = int(playbook.check.ttl_tolerance.total_seconds() * 1000)
+        self.stats = metrics.Stats()
+        self.dirty = DirtyRecorder(self.state_dir, self.id)
+        self.divergence = DivergenceRecorder(self.state_dir, self.id, self.cfg.log_values)
+        self.table = CommandTable(None, None)
+        self.phase = Phase.PLANNED
+        self.generation = -1
+        self.routes = ROUTES[self.phase]
+        self.applied_generation = -1
+        self.applied_phase = self.phase
+        self._ack: tuple[int, float] | None = None  # (generation, deadline) awaiting the drain
+        self.sessions: set[Session] = set()
+        self.outstanding: dict[int, int] = {}
+        self.mirror_depth = 0
+        self.health = (SideHealth(), SideHealth())
+        self.script_bodies: dict[bytes, bytes] = {}
+        self.scripts_loaded: tuple[set[bytes], set[bytes]] = (set(), set())
+        self._warned: set[tuple[str, int, bytes]] = set()
+        self._sample_acc = 0.0
+        self.log = get_logger("migrator.shim", shim=self.id)
+        self.started_at = iso(now())
+        self.stopping = False
+        self.ssl_contexts = (ssl_context(playbook.source), ssl_context(playbook.target))
+        self._server: asyncio.AbstractServer | None = None
+        self._admin: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopped: asyncio.Event | None = None
+        self._state_sig: tuple | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.extra_stats = None  # a supervisor's function adding its workers' numbers
+
+    # --- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        for side in (SOURCE, TARGET):
+            await self._load_table(side)
+        for side in (SOURCE, TARGET):
+            missing = self.table.unknown_to(side)
+            if missing:
+                self.log.warning("shim.commands_unknown", side=SIDE_NAMES[side], count=len(missing),
+                                 commands=sorted(m.decode() for m in missing)[:50])
+        self._apply_state(self._read_state(force=True), initial=True)
+        host, port = split_hostport(self.listen)
+        self._server = await self.loop.create_server(
+            lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,
+            reuse_port=self.reuse_port or None, reuse_address=True)
+        self.address = self._server.sockets[0].getsockname()[:2]
+        if self.admin_addr:
+            ahost, aport = split_hostport(self.admin_addr)
+            self._admin = await admin_http.start(ahost, aport, {
+                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(self.metrics_stats, self._extra)),
+                "/status": admin_http.json_route(self.status),
+            })
+            self.admin_address = self._admin.sockets[0].getsockname()[:2]
+        await self._publish()
+        for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+        self.log.info("shim.started", listen=self.listen, admin=self.admin_addr, phase=str(self.phase),
+                      generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display)
+
+    async def _load_table(self, side: int) -> bool:
+        try:
+            table = await self.loop.run_in_executor(None, load_command_table, self.endpoints[side])
+        except UnreachableError as e:
+            self.log.warning("shim.command_table_unavailable", side=SIDE_NAMES[side], error=str(e))
+            return False
+        self.table.set_table(side, table)
+        return True
+
+    async def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:
+        """Stop accepting, let in-flight commands finish on both sides, then close everything."""
+        if self.stopping:
+            await self._stopped.wait()
+            return
+        self.stopping = True
+        self.log.info("shim.stopping", connections=len(self.sessions))
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions):
+            s.client.pause_reading()
+        deadline = time.monotonic() + drain_timeout
+        while any(not s.drained() for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for s in list(self.sessions):
+            s.close("shim stopping")
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._admin is not None:
+            self._admin.close()
+        await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), None)
+        registry.remove(self.state_dir, self.id)
+        self.log.info("shim.stopped", commands=sum(self.stats.commands.values()))
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # --- phase ---------------------------------------------------------------------------
+    def _read_state(self, force: bool = False):
+        path = self.store.state_path
+        try:
+            st = path.stat()
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            sig = None
+        if not force and sig == self._state_sig:
+            return None
+        try:
+            state = self.store.load()
+        except StateError as e:
+            self.log.error("shim.state_unreadable", error=str(e))
+            return None
+        self._state_sig = sig
+        return state
+
+    def _apply_state(self, state, initial: bool = False) -> None:
+        if state is None or (state.generation == self.generation and state.phase == self.phase):
+            return
+        old = self.phase
+        self.phase = state.phase
+        self.generation = state.generation
+        self.routes = ROUTES[self.phase]
+        self.divergence.start_generation(self.generation, self.phase.value)
+        for s in list(self.sessions):
+            s.on_phase(self.phase)
+        if initial:
+            self.applied_generation, self.applied_phase = self.generation, self.phase
+            return
+        self.log.info("shim.phase_changed", from_phase=str(old), to_phase=str(self.phase), generation=self.generation)
+        # Commands issued under the old phase finish before the acknowledgement, so "acked"
+        # means nothing is still in flight under the old routing. Bounded: a shadow that does
+        # not answer is cut off after shadow_timeout anyway.
+        bound = min(max(1.0, 2 * self.shadow_timeout), self.cfg.ack_timeout.total_seconds() / 2)
+        self._ack = (self.generation, time.monotonic() + bound)
+
+    def _old_outstanding(self, generation: int) -> int:
+        return sum(n for g, n in self.outstanding.items() if g < generation)
+
+    async def _poll_loop(self) -> None:
+        next_table_retry = time.monotonic() + TABLE_RETRY
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                self._apply_state(self._read_state())
+                if self._ack is not None:
+                    gen, deadline = self._ack
+                    left = self._old_outstanding(gen)
+                    if gen != self.generation:
+                        self._ack = None
+                    elif left == 0 or time.monotonic() >= deadline:
+                        if left:
+                            self.log.warning("shim.ack_before_drain", generation=gen, in_flight=left)
+                        self._ack = None
+                        self.applied_generation, self.applied_phase = gen, self.phase
+                        await self._publish()
+                        self.log.info("shim.phase_applied", phase=str(self.phase), generation=gen)
+                if time.monotonic() >= next_table_retry:
+                    next_table_retry = time.monotonic() + TABLE_RETRY
+                    for side in (SOURCE, TARGET):
+                        if not self.table.loaded(side) and await self._load_table(side):
+                            self.log.info("shim.command_table_loaded", side=SIDE_NAMES[side])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the poller must survive anything transient
+                self.log.error("shim.poll_failed", error=f"{type(e).__name__}: {e}")
+
+    def _record(self) -> registry.ShimRecord:
+        return registry.ShimRecord(
+            id=self.id, pid=os.getpid(), host=socket.gethostname(), listen=self.listen, admin=self.admin_addr or "",
+            started_at=self.started_at, heartbeat_at=self.started_at, applied_phase=str(self.applied_phase),
+            applied_generation=self.applied_generation, counters=self.counters())
+
+    def _persist(self, div, dirty_lines, record) -> None:
+        """Blocking writes, on a worker thread."""
+        self.divergence.write(div)
+        self.dirty.write(dirty_lines)
+        if record is not None:
+            registry.write(self.state_dir, record)
+
+    async def _publish(self) -> None:
+        await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), self._record())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(registry.HEARTBEAT)
+            try:
+                self.dirty.refresh()
+                await self._publish()
+                self.stats.dirty_keys = len(self.dirty.keys)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.log.error("shim.heartbeat_failed", error=f"{type(e).__name__}: {e}")
+
+    async def _sweep_loop(self) -> None:
+        interval = max(0.005, min(0.05, self.shadow_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            t = time.monotonic()
+            for s in list(self.sessions):
+                try:
+                    s.check_timeouts(t)
+                except Exception as e:  # noqa: BLE001 - one broken session must not stop the sweep
+                    self.log.error("shim.session_error", error=f"{type(e).__name__}: {e}", peer=s.client.peer)
+                    s.close("internal error")
+
+    # --- what sessions call --------------------------------------------------------------
+    def session_opened(self, s: Session) -> None:
+        self.sessions.add(s)
+        self.stats.connections = len(self.sessions)
+        self.stats.connections_total += 1
+
+    def session_closed(self, s: Session, reason: str) -> None:
+        self.sessions.discard(s)
+        self.stats.connections = len(self.sessions)
+
+    def entry_finished(self, gen: int) -> None:
+        n = self.outstanding.get(gen, 0) - 1
+        if n <= 0:
+            self.outstanding.pop(gen, None)
+        else:
+            self.outstanding[gen] = n
+
+    def sample(self) -> bool:
+        """Deterministic sampling of ``shim.compare_reads``: exactly that fraction, evenly spread."""
+        p = self.cfg.compare_reads
+        if p >= 1.0:
+            return True
+        self._sample_acc += p
+        if self._sample_acc >= 1.0:
+            self._sample_acc -= 1.0
+            return True
+        return False
+
+    def open_upstream(self, session: Session, side: int, attempt: int) -> None:
+        asyncio.ensure_future(self._connect(session, side, attempt))
+
+    async def _connect(self, session: Session, side: int, attempt: int) -> None:
+        ep = self.endpoints[side]
+        ctx = self.ssl_contexts[side]
+        try:
+            transport, _ = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamProtocol(session, side), ep.host, ep.port, ssl=ctx,
+                                            server_hostname=(ep.tls.server_name if ep.tls and ep.tls.server_name else ep.host) if ctx else None),
+                timeout=ep.connect_timeout.total_seconds())
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            session.on_upstream_failed(side, f"cannot connect to {ep.display}: {e or type(e).__name__}", attempt)
+            return
+        if not session.on_upstream_connected(side, transport, attempt):
+            transport.close()
+
+    def side_failed(self, side: int, reason: str) -> None:
+        h = self.health[side]
+        t = time.monotonic()
+        if t < h.retry_at:
+            return  # already known down; this failure is the same outage
+        h.failures += 1
+        h.last_reason = reason
+        h.retry_at = t + min(0.1 * 2 ** (h.failures - 1), MAX_BACKOFF)
+        if h.failures == 1:
+            self.log.warning("shim.side_down", side=SIDE_NAMES[side], reason=reason)
+
+    def side_ok(self, side: int) -> None:
+        h = self.health[side]
+        if h.failures:
+            self.log.info("shim.side_up", side=SIDE_NAMES[side], after_failures=h.failures)
+        h.failures = 0
+        h.retry_at = 0.0
+
+    def may_retry(self, side: int) -> bool:
+        return time.monotonic() >= self.health[side].retry_at
+
+    def warn_unknown(self, side: int, name: bytes) -> None:
+        key = ("unknown", side, name)
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warning("shim.command_unknown", side=SIDE_NAMES[side], command=name.decode(errors="replace").upper())
+
+    def warn_noscript(self, side: int, sha: bytes) -> None:
+        key = ("noscript", side, sha)
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log.warning("shim.noscript_not_healed", side=SIDE_NAMES[side], sha=sha.decode(errors="replace"),
+                             hint="the shim never saw this script's body; its keys are marked dirty")
+
+    def note_script(self, args: list[bytes], name: bytes) -> None:
+        """Remember script bodies the clients send, to heal a NOSCRIPT on the other side."""
+        if name == b"eval" and len(args) > 1:
+            self.script_bodies[sha1_hex(args[1])] = args[1]
+        elif name == b"script" and len(args) > 2 and args[1].lower() == b"load":
+            self.script_bodies[sha1_hex(args[2])] = args[2]
+
+    def script_result(self, side: int, args: list[bytes], name: bytes, raw: bytes) -> None:
+        if raw[:1] == b"-":
+            return
+        if name == b"eval" and len(args) > 1:
+            self.scripts_loaded[side].add(sha1_hex(args[1]))
+        elif name == b"evalsha" and len(args) > 1:
+            self.scripts_loaded[side].add(args[1].lower())
+        elif name == b"script" and len(args) > 1:
+            sub = args[1].lower()
+            if sub == b"load" and len(args) > 2:
+                self.scripts_loaded[side].add(sha1_hex(args[2]))
+            elif sub == b"flush":
+                self.scripts_loaded[side].clear()
+
+    # --- reporting -----------------------------------------------------------------------
+    def metrics_stats(self) -> metrics.Stats:
+        self.stats.mirror_queue = self.mirror_depth
+        self.stats.dirty_keys = len(self.dirty.keys)
+        if self.extra_stats is not None:
+            return metrics.Stats.merge([self.stats.snapshot(), *self.extra_stats()])
+        return self.stats
+
+    def _extra(self) -> dict[str, Any]:
+        return {"phase": str(self.applied_phase), "generation": self.applied_generation}
+
+    def counters(self) -> dict[str, Any]:
+        st = self.stats
+        return {
+            "commands": sum(st.commands.values()),
+            "compared": st.compared,
+            "divergences": sum(st.divergences.values()),
+            "dirty_marked": sum(st.dirty_marked.values()),
+            "connections": len(self.sessions),
+            "mirror_queue": self.mirror_depth,
+        }
+
+    def status(self) -> dict[str, Any]:
+        st = self.metrics_stats()
+        lat = {SIDE_NAMES[i]: {"count": h.count, "p50_le_s": h.quantile(0.5), "p99_le_s": h.quantile(0.99)}
+               for i, h in enumerate(st.latency)}
+        return {
+            "id": self.id,
+            "pid": os.getpid(),
+            "listen": self.listen,
+            "admin": self.admin_addr,
+            "phase": str(self.phase),
+            "generation": self.generation,
+            "applied_phase": str(self.applied_phase),
+            "applied_generation": self.applied_generation,
+            "uptime_s": round(time.time() - self.stats.started, 3),
+            "connections": st.connections,
+            "commands": {f"{c}/{s}": n for (c, s), n in sorted(st.commands.items())},
+            "compared": st.compared,
+            "divergences": dict(st.divergences),
+            "dirty_keys": st.dirty_keys,
+            "dirty_marked": dict(st.dirty_marked),
+            "mirror_queue": st.mirror_queue,
+            "unknown_commands": {f"{s}:{c}": n for (s, c), n in sorted(st.unknown.items())},
+            "shadow_failures": {f"{s}:{r}": n for (s, r), n in sorted(st.shadow_failures.items())},
+            "refused": dict(st.refused),
+            "latency": lat,
+            "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
+                                      "command_table": self.table.loaded(i)} for i in (SOURCE, TARGET)},
+        }
+
+
+# --- running it ----------------------------------------------------------------------------
+
+
+def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = None, shim_id: str | None = None,
+        reuse_port: bool = False, worker: int | None = None, ready=None) -> int:
+    """Run a shim until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    shim = Shim(playbook, listen=listen, admin=admin, shim_id=shim_id, reuse_port=reuse_port, worker=worker)
+
+    async def main() -> None:
+        await shim.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shim.stop()))
+        if ready is not None:
+            ready(shim)
+        await shim.wait_stopped()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return 0
+
+
+class ShimThread:
+    """A shim on its own event loop in a background thread: for tests and embedding.
+
+    ``with ShimThread(playbook) as shim: ...`` starts it (waiting until it listens and has
+    published its record) and stops it cleanly on exit.
+    """
+
+    def __init__(self, playbook: Playbook, **kw: Any) -> None:
+        self.playbook = playbook
+        self.kw = kw
+        self.shim: Shim | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 30.0) -> ShimThread:
+        self._thread = threading.Thread(target=self._run, name="migrator-shim", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("shim did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        self.loop = _new_loop()
+        asyncio.set_event_loop(self.loop)
+        self.shim = Shim(self.playbook, **self.kw)
+        try:
+            self.loop.run_until_complete(self.shim.start())
+        except BaseException as e:  # noqa: BLE001 - handed to the starting thread
+            self._error = e
+            self._ready.set()
+            self.loop.close()
+            return
+        self._ready.set()
+        try:
+            self.loop.run_until_complete(self.shim.wait_stopped())
+        finally:
+            self.loop.close()
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the shim's loop and return its result (for inspection)."""
+        async def wrapper():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None or self.loop is None or self.loop.is_closed():
+            return
+        if self.shim is not None and self._error is None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(self.shim.stop(), self.loop).result(timeout)
+        self._thread.join(timeout)
+
+    @property
+    def port(self) -> int:
+        return self.shim.address[1]
+
+    @property
+    def admin_port(self) -> int | None:
+        return self.shim.admin_address[1] if self.shim.admin_address else None
+
+    def __enter__(self) -> ShimThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

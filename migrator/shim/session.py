@@ -1,0 +1,837 @@
+"""One client connection: its commands, its two upstream connections, and the order of replies.
+
+No sockets here: the session is handed bytes (``on_client_data``, ``on_upstream_data``) and
+writes through the objects the socket layer gives it (``ClientLink.write``, an upstream
+transport's ``write``). What it does with them:
+
+- Each client command becomes an ``Entry``, routed by ``routing.ROUTES[phase][class]``. The
+  entry sits in the client's in-order queue (``inflight``) and in the queue of each side it goes
+  to. Each side's connection answers in order, so its replies are matched to the head of its
+  queue; the client gets the answering side's raw reply bytes in its own command order, which
+  keeps pipelining intact (no per-command round trip).
+- A side's payload may be *deferred* until the answering side replied (an effect, or "source
+  first, then target"); a deferred payload holds back that side's later commands, so the order
+  of commands on each side is always the client's order.
+- The shadow side never makes a client wait longer than ``shim.shadow_timeout``: on a timeout or
+  a lost connection its pending writes are recorded as dirty and the connection is reset.
+- Connection state (database, protocol, client name, READONLY) is tracked and replayed on any
+  upstream connection opened later, before the commands that follow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from migrator.shim import compare as cmp
+from migrator.shim import effects
+from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Classified, Cls
+from migrator.shim.resp import (
+    OK,
+    Framer,
+    ProtocolError,
+    RequestParser,
+    encode,
+    error_reply,
+    is_error,
+    is_push,
+    parse,
+)
+from migrator.shim.routing import SHIM, Plan, publish_reaches
+
+if TYPE_CHECKING:  # pragma: no cover
+    from migrator.shim.server import Shim
+
+DEFERRED = object()  # the shadow's payload is computed when the answer arrives
+NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
+
+IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
+_WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
+_TX_PLAN_CACHE: dict = {}
+CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
+
+
+class Entry:
+    """One command (or one internal command of the shim) on its way through the shim."""
+
+    __slots__ = (
+        "answer",
+        "args",
+        "c",
+        "close_after",
+        "cls",
+        "compare",
+        "db",
+        "done",
+        "effect",
+        "exp",
+        "fallback",
+        "gen",
+        "heal_sha",
+        "internal",
+        "local",
+        "name",
+        "payload",
+        "pending",
+        "rep",
+        "shadow",
+        "shadow_raw",
+        "stream",
+        "ts",
+        "tx",
+        "txcmp",
+        "wait_shadow",
+        "write",
+    )
+
+    def __init__(self, args: list[bytes], name: bytes, c: Classified | None, gen: int) -> None:
+        self.args = args
+        self.name = name
+        self.c = c
+        self.cls = c.cls if c is not None else Cls.LOCAL
+        self.gen = gen
+        self.answer = SHIM
+        self.shadow: int | None = None
+        self.payload: list[Any] = [None, None]
+        self.exp = [1, 1]
+        self.rep: list[Any] = [None, None]
+        self.pending = 0
+        self.done = [False, False]
+        self.wait_shadow = False
+        self.compare = False
+        self.db = 0
+        self.ts = [0.0, 0.0]
+        self.internal = False
+        self.local: bytes | None = None
+        self.close_after = False
+        self.effect = False
+        self.tx: list[list[bytes]] | None = None
+        self.shadow_raw: bytes | None = None
+        self.fallback = False
+        self.stream = False
+        self.write = self.cls in _WRITE_LIKE
+        self.heal_sha: bytes | None = None
+        self.txcmp: tuple[list[bytes], list[tuple[int, int]]] | None = None
+
+
+class Upstream:
+    """A session's connection to one side."""
+
+    __slots__ = ("attempt", "connect_started", "framer", "out", "side", "state", "transport", "wait")
+
+    def __init__(self, side: int) -> None:
+        self.side = side
+        self.state = IDLE
+        self.transport = None
+        self.out: deque[Entry] = deque()  # routed, not sent yet (connecting, or behind a deferred one)
+        self.wait: deque[Entry] = deque()  # sent, awaiting replies
+        self.framer = Framer()
+        self.connect_started = 0.0
+        self.attempt = 0
+
+
+class Session:
+    def __init__(self, shim: Shim, client) -> None:
+        self.shim = shim
+        self.client = client
+        self.parser = RequestParser(shim.cfg.max_request_bytes)
+        self.inflight: deque[Entry] = deque()
+        self.up = [Upstream(SOURCE), Upstream(TARGET)]
+        self.db: int | None = None  # None: each endpoint's own database
+        self.proto = 2
+        self.name: bytes | None = None
+        self.readonly = False
+        self.authed = shim.password is None
+        self.tx: list[list[bytes]] | None = None
+        self.tx_plan: Plan | None = None
+        self.tx_gen = 0
+        self.pipe: int | None = None  # the side this (subscribed) connection streams from
+        self.backlog: list[bytes] = []
+        self.out: list[bytes] = []
+        self.pending_count = 0
+        self.closed = False
+        self.client_gone = 0.0  # when the client disconnected (0: connected)
+
+    # --- client side ---------------------------------------------------------------------
+    def on_client_data(self, data: bytes) -> None:
+        if self.closed or self.client_gone:
+            return
+        try:
+            commands = self.parser.feed(data)
+        except ProtocolError as e:
+            self.shim.stats.refused["protocol-error"] += 1
+            self.shim.log.warning("shim.client_protocol_error", peer=self.client.peer, error=str(e))
+            self._flush_client()
+            self.client.write(error_reply(f"ERR Protocol error: {e}"))
+            self.close("protocol error")
+            return
+        for args in commands:
+            self.handle(args)
+            if self.closed:
+                return
+        self._pump(SOURCE)
+        self._pump(TARGET)
+        self._flush_client()
+
+    def on_client_lost(self) -> None:
+        if self.closed:
+            return
+        self.client_gone = time.monotonic()
+        if not self.pending_count:
+            self.close("client closed")
+
+    def handle(self, args: list[bytes]) -> None:
+        shim = self.shim
+        name = args[0].lower()
+        c = shim.table.classify(args)
+        cls = c.cls
+        if not self.authed and name not in (b"auth", b"hello", b"quit"):
+            self._local(args, c, b"-NOAUTH Authentication required.\r\n")
+            return
+        if cls is Cls.LOCAL:
+            self._handle_local(args, name, c)
+            return
+        if cls is Cls.UNSUPPORTED:
+            shim.stats.refused[f"unsupported:{name.decode(errors='replace')}"] += 1
+            self._local(args, c, error_reply(
+                f"ERR migrator shim: {name.decode(errors='replace').upper()}"
+                f"{' ' + args[1].decode(errors='replace').upper() if len(args) > 1 and name == b'client' else ''}"
+                " is not supported through the shim during a migration; connect to the server directly"))
+            return
+        if self.pipe is not None:
+            self._pipe_command(args, name, c)
+            return
+        if cls is Cls.CONNECTION:
+            self._handle_connection(args, name, c)
+            return
+        if cls is Cls.TX:
+            self._handle_tx(args, name, c)
+            return
+        if self.tx is not None:
+            # Queued inside MULTI: the write side queues it; the shadow gets the whole
+            # transaction once EXEC has answered.
+            self.tx.append(args)
+            self._dispatch(args, name, c, Plan(self.tx_plan.answer), gen=self.tx_gen)
+            return
+        plan = shim.routes[cls]
+        self._dispatch(args, name, c, plan)
+        if cls is Cls.SUBSCRIBE and name in (b"subscribe", b"psubscribe", b"ssubscribe"):
+            self.pipe = plan.answer
+
+    def _local(self, args: list[bytes], c: Classified | None, reply: bytes, close_after: bool = False) -> None:
+        e = Entry(args, args[0].lower(), c, self.shim.generation)
+        e.local = reply
+        e.close_after = close_after
+        self.inflight.append(e)
+
+    def _check_password(self, password: bytes) -> bool:
+        expected = self.shim.password
+        return expected is not None and hmac.compare_digest(password, expected)
+
+    def _handle_local(self, args: list[bytes], name: bytes, c: Classified) -> None:
+        if name == b"quit":
+            self._local(args, c, OK, close_after=True)
+            return
+        # AUTH is the client's credential for the shim; the upstream connections authenticate
+        # with the playbook's credentials, so it is never forwarded.
+        if len(args) not in (2, 3):
+            self._local(args, c, error_reply("ERR wrong number of arguments for 'auth' command"))
+            return
+        if self.shim.password is None:
+            self._local(args, c, OK)
+            return
+        if self._check_password(args[-1]):
+            self.authed = True
+            self._local(args, c, OK)
+        else:
+            self.shim.stats.refused["wrong-password"] += 1
+            self._local(args, c, b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+
+    def _handle_connection(self, args: list[bytes], name: bytes, c: Classified) -> None:
+        plan = self.shim.routes[Cls.CONNECTION]
+        if name == b"hello":
+            forward = [args[0]]
+            if len(args) > 1:
+                try:
+                    proto = int(args[1])
+                except ValueError:
+                    self._local(args, c, error_reply("ERR Protocol version is not an integer or out of range"))
+                    return
+                if proto not in (2, 3):
+                    self._local(args, c, b"-NOPROTO unsupported protocol version\r\n")
+                    return
+                forward.append(args[1])
+                i, setname, auth_ok = 2, None, None
+                while i < len(args):
+                    opt = args[i].lower()
+                    if opt == b"auth" and i + 2 < len(args):
+                        auth_ok = self.shim.password is None or self._check_password(args[i + 2])
+                        i += 3
+                    elif opt == b"setname" and i + 1 < len(args):
+                        setname = args[i + 1]
+                        i += 2
+                    else:
+                        self._local(args, c, error_reply(f"ERR Syntax error in HELLO option '{opt.decode(errors='replace')}'"))
+                        return
+                if auth_ok is False:
+                    self.shim.stats.refused["wrong-password"] += 1
+                    self._local(args, c, b"-WRONGPASS invalid username-password pair or user is disabled.\r\n")
+                    return
+                if auth_ok:
+                    self.authed = True
+                if not self.authed:
+                    self._local(args, c, b"-NOAUTH HELLO must be called with the client already authenticated, "
+                                         b"otherwise the HELLO <proto> AUTH <user> <pass> option can be used to "
+                                         b"authenticate the client and select the RESP protocol version at the same time\r\n")
+                    return
+                if setname is not None:
+                    forward += [b"SETNAME", setname]
+                    self.name = setname
+                self.proto = proto
+            elif not self.authed:
+                self._local(args, c, b"-NOAUTH Authentication required.\r\n")
+                return
+            self._dispatch(forward, name, c, plan)
+            return
+        if name == b"select":
+            try:
+                self.db = int(args[1]) if len(args) == 2 else self.db
+            except ValueError:
+                pass  # both sides reject it the same way
+        elif name == b"client" and len(args) == 3:
+            self.name = args[2]
+        self._dispatch(args, name, c, plan)
+
+    def _handle_tx(self, args: list[bytes], name: bytes, c: Classified) -> None:
+        if name == b"multi" and self.tx is None:
+            self.tx = []
+            # The transaction's sides are fixed when it starts, even if the phase changes
+            # before EXEC: its queued commands are on the write side already.
+            self.tx_plan = self.shim.routes[Cls.TX]
+            self.tx_gen = self.shim.generation
+            self._dispatch(args, name, c, Plan(self.tx_plan.answer), gen=self.tx_gen)
+            return
+        if name == b"exec" and self.tx is not None:
+            tx, plan, gen = self.tx, self.tx_plan, self.tx_gen
+            self.tx = self.tx_plan = None
+            self._dispatch(args, name, c, plan, gen=gen, tx=tx)
+            return
+        if name == b"discard" and self.tx is not None:
+            plan, gen = self.tx_plan, self.tx_gen
+            self.tx = self.tx_plan = None
+            self._dispatch(args, name, c, Plan(plan.answer), gen=gen)
+            return
+        # WATCH/UNWATCH (and misplaced MULTI/EXEC/DISCARD, which the server rejects): the write
+        # side only. The shadow replays what EXEC did, so it needs no WATCH of its own.
+        answer = self.tx_plan.answer if self.tx_plan is not None else self.shim.routes[Cls.TX].answer
+        self._dispatch(args, name, c, Plan(answer), gen=self.tx_gen if self.tx is not None else None)
+
+    def _pipe_command(self, args: list[bytes], name: bytes, c: Classified) -> None:
+        """A command on a subscribed connection: a stream to the side it subscribed on."""
+        side = self.pipe
+        if c.cls in _WRITE_LIKE:
+            # RESP3 lets a subscribed connection write; that write reaches one side only.
+            self._mark_dirty(c.keys(args), self._db(1 - side), "write-on-subscribed-connection", name)
+        e = Entry(args, name, c, self.shim.generation)
+        e.stream = True
+        e.answer = side
+        e.payload[side] = encode(args)
+        self._enqueue(side, e)
+
+    # --- routing -------------------------------------------------------------------------
+    def _db(self, side: int) -> int:
+        return self.db if self.db is not None else self.shim.endpoints[side].db
+
+    def _dispatch(self, args: list[bytes], name: bytes, c: Classified, plan: Plan, gen: int | None = None,
+                  tx: list[list[bytes]] | None = None) -> None:
+        shim = self.shim
+        stats = shim.stats
+        e = Entry(args, name, c, shim.generation if gen is None else gen)
+        e.tx = tx
+        answer, shadow = plan.answer, plan.shadow
+        cls = e.cls
+        if shadow is not None and plan.sampled and not shim.sample():
+            shadow = None
+        if plan.fallback and shim.dirty.keys and shadow is not None:
+            # A key whose last write did not reach the read side is read from the side that has it.
+            if shim.dirty.is_dirty(self._db(answer), c.keys(args)):
+                answer, shadow = shadow, None
+        known = c.known
+        if not known[answer]:
+            stats.unknown[(SIDE_NAMES[answer], name.decode(errors="replace"))] += 1
+            shim.warn_unknown(answer, name)
+        if shadow is not None:
+            reason = None
+            if not known[shadow]:
+                stats.unknown[(SIDE_NAMES[shadow], name.decode(errors="replace"))] += 1
+                shim.warn_unknown(shadow, name)
+                reason = f"unknown-on-{SIDE_NAMES[shadow]}"
+            elif self.up[shadow].state in (DOWN, IDLE) and not shim.may_retry(shadow):
+                reason = f"{SIDE_NAMES[shadow]}-down"
+            elif shim.mirror_depth >= shim.cfg.mirror_queue_size:
+                reason = "mirror-queue-full"
+            if reason is not None:
+                stats.shadow_failures[(SIDE_NAMES[shadow], reason)] += 1
+                if e.write:
+                    self._mark_dirty(self._entry_keys(e), self._db(shadow), reason, name)
+                shadow = None
+        e.answer, e.shadow = answer, shadow
+        e.db = self._db(answer)
+        raw = encode(args)
+        e.payload[answer] = raw
+        e.pending = 1
+        stats.commands[(cls.value, SIDE_NAMES[answer])] += 1
+        if shadow is not None:
+            e.pending = 2
+            e.wait_shadow = plan.wait_shadow
+            e.fallback = plan.fallback
+            shim.mirror_depth += 1
+            stats.commands[(cls.value, SIDE_NAMES[shadow])] += 1
+            needs_reply = tx is not None or plan.effect or (e.write and effects.needs_reply(args))
+            if needs_reply:
+                e.payload[shadow] = DEFERRED
+                e.effect = True
+                e.compare = tx is not None and plan.compare
+            else:
+                rewritten = effects.rewrite_now(args, int(time.time() * 1000)) if e.write else None
+                shadow_raw = encode(rewritten) if rewritten is not None else raw
+                if plan.sequential:
+                    e.payload[shadow] = DEFERRED
+                    e.shadow_raw = shadow_raw
+                else:
+                    e.payload[shadow] = shadow_raw
+                e.compare = plan.compare and cmp.comparable(name)
+            if cls is Cls.SCRIPT and name == b"evalsha" and len(args) > 1:
+                self._heal_script(shadow, args[1].lower())
+        if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
+            shim.note_script(args, name)
+        self.pending_count += 1
+        shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
+        self.inflight.append(e)
+        self._enqueue(answer, e)
+        if shadow is not None:
+            self._enqueue(shadow, e)
+
+    def _heal_script(self, side: int, sha: bytes) -> None:
+        """Load a script on ``side`` before an EVALSHA if the shim saw its body but not it loaded there."""
+        shim = self.shim
+        if sha in shim.scripts_loaded[side]:
+            return
+        body = shim.script_bodies.get(sha)
+        if body is None:
+            return  # a NOSCRIPT may follow; it is counted and the keys marked dirty then
+        e = Entry([b"SCRIPT", b"LOAD", body], b"script", None, shim.generation)
+        e.internal = True
+        e.answer = side
+        e.heal_sha = sha
+        e.payload[side] = encode(e.args)
+        shim.stats.script_heals += 1
+        self._enqueue(side, e)
+
+    def _enqueue(self, side: int, e: Entry) -> None:
+        u = self.up[side]
+        if u.state is IDLE or u.state is DOWN:
+            self._connect(side)
+        u.out.append(e)
+
+    def _connect(self, side: int) -> None:
+        """Open ``side``'s connection; replay the connection state as of now before anything else."""
+        u = self.up[side]
+        u.state = CONNECTING
+        u.connect_started = time.monotonic()
+        u.framer = Framer()
+        ep = self.shim.endpoints[side]
+        hs: list[list[bytes]] = []
+        if ep.password:
+            hs.append([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()])
+        if self.proto == 3:
+            hs.append([b"HELLO", b"3"])
+        db = self._db(side)
+        if db != 0:
+            hs.append([b"SELECT", b"%d" % db])
+        if self.name is not None:
+            hs.append([b"CLIENT", b"SETNAME", self.name])
+        if self.readonly:
+            hs.append([b"READONLY"])
+        for args in reversed(hs):
+            e = Entry(args, args[0].lower(), None, self.shim.generation)
+            e.internal = True
+            e.answer = side
+            e.payload[side] = encode(args)
+            u.out.appendleft(e)
+        u.attempt += 1
+        self.shim.open_upstream(self, side, u.attempt)
+
+    # --- upstream side -------------------------------------------------------------------
+    def on_upstream_connected(self, side: int, transport, attempt: int) -> bool:
+        """A connection opened; False if nobody wants it any more (the caller closes it)."""
+        u = self.up[side]
+        if self.closed or u.state is not CONNECTING or u.attempt != attempt:
+            return False
+        u.transport = transport
+        u.state = UP
+        self.shim.side_ok(side)
+        self._pump(side)
+        return True
+
+    def on_upstream_failed(self, side: int, reason: str, attempt: int) -> None:
+        u = self.up[side]
+        if not self.closed and u.state is CONNECTING and u.attempt == attempt:
+            self.fail(side, reason)
+            self._after_io()
+
+    def on_upstream_lost(self, side: int, transport, reason: str) -> None:
+        if not self.closed and self.up[side].transport is transport and self.up[side].state is UP:
+            self.fail(side, reason)
+            self._after_io()
+
+    def _pump(self, side: int) -> None:
+        u = self.up[side]
+        if u.state is not UP or not u.out:
+            return
+        out, wait = u.out, u.wait
+        buf: list[bytes] = []
+        now = time.monotonic()
+        while out:
+            e = out[0]
+            p = e.payload[side]
+            if p is DEFERRED:
+                break
+            out.popleft()
+            if p is NOTHING:
+                self._finish_side(e, side)
+                continue
+            buf.append(p)
+            if not e.stream:
+                e.ts[side] = now
+                wait.append(e)
+        if buf:
+            u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
+            if u.transport.get_write_buffer_size() > self.shim.cfg.max_client_buffer_bytes:
+                self.client.pause_reading()  # that side is not keeping up: stop reading the client
+
+    def on_upstream_data(self, side: int, data: bytes) -> None:
+        u = self.up[side]
+        if u.state is not UP:
+            return
+        try:
+            frames = u.framer.feed(data)
+        except ProtocolError as e:
+            self.fail(side, f"protocol error from {SIDE_NAMES[side]}: {e}")
+            self._after_io()
+            return
+        now = time.monotonic()
+        wait = u.wait
+        for raw in frames:
+            if not wait or (raw[0] == 0x3E and self.pipe == side and wait[0].cls is not Cls.SUBSCRIBE):
+                if self.pipe == side:
+                    if self.inflight:
+                        self.backlog.append(raw)
+                    else:
+                        self.out.append(raw)
+                    continue
+                if is_push(raw):
+                    continue  # an out-of-band push for nobody (this connection did not subscribe)
+                self.fail(side, f"unexpected reply from {SIDE_NAMES[side]} (stream out of step)")
+                break
+            e = wait[0]
+            if e.exp[side] == 1:
+                wait.popleft()
+                e.rep[side] = raw
+            else:
+                got = e.rep[side]
+                if got is None:
+                    got = e.rep[side] = []
+                got.append(raw)
+                if len(got) < e.exp[side]:
+                    continue
+                wait.popleft()
+            self._side_done(e, side, now)
+            if self.closed:
+                return
+        self._after_io()
+
+    def _after_io(self) -> None:
+        if self.closed:
+            return
+        self._pump(SOURCE)
+        self._pump(TARGET)
+        self._flush_client()
+        if self.client_gone and not self.pending_count:
+            self.close("client closed")
+
+    def _side_done(self, e: Entry, side: int, now: float) -> None:
+        shim = self.shim
+        shim.stats.latency[side].observe(now - e.ts[side])
+        if e.internal:
+            raw = e.rep[side]
+            if e.heal_sha is not None:
+                if not is_error(raw):
+                    shim.scripts_loaded[side].add(e.heal_sha)
+            elif is_error(raw):
+                self.fail(side, f"{SIDE_NAMES[side]} refused {e.name.decode().upper()} while connecting: "
+                                f"{raw[1:].strip().decode(errors='replace')}")
+            return
+        if side == e.answer:
+            raw = e.rep[side]
+            other = e.shadow
+            if other is not None and e.payload[other] is DEFERRED:
+                self._resolve_deferred(e, other, raw)
+            if e.name == b"readonly" and not is_error(raw):
+                self.readonly = True
+            elif e.name == b"readwrite" and not is_error(raw):
+                self.readonly = False
+            if e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
+                shim.script_result(side, e.args, e.name, raw)
+        else:
+            raw = e.rep[side]
+            if e.cls is Cls.SCRIPT and e.name == b"evalsha" and raw.startswith(b"-NOSCRIPT"):
+                shim.scripts_loaded[side].discard(e.args[1].lower())
+                shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
+                shim.warn_noscript(side, e.args[1])
+                self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
+            elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
+                shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
+        if e.compare and e.rep[0] is not None and e.rep[1] is not None:
+            self._compare(e)
+        self._finish_side(e, side)
+
+    def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
+        """The answer is in: compute what the shadow side runs (possibly nothing)."""
+        if e.tx is not None:
+            e.payload[other], e.exp[other] = self._shadow_transaction(e, raw)
+        elif e.effect:
+            cmds = effects.effect(e.args, parse(raw))
+            e.payload[other] = b"".join(encode(c) for c in cmds) if cmds else NOTHING
+            e.exp[other] = max(len(cmds), 1)
+        else:  # sequential: the shadow applies it only if the answering side did
+            e.payload[other] = NOTHING if is_error(raw) else e.shadow_raw
+
+    def _shadow_transaction(self, e: Entry, raw: bytes) -> tuple[bytes, int]:
+        result = parse(raw)
+        if not isinstance(result, list):
+            return NOTHING, 1  # aborted (WATCH) or refused (EXECABORT): nothing happened
+        now_ms = int(time.time() * 1000)
+        shadow_cmds: list[list[bytes]] = []
+        pairs: list[tuple[int, int]] = []
+        names: list[bytes] = []
+        for i, (args, r) in enumerate(zip(e.tx, result)):
+            replaced = effects.needs_reply(args)
+            for cmd in effects.shadow_commands(args, r, now_ms):
+                if not replaced:
+                    names.append(args[0].lower())
+                    pairs.append((i, len(shadow_cmds)) if e.answer == SOURCE else (len(shadow_cmds), i))
+                shadow_cmds.append(cmd)
+        e.txcmp = (names, pairs)  # for comparing the two EXEC replies
+        if not shadow_cmds:
+            return NOTHING, 1
+        payload = encode([b"MULTI"]) + b"".join(encode(c) for c in shadow_cmds) + encode([b"EXEC"])
+        return payload, len(shadow_cmds) + 2
+
+    def _compare(self, e: Entry) -> None:
+        shim = self.shim
+        src, tgt = e.rep[SOURCE], e.rep[TARGET]
+        if e.tx is not None:
+            src_last = src[-1] if isinstance(src, list) else src
+            tgt_last = tgt[-1] if isinstance(tgt, list) else tgt
+            names, pairs = e.txcmp or ([], [])
+            kind = cmp.compare_exec(names, parse(src_last), parse(tgt_last), pairs, shim.ttl_tolerance_ms)
+            src, tgt = src_last, tgt_last
+        else:
+            if src == tgt:
+                shim.divergence.compared()
+                shim.stats.compared += 1
+                return
+            kind = cmp.compare(e.name, parse(src), parse(tgt), shim.ttl_tolerance_ms)
+        shim.divergence.compared()
+        shim.stats.compared += 1
+        if kind is None:
+            return
+        shim.stats.divergences[kind] += 1
+        keys = self._entry_keys(e)
+        shim.divergence.record(kind=kind, command=e.name, keys=keys, db=e.db, source_raw=src, target_raw=tgt)
+        if e.write:
+            # The two sides answered a write differently, so their data may now differ too.
+            self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else TARGET), f"divergent-{kind}", e.name)
+
+    def _finish_side(self, e: Entry, side: int) -> None:
+        if e.done[side]:
+            return
+        e.done[side] = True
+        if e.internal or e.stream:
+            return
+        if side == e.shadow:
+            self.shim.mirror_depth -= 1
+        e.pending -= 1
+        if e.pending == 0:
+            self.pending_count -= 1
+            self.shim.entry_finished(e.gen)
+
+    def _flush_client(self) -> None:
+        inflight = self.inflight
+        out = self.out
+        close = False
+        while inflight:
+            e = inflight[0]
+            if e.local is not None:
+                out.append(e.local)
+                inflight.popleft()
+                if e.close_after:
+                    close = True
+                    break
+                continue
+            raw = e.rep[e.answer]
+            if raw is None:
+                break
+            if e.wait_shadow and e.shadow is not None and not e.done[e.shadow]:
+                break
+            out.append(raw)
+            inflight.popleft()
+        if not inflight and self.backlog:
+            out.extend(self.backlog)
+            self.backlog.clear()
+        if out and not self.client_gone:
+            self.client.write(b"".join(out) if len(out) > 1 else out[0])
+            if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
+                self.shim.stats.refused["client-buffer-full"] += 1
+                self.shim.log.warning("shim.client_buffer_full", peer=self.client.peer,
+                                      limit=self.shim.cfg.max_client_buffer_bytes)
+                out.clear()
+                self.close("client output buffer over shim.max_client_buffer_bytes")
+                return
+        out.clear()
+        if close:
+            self.close("client sent QUIT")
+
+    # --- failures ------------------------------------------------------------------------
+    def fail(self, side: int, reason: str) -> None:
+        """``side``'s connection is unusable: settle everything that was waiting on it."""
+        u = self.up[side]
+        if u.state is DOWN and not u.wait and not u.out:
+            return
+        shim = self.shim
+        if u.transport is not None:
+            u.transport.abort()
+        u.transport = None
+        u.state = DOWN
+        shim.side_failed(side, reason)
+        pending = list(u.wait) + list(u.out)
+        u.wait.clear()
+        u.out.clear()
+        lost_answer = False
+        for e in pending:
+            if e.internal or e.stream:
+                if e.stream:
+                    lost_answer = True
+                continue
+            if side == e.answer:
+                other = e.shadow
+                if e.fallback and other is not None and not e.done[side]:
+                    # A read the other side also got: its reply answers instead.
+                    e.answer, e.shadow = other, None
+                    e.done[side] = True
+                    e.pending -= 1
+                    shim.mirror_depth -= 1
+                    e.wait_shadow = False
+                    if e.rep[other] is not None and e.pending == 0:
+                        self.pending_count -= 1
+                        shim.entry_finished(e.gen)
+                    continue
+                lost_answer = True
+                self._finish_side(e, side)
+            else:
+                shim.stats.shadow_failures[(SIDE_NAMES[side], _reason_label(reason))] += 1
+                if e.write:
+                    self._mark_dirty(self._entry_keys(e), self._db(side), _reason_label(reason), e.name)
+                self._finish_side(e, side)
+        if lost_answer or (self.pipe == side):
+            shim.log.warning("shim.authoritative_lost", side=SIDE_NAMES[side], reason=reason, peer=self.client.peer)
+            self._flush_client()
+            self.close(f"{SIDE_NAMES[side]} connection lost: {reason}")
+            return
+        self._flush_client()
+
+    def check_timeouts(self, now: float) -> None:
+        """Called periodically: a shadow that stopped answering must not hold anything up."""
+        if self.closed:
+            return
+        limit = self.shim.shadow_timeout
+        for u in self.up:
+            side = u.side
+            if u.state is UP and u.wait:
+                e = u.wait[0]
+                if side != e.answer and now - e.ts[side] > limit:
+                    self.fail(side, "shadow-timeout")
+            elif u.state is CONNECTING and u.out and now - u.connect_started > limit:
+                if any(e.answer != side and not e.internal for e in u.out) and not any(
+                        e.answer == side and not e.internal for e in u.out):
+                    self.fail(side, "shadow-connect-timeout")
+        if self.client_gone and not self.closed and now - self.client_gone > CLIENT_GONE_GRACE:
+            self.close("client closed; in-flight commands did not finish in time")
+        if not self.closed:
+            self._after_io()
+
+    def close(self, reason: str) -> None:
+        """Close the client and both upstream connections; settle every pending entry."""
+        if self.closed:
+            return
+        self.closed = True
+        self.client.close()
+        for u in self.up:
+            pending = list(u.wait) + list(u.out)
+            u.wait.clear()
+            u.out.clear()
+            if u.transport is not None:
+                u.transport.close()
+                u.transport = None
+            u.state = DOWN
+            for e in pending:
+                if e.internal or e.stream:
+                    continue
+                if u.side == e.shadow and e.write:
+                    # Sent (or about to be) but never confirmed: the shadow may lack it.
+                    self._mark_dirty(self._entry_keys(e), self._db(u.side), "connection-closed", e.name)
+                self._finish_side(e, u.side)
+        self.inflight.clear()
+        self.shim.session_closed(self, reason)
+
+    # --- helpers -------------------------------------------------------------------------
+    def _entry_keys(self, e: Entry) -> list[bytes]:
+        if e.tx is not None:
+            keys: list[bytes] = []
+            for args in e.tx:
+                c = self.shim.table.classify(args)
+                if c.cls in _WRITE_LIKE:
+                    keys.extend(c.keys(args))
+            return list(dict.fromkeys(keys))
+        return e.c.keys(e.args) if e.c is not None else []
+
+    def _mark_dirty(self, keys: list[bytes], db: int, reason: str, command: bytes) -> None:
+        self.shim.dirty.add(db, keys, reason, command)
+        self.shim.stats.dirty_marked[reason] += 1
+
+    def on_phase(self, phase) -> None:
+        """A new phase was applied: a subscriber on a side PUBLISH no longer reaches must move."""
+        if self.pipe is not None and self.pipe not in publish_reaches(phase):
+            self.close(f"subscribed on the {SIDE_NAMES[self.pipe]}, which no longer receives PUBLISH")
+
+    def drained(self) -> bool:
+        return not self.pending_count
+
+
+def _reason_label(reason: str) -> str:
+    """A short, bounded label for metrics from a free-text failure reason."""
+    if "timeout" in reason:
+        return "timeout"
+    if reason.startswith("protocol error"):
+        return "protocol-error"
+    if "refused" in reason and "while connecting" in reason:
+        return "handshake-refused"
+    return "connection-lost"
+
+
+def sha1_hex(body: bytes) -> bytes:
+    return hashlib.sha1(body).hexdigest().encode()
