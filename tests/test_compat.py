@@ -338,3 +338,16 @@ def test_replica_source_is_predicted_and_replica_target_fails(server_factory, ma
     target.client().replicaof("127.0.0.1", primary.port)
     _pb, result = run(make_playbook, primary, target, write_report=False)
     assert result.check("topology").status == FAIL and "replica" in result.check("topology").evidence
+
+
+def test_user_without_admin_commands_gets_could_not_check(server_factory, make_playbook):
+    """A source user denied @admin (NOPERM on CONFIG, ACL, MODULE) gets could-not-check for those checks, not a crash."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    source.client().execute_command("ACL", "SETUSER", "app", "on", ">app-pass-1", "~*", "&*", "+@all", "-@admin")
+    fill(source.client())
+    url = f"redis://app:app-pass-1@127.0.0.1:{source.port}/0"
+    _pb, result = run(make_playbook, url, target, write_report=False)
+    for name in ("config", "acl", "modules"):
+        check = result.check(name)
+        assert check.status == UNKNOWN and "no permissions" in check.evidence, (name, check.evidence)
+    assert result.check("data.format").status == PASS and result.check("commands.missing").status == PASS

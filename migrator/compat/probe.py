@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrator.compat.identify import Identity, identify
-from migrator.compat.rpc import Side
+from migrator.compat.rpc import Side, Unavailable
 from migrator.compat.sample import KeyspaceSample, sample
 from migrator.playbook import Playbook
 
@@ -22,7 +22,7 @@ class Probe:
     target: Side
     source_id: Identity
     target_id: Identity
-    commandstats: dict[str, int]  # "client|setname" → calls on the source
+    _commandstats: dict[str, int] | Unavailable  # "client|setname" → calls on the source
     source_keys: KeyspaceSample
     target_keys: KeyspaceSample
     # Results one check leaves for another (copy methods...) and cached replies.
@@ -31,10 +31,20 @@ class Probe:
 
     @classmethod
     def gather(cls, playbook: Playbook, source: Side, target: Side) -> "Probe":
-        stats = command_calls(source.call("INFO", "commandstats"))
+        try:
+            stats: dict[str, int] | Unavailable = command_calls(source.call("INFO", "commandstats"))
+        except Unavailable as e:
+            stats = e  # the command checks report it as could-not-check
         source_id = identify({**source.call("INFO", "server"), **source.call("INFO", "replication")})
         target_id = identify({**target.call("INFO", "server"), **target.call("INFO", "replication")})
         return cls(playbook, source, target, source_id, target_id, stats, sample(source), sample(target))
+
+    @property
+    def commandstats(self) -> dict[str, int]:
+        """The source's executed commands; raises Unavailable if INFO commandstats was refused."""
+        if isinstance(self._commandstats, Unavailable):
+            raise self._commandstats
+        return self._commandstats
 
     def side(self, role: str) -> Side:
         return self.source if role == "source" else self.target

@@ -17,6 +17,7 @@ from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
 from migrator.compat import report as report_files
 from migrator.compat.rpc import Side, Unavailable, first_line
+from migrator.errors import RefusedError
 from migrator.playbook import Playbook
 
 CheckFn = Callable[[Probe], Check]
@@ -82,7 +83,11 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
         source.close()
         raise
     try:
-        probe = Probe.gather(playbook, source, target)
+        try:
+            probe = Probe.gather(playbook, source, target)
+        except Unavailable as e:
+            raise RefusedError(f"cannot run the compatibility checks: {e}; "
+                               "grant INFO, SCAN and TYPE to migrator's user") from None
         checks = run_checks(probe)
     finally:
         source.close()

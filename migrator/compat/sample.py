@@ -28,6 +28,7 @@ class DbSample:
     types: dict[bytes, str] = field(default_factory=dict)
     memory_sampled: int | None = None  # bytes over the sampled keys (MEMORY USAGE); None if unavailable
     reserved: int = 0  # keys under migrator's prefix met while sampling
+    unsampled: str = ""  # why the keys could not be walked (SCAN refused)
 
     @property
     def complete(self) -> bool:
@@ -47,7 +48,7 @@ class DbSample:
     def to_json(self) -> dict[str, Any]:
         return {"db": self.db, "keys": self.user_keys, "expires": self.expires, "sampled": len(self.sampled),
                 "complete": self.complete, "types": dict(Counter(self.types.values())),
-                "estimated_memory": self.estimated_memory}
+                "estimated_memory": self.estimated_memory, "unsampled": self.unsampled}
 
 
 @dataclass
@@ -93,7 +94,12 @@ def sample(side: Side, per_db: int = SAMPLE_PER_DB) -> KeyspaceSample:
 
 def _walk(side: Side, d: DbSample, per_db: int) -> None:
     client = side.on_db(d.db)
-    for key in side.guard("SCAN", lambda: list(dict.fromkeys(_scan(client, per_db)))):
+    try:
+        keys = side.guard("SCAN", lambda: list(dict.fromkeys(_scan(client, per_db))))
+    except Unavailable as e:
+        d.unsampled = str(e)  # counts from INFO keyspace remain; types stay unknown
+        return
+    for key in keys:
         if key.startswith(_RESERVED):
             d.reserved += 1
         else:
