@@ -49,6 +49,7 @@ from migrator.shim.session import Session, sha1_hex
 from migrator.state import StateError, StateStore, iso, now
 
 POLL_INTERVAL = 0.1  # seconds between checks of state.json (the spec allows up to 1 s)
+HOLD_POLL_INTERVAL = 0.005
 TABLE_RETRY = 5.0  # seconds between attempts to read a side's COMMAND table that was down
 MAX_BACKOFF = 5.0
 DRAIN_TIMEOUT = 10.0  # seconds SIGTERM waits for in-flight commands
@@ -228,6 +229,13 @@ class Shim:
         self.address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.extra_stats = None  # a supervisor's function adding its workers' numbers
+        # The write switch's barrier (see docs/phases.md): hold new commands, drain, report.
+        self.holding = False
+        self.barrier = None
+        self.barrier_state: str | None = None
+        self.hold_started = 0.0
+        self.hold_deadline = 0.0
+        self.last_pause_ms: float | None = None
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -320,6 +328,51 @@ class Shim:
     def _apply_state(self, state, initial: bool = False) -> None:
         if state is None or (state.generation == self.generation and state.phase == self.phase):
             return
+        self._apply_phase(state, initial)
+        b = state.barrier
+        if b is not None and b.generation == state.generation:
+            remaining = (parse_iso(b.deadline) - now()).total_seconds()
+            if remaining > 0 and (self.barrier is None or self.barrier.id != b.id):
+                self._hold(b, remaining)
+        elif self.holding:
+            self._release("released")
+
+    def _hold(self, barrier, remaining: float) -> None:
+        if self.holding:
+            self._release("superseded")
+        self.holding = True
+        self.barrier = barrier
+        self.barrier_state = "holding"
+        self.hold_started = time.monotonic()
+        self.hold_deadline = self.hold_started + remaining
+        self.log.info("shim.holding", barrier=barrier.id, purpose=barrier.purpose, deadline_s=round(remaining, 3))
+
+    def _release(self, how: str) -> None:
+        """Stop holding; what clients sent meanwhile is routed by the phase applied now."""
+        self.holding = False
+        self.last_pause_ms = round((time.monotonic() - self.hold_started) * 1000, 3)
+        self.barrier_state = how
+        self.log.info("shim.released", barrier=self.barrier.id if self.barrier else None, how=how,
+                      pause_ms=self.last_pause_ms, phase=str(self.phase))
+        for s in list(self.sessions):
+            s.release()
+
+    def _drained(self) -> bool:
+        return all(s.drained() for s in self.sessions)
+
+    async def _barrier_tick(self) -> None:
+        if not self.holding:
+            return
+        if time.monotonic() >= self.hold_deadline:
+            self._release("expired")
+            await self._publish()
+        elif self.barrier_state == "holding" and self._drained():
+            self.barrier_state = "held"
+            self.applied_generation, self.applied_phase = self.generation, self.phase
+            self._ack = None
+            await self._publish()
+
+    def _apply_phase(self, state, initial: bool) -> None:
         old = self.phase
         self.phase = state.phase
         self.generation = state.generation
@@ -343,9 +396,11 @@ class Shim:
     async def _poll_loop(self) -> None:
         next_table_retry = time.monotonic() + TABLE_RETRY
         while True:
-            await asyncio.sleep(POLL_INTERVAL)
+            # While holding for the write switch, clients wait: notice the switch quickly.
+            await asyncio.sleep(HOLD_POLL_INTERVAL if self.holding else POLL_INTERVAL)
             try:
                 self._apply_state(self._read_state())
+                await self._barrier_tick()
                 if self._ack is not None:
                     gen, deadline = self._ack
                     left = self._old_outstanding(gen)
@@ -372,7 +427,9 @@ class Shim:
         return registry.ShimRecord(
             id=self.id, pid=os.getpid(), host=socket.gethostname(), listen=self.listen, admin=self.admin_addr or "",
             started_at=self.started_at, heartbeat_at=self.started_at, applied_phase=str(self.applied_phase),
-            applied_generation=self.applied_generation, counters=self.counters())
+            applied_generation=self.applied_generation, counters=self.counters(),
+            barrier_id=self.barrier.id if self.barrier else None, barrier_state=self.barrier_state,
+            pending_shadow=self.mirror_depth, dirty_keys=len(self.dirty.keys), last_pause_ms=self.last_pause_ms)
 
     def _persist(self, div, dirty_lines, record) -> None:
         """Blocking writes, on a worker thread."""
@@ -390,6 +447,9 @@ class Shim:
             try:
                 self.dirty.refresh()
                 await self._publish()
+                if self.worker is not None:
+                    await self.loop.run_in_executor(None, write_worker_stats, self.state_dir, self.id,
+                                                    self.metrics_stats().snapshot(), self.status())
                 self.stats.dirty_keys = len(self.dirty.keys)
             except asyncio.CancelledError:
                 raise
@@ -563,9 +623,25 @@ class Shim:
 # --- running it ----------------------------------------------------------------------------
 
 
+def worker_stats_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / "shim" / "workers"
+
+
+def write_worker_stats(state_dir: Path, shim_id: str, snapshot: dict, status: dict) -> None:
+    atomic_write_json(worker_stats_dir(state_dir) / f"{shim_id}.json", {"snapshot": snapshot, "status": status})
+
+
 def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = None, shim_id: str | None = None,
-        reuse_port: bool = False, worker: int | None = None, ready=None) -> int:
-    """Run a shim until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+        reuse_port: bool = False, worker: int | None = None, workers: int = 1, ready=None) -> int:
+    """Run a shim until SIGTERM/SIGINT; returns the exit code (0 after a clean drain).
+
+    With ``workers`` > 1, that many processes share the listen port (SO_REUSEPORT) and this
+    process only supervises them and serves the admin endpoint with their numbers added up.
+    """
+    if workers > 1:
+        from migrator.shim.workers import run_workers
+
+        return run_workers(playbook, workers, listen=listen, admin=admin, shim_id=shim_id)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     shim = Shim(playbook, listen=listen, admin=admin, shim_id=shim_id, reuse_port=reuse_port, worker=worker)

@@ -154,10 +154,21 @@ class Session:
         self.pending_count = 0
         self.closed = False
         self.client_gone = 0.0  # when the client disconnected (0: connected)
+        self.blocking_pending = 0  # pending commands that may block: not waited for by a drain
+        self.held: list[bytes] = []  # client bytes received while the shim holds (write switch)
+        self.held_bytes = 0
 
     # --- client side ---------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
         if self.closed or self.client_gone:
+            return
+        if self.shim.holding:
+            # The write switch: nothing new goes upstream until authority has moved; the
+            # client just waits (bounded by the barrier's deadline).
+            self.held.append(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > self.shim.cfg.max_client_buffer_bytes:
+                self.client.pause_reading()
             return
         try:
             commands = self.parser.feed(data)
@@ -175,6 +186,13 @@ class Session:
         self._pump(SOURCE)
         self._pump(TARGET)
         self._flush_client()
+
+    def release(self) -> None:
+        """The shim stopped holding: route what arrived meanwhile, by the phase now applied."""
+        held, self.held, self.held_bytes = self.held, [], 0
+        if held and not self.closed:
+            self.on_client_data(b"".join(held))
+            self.client.resume_reading()
 
     def on_client_lost(self) -> None:
         if self.closed:
@@ -409,7 +427,10 @@ class Session:
         if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
             shim.note_script(args, name)
         self.pending_count += 1
-        shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
+        if cls is Cls.BLOCKING or cls is Cls.BLOCKING_READ:
+            self.blocking_pending += 1  # may wait forever by design: a drain does not wait for it
+        else:
+            shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
         self._enqueue(answer, e)
         if shadow is not None:
@@ -667,7 +688,13 @@ class Session:
             self.shim.mirror_depth -= 1
         e.pending -= 1
         if e.pending == 0:
-            self.pending_count -= 1
+            self._entry_done(e)
+
+    def _entry_done(self, e: Entry) -> None:
+        self.pending_count -= 1
+        if e.cls is Cls.BLOCKING or e.cls is Cls.BLOCKING_READ:
+            self.blocking_pending -= 1
+        else:
             self.shim.entry_finished(e.gen)
 
     def _flush_client(self) -> None:
@@ -737,8 +764,7 @@ class Session:
                     shim.mirror_depth -= 1
                     e.wait_shadow = False
                     if e.rep[other] is not None and e.pending == 0:
-                        self.pending_count -= 1
-                        shim.entry_finished(e.gen)
+                        self._entry_done(e)
                     continue
                 lost_answer = True
                 self._finish_side(e, side)
@@ -819,7 +845,8 @@ class Session:
             self.close(f"subscribed on the {SIDE_NAMES[self.pipe]}, which no longer receives PUBLISH")
 
     def drained(self) -> bool:
-        return not self.pending_count
+        """Nothing in flight except commands that may block indefinitely (BLPOP...)."""
+        return self.pending_count == self.blocking_pending
 
 
 def _reason_label(reason: str) -> str:

@@ -1,0 +1,38 @@
+"""``migrator shim``: run the mirroring shim in the foreground until SIGTERM."""
+
+from __future__ import annotations
+
+import click
+
+from migrator.cli import Ctx, cli, pass_ctx, with_playbook
+from migrator.errors import UsageError
+from migrator.playbook import is_loopback, split_hostport
+
+
+@cli.command()
+@with_playbook
+@click.option("--listen", default=None, metavar="HOST:PORT", help="Address clients connect to (overrides shim.listen).")
+@click.option("--admin", default=None, metavar="HOST:PORT",
+              help="Admin HTTP address for /metrics and /status (overrides shim.admin; '' disables it).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes sharing the listen port (SO_REUSEPORT); each registers as a shim.")
+@click.option("--id", "shim_id", default=None, help="Shim id in the registry (default host-port-pid).")
+@pass_ctx
+def shim(ctx: Ctx, listen: str | None, admin: str | None, workers: int, shim_id: str | None) -> int:
+    """Run the mirroring shim: applications connect here; it routes each command by the phase."""
+    from migrator import shim as shim_mod  # imported here: the other commands do not need asyncio/uvloop
+
+    pb = ctx.load_playbook()
+    if listen is not None:
+        try:
+            host, _port = split_hostport(listen)
+        except ValueError as e:
+            raise UsageError(f"--listen: {e}") from None
+        if not is_loopback(host) and not pb.shim.client_password:
+            raise UsageError("--listen on a non-loopback address needs shim.password (or shim.password_env) in the playbook")
+    if admin:
+        try:
+            split_hostport(admin)
+        except ValueError as e:
+            raise UsageError(f"--admin: {e}") from None
+    return shim_mod.run(pb, listen=listen, admin=admin, shim_id=shim_id, workers=workers)

@@ -1,0 +1,112 @@
+"""``migrator shim --workers N``: N shim processes on one port, one supervisor.
+
+Each worker is a full shim (its own registry record, acknowledgements and counters, so the
+gates and ``advance`` see N shims), listening with SO_REUSEPORT so the kernel spreads client
+connections. The supervisor forwards SIGTERM/SIGINT, serves the admin endpoint with the
+workers' numbers added up (read from the snapshots they write every heartbeat), and exits 0
+when every worker drained and exited 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import time
+
+from migrator import registry
+from migrator.logs import get_logger
+from migrator.playbook import Playbook, split_hostport
+from migrator.shim import admin as admin_http
+from migrator.shim import metrics
+from migrator.shim.server import _new_loop, run, worker_stats_dir
+
+
+def _worker_main(playbook: Playbook, listen: str | None, shim_id: str, index: int) -> None:
+    # A fork shares the parent's signal dispositions; the worker installs its own handlers.
+    os._exit(run(playbook, listen=listen, admin="", shim_id=shim_id, reuse_port=True, worker=index))
+
+
+def _read_snapshots(playbook: Playbook, ids: list[str]) -> list[dict]:
+    out = []
+    for shim_id in ids:
+        try:
+            out.append(json.loads((worker_stats_dir(playbook.state_path) / f"{shim_id}.json").read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, admin: str | None = None,
+                shim_id: str | None = None) -> int:
+    listen = listen or playbook.shim.listen
+    admin = playbook.shim.admin if admin is None else admin
+    _host, port = split_hostport(listen)
+    base = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}"
+    ids = [f"{base}-w{i}" for i in range(workers)]
+    log = get_logger("migrator.shim", shim=base)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker_main, args=(playbook, listen, ids[i], i), name=ids[i]) for i in range(workers)]
+    for p in procs:
+        p.start()
+    log.info("shim.workers_started", workers=workers, listen=listen, admin=admin, pids=[p.pid for p in procs])
+
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    stopping = asyncio.Event()
+
+    def merged() -> metrics.Stats:
+        return metrics.Stats.merge(s["snapshot"] for s in _read_snapshots(playbook, ids))
+
+    def status() -> dict:
+        snaps = _read_snapshots(playbook, ids)
+        st = metrics.Stats.merge(s["snapshot"] for s in snaps)
+        records = {r.id: r for r in registry.read_all(playbook.state_path)}
+        return {
+            "id": base, "workers": workers, "listen": listen, "admin": admin,
+            "applied": {i: (records[i].applied_phase, records[i].applied_generation) if i in records else None for i in ids},
+            "connections": st.connections, "commands": sum(st.commands.values()), "compared": st.compared,
+            "divergences": dict(st.divergences), "dirty_keys": st.dirty_keys, "mirror_queue": st.mirror_queue,
+            "worker_status": [s["status"] for s in snaps],
+        }
+
+    async def main() -> int:
+        server = None
+        if admin:
+            ahost, aport = split_hostport(admin)
+            server = await admin_http.start(ahost, aport, {
+                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged)),
+                "/status": admin_http.json_route(status),
+            })
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        while not stopping.is_set() and all(p.is_alive() for p in procs):
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+        if not stopping.is_set():
+            log.error("shim.worker_died", exitcodes={p.name: p.exitcode for p in procs if not p.is_alive()})
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(1)
+        if server is not None:
+            server.close()
+        codes = [p.exitcode for p in procs]
+        log.info("shim.workers_stopped", exitcodes=codes)
+        return 0 if stopping.is_set() and all(c == 0 for c in codes) else 1
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
