@@ -351,3 +351,16 @@ def test_user_without_admin_commands_gets_could_not_check(server_factory, make_p
         check = result.check(name)
         assert check.status == UNKNOWN and "no permissions" in check.evidence, (name, check.evidence)
     assert result.check("data.format").status == PASS and result.check("commands.missing").status == PASS
+
+
+def test_target_password_reaches_the_tests_but_never_the_report(server_factory, make_playbook):
+    """The test command gets a REDIS_URL that authenticates to a password-protected target; its echoed URL is redacted."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1", password="tgt-secret-456")
+    ping = "import os, redis; print('ping', redis.Redis.from_url(os.environ['REDIS_URL']).ping())"
+    pb, result = run(make_playbook, source, target, test_command=f'echo "url=$REDIS_URL"; python -c "{ping}"')
+    tests = result.check("tests")
+    assert tests.status == PASS and "ping True" in tests.data["run"]["tail"]
+    assert "tgt-secret-456" not in json.dumps(result.to_json(), default=str)
+    assert result.check("auth").status == WARN  # clients will need the password after the cutover
+    written = "".join(p.read_text() for p in reports.reports_dir(pb.state_path).iterdir())
+    assert "url=redis://:***@127.0.0.1" in written and "tgt-secret-456" not in written

@@ -46,7 +46,8 @@ def _newest_report(ctx: GateContext):
     """What ``plan`` shows: the newest report's verdict and age, without running anything."""
     newest = reports.latest(ctx.playbook.state_path, KIND)
     if newest is None:
-        return False, f"no compatibility run yet (run: migrator compat -p {ctx.playbook.path})", {}
+        where = f" -p {ctx.playbook.path}" if ctx.playbook.path else ""
+        return False, f"no compatibility run yet (run: migrator compat{where})", {}
     age = format_duration(ctx.now - parse_iso(newest["created_at"]))
     data = {"report_id": newest["id"], "verdict": newest["verdict"], "age": age}
     if newest.get("endpoints_hash") != ctx.playbook.endpoints_hash():

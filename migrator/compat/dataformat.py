@@ -36,10 +36,11 @@ class Direction:
 
     @property
     def method(self) -> str | None:
-        """The copy method that carried every type, preferring DUMP/RESTORE; None if a type failed both."""
+        """The copy method that carried every type, preferring DUMP/RESTORE; None if a type failed both
+        (or the canaries could not run)."""
         kinds = {t.kind for t in self.transfers}
         ok = {t.kind for t in self.transfers if t.ok}
-        if kinds - ok:
+        if not self.confirmed or not kinds or kinds - ok:
             return None
         return TYPE_AWARE if any(t.method == TYPE_AWARE for t in self.transfers) else DUMP_RESTORE
 
@@ -110,18 +111,20 @@ def _outcome(failed: list[Transfer]) -> str:
     return f"failed for {', '.join(t.kind for t in failed)} ({failed[0].error})"
 
 
-def _replication(probe: Probe, fwd: Direction, back: Direction) -> dict[str, str]:
+def _replication(probe: Probe, method: str | None, rollback: str | None, predicted: bool) -> dict[str, str]:
+    """Whether native replication would work each way: it needs the same RDB compatibility as RESTORE."""
     try:
         psync = lookup(probe.memo("commands:source", lambda: command_table(probe.source)), "psync") is not None
     except Unavailable:
         psync = True  # cannot tell; the RDB format decides what is reported
-    forward = ("works (full sync)" if fwd.method == DUMP_RESTORE and psync else
+    forward = ("works (full sync)" if method == DUMP_RESTORE and psync else
                "does not work: PSYNC is not available on the source" if not psync else
                "does not work: the target cannot load the source's RDB format")
-    reverse = ("works (full sync)" if back.method == DUMP_RESTORE else
+    reverse = ("works (full sync)" if rollback == DUMP_RESTORE else
                "full sync does not work (the source cannot load the target's RDB format); a partial resync works "
                "only right after promoting the target with REPLICAOF NO ONE, within the replication backlog")
-    return {"target_replicates_source": forward, "source_replicates_target": reverse}
+    note = " (predicted from RDB versions)" if predicted else ""
+    return {"target_replicates_source": forward + note, "source_replicates_target": reverse + note}
 
 
 def data_format_check(probe: Probe) -> Check:
@@ -133,7 +136,7 @@ def data_format_check(probe: Probe) -> Check:
     versions = _versions(probe, fwd, back)
     fwd_text, method = _describe(fwd, versions, probe, relaxed)
     back_text, rollback = _describe(back, versions, probe, relaxed)
-    replication = _replication(probe, fwd, back)
+    replication = _replication(probe, method, rollback, not (fwd.confirmed and back.confirmed))
     probe.facts.update(copy_method=method, rollback_copy_method=rollback, replication=replication,
                        rdb_versions={"source": versions[0], "target": versions[1]})
     data = {"types": kinds, "rdb_versions": {"source": versions[0], "target": versions[1]},

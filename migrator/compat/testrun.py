@@ -23,6 +23,7 @@ from migrator.compat.dataformat import DUMP_RESTORE, TYPE_AWARE
 from migrator.compat.probe import Probe
 from migrator.compat.rpc import first_line
 from migrator.compat.scratch import Scratch
+from migrator.redact import redact
 
 TAIL_LINES = 40
 TAIL_BYTES = 16 * 1024
@@ -75,7 +76,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def _tail(f) -> str:
     size = f.seek(0, os.SEEK_END)
     f.seek(max(0, size - TAIL_BYTES))
-    return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-TAIL_LINES:])
+    # Redacted at once: a suite may print REDIS_URL, which can carry the target's password.
+    return redact("\n".join(f.read().decode("utf-8", "replace").splitlines()[-TAIL_LINES:]))
 
 
 def seed(probe: Probe, scratch: Scratch, n: int) -> dict:
