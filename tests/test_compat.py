@@ -364,3 +364,16 @@ def test_target_password_reaches_the_tests_but_never_the_report(server_factory, 
     assert result.check("auth").status == WARN  # clients will need the password after the cutover
     written = "".join(p.read_text() for p in reports.reports_dir(pb.state_path).iterdir())
     assert "url=redis://:***@127.0.0.1" in written and "tgt-secret-456" not in written
+
+
+def test_reset_command_statistics_warn_and_field_ttls_pass_on_valkey9(server_factory, make_playbook):
+    """After CONFIG RESETSTAT the command check warns it has nothing to compare; Valkey 9 → 9 keeps hash field TTLs."""
+    source, target = server_factory("valkey-9.1"), server_factory("valkey-9.1")
+    c = source.client()
+    c.hset("h", mapping={"a": "1"})
+    c.execute_command("HEXPIRE", "h", 600, "FIELDS", 1, "a")
+    c.config_resetstat()
+    _pb, result = run(make_playbook, source, target, write_report=False)
+    assert result.check("commands.missing").status == WARN
+    types = result.check("data.types")
+    assert types.status == PASS and "1 hash(es) use field TTLs" in types.evidence

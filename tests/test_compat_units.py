@@ -94,3 +94,22 @@ def test_verdict_and_remediation_rules():
     assert verdict([ok, Check("c", "C", FAIL, "bad", "fix it")]) == "fail"
     with pytest.raises(ValueError):
         Check("d", "D", WARN, "hmm")
+
+
+def test_data_format_status_fails_when_no_method_carries_a_type():
+    """No method copying a type fails either direction; type-aware forward warns; unconfirmed is could-not-check."""
+    from migrator.compat.canary import Transfer
+    from migrator.compat.dataformat import Direction, _status
+
+    def direction(*transfers, unavailable=""):
+        return Direction("source", "target", list(transfers), unavailable)
+
+    ok = direction(Transfer("hash", "dump-restore", True, 10))
+    typed = direction(Transfer("hash", "dump-restore", False, 80, "bad payload"), Transfer("hash", "type-aware", True))
+    broken = direction(Transfer("hash", "dump-restore", False, 80, "bad"), Transfer("hash", "type-aware", False, None, "x"))
+    unknown = direction(unavailable="DUMP is not available")
+    assert _status(ok, ok, ok.method, ok.method)[0] == PASS
+    assert _status(typed, ok, typed.method, ok.method)[0] == WARN and typed.method == "type-aware"
+    assert _status(broken, ok, broken.method, ok.method)[0] == FAIL and broken.method is None
+    assert _status(ok, broken, ok.method, broken.method)[0] == FAIL
+    assert _status(unknown, ok, "dump-restore", ok.method)[0] == UNKNOWN and unknown.method is None
