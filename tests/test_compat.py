@@ -218,6 +218,7 @@ def test_functions_missing_and_scripts_warned(server_factory, make_playbook):
     assert functions.status == FAIL and functions.data["missing"] == ["mylib"]
     assert functions.data["source"] == {"mylib": ["echo1"]}
     assert scripts.status == WARN and scripts.data["calls"]["eval"] == 1
+    assert result.check("commands.behaviour").status == WARN and "eval" in result.check("commands.behaviour").data["differences"]
 
 
 def test_cluster_mode_fails_and_skips_writing_checks(server_factory, make_playbook):

@@ -113,3 +113,17 @@ def test_data_format_status_fails_when_no_method_carries_a_type():
     assert _status(broken, ok, broken.method, ok.method)[0] == FAIL and broken.method is None
     assert _status(ok, broken, ok.method, broken.method)[0] == FAIL
     assert _status(unknown, ok, "dump-restore", ok.method)[0] == UNKNOWN and unknown.method is None
+
+
+def test_local_scratch_prefers_the_targets_version_then_the_closest():
+    """scratch: local picks the binary matching the target's major.minor, else the closest one with a note saying so."""
+    from migrator import servers
+    from migrator.compat.scratch import pick_binary
+
+    labels = {b.label for b in servers.discover()}
+    if not {"valkey-8.1", "valkey-9.1"} <= labels:
+        pytest.skip("needs the valkey-8.1 and valkey-9.1 binaries")
+    exact, note = pick_binary(VALKEY_81)
+    assert exact.label == "valkey-8.1" and note == ""
+    closest, note = pick_binary(identify({"server_name": "valkey", "valkey_version": "9.0.3"}))
+    assert closest.label == "valkey-9.1" and "no local valkey 9.0 binary" in note

@@ -15,7 +15,7 @@ import redis
 
 from migrator.compat import typecopy
 from migrator.compat.rdb import payload_version
-from migrator.compat.rpc import Side, Unavailable, first_line, is_restricted
+from migrator.compat.rpc import Side, Unavailable, first_line
 
 RESERVED_PREFIX = "__migrator:"
 CANARY_PREFIX = RESERVED_PREFIX + "canary:"
@@ -106,9 +106,7 @@ class Canaries:
         copy = self._key(dst_role, f"from-{src_role}:{kind}")
         try:
             dst.guard("RESTORE", lambda: dst.client.restore(copy, CANARY_TTL_MS, payload, replace=True))
-        except redis.exceptions.ResponseError as e:
-            if is_restricted(e):
-                raise
+        except redis.exceptions.ResponseError as e:  # refusals of the command itself became Unavailable
             return Transfer(kind, "dump-restore", False, version, first_line(e))
         return self._compare(src, key, dst, copy, kind, "dump-restore", version)
 
