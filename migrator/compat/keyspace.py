@@ -19,11 +19,15 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
+def _keys(n: int) -> str:
+    return f"{n} key{'' if n == 1 else 's'}"
+
+
 def describe_source(probe: Probe) -> str:
     dbs = probe.source_keys.dbs.values()
     if not any(d.user_keys for d in dbs):
         return "the source is empty"
-    per_db = ", ".join(f"db{d.db}: {d.user_keys} keys ({d.expires} with TTL, ~{_human(d.estimated_memory)})"
+    per_db = ", ".join(f"db{d.db}: {_keys(d.user_keys)} ({d.expires} with TTL, ~{_human(d.estimated_memory)})"
                        for d in dbs if d.user_keys)
     return f"source {per_db}; used_memory {_human(probe.source_keys.used_memory)}"
 
