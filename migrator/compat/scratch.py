@@ -77,7 +77,10 @@ def local(target: Identity) -> Iterator[Scratch]:
 
 @contextlib.contextmanager
 def docker(target: Identity) -> Iterator[Scratch]:
-    import docker as docker_sdk  # imported here: only this mode needs it
+    try:
+        import docker as docker_sdk  # imported here: only this mode needs it
+    except ImportError:
+        raise ScratchError("scratch: docker: the docker Python package is not installed (pip install docker)") from None
 
     try:
         engine = docker_sdk.from_env(timeout=10)
