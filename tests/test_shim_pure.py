@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from migrator.phases import Phase
 from migrator.shim import compare as cmp
 from migrator.shim import effects, resp
-from migrator.shim.commands import SOURCE, TARGET, CommandTable, Cls, parse_command_entry, parse_command_reply
+from migrator.shim.commands import (
+    SOURCE,
+    TARGET,
+    Cls,
+    CommandTable,
+    parse_command_entry,
+    parse_command_reply,
+)
 from migrator.shim.routing import ROUTES, SHIM, publish_reaches, route
 
 # --- RESP ----------------------------------------------------------------------------------
@@ -255,6 +262,7 @@ def test_routing_matches_the_specification(phase):
     r, w = ROUTES[phase][Cls.READ], ROUTES[phase][Cls.WRITE]
     assert (r.answer, r.shadow, w.answer, w.shadow) == (reads, read_shadow, writes, write_shadow)
     assert r.sampled == (read_shadow is not None)
+    assert r.fallback == (phase is Phase.READS_ON_TARGET)  # the source's failure is never masked
     assert w.compare == (write_shadow is not None)
     assert w.wait_shadow == (phase is Phase.READS_ON_TARGET)
     assert ROUTES[phase][Cls.BLOCKING].answer == writes and not ROUTES[phase][Cls.BLOCKING].compare

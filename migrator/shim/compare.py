@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import hiredis
@@ -57,9 +58,9 @@ def _float_key(x: Any) -> Any:
         f = float(x)
     except (TypeError, ValueError):
         return x
-    if f != f or f in (float("inf"), float("-inf")):
+    if math.isnan(f) or math.isinf(f):
         return ("f", str(f))
-    return ("f", "%.12g" % f)
+    return ("f", f"{f:.12g}")
 
 
 def normalize(value: Any, floats: bool = False) -> Any:

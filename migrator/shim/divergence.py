@@ -82,8 +82,20 @@ class DivergenceRecorder:
     def start_generation(self, generation: int, phase: str) -> None:
         if generation != self.current.generation:
             self._dirty_generations[self.current.generation] = self.current
-            self.current = PhaseCounters(generation, phase)
+            self.current = self._resume(generation, phase)
         self.current.phase = phase
+
+    def _resume(self, generation: int, phase: str) -> PhaseCounters:
+        """This shim's counters for ``generation`` so far: a shim restarted with the same id continues them."""
+        pc = PhaseCounters(generation, phase)
+        try:
+            data = json.loads((counters_dir(self.state_dir) / f"g{generation}.{self.shim_id}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return pc
+        pc.compared = int(data.get("compared", 0))
+        pc.divergent = int(data.get("divergent", 0))
+        pc.by_kind.update({k: int(v) for k, v in (data.get("by_kind") or {}).items()})
+        return pc
 
     def compared(self) -> None:
         self.current.compared += 1

@@ -136,7 +136,7 @@ class RequestParser:
     partial command ends, so inline detection mid-stream is not possible; no client mixes).
     """
 
-    __slots__ = ("_reader", "_resp", "_inline_buf", "max_request_bytes")
+    __slots__ = ("_inline_buf", "_reader", "_resp", "max_request_bytes")
 
     def __init__(self, max_request_bytes: int) -> None:
         self._reader = hiredis.Reader()

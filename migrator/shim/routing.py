@@ -56,8 +56,11 @@ def route(phase: Phase, cls: Cls) -> Plan:
     r = ROLES[phase]
     seq = r.sequential_writes
     if cls is Cls.READ:
+        # Only after the read cutover may the other side answer a read when the read side
+        # cannot: it is the write-authoritative side then. Before, the source is the truth and
+        # its failure must show as it would without the shim.
         return Plan(r.reads, r.read_shadow, compare=r.read_shadow is not None, sampled=r.read_shadow is not None,
-                    fallback=r.read_shadow is not None)
+                    fallback=r.read_shadow is not None and r.reads != r.writes)
     if cls in (Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN):
         return Plan(r.writes, r.write_shadow, compare=r.write_shadow is not None, sequential=seq and r.write_shadow is not None,
                     wait_shadow=seq and r.write_shadow is not None)

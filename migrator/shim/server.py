@@ -23,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -46,7 +47,14 @@ from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder
 from migrator.shim.routing import ROUTES
 from migrator.shim.session import Session, sha1_hex
-from migrator.state import StateError, StateStore, iso, now
+from migrator.state import (
+    StateError,
+    StateStore,
+    atomic_write_json,
+    iso,
+    now,
+    parse_iso,
+)
 
 POLL_INTERVAL = 0.1  # seconds between checks of state.json (the spec allows up to 1 s)
 HOLD_POLL_INTERVAL = 0.005
@@ -81,6 +89,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.session = Session(self.shim, self)
         self.shim.session_opened(self.session)
+        self.session.connect_sides()
 
     def data_received(self, data: bytes) -> None:
         if self.session is not None:
@@ -192,7 +201,7 @@ class Shim:
         self.endpoints = (playbook.source, playbook.target)
         self.state_dir = playbook.state_path
         self.store = StateStore(self.state_dir, playbook.name)
-        host, port = split_hostport(self.listen)
+        _host, port = split_hostport(self.listen)
         self.id = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}" + (f"-w{worker}" if worker is not None else "")
         pw = self.cfg.client_password
         self.password: bytes | None = pw.encode() if pw else None

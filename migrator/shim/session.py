@@ -187,6 +187,19 @@ class Session:
         self._pump(TARGET)
         self._flush_client()
 
+    def connect_sides(self) -> None:
+        """Open the connections the current phase uses now, not at the first command.
+
+        Writes from different clients reach the shadow in the order the shim forwards them;
+        a connection still opening when its client's first write arrives would let another
+        client's later write overtake it (a pop mirrored before the push it popped).
+        """
+        plan = self.shim.routes[Cls.WRITE]
+        for side in plan.sides():
+            u = self.up[side]
+            if u.state is IDLE and (side == plan.answer or self.shim.may_retry(side)):
+                self._connect(side)
+
     def release(self) -> None:
         """The shim stopped holding: route what arrived meanwhile, by the phase now applied."""
         held, self.held, self.held_bytes = self.held, [], 0
@@ -373,10 +386,9 @@ class Session:
         cls = e.cls
         if shadow is not None and plan.sampled and not shim.sample():
             shadow = None
-        if plan.fallback and shim.dirty.keys and shadow is not None:
+        if plan.fallback and shim.dirty.keys and shim.dirty.is_dirty(self._db(answer), c.keys(args)):
             # A key whose last write did not reach the read side is read from the side that has it.
-            if shim.dirty.is_dirty(self._db(answer), c.keys(args)):
-                answer, shadow = shadow, None
+            answer, shadow = plan.shadow, None
         known = c.known
         if not known[answer]:
             stats.unknown[(SIDE_NAMES[answer], name.decode(errors="replace"))] += 1
@@ -791,10 +803,11 @@ class Session:
                 e = u.wait[0]
                 if side != e.answer and now - e.ts[side] > limit:
                     self.fail(side, "shadow-timeout")
-            elif u.state is CONNECTING and u.out and now - u.connect_started > limit:
-                if any(e.answer != side and not e.internal for e in u.out) and not any(
-                        e.answer == side and not e.internal for e in u.out):
-                    self.fail(side, "shadow-connect-timeout")
+            elif (u.state is CONNECTING and u.out and now - u.connect_started > limit
+                  and any(e.answer != side and not e.internal for e in u.out)
+                  and not any(e.answer == side and not e.internal for e in u.out)):
+                # Only shadow work waits on this connection: give up on it like on a slow reply.
+                self.fail(side, "shadow-connect-timeout")
         if self.client_gone and not self.closed and now - self.client_gone > CLIENT_GONE_GRACE:
             self.close("client closed; in-flight commands did not finish in time")
         if not self.closed:
@@ -843,6 +856,8 @@ class Session:
         """A new phase was applied: a subscriber on a side PUBLISH no longer reaches must move."""
         if self.pipe is not None and self.pipe not in publish_reaches(phase):
             self.close(f"subscribed on the {SIDE_NAMES[self.pipe]}, which no longer receives PUBLISH")
+        elif self.pipe is None and not self.client_gone:
+            self.connect_sides()
 
     def drained(self) -> bool:
         """Nothing in flight except commands that may block indefinitely (BLPOP...)."""

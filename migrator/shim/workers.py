@@ -86,7 +86,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         while not stopping.is_set() and all(p.is_alive() for p in procs):
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         if not stopping.is_set():
             log.error("shim.worker_died", exitcodes={p.name: p.exitcode for p in procs if not p.is_alive()})
