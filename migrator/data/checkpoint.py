@@ -39,6 +39,7 @@ class Checkpoint:
     unsettled: list[tuple[int, str]] = field(default_factory=list)  # (db, base64 key)
     completed_at: str | None = None
     runs: int = 0
+    notify_before: str | None = None  # the target's notify-keyspace-events before the sync changed it
     format: int = FORMAT
 
     def db(self, n: int) -> DbProgress:

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from migrator.data import values
+from migrator.data import fastcall, values
 from migrator.data.keyspace import TMP_PREFIX
 
 DUMP, STRUCT = "dump", "struct"
@@ -28,34 +28,48 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local maxn, maxb, dump = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 local size = {string='STRLEN', hash='HLEN', list='LLEN', set='SCARD', zset='ZCARD', stream='XLEN'}
+-- Compact encodings are small by construction (the server converts a value past its
+-- *-max-listpack-* limits), so such keys need no TYPE nor size check before their DUMP; the
+-- type is then read from the payload's first byte.
+local compact = {listpack=true, ziplist=true, intset=true, embstr=true, int=true}
 local out = {now}
 for i, k in ipairs(KEYS) do
-  local ty = redis.call('TYPE', k)['ok']
-  local n, payload = 0, false
-  if size[ty] then n = redis.call(size[ty], k) end
-  local ttl = redis.call('PTTL', k)
-  local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
-  if dump and ty ~= 'none' and not big then payload = redis.call('DUMP', k) end
-  out[i + 1] = {ty, n, ttl, payload}
+  local enc = redis.call('OBJECT', 'ENCODING', k)
+  local ty, n, payload = '', 0, false
+  if not enc then ty = 'none'
+  elseif dump and compact[enc] then payload = redis.call('DUMP', k)
+  else
+    ty = redis.call('TYPE', k)['ok']
+    if size[ty] then n = redis.call(size[ty], k) end
+    local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
+    if dump and not big then payload = redis.call('DUMP', k) end
+  end
+  out[i + 1] = {ty, n, redis.call('PTTL', k), payload}
 end
 return out
 """
 
 # ARGV holds (absolute expiry or 0, payload) per key; an empty payload deletes the key.
+# The last ARGV says whether to return each key's new DUMP CRC64 (its ``Signature``).
 _RESTORE_LUA = r"""
 local out = {}
+local sign = ARGV[#ARGV] == '1'
 for i, k in ipairs(KEYS) do
   local at, payload = ARGV[2 * i - 1], ARGV[2 * i]
   local r
   if payload == '' then r = redis.pcall('DEL', k)
   else r = redis.pcall('RESTORE', k, at, payload, 'REPLACE', 'ABSTTL') end
-  if type(r) == 'table' and r.err then out[i] = r.err else out[i] = 'OK' end
+  if type(r) == 'table' and r.err then out[i] = r.err
+  elseif sign then
+    local d = redis.call('DUMP', k)
+    out[i] = 'OK:' .. (d and string.sub(d, -8) or '')
+  else out[i] = 'OK' end
 end
 return out
 """
 
 
-@dataclass
+@dataclass(slots=True)
 class Snap:
     """One key as read from the source: what to write, and when it expires (ms since epoch, 0 = never)."""
 
@@ -67,6 +81,24 @@ class Snap:
     big: bool = False  # too many elements (or bytes) to read at once: copied in chunks
 
 
+@dataclass(frozen=True)
+class Signature:
+    """What a key looked like on both sides right after its copy: its DUMP's CRC64, and expiry.
+
+    If, later, both sides still show these, neither was written since, so they are equal. The
+    CRC64 that ends every DUMP payload is a checksum of the serialised value that the server
+    computes anyway: cheaper than hashing the payload again.
+    """
+
+    source: bytes
+    target: bytes
+    expire_at: int
+
+
+def dump_crc(payload: bytes | None) -> bytes:
+    return payload[-8:] if payload else b""
+
+
 @dataclass
 class CopyResult:
     copied: int = 0
@@ -74,6 +106,7 @@ class CopyResult:
     big: int = 0
     bytes: int = 0
     errors: dict[bytes, str] = field(default_factory=dict)
+    signatures: dict[bytes, Signature] = field(default_factory=dict)
 
     def add(self, other: "CopyResult") -> None:
         self.copied += other.copied
@@ -104,8 +137,9 @@ class Copier:
     """
 
     def __init__(self, src: redis.Redis, dst: redis.Redis, method: str, chunk: int = 1000,
-                 chunk_bytes: int = 1 << 20) -> None:
+                 chunk_bytes: int = 1 << 20, sign: bool = True) -> None:
         self.src, self.dst = src, dst
+        self.sign = sign  # return Signatures (for a verifier without a WriteWatch)
         self.method = method
         self.chunk, self.chunk_bytes = chunk, chunk_bytes
         self._read = src.register_script(_READ_LUA)
@@ -117,7 +151,7 @@ class Copier:
         dump = self.method == DUMP
         if self.lua:
             try:
-                rows = self._read(keys=keys, args=[self.chunk, self.chunk_bytes, "1" if dump else "0"])
+                rows = fastcall.evalsha(self.src, self._read, keys, [self.chunk, self.chunk_bytes, 1 if dump else 0])
                 return _snaps(keys, rows[0], rows[1:], self.chunk, self.chunk_bytes)
             except redis.exceptions.ResponseError as e:
                 if not values._scripting_denied(e):
@@ -139,7 +173,10 @@ class Copier:
     # --- writing -------------------------------------------------------------------------
     def copy(self, keys: list[bytes]) -> CopyResult:
         """Copy ``keys`` as they are now on the source (missing ones are deleted on the target)."""
-        snaps = self.read(keys)
+        return self.write(self.read(keys))
+
+    def write(self, snaps: list[Snap]) -> CopyResult:
+        """Write what ``read`` returned (big keys are read and written chunk by chunk here)."""
         result = CopyResult()
         small = [s for s in snaps if not s.big]
         if self.method == DUMP:
@@ -161,21 +198,24 @@ class Copier:
         args: list[Any] = []
         for s in snaps:
             args += [s.expire_at, s.payload or b""]
+        args.append(1 if self.sign else 0)
         if self.lua:
-            replies = [values._s(r) for r in self._restore(keys=keys, args=args)]
+            replies = fastcall.evalsha(self.dst, self._restore, keys, args)
         else:
             replies = self._restore_pipelined(snaps)
         retry = []
         for s, reply in zip(snaps, replies):
-            if reply == "OK":
+            if reply.startswith(b"OK"):
+                if reply.startswith(b"OK:"):
+                    result.signatures[s.key] = Signature(dump_crc(s.payload), reply[3:], s.expire_at)
                 result.deleted += s.type == "none"
                 result.copied += s.type != "none"
                 result.bytes += len(s.payload or b"")
-            elif _payload_rejected(reply):
+            elif _payload_rejected(values._s(reply)):
                 self.method = STRUCT  # this target cannot read the source's format at all
                 retry.append(s)
             else:
-                result.errors[s.key] = reply
+                result.errors[s.key] = values._s(reply)
         return retry
 
     def _restore_pipelined(self, snaps: list[Snap]) -> list[str]:
@@ -185,7 +225,7 @@ class Copier:
                 p.delete(s.key)
             else:
                 p.execute_command("RESTORE", s.key, s.expire_at, s.payload, "REPLACE", "ABSTTL")
-        return [str(r) if isinstance(r, Exception) else "OK" for r in p.execute(raise_on_error=False)]
+        return [str(r).encode() if isinstance(r, Exception) else b"OK" for r in p.execute(raise_on_error=False)]
 
     def _write_struct(self, snaps: list[Snap], result: CopyResult) -> None:
         """Small keys, each in one MULTI/EXEC so a reader never sees it half written."""
@@ -215,10 +255,18 @@ class Copier:
             result.errors[s.key] = str(e)
 
 
+_TYPES = {t.encode(): t for t in ("none", "string", "hash", "list", "set", "zset", "stream")}
+# RDB object type (a DUMP payload's first byte) → Redis type, for keys read without TYPE.
+_RDB_TYPES = {0: "string", 1: "list", 2: "set", 3: "zset", 4: "hash", 5: "zset", 6: "module", 7: "module",
+              9: "hash", 10: "list", 11: "set", 12: "zset", 13: "hash", 14: "list", 15: "stream", 16: "hash",
+              17: "zset", 18: "list", 19: "stream", 20: "set", 21: "stream", 22: "hash", 23: "hash", 24: "hash",
+              25: "hash"}
+
+
 def _snaps(keys: list[bytes], now: int, rows: list, chunk: int, chunk_bytes: int) -> list[Snap]:
     out = []
     for k, (ty, n, ttl, payload) in zip(keys, rows):
-        ty, n, ttl = values._s(ty), int(n), int(ttl)
+        ty = _TYPES.get(ty) or (_RDB_TYPES.get(payload[0], "unknown") if payload else values._s(ty))
         big = n > chunk_bytes if ty == "string" else (ty != "none" and n > chunk)
         out.append(Snap(k, ty, n, now + ttl if ttl > 0 else 0, payload, big))
     return out

@@ -13,6 +13,7 @@ after SCAN passed its slot is on the target through the mirror alone.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,10 +25,12 @@ from migrator import reports
 from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
-from migrator.data.copy import Copier, CopyResult, copy_functions, detect_method
+from migrator.data import watch as watchmod
+from migrator.data.copy import DUMP, Copier, CopyResult, copy_functions, detect_method
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
+from migrator.data.watch import WriteWatch
 from migrator.errors import LockedError
 from migrator.playbook import Playbook
 from migrator.state import StateStore, iso, now
@@ -119,11 +122,28 @@ class _Run:
         self.unsettled += [(db, cpmod.encode_key(k)) for k in verifier.stats.unsettled]
         self.errors += [(db, cpmod.encode_key(k), e) for k, e in copy_errors.items()]
 
-    def copier(self, src, dst, method: str) -> Copier:
-        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES)
+    def copier(self, src, dst, method: str, sign: bool = True) -> Copier:
+        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES, sign=sign)
 
-    def verifier(self, src, dst, copier: Copier) -> Verifier:
-        return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms)
+    def verifier(self, src, dst, copier: Copier, watch: WriteWatch | None = None) -> Verifier:
+        return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms, watch=watch)
+
+    def watch(self, dst: redis.Redis, db: int, cp: cpmod.Checkpoint) -> WriteWatch | None:
+        """A WriteWatch on the target when notifications can be enabled (DUMP copies only: a
+        type-aware copy's own writes would make every key suspect)."""
+        if cp.method != DUMP:
+            return None
+        if cp.notify_before is None:
+            cp.notify_before = watchmod.enable(dst)
+            if cp.notify_before is None:
+                return None
+            cpmod.save(self.pb.state_path, cp)  # so a killed run's successor can restore the setting
+        else:
+            watchmod.enable(dst)
+        try:
+            return WriteWatch(dst, db)
+        except redis.exceptions.RedisError:
+            return None
 
 
 def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate: float | None = None,
@@ -172,6 +192,9 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
         if not cp.db(db).done:
             _sync_db(r, cp, db)
     _retry_unsettled(r, cp)
+    if cp.notify_before is not None:
+        watchmod.restore(dst0, cp.notify_before)
+        cp.notify_before = None
     complete = all(cp.db(d).done for d in dbs) and not r.unsettled and not r.errors
     cp.unsettled = list(r.unsettled)
     cp.completed_at = iso(now()) if complete else None
@@ -190,30 +213,47 @@ def _copy_functions(src: redis.Redis, dst: redis.Redis) -> str:
 
 def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
     src, dst = r.clients(db)
-    copier = r.copier(src, dst, cp.method)
-    verifier = r.verifier(src, dst, copier)
+    watch = r.watch(dst, db, cp)
+    copier = r.copier(src, dst, cp.method, sign=watch is None)
+    verifier = r.verifier(src, dst, copier, watch)
     prog = cp.db(db)
     cursors = {-1: prog.cursor}  # seq → cursor to resume from once that batch is verified
     last_save = time.monotonic()
     errors: dict[bytes, str] = {}
-    for seq, (cursor_after, keys) in enumerate(scan_batches(src, r.selection, prog.cursor, r.batch)):
-        r.limiter.wait(len(keys))
-        read_at = time.monotonic()
-        res = copier.copy(keys) if keys else CopyResult()
+    writing = None  # the previous batch's write, overlapped with this batch's read
+
+    def finish(w) -> None:
+        seq, keys, future = w
+        res = future.result()
         errors.update(res.errors)
         r.total.add(res)
         prog.keys += res.copied + res.deleted
         prog.bytes += res.bytes
-        cursors[seq] = cursor_after
-        verifier.add(seq, keys, read_at)
-        verifier.poll()
-        r.tick(db)
-        if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
-            prog.cursor = cursors[verifier.safe_seq]
-            cp.method = copier.method
-            cpmod.save(r.pb.state_path, cp)
-            last_save = time.monotonic()
+        verifier.add(seq, keys, time.monotonic(), res.signatures)
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for seq, (cursor_after, keys) in enumerate(scan_batches(src, r.selection, prog.cursor, r.batch)):
+            r.limiter.wait(len(keys))
+            cursors[seq] = cursor_after
+            if watch:
+                watch.open(keys)
+            snaps = copier.read(keys) if keys else []
+            if writing:
+                finish(writing)
+            writing = (seq, keys, writer.submit(copier.write, snaps))
+            verifier.poll()
+            r.tick(db)
+            if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
+                prog.cursor = cursors[min(verifier.safe_seq, seq - 1)]
+                cp.method = copier.method
+                cpmod.save(r.pb.state_path, cp)
+                last_save = time.monotonic()
+        if writing:
+            finish(writing)
     verifier.drain()
+    verifier.close()
+    if watch:
+        watch.stop()
     prog.cursor, prog.done = 0, True
     cp.method = copier.method
     r.absorb(db, verifier, errors)
@@ -228,14 +268,14 @@ def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str) -> Verifi
     for i in range(0, len(keys), r.batch):
         part = keys[i:i + r.batch]
         r.limiter.wait(len(part))
-        read_at = time.monotonic()
         res = copier.copy(part)
         errors.update(res.errors)
         r.total.add(res)
-        verifier.add(i, part, read_at)
+        verifier.add(i, part, time.monotonic(), res.signatures)
         verifier.poll()
         r.tick(db)
     verifier.drain()
+    verifier.close()
     r.absorb(db, verifier, errors)
     return verifier
 

@@ -16,20 +16,44 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
 
-from migrator.data import values
-from migrator.data.copy import Copier
+from migrator.data import fastcall, values
+from migrator.data.copy import Copier, Signature
+from migrator.data.watch import WriteWatch
+
+
+POLL_EVERY_S = 0.05
+
+# Which keys changed since their copy: ARGV holds, per key, the CRC64 its DUMP ended with and its
+# absolute expiry then, plus the tolerance last. Returns the 1-based positions of changed keys,
+# so an unchanged batch costs one short reply.
+_CHANGED_LUA = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tol = tonumber(ARGV[#ARGV])
+local out = {}
+for i, k in ipairs(KEYS) do
+  local d = redis.call('DUMP', k)
+  local crc = d and string.sub(d, -8) or ''
+  local ttl = redis.call('PTTL', k)
+  local exp = ttl > 0 and now + ttl or 0
+  if crc ~= ARGV[2 * i - 1] or math.abs(exp - tonumber(ARGV[2 * i])) > tol then out[#out + 1] = i end
+end
+return out
+"""
 
 
 @dataclass
 class Pending:
     seq: int  # position of the original batch in scan order
     keys: list[bytes]
-    read_at: float  # monotonic time the batch was read from the source
+    written_at: float  # monotonic time the batch's write finished (it was read before)
     attempt: int = 1
+    signatures: dict[bytes, Signature] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,8 +65,9 @@ class VerifyStats:
 
 class Verifier:
     def __init__(self, src: redis.Redis, dst: redis.Redis, copier: Copier, *, settle: float, ttl_tolerance_ms: int,
-                 max_attempts: int = 5) -> None:
+                 max_attempts: int = 5, watch: WriteWatch | None = None) -> None:
         self.src, self.dst, self.copier = src, dst, copier
+        self.watch = watch
         self.settle = settle
         self.ttl_tolerance_ms = ttl_tolerance_ms
         self.max_attempts = max_attempts
@@ -51,34 +76,91 @@ class Verifier:
         self.queue: deque[Pending] = deque()
         self.stats = VerifyStats()
         self.last_seq = -1
+        self._src_changed = src.register_script(_CHANGED_LUA)
+        self._dst_changed = dst.register_script(_CHANGED_LUA)
+        self.pool = ThreadPoolExecutor(max_workers=1)  # the target's half of each comparison
+        self._last_poll = 0.0
 
-    def add(self, seq: int, keys: list[bytes], read_at: float) -> None:
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+    def add(self, seq: int, keys: list[bytes], written_at: float, signatures: dict[bytes, Signature] | None = None) -> None:
+        """Queue a copied batch (its keys were opened on the watch, if any, before they were read)."""
         self.last_seq = max(self.last_seq, seq)
         if keys:
-            self.queue.append(Pending(seq, keys, read_at))
+            self.queue.append(Pending(seq, keys, written_at, signatures=signatures or {}))
 
     @property
     def safe_seq(self) -> int:
         """Every batch up to this one (in scan order) is verified."""
         return min((p.seq for p in self.queue), default=self.last_seq + 1) - 1
 
-    def poll(self) -> None:
-        """Verify the batches whose settle time has passed."""
+    def _due(self) -> list[Pending]:
         now = time.monotonic()
-        while self.queue and self.queue[0].read_at + self.settle <= now:
-            self._verify(self.queue.popleft())
+        due = []
+        while self.queue and self.queue[0].written_at + self.settle <= now:
+            due.append(self.queue.popleft())
+        return due
+
+    def poll(self) -> None:
+        """Verify the batches whose settle time has passed (at most every POLL_EVERY_S: one fence
+        and one round of comparisons then covers every batch that came due meanwhile)."""
+        now = time.monotonic()
+        if now - self._last_poll >= POLL_EVERY_S:
+            self._last_poll = now
+            self._verify_all(self._due())
 
     def drain(self) -> None:
         """Wait for and verify everything still queued (re-copies included)."""
         while self.queue:
-            wait = self.queue[0].read_at + self.settle - time.monotonic()
+            wait = self.queue[0].written_at + self.settle - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            self._verify(self.queue.popleft())
+            self._verify_all(self._due())
+
+    def _verify_all(self, due: list[Pending]) -> None:
+        if not due:
+            return
+        if self.watch and not self.watch.broken:
+            self.watch.fence()  # every event up to now is in: the batches' windows are complete
+        for p in due:
+            self._verify(p)
+
+    def _suspects(self, p: Pending) -> list[bytes]:
+        """The keys of ``p`` that may differ: written during their window, or unknown."""
+        if self.watch:
+            written = self.watch.close(p.keys)
+            if not self.watch.broken:
+                return [k for k in p.keys if k in written]
+        same = self.unchanged(p)
+        return [k for k in p.keys if k not in same]
+
+    def unchanged(self, p: Pending) -> set[bytes]:
+        """Keys that neither side has written since their copy (so they are equal): the fast path."""
+        keys = [k for k in p.keys if k in p.signatures]
+        if not keys or not self.copier.lua:
+            return set()
+        src_args: list = []
+        dst_args: list = []
+        for k in keys:
+            sig = p.signatures[k]
+            src_args += [sig.source, sig.expire_at]
+            dst_args += [sig.target, sig.expire_at]
+        src_args.append(self.ttl_tolerance_ms)
+        dst_args.append(self.ttl_tolerance_ms)
+        future = self.pool.submit(fastcall.evalsha, self.dst, self._dst_changed, keys, dst_args)
+        try:
+            changed = set(fastcall.evalsha(self.src, self._src_changed, keys, src_args)) | set(future.result())
+        except redis.exceptions.ResponseError:
+            return set()  # no scripting or DUMP here: the type-aware comparison decides
+        return {k for i, k in enumerate(keys, 1) if i not in changed}
 
     def differing(self, keys: list[bytes]) -> dict[bytes, values.Difference]:
+        if not keys:
+            return {}
+        future = self.pool.submit(self.dst_probe.probe, keys)
         s_states = self.src_probe.probe(keys)
-        d_states = self.dst_probe.probe(keys)
+        d_states = future.result()
         out = {}
         for k, s, d in zip(keys, s_states, d_states):
             diff = values.difference(self.src, self.dst, k, s, d, self.ttl_tolerance_ms, self.copier.chunk,
@@ -88,7 +170,7 @@ class Verifier:
         return out
 
     def _verify(self, p: Pending) -> None:
-        diffs = self.differing(p.keys)
+        diffs = self.differing(self._suspects(p))
         self.stats.verified += len(p.keys) - len(diffs)
         if not diffs:
             return
@@ -97,7 +179,8 @@ class Verifier:
                 self.stats.unsettled[k] = f"{d.kind}: {d.detail}"
             return
         keys = list(diffs)
-        read_at = time.monotonic()
-        self.copier.copy(keys)
+        if self.watch:
+            self.watch.open(keys)
+        res = self.copier.copy(keys)
         self.stats.recopied += len(keys)
-        self.queue.append(Pending(p.seq, keys, read_at, p.attempt + 1))
+        self.queue.append(Pending(p.seq, keys, time.monotonic(), p.attempt + 1, res.signatures))
