@@ -3,18 +3,19 @@
 A write the shadow did not apply (it was down, timed out, errored, did not know the command, or
 the mirror queue was full) leaves the two sides different for that key. The key is recorded
 here, never dropped silently; the ``no_dirty_keys`` gate blocks the next cutover until a repair
-(``migrator sync``'s repair) has copied the key again and cleared it.
+(``migrator sync --dirty``) has copied the key again and cleared it.
 
-Files, in ``state_dir/dirty/``:
+Files, in ``state_dir/dirty/`` — the format agreed with ``migrator.data.dirty`` (the repair):
 
-- ``<shim id>.jsonl``: appended by one shim: ``{"ts", "time", "db", "key" | "key_b64",
-  "reason", "command", "shim"}``; ``"scope": "db"`` with no key when a keyless write (FLUSHDB,
-  SWAPDB...) was lost, meaning the whole database must be repaired.
-- ``cleared.jsonl``: appended by ``clear_dirty``: ``{"ts", "db", "key"}`` or ``{"ts", "all": true}``.
+- ``<shim id>.<ns>.jsonl``: the marks of one flush, written complete (temp file, fsync, rename)
+  and never modified; one line per key: ``{"db": 0, "key": "<base64>", "reason", "command",
+  "ts", "time", "shim"}``. The repair re-copies the keys of the files present when it starts
+  and deletes those files, so keys marked meanwhile wait for its next run.
+- ``<shim id>.<ns>.dbwide``: the same for a write without keys (FLUSHDB, SWAPDB, FUNCTION...)
+  that was lost: the whole database ``db`` needs a full sync. Not ``*.jsonl``, so a key repair
+  does not take it for done; clear it with ``clear_dirty`` after a full sync.
 
-A key is dirty when its newest mark is newer than its newest clear, so a key that becomes dirty
-again while a repair runs stays dirty. Python API: ``list_dirty``, ``count_dirty``,
-``clear_dirty`` (see docs/shim.md).
+Python API (see docs/shim.md): ``list_dirty``, ``count_dirty``, ``clear_dirty``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from migrator.state import iso, now
+from migrator.state import atomic_write_text, iso, now
 
 DIRTY_DIR = "dirty"
-CLEARED_FILE = "cleared.jsonl"
-DB_SCOPE = None  # the "key" of a whole-database mark
+KEYS_SUFFIX = ".jsonl"
+DBWIDE_SUFFIX = ".dbwide"
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class DirtyKey:
     command: str
     since: float  # epoch seconds of the newest mark
     shim: str
+    file: Path
 
     @property
     def display(self) -> str:
@@ -55,75 +56,42 @@ def dirty_dir(state_dir: Path | str) -> Path:
     return Path(state_dir) / DIRTY_DIR
 
 
-def _encode_key(key: bytes | None) -> dict[str, Any]:
-    if key is None:
-        return {"scope": "db"}
-    try:
-        text = key.decode("utf-8")
-        if text.isprintable():
-            return {"key": text}
-    except UnicodeDecodeError:
-        pass
-    return {"key_b64": base64.b64encode(key).decode()}
-
-
-def _decode_key(d: dict[str, Any]) -> bytes | None:
-    if "key" in d and d["key"] is not None:
-        return d["key"].encode("utf-8")
-    if "key_b64" in d:
-        return base64.b64decode(d["key_b64"])
-    return None
-
-
-def _append(path: Path, lines: list[str], fsync: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, ("\n".join(lines) + "\n").encode())
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    continue
-    except FileNotFoundError:
-        return
-
-
-def list_dirty(state_dir: Path | str) -> list[DirtyKey]:
-    """Every key that is dirty now, across all shims (oldest mark first)."""
+def _files(state_dir: Path | str) -> list[Path]:
     d = dirty_dir(state_dir)
     if not d.is_dir():
         return []
-    cleared_all = 0.0
-    cleared: dict[tuple[int, bytes | None], float] = {}
-    for c in _read_jsonl(d / CLEARED_FILE):
-        ts = float(c.get("ts", 0))
-        if c.get("all"):
-            cleared_all = max(cleared_all, ts)
-        else:
-            k = (int(c.get("db", 0)), _decode_key(c))
-            cleared[k] = max(cleared.get(k, 0.0), ts)
-    latest: dict[tuple[int, bytes | None], DirtyKey] = {}
-    for f in sorted(d.glob("*.jsonl")):
-        if f.name == CLEARED_FILE:
+    return sorted(p for p in d.iterdir() if p.suffix in (KEYS_SUFFIX, DBWIDE_SUFFIX) and not p.name.startswith("."))
+
+
+def _read(path: Path) -> list[dict]:
+    out = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return out  # taken by a repair meanwhile
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
             continue
-        for m in _read_jsonl(f):
-            ts = float(m.get("ts", 0))
-            k = (int(m.get("db", 0)), _decode_key(m))
-            if ts <= cleared_all or ts <= cleared.get(k, 0.0):
-                continue
-            old = latest.get(k)
-            if old is None or ts > old.since:
-                latest[k] = DirtyKey(k[0], k[1], m.get("reason", ""), m.get("command", ""), ts, m.get("shim", ""))
+    return out
+
+
+def _mark(entry: dict, path: Path) -> DirtyKey:
+    key = base64.b64decode(entry["key"]) if entry.get("key") is not None else None
+    return DirtyKey(int(entry.get("db", 0)), key, entry.get("reason", ""), entry.get("command", ""),
+                    float(entry.get("ts", 0)), entry.get("shim", ""), path)
+
+
+def list_dirty(state_dir: Path | str) -> list[DirtyKey]:
+    """Every key (or whole database) that is dirty now, across all shims, oldest first."""
+    latest: dict[tuple[int, bytes | None], DirtyKey] = {}
+    for f in _files(state_dir):
+        for entry in _read(f):
+            m = _mark(entry, f)
+            old = latest.get((m.db, m.key))
+            if old is None or m.since > old.since:
+                latest[(m.db, m.key)] = m
     return sorted(latest.values(), key=lambda x: x.since)
 
 
@@ -133,34 +101,43 @@ def count_dirty(state_dir: Path | str) -> int:
 
 def clear_dirty(state_dir: Path | str, keys: Iterable[tuple[int, bytes | None]] | None = None,
                 before: float | None = None) -> int:
-    """Mark keys repaired: ``keys`` as (db, key) pairs (key None: the whole-db mark), or all.
+    """Mark keys repaired: ``keys`` as (db, key) pairs (key None: a whole-database mark), or all.
 
-    ``before`` is when the repair read the dirty list (epoch seconds, default now): marks made
-    after it stay, since those writes may have happened after the repair copied the key.
-    Returns how many lines were written.
+    Only marks made up to ``before`` (epoch seconds; default now) are cleared: pass the time the
+    repair listed the dirty keys, so a key written again while it was being copied stays dirty.
+    Returns how many marks were removed.
     """
-    ts = time.time() if before is None else float(before)
-    path = dirty_dir(state_dir) / CLEARED_FILE
-    if keys is None:
-        _append(path, [json.dumps({"ts": ts, "time": iso(now()), "all": True})])
-        return 1
-    lines = [json.dumps({"ts": ts, "db": int(db), **_encode_key(key)}) for db, key in keys]
-    if lines:
-        _append(path, lines)
-    return len(lines)
+    cutoff = time.time() if before is None else float(before)
+    wanted = None if keys is None else {(int(db), k) for db, k in keys}
+    removed = 0
+    for f in _files(state_dir):
+        entries = _read(f)
+        keep = []
+        for e in entries:
+            m = _mark(e, f)
+            if m.since <= cutoff and (wanted is None or (m.db, m.key) in wanted):
+                removed += 1
+            else:
+                keep.append(e)
+        if len(keep) == len(entries):
+            continue
+        if keep:
+            atomic_write_text(f, "".join(json.dumps(e) + "\n" for e in keep))
+        else:
+            f.unlink(missing_ok=True)
+    return removed
 
 
 class DirtyRecorder:
-    """One shim's dirty marks: an in-memory set (to route reads of dirty keys) and buffered appends."""
+    """One shim's dirty marks: an in-memory set (to route reads of dirty keys) and buffered files."""
 
     def __init__(self, state_dir: Path | str, shim_id: str) -> None:
         self.state_dir = Path(state_dir)
         self.shim_id = shim_id
-        self.path = dirty_dir(state_dir) / f"{shim_id}.jsonl"
         self.keys: set[tuple[int, bytes | None]] = set()
         self.marked_total = 0
-        self._lines: list[str] = []
-        self._cleared_mtime = 0
+        self._lines: list[tuple[bool, str]] = []  # (whole database?, line)
+        self._dir_mtime = 0
 
     def add(self, db: int, keys: list[bytes], reason: str, command: bytes) -> None:
         ts = time.time()
@@ -168,34 +145,40 @@ class DirtyRecorder:
         for key in keys or [None]:
             self.marked_total += 1
             self.keys.add((db, key))
-            self._lines.append(json.dumps({"ts": ts, "time": iso(now()), "db": db, **_encode_key(key), "reason": reason,
-                                           "command": cmd, "shim": self.shim_id}))
+            entry = {"db": db, "key": base64.b64encode(key).decode() if key is not None else None, "reason": reason,
+                     "command": cmd, "ts": ts, "time": iso(now()), "shim": self.shim_id}
+            self._lines.append((key is None, json.dumps(entry)))
 
     def is_dirty(self, db: int, keys: list[bytes]) -> bool:
         if (db, None) in self.keys:
             return True
         return any((db, k) in self.keys for k in keys)
 
-    def take(self) -> list[str]:
+    def take(self) -> list[tuple[bool, str]]:
         """The buffered marks, handed over for ``write`` (called on the event loop's thread)."""
         lines, self._lines = self._lines, []
         return lines
 
-    def write(self, lines: list[str]) -> None:
-        """Persist marks (fsynced: a mark must survive a crash). Blocking I/O: run off the loop."""
-        if lines:
-            _append(self.path, lines)
+    def write(self, lines: list[tuple[bool, str]]) -> None:
+        """Persist marks as new complete files (a mark must survive a crash). Blocking I/O: off the loop."""
+        stamp = time.time_ns()
+        for dbwide, suffix in ((False, KEYS_SUFFIX), (True, DBWIDE_SUFFIX)):
+            part = [line for wide, line in lines if wide is dbwide]
+            if part:
+                atomic_write_text(dirty_dir(self.state_dir) / f"{self.shim_id}.{stamp}{suffix}", "\n".join(part) + "\n")
 
     def flush(self) -> None:
         self.write(self.take())
 
     def refresh(self) -> None:
-        """Forget keys a repair cleared (checked cheaply by the cleared file's mtime). Blocking I/O."""
+        """Re-read the marks when the folder changed (a repair deleted files). Call on the loop's thread."""
         try:
-            mtime = (dirty_dir(self.state_dir) / CLEARED_FILE).stat().st_mtime_ns
+            mtime = os.stat(dirty_dir(self.state_dir)).st_mtime_ns
         except FileNotFoundError:
+            mtime = 0
+        if mtime == self._dir_mtime:
             return
-        if mtime != self._cleared_mtime:
-            self._cleared_mtime = mtime
-            self.flush()
-            self.keys = {(d.db, d.key) for d in list_dirty(self.state_dir)}
+        self._dir_mtime = mtime
+        pending = {(json.loads(line)["db"], None if wide else base64.b64decode(json.loads(line)["key"]))
+                   for wide, line in self._lines}
+        self.keys = {(d.db, d.key) for d in list_dirty(self.state_dir)} | pending
