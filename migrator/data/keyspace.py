@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import re
+import threading
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterator
@@ -90,3 +92,38 @@ def scan_batches(client: redis.Redis, selection: Selection, cursor: int = 0, cou
         started = True
         cursor, keys = client.scan(cursor=cursor, match=match, count=count)
         yield int(cursor), selection.filter(keys)
+
+
+def prefetch(batches: Iterator, depth: int = 4) -> Iterator:
+    """Run a batch iterator (SCAN) in a thread, ``depth`` batches ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="migrator-scan", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)

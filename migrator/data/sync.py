@@ -13,6 +13,7 @@ after SCAN passed its slot is on the target through the mirror alone.
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
 from migrator.data import watch as watchmod
 from migrator.data.copy import DUMP, Copier, CopyResult, copy_functions, detect_method
-from migrator.data.keyspace import Selection, databases, keyspace_sizes, scan_batches
+from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
 from migrator.data.watch import WriteWatch
@@ -36,6 +37,7 @@ from migrator.playbook import Playbook
 from migrator.state import StateStore, iso, now
 
 CHECKPOINT_EVERY_S = 1.0
+COPY_WORKERS = 3
 DEFAULT_CHUNK = 1000
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -220,36 +222,37 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
     cursors = {-1: prog.cursor}  # seq → cursor to resume from once that batch is verified
     last_save = time.monotonic()
     errors: dict[bytes, str] = {}
-    writing = None  # the previous batch's write, overlapped with this batch's read
+    inflight: deque = deque()  # (seq, keys, marked_at, future) of batches being copied, in scan order
 
-    def finish(w) -> None:
-        seq, keys, future = w
+    def finish() -> None:
+        seq, keys, marked_at, future = inflight.popleft()
         res = future.result()
         errors.update(res.errors)
         r.total.add(res)
         prog.keys += res.copied + res.deleted
         prog.bytes += res.bytes
-        verifier.add(seq, keys, time.monotonic(), res.signatures)
+        verifier.add(seq, keys, time.monotonic(), res.signatures, marked_at)
 
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        for seq, (cursor_after, keys) in enumerate(scan_batches(src, r.selection, prog.cursor, r.batch)):
+    # Several batches are copied at once: each waits on the network and on one server most of
+    # the time, so overlapping them keeps both servers busy.
+    with ThreadPoolExecutor(max_workers=COPY_WORKERS) as pool:
+        for seq, (cursor_after, keys) in enumerate(prefetch(scan_batches(src, r.selection, prog.cursor, r.batch))):
             r.limiter.wait(len(keys))
             cursors[seq] = cursor_after
-            if watch:
-                watch.open(keys)
-            snaps = copier.read(keys) if keys else []
-            if writing:
-                finish(writing)
-            writing = (seq, keys, writer.submit(copier.write, snaps))
+            marked_at = time.monotonic()  # before the read: a write racing it must count
+            inflight.append((seq, keys, marked_at, pool.submit(copier.copy, keys)))
+            while inflight and (len(inflight) > COPY_WORKERS or inflight[0][3].done()):
+                finish()
             verifier.poll()
             r.tick(db)
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
-                prog.cursor = cursors[min(verifier.safe_seq, seq - 1)]
+                done_upto = inflight[0][0] - 1 if inflight else seq
+                prog.cursor = cursors[min(verifier.safe_seq, done_upto)]
                 cp.method = copier.method
                 cpmod.save(r.pb.state_path, cp)
                 last_save = time.monotonic()
-        if writing:
-            finish(writing)
+        while inflight:
+            finish()
     verifier.drain()
     verifier.close()
     if watch:

@@ -51,9 +51,10 @@ return out
 class Pending:
     seq: int  # position of the original batch in scan order
     keys: list[bytes]
-    written_at: float  # monotonic time the batch's write finished (it was read before)
+    written_at: float  # monotonic time the batch's write finished
     attempt: int = 1
     signatures: dict[bytes, Signature] = field(default_factory=dict)
+    marked_at: float = 0.0  # monotonic time before the batch was read (for the WriteWatch)
 
 
 @dataclass
@@ -84,11 +85,12 @@ class Verifier:
     def close(self) -> None:
         self.pool.shutdown(wait=False)
 
-    def add(self, seq: int, keys: list[bytes], written_at: float, signatures: dict[bytes, Signature] | None = None) -> None:
-        """Queue a copied batch (its keys were opened on the watch, if any, before they were read)."""
+    def add(self, seq: int, keys: list[bytes], written_at: float, signatures: dict[bytes, Signature] | None = None,
+            marked_at: float = 0.0) -> None:
+        """Queue a copied batch; ``marked_at`` is WriteWatch.mark() taken before it was read."""
         self.last_seq = max(self.last_seq, seq)
         if keys:
-            self.queue.append(Pending(seq, keys, written_at, signatures=signatures or {}))
+            self.queue.append(Pending(seq, keys, written_at, signatures=signatures or {}, marked_at=marked_at))
 
     @property
     def safe_seq(self) -> int:
@@ -125,13 +127,15 @@ class Verifier:
             self.watch.fence()  # every event up to now is in: the batches' windows are complete
         for p in due:
             self._verify(p)
+        if self.watch:
+            oldest = min((p.marked_at for p in self.queue), default=time.monotonic())
+            self.watch.forget_before(oldest)
 
     def _suspects(self, p: Pending) -> list[bytes]:
         """The keys of ``p`` that may differ: written during their window, or unknown."""
-        if self.watch:
-            written = self.watch.close(p.keys)
-            if not self.watch.broken:
-                return [k for k in p.keys if k in written]
+        if self.watch and not self.watch.broken:
+            written = self.watch.written_since(p.keys, p.marked_at)
+            return [k for k in p.keys if k in written]
         same = self.unchanged(p)
         return [k for k in p.keys if k not in same]
 
@@ -179,8 +183,7 @@ class Verifier:
                 self.stats.unsettled[k] = f"{d.kind}: {d.detail}"
             return
         keys = list(diffs)
-        if self.watch:
-            self.watch.open(keys)
+        marked_at = time.monotonic()
         res = self.copier.copy(keys)
         self.stats.recopied += len(keys)
-        self.queue.append(Pending(p.seq, keys, time.monotonic(), p.attempt + 1, res.signatures))
+        self.queue.append(Pending(p.seq, keys, time.monotonic(), p.attempt + 1, res.signatures, marked_at))

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from typing import Iterable
-
+import time
 import redis
 
 _EXCEPT_RESTORE = ["[^r]*", "r[^e]*", "re[^s]*", "res[^t]*", "rest[^o]*", "resto[^r]*", "restor[^e]*", "restore?*",
@@ -35,7 +34,12 @@ def notify_flags(client: redis.Redis) -> str:
 
 
 class WriteWatch:
-    """Subscribes to one database's keyevent channels and marks keys of open batches written."""
+    """Subscribes to one database's keyevent channels and remembers when each key was last written.
+
+    A batch notes ``mark()`` before its keys are read; after a ``fence()``, ``written_since``
+    tells which of its keys the target saw written since then. Entries older than every open
+    batch are dropped (``forget_before``), so memory follows the write rate, not the keyspace.
+    """
 
     def __init__(self, client: redis.Redis, db: int) -> None:
         self.client = client
@@ -43,44 +47,39 @@ class WriteWatch:
         self.fence_channel = f"__migrator_fence__:{secrets.token_hex(8)}"
         self.broken = False
         self._lock = threading.Lock()
-        self._open: dict[bytes, int] = {}
-        self._written: set[bytes] = set()
+        self._written: dict[bytes, float] = {}  # key → monotonic time its last event arrived
         self._fences: dict[bytes, threading.Event] = {}
         self._pubsub = client.pubsub()
         prefix = f"__keyevent@{db}__:"
         self._pubsub.psubscribe(*(prefix + p for p in _EXCEPT_RESTORE))
         self._pubsub.subscribe(self.fence_channel)
-        self._thread = threading.Thread(target=self._read, name="migrator-watch", daemon=True)
         self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="migrator-watch", daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         try:
             while not self._stop.is_set():
-                msg = self._pubsub.get_message(timeout=0.2)
+                msg = self._pubsub.get_message(timeout=0.05)
                 if msg is None:
                     continue
                 if msg["type"] == "pmessage":
-                    self._event(msg["data"])
+                    with self._lock:
+                        self._written[msg["data"]] = time.monotonic()
                 elif msg["type"] == "message":
                     ev = self._fences.get(msg["data"])
                     if ev:
                         ev.set()
         except (redis.exceptions.RedisError, OSError, ValueError):
-            self.broken = True
+            if not self._stop.is_set():
+                self.broken = True
             for ev in list(self._fences.values()):
                 ev.set()
 
-    def _event(self, key: bytes) -> None:
-        with self._lock:
-            if key in self._open:
-                self._written.add(key)
-
-    def open(self, keys: Iterable[bytes]) -> None:
-        """Start watching ``keys``: call before reading them from the source."""
-        with self._lock:
-            for k in keys:
-                self._open[k] = self._open.get(k, 0) + 1
+    @staticmethod
+    def mark() -> float:
+        """The time to give ``written_since`` for keys about to be read."""
+        return time.monotonic()
 
     def fence(self, timeout: float = 10.0) -> bool:
         """Wait until every event the target emitted so far has been received; False if broken."""
@@ -95,20 +94,16 @@ class WriteWatch:
             self._fences.pop(token, None)
         return not self.broken
 
-    def close(self, keys: Iterable[bytes]) -> set[bytes]:
-        """Stop watching ``keys`` (after a fence); returns those written while watched."""
-        out = set()
+    def written_since(self, keys: list[bytes], since: float) -> set[bytes]:
+        """Keys among ``keys`` whose last event arrived at or after ``since`` (call after a fence)."""
         with self._lock:
-            for k in keys:
-                if k in self._written:
-                    out.add(k)
-                n = self._open.get(k, 0) - 1
-                if n <= 0:
-                    self._open.pop(k, None)
-                    self._written.discard(k)
-                else:
-                    self._open[k] = n
-        return out
+            hit = self._written.keys() & set(keys)
+            return {k for k in hit if self._written[k] >= since}
+
+    def forget_before(self, since: float) -> None:
+        with self._lock:
+            if self._written:
+                self._written = {k: t for k, t in self._written.items() if t >= since}
 
     def stop(self) -> None:
         self._stop.set()
