@@ -184,12 +184,14 @@ def start(
     dir: Path | None = None,
     password: str | None = None,
     config: dict[str, str] | None = None,
+    conf_lines: list[str] | None = None,
     timeout: float = 15.0,
 ) -> RunningServer:
     """Start a server on a free loopback port and wait until it answers PING.
 
-    Persistence is off unless ``config`` turns it on. The caller must ``stop()`` it (or use it
-    as a context manager).
+    Persistence is off unless ``config`` turns it on. ``conf_lines`` are written verbatim to a
+    config file (for directives that take several words, e.g. ``rename-command CONFIG ""``).
+    The caller must ``stop()`` it (or use it as a context manager).
     """
     if isinstance(binary, str):
         found = find(binary)
@@ -215,7 +217,12 @@ def start(
     last_error: Exception | None = None
     for _attempt in range(5):  # a free port can be taken between probing and binding
         use_port = port or free_port()
-        args = [str(binary.path), "--port", str(use_port)]
+        args = [str(binary.path)]
+        if conf_lines:
+            conf = dir / "extra.conf"
+            conf.write_text("\n".join(conf_lines) + "\n")
+            args.append(str(conf))
+        args += ["--port", str(use_port)]
         for k, v in settings.items():
             args += [f"--{k}", *(v.split() if k in ("save",) and v else [v])]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)

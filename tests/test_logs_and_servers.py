@@ -38,3 +38,13 @@ def test_harness_finds_and_runs_every_server_kind(server_factory):
     s = started[0]
     s.stop()
     assert not s.alive() and not s.dir.exists()
+
+
+def test_conf_lines_reach_the_server(server_factory):
+    """Multi-word directives can be given as config-file lines (here: CONFIG disabled, as on managed services)."""
+    import pytest
+    import redis
+
+    s = server_factory("valkey-8.1", conf_lines=['rename-command CONFIG ""'])
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        s.client().config_get("maxmemory")
