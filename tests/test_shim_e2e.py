@@ -163,6 +163,39 @@ def test_reads_on_target_answers_reads_from_the_target_and_keeps_read_your_write
     assert env.source.client().get("k299") == b"299" and env.target.client().get("k299") == b"299"
 
 
+def test_reads_on_target_applies_to_the_target_only_what_the_source_accepted(env):
+    """Source first, then target: a pipelined write the source rejects is not applied to the target."""
+    env.set_phase(Phase.MIRRORING)
+    env.set_phase(Phase.READS_ON_TARGET)
+    c = env.client()
+    c.set("str", "not-a-number")
+    p = c.pipeline(transaction=False)
+    p.set("a", 1).incr("str").set("b", 2).hset("str", "f", "v")
+    out = p.execute(raise_on_error=False)
+    assert out[0] is True and isinstance(out[1], redis.ResponseError) and out[2] is True
+    assert isinstance(out[3], redis.ResponseError)
+    tgt = env.target.client()
+    assert tgt.get("a") == b"1" and tgt.get("b") == b"2" and tgt.get("str") == b"not-a-number"
+    env.flush()
+    assert sum(env.stats().divergences.values()) == 0 and list_dirty(env.pb.state_path) == []
+
+
+def test_mirror_queue_overflow_marks_writes_dirty_instead_of_dropping_them(server_factory, make_env):
+    """When the mirror queue is full, writes still succeed for the client and their keys are recorded dirty."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"), shim={"mirror_queue_size": 4})
+    env.set_phase(Phase.MIRRORING)
+    c = env.client()
+    p = c.pipeline(transaction=False)
+    for i in range(50):
+        p.set(f"q{i}", i)
+    assert all(p.execute())
+    env.flush()
+    dirty = list_dirty(env.pb.state_path)
+    assert dirty and all(d.reason == "mirror-queue-full" for d in dirty)
+    missing = {f"q{i}".encode() for i in range(50) if env.target.client().get(f"q{i}") is None}
+    assert missing <= {d.key for d in dirty}
+
+
 def test_writes_on_target_makes_the_target_authoritative_and_keeps_the_source_in_step(env):
     """After the write cutover, the target's reply is what the client sees; the source still gets every write."""
     for phase in (Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET):

@@ -97,9 +97,9 @@ class DivergenceRecorder:
         pc.by_kind.update({k: int(v) for k, v in (data.get("by_kind") or {}).items()})
         return pc
 
-    def compared(self) -> None:
-        self.current.compared += 1
-        self.total_compared += 1
+    def compared(self, n: int = 1) -> None:
+        self.current.compared += n
+        self.total_compared += n
 
     def record(self, *, kind: str, command: bytes, keys: list[bytes], db: int, source_raw: bytes | None,
                target_raw: bytes | None) -> None:

@@ -35,10 +35,11 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
+    def observe(self, seconds: float, n: int = 1) -> None:
+        """``n`` commands answered together (a pipelined batch) after ``seconds``."""
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += n
+        self.sum += seconds * n
+        self.count += n
 
     def quantile(self, q: float) -> float | None:
         """An upper bound of the q-quantile from the buckets (None without observations)."""

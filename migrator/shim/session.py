@@ -52,6 +52,10 @@ IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 _WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
 _TX_PLAN_CACHE: dict = {}
 CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
+FAST_PATH_MAX_PARTIAL = 64 * 1024  # a command bigger than this: that connection uses the slow path
+# Commands whose shadow version differs from what the client sent (see effects): never batched.
+_NOT_PLAIN = frozenset(effects.NEEDS_REPLY | {b"expire", b"pexpire", b"setex", b"psetex", b"getex", b"restore", b"xadd",
+                                             b"select", b"hello", b"client", b"readonly", b"readwrite"})
 
 
 class Entry:
@@ -60,6 +64,7 @@ class Entry:
     __slots__ = (
         "answer",
         "args",
+        "batch",
         "c",
         "close_after",
         "cls",
@@ -73,10 +78,12 @@ class Entry:
         "heal_sha",
         "internal",
         "local",
+        "n",
         "name",
         "payload",
         "pending",
         "rep",
+        "sent_idx",
         "shadow",
         "shadow_raw",
         "stream",
@@ -115,6 +122,9 @@ class Entry:
         self.write = self.cls in _WRITE_LIKE
         self.heal_sha: bytes | None = None
         self.txcmp: tuple[list[bytes], list[tuple[int, int]]] | None = None
+        self.n = 1  # commands this entry stands for (a batch: a whole pipelined chunk)
+        self.batch = False
+        self.sent_idx: list[int] | None = None  # a batch's commands the shadow got (None: all)
 
 
 class Upstream:
@@ -157,6 +167,9 @@ class Session:
         self.blocking_pending = 0  # pending commands that may block: not waited for by a drain
         self.held: list[bytes] = []  # client bytes received while the shim holds (write switch)
         self.held_bytes = 0
+        # Raw forwarding of whole pipelined chunks (see _raw_commands): bytes of a partial command.
+        self.fast = True
+        self.leftover = b""
 
     # --- client side ---------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
@@ -179,10 +192,12 @@ class Session:
             self.client.write(error_reply(f"ERR Protocol error: {e}"))
             self.close("protocol error")
             return
-        for args in commands:
-            self.handle(args)
-            if self.closed:
-                return
+        raw = self._raw_commands(data, commands) if self.fast else None
+        if raw is None or not self._batch(commands, raw):
+            for args in commands:
+                self.handle(args)
+                if self.closed:
+                    return
         self._pump(SOURCE)
         self._pump(TARGET)
         self._flush_client()
@@ -371,6 +386,164 @@ class Session:
         e.answer = side
         e.payload[side] = encode(args)
         self._enqueue(side, e)
+
+    # --- the fast path: a pipelined chunk of plain commands, forwarded as it came -------------
+    def _raw_commands(self, data: bytes, commands: list[list[bytes]]) -> bytes | None:
+        """The exact bytes of ``commands`` if the client encodes canonically (every client does).
+
+        hiredis does not say where a partial command starts, so the bytes are accounted for by
+        re-computing each command's encoded length. A client whose bytes do not add up (inline
+        commands, non-canonical lengths) or that sends very large commands loses the fast path
+        for the rest of its connection; the slow path re-encodes every command and is exact.
+        """
+        buf = self.leftover + data if self.leftover else data
+        if not commands:
+            self.leftover = buf
+            if len(buf) > FAST_PATH_MAX_PARTIAL:
+                self.fast, self.leftover = False, b""
+            return None
+        consumed = 0
+        for cmd in commands:
+            consumed += _encoded_length(cmd)
+        n = len(buf)
+        if consumed > n or buf[consumed - 2 : consumed] != b"\r\n" or (consumed < n and buf[consumed] != 42):
+            self.fast, self.leftover = False, b""
+            return None
+        if consumed == n:
+            self.leftover = b""
+            return buf
+        self.leftover = buf[consumed:]
+        if len(self.leftover) > FAST_PATH_MAX_PARTIAL:
+            self.fast, self.leftover = False, b""
+        return buf[:consumed]
+
+    def _batch(self, commands: list[list[bytes]], raw: bytes) -> bool:
+        """Route a chunk as one entry if every command in it is plain and routed alike.
+
+        Plain: a read or a write both sides know, compared as sent, with no effect to compute.
+        The chunk goes to each side as the client sent it and the replies are matched as a
+        whole; anything else takes the per-command path. False: nothing was done.
+        """
+        if self.tx is not None or self.pipe is not None or not self.authed:
+            return False
+        shim = self.shim
+        routes = shim.routes
+        classify = shim.table.classify
+        plan = None
+        reads = writes = 0
+        for args in commands:
+            c = classify(args)
+            cls = c.cls
+            if cls is Cls.WRITE:
+                writes += 1
+            elif cls is Cls.READ:
+                reads += 1
+            else:
+                return False
+            info = c.info
+            name = info.name if info is not None else b""
+            if name in _NOT_PLAIN or (name == b"set" and len(args) > 3) or not (c.known[0] and c.known[1]):
+                return False
+            p = routes[cls]
+            if plan is None:
+                plan = p
+            elif p is not plan and (p.answer, p.shadow, p.sequential, p.fallback) != (
+                    plan.answer, plan.shadow, plan.sequential, plan.fallback):
+                return False
+            if p.compare and name in cmp.EXCLUDED:
+                return False
+        k = len(commands)
+        answer, shadow = plan.answer, plan.shadow
+        if shadow is not None:
+            u = self.up[shadow]
+            if (u.state is DOWN or u.state is IDLE) and not shim.may_retry(shadow):
+                return False
+            if shim.mirror_depth + k > shim.cfg.mirror_queue_size:
+                return False
+            if reads and shim.cfg.compare_reads < 1.0:
+                if writes or not shim.sample():
+                    return False  # sampled reads mixed with writes: per command
+            if plan.fallback and shim.dirty.keys:
+                return False
+        e = Entry(commands, b"", None, shim.generation)
+        e.batch = True
+        e.n = k
+        e.cls = Cls.WRITE if writes else Cls.READ
+        e.write = bool(writes)
+        e.answer, e.shadow = answer, shadow
+        e.db = self._db(answer)
+        e.payload[answer] = raw
+        e.exp[answer] = k
+        e.pending = 1
+        stats = shim.stats.commands
+        if reads:
+            stats[("read", SIDE_NAMES[answer])] += reads
+        if writes:
+            stats[("write", SIDE_NAMES[answer])] += writes
+        if shadow is not None:
+            e.pending = 2
+            e.exp[shadow] = k
+            e.compare = True
+            e.wait_shadow = plan.wait_shadow
+            e.fallback = plan.fallback
+            shim.mirror_depth += k
+            if reads:
+                stats[("read", SIDE_NAMES[shadow])] += reads
+            if writes:
+                stats[("write", SIDE_NAMES[shadow])] += writes
+            if plan.sequential:
+                e.payload[shadow] = DEFERRED
+                e.shadow_raw = raw
+            else:
+                e.payload[shadow] = raw
+        self.pending_count += 1
+        shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
+        self.inflight.append(e)
+        self._enqueue(answer, e)
+        if shadow is not None:
+            self._enqueue(shadow, e)
+        return True
+
+    def _resolve_batch(self, e: Entry, other: int, frames: list[bytes]) -> None:
+        """Source first, then target: the shadow gets the commands the answering side applied."""
+        failed = [i for i, f in enumerate(frames) if f[:1] == b"-"]
+        if not failed:
+            e.payload[other] = e.shadow_raw
+            return
+        keep = [i for i in range(e.n) if i not in set(failed)]
+        e.sent_idx = keep
+        e.exp[other] = max(len(keep), 1)
+        e.payload[other] = b"".join(encode(e.args[i]) for i in keep) if keep else NOTHING
+
+    def _compare_batch(self, e: Entry) -> None:
+        shim = self.shim
+        src, tgt = e.rep[SOURCE], e.rep[TARGET]
+        idx = e.sent_idx
+        if idx is None:
+            pairs = zip(range(e.n), src, tgt)
+        else:  # some commands failed on the answering side and were not sent to the shadow
+            answer_frames = e.rep[e.answer]
+            shadow_frames = e.rep[e.shadow]
+            pairs = ((i, *((answer_frames[i], shadow_frames[j]) if e.answer == SOURCE else (shadow_frames[j], answer_frames[i])))
+                     for j, i in enumerate(idx))
+        compared = 0
+        for i, a, b in pairs:
+            compared += 1
+            if a == b:
+                continue
+            args = e.args[i]
+            name = args[0].lower()
+            kind = cmp.compare(name, parse(a), parse(b), shim.ttl_tolerance_ms)
+            if kind is None:
+                continue
+            shim.stats.divergences[kind] += 1
+            c = shim.table.classify(args)
+            keys = c.keys(args)
+            shim.divergence.record(kind=kind, command=name, keys=keys, db=e.db, source_raw=a, target_raw=b)
+            if c.cls is Cls.WRITE:
+                self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else TARGET), f"divergent-{kind}", name)
+        shim.stats.compared += compared
+        shim.divergence.compared(compared)
 
     # --- routing -------------------------------------------------------------------------
     def _db(self, side: int) -> int:
@@ -571,7 +744,7 @@ class Session:
                 self.fail(side, f"unexpected reply from {SIDE_NAMES[side]} (stream out of step)")
                 break
             e = wait[0]
-            if e.exp[side] == 1:
+            if e.exp[side] == 1 and not e.batch:
                 wait.popleft()
                 e.rep[side] = raw
             else:
@@ -598,7 +771,14 @@ class Session:
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
-        shim.stats.latency[side].observe(now - e.ts[side])
+        shim.stats.latency[side].observe(now - e.ts[side], e.n)
+        if e.batch:
+            if side == e.answer and e.shadow is not None and e.payload[e.shadow] is DEFERRED:
+                self._resolve_batch(e, e.shadow, e.rep[side])
+            if e.compare and e.rep[0] is not None and e.rep[1] is not None:
+                self._compare_batch(e)
+            self._finish_side(e, side)
+            return
         if e.internal:
             raw = e.rep[side]
             if e.heal_sha is not None:
@@ -697,7 +877,7 @@ class Session:
         if e.internal or e.stream:
             return
         if side == e.shadow:
-            self.shim.mirror_depth -= 1
+            self.shim.mirror_depth -= e.n
         e.pending -= 1
         if e.pending == 0:
             self._entry_done(e)
@@ -723,11 +903,14 @@ class Session:
                     break
                 continue
             raw = e.rep[e.answer]
-            if raw is None:
+            if raw is None or (e.batch and len(raw) < e.n):
                 break
             if e.wait_shadow and e.shadow is not None and not e.done[e.shadow]:
                 break
-            out.append(raw)
+            if e.batch:
+                out.extend(raw)
+            else:
+                out.append(raw)
             inflight.popleft()
         if not inflight and self.backlog:
             out.extend(self.backlog)
@@ -773,7 +956,7 @@ class Session:
                     e.answer, e.shadow = other, None
                     e.done[side] = True
                     e.pending -= 1
-                    shim.mirror_depth -= 1
+                    shim.mirror_depth -= e.n
                     e.wait_shadow = False
                     if e.rep[other] is not None and e.pending == 0:
                         self._entry_done(e)
@@ -839,6 +1022,13 @@ class Session:
 
     # --- helpers -------------------------------------------------------------------------
     def _entry_keys(self, e: Entry) -> list[bytes]:
+        if e.batch:
+            keys: list[bytes] = []
+            for args in e.args:
+                c = self.shim.table.classify(args)
+                if c.cls in _WRITE_LIKE:
+                    keys.extend(c.keys(args))
+            return list(dict.fromkeys(keys))
         if e.tx is not None:
             keys: list[bytes] = []
             for args in e.tx:
@@ -862,6 +1052,15 @@ class Session:
     def drained(self) -> bool:
         """Nothing in flight except commands that may block indefinitely (BLPOP...)."""
         return self.pending_count == self.blocking_pending
+
+
+def _encoded_length(cmd: list[bytes]) -> int:
+    """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
+    total = 3 + len(str(len(cmd)))
+    for a in cmd:
+        n = len(a)
+        total += n + 5 + (1 if n < 10 else 2 if n < 100 else 3 if n < 1000 else len(str(n)))
+    return total
 
 
 def _reason_label(reason: str) -> str:
