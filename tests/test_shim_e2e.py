@@ -398,6 +398,20 @@ def test_pubsub_publish_reaches_both_and_subscribers_follow_the_read_side(env):
         s.close()
 
 
+def test_resp3_subscribers_receive_push_messages(one_env):
+    """A RESP3 subscriber gets its messages as pushes through the shim, and can still PING."""
+    env = one_env
+    env.set_phase(Phase.MIRRORING)
+    sub = env.client(protocol=3).pubsub()
+    sub.subscribe("r3")
+    assert sub.get_message(timeout=2)["type"] == "subscribe"
+    env.client().publish("r3", "pushed")
+    wait_for(lambda: (m := sub.get_message(timeout=0.2)) is not None and m["data"] == b"pushed", what="push message")
+    sub.ping()
+    wait_for(lambda: (m := sub.get_message(timeout=0.2)) is not None and m["type"] == "pong", what="pong")
+    sub.close()
+
+
 def test_subscribers_on_a_side_publish_no_longer_reaches_are_disconnected(one_env):
     """At completion a subscriber still on the source is disconnected, and resubscribing lands it on the target."""
     env = one_env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,3 +285,21 @@ def test_workers_share_the_port_and_their_metrics_add_up(server_factory, make_pl
     finally:
         code = _stop(proc)
     assert code == 0
+
+
+def test_client_side_tls(server_factory, envs, tmp_path):
+    """With shim.tls, clients connect over TLS and the shim still routes their commands."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to make a certificate")
+    key, cert = tmp_path / "shim.key", tmp_path / "shim.crt"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    env = envs(server_factory("redis-7.0"), server_factory("valkey-9.1"),
+               shim={"tls": {"cert_file": str(cert), "key_file": str(key)}})
+    env.set_phase(Phase.MIRRORING)
+    c = env.client(ssl=True, ssl_ca_certs=str(cert), ssl_check_hostname=False)
+    assert c.set("tls", 1) and c.get("tls") == b"1"
+    assert env.target.client().get("tls") == b"1"
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=env.port, socket_timeout=2, retry=Retry(NoBackoff(), 0)).ping()  # plaintext is refused

@@ -460,9 +460,8 @@ class Session:
                 return False
             if shim.mirror_depth + k > shim.cfg.mirror_queue_size:
                 return False
-            if reads and shim.cfg.compare_reads < 1.0:
-                if writes or not shim.sample():
-                    return False  # sampled reads mixed with writes: per command
+            if reads and shim.cfg.compare_reads < 1.0 and (writes or not shim.sample()):
+                return False  # sampled reads mixed with writes: per command
             if plan.fallback and shim.dirty.keys:
                 return False
         e = Entry(commands, b"", None, shim.generation)
