@@ -29,9 +29,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local maxn, maxb, dump = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 local size = {string='STRLEN', hash='HLEN', list='LLEN', set='SCARD', zset='ZCARD', stream='XLEN'}
 -- Compact encodings are small by construction (the server converts a value past its
--- *-max-listpack-* limits), so such keys need no TYPE nor size check before their DUMP; the
--- type is then read from the payload's first byte.
+-- *-max-listpack-* limits), so such keys need no size check before their DUMP; the type is
+-- then read from the payload's first byte. Other encodings name their type, except hashtable.
 local compact = {listpack=true, ziplist=true, intset=true, embstr=true, int=true}
+local typed = {quicklist='list', skiplist='zset', raw='string', stream='stream'}
 local out = {now}
 for i, k in ipairs(KEYS) do
   local enc = redis.call('OBJECT', 'ENCODING', k)
@@ -39,12 +40,13 @@ for i, k in ipairs(KEYS) do
   if not enc then ty = 'none'
   elseif dump and compact[enc] then payload = redis.call('DUMP', k)
   else
-    ty = redis.call('TYPE', k)['ok']
+    ty = typed[enc] or redis.call('TYPE', k)['ok']
     if size[ty] then n = redis.call(size[ty], k) end
     local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
     if dump and not big then payload = redis.call('DUMP', k) end
   end
-  out[i + 1] = {ty, n, redis.call('PTTL', k), payload}
+  local j = 4 * i - 2
+  out[j], out[j + 1], out[j + 2], out[j + 3] = ty, n, redis.call('PTTL', k), payload
 end
 return out
 """
@@ -167,7 +169,7 @@ class Copier:
         for k, st in zip(keys, states):
             big = (st.type == "string" and st.size > self.chunk_bytes) or (st.type != "string" and st.size > self.chunk)
             payload = self.src.dump(k) if dump and st.exists and not big else None
-            rows.append([st.type, st.size, st.pttl, payload])
+            rows += [st.type, st.size, st.pttl, payload]
         return _snaps(keys, now, rows, self.chunk, self.chunk_bytes)
 
     # --- writing -------------------------------------------------------------------------
@@ -263,9 +265,10 @@ _RDB_TYPES = {0: "string", 1: "list", 2: "set", 3: "zset", 4: "hash", 5: "zset",
               25: "hash"}
 
 
-def _snaps(keys: list[bytes], now: int, rows: list, chunk: int, chunk_bytes: int) -> list[Snap]:
+def _snaps(keys: list[bytes], now: int, flat: list, chunk: int, chunk_bytes: int) -> list[Snap]:
+    """Snaps from the read script's flat reply: (type, size, PTTL, payload) per key."""
     out = []
-    for k, (ty, n, ttl, payload) in zip(keys, rows):
+    for k, ty, n, ttl, payload in zip(keys, flat[0::4], flat[1::4], flat[2::4], flat[3::4]):
         ty = _TYPES.get(ty) or (_RDB_TYPES.get(payload[0], "unknown") if payload else values._s(ty))
         big = n > chunk_bytes if ty == "string" else (ty != "none" and n > chunk)
         out.append(Snap(k, ty, n, now + ttl if ttl > 0 else 0, payload, big))
