@@ -257,7 +257,10 @@ class Shim:
             if missing:
                 self.log.warning("shim.commands_unknown", side=SIDE_NAMES[side], count=len(missing),
                                  commands=sorted(m.decode() for m in missing)[:50])
-        self._apply_state(self._read_state(force=True), initial=True)
+        # An unreadable state must stop the start-up: serving "planned" by default could send
+        # writes to the source after the write cutover.
+        self._state_sig = None
+        self._apply_state(self.store.load(), initial=True)
         host, port = split_hostport(self.listen)
         self._server = await self.loop.create_server(
             lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,

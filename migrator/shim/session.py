@@ -964,7 +964,7 @@ class Session:
                 self._finish_side(e, side)
             else:
                 shim.stats.shadow_failures[(SIDE_NAMES[side], _reason_label(reason))] += 1
-                if e.write:
+                if e.write and e.payload[side] is not NOTHING:  # NOTHING: there was nothing to apply
                     self._mark_dirty(self._entry_keys(e), self._db(side), _reason_label(reason), e.name)
                 self._finish_side(e, side)
         if lost_answer or (self.pipe == side):
