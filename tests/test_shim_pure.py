@@ -190,6 +190,14 @@ def test_classification(args, cls):
     assert _table().classify(args).cls is cls
 
 
+def test_a_container_command_alone_does_not_shadow_its_subcommands():
+    """CLIENT on its own and CLIENT SETNAME are classified separately (no stale cache entry)."""
+    t = _table()
+    assert t.classify([b"CLIENT"]).cls is Cls.ADMIN
+    assert t.classify([b"CLIENT", b"SETNAME", b"x"]).cls is Cls.CONNECTION
+    assert t.classify([b"get", b"k"]) is t.classify([b"GET", b"k"])
+
+
 def test_blocking_from_either_side_and_unknown_sides_are_reported():
     """A blocking flag on one side only still makes the command blocking; each side's ignorance is reported."""
     t = _table()

@@ -272,10 +272,11 @@ class CommandTable:
         # commands are assumed known there rather than all reported unknown.
         self.tables: list[dict[bytes, CommandInfo] | None] = [source, target]
         self._cache: dict[bytes, Classified] = {}
+        self._exact: dict[bytes, Classified] = {}
 
     def set_table(self, side: int, table: dict[bytes, CommandInfo]) -> None:
         self.tables[side] = table
-        self._cache = {}
+        self._cache, self._exact = {}, {}
 
     def loaded(self, side: int) -> bool:
         return self.tables[side] is not None
@@ -314,11 +315,18 @@ class CommandTable:
         return merged, known
 
     def classify(self, args: list[bytes]) -> Classified:
-        name = args[0].lower()
-        hit = self._cache.get(name)
+        first = args[0]
+        hit = self._exact.get(first)  # the name as the client spells it: no lower() per command
         if hit is not None:
             return hit
-        sub = args[1].lower() if len(args) > 1 and self._has_subcommands(name) else None
+        name = first.lower()
+        hit = self._cache.get(name)
+        if hit is not None:
+            if len(self._exact) < 4096:
+                self._exact[first] = hit
+            return hit
+        has_sub = self._has_subcommands(name)
+        sub = args[1].lower() if len(args) > 1 and has_sub else None
         info, known = self._merged(name, sub)
         cls = _BY_SUBCOMMAND.get((name, sub)) if sub is not None else None
         if cls is None:
@@ -331,7 +339,7 @@ class CommandTable:
                 cls = Cls.WRITE if cls is Cls.BLOCKING else Cls.READ
             return Classified(cls, info, known)  # depends on the arguments: not cached
         out = Classified(cls, info, known)
-        if sub is None:
+        if not has_sub:  # a container (CLIENT, CONFIG...) depends on its subcommand: not cached
             self._cache[name] = out
         return out
 

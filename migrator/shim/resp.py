@@ -75,13 +75,34 @@ class Framer:
     def feed(self, data: bytes) -> list[bytes]:
         buf = self.buf + data if self.buf else data
         frames: list[bytes] = []
+        append = frames.append
+        find = buf.find
         pos = 0
         n = len(buf)
         while pos < n:
-            end = frame_end(buf, pos)
-            if end < 0:
-                break
-            frames.append(buf[pos:end])
+            # The common replies (+OK, :1, $3 bulk) inline; the rest through frame_end.
+            t = buf[pos]
+            if t == 36:  # '$'
+                eol = find(CRLF, pos)
+                if eol < 0:
+                    break
+                try:
+                    length = int(buf[pos + 1 : eol])
+                except ValueError:
+                    raise ProtocolError(f"bad bulk length {bytes(buf[pos:eol])[:32]!r}") from None
+                end = eol + 4 + length if length >= 0 else eol + 2
+                if end > n:
+                    break
+            elif t == 43 or t == 58:  # '+' ':'
+                eol = find(CRLF, pos)
+                if eol < 0:
+                    break
+                end = eol + 2
+            else:
+                end = frame_end(buf, pos)
+                if end < 0:
+                    break
+            append(buf[pos:end])
             pos = end
         self.buf = buf[pos:] if pos < n else b""
         return frames

@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -689,7 +689,7 @@ class ShimThread:
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
-    def start(self, timeout: float = 30.0) -> ShimThread:
+    def start(self, timeout: float = 30.0) -> Self:
         self._thread = threading.Thread(target=self._run, name="migrator-shim", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -737,7 +737,7 @@ class ShimThread:
     def admin_port(self) -> int | None:
         return self.shim.admin_address[1] if self.shim.admin_address else None
 
-    def __enter__(self) -> ShimThread:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
