@@ -32,6 +32,7 @@ def test_every_type_with_ttls_is_copied_and_checks_clean(pair, make_playbook):
     pb = load(make_playbook(src, dst, **FAST))
     res = sync.run(pb)
     assert res.complete and res.keys == len(types)
+    assert src.client().config_get("notify-keyspace-events")["notify-keyspace-events"] == ""  # turned back off
     t = dst.client()
     for key, type_ in types.items():
         assert t.type(key).decode() == type_, key
@@ -91,6 +92,33 @@ def test_big_keys_are_copied_in_chunks_through_a_temporary_key(server_factory, m
     assert t.scard("bigset") == 50_000 and not t.sismember("bigset", "stale-member")
     assert 4990 < t.ttl("bigset") <= 5000
     assert not [k for k in t.keys() if k.startswith(TMP_PREFIX)]
+    assert _full_check(pb, chunk=500).clean
+
+
+@pytest.mark.parametrize("source,target,events", [("redis-7.0", "valkey-9.1", True), ("redis-7.0", "valkey-9.1", False),
+                                                   ("valkey-9.1", "redis-7.0", True)])
+def test_write_to_a_big_key_during_its_chunked_copy_is_repaired(server_factory, make_playbook, monkeypatch, source, target,
+                                                                events):
+    """A mirrored SREM of a member already copied into the temporary key is caught after the RENAME and re-copied."""
+    src, dst = server_factory(source), server_factory(target)
+    s, t = src.client(), dst.client()
+    s.sadd("bigset", *range(20_000))
+    pb = load(make_playbook(src, dst, **FAST))
+    real_parts = copy._parts
+    removed = []
+
+    def racing_parts(src_client, snap, chunk, chunk_bytes):
+        for i, (command, args) in enumerate(real_parts(src_client, snap, chunk, chunk_bytes)):
+            yield command, args
+            if i == 0 and not removed:
+                removed.append(args[0])
+                s.srem("bigset", args[0])  # the shim's order: source, then target
+                t.srem("bigset", args[0])
+
+    monkeypatch.setattr(copy, "_parts", racing_parts)
+    res = sync.run(pb, chunk=500, keyspace_events=events)
+    assert removed and res.complete and res.recopied == 1, res
+    assert t.scard("bigset") == 19_999 and not t.sismember("bigset", removed[0])
     assert _full_check(pb, chunk=500).clean
 
 
@@ -161,7 +189,8 @@ def test_killed_sync_resumes_from_its_checkpoint(server_factory, make_playbook):
     assert not restarted.resumed and restarted.keys == 4000
 
 
-def test_concurrent_mirrored_partial_updates_end_clean(pair, make_playbook):
+@pytest.mark.parametrize("events", [True, False], ids=["keyspace-events", "signatures"])
+def test_concurrent_mirrored_partial_updates_end_clean(pair, make_playbook, events):
     """Partial updates mirrored (source, then target) during the copy leave no key different."""
     src, dst = pair
     n = 3000
@@ -170,7 +199,7 @@ def test_concurrent_mirrored_partial_updates_end_clean(pair, make_playbook):
     writer = MirroringWriter(src.client(), dst.client(), n // 10)  # hot keys, so writes hit batches in flight
     writer.start()
     try:
-        res = sync.run(pb, batch=50, rate=6000)
+        res = sync.run(pb, batch=50, rate=6000, keyspace_events=events)
     finally:
         ops = writer.stop()
     assert ops > 500, "the writer must have raced the copy"
@@ -188,22 +217,25 @@ class RacingCopier(copy.Copier):
         snaps = super().read(keys)
         for key in [k for k in keys if k not in self.raced][:3]:
             self.raced.add(key)
-            cmd = {b"hash": ["HINCRBY", key, "f", 1], b"string": ["APPEND", key, "+"], b"list": ["LPUSH", key, "+"],
-                   b"set": ["SADD", key, "+"], b"zset": ["ZINCRBY", key, 1, "m"]}[self.src.type(key)]
+            # Removals are no-ops on a target that lacks the key yet: only the source sees them.
+            cmd = {b"hash": ["HDEL", key, "g"], b"string": ["APPEND", key, "+"], b"list": ["LPUSH", key, "+"],
+                   b"set": ["SREM", key, "s"], b"zset": ["ZINCRBY", key, 1, "m"]}[self.src.type(key)]
             for server in (self.src, self.dst):  # the shim's order: source first, then target
                 server.execute_command(*cmd)
         return snaps
 
 
+@pytest.mark.parametrize("events", [True, False], ids=["keyspace-events", "signatures"])
 @pytest.mark.parametrize("source,target", [("redis-7.0", "valkey-9.1"), ("redis-6.2", "valkey-8.1")])
-def test_writes_landing_between_read_and_write_are_repaired(server_factory, make_playbook, monkeypatch, source, target):
+def test_writes_landing_between_read_and_write_are_repaired(server_factory, make_playbook, monkeypatch, source, target,
+                                                            events):
     """When a mirrored update lands between a batch's read and its write, verify re-copies the key and the end is clean."""
     src, dst = server_factory(source), server_factory(target)
     bulk(src.client(), 500)
     pb = load(make_playbook(src, dst, **FAST))
     monkeypatch.setattr(sync, "Copier", RacingCopier)
     RacingCopier.raced = set()
-    res = sync.run(pb, batch=50)
+    res = sync.run(pb, batch=50, keyspace_events=events)
     assert res.complete and res.recopied > 0, res
     result = _full_check(pb)
     assert result.clean, [(m.key, m.detail) for m in result.mismatches]
@@ -218,7 +250,7 @@ def test_verifier_recopies_a_key_overwritten_by_a_stale_copy(server_factory, mak
     copier.copy([b"h"])
     t.hdel("h", "b")  # what a stale RESTORE after a mirrored HSET leaves behind
     verifier = Verifier(s, t, copier, settle=0.05, ttl_tolerance_ms=2000)
-    verifier.add(0, [b"h"], time.monotonic())
+    verifier.add(0, [b"h"], time.monotonic(), copy.CopyResult())
     verifier.drain()
     assert verifier.stats.recopied == 1 and not verifier.stats.unsettled
     assert t.hgetall("h") == {b"a": b"1", b"b": b"2"}

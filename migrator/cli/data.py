@@ -71,17 +71,20 @@ def _progress_logs_visible(cctx: click.Context) -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Keys per pipelined batch (default sync.batch).")
 @click.option("--chunk", type=click.IntRange(min=1), default=sync_mod.DEFAULT_CHUNK, show_default=True,
               help="Elements per read of a big key; keys with more elements are copied in chunks.")
+@click.option("--no-keyspace-events", "no_events", is_flag=True,
+              help="Do not turn on the source's keyspace events; verify every key by re-reading both sides instead.")
 @output_option
 @pass_ctx
 @click.pass_context
-def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch, chunk, output: str) -> None:
+def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch, chunk, no_events: bool, output: str) -> None:
     """Copy every key from source to target (resumable; verified against live mirrored writes)."""
     if restart and dirty:
         raise UsageError("--restart and --dirty cannot be combined")
     pb = ctx.load_playbook()
     _progress_logs_visible(cctx)
     with _Progress() as progress:
-        res = sync_mod.run(pb, restart=restart, dirty=dirty, rate=rate, batch=batch, progress=progress, chunk=chunk)
+        res = sync_mod.run(pb, restart=restart, dirty=dirty, rate=rate, batch=batch, progress=progress, chunk=chunk,
+                           keyspace_events=not no_events)
     report = reports.load(pb.state_path, res.report_id)
     if output == "json":
         emit_json(report)

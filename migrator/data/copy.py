@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 
 from migrator.data import fastcall, values
-from migrator.data.keyspace import TMP_PREFIX
+from migrator.data.keyspace import TMP_PREFIX, prefetch
 
 DUMP, STRUCT = "dump", "struct"
 
@@ -250,7 +250,8 @@ class Copier:
 
     def _copy_big(self, s: Snap, result: CopyResult) -> None:
         try:
-            result.bytes += copy_big(self.src, self.dst, s, self.chunk, self.chunk_bytes)
+            written = copy_big(self.src, self.dst, s, self.chunk, self.chunk_bytes)
+            result.bytes += written or 0
             result.copied += 1
             result.big += 1
         except redis.exceptions.ResponseError as e:
@@ -327,8 +328,8 @@ def _queue_write(p, key: bytes, type_: str, value: Any) -> int | None:
 # --- big keys: chunks into a temporary key, renamed over the real one --------------------------
 
 
-def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> int:
-    """Copy one key of any size with memory bounded by ``chunk``; returns bytes written.
+def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> int | None:
+    """Copy one key of any size with memory bounded by ``chunk``; bytes written, None if it was gone.
 
     The value is built in a temporary key and RENAMEd over the real key at the end, so readers
     of the target never see a half-copied key. The chunks are read at different moments, so a
@@ -342,33 +343,57 @@ def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_byte
         written = _copy_chunks(src, dst, s, tmp, chunk, chunk_bytes)
     if not dst.exists(tmp):  # the source key vanished or emptied while we read it
         dst.delete(s.key)
-        return 0
+        return None
     if s.expire_at:
         dst.pexpireat(tmp, s.expire_at)
     dst.rename(tmp, s.key)
     return written
 
 
-def _chunks(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int):
+def _parts(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> Iterator[tuple[bytes, list]]:
+    """(write command, arguments) per chunk of a big key, from raw replies: the elements are
+    passed through as the server sent them (scores too), with no per-element parsing."""
+    k = s.key
     if s.type == "string":
-        return values.range_string(src, s.key, chunk_bytes)
-    if s.type == "hash":
-        return values.scan_hash(src, s.key, chunk)
-    if s.type == "set":
-        return values.scan_set(src, s.key, chunk)
-    if s.type == "zset":
-        return ([(m, repr(sc)) for m, sc in part] for part in values.range_zset(src, s.key, chunk))
-    if s.type == "list":
-        return values.range_list(src, s.key, chunk)
-    raise redis.exceptions.ResponseError(f"type {s.type} is too big to DUMP and has no type-aware copy")
+        for part in values.range_string(src, k, chunk_bytes):
+            yield b"APPEND", [part]
+    elif s.type in ("hash", "set"):
+        scan, write = (b"HSCAN", b"HSET") if s.type == "hash" else (b"SSCAN", b"SADD")
+        cursor = b"0"
+        while True:
+            cursor, part = fastcall.call(src, scan, k, cursor, b"COUNT", chunk)
+            if part:
+                yield write, part
+            if cursor == b"0":
+                return
+    elif s.type in ("zset", "list"):
+        start = 0
+        while True:
+            if s.type == "zset":
+                part = fastcall.call(src, b"ZRANGE", k, start, start + chunk - 1, b"WITHSCORES")
+                if part and isinstance(part[0], list):  # RESP3: [member, score] pairs
+                    part = [x for pair in part for x in pair]
+                args = [None] * len(part)
+                args[0::2], args[1::2] = part[1::2], part[0::2]  # member, score → score, member
+                n = len(part) // 2
+            else:
+                args = part = fastcall.call(src, b"LRANGE", k, start, start + chunk - 1)
+                n = len(part)
+            if args:
+                yield (b"ZADD" if s.type == "zset" else b"RPUSH"), args
+            if n < chunk:
+                return
+            start += chunk
+    else:
+        raise redis.exceptions.ResponseError(f"type {s.type} is too big to DUMP and has no type-aware copy")
 
 
 def _copy_chunks(src, dst, s: Snap, tmp: bytes, chunk: int, chunk_bytes: int) -> int:
+    """Write each chunk while the next one is read (a reader thread, two chunks ahead at most)."""
     written = 0
-    for part in _chunks(src, s, chunk, chunk_bytes):
-        p = dst.pipeline(transaction=False)
-        written += _queue_write(p, tmp, s.type, part) or 0
-        p.execute()
+    for command, args in prefetch(_parts(src, s, chunk, chunk_bytes), depth=2):
+        fastcall.call(dst, command, tmp, *args)
+        written += sum(len(a) if isinstance(a, bytes) else 8 for a in args)
     return written
 
 

@@ -35,3 +35,8 @@ def _send(client: redis.Redis, packed: bytes) -> Any:
         raise
     finally:
         pool.release(conn)
+
+
+def call(client: redis.Redis, *args: Any) -> Any:
+    """One command, packed by hiredis, with its raw reply (bytes and lists, no redis-py parsing)."""
+    return _send(client, hiredis.pack_command(args))

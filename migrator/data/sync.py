@@ -27,7 +27,7 @@ from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
 from migrator.data import watch as watchmod
-from migrator.data.copy import DUMP, Copier, CopyResult, copy_functions, detect_method
+from migrator.data.copy import Copier, CopyResult, copy_functions, detect_method
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
@@ -108,6 +108,7 @@ class _Run:
         self.verified = self.recopied = 0
         self.total_keys = 0
         self.unsettled: list[tuple[int, str]] = []
+        self.keyspace_events = True  # may turn on the source's keyspace events to watch writes
         self.errors: list[tuple[int, str, str]] = []
 
     def clients(self, db: int) -> tuple[redis.Redis, redis.Redis]:
@@ -130,27 +131,26 @@ class _Run:
     def verifier(self, src, dst, copier: Copier, watch: WriteWatch | None = None) -> Verifier:
         return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms, watch=watch)
 
-    def watch(self, dst: redis.Redis, db: int, cp: cpmod.Checkpoint) -> WriteWatch | None:
-        """A WriteWatch on the target when notifications can be enabled (DUMP copies only: a
-        type-aware copy's own writes would make every key suspect)."""
-        if cp.method != DUMP:
+    def watch(self, src: redis.Redis, db: int, cp: cpmod.Checkpoint) -> WriteWatch | None:
+        """A WriteWatch on the source when keyspace events may be (and can be) turned on there."""
+        if not self.keyspace_events:
             return None
         if cp.notify_before is None:
-            cp.notify_before = watchmod.enable(dst)
+            cp.notify_before = watchmod.enable(src)
             if cp.notify_before is None:
                 return None
             cpmod.save(self.pb.state_path, cp)  # so a killed run's successor can restore the setting
         else:
-            watchmod.enable(dst)
+            watchmod.enable(src)
         try:
-            return WriteWatch(dst, db)
+            return WriteWatch(src, db)
         except redis.exceptions.RedisError:
             return None
 
 
 def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate: float | None = None,
         batch: int | None = None, progress: ProgressFn | None = None, chunk: int = DEFAULT_CHUNK,
-        settle: float | None = None) -> SyncResult:
+        settle: float | None = None, keyspace_events: bool = True) -> SyncResult:
     """Copy the selected keyspace (or, with ``dirty``, the shim's dirty keys) and write a report."""
     state_dir = playbook.state_path
     lock = FileLock(str(Path(state_dir) / cpmod.SYNC_DIR / "lock"), timeout=0)
@@ -161,6 +161,7 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
         raise LockedError(f"another migrator sync is running on {state_dir}; wait for it to finish") from None
     try:
         r = _Run(playbook, rate, batch, progress, chunk, settle)
+        r.keyspace_events = keyspace_events
         result = _run_dirty(r) if dirty else _run_full(r, restart)
         result.report_id = _write_report(playbook, result)
         return result
@@ -195,7 +196,7 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
             _sync_db(r, cp, db)
     _retry_unsettled(r, cp)
     if cp.notify_before is not None:
-        watchmod.restore(dst0, cp.notify_before)
+        watchmod.restore(src0, cp.notify_before)
         cp.notify_before = None
     complete = all(cp.db(d).done for d in dbs) and not r.unsettled and not r.errors
     cp.unsettled = list(r.unsettled)
@@ -215,7 +216,7 @@ def _copy_functions(src: redis.Redis, dst: redis.Redis) -> str:
 
 def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
     src, dst = r.clients(db)
-    watch = r.watch(dst, db, cp)
+    watch = r.watch(src, db, cp)
     copier = r.copier(src, dst, cp.method, sign=watch is None)
     verifier = r.verifier(src, dst, copier, watch)
     prog = cp.db(db)
@@ -231,7 +232,7 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
         r.total.add(res)
         prog.keys += res.copied + res.deleted
         prog.bytes += res.bytes
-        verifier.add(seq, keys, time.monotonic(), res.signatures, marked_at)
+        verifier.add(seq, keys, time.monotonic(), res, marked_at)
 
     # Several batches are copied at once: each waits on the network and on one server most of
     # the time, so overlapping them keeps both servers busy.
@@ -271,10 +272,11 @@ def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str) -> Verifi
     for i in range(0, len(keys), r.batch):
         part = keys[i:i + r.batch]
         r.limiter.wait(len(part))
+        marked_at = time.monotonic()
         res = copier.copy(part)
         errors.update(res.errors)
         r.total.add(res)
-        verifier.add(i, part, time.monotonic(), res.signatures)
+        verifier.add(i, part, time.monotonic(), res, marked_at)
         verifier.poll()
         r.tick(db)
     verifier.drain()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import redis
 
 from migrator.data import fastcall, values
-from migrator.data.copy import Copier, Signature
+from migrator.data.copy import Copier, CopyResult, Signature
 from migrator.data.watch import WriteWatch
 
 
@@ -85,12 +85,11 @@ class Verifier:
     def close(self) -> None:
         self.pool.shutdown(wait=False)
 
-    def add(self, seq: int, keys: list[bytes], written_at: float, signatures: dict[bytes, Signature] | None = None,
-            marked_at: float = 0.0) -> None:
-        """Queue a copied batch; ``marked_at`` is WriteWatch.mark() taken before it was read."""
+    def add(self, seq: int, keys: list[bytes], written_at: float, result: CopyResult, marked_at: float = 0.0) -> None:
+        """Queue a copied batch: ``result`` of its copy, ``marked_at`` taken before it was read."""
         self.last_seq = max(self.last_seq, seq)
         if keys:
-            self.queue.append(Pending(seq, keys, written_at, signatures=signatures or {}, marked_at=marked_at))
+            self.queue.append(Pending(seq, keys, written_at, signatures=result.signatures, marked_at=marked_at))
 
     @property
     def safe_seq(self) -> int:
@@ -129,12 +128,14 @@ class Verifier:
             self._verify(p)
         if self.watch:
             oldest = min((p.marked_at for p in self.queue), default=time.monotonic())
-            self.watch.forget_before(oldest)
+            self.watch.forget_before(oldest - self.settle)
 
     def _suspects(self, p: Pending) -> list[bytes]:
         """The keys of ``p`` that may differ: written during their window, or unknown."""
         if self.watch and not self.watch.broken:
-            written = self.watch.written_since(p.keys, p.marked_at)
+            # A write the source saw up to one mirror lag before the read may still reach the
+            # target after the copy: the window starts ``settle`` before the read.
+            written = self.watch.written_since(p.keys, p.marked_at - self.settle)
             return [k for k in p.keys if k in written]
         same = self.unchanged(p)
         return [k for k in p.keys if k not in same]

@@ -1,20 +1,24 @@
-"""Which keys were written on the target while their copy was in flight: keyspace notifications.
+"""Which keys were written on the source around their copy: keyspace notifications.
 
-The races ``verify`` guards against all end with a mirrored write reaching the *target* between
-a batch's read and ``settle`` after its write. So the target's own keyspace events say which
-keys of an in-flight batch need the exact comparison; every other key was copied with nothing
-racing it. This costs work proportional to the write traffic, not to the keyspace.
+Every race ``verify`` guards against involves a write W to key K that the mirror applies to the
+source at time s and to the target at t (s < t < s + lag), and a copy of K read from the source
+at r and written to the target at w:
 
-- Our own RESTOREs must not count (they would make every key suspicious), and glob patterns
-  cannot exclude one channel: the patterns below match every event name except ``restore``.
+- r < s, t < w: the copy overwrites W on the target (W may even have been a no-op there, an
+  SREM or an EXPIRE on a key not copied yet, so the target need not see any event);
+- s < r, t > w: W reaches the target after the copy, which already contained it (twice applied).
+
+In both, the *source* saw W at some s in (r - lag, w). So the source's keyspace events say which
+keys of a batch need the exact comparison; every other key was copied with nothing racing it.
+This costs work proportional to the source's write traffic, not to the keyspace.
+
 - Pub/sub delivers in order on one connection, so a message PUBLISHed to our fence channel
-  arrives after every event the target emitted before it: after a fence, the events of the
-  window are all known.
+  arrives after every event the source emitted before it: after a fence, a window is complete.
 - Pub/sub is at-most-once: if the subscriber connection breaks, events may be lost, and the
   watch reports itself broken so the caller falls back to comparing every key.
 
-Needs ``CONFIG SET notify-keyspace-events`` on the target (restored afterwards); where CONFIG is
-not allowed the watch is unavailable and the caller compares every key.
+Needs ``CONFIG SET notify-keyspace-events`` on the source (restored afterwards); where CONFIG is
+not allowed, or ``--no-keyspace-events`` is given, the caller compares every key instead.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+
 import redis
 
-_EXCEPT_RESTORE = ["[^r]*", "r[^e]*", "re[^s]*", "res[^t]*", "rest[^o]*", "resto[^r]*", "restor[^e]*", "restore?*",
-                   "r", "re", "res", "rest", "resto", "restor"]
 NEEDED_FLAGS = "EA"  # keyevent channels, every class of event
 
 
@@ -34,24 +37,22 @@ def notify_flags(client: redis.Redis) -> str:
 
 
 class WriteWatch:
-    """Subscribes to one database's keyevent channels and remembers when each key was last written.
+    """Subscribes to one database's keyevent channels and remembers when each key was written.
 
-    A batch notes ``mark()`` before its keys are read; after a ``fence()``, ``written_since``
-    tells which of its keys the target saw written since then. Entries older than every open
-    batch are dropped (``forget_before``), so memory follows the write rate, not the keyspace.
+    ``written_since(keys, since)``, called after a ``fence()``, tells which keys had an event
+    since then. Entries older than every open window are dropped (``forget_before``), so memory
+    follows the write rate, not the keyspace.
     """
 
     def __init__(self, client: redis.Redis, db: int) -> None:
         self.client = client
-        self.db = db
         self.fence_channel = f"__migrator_fence__:{secrets.token_hex(8)}"
         self.broken = False
         self._lock = threading.Lock()
-        self._written: dict[bytes, float] = {}  # key → monotonic time its last event arrived
+        self._written: dict[bytes, float] = {}  # key → arrival time of its latest event
         self._fences: dict[bytes, threading.Event] = {}
         self._pubsub = client.pubsub()
-        prefix = f"__keyevent@{db}__:"
-        self._pubsub.psubscribe(*(prefix + p for p in _EXCEPT_RESTORE))
+        self._pubsub.psubscribe(f"__keyevent@{db}__:*")
         self._pubsub.subscribe(self.fence_channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="migrator-watch", daemon=True)
@@ -76,13 +77,8 @@ class WriteWatch:
             for ev in list(self._fences.values()):
                 ev.set()
 
-    @staticmethod
-    def mark() -> float:
-        """The time to give ``written_since`` for keys about to be read."""
-        return time.monotonic()
-
     def fence(self, timeout: float = 10.0) -> bool:
-        """Wait until every event the target emitted so far has been received; False if broken."""
+        """Wait until every event the server emitted so far has been received; False if broken."""
         token = secrets.token_hex(8).encode()
         ev = threading.Event()
         self._fences[token] = ev
@@ -95,10 +91,9 @@ class WriteWatch:
         return not self.broken
 
     def written_since(self, keys: list[bytes], since: float) -> set[bytes]:
-        """Keys among ``keys`` whose last event arrived at or after ``since`` (call after a fence)."""
+        """Keys among ``keys`` with an event that arrived at or after ``since`` (call after a fence)."""
         with self._lock:
-            hit = self._written.keys() & set(keys)
-            return {k for k in hit if self._written[k] >= since}
+            return {k for k in self._written.keys() & set(keys) if self._written[k] >= since}
 
     def forget_before(self, since: float) -> None:
         with self._lock:
@@ -130,4 +125,4 @@ def restore(client: redis.Redis, flags: str) -> None:
     try:
         client.config_set("notify-keyspace-events", flags)
     except redis.exceptions.RedisError:
-        pass  # best effort: notifications left on cost the target some CPU, nothing else
+        pass  # best effort: notifications left on cost the server some CPU, nothing else
