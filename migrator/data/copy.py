@@ -73,14 +73,27 @@ return out
 
 @dataclass(slots=True)
 class Snap:
-    """One key as read from the source: what to write, and when it expires (ms since epoch, 0 = never)."""
+    """One key as read from the source: what to write, and when it expires (ms since epoch, 0 = never).
+
+    ``raw_type`` is the TYPE reply, or empty when the key was read without TYPE (its DUMP's first
+    byte tells then): ``type`` is worked out only when asked, as most snaps only pass through.
+    """
 
     key: bytes
-    type: str
+    raw_type: bytes | str
     size: int
     expire_at: int
     payload: bytes | None = None
     big: bool = False  # too many elements (or bytes) to read at once: copied in chunks
+
+    @property
+    def type(self) -> str:
+        t = _TYPES.get(self.raw_type) if isinstance(self.raw_type, bytes) else self.raw_type
+        if t:
+            return t
+        if self.payload:
+            return _RDB_TYPES.get(self.payload[0], "unknown")
+        return values._s(self.raw_type)
 
 
 @dataclass(frozen=True)
@@ -210,8 +223,9 @@ class Copier:
             if reply.startswith(b"OK"):
                 if reply.startswith(b"OK:"):
                     result.signatures[s.key] = Signature(dump_crc(s.payload), reply[3:], s.expire_at)
-                result.deleted += s.type == "none"
-                result.copied += s.type != "none"
+                gone = s.payload is None  # missing on the source: deleted on the target
+                result.deleted += gone
+                result.copied += not gone
                 result.bytes += len(s.payload or b"")
             elif _payload_rejected(values._s(reply)):
                 self.method = STRUCT  # this target cannot read the source's format at all
@@ -269,10 +283,13 @@ _RDB_TYPES = {0: "string", 1: "list", 2: "set", 3: "zset", 4: "hash", 5: "zset",
 def _snaps(keys: list[bytes], now: int, flat: list, chunk: int, chunk_bytes: int) -> list[Snap]:
     """Snaps from the read script's flat reply: (type, size, PTTL, payload) per key."""
     out = []
+    append = out.append
     for k, ty, n, ttl, payload in zip(keys, flat[0::4], flat[1::4], flat[2::4], flat[3::4]):
-        ty = _TYPES.get(ty) or (_RDB_TYPES.get(payload[0], "unknown") if payload else values._s(ty))
-        big = n > chunk_bytes if ty == "string" else (ty != "none" and n > chunk)
-        out.append(Snap(k, ty, n, now + ttl if ttl > 0 else 0, payload, big))
+        snap = Snap(k, ty, n, now + ttl if ttl > 0 else 0, payload)
+        if payload is None:  # missing, big, or read for a type-aware copy: worth a closer look
+            t = snap.type
+            snap.big = n > chunk_bytes if t == "string" else (t != "none" and n > chunk)
+        append(snap)
     return out
 
 
@@ -460,10 +477,9 @@ def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None
     """DUMP if the target accepts the source's payloads, else STRUCT; with the reason."""
     if compat_report and compat_report.get("copy_method") in (DUMP, STRUCT):
         return compat_report["copy_method"], f"from compatibility report {compat_report.get('id')}"
-    key = src.randomkey()
-    payload = src.dump(key) if key is not None else None
+    payload = _small_payload(src)
     if payload is None:
-        return DUMP, "source is empty; DUMP assumed (a rejected payload switches to the type-aware copy)"
+        return DUMP, "no small key to probe with; DUMP assumed (a rejected payload switches to the type-aware copy)"
     version = rdb_version(payload)
     probe = TMP_PREFIX + b"probe:" + str(os.getpid()).encode()
     try:
@@ -473,6 +489,19 @@ def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None
     finally:
         dst.delete(probe)
     return DUMP, f"target accepts the source's DUMP payload (RDB version {version})"
+
+
+def _small_payload(src: redis.Redis, tries: int = 20) -> bytes | None:
+    """The DUMP of some small key (never of a big one: that could be gigabytes)."""
+    for _ in range(tries):
+        key = src.randomkey()
+        if key is None:
+            return None
+        if values._s(src.object("encoding", key) or b"") in ("listpack", "ziplist", "intset", "embstr", "int"):
+            payload = src.dump(key)
+            if payload is not None:
+                return payload
+    return None
 
 
 def copy_functions(src: redis.Redis, dst: redis.Redis) -> tuple[int, str]:
