@@ -266,6 +266,51 @@ def test_phase_changes_under_pipelined_load_lose_and_reorder_nothing(one_env):
     assert sum(env.stats().divergences.values()) == 0
 
 
+def test_mirroring_starts_under_passthrough_load_without_a_lost_or_reordered_reply(one_env):
+    """Clients pipelining through passthrough into mirroring get every reply in order; writes after the ack reach the target."""
+    env = one_env
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    replies: dict[int, list[int]] = {n: [] for n in range(3)}
+
+    def worker(n):
+        c = redis.Redis(port=env.port, socket_timeout=10)
+        i = 0
+        try:
+            while not stop.is_set():
+                p = c.pipeline(transaction=False)
+                for _ in range(10):
+                    p.incr(f"pt:{n}")
+                    p.rpush(f"ptlog:{n}", i)
+                    i += 1
+                replies[n].extend(p.execute()[0::2])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        env.set_phase(Phase.MIRRORING)
+        after_ack = {n: len(replies[n]) for n in range(3)}
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    src, tgt = env.source.client(), env.target.client()
+    for n in range(3):
+        assert replies[n] == list(range(1, len(replies[n]) + 1))  # every INCR reply, in order
+        s_log, t_log = src.lrange(f"ptlog:{n}", 0, -1), tgt.lrange(f"ptlog:{n}", 0, -1)
+        assert len(s_log) == len(replies[n])
+        assert t_log == s_log[len(s_log) - len(t_log):]
+        assert len(t_log) >= len(s_log) - after_ack[n] - 10  # at most the pipeline in flight at the ack
+
+
 def test_acknowledgement_reports_the_applied_generation(one_env):
     """The shim's registry record carries the generation it applies; a phase change is acknowledged within a second."""
     env = one_env

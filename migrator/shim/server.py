@@ -490,8 +490,8 @@ class Shim:
         self.sessions.discard(s)
         self.stats.connections = len(self.sessions)
 
-    def entry_finished(self, gen: int) -> None:
-        n = self.outstanding.get(gen, 0) - 1
+    def entry_finished(self, gen: int, count: int = 1) -> None:
+        n = self.outstanding.get(gen, 0) - count
         if n <= 0:
             self.outstanding.pop(gen, None)
         else:

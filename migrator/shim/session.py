@@ -20,11 +20,14 @@ transport's ``write``). What it does with them:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
+
+import hiredis
 
 from migrator.shim import compare as cmp
 from migrator.shim import effects
@@ -52,7 +55,11 @@ IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 _WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
 _TX_PLAN_CACHE: dict = {}
 CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
-FAST_PATH_MAX_PARTIAL = 64 * 1024  # a command bigger than this: that connection uses the slow path
+FAST_PATH_MAX_PARTIAL = 64 * 1024
+# Classes a passthrough connection forwards without entries (blocking commands, transactions,
+# subscriptions and AUTH/QUIT need the entry path).
+_RAW_CLASSES = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.PUBLISH, Cls.UNKNOWN,
+                          Cls.CONNECTION})  # a command bigger than this: that connection uses the slow path
 # Commands whose shadow version differs from what the client sent (see effects): never batched.
 _NOT_PLAIN = frozenset(effects.NEEDS_REPLY | {b"expire", b"pexpire", b"setex", b"psetex", b"getex", b"restore", b"xadd",
                                              b"select", b"hello", b"client", b"readonly", b"readwrite"})
@@ -130,7 +137,8 @@ class Entry:
 class Upstream:
     """A session's connection to one side."""
 
-    __slots__ = ("attempt", "connect_started", "framer", "out", "side", "state", "transport", "wait")
+    __slots__ = ("attempt", "connect_started", "counter", "framer", "out", "raw_pending", "raw_sent", "side", "state",
+                 "transport", "wait")
 
     def __init__(self, side: int) -> None:
         self.side = side
@@ -141,6 +149,11 @@ class Upstream:
         self.framer = Framer()
         self.connect_started = 0.0
         self.attempt = 0
+        # Passthrough ("raw") mode: replies owed for commands forwarded without entries, counted
+        # by hiredis and forwarded to the client as they arrive (see Session._raw_passthrough).
+        self.raw_pending = 0
+        self.raw_sent: deque[list] = deque()  # [sent at, replies still owed, generation]
+        self.counter = hiredis.Reader()
 
 
 class Session:
@@ -193,6 +206,8 @@ class Session:
             self.close("protocol error")
             return
         raw = self._raw_commands(data, commands) if self.fast else None
+        if raw is not None and self._raw_passthrough(commands, raw):
+            return
         if raw is None or not self._batch(commands, raw):
             for args in commands:
                 self.handle(args)
@@ -226,7 +241,7 @@ class Session:
         if self.closed:
             return
         self.client_gone = time.monotonic()
-        if not self.pending_count:
+        if not self.pending_count and not self._raw_owed():
             self.close("client closed")
 
     def handle(self, args: list[bytes]) -> None:
@@ -386,6 +401,95 @@ class Session:
         e.answer = side
         e.payload[side] = encode(args)
         self._enqueue(side, e)
+
+    # --- passthrough: one side only, no entries at all ----------------------------------------
+    def _raw_passthrough(self, commands: list[list[bytes]], raw: bytes) -> bool:
+        """In a one-sided phase, forward a chunk as it came and its replies as they come.
+
+        Only while nothing else is in flight on this connection, and only for commands that
+        need nothing from the shim but connection-state tracking; replies are counted (hiredis),
+        not framed. Anything else (and every command after a phase change) takes the entry
+        path, which waits until the replies owed here have arrived, so the order holds.
+        """
+        shim = self.shim
+        routes = shim.routes
+        plan = routes[Cls.WRITE]
+        side = plan.answer
+        if plan.shadow is not None or routes[Cls.READ].shadow is not None or routes[Cls.READ].answer != side:
+            return False
+        u = self.up[side]
+        if (u.state is not UP or self.inflight or u.out or u.wait or self.tx is not None or self.pipe is not None
+                or not self.authed or u.framer.buf):
+            return False
+        classify = shim.table.classify
+        counts: dict[Cls, int] = {}
+        special: list[tuple[Classified, list[bytes]]] = []
+        for args in commands:
+            c = classify(args)
+            cls = c.cls
+            if cls not in _RAW_CLASSES:
+                return False
+            if cls is Cls.CONNECTION:
+                name = args[0].lower()
+                if not ((name == b"select" and len(args) == 2) or (name == b"client" and len(args) == 3)):
+                    return False  # HELLO, READONLY: the entry path tracks their replies
+                special.append((c, args))
+            elif cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:
+                special.append((c, args))
+            counts[cls] = counts.get(cls, 0) + 1
+        # Everything was checked before anything changes: a False above left no trace.
+        for c, args in special:
+            name = args[0].lower()
+            if name == b"select":
+                with contextlib.suppress(ValueError):
+                    self.db = int(args[1])
+            elif name == b"client":
+                self.name = args[2]
+            elif c.cls is Cls.SCRIPT or c.cls is Cls.SCRIPT_ADMIN:
+                shim.note_script(args, name)
+            if not c.known[side]:
+                shim.stats.unknown[(SIDE_NAMES[side], name.decode(errors="replace"))] += 1
+        n = len(commands)
+        stats = shim.stats.commands
+        for cls, k in counts.items():
+            stats[(cls.value, SIDE_NAMES[side])] += k
+        gen = shim.generation
+        shim.outstanding[gen] = shim.outstanding.get(gen, 0) + n
+        u.raw_pending += n
+        u.raw_sent.append([time.monotonic(), n, gen])
+        u.transport.write(raw)
+        if u.transport.get_write_buffer_size() > shim.cfg.max_client_buffer_bytes:
+            self.client.pause_reading()
+        return True
+
+    def _raw_replies(self, u: Upstream, data: bytes) -> None:
+        """Replies owed for passthrough commands: to the client as they are, counted."""
+        reader = u.counter
+        reader.feed(data)
+        n = 0
+        while reader.gets() is not False:
+            n += 1
+        self.client.write(data)
+        if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
+            self.shim.stats.refused["client-buffer-full"] += 1
+            self.close("client output buffer over shim.max_client_buffer_bytes")
+            return
+        if n > u.raw_pending:
+            self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)")
+            return
+        u.raw_pending -= n
+        now = time.monotonic()
+        latency = self.shim.stats.latency[u.side]
+        sent = u.raw_sent
+        while n and sent:
+            head = sent[0]
+            take = min(n, head[1])
+            head[1] -= take
+            n -= take
+            latency.observe(now - head[0], take)
+            self.shim.entry_finished(head[2], take)
+            if head[1] == 0:
+                sent.popleft()
 
     # --- the fast path: a pipelined chunk of plain commands, forwarded as it came -------------
     def _raw_commands(self, data: bytes, commands: list[list[bytes]]) -> bytes | None:
@@ -695,7 +799,7 @@ class Session:
 
     def _pump(self, side: int) -> None:
         u = self.up[side]
-        if u.state is not UP or not u.out:
+        if u.state is not UP or not u.out or u.raw_pending:
             return
         out, wait = u.out, u.wait
         buf: list[bytes] = []
@@ -721,6 +825,13 @@ class Session:
     def on_upstream_data(self, side: int, data: bytes) -> None:
         u = self.up[side]
         if u.state is not UP:
+            return
+        if u.raw_pending:
+            # Only passthrough replies can be on the wire now: entries for this side wait in
+            # ``out`` until these are all in (see _pump), so the whole chunk is theirs.
+            self._raw_replies(u, data)
+            if not u.raw_pending and not self.closed:
+                self._after_io()
             return
         try:
             frames = u.framer.feed(data)
@@ -765,7 +876,7 @@ class Session:
         self._pump(SOURCE)
         self._pump(TARGET)
         self._flush_client()
-        if self.client_gone and not self.pending_count:
+        if self.client_gone and not self.pending_count and not self._raw_owed():
             self.close("client closed")
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
@@ -889,6 +1000,8 @@ class Session:
             self.shim.entry_finished(e.gen)
 
     def _flush_client(self) -> None:
+        if self.up[0].raw_pending or self.up[1].raw_pending:
+            return  # passthrough replies still owed come first; they are written as they arrive
         inflight = self.inflight
         out = self.out
         close = False
@@ -942,7 +1055,7 @@ class Session:
         pending = list(u.wait) + list(u.out)
         u.wait.clear()
         u.out.clear()
-        lost_answer = False
+        lost_answer = self._drop_raw(u)
         for e in pending:
             if e.internal or e.stream:
                 if e.stream:
@@ -974,6 +1087,16 @@ class Session:
             return
         self._flush_client()
 
+    def _drop_raw(self, u: Upstream) -> bool:
+        """Forget passthrough replies that will never come; True if some were owed."""
+        owed = u.raw_pending
+        for head in u.raw_sent:
+            self.shim.entry_finished(head[2], head[1])
+        u.raw_sent.clear()
+        u.raw_pending = 0
+        u.counter = hiredis.Reader()
+        return owed > 0
+
     def check_timeouts(self, now: float) -> None:
         """Called periodically: a shadow that stopped answering must not hold anything up."""
         if self.closed:
@@ -1002,6 +1125,7 @@ class Session:
         self.closed = True
         self.client.close()
         for u in self.up:
+            self._drop_raw(u)
             pending = list(u.wait) + list(u.out)
             u.wait.clear()
             u.out.clear()
@@ -1050,7 +1174,10 @@ class Session:
 
     def drained(self) -> bool:
         """Nothing in flight except commands that may block indefinitely (BLPOP...)."""
-        return self.pending_count == self.blocking_pending
+        return self.pending_count == self.blocking_pending and not self._raw_owed()
+
+    def _raw_owed(self) -> int:
+        return self.up[0].raw_pending + self.up[1].raw_pending
 
 
 def _encoded_length(cmd: list[bytes]) -> int:
