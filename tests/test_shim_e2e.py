@@ -361,6 +361,18 @@ def test_transactions_run_on_both_sides_with_effects_and_compared_exec(env):
     assert sum(env.stats().divergences.values()) == 0
 
 
+def test_a_transaction_spanning_the_start_of_mirroring_marks_its_keys_dirty(one_env):
+    """A MULTI begun in passthrough and executed after mirroring began runs on the source only: its keys are dirty."""
+    env = one_env
+    c = env.client(single_connection_client=True)
+    c.execute_command("MULTI")
+    assert c.execute_command("SET", "txspan", 1) == b"QUEUED"
+    env.set_phase(Phase.MIRRORING)
+    assert c.execute_command("EXEC") == [b"OK"]
+    env.flush()
+    assert [(d.key, d.reason) for d in list_dirty(env.pb.state_path)] == [(b"txspan", "transaction-across-phase-change")]
+
+
 def test_non_deterministic_writes_are_mirrored_by_effect(env):
     """SPOP, INCRBYFLOAT (TTL kept), XADD * and EXPIRE leave the target exactly like the source."""
     env.set_phase(Phase.MIRRORING)

@@ -53,7 +53,6 @@ NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 _WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
-_TX_PLAN_CACHE: dict = {}
 CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
 FAST_PATH_MAX_PARTIAL = 64 * 1024
 # Classes a passthrough connection forwards without entries (blocking commands, transactions,
@@ -378,6 +377,13 @@ class Session:
         if name == b"exec" and self.tx is not None:
             tx, plan, gen = self.tx, self.tx_plan, self.tx_gen
             self.tx = self.tx_plan = None
+            now_shadow = self.shim.routes[Cls.TX].shadow
+            if plan.shadow is None and now_shadow is not None:
+                # Begun before mirroring, executed after: it runs on one side only, so what it
+                # writes must be repaired on the other.
+                e = Entry(tx, name, c, gen)
+                e.tx = tx
+                self._mark_dirty(self._entry_keys(e), self._db(now_shadow), "transaction-across-phase-change", name)
             self._dispatch(args, name, c, plan, gen=gen, tx=tx)
             return
         if name == b"discard" and self.tx is not None:
@@ -393,7 +399,7 @@ class Session:
     def _pipe_command(self, args: list[bytes], name: bytes, c: Classified) -> None:
         """A command on a subscribed connection: a stream to the side it subscribed on."""
         side = self.pipe
-        if c.cls in _WRITE_LIKE:
+        if c.cls in _WRITE_LIKE and self.shim.routes[Cls.WRITE].shadow is not None:
             # RESP3 lets a subscribed connection write; that write reaches one side only.
             self._mark_dirty(c.keys(args), self._db(1 - side), "write-on-subscribed-connection", name)
         e = Entry(args, name, c, self.shim.generation)
@@ -419,7 +425,7 @@ class Session:
             return False
         u = self.up[side]
         if (u.state is not UP or self.inflight or u.out or u.wait or self.tx is not None or self.pipe is not None
-                or not self.authed or u.framer.buf):
+                or not self.authed or u.framer.buf or self.up[1 - side].raw_pending):
             return False
         classify = shim.table.classify
         counts: dict[Cls, int] = {}
