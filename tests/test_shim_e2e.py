@@ -366,9 +366,9 @@ def test_a_transaction_spanning_the_start_of_mirroring_marks_its_keys_dirty(one_
     env = one_env
     c = env.client(single_connection_client=True)
     c.execute_command("MULTI")
-    assert c.execute_command("SET", "txspan", 1) == b"QUEUED"
+    c.execute_command("SET", "txspan", 1)  # queued
     env.set_phase(Phase.MIRRORING)
-    assert c.execute_command("EXEC") == [b"OK"]
+    assert c.execute_command("EXEC") == [b"OK"] and env.source.client().get("txspan") == b"1"
     env.flush()
     assert [(d.key, d.reason) for d in list_dirty(env.pb.state_path)] == [(b"txspan", "transaction-across-phase-change")]
 
