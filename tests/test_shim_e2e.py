@@ -338,6 +338,22 @@ def test_connection_state_is_replayed_on_a_side_connected_later(one_env):
 # --- commands, correctly ------------------------------------------------------------------
 
 
+def test_compare_reads_samples_that_fraction_of_reads(server_factory, make_env):
+    """With shim.compare_reads 0.25, a quarter of the reads are compared; every write still is."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"), shim={"compare_reads": 0.25})
+    env.set_phase(Phase.MIRRORING)
+    c = env.client()
+    c.set("r", 1)
+    p = c.pipeline(transaction=False)
+    for _ in range(200):
+        p.get("r")
+    p.execute()
+    env.flush()
+    st = env.stats()
+    assert st.commands[("read", "target")] == 50 and st.commands[("read", "source")] == 200
+    assert st.compared == 51
+
+
 def test_transactions_run_on_both_sides_with_effects_and_compared_exec(env):
     """MULTI/EXEC reaches both sides as a transaction (SPOP by its effect); a WATCH abort applies nowhere."""
     env.set_phase(Phase.MIRRORING)

@@ -570,8 +570,8 @@ class Session:
                 return False
             if shim.mirror_depth + k > shim.cfg.mirror_queue_size:
                 return False
-            if reads and shim.cfg.compare_reads < 1.0 and (writes or not shim.sample()):
-                return False  # sampled reads mixed with writes: per command
+            if reads and shim.cfg.compare_reads < 1.0:
+                return False  # reads are sampled one by one, on the per-command path
             if plan.fallback and shim.dirty.keys:
                 return False
         e = Entry(commands, b"", None, shim.generation)
@@ -1093,6 +1093,13 @@ class Session:
             return
         self._flush_client()
 
+    @staticmethod
+    def _answers_on(u: Upstream) -> bool:
+        """Some client command is waiting for this side's answer (so it is not just a shadow)."""
+        side = u.side
+        return any(not x.internal and x.answer == side for x in u.wait) or any(
+            not x.internal and x.answer == side for x in u.out)
+
     def _drop_raw(self, u: Upstream) -> bool:
         """Forget passthrough replies that will never come; True if some were owed."""
         owed = u.raw_pending
@@ -1107,12 +1114,16 @@ class Session:
         """Called periodically: a shadow that stopped answering must not hold anything up."""
         if self.closed:
             return
+        up = self.up
+        if not self.client_gone and not (up[0].wait or up[0].out or up[1].wait or up[1].out):
+            return  # idle: the common case, kept cheap for many connections
         limit = self.shim.shadow_timeout
-        for u in self.up:
+        for u in up:
             side = u.side
             if u.state is UP and u.wait:
                 e = u.wait[0]
-                if side != e.answer and now - e.ts[side] > limit:
+                # A shadow reply, or a handshake/heal on a connection nobody waits on for an answer.
+                if now - e.ts[side] > limit and (side != e.answer or (e.internal and not self._answers_on(u))):
                     self.fail(side, "shadow-timeout")
             elif (u.state is CONNECTING and u.out and now - u.connect_started > limit
                   and any(e.answer != side and not e.internal for e in u.out)
