@@ -48,7 +48,7 @@ GateFn = Callable[[GateContext], GateResult]
 GATES: dict[str, GateFn] = {}
 
 # Modules that register gates of their own (imported on first use, to avoid import cycles).
-_GATE_MODULES: tuple[str, ...] = ("migrator.compat",)
+_GATE_MODULES: tuple[str, ...] = ("migrator.compat", "migrator.shim.gates", "migrator.data.gates")
 _loaded = False
 
 
@@ -160,6 +160,15 @@ def shim_ack(ctx: GateContext):
     ids = ", ".join(f"{s.id} at generation {s.applied_generation} ({s.liveness()})" for s in behind)
     ev = f"{len(shims) - len(behind)} of {len(shims)} shim(s) acknowledged {ctx.state.phase} (generation {ctx.state.generation})"
     return not behind, ev + (f"; behind: {ids}" if behind else ""), {"shims": len(shims), "behind": len(behind)}
+
+
+@gate("source_reachable")
+def source_reachable(ctx: GateContext):
+    """The source answers, so it can take authority back."""
+    from migrator.command import probe_server  # the runner imports this module
+
+    info = probe_server(ctx.playbook.source, "source")
+    return info.reachable, info.describe(), {"reachable": info.reachable}
 
 
 def make_context(playbook: Playbook, store: StateStore, state: State, read_only: bool = False) -> GateContext:

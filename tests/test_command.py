@@ -13,6 +13,13 @@ from migrator.state import StateStore
 from tests.helpers import AckingShim, run_cli, start_cli, wait_for
 
 
+# The sync, divergence and consistency gates are tested with real data in test_data*/test_shim*;
+# here they are overridden (as an operator could) to test the state machine around them.
+SKIP_DATA_GATES = ("--override", "sync_complete", "--override", "divergence", "--override", "consistency",
+                   "--reason", "state-machine test")
+SKIP_DATA_GATES_AT_WRITE_CUTOVER = ("--override", "divergence", "--override", "consistency", "--reason", "state-machine test")
+
+
 def load(path):
     return playbook.load(path)
 
@@ -94,7 +101,7 @@ def test_advance_and_rollback_with_a_shim_acknowledging(servers_pb):
     pb = load(servers_pb)
     force_phase(pb, Phase.MIRRORING)
     with AckingShim(pb.state_path, pb.name):
-        out = run_cli("advance", "--yes", playbook=servers_pb)
+        out = run_cli("advance", "--yes", *SKIP_DATA_GATES, playbook=servers_pb)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "mirroring → reads-on-target" in out.stdout and "1 of 1 shim(s) applied generation" in out.stdout
         out = run_cli("rollback", "--yes", "--output", "json", playbook=servers_pb)
@@ -113,7 +120,7 @@ def test_a_shim_that_does_not_acknowledge_makes_the_step_revert(servers_pb):
     with AckingShim(pb.state_path, pb.name) as shim:
         wait_for(lambda: shim.record.applied_generation == 1, what="shim ack")
         shim.stuck = True
-        out = run_cli("advance", "--yes", "--override", "shim_ack", "--reason", "test", playbook=servers_pb)
+        out = run_cli("advance", "--yes", "--override", "shim_ack", *SKIP_DATA_GATES, playbook=servers_pb)
         assert out.returncode == 1
         assert "reverted to mirroring" in out.stderr and "test-shim" in out.stderr
         st = StateStore(pb.state_path, pb.name).load()
@@ -212,7 +219,7 @@ def test_kill_9_at_each_point_leaves_a_state_that_continues(servers_pb, point):
     pb = load(servers_pb)
     force_phase(pb, Phase.MIRRORING)
     with AckingShim(pb.state_path, pb.name):
-        out = run_cli("advance", "--yes", playbook=servers_pb, env={"MIGRATOR_CRASH_AT": point})
+        out = run_cli("advance", "--yes", *SKIP_DATA_GATES, playbook=servers_pb, env={"MIGRATOR_CRASH_AT": point})
         assert out.returncode == -signal.SIGKILL
         st = run_cli("status", "--output", "json", playbook=servers_pb)
         assert st.returncode == 0, st.stderr
@@ -222,7 +229,7 @@ def test_kill_9_at_each_point_leaves_a_state_that_continues(servers_pb, point):
         else:
             assert status["phase"] == "reads-on-target" and status["pending_transition"]["to_phase"] == "reads-on-target"
             assert "run `migrator advance` to finish it" in status["note"]
-        again = run_cli("advance", "--yes", playbook=servers_pb)
+        again = run_cli("advance", "--yes", *SKIP_DATA_GATES, playbook=servers_pb)
         assert again.returncode == 0, again.stderr
         final = StateStore(pb.state_path, pb.name).load()
         assert final.phase == Phase.READS_ON_TARGET and final.transition is None
@@ -241,7 +248,7 @@ def test_kill_9_while_waiting_for_shim_acknowledgement(servers_pb):
     with AckingShim(pb.state_path, pb.name) as shim:
         wait_for(lambda: shim.record.applied_generation == 1, what="shim ack")
         shim.stuck = True
-        proc = start_cli("advance", "--yes", playbook=servers_pb)
+        proc = start_cli("advance", "--yes", *SKIP_DATA_GATES, playbook=servers_pb)
         store = StateStore(pb.state_path, pb.name)
         wait_for(lambda: store.load().transition is not None, what="the phase change to be recorded")
         proc.send_signal(signal.SIGKILL)
@@ -250,7 +257,7 @@ def test_kill_9_while_waiting_for_shim_acknowledgement(servers_pb):
         st = json.loads(run_cli("status", "--output", "json", playbook=servers_pb).stdout)
         assert st["shims"][0]["current"] is False and "interrupted advance" in st["note"]
         shim.stuck = False
-        again = run_cli("advance", "--yes", playbook=servers_pb)
+        again = run_cli("advance", "--yes", *SKIP_DATA_GATES, playbook=servers_pb)
         assert again.returncode == 0, again.stderr
         assert store.load().transition is None and store.load().phase == Phase.READS_ON_TARGET
 
@@ -271,7 +278,7 @@ def test_hooks_run_around_steps_with_migration_environment(servers_pb, tmp_path)
     pb = load(servers_pb)
     force_phase(pb, Phase.MIRRORING)
     with AckingShim(pb.state_path, pb.name):
-        assert run_cli("advance", "--yes", playbook=servers_pb).returncode == 0
+        assert run_cli("advance", "--yes", *SKIP_DATA_GATES, playbook=servers_pb).returncode == 0
         assert run_cli("rollback", "--yes", playbook=servers_pb).returncode == 0
     lines = log.read_text().splitlines()
     assert lines[0] == "before read_cutover advance"
@@ -306,7 +313,7 @@ def test_write_cutover_holds_shims_switches_and_reports_the_pause(servers_pb):
     pb = load(servers_pb)
     force_phase(pb, Phase.READS_ON_TARGET)
     with AckingShim(pb.state_path, pb.name) as shim:
-        out = run_cli("advance", "--yes", "--output", "json", playbook=servers_pb)
+        out = run_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, "--output", "json", playbook=servers_pb)
         assert out.returncode == 0, out.stderr
         r = json.loads(out.stdout)
         assert r["to_phase"] == "writes-on-target"
@@ -325,7 +332,7 @@ def test_write_cutover_abandoned_when_a_shim_still_owes_writes(servers_pb):
     force_phase(pb, Phase.READS_ON_TARGET)
     with AckingShim(pb.state_path, pb.name) as shim:
         shim.owed = 3
-        out = run_cli("advance", "--yes", playbook=servers_pb)
+        out = run_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, playbook=servers_pb)
         assert out.returncode == 1
         assert "abandoned, phase unchanged" in out.stderr and "owes the other side 3 write(s)" in out.stderr
         st = StateStore(pb.state_path, pb.name).load()
@@ -338,14 +345,14 @@ def test_kill_9_while_shims_hold_is_bounded_and_recovered(servers_pb):
     pb = load(servers_pb)
     force_phase(pb, Phase.READS_ON_TARGET)
     with AckingShim(pb.state_path, pb.name):
-        out = run_cli("advance", "--yes", playbook=servers_pb, env={"MIGRATOR_CRASH_AT": "after-prepare"})
+        out = run_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, playbook=servers_pb, env={"MIGRATOR_CRASH_AT": "after-prepare"})
         assert out.returncode == -signal.SIGKILL
         st = StateStore(pb.state_path, pb.name).load()
         assert st.barrier is not None and st.phase == Phase.READS_ON_TARGET
         from migrator.state import now, parse_iso
 
         assert (parse_iso(st.barrier.deadline) - now()).total_seconds() <= pb.steps.write_cutover.max_pause.total_seconds()
-        again = run_cli("advance", "--yes", playbook=servers_pb)
+        again = run_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, playbook=servers_pb)
         assert again.returncode == 0, again.stderr
         events = [e["event"] for e in command.history(pb)]
         assert "barrier-lifted" in events and events[-1] == "transition-completed"
