@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rich.markup import escape
+
 from migrator import command, playbook, registry, servers
 from migrator.errors import MigratorError, RefusedError
 from migrator.workload import AuditResult, Workload
@@ -172,9 +174,9 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
                     summary.write_pause_ms = a.data["max_pause_ms"]
 
         def check(label: str) -> None:
-            res = check_mod.run(pb, sample=2000)
+            res = check_mod.run(pb, full=True)
             summary.checks.append(f"{label}: {res.summary}")
-            say(f"  check ({label}): {res.verdict.upper()} — {res.summary}")
+            say(f"  check ({label}): {res.verdict.upper()} — {escape(res.summary)}")
 
         step("1. Compatibility: identify servers, canary DUMP/RESTORE, commands, config, your tests on a scratch Valkey")
         step("2. Mirror: every write reaches both servers, reads are compared")
@@ -193,9 +195,9 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
         step("5. Complete: the source is released for decommissioning")
         workload.stop()
         summary.audit = workload.audit(tgt.client())
-        say(f"Ledger audit on the Valkey: {summary.audit.summary()}")
+        say(f"Ledger audit on the Valkey: {escape(summary.audit.summary())}")
         for p in summary.audit.problems[:10]:
-            say(f"  [red]{p}[/]")
+            say(f"  [red]{escape(p)}[/]")
         from migrator.shim import divergence
 
         summary.divergences = len(divergence.read_log(pb.state_path))
@@ -222,11 +224,16 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
 
 def _advance(pb: playbook.Playbook, say: Say, label: str) -> command.TransitionResult:
     say(f"\n[bold]{label}[/]")
-    result = command.advance(pb)
+    try:
+        result = command.advance(pb)
+    except command.GatesFailed as e:
+        for g in e.results:
+            say(f"  gate {g.name}: {'pass' if g.passed else '[red]FAIL[/]'} — {escape(g.evidence)}")
+        raise
     for g in result.gates:
-        say(f"  gate {g.name}: {'pass' if g.passed else 'FAIL'} — {g.evidence}")
+        say(f"  gate {g.name}: {'pass' if g.passed else 'FAIL'} — {escape(g.evidence)}")
     for a in result.actions:
-        say(f"  {a.name}: {a.evidence}")
+        say(f"  {a.name}: {escape(a.evidence)}")
     say(f"  [green]{result.from_phase} → {result.to_phase}[/]")
     return result
 
@@ -238,7 +245,7 @@ def _wait_gate(pb: playbook.Playbook, say: Say, gate_name: str, timeout: float =
         p = command.plan(pb, probe=False)
         g = next(g for g in p.gates if g.name == gate_name)
         if g.passed:
-            say(f"  waited: {g.evidence}")
+            say(f"  waited: {escape(g.evidence)}")
             return
         if time.monotonic() > deadline:
             raise RefusedError(f"gate {gate_name} still failing: {g.evidence}")

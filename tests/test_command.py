@@ -357,3 +357,13 @@ def test_kill_9_while_shims_hold_is_bounded_and_recovered(servers_pb):
         events = [e["event"] for e in command.history(pb)]
         assert "barrier-lifted" in events and events[-1] == "transition-completed"
         assert StateStore(pb.state_path, pb.name).load().phase == Phase.WRITES_ON_TARGET
+
+
+def test_text_from_the_world_is_printed_literally(servers_pb):
+    """Key names, commands and evidence with [brackets] or :emoji: codes are shown as written, not as markup."""
+    doc = json.loads(servers_pb.read_text())
+    doc["hooks"] = {"compatibility": {"before": "echo '[bold]key[1]' :ledger: && exit 1"}}
+    servers_pb.write_text(json.dumps(doc))
+    assert run_cli("advance", "--yes", "--override", "compatibility", "--reason", "x", playbook=servers_pb).returncode == 1
+    out = run_cli("history", playbook=servers_pb)
+    assert "echo '[bold]key[1]' :ledger: && exit 1" in out.stdout

@@ -119,3 +119,4 @@ from migrator.cli import phases as _phases  # noqa: E402,F401
 from migrator.cli import data as _data  # noqa
 from migrator.cli import compat as _compat  # noqa
 from migrator.cli import shim as _shim  # noqa
+from migrator.cli import demo as _demo  # noqa

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from migrator import demo
 from migrator.cli import cli
@@ -27,11 +28,11 @@ def demo_cmd(keep: bool, base: Path | None, seed_keys: int) -> None:
     con.print(f"  steps: {' | '.join(s.steps)}")
     con.print(f"  keys copied by sync: {s.keys_copied}")
     for c in s.checks:
-        con.print(f"  {c}")
+        con.print(f"  {escape(c)}")
     con.print(f"  divergences logged by the shim: {s.divergences}")
     con.print(f"  write pause at cutover: {f'{s.write_pause_ms:.1f} ms' if s.write_pause_ms is not None else 'n/a'}")
     if s.audit:
-        con.print(f"  ledger: {s.audit.summary()}")
+        con.print(f"  ledger: {escape(s.audit.summary())}")
     con.print(f"  final report: {s.final_report}")
     if not s.ok:
         raise RefusedError("the demo's audit or final check found a problem (see above)")

@@ -6,6 +6,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from migrator import command
@@ -17,7 +18,7 @@ from migrator.redact import redact
 
 def console() -> Console:
     # Piped output (logs, CI, tests) must not be wrapped at 80 columns mid-evidence.
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    return Console(highlight=False, soft_wrap=True, emoji=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _mark(ok: bool, overridden: bool = False) -> str:
@@ -36,21 +37,21 @@ def render_gates(con: Console, gates: list[GateResult]) -> None:
     table.add_column("evidence")
     for g in gates:
         ev = g.evidence + (f" — override reason: {g.override_reason}" if g.overridden else "")
-        table.add_row(g.name, _mark(g.passed, g.overridden), redact(ev))
+        table.add_row(escape(g.name), _mark(g.passed, g.overridden), escape(redact(ev)))
     con.print(table)
 
 
 def render_plan(con: Console, p: command.PlanResult) -> None:
-    con.print(f"[bold]Migration {p.migration}[/]  playbook {p.playbook}")
+    con.print(f"[bold]Migration {escape(p.migration)}[/]  playbook {escape(p.playbook)}")
     con.print(f"Phase: [bold]{p.phase}[/] since {p.phase_since} (generation {p.generation})")
     for s in p.servers:
-        con.print(f"  {redact(s.describe())}")
+        con.print(f"  {escape(redact(s.describe()))}")
     if p.note:
-        con.print(f"[yellow]Note:[/] {p.note}")
+        con.print(f"[yellow]Note:[/] {escape(p.note)}")
     if p.step is None:
         return
     desc = p.step.description if p.direction == "advance" else (p.step.rollback_description or f"undo {p.step.name}")
-    con.print(f"Next {p.direction}: [bold]{p.phase} → {p.to_phase}[/] ({p.step.name}): {desc}")
+    con.print(f"Next {p.direction}: [bold]{p.phase} → {p.to_phase}[/] ({p.step.name}): {escape(desc)}")
     con.print("Gates:")
     render_gates(con, p.gates)
     if p.actions:
@@ -116,9 +117,9 @@ def _move(ctx: Ctx, direction: str, yes: bool, dry_run: bool, override: tuple[st
     if result.gates:
         render_gates(con, result.gates)
     for a in result.actions:
-        con.print(f"  {a.name}: {'ok' if a.ok else 'FAILED'} — {a.evidence}")
+        con.print(f"  {a.name}: {'ok' if a.ok else 'FAILED'} — {escape(a.evidence)}")
     for h in result.hooks:
-        con.print(f"  {h.when} hook: {'ok' if h.ok else f'FAILED (exit {h.exit_code})'} — {h.command}")
+        con.print(f"  {h.when} hook: {'ok' if h.ok else f'FAILED (exit {h.exit_code})'} — {escape(h.command)}")
         if not h.ok:
             con.print(f"[yellow]warning:[/] the step is complete but its {h.when} hook failed; see `migrator history`")
 
@@ -158,16 +159,16 @@ def status(ctx: Ctx, output: str) -> None:
         emit_json(st)
         return
     con = console()
-    con.print(f"[bold]Migration {st['migration']}[/]  {st['source']} → {st['target']}")
+    con.print(f"[bold]Migration {escape(st['migration'])}[/]  {escape(st['source'])} → {escape(st['target'])}")
     con.print(f"Phase: [bold]{st['phase']}[/] for {st['time_in_phase']} (since {st['phase_since']}, generation {st['generation']})")
     if st["endpoints_changed"]:
         con.print("[red]The playbook's endpoints differ from the ones this migration started with.[/]")
     if st["note"]:
-        con.print(f"[yellow]Note:[/] {st['note']}")
+        con.print(f"[yellow]Note:[/] {escape(st['note'])}")
     if st["shims"]:
         table = Table("shim", "listen", "liveness", "applied", "current", box=None, header_style="bold")
         for s in st["shims"]:
-            table.add_row(s["id"], s["listen"], f"{s['liveness']} ({s['heartbeat_age_s']}s)",
+            table.add_row(escape(s["id"]), escape(s["listen"]), f"{s['liveness']} ({s['heartbeat_age_s']}s)",
                           f"{s['applied_phase']} (gen {s['applied_generation']})", "yes" if s["current"] else "[red]no[/]")
         con.print(table)
     else:
@@ -196,15 +197,15 @@ def history(ctx: Ctx, output: str, limit: int) -> None:
         con.print("The journal is empty: no step has been attempted yet.")
     for e in entries:
         move = f"{e.get('from', '')} → {e.get('to', '')}" if e.get("from") or e.get("to") else ""
-        con.print(f"{e['time']}  [bold]{e['event']}[/] {e.get('direction', '')} {move}  {e.get('operator', '')}")
+        con.print(f"{e['time']}  [bold]{e['event']}[/] {e.get('direction', '')} {move}  {escape(e.get('operator', ''))}")
         for g in e.get("gates", []):
             flag = "overridden" if g.get("overridden") else ("pass" if g["passed"] else "FAIL")
-            con.print(f"    {g['gate']}: {flag} — {g['evidence']}")
+            con.print(f"    {g['gate']}: {flag} — {escape(g['evidence'])}")
         for o in e.get("overrides", []):
-            con.print(f"    override {o['gate']}: {o['reason']}")
+            con.print(f"    override {o['gate']}: {escape(o['reason'])}")
         if e["event"] == "hook":
-            con.print(f"    {e['hook']}: exit {e['exit_code']} in {e['seconds']}s — {e['command']}")
+            con.print(f"    {e['hook']}: exit {e['exit_code']} in {e['seconds']}s — {escape(e['command'])}")
         for a in e.get("actions", []):
-            con.print(f"    {a['action']}: {'ok' if a['ok'] else 'FAILED'} — {a['evidence']}")
+            con.print(f"    {a['action']}: {'ok' if a['ok'] else 'FAILED'} — {escape(a['evidence'])}")
         if e.get("reason"):
-            con.print(f"    reason: {e['reason']}")
+            con.print(f"    reason: {escape(e['reason'])}")
