@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 
-from migrator import playbook
+from migrator import playbook, reports
 from migrator.data import dirty as repair_dirty
 from migrator.gates import GateContext
 from migrator.phases import Phase
@@ -13,7 +14,7 @@ from migrator.shim import clear_dirty, count_dirty, list_dirty
 from migrator.shim import gates as shim_gates
 from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder, read_counters, read_log
-from migrator.state import StateStore, now
+from migrator.state import StateStore, iso, now
 from tests.conftest import write_playbook
 
 
@@ -136,3 +137,31 @@ def test_no_dirty_keys_gate_names_a_few_keys(tmp_path):
     assert not r.passed and r.evidence.startswith("8 dirty key(s)") and "db0:k0" in r.evidence and ", ..." in r.evidence
     clear_dirty(pb.state_path)
     assert shim_gates.no_dirty_keys(ctx).passed
+
+
+def _sync_report(state_dir, finished_at: str) -> str:
+    rid = reports.new_id("sync")
+    reports.write(state_dir, {"id": rid, "kind": "sync", "migration": "test-migration", "created_at": finished_at,
+                              "verdict": "pass", "summary": "copied", "mode": "full", "complete": True,
+                              "finished_at": finished_at}, "# sync", "<p>sync</p>")
+    return rid
+
+
+def test_divergence_gate_counts_from_the_end_of_a_full_sync_in_the_phase(tmp_path):
+    """Divergences before a complete full sync finished (keys not yet copied) do not count; later ones do."""
+    ctx, pb = _ctx(tmp_path, Phase.MIRRORING, 5)
+    ctx.state.phase_since = iso(now() - timedelta(minutes=5))
+    rec = DivergenceRecorder(pb.state_path, "s")
+    rec.start_generation(5, "mirroring")
+    rec.record(kind="missing-on-target", command=b"incr", keys=[b"k"], db=0, source_raw=b":5\r\n", target_raw=b":1\r\n")
+    rec.compared()
+    rid = _sync_report(pb.state_path, iso(now()))
+    rec.sync_finished(rid)
+    for _ in range(100):
+        rec.compared()
+    rec.flush()
+    r = shim_gates.divergence(ctx)
+    assert r.passed and f"since sync {rid} finished" in r.evidence and "(0 in 100 compared)" in r.evidence
+    rec.record(kind="different-value", command=b"get", keys=[b"k"], db=0, source_raw=b"+a\r\n", target_raw=b"+b\r\n")
+    rec.flush()
+    assert not shim_gates.divergence(ctx).passed

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migrator import reports
 from migrator.redact import redact
 from migrator.shim.compare import KINDS, digest
 from migrator.state import atomic_write_json, iso, now
@@ -38,16 +39,39 @@ def counters_dir(state_dir: Path | str) -> Path:
 
 
 @dataclass
-class PhaseCounters:
-    generation: int
-    phase: str
+class Tally:
     compared: int = 0
     divergent: int = 0
     by_kind: Counter = field(default_factory=Counter)
 
     def to_json(self) -> dict[str, Any]:
-        return {"generation": self.generation, "phase": self.phase, "compared": self.compared,
-                "divergent": self.divergent, "by_kind": dict(self.by_kind)}
+        return {"compared": self.compared, "divergent": self.divergent, "by_kind": dict(self.by_kind)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> Tally:
+        d = d or {}
+        return cls(int(d.get("compared", 0)), int(d.get("divergent", 0)),
+                   Counter({k: int(v) for k, v in (d.get("by_kind") or {}).items()}))
+
+
+@dataclass
+class PhaseCounters:
+    """One generation's counts, and the counts since the last complete full sync the shim saw.
+
+    Mirroring starts before the sync has copied the existing keys, so a write to a key the
+    target does not have yet differs legitimately; the gate counts from the sync's end when
+    there is one (see ``migrator.shim.gates``).
+    """
+
+    generation: int
+    phase: str
+    total: Tally = field(default_factory=Tally)
+    sync_id: str | None = None
+    after_sync: Tally = field(default_factory=Tally)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"generation": self.generation, "phase": self.phase, **self.total.to_json(),
+                "sync_id": self.sync_id, "after_sync": self.after_sync.to_json()}
 
 
 def _side(raw: bytes | None, value: Any, log_values: bool) -> dict[str, Any]:
@@ -72,6 +96,7 @@ class DivergenceRecorder:
         self.state_dir = Path(state_dir)
         self.shim_id = shim_id
         self.log_values = log_values
+        self._sync_id: str | None = None
         self.current = PhaseCounters(0, "planned")
         self.total_by_kind: Counter = Counter()
         self.total_compared = 0
@@ -87,24 +112,38 @@ class DivergenceRecorder:
 
     def _resume(self, generation: int, phase: str) -> PhaseCounters:
         """This shim's counters for ``generation`` so far: a shim restarted with the same id continues them."""
-        pc = PhaseCounters(generation, phase)
+        pc = PhaseCounters(generation, phase, sync_id=self._sync_id)
         try:
             data = json.loads((counters_dir(self.state_dir) / f"g{generation}.{self.shim_id}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return pc
-        pc.compared = int(data.get("compared", 0))
-        pc.divergent = int(data.get("divergent", 0))
-        pc.by_kind.update({k: int(v) for k, v in (data.get("by_kind") or {}).items()})
+        pc.total = Tally.from_json(data)
+        if data.get("sync_id") == self._sync_id:
+            pc.after_sync = Tally.from_json(data.get("after_sync"))
         return pc
 
+    @property
+    def sync_id(self) -> str | None:
+        return self._sync_id
+
+    def sync_finished(self, sync_id: str | None) -> None:
+        """A (newer) complete full sync was seen: count anew from now for the gate's sync window."""
+        if sync_id != self._sync_id:
+            self._sync_id = sync_id
+            self.current.sync_id = sync_id
+            self.current.after_sync = Tally()
+
     def compared(self, n: int = 1) -> None:
-        self.current.compared += n
+        cur = self.current
+        cur.total.compared += n
+        cur.after_sync.compared += n
         self.total_compared += n
 
     def record(self, *, kind: str, command: bytes, keys: list[bytes], db: int, source_raw: bytes | None,
                target_raw: bytes | None) -> None:
-        self.current.divergent += 1
-        self.current.by_kind[kind] += 1
+        for tally in (self.current.total, self.current.after_sync):
+            tally.divergent += 1
+            tally.by_kind[kind] += 1
         self.total_by_kind[kind] += 1
         if len(self._lines) >= MAX_LINES_PER_FLUSH:
             self._suppressed += 1
@@ -156,8 +195,12 @@ class DivergenceRecorder:
                               {**snap, "shim": self.shim_id, "updated_at": iso(now()), "ts": time.time()})
 
 
-def read_counters(state_dir: Path | str, generation: int) -> dict[str, Any]:
-    """The sum over every shim (running or gone) of the counters for ``generation``."""
+def read_counters(state_dir: Path | str, generation: int, after_sync: str | None = None) -> dict[str, Any]:
+    """The sum over every shim (running or gone) of the counters for ``generation``.
+
+    With ``after_sync`` (a sync report id), only what was counted after each shim saw that
+    sync finish; a shim that had not seen it yet contributes nothing.
+    """
     total = {"generation": generation, "compared": 0, "divergent": 0, "by_kind": {k: 0 for k in KINDS}, "shims": 0}
     d = counters_dir(state_dir)
     if not d.is_dir():
@@ -168,11 +211,22 @@ def read_counters(state_dir: Path | str, generation: int) -> dict[str, Any]:
         except (OSError, ValueError):
             continue
         total["shims"] += 1
-        total["compared"] += int(data.get("compared", 0))
-        total["divergent"] += int(data.get("divergent", 0))
-        for k, v in (data.get("by_kind") or {}).items():
-            total["by_kind"][k] = total["by_kind"].get(k, 0) + int(v)
+        if after_sync is not None:
+            data = data.get("after_sync") if data.get("sync_id") == after_sync else {}
+        tally = Tally.from_json(data)
+        total["compared"] += tally.compared
+        total["divergent"] += tally.divergent
+        for k, v in tally.by_kind.items():
+            total["by_kind"][k] = total["by_kind"].get(k, 0) + v
     return total
+
+
+def latest_complete_sync(state_dir: Path | str) -> dict[str, Any] | None:
+    """The newest complete full sync report (written by ``migrator sync``), or None."""
+    try:
+        return reports.latest(state_dir, "sync", lambda r: r.get("mode") == "full" and bool(r.get("complete")))
+    except Exception:  # noqa: BLE001 - unreadable reports: no sync window
+        return None
 
 
 def read_log(state_dir: Path | str) -> list[dict[str, Any]]:

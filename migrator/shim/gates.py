@@ -9,7 +9,8 @@ from __future__ import annotations
 from migrator.gates import GateContext, gate
 from migrator.phases import Phase
 from migrator.shim.dirty import list_dirty
-from migrator.shim.divergence import read_counters
+from migrator.shim.divergence import latest_complete_sync, read_counters
+from migrator.state import parse_iso
 
 
 def _limit(ctx: GateContext) -> tuple[float, str] | None:
@@ -25,13 +26,28 @@ def _pct(x: float) -> str:
     return f"{x * 100:.2f}%"
 
 
+def _window(ctx: GateContext) -> tuple[str | None, str]:
+    """Count from the phase's start, or from the end of a complete full sync that finished later.
+
+    Mirroring starts before the sync has copied the existing keys, so until then a write to a
+    key the target does not have yet legitimately differs; once a full sync has copied and
+    verified every key, any difference is real.
+    """
+    last = latest_complete_sync(ctx.store.dir)
+    finished = last.get("finished_at") if last else None
+    if finished and parse_iso(finished) > ctx.state.phase_started:
+        return last.get("id"), f"since sync {last.get('id')} finished at {finished}"
+    return None, f"since {ctx.state.phase} began at {ctx.state.phase_since}"
+
+
 @gate("divergence")
 def divergence(ctx: GateContext):
-    """Compared replies diverged no more than the step allows since the current phase began."""
+    """Compared replies diverged no more than the step allows since the phase began (or its full sync finished)."""
     limit = _limit(ctx)
-    counters = read_counters(ctx.store.dir, ctx.state.generation)
+    sync_id, window = _window(ctx)
+    counters = read_counters(ctx.store.dir, ctx.state.generation, after_sync=sync_id)
     compared, divergent = counters["compared"], counters["divergent"]
-    data = {**counters, "phase": str(ctx.state.phase)}
+    data = {**counters, "phase": str(ctx.state.phase), "window": window, "sync": sync_id}
     if limit is None:
         return True, f"no replies are compared in {ctx.state.phase}; nothing to check", data
     max_rate, field_name = limit
@@ -46,7 +62,7 @@ def divergence(ctx: GateContext):
     if compared == 0:
         ev = f"no replies compared yet in {ctx.state.phase} (0 divergences)"
     ok = rate <= max_rate
-    ev += f" {'<=' if ok else '>'} {_pct(max_rate)} ({field_name})"
+    ev += f" {'<=' if ok else '>'} {_pct(max_rate)} ({field_name}), {window}"
     if kinds:
         ev += f"; by kind: {kinds}"
     return ok, ev, data

@@ -34,6 +34,7 @@ from migrator.errors import UnreachableError, UsageError
 from migrator.logs import get_logger
 from migrator.phases import Phase
 from migrator.playbook import Playbook, split_hostport
+from migrator.reports import reports_dir
 from migrator.shim import admin as admin_http
 from migrator.shim import metrics
 from migrator.shim.commands import (
@@ -44,7 +45,7 @@ from migrator.shim.commands import (
     parse_command_reply,
 )
 from migrator.shim.dirty import DirtyRecorder
-from migrator.shim.divergence import DivergenceRecorder
+from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
 from migrator.shim.routing import ROUTES
 from migrator.shim.session import Session, sha1_hex
 from migrator.state import (
@@ -245,6 +246,7 @@ class Shim:
         self.hold_started = 0.0
         self.hold_deadline = 0.0
         self.last_pause_ms: float | None = None
+        self._reports_mtime = 0
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -260,7 +262,10 @@ class Shim:
         # An unreadable state must stop the start-up: serving "planned" by default could send
         # writes to the source after the write cutover.
         self._state_sig = None
-        self._apply_state(self.store.load(), initial=True)
+        state = self.store.load()
+        # Known before the counters are resumed, so a restart keeps its "since the sync" counts.
+        self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
+        self._apply_state(state, initial=True)
         host, port = split_hostport(self.listen)
         self._server = await self.loop.create_server(
             lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,
@@ -458,6 +463,7 @@ class Shim:
             await asyncio.sleep(registry.HEARTBEAT)
             try:
                 self.dirty.refresh()
+                await self._watch_sync()
                 await self._publish()
                 if self.worker is not None:
                     await self.loop.run_in_executor(None, write_worker_stats, self.state_dir, self.id,
@@ -467,6 +473,24 @@ class Shim:
                 raise
             except Exception as e:  # noqa: BLE001
                 self.log.error("shim.heartbeat_failed", error=f"{type(e).__name__}: {e}")
+
+    async def _watch_sync(self) -> None:
+        """Notice a complete full sync finishing: the divergence gate counts from then on."""
+        try:
+            mtime = os.stat(reports_dir(self.state_dir)).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._reports_mtime:
+            return
+        self._reports_mtime = mtime
+        last = await self.loop.run_in_executor(None, latest_complete_sync, self.state_dir)
+        self._note_sync(last, self.store.load().phase_started)
+
+    def _note_sync(self, last: dict | None, phase_started) -> None:
+        if (last is not None and last.get("finished_at") and parse_iso(last["finished_at"]) > phase_started
+                and last.get("id") != self.divergence.sync_id):
+            self.log.info("shim.sync_seen", sync=last.get("id"), finished_at=last.get("finished_at"))
+            self.divergence.sync_finished(last.get("id"))
 
     async def _sweep_loop(self) -> None:
         interval = max(0.005, min(0.05, self.shadow_timeout / 4))
