@@ -165,3 +165,23 @@ def test_divergence_gate_counts_from_the_end_of_a_full_sync_in_the_phase(tmp_pat
     rec.record(kind="different-value", command=b"get", keys=[b"k"], db=0, source_raw=b"+a\r\n", target_raw=b"+b\r\n")
     rec.flush()
     assert not shim_gates.divergence(ctx).passed
+
+
+def test_dirty_marks_older_than_a_full_sync_pass_are_covered_by_it(tmp_path):
+    """Marks made before a complete full sync's pass started do not block; later ones do."""
+    ctx, pb = _ctx(tmp_path, Phase.MIRRORING, 1)
+    rec = DirtyRecorder(pb.state_path, "s")
+    rec.add(0, [b"early"], "divergent-different-value", b"incr")
+    rec.flush()
+    time.sleep(0.01)
+    rid = reports.new_id("sync")
+    reports.write(pb.state_path, {"id": rid, "kind": "sync", "migration": "test-migration", "created_at": iso(now()),
+                                  "verdict": "pass", "summary": "copied", "mode": "full", "complete": True,
+                                  "pass_started_at": iso(now()), "finished_at": iso(now())}, "# s", "<p>s</p>")
+    r = shim_gates.no_dirty_keys(ctx)
+    assert r.passed and "1 older mark(s) covered by sync" in r.evidence
+    time.sleep(0.01)
+    rec.add(0, [b"late"], "target-down", b"set")
+    rec.flush()
+    r = shim_gates.no_dirty_keys(ctx)
+    assert not r.passed and "db0:late" in r.evidence and "early" not in r.evidence.split(";")[0]

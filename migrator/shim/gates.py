@@ -70,12 +70,20 @@ def divergence(ctx: GateContext):
 
 @gate("no_dirty_keys")
 def no_dirty_keys(ctx: GateContext):
-    """No key is waiting for repair after a write the shadow side did not apply."""
-    dirty = list_dirty(ctx.store.dir)
-    data = {"dirty_keys": len(dirty), "examples": [d.display for d in dirty[:5]]}
+    """No key is waiting for repair after a write the other side did not apply."""
+    marks = list_dirty(ctx.store.dir)
+    # A complete full sync copies every key after its pass started, so marks made before that
+    # are repaired by it (the repair, ``migrator sync --dirty``, deletes them when it runs).
+    last = latest_complete_sync(ctx.store.dir)
+    started = last.get("pass_started_at") if last else None
+    cutoff = parse_iso(started).timestamp() if started else 0.0
+    dirty = [d for d in marks if d.since >= cutoff]
+    resolved = len(marks) - len(dirty)
+    data = {"dirty_keys": len(dirty), "examples": [d.display for d in dirty[:5]], "resolved_by_sync": resolved}
+    note = f" ({resolved} older mark(s) covered by sync {last.get('id')})" if resolved else ""
     if not dirty:
-        return True, "no dirty keys", data
+        return True, "no dirty keys" + note, data
     reasons = sorted({d.reason for d in dirty})
     names = ", ".join(d.display for d in dirty[:5]) + (", ..." if len(dirty) > 5 else "")
     return False, (f"{len(dirty):,} dirty key(s) awaiting repair ({names}); reasons: {', '.join(reasons)}; "
-                   "repair them (migrator sync --repair) before the next cutover"), data
+                   f"repair them with migrator sync --dirty before the next cutover{note}"), data
