@@ -303,3 +303,27 @@ def test_client_side_tls(server_factory, envs, tmp_path):
     assert env.target.client().get("tls") == b"1"
     with pytest.raises(redis.ConnectionError):
         redis.Redis(port=env.port, socket_timeout=2, retry=Retry(NoBackoff(), 0)).ping()  # plaintext is refused
+
+
+def test_shadow_reconnects_with_backoff_and_replays_connection_state(server_factory, envs):
+    """After the target comes back, the shim reconnects by itself and replays SELECT/CLIENT SETNAME before mirroring again."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    env = envs(source, target)
+    env.set_phase(Phase.MIRRORING)
+    c = env.client(db=2, client_name="app-1", single_connection_client=True)
+    c.set("before", 1)
+    port = target.port
+    target.proc.kill()
+    target.proc.wait()
+    c.set("while-down", 1)  # no error for the client; marked dirty
+    revived = server_factory("valkey-9.1", port=port)
+
+    def mirrored() -> bool:
+        c.set("after", "x")
+        return revived.client(db=2).get("after") == b"x"
+
+    wait_for(mirrored, timeout=10, what="writes mirrored again after the target came back")
+    names = [cl["name"] for cl in revived.client().client_list() if cl.get("db") == "2"]
+    assert "app-1" in names
+    env.flush()
+    assert (2, b"while-down") in {(d.db, d.key) for d in list_dirty(env.pb.state_path)}
