@@ -1,0 +1,176 @@
+"""The session (one client connection) without sockets: bytes in, bytes out, in what order and where."""
+
+from __future__ import annotations
+
+import pytest
+
+from migrator import playbook
+from migrator.phases import Phase
+from migrator.shim.commands import SOURCE, TARGET, CommandTable, parse_command_reply
+from migrator.shim.resp import encode
+from migrator.shim.routing import ROUTES
+from migrator.shim.server import Shim
+from migrator.shim.session import Session
+from tests.conftest import write_playbook
+
+RANGE1 = [{b"begin_search": {b"type": b"index", b"spec": {b"index": 1}},
+           b"find_keys": {b"type": b"range", b"spec": {b"lastkey": 0, b"keystep": 1, b"limit": 0}}}]
+TABLE = parse_command_reply([
+    [b"get", 2, [b"readonly"], 1, 1, 1, [], [], RANGE1, []],
+    [b"set", -3, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+    [b"incr", 2, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+    [b"spop", -2, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+])
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        self.closed = True
+
+    close = abort
+
+
+class FakeClient:
+    peer = "test"
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.fixture
+def make_session(tmp_path):
+    def make(phase: Phase):
+        pb = playbook.load(write_playbook(tmp_path / "m.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
+        shim = Shim(pb)
+        shim.table = CommandTable(TABLE, TABLE)
+        shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
+        opened: list[tuple[int, int]] = []
+        shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
+        client = FakeClient()
+        s = Session(shim, client)
+        s.connect_sides()
+        transports = {}
+        for side, attempt in opened:
+            transports[side] = FakeTransport()
+            s.on_upstream_connected(side, transports[side], attempt)
+        return shim, s, client, transports
+
+    return make
+
+
+def cmds(*commands) -> bytes:
+    return b"".join(encode([a.encode() if isinstance(a, str) else a for a in c]) for c in commands)
+
+
+def test_mirroring_answers_from_the_source_without_waiting_for_the_target(make_session):
+    """Both sides get the pipelined chunk; the client gets the source's bytes as soon as they arrive."""
+    shim, s, client, t = make_session(Phase.MIRRORING)
+    chunk = cmds(["SET", "a", "1"], ["GET", "a"])
+    s.on_client_data(chunk)
+    assert t[SOURCE].data == chunk and t[TARGET].data == chunk
+    s.on_upstream_data(SOURCE, b"+OK\r\n$1\r\n1\r\n")
+    assert client.data == b"+OK\r\n$1\r\n1\r\n"
+    assert shim.mirror_depth == 2
+    s.on_upstream_data(TARGET, b"+OK\r\n$1\r\n2\r\n")
+    assert shim.mirror_depth == 0 and shim.stats.compared == 2
+    assert shim.stats.divergences == {"different-value": 1}
+    assert client.data == b"+OK\r\n$1\r\n1\r\n"  # the target's reply never reaches the client
+
+
+def test_replies_split_anywhere_still_reach_the_client_whole_and_in_order(make_session):
+    """Replies arriving a byte at a time are reassembled; the client sees exactly the source's stream."""
+    shim, s, client, t = make_session(Phase.MIRRORING)
+    s.on_client_data(cmds(["GET", "x"], ["GET", "y"]))
+    stream = b"$5\r\nhello\r\n$-1\r\n"
+    for i in range(len(stream)):
+        s.on_upstream_data(SOURCE, stream[i:i + 1])
+    assert client.data == stream
+
+
+def test_reads_on_target_sends_writes_to_the_target_after_the_source_and_acks_after_both(make_session):
+    """Source first, then target; the client's reply waits for both; a later read waits behind the write."""
+    shim, s, client, t = make_session(Phase.READS_ON_TARGET)
+    s.on_client_data(cmds(["SET", "k", "v"]))
+    s.on_client_data(cmds(["GET", "k"]))
+    assert t[SOURCE].data.startswith(cmds(["SET", "k", "v"])) and b"SET" not in t[TARGET].data
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    assert client.data == b""  # not acknowledged before the target applied it
+    assert t[TARGET].data.startswith(cmds(["SET", "k", "v"]))
+    assert t[TARGET].data.endswith(cmds(["GET", "k"]))  # the read follows the write on the target
+    s.on_upstream_data(TARGET, b"+OK\r\n$1\r\nv\r\n")
+    assert client.data == b"+OK\r\n$1\r\nv\r\n"
+
+
+def test_a_write_the_source_rejects_is_not_sent_to_the_target_after_the_read_cutover(make_session):
+    """After the read cutover the target applies only what the source accepted."""
+    shim, s, client, t = make_session(Phase.READS_ON_TARGET)
+    s.on_client_data(cmds(["INCR", "s"]))
+    s.on_upstream_data(SOURCE, b"-ERR value is not an integer or out of range\r\n")
+    assert t[TARGET].data == b"" and client.data.startswith(b"-ERR value")
+
+
+def test_spop_is_mirrored_as_srem_of_what_the_source_popped(make_session):
+    """The target gets SREM of the members the source returned, after the source answered."""
+    shim, s, client, t = make_session(Phase.MIRRORING)
+    s.on_client_data(cmds(["SPOP", "set", "2"]))
+    assert t[TARGET].data == b""
+    s.on_upstream_data(SOURCE, b"*2\r\n$1\r\na\r\n$1\r\nb\r\n")
+    assert t[TARGET].data == cmds(["SREM", "set", "a", "b"])
+    assert client.data == b"*2\r\n$1\r\na\r\n$1\r\nb\r\n"
+
+
+def test_a_lost_target_marks_pending_writes_dirty_and_spares_the_client(make_session):
+    """If the target's connection drops, its unconfirmed writes become dirty; the client's replies are unaffected."""
+    shim, s, client, t = make_session(Phase.MIRRORING)
+    s.on_client_data(cmds(["SET", "k1", "v"], ["SET", "k2", "v"]))
+    s.on_upstream_data(SOURCE, b"+OK\r\n+OK\r\n")
+    s.on_upstream_lost(TARGET, t[TARGET], "connection reset")
+    assert client.data == b"+OK\r\n+OK\r\n" and not client.closed
+    assert {k for _db, k in shim.dirty.keys} == {b"k1", b"k2"}
+    assert shim.mirror_depth == 0 and s.drained()
+
+
+def test_a_lost_source_closes_the_client_as_the_server_would(make_session):
+    """The authoritative side's loss closes the client connection (after what was already answered)."""
+    shim, s, client, t = make_session(Phase.MIRRORING)
+    s.on_client_data(cmds(["GET", "a"]))
+    s.on_upstream_lost(SOURCE, t[SOURCE], "connection reset")
+    assert client.closed
+
+
+def test_passthrough_forwards_chunks_and_replies_unchanged(make_session):
+    """In a one-sided phase the chunk and the reply bytes pass through untouched, split or not."""
+    shim, s, client, t = make_session(Phase.PLANNED)
+    chunk = cmds(["SET", "a", "1"], ["GET", "a"])
+    s.on_client_data(chunk[:7])
+    s.on_client_data(chunk[7:])
+    assert t[SOURCE].data == chunk and TARGET not in t
+    s.on_upstream_data(SOURCE, b"+OK\r\n$1")
+    s.on_upstream_data(SOURCE, b"\r\n1\r\n")
+    assert client.data == b"+OK\r\n$1\r\n1\r\n" and s.drained()
