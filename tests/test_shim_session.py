@@ -105,7 +105,7 @@ def test_mirroring_answers_from_the_source_without_waiting_for_the_target(make_s
 
 def test_replies_split_anywhere_still_reach_the_client_whole_and_in_order(make_session):
     """Replies arriving a byte at a time are reassembled; the client sees exactly the source's stream."""
-    shim, s, client, t = make_session(Phase.MIRRORING)
+    _shim, s, client, _t = make_session(Phase.MIRRORING)
     s.on_client_data(cmds(["GET", "x"], ["GET", "y"]))
     stream = b"$5\r\nhello\r\n$-1\r\n"
     for i in range(len(stream)):
@@ -115,7 +115,7 @@ def test_replies_split_anywhere_still_reach_the_client_whole_and_in_order(make_s
 
 def test_reads_on_target_sends_writes_to_the_target_after_the_source_and_acks_after_both(make_session):
     """Source first, then target; the client's reply waits for both; a later read waits behind the write."""
-    shim, s, client, t = make_session(Phase.READS_ON_TARGET)
+    _shim, s, client, t = make_session(Phase.READS_ON_TARGET)
     s.on_client_data(cmds(["SET", "k", "v"]))
     s.on_client_data(cmds(["GET", "k"]))
     assert t[SOURCE].data.startswith(cmds(["SET", "k", "v"])) and b"SET" not in t[TARGET].data
@@ -129,7 +129,7 @@ def test_reads_on_target_sends_writes_to_the_target_after_the_source_and_acks_af
 
 def test_a_write_the_source_rejects_is_not_sent_to_the_target_after_the_read_cutover(make_session):
     """After the read cutover the target applies only what the source accepted."""
-    shim, s, client, t = make_session(Phase.READS_ON_TARGET)
+    _shim, s, client, t = make_session(Phase.READS_ON_TARGET)
     s.on_client_data(cmds(["INCR", "s"]))
     s.on_upstream_data(SOURCE, b"-ERR value is not an integer or out of range\r\n")
     assert t[TARGET].data == b"" and client.data.startswith(b"-ERR value")
@@ -137,7 +137,7 @@ def test_a_write_the_source_rejects_is_not_sent_to_the_target_after_the_read_cut
 
 def test_spop_is_mirrored_as_srem_of_what_the_source_popped(make_session):
     """The target gets SREM of the members the source returned, after the source answered."""
-    shim, s, client, t = make_session(Phase.MIRRORING)
+    _shim, s, client, t = make_session(Phase.MIRRORING)
     s.on_client_data(cmds(["SPOP", "set", "2"]))
     assert t[TARGET].data == b""
     s.on_upstream_data(SOURCE, b"*2\r\n$1\r\na\r\n$1\r\nb\r\n")
@@ -158,7 +158,7 @@ def test_a_lost_target_marks_pending_writes_dirty_and_spares_the_client(make_ses
 
 def test_a_lost_source_closes_the_client_as_the_server_would(make_session):
     """The authoritative side's loss closes the client connection (after what was already answered)."""
-    shim, s, client, t = make_session(Phase.MIRRORING)
+    _shim, s, client, t = make_session(Phase.MIRRORING)
     s.on_client_data(cmds(["GET", "a"]))
     s.on_upstream_lost(SOURCE, t[SOURCE], "connection reset")
     assert client.closed
@@ -166,7 +166,7 @@ def test_a_lost_source_closes_the_client_as_the_server_would(make_session):
 
 def test_passthrough_forwards_chunks_and_replies_unchanged(make_session):
     """In a one-sided phase the chunk and the reply bytes pass through untouched, split or not."""
-    shim, s, client, t = make_session(Phase.PLANNED)
+    _shim, s, client, t = make_session(Phase.PLANNED)
     chunk = cmds(["SET", "a", "1"], ["GET", "a"])
     s.on_client_data(chunk[:7])
     s.on_client_data(chunk[7:])
