@@ -174,3 +174,13 @@ def test_passthrough_forwards_chunks_and_replies_unchanged(make_session):
     s.on_upstream_data(SOURCE, b"+OK\r\n$1")
     s.on_upstream_data(SOURCE, b"\r\n1\r\n")
     assert client.data == b"+OK\r\n$1\r\n1\r\n" and s.drained()
+
+
+def test_an_effect_the_target_refuses_marks_the_key_dirty(make_session):
+    """SREM (SPOP's effect) failing on the target is not compared, so it is recorded dirty rather than lost."""
+    shim, s, _client, _t = make_session(Phase.MIRRORING)
+    s.on_client_data(cmds(["SPOP", "set"]))
+    s.on_upstream_data(SOURCE, b"$1\r\na\r\n")
+    s.on_upstream_data(TARGET, b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n")
+    assert shim.dirty.keys == {(0, b"set")}
+    assert shim.stats.shadow_failures[("target", "error")] == 1

@@ -924,6 +924,10 @@ class Session:
                 self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
+            if e.write and not e.compare and any(is_error(f) for f in (raw if isinstance(raw, list) else (raw,))):
+                # An effect the other side refused (not compared, so caught here): never silent.
+                shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
+                self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
         if e.compare and e.rep[0] is not None and e.rep[1] is not None:
             self._compare(e)
         self._finish_side(e, side)
