@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from migrator import registry
 from migrator.connect import client_kwargs, ssl_context
@@ -173,6 +175,7 @@ def load_command_table(ep) -> dict:
     """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop)."""
     kw = client_kwargs(ep)
     kw["socket_timeout"] = max(kw.get("socket_timeout") or 0, 10)
+    kw["retry"] = Retry(NoBackoff(), 0)  # a side that is down is retried by the poller, not here
     client = redis.Redis(**kw)
     try:
         conn = client.connection_pool.get_connection()
@@ -252,17 +255,16 @@ class Shim:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        for side in (SOURCE, TARGET):
-            await self._load_table(side)
+        # An unreadable state must stop the start-up (first, before anything slow): serving
+        # "planned" by default could send writes to the source after the write cutover.
+        self._state_sig = None
+        state = self.store.load()
+        await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
         for side in (SOURCE, TARGET):
             missing = self.table.unknown_to(side)
             if missing:
                 self.log.warning("shim.commands_unknown", side=SIDE_NAMES[side], count=len(missing),
                                  commands=sorted(m.decode() for m in missing)[:50])
-        # An unreadable state must stop the start-up: serving "planned" by default could send
-        # writes to the source after the write cutover.
-        self._state_sig = None
-        state = self.store.load()
         # Known before the counters are resumed, so a restart keeps its "since the sync" counts.
         self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
         self._apply_state(state, initial=True)
