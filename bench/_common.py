@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,10 +36,12 @@ return last - first + 1
 """
 
 
-def load_mixed(client: redis.Redis, n: int, slice_: int = 20_000) -> None:
-    script = client.register_script(_LOAD_MIXED)
+def load_mixed(client: redis.Redis, n: int, slice_: int = 20_000, *also: redis.Redis) -> None:
+    """Load the mixed data set; into ``also`` too, slice by slice, so expiries match within ms."""
+    scripts = [c.register_script(_LOAD_MIXED) for c in (client, *also)]
     for first in range(0, n, slice_):
-        script(args=[first, min(n, first + slice_) - 1])
+        for script in scripts:
+            script(args=[first, min(n, first + slice_) - 1])
 
 
 def load_zset(client: redis.Redis, n: int, key: str = "bigzset", slice_: int = 20_000) -> None:
@@ -55,16 +58,21 @@ def write_playbook(dir_: Path, source_url: str, target_url: str, **extra) -> Pat
     return path
 
 
-def run_measured(args: list[str]) -> tuple[float, float, int]:
-    """Run a child process; (wall seconds, peak RSS in MiB, exit code), peak RSS from wait4."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ})
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.stdout:
-        sys.stdout.write(proc.stdout.read().decode(errors="replace"))
-        proc.stdout.close()
+def run_measured(args: list[str], show_output: bool = False) -> tuple[float, float, int]:
+    """Run a child process; (wall seconds, peak RSS in MiB, exit code), peak RSS from wait4.
+
+    Output goes to a temporary file, not a pipe: a pipe nobody reads until the end would block
+    a child that prints more than the pipe holds.
+    """
+    with tempfile.TemporaryFile() as out:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.DEVNULL, env={**os.environ})
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if show_output:
+            out.seek(0)
+            sys.stdout.write(out.read().decode(errors="replace"))
     return wall, usage.ru_maxrss / 1024, proc.returncode
 
 

@@ -1,7 +1,8 @@
 """Benchmark: a full ``migrator check`` of N keys (default 1,000,000), in keys compared per second.
 
 The same mixed data set (strings, hashes, lists, sets, sorted sets; 1 in 7 expiring) is loaded
-into a Redis 7.0 source and a Valkey 9.1 target with the same server-side loader, then
+into a Redis 7.0 source and a Valkey 9.1 target with the same server-side loader (slice by
+slice on both, so expiries agree), then
 ``python -m migrator check --full`` runs as a child process (time and peak RSS measured).
 
     python bench/check.py --keys 1000000
@@ -26,8 +27,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=1_000_000)
     args = ap.parse_args()
     with servers.running("redis-7.0") as src, servers.running("valkey-9.1") as dst, tempfile.TemporaryDirectory() as d:
-        load_mixed(src.client(), args.keys)
-        load_mixed(dst.client(), args.keys)
+        load_mixed(src.client(), args.keys, 20_000, dst.client())
         pb = write_playbook(Path(d), src.url, dst.url)
         wall, rss, rc = run_measured([sys.executable, "-m", "migrator", "-p", str(pb), "check", "--full", "--output", "json"])
         report = reports.latest(Path(d) / "state", "check")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,7 +31,7 @@ from migrator import reports
 from migrator.connect import connect
 from migrator.data import render, stats, values
 from migrator.data.copy import Copier, detect_method
-from migrator.data.keyspace import Selection, databases, keyspace_sizes, scan_batches
+from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.phases import Phase
 from migrator.playbook import Playbook
@@ -39,6 +40,8 @@ from migrator.state import StateStore, iso, now
 DEFAULT_CHUNK = 1000
 CHUNK_BYTES = 1 << 20
 BATCH = 1000
+IN_FLIGHT = 2  # batches probed at once
+RECHECK_AT = 50_000  # differing keys held before their rechecks run
 SOURCE_IS_AUTHORITATIVE = (Phase.PLANNED, Phase.COMPATIBLE, Phase.MIRRORING, Phase.READS_ON_TARGET)
 _EXISTS_LUA = "local o = {} for i, k in ipairs(KEYS) do o[i] = redis.call('EXISTS', k) end return o"
 
@@ -131,7 +134,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     cfg = playbook.check
     started, t0 = iso(now()), time.monotonic()
     phase = StateStore(playbook.state_path, playbook.name).load().phase
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool:
         r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
                  int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
         selection = Selection.from_config(playbook.sync)
@@ -143,10 +146,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         plan = _plan(dbs, src_sizes, dst_sizes, None if full else n)
         mismatches: list[Mismatch] = []
         for db in dbs:
-            d = r.open(db)
-            for keys in _keys(d, selection, plan[db]):
-                r.limiter.wait(len(keys))
-                mismatches += _check_keys(r, d, keys)
+            mismatches += _check_db(r, r.open(db), _keys(r.open(db), selection, plan[db]))
         repaired = _repair(r, mismatches, phase) if repair and mismatches else []
     remaining = [m for m in mismatches if not m.repaired]
     if show_values:
@@ -253,19 +253,36 @@ def _draw(d: _Db, selection: Selection, from_src: int, from_dst: int) -> Iterato
 # --- comparing, rechecking ----------------------------------------------------------------------
 
 
-def _check_keys(r: _Run, d: _Db, keys: list[bytes]) -> list[Mismatch]:
-    keys = list(dict.fromkeys(keys))
-    s_states, d_states = _both(r, d, keys)
+def _check_db(r: _Run, d: _Db, batches) -> list[Mismatch]:
+    """Compare every batch; probes of the next batches run while this one is classified, and
+    differing keys wait for their rechecks together (one pause per round, not per batch)."""
+    mismatches: list[Mismatch] = []
+    differing: dict[bytes, tuple] = {}
+    inflight: deque = deque()
+    for keys in prefetch(batches):
+        r.limiter.wait(len(keys))
+        keys = list(dict.fromkeys(keys))
+        inflight.append((keys, r.pool.submit(d.src_probe.probe, keys), r.pool.submit(d.dst_probe.probe, keys)))
+        if len(inflight) >= IN_FLIGHT:
+            _classify(r, d, *inflight.popleft(), differing)
+        if len(differing) >= RECHECK_AT:
+            mismatches += _recheck(r, d, differing)
+            differing = {}
+    while inflight:
+        _classify(r, d, *inflight.popleft(), differing)
+    return mismatches + _recheck(r, d, differing)
+
+
+def _classify(r: _Run, d: _Db, keys: list[bytes], fs, fd, differing: dict[bytes, tuple]) -> None:
+    s_states, d_states = fs.result(), fd.result()
     r.checked += len(keys)
-    found: dict[bytes, tuple] = {}
     for k, s, t in zip(keys, s_states, d_states):
         delta = values.ttl_delta(s, t)
         if delta is not None and len(r.ttl_deltas) < 100_000:
             r.ttl_deltas.append(delta)
         diff = values.difference(d.src, d.dst, k, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES)
         if diff:
-            found[k] = (diff, s, t)
-    return _recheck(r, d, found)
+            differing[k] = (diff, s, t)
 
 
 def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:

@@ -99,7 +99,8 @@ def sync_html(data: dict) -> str:
 
 
 def _state(st: values.KeyState) -> dict[str, Any]:
-    return {"type": st.type, "size": st.size, "pttl": st.pttl, "digest": st.digest}
+    digest = st.digest.decode() if isinstance(st.digest, bytes) else st.digest
+    return {"type": st.type, "size": st.size, "pttl": st.pttl, "digest": digest}
 
 
 def _mismatch(m) -> dict[str, Any]:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import redis
+
+from migrator.data import fastcall
 
 SIZE_COMMAND = {"string": "STRLEN", "hash": "HLEN", "list": "LLEN", "set": "SCARD", "zset": "ZCARD", "stream": "XLEN"}
 CONTAINERS = ("hash", "list", "set", "zset")
@@ -79,14 +81,13 @@ return out
 """
 
 
-@dataclass(frozen=True)
-class KeyState:
-    """One key on one server at one moment. ``digest`` is empty when none was computed."""
+class KeyState(NamedTuple):
+    """One key on one server at one moment. ``digest`` (hex bytes) is empty when none was computed."""
 
     type: str
     pttl: int  # -1 no expiry, -2 missing
     size: int
-    digest: str = ""
+    digest: bytes = b""
 
     @property
     def exists(self) -> bool:
@@ -98,7 +99,8 @@ class KeyState:
         return (self.type, self.size, self.digest)
 
 
-MISSING = KeyState("none", -2, 0, "")
+MISSING = KeyState("none", -2, 0, b"")
+_TYPE_NAMES = {t.encode(): t for t in ("none", "string", "hash", "list", "set", "zset", "stream")}
 
 
 def _s(v: Any) -> str:
@@ -120,9 +122,10 @@ class Prober:
             return []
         if self.lua is not False:
             try:
-                rows = self._script(keys=keys, args=[self.chunk, self.max_bytes])
+                rows = fastcall.evalsha(self.client, self._script, keys, [self.chunk, self.max_bytes])
                 self.lua = True
-                return [KeyState(_s(t), int(ttl), int(n), _s(d)) for t, ttl, n, d in rows]
+                types = _TYPE_NAMES
+                return [KeyState(types.get(t) or _s(t), ttl, n, d) for t, ttl, n, d in rows]
             except redis.exceptions.ResponseError as e:
                 if self.lua or not _scripting_denied(e):
                     raise
@@ -151,7 +154,7 @@ def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes
     out = []
     for k, t, ttl, n in zip(keys, types, ttls, sizes):
         small = (t == "string" and n <= max_bytes) or (t in CONTAINERS and n <= chunk)
-        d = canonical_digest(t, read_small(client, k, t)) if small else ""
+        d = canonical_digest(t, read_small(client, k, t)).encode() if small else b""
         out.append(KeyState(t, ttl, n if t != "none" else 0, d))
     return out
 
