@@ -41,7 +41,7 @@ def test_a_repair_deleting_files_clears_only_what_it_read(tmp_path):
     repair_dirty.clear_dirty(taken)
     assert [d.key for d in list_dirty(tmp_path)] == [b"b"]
     rec.refresh()
-    assert rec.keys == {(0, b"b")}
+    assert set(rec.keys) == {(0, b"b")}
 
 
 def test_clear_dirty_respects_before_and_key_selection(tmp_path):
@@ -185,3 +185,17 @@ def test_dirty_marks_older_than_a_full_sync_pass_are_covered_by_it(tmp_path):
     rec.flush()
     r = shim_gates.no_dirty_keys(ctx)
     assert not r.passed and "db0:late" in r.evidence and "early" not in r.evidence.split(";")[0]
+
+
+def test_the_shims_own_dirty_count_drops_marks_a_full_sync_covered(tmp_path):
+    """The count a shim reports (and the write switch checks) follows the same sync rule as the gate."""
+    rec = DirtyRecorder(tmp_path, "s")
+    rec.add(0, [b"old"], "divergent-different-value", b"incr")
+    cutoff = time.time()
+    time.sleep(0.01)
+    rec.add(0, [b"new"], "target-down", b"set")
+    rec.covered_by_sync(cutoff)
+    assert set(rec.keys) == {(0, b"new")}
+    rec.flush()
+    rec.refresh()
+    assert set(rec.keys) == {(0, b"new")}

@@ -134,8 +134,9 @@ class DirtyRecorder:
     def __init__(self, state_dir: Path | str, shim_id: str) -> None:
         self.state_dir = Path(state_dir)
         self.shim_id = shim_id
-        self.keys: set[tuple[int, bytes | None]] = set()
+        self.keys: dict[tuple[int, bytes | None], float] = {}  # (db, key) -> newest mark's time
         self.marked_total = 0
+        self.covered_before = 0.0  # marks older than the last complete full sync's pass
         self._lines: list[tuple[bool, str]] = []  # (whole database?, line)
         self._dir_mtime = 0
 
@@ -144,7 +145,7 @@ class DirtyRecorder:
         cmd = command.decode("utf-8", "replace").upper()
         for key in keys or [None]:
             self.marked_total += 1
-            self.keys.add((db, key))
+            self.keys[(db, key)] = ts
             entry = {"db": db, "key": base64.b64encode(key).decode() if key is not None else None, "reason": reason,
                      "command": cmd, "ts": ts, "time": iso(now()), "shim": self.shim_id}
             self._lines.append((key is None, json.dumps(entry)))
@@ -179,6 +180,14 @@ class DirtyRecorder:
         if mtime == self._dir_mtime:
             return
         self._dir_mtime = mtime
-        pending = {(json.loads(line)["db"], None if wide else base64.b64decode(json.loads(line)["key"]))
-                   for wide, line in self._lines}
-        self.keys = {(d.db, d.key) for d in list_dirty(self.state_dir)} | pending
+        keys = {(d.db, d.key): d.since for d in list_dirty(self.state_dir) if d.since >= self.covered_before}
+        for _wide, line in self._lines:  # marks not written yet
+            m = json.loads(line)
+            keys[(m["db"], base64.b64decode(m["key"]) if m["key"] is not None else None)] = m["ts"]
+        self.keys = keys
+
+    def covered_by_sync(self, pass_started: float) -> None:
+        """A complete full sync whose pass started at ``pass_started`` repaired every older mark."""
+        if pass_started > self.covered_before:
+            self.covered_before = pass_started
+            self.keys = {k: ts for k, ts in self.keys.items() if ts >= pass_started}

@@ -489,6 +489,9 @@ class Shim:
         self._note_sync(last, self.store.load().phase_started)
 
     def _note_sync(self, last: dict | None, phase_started) -> None:
+        if last is not None and last.get("pass_started_at"):
+            # Same rule as the no_dirty_keys gate: marks older than the pass are repaired.
+            self.dirty.covered_by_sync(parse_iso(last["pass_started_at"]).timestamp())
         if (last is not None and last.get("finished_at") and parse_iso(last["finished_at"]) > phase_started
                 and last.get("id") != self.divergence.sync_id):
             self.log.info("shim.sync_seen", sync=last.get("id"), finished_at=last.get("finished_at"))
