@@ -20,7 +20,8 @@ from migrator.playbook import is_loopback, split_hostport
 @pass_ctx
 def shim(ctx: Ctx, listen: str | None, admin: str | None, workers: int, shim_id: str | None) -> int:
     """Run the mirroring shim: applications connect here; it routes each command by the phase."""
-    from migrator import shim as shim_mod  # imported here: the other commands do not need asyncio/uvloop
+    # Imported here: the other commands do not need asyncio and uvloop.
+    from migrator import shim as shim_mod
 
     pb = ctx.load_playbook()
     if listen is not None:
