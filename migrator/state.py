@@ -123,6 +123,23 @@ class State:
     def phase_started(self) -> datetime:
         return parse_iso(self.phase_since)
 
+    @property
+    def mirror_started(self) -> datetime | None:
+        """When writes began to reach both servers without a break (None before mirroring).
+
+        Mirroring continues through reads-on-target and writes-on-target and their rollbacks;
+        only a rollback to ``compatible`` (or earlier) stops it.
+        """
+        if self.phase in (Phase.PLANNED, Phase.COMPATIBLE):
+            return None
+        for h in reversed(self.history):
+            if h.get("to") == Phase.MIRRORING.value and h.get("from") == Phase.COMPATIBLE.value:
+                return parse_iso(h["started_at"])
+        t = self.transition
+        if t and t.to_phase == Phase.MIRRORING.value and t.from_phase == Phase.COMPATIBLE.value:
+            return parse_iso(t.started_at)
+        return self.phase_started if self.phase == Phase.MIRRORING else None
+
 
 class StateStore:
     """Reads and writes one migration's state folder."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 COUNTERS = 8
 
@@ -101,7 +103,12 @@ class Workload:
     def _run(self, i: int, seed: int) -> None:
         rng = random.Random(seed)
         led = self.ledgers[i]
-        c = redis.Redis.from_url(self.url, socket_timeout=30, protocol=self.protocol, decode_responses=True)
+        # Like a well-configured application: reconnect (with backoff) when a connection is
+        # refused or closed — e.g. while a shim restarts — but never re-send a command whose
+        # reply timed out, since it may have been applied.
+        c = redis.Redis.from_url(self.url, socket_timeout=30, protocol=self.protocol, decode_responses=True,
+                                 retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 40),
+                                 retry_on_error=[redis.exceptions.ConnectionError])
         n = 0
         interval = 1.0 / self.rate if self.rate else 0.0
         try:

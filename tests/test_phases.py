@@ -131,3 +131,18 @@ class Walk(RuleBasedStateMachine):
 Walk.TestCase.settings = settings(max_examples=25, stateful_step_count=20, deadline=None,
                                   suppress_health_check=[HealthCheck.too_slow])
 test_random_walks = Walk.TestCase
+
+
+def test_mirroring_survives_rollbacks_above_it():
+    """Writes reach both servers from compatible→mirroring until a rollback to compatible; rollbacks above keep it."""
+    from migrator.state import State
+
+    st = State(migration="m", phase=Phase.READS_ON_TARGET, history=[
+        {"from": "compatible", "to": "mirroring", "started_at": "2026-01-01T00:00:00.000Z"},
+        {"from": "mirroring", "to": "reads-on-target", "started_at": "2026-01-02T00:00:00.000Z"},
+        {"from": "reads-on-target", "to": "mirroring", "started_at": "2026-01-03T00:00:00.000Z"},
+        {"from": "mirroring", "to": "reads-on-target", "started_at": "2026-01-04T00:00:00.000Z"},
+    ])
+    assert st.mirror_started.isoformat().startswith("2026-01-01")
+    st.phase = Phase.COMPATIBLE
+    assert st.mirror_started is None

@@ -29,9 +29,11 @@ def sync_complete(ctx: GateContext):
     data = {"report": last["id"], "complete": last.get("complete"), "keys": last.get("keys")}
     if not last.get("complete"):
         return False, f"the last sync ({last['id']}) is not complete: {last['summary']}", data
-    if not _since_phase(ctx, last.get("pass_started_at")):
-        return False, (f"the last complete sync ({last['id']}) started at {last.get('pass_started_at')}, before "
-                       f"{ctx.state.phase} began at {ctx.state.phase_since}: writes in between may be missing; run it again"), data
+    mirror_since = ctx.state.mirror_started or ctx.state.phase_started
+    started = last.get("pass_started_at")
+    if not started or parse_iso(started) < mirror_since:
+        return False, (f"the last complete sync ({last['id']}) started at {started}, before writes began to be "
+                       f"mirrored at {mirror_since.isoformat()}: writes in between may be missing; run it again"), data
     waiting = dirty.list_dirty(state_dir).count
     data["dirty_keys"] = waiting
     if waiting:
