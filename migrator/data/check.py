@@ -31,6 +31,7 @@ from migrator import reports
 from migrator.connect import connect
 from migrator.data import render, stats, values
 from migrator.data.copy import Copier, detect_method
+from migrator.data.failures import server_errors
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.phases import Phase
@@ -134,7 +135,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     cfg = playbook.check
     started, t0 = iso(now()), time.monotonic()
     phase = StateStore(playbook.state_path, playbook.name).load().phase
-    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool:
+    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"):
         r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
                  int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
         selection = Selection.from_config(playbook.sync)

@@ -28,6 +28,7 @@ from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
 from migrator.data import watch as watchmod
 from migrator.data.copy import Copier, CopyResult, copy_functions, detect_method
+from migrator.data.failures import server_errors
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
@@ -162,7 +163,8 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
     try:
         r = _Run(playbook, rate, batch, progress, chunk, settle)
         r.keyspace_events = keyspace_events
-        result = _run_dirty(r) if dirty else _run_full(r, restart)
+        with server_errors("sync"):
+            result = _run_dirty(r) if dirty else _run_full(r, restart)
         result.report_id = _write_report(playbook, result)
         return result
     finally:
@@ -181,9 +183,10 @@ def _method(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> tuple[str, str]:
 def _run_full(r: _Run, restart: bool) -> SyncResult:
     state_dir = r.pb.state_path
     src0, dst0 = r.clients(0)
-    old = None if restart else cpmod.load(state_dir)
-    resumed = old is not None and not old.finished
-    cp = old if resumed else cpmod.Checkpoint()
+    saved = cpmod.load(state_dir)
+    resumed = not restart and saved is not None and not saved.finished
+    # A killed run may have left the source's keyspace events on: keep what to restore.
+    cp = saved if resumed else cpmod.Checkpoint(notify_before=saved.notify_before if saved else None)
     cp.runs += 1
     dbs = databases(r.selection, src0)
     cp.method, cp.method_reason = _method(r, cp, dbs)
@@ -191,13 +194,16 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     r.total_keys = sum(sizes.get(d, 0) for d in dbs)
     functions = _copy_functions(src0, dst0)
     cpmod.save(state_dir, cp)
-    for db in dbs:
-        if not cp.db(db).done:
-            _sync_db(r, cp, db)
-    _retry_unsettled(r, cp)
-    if cp.notify_before is not None:
-        watchmod.restore(src0, cp.notify_before)
-        cp.notify_before = None
+    try:
+        for db in dbs:
+            if not cp.db(db).done:
+                _sync_db(r, cp, db)
+        _retry_unsettled(r, cp)
+    finally:
+        if cp.notify_before is not None:
+            watchmod.restore(src0, cp.notify_before)
+            cp.notify_before = None
+            cpmod.save(state_dir, cp)
     complete = all(cp.db(d).done for d in dbs) and not r.unsettled and not r.errors
     cp.unsettled = list(r.unsettled)
     cp.completed_at = iso(now()) if complete else None
