@@ -250,7 +250,7 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
             inflight.append((seq, keys, marked_at, pool.submit(copier.copy, keys)))
             while inflight and (len(inflight) > COPY_WORKERS or inflight[0][3].done()):
                 finish()
-            verifier.poll()
+            verifier.poll(inflight[0][2] if inflight else None)
             r.tick(db)
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 done_upto = inflight[0][0] - 1 if inflight else seq

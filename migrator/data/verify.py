@@ -103,13 +103,17 @@ class Verifier:
             due.append(self.queue.popleft())
         return due
 
-    def poll(self) -> None:
+    def poll(self, oldest_in_flight: float | None = None) -> None:
         """Verify the batches whose settle time has passed (at most every POLL_EVERY_S: one fence
-        and one round of comparisons then covers every batch that came due meanwhile)."""
+        and one round of comparisons then covers every batch that came due meanwhile).
+
+        ``oldest_in_flight``: when the oldest batch still being copied (not yet added) was
+        marked; the watch must keep the events its window will need.
+        """
         now = time.monotonic()
         if now - self._last_poll >= POLL_EVERY_S:
             self._last_poll = now
-            self._verify_all(self._due())
+            self._verify_all(self._due(), oldest_in_flight)
 
     def drain(self) -> None:
         """Wait for and verify everything still queued (re-copies included)."""
@@ -119,7 +123,7 @@ class Verifier:
                 time.sleep(wait)
             self._verify_all(self._due())
 
-    def _verify_all(self, due: list[Pending]) -> None:
+    def _verify_all(self, due: list[Pending], oldest_in_flight: float | None = None) -> None:
         if not due:
             return
         if self.watch and not self.watch.broken:
@@ -127,8 +131,8 @@ class Verifier:
         for p in due:
             self._verify(p)
         if self.watch:
-            oldest = min((p.marked_at for p in self.queue), default=time.monotonic())
-            self.watch.forget_before(oldest - self.settle)
+            marks = [p.marked_at for p in self.queue] + ([oldest_in_flight] if oldest_in_flight is not None else [])
+            self.watch.forget_before(min(marks, default=time.monotonic()) - self.settle)
 
     def _suspects(self, p: Pending) -> list[bytes]:
         """The keys of ``p`` that may differ: written during their window, or unknown."""
