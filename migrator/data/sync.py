@@ -1,10 +1,10 @@
 """``migrator sync``: copy every key of every selected database, resumably, verifying each batch.
 
-Order of work per database: SCAN from the checkpoint's cursor; for each batch read the keys
-on the source (one Lua call: type, size, PTTL, DUMP), write them to the target (RESTORE in one
-Lua call, or type-aware), queue the batch for verification once the mirror has settled
-(``verify``), and save the checkpoint about once a second. Then keys left unsettled by earlier
-runs are tried again, and a report of kind ``sync`` is written.
+Per database: SCAN from the checkpoint's cursor (a thread ahead); each batch is read on the
+source (one Lua call: OBJECT ENCODING, PTTL, DUMP) and written to the target (RESTORE in one Lua
+call, or type-aware), several batches at once; each copied batch is verified once the mirror
+has settled (``verify``); the checkpoint is saved about once a second. Then keys left unsettled
+(by this or an earlier run) are tried again, and a report of kind ``sync`` is written.
 
 Correctness relies on the shim mirroring writes from before the sync starts: a key created
 after SCAN passed its slot is on the target through the mirror alone.

@@ -1,15 +1,17 @@
-"""Copy-then-verify: every copied batch is compared on both servers once the mirror has settled.
+"""Copy-then-verify: every copied batch is checked once the mirror has settled.
 
-Why: while the shim mirrors writes (source first, then target), a copy of key K read from the
-source at time r and written to the target at time w races every mirrored write to K whose
-source and target halves straddle r or w. A write applied to the source after r but to the
-target before w is overwritten by the older copy; a write applied to the source before r but
-to the target after w (an INCR, an LPUSH) is applied twice. Both leave K different on the two
-servers, and both are visible once the mirror has applied every write that was in flight at
-r: that is ``settle`` (the shim's ``shadow_timeout``, its bound on a mirrored write's lag)
-after r. So each batch is compared ``settle`` after it was read; differing keys are copied
-again (and verified again), up to ``max_attempts`` times. Keys that never settle (written
-faster than the loop converges) are reported as unsettled, not silently accepted.
+While the shim mirrors writes (source first, then target), a copy of key K read from the source
+at r and written to the target at w races a mirrored write W to K that reaches the source at s
+and the target at t < s + lag: if r < s and t < w the older copy overwrites W; if s < r and
+t > w, W is applied twice (an INCR, an LPUSH). Both are visible once every write that could
+race has landed: ``settle`` (the shim's ``shadow_timeout``, its bound on a mirrored write's lag)
+after the batch's write. Then the batch's *suspects* are compared exactly, and those that
+differ are copied again (and verified again), up to ``max_attempts`` times; keys that never
+settle (written faster than the loop converges) are reported as unsettled, never accepted.
+
+Suspects are the keys the source's keyspace events show written in (read − settle, now)
+(``watch.WriteWatch``), or, without events, every key whose DUMP CRC64 or expiry changed on
+either side since its copy (``Signature``), or, without either, every key.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import redis
 from migrator.data import fastcall, values
 from migrator.data.copy import Copier, CopyResult, Signature
 from migrator.data.watch import WriteWatch
-
 
 POLL_EVERY_S = 0.05
 
