@@ -149,9 +149,9 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         for db in dbs:
             mismatches += _check_db(r, r.open(db), _keys(r.open(db), selection, plan[db]))
         repaired = _repair(r, mismatches, phase) if repair and mismatches else []
-    remaining = [m for m in mismatches if not m.repaired]
-    if show_values:
-        _attach_values(r, remaining + repaired)
+        remaining = [m for m in mismatches if not m.repaired]
+        if show_values:
+            _attach_values(r, remaining + repaired)
     exhaustive = all(p is None for p in plan.values())
     bound = len(remaining) / r.checked if exhaustive and r.checked else stats.upper_bound(len(remaining), r.checked)
     result = CheckResult(
