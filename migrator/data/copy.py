@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import redis
 
-from migrator.data import fastcall, values
+from migrator.data import fastcall, streams, values
 from migrator.data.keyspace import TMP_PREFIX, prefetch
 
 DUMP, STRUCT = "dump", "struct"
@@ -355,7 +355,7 @@ def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_byte
     tmp = tmp_key(s.key)
     dst.delete(tmp)
     if s.type == "stream":
-        written = _copy_stream(src, dst, s.key, tmp, chunk)
+        written = streams.copy_stream(src, dst, s.key, tmp, chunk)
     else:
         written = _copy_chunks(src, dst, s, tmp, chunk, chunk_bytes)
     if not dst.exists(tmp):  # the source key vanished or emptied while we read it
@@ -414,63 +414,7 @@ def _copy_chunks(src, dst, s: Snap, tmp: bytes, chunk: int, chunk_bytes: int) ->
     return written
 
 
-def _copy_stream(src: redis.Redis, dst: redis.Redis, key: bytes, tmp: bytes, chunk: int) -> int:
-    """Entries by ID range, then the stream's last ID, consumer groups, consumers and PELs."""
-    written = 0
-    for part in values.range_stream(src, key, chunk):
-        p = dst.pipeline(transaction=False)
-        for entry_id, fields in part:
-            p.xadd(tmp, fields, id=entry_id)
-            written += sum(len(f) + len(v) for f, v in fields.items())
-        p.execute()
-    if not src.exists(key):
-        return written
-    info = src.xinfo_stream(key)
-    if not dst.exists(tmp):  # an empty stream: create it through a throwaway group
-        dst.xgroup_create(tmp, "__migrator__", id="0", mkstream=True)
-        dst.xgroup_destroy(tmp, "__migrator__")
-    _set_last_id(dst, tmp, info)
-    for g in src.xinfo_groups(key):
-        _copy_group(src, dst, key, tmp, g, chunk)
-    return written
-
-
-def _set_last_id(dst: redis.Redis, tmp: bytes, info: dict) -> None:
-    last = info["last-generated-id"]
-    if info.get("entries-added") is not None:
-        try:
-            dst.execute_command("XSETID", tmp, last, "ENTRIESADDED", info["entries-added"],
-                                "MAXDELETEDID", info.get("max-deleted-entry-id") or b"0-0")
-            return
-        except redis.exceptions.ResponseError:
-            pass  # a target before 7.0 has no ENTRIESADDED
-    dst.execute_command("XSETID", tmp, last)
-
-
-def _copy_group(src, dst, key: bytes, tmp: bytes, g: dict, chunk: int) -> None:
-    name = g["name"]
-    try:
-        if g.get("entries-read") is None:
-            raise redis.exceptions.ResponseError("no entries-read")
-        dst.execute_command("XGROUP", "CREATE", tmp, name, g["last-delivered-id"], "ENTRIESREAD", g["entries-read"])
-    except redis.exceptions.ResponseError:
-        dst.execute_command("XGROUP", "CREATE", tmp, name, g["last-delivered-id"])
-    for c in src.xinfo_consumers(key, name):
-        dst.execute_command("XGROUP", "CREATECONSUMER", tmp, name, c["name"])
-    start = b"-"
-    while True:
-        pending = src.xpending_range(key, name, min=start, max=b"+", count=chunk)
-        p = dst.pipeline(transaction=False)
-        for e in pending:
-            p.xclaim(tmp, name, e["consumer"], 0, [e["message_id"]], idle=e["time_since_delivered"],
-                     retrycount=e["times_delivered"], force=True, justid=True)
-        p.execute()
-        if len(pending) < chunk:
-            return
-        start = b"(" + pending[-1]["message_id"]
-
-
-# --- method detection and functions -----------------------------------------------------------
+# --- method detection ----------------------------------------------------------------------------
 
 
 def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None) -> tuple[str, str]:
@@ -502,33 +446,3 @@ def _small_payload(src: redis.Redis, tries: int = 20) -> bytes | None:
             if payload is not None:
                 return payload
     return None
-
-
-def copy_functions(src: redis.Redis, dst: redis.Redis) -> tuple[int, str]:
-    """Copy the source's function libraries; returns (libraries copied, how)."""
-    try:
-        libs = src.execute_command("FUNCTION", "LIST", "WITHCODE")
-    except redis.exceptions.ResponseError:
-        return 0, "source has no functions (before Redis 7.0)"
-    if not libs:
-        return 0, "source has no function libraries"
-    payload = src.execute_command("FUNCTION", "DUMP")
-    try:
-        dst.execute_command("FUNCTION", "RESTORE", payload, "REPLACE")
-        return len(libs), "FUNCTION DUMP/RESTORE"
-    except redis.exceptions.ResponseError:
-        pass  # an older target rejects the newer dump format: load each library's code
-    for lib in libs:
-        code = _lib_field(lib, b"library_code")
-        dst.execute_command("FUNCTION", "LOAD", "REPLACE", code)
-    return len(libs), "FUNCTION LIST WITHCODE + FUNCTION LOAD REPLACE"
-
-
-def _lib_field(lib: Any, name: bytes) -> Any:
-    if isinstance(lib, dict):
-        return lib.get(name) or lib.get(name.decode())
-    items = list(lib)
-    for i in range(0, len(items) - 1, 2):
-        if values._s(items[i]) == name.decode():
-            return items[i + 1]
-    raise KeyError(name)

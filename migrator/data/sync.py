@@ -27,8 +27,9 @@ from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
 from migrator.data import watch as watchmod
-from migrator.data.copy import Copier, CopyResult, copy_functions, detect_method
+from migrator.data.copy import Copier, CopyResult, detect_method
 from migrator.data.failures import server_errors
+from migrator.data.functions import copy_functions
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
