@@ -5,7 +5,7 @@
    database no larger than its share is walked whole. ``--full`` SCANs the source, and the
    target for keys the source lacks.
 2. Each batch is probed on both servers (type, PTTL, size, digest), and differing digests are
-   confirmed by the exact type-aware comparison (``values.difference``).
+   confirmed by the exact type-aware comparison (``compare.difference``).
 3. Rounds: differing keys are compared again after ``check.interval``, up to ``rounds`` times.
    A key equal in a later round was a transient difference (a mirrored write in flight); a key
    whose value changed on either side, or that expired, between rounds is "in flux". Only
@@ -29,7 +29,7 @@ import redis
 
 from migrator import reports
 from migrator.connect import connect
-from migrator.data import render, stats, values
+from migrator.data import compare, render, stats, values
 from migrator.data.copy import Copier, detect_method
 from migrator.data.failures import server_errors
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
@@ -286,7 +286,7 @@ def _classify(r: _Run, d: _Db, keys: list[bytes], fs, fd, differing: dict[bytes,
         if s.digest and s.digest == t.digest and s.type == t.type and (
                 (s.pttl < 0 and t.pttl < 0) or (expiring and abs(t.pttl - s.pttl) <= tol)):
             continue
-        diff = values.difference(d.src, d.dst, k, s, t, tol, r.chunk, CHUNK_BYTES)
+        diff = compare.difference(d.src, d.dst, k, s, t, tol, r.chunk, CHUNK_BYTES)
         if diff:
             differing[k] = (diff, s, t)
 
@@ -301,7 +301,7 @@ def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:
         still: dict[bytes, tuple] = {}
         for k, s, t in zip(keys, s_states, d_states):
             _old, s0, t0 = found[k]
-            diff = values.difference(d.src, d.dst, k, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES)
+            diff = compare.difference(d.src, d.dst, k, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES)
             if diff is None:
                 r.transient += 1  # converged: the difference was a write in flight
             elif s.fingerprint != s0.fingerprint or t.fingerprint != t0.fingerprint:
@@ -328,7 +328,7 @@ def _repair(r: _Run, mismatches: list[Mismatch], phase: Phase) -> list[Mismatch]
         Copier(auth, other, method, chunk=r.chunk, chunk_bytes=CHUNK_BYTES).copy(keys)
         s_states, d_states = _both(r, d, keys)
         for m, s, t in zip(ms, s_states, d_states):
-            if values.difference(d.src, d.dst, m.key, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES) is None:
+            if compare.difference(d.src, d.dst, m.key, s, t, r.ttl_tolerance_ms, r.chunk, CHUNK_BYTES) is None:
                 m.repaired = True
                 fixed.append(m)
     return fixed

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator import reports
-from migrator.data import stats, values
+from migrator.data import compare, stats, values
 from migrator.durations import format_duration
 
 MAX_LISTED = 1000  # mismatched keys listed in one report; the counts always cover all
@@ -126,11 +126,11 @@ def ttl_histogram(deltas: list[int]) -> list[dict[str, Any]]:
 
 
 def check_report_data(pb, res) -> dict[str, Any]:
-    by_kind = {k: 0 for k in values.KINDS}
+    by_kind = {k: 0 for k in compare.KINDS}
     by_db: dict[str, dict[str, int]] = {}
     for m in res.mismatches:
         by_kind[m.kind] += 1
-        by_db.setdefault(str(m.db), {k: 0 for k in values.KINDS})[m.kind] += 1
+        by_db.setdefault(str(m.db), {k: 0 for k in compare.KINDS})[m.kind] += 1
     return reports.common(
         "check", pb.name, res.verdict, res.summary, mode=res.mode, exhaustive=res.exhaustive, checked=res.checked,
         mismatch_count=len(res.mismatches), in_flux=res.in_flux, transient=res.transient,
@@ -180,7 +180,7 @@ def check_markdown(data: dict) -> str:
     out = [f"# Consistency check {data['id']}", "", f"**{data['verdict'].upper()}** — {data['summary']}", "",
            reports.md_table(["", ""], _check_rows(data)), "", "## Mismatches by kind", "",
            reports.md_table(["kind", "keys"], [(_KIND_LABELS[k], v) for k, v in data["by_kind"].items()]), "",
-           "## By database", "", reports.md_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in values.KINDS)],
+           "## By database", "", reports.md_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in compare.KINDS)],
                                                   _db_rows(data))]
     for title, ms in (("Mismatched keys", data["mismatches"]), ("Repaired keys", data["repaired"])):
         if ms:
@@ -192,7 +192,7 @@ def _db_rows(data: dict) -> list[tuple]:
     rows = []
     for db, c in data["counts"].items():
         kinds = data["by_db"].get(db, {})
-        rows.append((db, c["source"], c["target"], *(kinds.get(k, 0) for k in values.KINDS)))
+        rows.append((db, c["source"], c["target"], *(kinds.get(k, 0) for k in compare.KINDS)))
     return rows
 
 
@@ -203,7 +203,7 @@ def check_html(data: dict, state_dir: Path | str | None = None) -> str:
             "<h2>Mismatches by kind</h2>",
             reports.html_table(["kind", "keys"], [(_KIND_LABELS[k], v) for k, v in data["by_kind"].items()]),
             "<h2>By database</h2>",
-            reports.html_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in values.KINDS)], _db_rows(data)),
+            reports.html_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in compare.KINDS)], _db_rows(data)),
             "<h2>Expiry deltas (target − source)</h2>", svg_bars([(_bin_label(b), b["count"]) for b in data["ttl_histogram"]]),
             "<h2>Mismatches over successive checks</h2>",
             svg_bars([(h["created_at"][11:19], h.get("mismatch_count", 0)) for h in history])]
@@ -256,7 +256,7 @@ def compare_checks(a: dict, b: dict) -> dict[str, Any]:
     return {
         "from": a["id"], "to": b["id"], "verdict": [a["verdict"], b["verdict"]], "checked": [a["checked"], b["checked"]],
         "mismatches": [a["mismatch_count"], b["mismatch_count"]], "bound": [a["bound_text"], b["bound_text"]],
-        "by_kind": {k: [a["by_kind"].get(k, 0), b["by_kind"].get(k, 0)] for k in values.KINDS},
+        "by_kind": {k: [a["by_kind"].get(k, 0), b["by_kind"].get(k, 0)] for k in compare.KINDS},
         "new": [kb[k] for k in kb if k not in ka], "resolved": [ka[k] for k in ka if k not in kb],
         "persisting": [kb[k] for k in kb if k in ka],
     }

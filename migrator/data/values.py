@@ -1,23 +1,19 @@
-"""Type-aware reads in chunks, value fingerprints, and exact comparison of one key on two servers.
+"""A key's state on one server: type, PTTL, size and a digest of its value; and chunked readers.
 
-Two ways to learn a key's state, with the same meaning:
+``Prober.probe``: one Lua script per batch returns, for each key, its type, PTTL, size
+(elements, or bytes for strings) and a canonical digest of its value: hashes and sets sorted,
+sorted sets with normalised scores, lists in order, HyperLogLogs without their cached
+cardinality. Keys larger than ``chunk`` elements, streams and module types get no digest (the
+exact comparison in ``compare`` decides them). Without scripting (EVAL denied) the same state
+is read with pipelined commands and the digest computed here.
 
-- ``probe``: one Lua script per batch returns, for each key, its type, PTTL, size (elements,
-  or bytes for strings) and a canonical digest of its value: hashes and sets sorted, sorted
-  sets with normalised scores, lists in order. Keys larger than ``chunk`` elements, streams
-  and module types get no digest. Without scripting (EVAL denied) the same state is read with
-  pipelined commands and the digest computed here.
-- ``compare``: the exact, bounded-memory comparison: lengths first, then chunk by chunk
-  (HSCAN → HMGET, SSCAN → SMISMEMBER, ZSCAN → ZMSCORE, LRANGE ranges, GETRANGE, XRANGE by ID
-  plus consumer groups). A digest difference is always confirmed by ``compare`` before a key
-  is called different, so a digest can clear a key but never condemn one.
+The chunked readers (HSCAN, SSCAN, ZRANGE by rank, LRANGE ranges, GETRANGE, XRANGE by ID) serve
+the exact comparison and the type-aware copy.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import redis
@@ -295,103 +291,11 @@ def stream_meta_for_compare(meta: dict[str, Any]) -> dict[str, Any]:
             "groups": [{k: v for k, v in g.items() if k != "entries_read"} for g in meta["groups"]]}
 
 
-# --- exact comparison ---------------------------------------------------------------------
-
-
-def compare(src: redis.Redis, dst: redis.Redis, key: bytes, type_: str, chunk: int, chunk_bytes: int) -> str | None:
-    """None if the key's values are equal on both servers, else a value-free description.
-
-    Both keys are known to exist with type ``type_``. Memory is bounded by ``chunk``.
-    """
-    n_src = src.execute_command(SIZE_COMMAND.get(type_, "EXISTS"), key)
-    n_dst = dst.execute_command(SIZE_COMMAND.get(type_, "EXISTS"), key)
-    if n_src != n_dst:
-        return f"size {n_src} on source, {n_dst} on target"
-    fn = _COMPARERS.get(type_)
-    if fn is None:
-        return _compare_dump(src, dst, key)
-    return fn(src, dst, key, chunk, chunk_bytes)
-
-
 def hll_masked(v: bytes) -> bytes:
     """A HyperLogLog without its cached cardinality (header bytes 8-15), which PFCOUNT rewrites."""
     if len(v) >= 16 and v[:4] == b"HYLL":
         return v[:8] + v[16:]
     return v
-
-
-def _compare_string(src, dst, key, _chunk, chunk_bytes):
-    for i, (a, b) in enumerate(zip(range_string(src, key, chunk_bytes), range_string(dst, key, chunk_bytes))):
-        if i == 0:
-            a, b = hll_masked(a), hll_masked(b)
-        if a != b:
-            return f"bytes differ in chunk {i} (offset {i * chunk_bytes})"
-    return None
-
-
-def _compare_hash(src, dst, key, chunk, _cb):
-    for part in scan_hash(src, key, chunk):
-        fields = list(part)
-        for f, theirs in zip(fields, dst.hmget(key, fields)):
-            if theirs != part[f]:
-                return f"field of {len(f)} bytes {'missing' if theirs is None else 'differs'} on target"
-    return None
-
-
-def _compare_set(src, dst, key, chunk, _cb):
-    for part in scan_set(src, key, chunk):
-        present = dst.smismember(key, part)
-        missing = sum(1 for p in present if not p)
-        if missing:
-            return f"{missing} member(s) missing on target"
-    return None
-
-
-def _compare_zset(src, dst, key, chunk, _cb):
-    for part in range_zset(src, key, chunk):
-        members = [m for m, _ in part]
-        for (m, s), theirs in zip(part, dst.zmscore(key, members)):
-            if theirs is None:
-                return "member missing on target"
-            if not _same_score(s, theirs):
-                return f"score {s!r} on source, {theirs!r} on target"
-    return None
-
-
-def _same_score(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
-
-
-def _compare_list(src, dst, key, chunk, _cb):
-    for i, (a, b) in enumerate(zip(range_list(src, key, chunk), range_list(dst, key, chunk))):
-        if a != b:
-            first = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else 0
-            return f"element {i * chunk + first} differs"
-    return None
-
-
-def _compare_stream(src, dst, key, chunk, _cb):
-    for i, (a, b) in enumerate(zip(range_stream(src, key, chunk), range_stream(dst, key, chunk))):
-        if a != b:
-            return f"entries differ in chunk {i} (after ID {_s(a[0][0]) if a else '-'})"
-    ms, md = stream_meta_for_compare(stream_meta(src, key)), stream_meta_for_compare(stream_meta(dst, key))
-    if ms["last_generated_id"] != md["last_generated_id"]:
-        return "last generated ID differs"
-    if ms["groups"] != md["groups"]:
-        return "consumer groups differ"
-    return None
-
-
-def _compare_dump(src, dst, key):
-    # Module types: no type-aware reader exists, so only identical serialisations compare equal.
-    a, b = src.dump(key), dst.dump(key)
-    if a is not None and b is not None and a[:-10] == b[:-10]:
-        return None
-    return "serialised values differ (no type-aware comparison for this type)"
-
-
-_COMPARERS = {"string": _compare_string, "hash": _compare_hash, "set": _compare_set, "zset": _compare_zset,
-              "list": _compare_list, "stream": _compare_stream}
 
 
 def value_preview(client: redis.Redis, key: bytes, type_: str, limit: int = 10) -> str:
@@ -413,52 +317,3 @@ def value_preview(client: redis.Redis, key: bytes, type_: str, limit: int = 10) 
     except redis.exceptions.RedisError as e:
         return f"(unreadable: {e})"
     return "(none)"
-
-
-# --- classifying one key's difference -------------------------------------------------------
-
-MISSING_ON_TARGET, EXTRA_ON_TARGET, TYPE, VALUE, TTL = "missing", "extra", "type", "value", "ttl"
-KINDS = (MISSING_ON_TARGET, EXTRA_ON_TARGET, TYPE, VALUE, TTL)
-
-
-@dataclass(frozen=True)
-class Difference:
-    kind: str
-    detail: str
-    ttl_delta_ms: int | None = None
-
-
-def ttl_delta(s: KeyState, d: KeyState) -> int | None:
-    """Target PTTL minus source PTTL in ms, when both keys expire."""
-    return d.pttl - s.pttl if s.pttl >= 0 and d.pttl >= 0 else None
-
-
-def difference(src: redis.Redis, dst: redis.Redis, key: bytes, s: KeyState, d: KeyState, ttl_tolerance_ms: int,
-               chunk: int, chunk_bytes: int) -> Difference | None:
-    """How ``key`` differs between source state ``s`` and target state ``d``; None if it does not.
-
-    Equal digests clear the value; otherwise ``compare`` decides, reading both servers again.
-    """
-    if not s.exists and not d.exists:
-        return None
-    if not d.exists:
-        return Difference(MISSING_ON_TARGET, f"{s.type} of size {s.size} missing on target")
-    if not s.exists:
-        return Difference(EXTRA_ON_TARGET, f"{d.type} of size {d.size} only on target")
-    if s.type != d.type:
-        return Difference(TYPE, f"{s.type} on source, {d.type} on target")
-    if not (s.digest and s.digest == d.digest):
-        detail = compare(src, dst, key, s.type, chunk, chunk_bytes)
-        if detail:
-            return Difference(VALUE, detail)
-    return _ttl_difference(s, d, ttl_tolerance_ms)
-
-
-def _ttl_difference(s: KeyState, d: KeyState, tolerance_ms: int) -> Difference | None:
-    if (s.pttl < 0) != (d.pttl < 0):
-        which = "target" if s.pttl < 0 else "source"
-        return Difference(TTL, f"expires only on the {which}", None)
-    delta = ttl_delta(s, d)
-    if delta is not None and abs(delta) > tolerance_ms:
-        return Difference(TTL, f"expiry differs by {delta / 1000:+.3f}s", delta)
-    return None

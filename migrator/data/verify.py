@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from migrator.data import fastcall, values
+from migrator.data import compare, fastcall, values
 from migrator.data.copy import Copier, CopyResult, Signature
 from migrator.data.watch import WriteWatch
 
@@ -165,7 +165,7 @@ class Verifier:
             return set()  # no scripting or DUMP here: the type-aware comparison decides
         return {k for i, k in enumerate(keys, 1) if i not in changed}
 
-    def differing(self, keys: list[bytes]) -> dict[bytes, values.Difference]:
+    def differing(self, keys: list[bytes]) -> dict[bytes, compare.Difference]:
         if not keys:
             return {}
         future = self.pool.submit(self.dst_probe.probe, keys)
@@ -173,7 +173,7 @@ class Verifier:
         d_states = future.result()
         out = {}
         for k, s, d in zip(keys, s_states, d_states):
-            diff = values.difference(self.src, self.dst, k, s, d, self.ttl_tolerance_ms, self.copier.chunk,
+            diff = compare.difference(self.src, self.dst, k, s, d, self.ttl_tolerance_ms, self.copier.chunk,
                                      self.copier.chunk_bytes)
             if diff:
                 out[k] = diff
