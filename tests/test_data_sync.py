@@ -256,8 +256,18 @@ def test_verifier_recopies_a_key_overwritten_by_a_stale_copy(server_factory, mak
     assert t.hgetall("h") == {b"a": b"1", b"b": b"2"}
 
 
+def _mark_dirty(pb, keys, shim_id="shim-test"):
+    """Record dirty keys the way a running shim does (its own recorder writes the files)."""
+    from migrator.shim.dirty import DirtyRecorder
+
+    recorder = DirtyRecorder(pb.state_path, shim_id)
+    for db, key in keys:
+        recorder.add(db, [key] if key is not None else [], "shadow timeout", b"SET")
+    recorder.flush()
+
+
 def test_dirty_keys_recorded_by_the_shim_are_recopied(server_factory, make_playbook):
-    """``sync --dirty`` re-copies the keys in state_dir/dirty/ and then clears those files."""
+    """``sync --dirty`` re-copies the keys the shim marked dirty and clears those marks."""
     src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
     s = src.client()
     bulk(s, 100)
@@ -265,11 +275,26 @@ def test_dirty_keys_recorded_by_the_shim_are_recopied(server_factory, make_playb
     assert sync.run(pb).complete
     s.set("k:0", "changed while the shim could not mirror")
     src.client(db=3).set("other-db", "x")
-    dirty.record_dirty(pb.state_path, "shim-1-0001", [(0, b"k:0"), (3, b"other-db")])
+    _mark_dirty(pb, [(0, b"k:0"), (3, b"other-db")])
+    assert dirty.list_dirty(pb.state_path).count == 2
     res = sync.run(pb, dirty=True)
     assert res.complete and res.mode == "dirty" and res.keys == 2
     assert dst.client().get("k:0") == b"changed while the shim could not mirror"
     assert dst.client(db=3).get("other-db") == b"x"
+    assert dirty.list_dirty(pb.state_path).count == 0
+
+
+def test_whole_database_marks_need_a_full_sync(server_factory, make_playbook):
+    """A lost keyless write (FLUSHDB) is not repaired by ``--dirty``, and a later complete full sync clears it."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    src.client().set("a", 1)
+    pb = load(make_playbook(src, dst, **FAST))
+    _mark_dirty(pb, [(0, None)])
+    time.sleep(0.01)
+    res = sync.run(pb, dirty=True)
+    assert not res.complete and "full sync" in res.errors[0][2]
+    assert dirty.list_dirty(pb.state_path).whole_dbs == {0}
+    assert sync.run(pb).complete
     assert dirty.list_dirty(pb.state_path).count == 0
 
 
@@ -287,9 +312,11 @@ def test_sync_complete_gate(server_factory, make_playbook):
     assert sync.run(pb).complete
     ok = data_gates.sync_complete(ctx())
     assert ok.passed and "1 keys copied" in ok.evidence, ok.evidence
-    dirty.record_dirty(pb.state_path, "s", [(0, b"a")])
-    assert "dirty" in data_gates.sync_complete(ctx()).evidence
-    dirty.clear_dirty(dirty.list_dirty(pb.state_path))
+    _mark_dirty(pb, [(0, b"a")])
+    waiting = data_gates.sync_complete(ctx())
+    assert not waiting.passed and "1 dirty key" in waiting.evidence
+    assert sync.run(pb, dirty=True).complete
+    assert data_gates.sync_complete(ctx()).passed
     time.sleep(0.01)
     store.save(State(migration=pb.name, phase=Phase.MIRRORING, phase_since=iso(now())))
     late = data_gates.sync_complete(ctx())

@@ -1,63 +1,60 @@
-"""Keys the shim recorded as dirty (a mirrored write it could not apply or confirm on the target).
+"""Keys the shim recorded as dirty, seen from the repair (``migrator sync --dirty``).
 
-Interface agreed with the shim (until ``migrator.shim`` offers its own API): the shim writes
-files ``state_dir/dirty/*.jsonl`` *complete* (temp file + rename) and never touches them again;
-each line is ``{"db": 0, "key": "<base64 of the key's bytes>"}``. ``migrator sync --dirty``
-re-copies the keys of the files present when it starts and deletes those files afterwards, so
-keys recorded meanwhile wait for the next run.
+The files in ``state_dir/dirty/`` and their API belong to the shim (``migrator.shim.dirty``, in
+the format agreed with this module): complete ``*.jsonl`` files of marks ``{"db", "key"
+(base64), "ts", ...}``, and ``*.dbwide`` marks for a lost write without keys (FLUSHDB...),
+which only a full sync repairs. Here marks are grouped by database for the repair, and cleared
+once repaired — only those made before they were listed, so a key marked again while it was
+being copied stays dirty.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-DIRTY_DIR = "dirty"
+from typing import Callable
 
 
 @dataclass
 class DirtyKeys:
-    files: list[Path] = field(default_factory=list)
+    listed_at: float  # epoch seconds
     keys: dict[int, set[bytes]] = field(default_factory=dict)
+    whole_dbs: set[int] = field(default_factory=set)  # lost writes without keys: need a full sync
 
     @property
     def count(self) -> int:
-        return sum(len(v) for v in self.keys.values())
+        return sum(len(v) for v in self.keys.values()) + len(self.whole_dbs)
 
 
-def dirty_dir(state_dir: Path | str) -> Path:
-    return Path(state_dir) / DIRTY_DIR
+def list_dirty(state_dir: Path | str, since: float = 0.0) -> DirtyKeys:
+    """The dirty marks made at or after ``since`` (epoch seconds), by database."""
+    from migrator.shim.dirty import list_dirty as shim_list  # the shim owns the files
 
-
-def list_dirty(state_dir: Path | str) -> DirtyKeys:
-    """Every dirty key recorded so far, by database, and the files they came from."""
-    out = DirtyKeys()
-    d = dirty_dir(state_dir)
-    if not d.is_dir():
-        return out
-    for f in sorted(d.glob("*.jsonl")):
-        out.files.append(f)
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            out.keys.setdefault(int(entry.get("db", 0)), set()).add(base64.b64decode(entry["key"]))
+    out = DirtyKeys(listed_at=time.time())
+    for mark in shim_list(state_dir):
+        if mark.since < since:
+            continue
+        if mark.key is None:
+            out.whole_dbs.add(mark.db)
+        else:
+            out.keys.setdefault(mark.db, set()).add(mark.key)
     return out
 
 
-def clear_dirty(dirty: DirtyKeys) -> None:
-    """Forget the files whose keys were re-copied (and verified)."""
-    for f in dirty.files:
-        f.unlink(missing_ok=True)
+def clear_repaired(state_dir: Path | str, dirty: DirtyKeys, still_dirty: set[tuple[int, bytes]]) -> int:
+    """Clear the listed key marks that were repaired (not ``still_dirty``); returns how many."""
+    from migrator.shim.dirty import clear_dirty as shim_clear
+
+    done = [(db, k) for db, keys in dirty.keys.items() for k in keys if (db, k) not in still_dirty]
+    return shim_clear(state_dir, done, before=dirty.listed_at) if done else 0
 
 
-def record_dirty(state_dir: Path | str, name: str, keys: list[tuple[int, bytes]]) -> Path:
-    """Write one dirty-key file the way the shim does (used by tests and by tooling)."""
-    from migrator.state import atomic_write_text
+def clear_covered(state_dir: Path | str, before: float, covered: Callable[[int, bytes | None], bool]) -> int:
+    """After a complete full sync whose pass started at ``before``: the marks made earlier on keys
+    (or whole databases) it ``covered`` are repaired by it."""
+    from migrator.shim.dirty import clear_dirty as shim_clear
+    from migrator.shim.dirty import list_dirty as shim_list
 
-    lines = [json.dumps({"db": db, "key": base64.b64encode(k).decode()}) for db, k in keys]
-    path = dirty_dir(state_dir) / f"{name}.jsonl"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    done = [(m.db, m.key) for m in shim_list(state_dir) if m.since < before and covered(m.db, m.key)]
+    return shim_clear(state_dir, done, before=before) if done else 0

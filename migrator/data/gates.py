@@ -34,10 +34,11 @@ def sync_complete(ctx: GateContext):
     if not started or parse_iso(started) < mirror_since:
         return False, (f"the last complete sync ({last['id']}) started at {started}, before writes began to be "
                        f"mirrored at {mirror_since.isoformat()}: writes in between may be missing; run it again"), data
-    waiting = dirty.list_dirty(state_dir).count
+    # Marks older than the pass were repaired by it; newer ones wait for ``sync --dirty``.
+    waiting = dirty.list_dirty(state_dir, since=parse_iso(last["pass_started_at"]).timestamp()).count
     data["dirty_keys"] = waiting
     if waiting:
-        return False, f"{waiting} dirty key(s) recorded by the shim await `migrator sync --dirty`", data
+        return False, f"{waiting} dirty key(s) recorded by the shim since the sync await `migrator sync --dirty`", data
     when = last["finished_at"][11:16]
     return True, f"sync at {when}: {last['summary']}", data
 

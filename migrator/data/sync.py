@@ -36,7 +36,7 @@ from migrator.data.verify import Verifier
 from migrator.data.watch import WriteWatch
 from migrator.errors import LockedError
 from migrator.playbook import Playbook
-from migrator.state import StateStore, iso, now
+from migrator.state import StateStore, iso, now, parse_iso
 
 CHECKPOINT_EVERY_S = 1.0
 COPY_WORKERS = 3
@@ -209,6 +209,8 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     cp.unsettled = list(r.unsettled)
     cp.completed_at = iso(now()) if complete else None
     cpmod.save(state_dir, cp)
+    if complete:
+        _clear_covered_dirty(r, cp, dbs)
     return _result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
                    {d: {"keys": cp.db(d).keys, "bytes": cp.db(d).bytes, "done": cp.db(d).done} for d in dbs})
 
@@ -303,6 +305,16 @@ def _retry_unsettled(r: _Run, cp: cpmod.Checkpoint) -> None:
         _copy_and_verify(r, db, keys, cp.method)
 
 
+def _clear_covered_dirty(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> None:
+    """Dirty marks older than this complete pass, on keys it covered, are repaired by it."""
+    everything = r.selection.include == ["*"] and not r.selection.exclude
+
+    def covered(db: int, key: bytes | None) -> bool:
+        return db in dbs and (everything if key is None else r.selection.wants(key))
+
+    dirtymod.clear_covered(r.pb.state_path, parse_iso(cp.started_at).timestamp(), covered)
+
+
 def _run_dirty(r: _Run) -> SyncResult:
     started = iso(now())
     dirty = dirtymod.list_dirty(r.pb.state_path)
@@ -315,9 +327,11 @@ def _run_dirty(r: _Run) -> SyncResult:
             src, dst = r.clients(db)
             method, reason = detect_method(src, dst, reports.latest(r.pb.state_path, "compat"))
         _copy_and_verify(r, db, sorted(keys), method)
+    still = {(db, cpmod.decode_key(k)) for db, k in r.unsettled} | {(db, cpmod.decode_key(k)) for db, k, _e in r.errors}
+    dirtymod.clear_repaired(r.pb.state_path, dirty, still)
+    for db in sorted(dirty.whole_dbs):  # a lost FLUSHDB or the like: only a full sync repairs it
+        r.errors.append((db, "", "a write without keys was not mirrored here: the whole database needs a full sync"))
     complete = not r.unsettled and not r.errors
-    if complete:
-        dirtymod.clear_dirty(dirty)
     return _result(r, "dirty", method, reason, started, False, complete, "not copied (dirty keys only)",
                    {db: {"keys": len(keys)} for db, keys in dirty.keys.items()})
 
