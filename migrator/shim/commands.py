@@ -119,9 +119,12 @@ class CommandInfo:
     step: int = 0
     key_specs: list[KeySpec] = field(default_factory=list)
     subcommands: dict[bytes, CommandInfo] = field(default_factory=dict)
+    single_key: bool = False  # exactly one key, at argv[1] (GET, SET, INCR...): no spec walk per command
 
     def keys(self, args: list[bytes]) -> list[bytes]:
         """The key names in ``args`` (best effort: a malformed command yields what can be found)."""
+        if self.single_key:
+            return [args[1]] if len(args) > 1 else []
         if self.key_specs:
             return [args[i] for i in _keys_from_specs(self.key_specs, args)]
         name = args[0].lower()
@@ -312,6 +315,9 @@ class CommandTable:
             step=with_specs.step,
             key_specs=with_specs.key_specs,
         )
+        specs = merged.key_specs
+        merged.single_key = (len(specs) == 1 and specs[0].begin == ("index", 1) and specs[0].find[:2] == ("range", 0)
+                             and not merged.subcommands)
         return merged, known
 
     def classify(self, args: list[bytes]) -> Classified:

@@ -49,6 +49,7 @@ from migrator.shim.commands import (
 from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
 from migrator.shim.routing import ROUTES
+from migrator.shim.sequencer import Sequencer
 from migrator.shim.session import Session, sha1_hex
 from migrator.state import (
     StateError,
@@ -224,6 +225,9 @@ class Shim:
         self.sessions: set[Session] = set()
         self.outstanding: dict[int, int] = {}
         self.mirror_depth = 0
+        # Per-key order of writes across this process's connections (the timer for handing a
+        # key to a woken blocking command's effect needs the loop: set in start()).
+        self.seq = Sequencer()
         self.health = (SideHealth(), SideHealth())
         self.script_bodies: dict[bytes, bytes] = {}
         self.scripts_loaded: tuple[set[bytes], set[bytes]] = (set(), set())
@@ -254,6 +258,7 @@ class Shim:
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.seq.call_later = self.loop.call_later
         self._stopped = asyncio.Event()
         # An unreadable state must stop the start-up (first, before anything slow): serving
         # "planned" by default could send writes to the source after the write cutover.
@@ -652,6 +657,7 @@ class Shim:
             "dirty_keys": st.dirty_keys,
             "dirty_marked": dict(st.dirty_marked),
             "mirror_queue": st.mirror_queue,
+            "sequencer": self.seq.stats(),
             "unknown_commands": {f"{s}:{c}": n for (s, c), n in sorted(st.unknown.items())},
             "shadow_failures": {f"{s}:{r}": n for (s, r), n in sorted(st.shadow_failures.items())},
             "refused": dict(st.refused),

@@ -16,6 +16,11 @@ transport's ``write``). What it does with them:
   a lost connection its pending writes are recorded as dirty and the connection is reset.
 - Connection state (database, protocol, client name, READONLY) is tracked and replayed on any
   upstream connection opened later, before the commands that follow it.
+- An entry that goes to both sides and writes (or is a compared read) first takes its keys from
+  the shim's ``Sequencer``, so two connections' writes to one key reach both sides in the same
+  order. Until granted, its payloads are held back (``DEFERRED``), and so, behind it, are the
+  connection's later commands on each side; a connection requests its entries' keys in its own
+  command order (``ungranted``), so a held key always belongs to an entry already sent.
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ from migrator.shim.resp import (
     parse,
 )
 from migrator.shim.routing import SHIM, Plan, publish_reaches
+from migrator.shim.sequencer import GRANTED, Request
 
 if TYPE_CHECKING:  # pragma: no cover
     from migrator.shim.server import Shim
 
 DEFERRED = object()  # the shadow's payload is computed when the answer arrives
+_MULTI = encode([b"MULTI"])
+_EXEC = encode([b"EXEC"])
+_NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
@@ -71,6 +80,8 @@ class Entry:
         "answer",
         "args",
         "batch",
+        "bkeys",
+        "bprobe",
         "c",
         "close_after",
         "cls",
@@ -89,6 +100,8 @@ class Entry:
         "payload",
         "pending",
         "rep",
+        "req",
+        "saved",
         "sent_idx",
         "shadow",
         "shadow_raw",
@@ -131,6 +144,10 @@ class Entry:
         self.n = 1  # commands this entry stands for (a batch: a whole pipelined chunk)
         self.batch = False
         self.sent_idx: list[int] | None = None  # a batch's commands the shadow got (None: all)
+        self.req: Request | None = None  # its keys in the shim's sequencer
+        self.saved: list[Any] | None = None  # the payloads, while held back for the sequencer
+        self.bkeys: list | None = None  # a blocking command's keys, while it may block upstream
+        self.bprobe = False  # a blocking command tried inside MULTI/EXEC first (see _blocking_probe)
 
 
 class Upstream:
@@ -182,6 +199,9 @@ class Session:
         # Raw forwarding of whole pipelined chunks (see _raw_commands): bytes of a partial command.
         self.fast = True
         self.leftover = b""
+        # Entries needing the sequencer, in command order, from the first not granted yet
+        # (a blocking command stays here until its effect has its keys).
+        self.ungranted: deque[Entry] = deque()
 
     # --- client side ---------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
@@ -605,6 +625,7 @@ class Session:
                 e.shadow_raw = raw
             else:
                 e.payload[shadow] = raw
+            self._sequence(e, self._batch_spec(commands))
         self.pending_count += 1
         shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
@@ -720,6 +741,20 @@ class Session:
                 self._heal_script(shadow, args[1].lower())
         if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
             shim.note_script(args, name)
+        if shadow is not None and (e.write or e.compare) and cls is not Cls.SCRIPT_ADMIN:
+            if cls is Cls.BLOCKING:
+                # First tried without blocking (inside MULTI/EXEC), holding its keys like a write,
+                # so a pop of data already there is ordered like any write. Only if there is
+                # nothing yet is it sent as itself, to block without holding anything (see
+                # _blocking_probe); the connection's later entries wait until it has returned.
+                e.bprobe = True
+                e.payload[answer] = _MULTI + raw + _EXEC
+                e.exp[answer] = 3
+                self._sequence(e, [(k, True) for k in dict.fromkeys(self._lock_keys(c.keys(args)))])
+                if e.req.state == GRANTED:
+                    self.ungranted.append(e)  # granted at once: still holds back what follows
+            else:
+                self._sequence(e, self._entry_spec(e))
         self.pending_count += 1
         if cls is Cls.BLOCKING or cls is Cls.BLOCKING_READ:
             self.blocking_pending += 1  # may wait forever by design: a drain does not wait for it
@@ -729,6 +764,139 @@ class Session:
         self._enqueue(answer, e)
         if shadow is not None:
             self._enqueue(shadow, e)
+
+    # --- per-key ordering across connections (see sequencer) ---------------------------------
+    def _lock_keys(self, keys: list[bytes]) -> list:
+        """Keys as the sequencer names them: the source's database identifies the key."""
+        db = self._db(SOURCE)
+        return keys if not db else [(db, k) for k in keys]
+
+    def _entry_spec(self, e: Entry) -> list[tuple[Any, bool]] | None:
+        """(key, exclusive) pairs for one command or a transaction; [] a barrier; None no ordering needed."""
+        if e.tx is None:
+            keys = e.c.keys(e.args) if e.c is not None else []
+            if not keys:
+                return [] if e.write else None  # a keyless write orders against everything
+            excl = e.write
+            if len(keys) == 1:
+                return [(self._lock_keys(keys)[0], excl)]
+            return [(k, excl) for k in dict.fromkeys(self._lock_keys(keys))]
+        return self._batch_spec(e.tx)
+
+    def _batch_spec(self, commands: list[list[bytes]]) -> list[tuple[Any, bool]] | None:
+        classify = self.shim.table.classify
+        spec: dict[Any, bool] = {}
+        for args in commands:
+            c = classify(args)
+            write = c.cls in _WRITE_LIKE
+            keys = c.keys(args)
+            if not keys:
+                if write:
+                    return []
+                continue
+            for k in self._lock_keys(keys):
+                spec[k] = spec.get(k, False) or write
+        return list(spec.items()) if spec else None
+
+    def _sequence(self, e: Entry, spec: list[tuple[Any, bool]] | None) -> None:
+        """Take the entry's keys now, or hold it (and the connection's later commands) back."""
+        if spec is None:
+            return
+        req = Request(self, spec, self._granted)
+        req.data = e
+        e.req = req
+        if self.ungranted or not self.shim.seq.acquire(req):
+            e.saved = e.payload
+            e.payload = [DEFERRED, DEFERRED]
+            self.ungranted.append(e)
+
+    def _granted(self, req: Request) -> None:
+        """The sequencer's callback: a held-back entry may go."""
+        e = req.data
+        if self.closed or e.pending == 0:
+            self.shim.seq.release(req)
+            return
+        if e.saved is not None:
+            e.payload, e.saved = e.saved, None
+        if self.ungranted and self.ungranted[0] is e and not e.bprobe:
+            self.ungranted.popleft()
+            self._request_next()
+        self._after_io()
+
+    def _request_next(self) -> None:
+        """Request the keys of the connection's next held-back entries, in order, until one waits."""
+        q = self.ungranted
+        seq = self.shim.seq
+        while q:
+            e = q[0]
+            req = e.req
+            if req is None:
+                return  # a blocking command that has not returned yet
+            if req.state == 0:
+                if not seq.acquire(req):
+                    return
+                if e.saved is not None:
+                    e.payload, e.saved = e.saved, None
+            elif req.state != GRANTED:
+                return
+            if e.bprobe:
+                return  # a blocking command: what follows waits until it has returned
+            q.popleft()
+
+    def _blocking_probe(self, e: Entry, side: int) -> bool:
+        """The non-blocking try of a blocking command answered; False: it is being sent for real.
+
+        Inside MULTI/EXEC a blocking command does not block. If it popped something, that is
+        its answer, taken while it held its keys: its effect follows in order. If there was
+        nothing, the command is sent again as itself, at the head of its side's queue, and its
+        keys released: nothing could change them meanwhile, so it blocks until a later write
+        wakes it, and that write hands the key over to its effect (see sequencer).
+        """
+        e.bprobe = False
+        queued, result = e.rep[side][1], e.rep[side][2]
+        if is_error(queued):
+            answer = queued  # rejected when queued (arity, syntax): EXEC says only EXECABORT
+        elif is_error(result):
+            answer = result
+        else:
+            inner = result[result.index(b"\r\n") + 2:]
+            if result[:2] != b"*1" or inner in _NULLS:  # nothing to pop yet (or EXEC aborted by a WATCH)
+                seq = self.shim.seq
+                e.rep[side] = None
+                e.exp[side] = 1
+                e.payload[side] = encode(e.args)
+                e.bkeys = self._lock_keys(e.c.keys(e.args))
+                seq.blocking_started(e.bkeys)
+                req, e.req = e.req, None
+                self.up[side].out.appendleft(e)
+                seq.release(req)
+                return False
+            answer = inner
+        e.rep[side] = answer
+        if self.ungranted and self.ungranted[0] is e:
+            self.ungranted.popleft()
+            self._request_next()
+        return True
+
+    def _blocking_returned(self, e: Entry, other: int, cmds: list[list[bytes]]) -> None:
+        """A blocking command answered: its effect takes its keys ahead of everything waiting."""
+        seq = self.shim.seq
+        seq.blocking_ended(e.bkeys)
+        e.bkeys = None
+        if cmds and not e.done[other]:
+            classify = self.shim.table.classify
+            keys = list(dict.fromkeys(k for cmd in cmds for k in self._lock_keys(classify(cmd).keys(cmd))))
+            if keys:
+                req = Request(self, [(k, True) for k in keys], self._granted)
+                req.data = e
+                e.req = req
+                if not seq.acquire_first(req):
+                    e.saved = list(e.payload)
+                    e.payload[other] = DEFERRED
+                    return  # stays at the head of ``ungranted`` until granted
+        if self.ungranted and self.ungranted[0] is e:
+            self.ungranted.popleft()
+            self._request_next()
 
     def _heal_script(self, side: int, sha: bytes) -> None:
         """Load a script on ``side`` before an EVALSHA if the shim saw its body but not it loaded there."""
@@ -809,6 +977,7 @@ class Session:
             return
         out, wait = u.out, u.wait
         buf: list[bytes] = []
+        nothing: list[Entry] | None = None
         now = time.monotonic()
         while out:
             e = out[0]
@@ -817,7 +986,11 @@ class Session:
                 break
             out.popleft()
             if p is NOTHING:
-                self._finish_side(e, side)
+                # Settled after the write below: settling may release keys, and a grant may
+                # pump this very connection, which must not overtake what is collected here.
+                if nothing is None:
+                    nothing = []
+                nothing.append(e)
                 continue
             buf.append(p)
             if not e.stream:
@@ -827,6 +1000,9 @@ class Session:
             u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
             if u.transport.get_write_buffer_size() > self.shim.cfg.max_client_buffer_bytes:
                 self.client.pause_reading()  # that side is not keeping up: stop reading the client
+        if nothing is not None:
+            for e in nothing:
+                self._finish_side(e, side)
 
     def on_upstream_data(self, side: int, data: bytes) -> None:
         u = self.up[side]
@@ -895,6 +1071,8 @@ class Session:
                 self._compare_batch(e)
             self._finish_side(e, side)
             return
+        if e.bprobe and side == e.answer and not self._blocking_probe(e, side):
+            return
         if e.internal:
             raw = e.rep[side]
             if e.heal_sha is not None:
@@ -940,6 +1118,8 @@ class Session:
             cmds = effects.effect(e.args, parse(raw))
             e.payload[other] = b"".join(encode(c) for c in cmds) if cmds else NOTHING
             e.exp[other] = max(len(cmds), 1)
+            if e.bkeys is not None:
+                self._blocking_returned(e, other, cmds)
         else:  # sequential: the shadow applies it only if the answering side did
             e.payload[other] = NOTHING if is_error(raw) else e.shadow_raw
 
@@ -1003,6 +1183,16 @@ class Session:
             self._entry_done(e)
 
     def _entry_done(self, e: Entry) -> None:
+        if e.req is not None or e.bkeys is not None:
+            seq = self.shim.seq
+            if e.bkeys is not None:
+                seq.blocking_ended(e.bkeys)
+                e.bkeys = None
+            if e.req is not None:
+                seq.release(e.req)
+            if self.ungranted and self.ungranted[0] is e:
+                self.ungranted.popleft()  # settled without being granted (its shadow failed)
+                self._request_next()
         self.pending_count -= 1
         if e.cls is Cls.BLOCKING or e.cls is Cls.BLOCKING_READ:
             self.blocking_pending -= 1
@@ -1145,6 +1335,7 @@ class Session:
             return
         self.closed = True
         self.client.close()
+        self.ungranted.clear()
         for u in self.up:
             self._drop_raw(u)
             pending = list(u.wait) + list(u.out)

@@ -1,0 +1,346 @@
+"""Per-key ordering of writes across client connections, for one shim process.
+
+Each client connection has its own upstream connection per side, and a server serves its
+connections in whatever order their bytes arrive. Two clients writing one key (``SET k a``,
+``SET k b``) could therefore be applied a,b on one side and b,a on the other. So a write that
+goes to both sides first *acquires* its keys here, is sent only once granted, and releases them
+when both sides have replied (or the shadow timed out or failed, which marks the keys dirty): a
+key is only ever written by one entry at a time, and every side sees that key's writes in the
+grant order.
+
+Rules (pure: no sockets, no clock except through the ``call_later`` it is given):
+
+- A request names all its keys at once, exclusive (writes) or shared (compared reads), and is
+  granted all or nothing. Each key keeps a FIFO of the requests waiting for it; a request is
+  granted when it heads the queue of every one of its keys and no holder conflicts. Requests
+  enter all their queues at the same moment, so the queues agree on their relative order, and
+  a waiting request only ever waits for holders or for requests that arrived before it: the
+  wait-for graph has no cycle. A holder is an entry already sent upstream, whose completion
+  depends on the servers alone (and the shadow timeout): so there is no deadlock.
+- A connection's own earlier holds do not block it (its upstream connection keeps its order),
+  unless another connection already waits for the key: then it queues like everybody else, so
+  a pipelining client cannot starve others.
+- A write without keys (FLUSHDB, SWAPDB, a script without declared keys) is a *barrier*: it is
+  granted when nothing is held or waiting before it, and everything requested after it waits
+  until it is released.
+- Blocking commands (BLPOP...) are not sequenced while they block. Their effect, mirrored after
+  they return, takes its keys with priority (ahead of every waiting request: none of those has
+  reached the answering side, so the pop happened before all of them). The write that woke a
+  blocked command finished on the answering side just before the pop; so that nothing else is
+  granted between it and the effect, a write releasing a key some blocked command waits on
+  hands it over to the first such effect that arrives, or frees it after ``wake_grace``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+WAITING, GRANTED, RELEASED = 1, 2, 3
+_MIXED = object()  # shared holders from more than one connection
+WAKE_GRACE = 0.05  # seconds a woken blocked command's reply may lag the reply of the write that woke it
+
+
+class Request:
+    """What one entry needs: ``keys`` as (key, exclusive) pairs, each key once; no keys: a barrier."""
+
+    __slots__ = ("data", "first", "granted_cb", "keys", "owner", "state")
+
+    def __init__(self, owner: Any, keys: list[tuple[Hashable, bool]], granted_cb: Callable[[Request], None]) -> None:
+        self.owner = owner
+        self.keys = keys
+        self.granted_cb = granted_cb
+        self.state = 0
+        self.first = False  # a blocked command's effect: ahead of every waiting request
+        self.data: Any = None  # the owner's own reference (the session's entry)
+
+
+class _Lock:
+    __slots__ = ("q", "shared", "sowner", "wake", "xcount", "xowner")
+
+    def __init__(self) -> None:
+        self.xcount = 0  # exclusive holds (several only for one owner: its pipelined writes)
+        self.xowner: Any = None
+        self.shared = 0
+        self.sowner: Any = None  # the one connection holding it shared, or _MIXED
+        self.q: deque[Request] | None = None
+        self.wake = False  # released by a write while a blocked command waits on it: see handover
+
+    def free(self) -> bool:
+        return not self.xcount and not self.shared and not self.q and not self.wake
+
+
+class Sequencer:
+    def __init__(self, call_later: Callable[[float, Callable[[], None]], Any] | None = None,
+                 wake_grace: float = WAKE_GRACE) -> None:
+        self.locks: dict[Hashable, _Lock] = {}
+        self.held = 0  # granted requests, barriers included
+        self.waiting = 0  # keyed requests in key queues
+        self.fence: deque[Request] = deque()  # a barrier (waiting or held) and what came after it
+        self.barrier_held = False
+        self.blocked: dict[Hashable, int] = {}  # key -> blocking commands waiting on it upstream
+        self.wakes = 0
+        self.call_later = call_later
+        self.wake_grace = wake_grace
+        self._after_barrier: list[Request] = []  # effects requested while a barrier is held
+        self._granted: list[Request] = []
+        self._work: list[Hashable] = []
+        self._busy = False
+        # Counters for /status and the tests.
+        self.waited = 0
+        self.barriers = 0
+
+    # --- requests ------------------------------------------------------------------------
+    def acquire(self, req: Request) -> bool:
+        """True: granted now (no callback). False: ``req.granted_cb(req)`` is called when it is."""
+        if self.fence:
+            req.state = WAITING
+            self.fence.append(req)
+            self.waited += 1
+            return False
+        if not req.keys:
+            return self._acquire_barrier(req)
+        return self._acquire_keyed(req)
+
+    def acquire_first(self, req: Request) -> bool:
+        """Like ``acquire``, ahead of every waiting request (a blocked command's effect)."""
+        req.first = True
+        if self.barrier_held:
+            req.state = WAITING
+            self._after_barrier.append(req)
+            return False
+        locks = self.locks
+        for key, excl in req.keys:
+            lk = locks.get(key)
+            if lk is not None and not _compatible(lk, req.owner, excl, True):
+                self._enqueue(req, front=True)
+                return False
+        self._grant(req)
+        return True
+
+    def release(self, req: Request) -> None:
+        """A granted request is done, or a waiting one is no longer wanted."""
+        state = req.state
+        req.state = RELEASED
+        if state == WAITING:
+            self._cancel(req)
+            return
+        if state != GRANTED:
+            return
+        self.held -= 1
+        if not req.keys:
+            self.barrier_held = False
+            if self.fence and self.fence[0] is req:
+                self.fence.popleft()
+            pending, self._after_barrier = self._after_barrier, []
+            for r in pending:
+                if r.state == WAITING:
+                    r.state = 0
+                    if self.acquire_first(r):
+                        self._granted.append(r)
+            self._run(())
+            return
+        locks = self.locks
+        blocked = self.blocked
+        touched = []
+        for key, excl in req.keys:
+            lk = locks[key]
+            if excl:
+                lk.xcount -= 1
+                if not lk.xcount:
+                    lk.xowner = None
+                    if blocked and not req.first and blocked.get(key) and self.call_later is not None:
+                        # This write may have woken a blocked command on the answering side:
+                        # keep the key for that command's effect (or until the grace ends).
+                        # (An effect ran on the shadow only: it wakes nothing upstream.)
+                        if not lk.wake:
+                            lk.wake = True
+                            self.wakes += 1
+                        self.call_later(self.wake_grace, lambda lk=lk, key=key: self._wake_expired(key, lk))
+            else:
+                lk.shared -= 1
+                if not lk.shared:
+                    lk.sowner = None
+            if lk.q:
+                touched.append(key)
+            elif not (lk.xcount or lk.shared or lk.wake):
+                del locks[key]
+        if touched or self.fence:
+            self._run(touched)
+
+    # --- blocking commands ---------------------------------------------------------------
+    def blocking_started(self, keys: Iterable[Hashable]) -> None:
+        blocked = self.blocked
+        for k in keys:
+            blocked[k] = blocked.get(k, 0) + 1
+
+    def blocking_ended(self, keys: Iterable[Hashable]) -> None:
+        blocked = self.blocked
+        for k in keys:
+            n = blocked.get(k, 0) - 1
+            if n > 0:
+                blocked[k] = n
+            else:
+                blocked.pop(k, None)
+
+    def _wake_expired(self, key: Hashable, lk: _Lock) -> None:
+        if lk.wake and self.locks.get(key) is lk:
+            lk.wake = False
+            self.wakes -= 1
+            self._run([key])
+
+    # --- internals -----------------------------------------------------------------------
+    def _acquire_barrier(self, req: Request) -> bool:
+        self.barriers += 1
+        self.fence.append(req)  # waiting, or held at the head of the fence
+        if self.held or self.waiting or self.wakes:
+            req.state = WAITING
+            self.waited += 1
+            return False
+        self.barrier_held = True
+        self._grant(req)
+        return True
+
+    def _acquire_keyed(self, req: Request) -> bool:
+        locks = self.locks
+        owner = req.owner
+        for key, excl in req.keys:
+            lk = locks.get(key)
+            if lk is not None and not _compatible(lk, owner, excl, False):
+                self._enqueue(req, front=False)
+                return False
+        self._grant(req)
+        return True
+
+    def _grant(self, req: Request) -> None:
+        req.state = GRANTED
+        self.held += 1
+        locks = self.locks
+        owner = req.owner
+        for key, excl in req.keys:
+            lk = locks.get(key)
+            if lk is None:
+                lk = locks[key] = _Lock()
+            elif lk.wake and req.first:
+                lk.wake = False  # the handover: the woken command's effect comes next
+                self.wakes -= 1
+            if excl:
+                lk.xcount += 1
+                lk.xowner = owner
+            else:
+                lk.sowner = owner if not lk.shared or lk.sowner is owner else _MIXED
+                lk.shared += 1
+
+    def _enqueue(self, req: Request, front: bool) -> None:
+        req.state = WAITING
+        self.waiting += 1
+        self.waited += 1
+        locks = self.locks
+        for key, _excl in req.keys:
+            lk = locks.get(key)
+            if lk is None:
+                lk = locks[key] = _Lock()
+            if lk.q is None:
+                lk.q = deque()
+            if front:
+                lk.q.appendleft(req)
+            else:
+                lk.q.append(req)
+
+    def _cancel(self, req: Request) -> None:
+        if not req.keys or req in self._after_barrier or req in self.fence:
+            self._run(())  # dropped from the fence when it reaches the head
+            return
+        self.waiting -= 1
+        self._run([key for key, _ in req.keys])
+
+    def _run(self, keys: Iterable[Hashable]) -> None:
+        """Grant what became grantable, then tell the owners (outside the bookkeeping)."""
+        self._work.extend(keys)
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            work = self._work
+            while True:
+                while work:
+                    self._check(work.pop())
+                self._drain_fence()
+                if not work:
+                    break
+            granted, self._granted = self._granted, []
+        finally:
+            self._busy = False
+        for r in granted:
+            if r.state == GRANTED:
+                r.granted_cb(r)
+
+    def _check(self, key: Hashable) -> None:
+        locks = self.locks
+        lk = locks.get(key)
+        if lk is None:
+            return
+        q = lk.q
+        while q:
+            head = q[0]
+            if head.state != WAITING:
+                q.popleft()  # cancelled while waiting
+                continue
+            if self.barrier_held or not self._grantable(head):
+                break
+            for k, _excl in head.keys:
+                locks[k].q.popleft()
+            self.waiting -= 1
+            self._grant(head)
+            self._granted.append(head)
+            self._work.extend(k for k, _ in head.keys if k != key)
+        if lk.free():
+            del locks[key]
+
+    def _grantable(self, req: Request) -> bool:
+        locks = self.locks
+        owner = req.owner
+        first = req.first
+        for key, excl in req.keys:
+            lk = locks[key]
+            if lk.q[0] is not req or not _compatible(lk, owner, excl, first, queued_ok=True):
+                return False
+        return True
+
+    def _drain_fence(self) -> None:
+        fence = self.fence
+        while fence:
+            head = fence[0]
+            if head.state == RELEASED:
+                fence.popleft()
+                continue
+            if head.state == GRANTED:
+                return  # a held barrier: everything behind it waits
+            if not head.keys:
+                if self.held or self.waiting or self.wakes:
+                    return
+                self.barrier_held = True
+                self._grant(head)
+                self._granted.append(head)
+                return
+            fence.popleft()
+            self.waited -= 1  # counted once, when it first waited
+            if self._acquire_keyed(head):
+                self._granted.append(head)
+
+    def stats(self) -> dict[str, int]:
+        return {"held": self.held, "waiting": self.waiting + len(self.fence), "keys": len(self.locks),
+                "waited_total": self.waited, "barriers_total": self.barriers}
+
+
+def _compatible(lk: _Lock, owner: Any, excl: bool, first: bool, queued_ok: bool = False) -> bool:
+    """Can ``owner`` take ``lk`` now? ``first``: a blocked command's effect (ahead of the queue
+    and of a pending wake); ``queued_ok``: the request heads the queue itself."""
+    if lk.q and not (first or queued_ok):
+        return False
+    if lk.wake and not first:
+        return False
+    if excl:
+        return (not lk.xcount or lk.xowner is owner) and (not lk.shared or lk.sowner is owner)
+    return not lk.xcount or lk.xowner is owner
