@@ -27,11 +27,19 @@ class DirtyKeys:
         return sum(len(v) for v in self.keys.values()) + len(self.whole_dbs)
 
 
+def _any_marks(state_dir: Path | str) -> bool:
+    """Whether the folder holds any mark file (spares loading the shim's package when not)."""
+    d = Path(state_dir) / "dirty"
+    return d.is_dir() and any(not p.name.startswith(".") for p in d.iterdir())
+
+
 def list_dirty(state_dir: Path | str, since: float = 0.0) -> DirtyKeys:
     """The dirty marks made at or after ``since`` (epoch seconds), by database."""
+    out = DirtyKeys(listed_at=time.time())
+    if not _any_marks(state_dir):
+        return out
     from migrator.shim.dirty import list_dirty as shim_list  # the shim owns the files
 
-    out = DirtyKeys(listed_at=time.time())
     for mark in shim_list(state_dir):
         if mark.since < since:
             continue
@@ -53,6 +61,8 @@ def clear_repaired(state_dir: Path | str, dirty: DirtyKeys, still_dirty: set[tup
 def clear_covered(state_dir: Path | str, before: float, covered: Callable[[int, bytes | None], bool]) -> int:
     """After a complete full sync whose pass started at ``before``: the marks made earlier on keys
     (or whole databases) it ``covered`` are repaired by it."""
+    if not _any_marks(state_dir):
+        return 0
     from migrator.shim.dirty import clear_dirty as shim_clear
     from migrator.shim.dirty import list_dirty as shim_list
 
