@@ -86,6 +86,8 @@ class WriteWatch:
             self.client.publish(self.fence_channel, token)
             if not ev.wait(timeout):
                 self.broken = True
+        except redis.exceptions.RedisError:
+            self.broken = True  # PUBLISH not allowed, or the connection broke: no fence, no watch
         finally:
             self._fences.pop(token, None)
         return not self.broken
