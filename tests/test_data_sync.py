@@ -335,3 +335,17 @@ def test_cli_sync_prints_summary_and_report(server_factory, make_playbook):
     assert data["kind"] == "sync" and data["complete"] and data["verdict"] == "pass"
     assert '"sync progress"' in out.stderr or "sync progress" in out.stderr
     assert values.KeyState  # the module imports cleanly from the CLI process too
+
+
+def test_password_protected_servers_and_no_secret_in_reports(server_factory, make_playbook):
+    """Sync and check work with passwords in the URLs, and no report or checkpoint contains them."""
+    src = server_factory("redis-7.0", password="s3cret-source-pw")
+    dst = server_factory("valkey-9.1", password="s3cret-target-pw")
+    populate(src.client())
+    pb = load(make_playbook(src, dst, **FAST))
+    assert sync.run(pb).complete
+    assert _full_check(pb).clean
+    for f in pb.state_path.rglob("*"):
+        if f.is_file():
+            text = f.read_text(errors="replace")
+            assert "s3cret-source-pw" not in text and "s3cret-target-pw" not in text, f
