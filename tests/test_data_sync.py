@@ -213,8 +213,8 @@ class RacingCopier(copy.Copier):
 
     raced: set = set()
 
-    def read(self, keys):
-        snaps = super().read(keys)
+    def read_flat(self, keys, dump):
+        flat = super().read_flat(keys, dump)
         for key in [k for k in keys if k not in self.raced][:3]:
             self.raced.add(key)
             # Removals are no-ops on a target that lacks the key yet: only the source sees them.
@@ -222,7 +222,7 @@ class RacingCopier(copy.Copier):
                    b"set": ["SREM", key, "s"], b"zset": ["ZINCRBY", key, 1, "m"]}[self.src.type(key)]
             for server in (self.src, self.dst):  # the shim's order: source first, then target
                 server.execute_command(*cmd)
-        return snaps
+        return flat
 
 
 @pytest.mark.parametrize("events", [True, False], ids=["keyspace-events", "signatures"])

@@ -166,13 +166,17 @@ class Copier:
         dump = self.method == DUMP
         if self.lua:
             try:
-                rows = fastcall.evalsha(self.src, self._read, keys, [self.chunk, self.chunk_bytes, 1 if dump else 0])
+                rows = self.read_flat(keys, dump)
                 return _snaps(keys, rows[0], rows[1:], self.chunk, self.chunk_bytes)
             except redis.exceptions.ResponseError as e:
                 if not values._scripting_denied(e):
                     raise
                 self.lua = False
         return self._read_pipelined(keys, dump)
+
+    def read_flat(self, keys: list[bytes], dump: bool) -> list:
+        """The read script's reply: the source's time (ms), then type, size, PTTL, payload per key."""
+        return fastcall.evalsha(self.src, self._read, keys, [self.chunk, self.chunk_bytes, 1 if dump else 0])
 
     def _read_pipelined(self, keys: list[bytes], dump: bool) -> list[Snap]:
         states = values.probe_by_reads(self.src, keys, 0, 0)  # sizes and TTLs only
@@ -188,7 +192,32 @@ class Copier:
     # --- writing -------------------------------------------------------------------------
     def copy(self, keys: list[bytes]) -> CopyResult:
         """Copy ``keys`` as they are now on the source (missing ones are deleted on the target)."""
+        if self.method == DUMP and self.lua and not self.sign and keys:
+            return self._copy_dumps(keys)
         return self.write(self.read(keys))
+
+    def _copy_dumps(self, keys: list[bytes]) -> CopyResult:
+        """The common case on plain lists, without a Snap per key: every key present and small,
+        and every RESTORE accepted. Anything else takes the general path with what was read."""
+        try:
+            flat = self.read_flat(keys, True)
+        except redis.exceptions.ResponseError:
+            return self.write(self.read(keys))  # read() decides between scripting and pipelines
+        now, ttls, payloads = flat[0], flat[3::4], flat[4::4]
+        if None in payloads:  # a key missing or big
+            return self.write(_snaps(keys, now, flat[1:], self.chunk, self.chunk_bytes))
+        args: list[Any] = []
+        for ttl, payload in zip(ttls, payloads):
+            args += (now + ttl if ttl > 0 else 0, payload)
+        args.append(0)
+        replies = fastcall.evalsha(self.dst, self._restore, keys, args)
+        if replies.count(b"OK") == len(replies):
+            return CopyResult(copied=len(keys), bytes=sum(map(len, payloads)))
+        result = CopyResult()
+        retry = self._absorb(_snaps(keys, now, flat[1:], self.chunk, self.chunk_bytes), replies, result)
+        if retry:
+            self._write_struct(retry, result)
+        return result
 
     def write(self, snaps: list[Snap]) -> CopyResult:
         """Write what ``read`` returned (big keys are read and written chunk by chunk here)."""
@@ -218,6 +247,10 @@ class Copier:
             replies = fastcall.evalsha(self.dst, self._restore, keys, args)
         else:
             replies = self._restore_pipelined(snaps)
+        return self._absorb(snaps, replies, result)
+
+    def _absorb(self, snaps: list[Snap], replies: list[bytes], result: CopyResult) -> list[Snap]:
+        """Count the RESTORE replies; returns the snaps whose payload the target rejected."""
         retry = []
         for s, reply in zip(snaps, replies):
             if reply.startswith(b"OK"):
