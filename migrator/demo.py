@@ -46,6 +46,7 @@ class DemoSummary:
     keys_copied: int = 0
     checks: list[str] = field(default_factory=list)
     divergences: int = 0
+    divergences_after_sync: int = 0
     write_pause_ms: float | None = None
     audit: AuditResult | None = None
     final_report: str = ""
@@ -194,18 +195,24 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
         step("4. Write cutover: Valkey authoritative, Redis kept in sync for rollback")
         check("writes on target")
         _wait_gate(pb, say, "rollback_window")
-        step("5. Complete: the source is released for decommissioning")
+        # Completion stops writes to the source: take the last full comparison of the two
+        # sides with the clients stopped, then complete and audit the Valkey.
         workload.stop()
+        final = check_mod.run(pb, full=True)
+        summary.checks.append(f"final full check: {final.summary}")
+        summary.final_report = str(pb.state_path / "reports" / f"{final.report_id}.html")
+        say(f"  final full check (clients stopped): {final.verdict.upper()} — {escape(final.summary)}")
+        step("5. Complete: the source is released for decommissioning")
         summary.audit = workload.audit(tgt.client())
         say(f"Ledger audit on the Valkey: {escape(summary.audit.summary())}")
         for p in summary.audit.problems[:10]:
             say(f"  [red]{escape(p)}[/]")
         from migrator.shim import divergence
 
-        summary.divergences = len(divergence.read_log(pb.state_path))
-        final = check_mod.run(pb, full=True)
-        summary.checks.append(f"final full check: {final.summary}")
-        summary.final_report = str(pb.state_path / "reports" / f"{final.report_id}.html")
+        log = divergence.read_log(pb.state_path)
+        synced = res.finished_at
+        summary.divergences = len(log)
+        summary.divergences_after_sync = sum(1 for d in log if d.get("time", "") > synced)
         summary.ok = summary.audit.ok and not summary.audit.errors and final.clean
         return summary
     finally:
