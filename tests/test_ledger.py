@@ -31,7 +31,7 @@ def phase_of(pb) -> str:
 
 
 def wait_time_gate(path, seconds: float) -> None:
-    # The playbook's time gates are 2s: wait them out (advance re-checks them honestly).
+    """The playbook's time gates are 2s: wait them out (advance re-checks them honestly)."""
     time.sleep(seconds)
 
 
@@ -87,6 +87,7 @@ def test_every_acknowledged_write_survives_the_whole_walk(server_factory, tmp_pa
         step(path, "rollback", "--yes")  # writes-on-target → reads-on-target: source provably in sync
         assert phase_of(pb) == "reads-on-target"
         step(path, "check", "--full")
+        wait_time_gate(path, 2.2)  # the read cutover's observation period starts again
         step(path, "advance", "--yes")  # → writes-on-target again
         wait_time_gate(path, 2.2)
         # Completion stops writes to the source, so the last full check of both sides is taken
