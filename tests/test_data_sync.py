@@ -199,10 +199,11 @@ def test_concurrent_mirrored_partial_updates_end_clean(pair, make_playbook, even
     writer = MirroringWriter(src.client(), dst.client(), n // 10)  # hot keys, so writes hit batches in flight
     writer.start()
     try:
-        res = sync.run(pb, batch=50, rate=6000, keyspace_events=events)
+        # A throttled copy (~1 s) gives the writer time to race it even on a loaded machine.
+        res = sync.run(pb, batch=50, rate=3000, keyspace_events=events)
     finally:
         ops = writer.stop()
-    assert ops > 500, "the writer must have raced the copy"
+    assert ops > 200, "the writer must have raced the copy"
     assert res.complete, res
     result = _full_check(pb)
     assert result.clean and result.in_flux == 0, [(m.key, m.detail) for m in result.mismatches]
