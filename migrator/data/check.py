@@ -322,8 +322,7 @@ def _repair(r: _Run, mismatches: list[Mismatch], phase: Phase) -> list[Mismatch]
     for db, ms in by_db.items():
         d = r.open(db)
         auth, other = (d.src, d.dst) if forward else (d.dst, d.src)
-        compat = reports.latest(r.pb.state_path, "compat") if forward else None
-        method, _why = detect_method(auth, other, compat)
+        method, _why = detect_method(auth, other, reports.latest(r.pb.state_path, "compat"), rollback=not forward)
         keys = [m.key for m in ms]
         Copier(auth, other, method, chunk=r.chunk, chunk_bytes=CHUNK_BYTES).copy(keys)
         s_states, d_states = _both(r, d, keys)

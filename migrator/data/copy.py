@@ -450,10 +450,20 @@ def _copy_chunks(src, dst, s: Snap, tmp: bytes, chunk: int, chunk_bytes: int) ->
 # --- method detection ----------------------------------------------------------------------------
 
 
-def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None) -> tuple[str, str]:
-    """DUMP if the target accepts the source's payloads, else STRUCT; with the reason."""
-    if compat_report and compat_report.get("copy_method") in (DUMP, STRUCT):
-        return compat_report["copy_method"], f"from compatibility report {compat_report.get('id')}"
+# The compatibility report names methods for people; this module's names are shorter.
+_REPORT_METHODS = {"dump-restore": DUMP, "type-aware": STRUCT, DUMP: DUMP, STRUCT: STRUCT}
+
+
+def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None,
+                  rollback: bool = False) -> tuple[str, str]:
+    """DUMP if the target accepts the source's payloads, else STRUCT; with the reason.
+
+    ``rollback``: the copy runs target → source, so the report's ``rollback_copy_method`` applies.
+    """
+    field_name = "rollback_copy_method" if rollback else "copy_method"
+    reported = _REPORT_METHODS.get((compat_report or {}).get(field_name) or "")
+    if reported:
+        return reported, f"{field_name} from compatibility report {compat_report.get('id')}"
     payload = _small_payload(src)
     if payload is None:
         return DUMP, "no small key to probe with; DUMP assumed (a rejected payload switches to the type-aware copy)"
