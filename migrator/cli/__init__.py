@@ -30,15 +30,15 @@ class Ctx:
 
 pass_ctx = click.make_pass_decorator(Ctx)
 
-playbook_option = click.option(
-    "-p",
-    "--playbook",
-    "playbook_path",
-    envvar=playbook.PLAYBOOK_ENV,
-    type=click.Path(dir_okay=False, path_type=str),
-    default=None,
-    help=f"Playbook file (default ./{playbook.DEFAULT_PLAYBOOK}, or ${playbook.PLAYBOOK_ENV}).",
-)
+# -p/--playbook is accepted on the group and on each subcommand alike.
+_PLAYBOOK_FLAGS = ("-p", "--playbook")
+_PLAYBOOK_KW: dict[str, Any] = {
+    "envvar": playbook.PLAYBOOK_ENV,
+    "type": click.Path(dir_okay=False, path_type=str),
+    "default": None,
+    "help": f"Playbook file (default ./{playbook.DEFAULT_PLAYBOOK}, or ${playbook.PLAYBOOK_ENV}).",
+}
+playbook_option = click.option(*_PLAYBOOK_FLAGS, "playbook_path", **_PLAYBOOK_KW)
 
 output_option = click.option(
     "--output", "output", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format."
@@ -53,18 +53,8 @@ def with_playbook(f):
             ctx.ensure_object(Ctx).playbook_path = value
         return value
 
-    return click.option(
-        "-p",
-        "--playbook",
-        "_playbook",
-        envvar=playbook.PLAYBOOK_ENV,
-        type=click.Path(dir_okay=False, path_type=str),
-        default=None,
-        expose_value=False,
-        is_eager=True,
-        callback=callback,
-        help=f"Playbook file (default ./{playbook.DEFAULT_PLAYBOOK}, or ${playbook.PLAYBOOK_ENV}).",
-    )(f)
+    return click.option(*_PLAYBOOK_FLAGS, "_playbook", expose_value=False, is_eager=True, callback=callback,
+                        **_PLAYBOOK_KW)(f)
 
 
 def emit_json(data: Any) -> None:
