@@ -408,10 +408,28 @@ def status(pb: Playbook) -> dict[str, Any]:
         "shims": [
             {"id": s.id, "listen": s.listen, "admin": s.admin, "pid": s.pid, "host": s.host,
              "liveness": s.liveness(), "heartbeat_age_s": round(s.age(), 1), "applied_phase": s.applied_phase,
-             "applied_generation": s.applied_generation, "current": s.applied_generation >= state.generation}
+             "applied_generation": s.applied_generation, "current": s.applied_generation >= state.generation,
+             "pending_shadow": s.pending_shadow, "dirty_keys": s.dirty_keys}
             for s in shims
         ],
+        "other_side": _other_side(state.phase, shims),
     }
+
+
+def _other_side(phase: Phase, shims: list[registry.ShimRecord]) -> str:
+    """What the non-authoritative server is owed, in words: the rollback's precondition."""
+    if phase == Phase.COMPLETED:
+        return "the source no longer receives writes: it can be decommissioned"
+    if phase in (Phase.PLANNED, Phase.COMPATIBLE):
+        return "writes reach the source only"
+    live = [s for s in shims if s.liveness() != "dead"]
+    if not live:
+        return "no shim is running: writes are not being mirrored"
+    owed = sum(s.pending_shadow for s in live)
+    dirty = max((s.dirty_keys for s in live), default=0)
+    side = "source (kept in sync for rollback)" if phase == Phase.WRITES_ON_TARGET else "target"
+    state = "in sync" if not owed and not dirty else f"{owed} write(s) queued, {dirty} dirty key(s) awaiting repair"
+    return f"{side}: {state}"
 
 
 def history(pb: Playbook) -> list[dict[str, Any]]:

@@ -110,6 +110,7 @@ def test_advance_and_rollback_with_a_shim_acknowledging(servers_pb):
         assert (r["from_phase"], r["to_phase"]) == ("reads-on-target", "mirroring")
         st = json.loads(run_cli("status", "--output", "json", playbook=servers_pb).stdout)
         assert st["phase"] == "mirroring" and st["shims"][0]["current"] is True
+        assert st["other_side"] == "target: in sync"
         assert [h["direction"] for h in st["history"]] == ["advance", "rollback"]
 
 
@@ -136,6 +137,7 @@ def test_rollback_refused_at_the_ends(servers_pb):
     force_phase(pb, Phase.COMPLETED)
     out = run_cli("rollback", "--yes", playbook=servers_pb)
     assert out.returncode == 1 and "no way back" in out.stderr
+    assert "it can be decommissioned" in run_cli("status", playbook=servers_pb).stdout
     out = run_cli("advance", "--yes", playbook=servers_pb)
     assert out.returncode == 1 and "no further step" in out.stderr
 

@@ -165,11 +165,13 @@ def status(ctx: Ctx, output: str) -> None:
         con.print("[red]The playbook's endpoints differ from the ones this migration started with.[/]")
     if st["note"]:
         con.print(f"[yellow]Note:[/] {escape(st['note'])}")
+    con.print(f"Other side: {escape(st['other_side'])}")
     if st["shims"]:
-        table = Table("shim", "listen", "liveness", "applied", "current", box=None, header_style="bold")
+        table = Table("shim", "listen", "liveness", "applied", "current", "queued", "dirty", box=None, header_style="bold")
         for s in st["shims"]:
             table.add_row(escape(s["id"]), escape(s["listen"]), f"{s['liveness']} ({s['heartbeat_age_s']}s)",
-                          f"{s['applied_phase']} (gen {s['applied_generation']})", "yes" if s["current"] else "[red]no[/]")
+                          f"{s['applied_phase']} (gen {s['applied_generation']})", "yes" if s["current"] else "[red]no[/]",
+                          str(s["pending_shadow"]), str(s["dirty_keys"]))
         con.print(table)
     else:
         con.print("Shims: none running")
