@@ -8,9 +8,16 @@ import threading
 import pytest
 import redis
 
+from migrator import playbook
 from migrator.phases import Phase
+from migrator.shim.commands import SOURCE, TARGET, CommandTable, parse_command_reply
+from migrator.shim.routing import ROUTES
+from migrator.shim.server import Shim
+from migrator.shim.session import Session
+from tests.conftest import write_playbook
 from tests.test_shim_e2e import make_env  # noqa: F401 - the fixture
 from tests.test_shim_e2e import wait_for
+from tests.test_shim_session import FakeClient, FakeTransport, cmds
 
 HOT = [f"hot:{i}" for i in range(3)]
 TWO_SIDED = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
@@ -193,3 +200,98 @@ def test_blocking_pops_racing_pushes_mirror_each_pop_where_it_happened(ordered_e
     run_clients(ordered_env, 5, work)
     wait_for(lambda: ordered_env.thread.call(lambda: not ordered_env.thread.shim.seq.blocked), what="pops returned")
     assert_same_everywhere(ordered_env)
+
+
+# --- the same, without sockets: what is held back, and what is sent when ------------------------
+
+RANGE1 = [{b"begin_search": {b"type": b"index", b"spec": {b"index": 1}},
+           b"find_keys": {b"type": b"range", b"spec": {b"lastkey": 0, b"keystep": 1, b"limit": 0}}}]
+LAST_BUT_ONE = [{b"begin_search": {b"type": b"index", b"spec": {b"index": 1}},
+                 b"find_keys": {b"type": b"range", b"spec": {b"lastkey": -2, b"keystep": 1, b"limit": 0}}}]
+TABLE = parse_command_reply([
+    [b"get", 2, [b"readonly"], 1, 1, 1, [], [], RANGE1, []],
+    [b"set", -3, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+    [b"rpush", -3, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+    [b"rpop", -2, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+    [b"brpop", -3, [b"write", b"blocking"], 1, -2, 1, [], [], LAST_BUT_ONE, []],
+])
+
+
+@pytest.fixture
+def shim_sessions(tmp_path):
+    """A shim in ``phase`` (no sockets) and a function opening sessions on it with fake upstreams."""
+    def make(phase: Phase):
+        pb = playbook.load(write_playbook(tmp_path / "m.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
+        shim = Shim(pb)
+        shim.table = CommandTable(TABLE, TABLE)
+        shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
+        opened: list[tuple[int, int]] = []
+        shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
+
+        def session():
+            client = FakeClient()
+            s = Session(shim, client)
+            s.connect_sides()
+            t = {}
+            for side, attempt in opened:
+                t[side] = FakeTransport()
+                s.on_upstream_connected(side, t[side], attempt)
+            opened.clear()
+            return s, client, t
+
+        return shim, session
+
+    return make
+
+
+def test_a_second_connections_write_to_a_held_key_waits_for_both_replies_of_the_first(shim_sessions):
+    """B's SET k is sent to neither side until A's SET k has been answered by both; B's write to another key is not held."""
+    _shim, session = shim_sessions(Phase.MIRRORING)
+    a, _ca, ta = session()
+    b, cb, tb = session()
+    c, _cc, tc = session()
+    a.on_client_data(cmds(["SET", "k", "a"]))
+    b.on_client_data(cmds(["SET", "k", "b"], ["GET", "x"]))
+    c.on_client_data(cmds(["SET", "other", "c"]))
+    assert ta[SOURCE].data == ta[TARGET].data == cmds(["SET", "k", "a"])
+    assert tb[SOURCE].data == tb[TARGET].data == b""  # held back, and the GET behind it too
+    assert tc[SOURCE].data == tc[TARGET].data == cmds(["SET", "other", "c"])
+    a.on_upstream_data(SOURCE, b"+OK\r\n")
+    assert tb[SOURCE].data == b""  # the target has not applied A's write yet
+    a.on_upstream_data(TARGET, b"+OK\r\n")
+    assert tb[SOURCE].data == tb[TARGET].data == cmds(["SET", "k", "b"], ["GET", "x"])
+    b.on_upstream_data(SOURCE, b"+OK\r\n$-1\r\n")
+    assert cb.data == b"+OK\r\n$-1\r\n"
+
+
+def test_a_blocking_pop_is_tried_without_blocking_first_and_answered_once_from_a_split_reply(shim_sessions):
+    """BRPOP goes inside MULTI/EXEC holding its key; EXEC's reply, however split, answers the client with the pop, and the target gets RPOP."""
+    _shim, session = shim_sessions(Phase.MIRRORING)
+    s, client, t = session()
+    s.on_client_data(cmds(["BRPOP", "q", "0"]))
+    assert t[SOURCE].data == cmds(["MULTI"], ["BRPOP", "q", "0"], ["EXEC"]) and t[TARGET].data == b""
+    stream = b"+OK\r\n+QUEUED\r\n*1\r\n*2\r\n$1\r\nq\r\n$1\r\nx\r\n"
+    for i in range(len(stream)):
+        s.on_upstream_data(SOURCE, stream[i:i + 1])
+    assert client.data == b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n"
+    assert t[TARGET].data == cmds(["RPOP", "q"])
+
+
+def test_a_blocking_pop_with_nothing_to_pop_blocks_for_real_holding_nothing(shim_sessions):
+    """When the try finds nothing, BRPOP is sent as itself and its key is free: another connection's push goes at once."""
+    shim, session = shim_sessions(Phase.MIRRORING)
+    s, client, t = session()
+    p, _cp, tp = session()
+    s.on_client_data(cmds(["BRPOP", "q", "0"], ["SET", "after", "1"]))
+    s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")
+    assert t[SOURCE].data.endswith(cmds(["BRPOP", "q", "0"]))
+    assert cmds(["SET", "after", "1"]) not in t[SOURCE].data  # waits until the pop returns, as on a server
+    p.on_client_data(cmds(["RPUSH", "q", "x"]))
+    assert tp[SOURCE].data == tp[TARGET].data == cmds(["RPUSH", "q", "x"])
+    p.on_upstream_data(SOURCE, b":1\r\n")
+    p.on_upstream_data(TARGET, b":1\r\n")
+    s.on_upstream_data(SOURCE, b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n")  # woken by the push
+    assert t[TARGET].data == cmds(["RPOP", "q"], ["SET", "after", "1"])  # the pop's effect first
+    assert t[SOURCE].data.endswith(cmds(["SET", "after", "1"]))
+    assert client.data == b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n"
+    assert not shim.seq.blocked

@@ -74,7 +74,11 @@ class _Lock:
 class Sequencer:
     def __init__(self, call_later: Callable[[float, Callable[[], None]], Any] | None = None,
                  wake_grace: float = WAKE_GRACE) -> None:
-        self.locks: dict[Hashable, _Lock] = {}
+        # The common states cost no lock object per command: a key held exclusively by one
+        # request with nobody waiting maps to that Request; a key only read (shared) with nobody
+        # waiting maps to the number of readers. Anything else (several holds of one connection,
+        # mixed modes, waiters, a pending wake) maps to a _Lock.
+        self.locks: dict[Hashable, _Lock | Request | int] = {}
         self.held = 0  # granted requests, barriers included
         self.waiting = 0  # keyed requests in key queues
         self.fence: deque[Request] = deque()  # a barrier (waiting or held) and what came after it
@@ -94,6 +98,8 @@ class Sequencer:
     # --- requests ------------------------------------------------------------------------
     def acquire(self, req: Request) -> bool:
         """True: granted now (no callback). False: ``req.granted_cb(req)`` is called when it is."""
+        if not req.keys:
+            self.barriers += 1
         if self.fence:
             req.state = WAITING
             self.fence.append(req)
@@ -146,6 +152,17 @@ class Sequencer:
         touched = []
         for key, excl in req.keys:
             lk = locks[key]
+            if lk is req:
+                if not (blocked and blocked.get(key)):
+                    del locks[key]
+                    continue
+                lk = self._upgrade(key)
+            elif lk.__class__ is int:
+                if lk > 1:
+                    locks[key] = lk - 1
+                else:
+                    del locks[key]
+                continue
             if excl:
                 lk.xcount -= 1
                 if not lk.xcount:
@@ -192,7 +209,6 @@ class Sequencer:
 
     # --- internals -----------------------------------------------------------------------
     def _acquire_barrier(self, req: Request) -> bool:
-        self.barriers += 1
         self.fence.append(req)  # waiting, or held at the head of the fence
         if self.held or self.waiting or self.wakes:
             req.state = WAITING
@@ -204,8 +220,30 @@ class Sequencer:
 
     def _acquire_keyed(self, req: Request) -> bool:
         locks = self.locks
+        keys = req.keys
+        # Fast path, one dict lookup per key: every key free (or only read, for a read).
+        taken = 0
+        for key, excl in keys:
+            v = locks.get(key)
+            if v is None:
+                locks[key] = req if excl else 1
+            elif not excl and v.__class__ is int:
+                locks[key] = v + 1
+            else:
+                break
+            taken += 1
+        else:
+            req.state = GRANTED
+            self.held += 1
+            return True
+        for key, excl in keys[:taken]:  # undo, then the general path
+            v = locks[key]
+            if v is req or v == 1:
+                del locks[key]
+            else:
+                locks[key] = v - 1
         owner = req.owner
-        for key, excl in req.keys:
+        for key, excl in keys:
             lk = locks.get(key)
             if lk is not None and not _compatible(lk, owner, excl, False):
                 self._enqueue(req, front=False)
@@ -221,7 +259,13 @@ class Sequencer:
         for key, excl in req.keys:
             lk = locks.get(key)
             if lk is None:
-                lk = locks[key] = _Lock()
+                locks[key] = req if excl else 1
+                continue
+            if lk.__class__ is int and not excl:
+                locks[key] = lk + 1
+                continue
+            if lk.__class__ is not _Lock:
+                lk = self._upgrade(key)
             elif lk.wake and req.first:
                 lk.wake = False  # the handover: the woken command's effect comes next
                 self.wakes -= 1
@@ -232,15 +276,26 @@ class Sequencer:
                 lk.sowner = owner if not lk.shared or lk.sowner is owner else _MIXED
                 lk.shared += 1
 
+    def _upgrade(self, key: Hashable) -> _Lock:
+        """The key's full lock record (made from a single exclusive holder, or new)."""
+        v = self.locks.get(key)
+        if v is not None and v.__class__ is _Lock:
+            return v
+        lk = self.locks[key] = _Lock()
+        if v.__class__ is int:
+            lk.shared = v
+            lk.sowner = _MIXED  # readers' connections are not recorded in the short form
+        elif v is not None:
+            lk.xcount = 1
+            lk.xowner = v.owner
+        return lk
+
     def _enqueue(self, req: Request, front: bool) -> None:
         req.state = WAITING
         self.waiting += 1
         self.waited += 1
-        locks = self.locks
         for key, _excl in req.keys:
-            lk = locks.get(key)
-            if lk is None:
-                lk = locks[key] = _Lock()
+            lk = self._upgrade(key)
             if lk.q is None:
                 lk.q = deque()
             if front:
@@ -279,8 +334,8 @@ class Sequencer:
     def _check(self, key: Hashable) -> None:
         locks = self.locks
         lk = locks.get(key)
-        if lk is None:
-            return
+        if lk is None or lk.__class__ is not _Lock:
+            return  # the short forms: nobody waiting
         q = lk.q
         while q:
             head = q[0]
@@ -290,7 +345,7 @@ class Sequencer:
             if self.barrier_held or not self._grantable(head):
                 break
             for k, _excl in head.keys:
-                locks[k].q.popleft()
+                locks[k].q.popleft()  # a waiter's keys are all full _Lock records
             self.waiting -= 1
             self._grant(head)
             self._granted.append(head)
@@ -334,9 +389,13 @@ class Sequencer:
                 "waited_total": self.waited, "barriers_total": self.barriers}
 
 
-def _compatible(lk: _Lock, owner: Any, excl: bool, first: bool, queued_ok: bool = False) -> bool:
+def _compatible(lk: _Lock | Request, owner: Any, excl: bool, first: bool, queued_ok: bool = False) -> bool:
     """Can ``owner`` take ``lk`` now? ``first``: a blocked command's effect (ahead of the queue
     and of a pending wake); ``queued_ok``: the request heads the queue itself."""
+    if lk.__class__ is Request:
+        return lk.owner is owner  # held exclusively by one request: only its own connection may
+    if lk.__class__ is int:
+        return not excl  # only read, by connections not recorded: readers join, a writer waits
     if lk.q and not (first or queued_ok):
         return False
     if lk.wake and not first:

@@ -204,6 +204,7 @@ class Shim:
         self.reuse_port = reuse_port
         self.worker = worker
         self.endpoints = (playbook.source, playbook.target)
+        self.endpoint_dbs = (playbook.source.db, playbook.target.db)  # parsed from the URL once, not per command
         self.state_dir = playbook.state_path
         self.store = StateStore(self.state_dir, playbook.name)
         _host, port = split_hostport(self.listen)

@@ -179,7 +179,7 @@ class Session:
         self.parser = RequestParser(shim.cfg.max_request_bytes)
         self.inflight: deque[Entry] = deque()
         self.up = [Upstream(SOURCE), Upstream(TARGET)]
-        self.db: int | None = None  # None: each endpoint's own database
+        self.db: int | None = None  # None: each endpoint's own database (shim.endpoint_dbs)
         self.proto = 2
         self.name: bytes | None = None
         self.readonly = False
@@ -561,6 +561,8 @@ class Session:
         classify = shim.table.classify
         plan = None
         reads = writes = 0
+        lock_keys: list[bytes] | None = None  # the sequencer's keys, when the chunk goes to both sides
+        simple = True  # every command has one key, at argv[1]: no key-spec walk below
         for args in commands:
             c = classify(args)
             cls = c.cls
@@ -577,11 +579,19 @@ class Session:
             p = routes[cls]
             if plan is None:
                 plan = p
+                if p.shadow is not None:
+                    lock_keys = []
             elif p is not plan and (p.answer, p.shadow, p.sequential, p.fallback) != (
                     plan.answer, plan.shadow, plan.sequential, plan.fallback):
                 return False
             if p.compare and name in cmp.EXCLUDED:
                 return False
+            if lock_keys is not None and simple:
+                # Collected here rather than in a second pass: this runs for every chunk.
+                if info.single_key and len(args) > 1:
+                    lock_keys.append(args[1])
+                else:
+                    simple = False
         k = len(commands)
         answer, shadow = plan.answer, plan.shadow
         if shadow is not None:
@@ -625,7 +635,13 @@ class Session:
                 e.shadow_raw = raw
             else:
                 e.payload[shadow] = raw
-            self._sequence(e, self._batch_spec(commands))
+            if simple and not (reads and writes):
+                # Writes take their keys exclusively, compared reads shared.
+                db = self._db(SOURCE)
+                keys = dict.fromkeys(lock_keys if not db else [(db, x) for x in lock_keys])
+                self._sequence(e, [(x, True) for x in keys] if writes else [(x, False) for x in keys])
+            else:
+                self._sequence(e, self._tx_spec(commands))
         self.pending_count += 1
         shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
@@ -677,7 +693,7 @@ class Session:
 
     # --- routing -------------------------------------------------------------------------
     def _db(self, side: int) -> int:
-        return self.db if self.db is not None else self.shim.endpoints[side].db
+        return self.db if self.db is not None else self.shim.endpoint_dbs[side]
 
     def _dispatch(self, args: list[bytes], name: bytes, c: Classified, plan: Plan, gen: int | None = None,
                   tx: list[list[bytes]] | None = None) -> None:
@@ -781,9 +797,9 @@ class Session:
             if len(keys) == 1:
                 return [(self._lock_keys(keys)[0], excl)]
             return [(k, excl) for k in dict.fromkeys(self._lock_keys(keys))]
-        return self._batch_spec(e.tx)
+        return self._tx_spec(e.tx)
 
-    def _batch_spec(self, commands: list[list[bytes]]) -> list[tuple[Any, bool]] | None:
+    def _tx_spec(self, commands: list[list[bytes]]) -> list[tuple[Any, bool]] | None:
         classify = self.shim.table.classify
         spec: dict[Any, bool] = {}
         for args in commands:
@@ -1215,8 +1231,8 @@ class Session:
                     break
                 continue
             raw = e.rep[e.answer]
-            if raw is None or (e.batch and len(raw) < e.n):
-                break
+            if raw is None or (e.batch and len(raw) < e.n) or e.bprobe:
+                break  # (a blocking command's non-blocking try: its reply is made from EXEC's)
             if e.wait_shadow and e.shadow is not None and not e.done[e.shadow]:
                 break
             if e.batch:

@@ -48,6 +48,11 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
     base = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}"
     ids = [f"{base}-w{i}" for i in range(workers)]
     log = get_logger("migrator.shim", shim=base)
+    if workers > 1:
+        # Each worker sequences only its own connections' writes (docs/shim.md, "Ordering").
+        log.warning("shim.workers_unordered", workers=workers,
+                    hint="writes to one key from connections on different workers can be applied in different "
+                         "orders on source and target; run a single shim process per migration for exact ordering")
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker_main, args=(playbook, listen, ids[i], i), name=ids[i]) for i in range(workers)]
     for p in procs:
