@@ -94,7 +94,7 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.COMPLETED,
         description="stop writing to Redis; it can be decommissioned",
         gates=("rollback_window", "shim_ack", "no_dirty_keys", "consistency"),
-        actions=("await_shim_ack",),
+        actions=("await_shim_ack", "final_report"),
         reversible=False,
     ),
 )
