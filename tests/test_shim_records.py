@@ -36,9 +36,10 @@ def test_a_repair_deleting_files_clears_only_what_it_read(tmp_path):
     rec.add(0, [b"a"], "target-down", b"set")
     rec.flush()
     taken = repair_dirty.list_dirty(tmp_path)
+    time.sleep(0.01)
     rec.add(0, [b"b"], "target-down", b"set")
     rec.flush()
-    repair_dirty.clear_dirty(taken)
+    repair_dirty.clear_repaired(tmp_path, taken, still_dirty=set())
     assert [d.key for d in list_dirty(tmp_path)] == [b"b"]
     rec.refresh()
     assert set(rec.keys) == {(0, b"b")}
@@ -59,12 +60,15 @@ def test_clear_dirty_respects_before_and_key_selection(tmp_path):
 
 
 def test_keyless_lost_writes_mark_the_whole_database(tmp_path):
-    """A lost FLUSHDB marks the whole database, which a key repair does not clear."""
+    """A lost FLUSHDB marks the whole database: the repair sees it as such, and a key repair does not clear it."""
     rec = DirtyRecorder(tmp_path, "shim-a")
     rec.add(3, [], "target-down", b"flushdb")
     rec.flush()
     assert [d.display for d in list_dirty(tmp_path)] == ["db3:*"]
-    assert repair_dirty.list_dirty(tmp_path).count == 0
+    taken = repair_dirty.list_dirty(tmp_path)
+    assert taken.keys == {} and taken.whole_dbs == {3}
+    assert repair_dirty.clear_repaired(tmp_path, taken, still_dirty=set()) == 0
+    assert [d.display for d in list_dirty(tmp_path)] == ["db3:*"]
     assert rec.is_dirty(3, [b"anything"]) and not rec.is_dirty(0, [b"anything"])
 
 
