@@ -15,8 +15,10 @@ from migrator.shim.routing import ROUTES
 from migrator.shim.server import Shim
 from migrator.shim.session import Session
 from tests.conftest import write_playbook
-from tests.test_shim_e2e import make_env  # noqa: F401 - the fixture
-from tests.test_shim_e2e import wait_for
+from tests.test_shim_e2e import (
+    make_env,  # noqa: F401 - the fixture
+    wait_for,
+)
 from tests.test_shim_session import FakeClient, FakeTransport, cmds
 
 HOT = [f"hot:{i}" for i in range(3)]

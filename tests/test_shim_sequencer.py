@@ -154,7 +154,7 @@ def test_random_request_mixes_never_deadlock_and_never_grant_conflicting_holds()
     """Thousands of random requests (multi-key, shared, barriers, re-entrant) all get granted, never in conflict."""
     rng = random.Random(7)
     seq = Sequencer()
-    log, conns = owners(6)
+    _log, conns = owners(6)
     keys = ["k1", "k2", "k3", "k4"]
     granted: list[Request] = []
     waiting: dict[int, list[Request]] = {i: [] for i in range(len(conns))}
@@ -186,7 +186,7 @@ def test_random_request_mixes_never_deadlock_and_never_grant_conflicting_holds()
         elif granted:
             r = granted.pop(rng.randrange(len(granted)))
             seq.release(r)
-        for j, rs in waiting.items():
+        for rs in waiting.values():
             for r in list(rs):
                 if r.state == GRANTED:
                     rs.remove(r)
@@ -194,7 +194,7 @@ def test_random_request_mixes_never_deadlock_and_never_grant_conflicting_holds()
         check_no_conflict()
     while granted:
         seq.release(granted.pop())
-        for j, rs in waiting.items():
+        for rs in waiting.values():
             for r in list(rs):
                 if r.state == GRANTED:
                     rs.remove(r)
