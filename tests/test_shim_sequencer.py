@@ -178,6 +178,9 @@ def test_random_request_mixes_never_deadlock_and_never_grant_conflicting_holds()
             roll = rng.random()
             ks = [] if roll < 0.03 else rng.sample(keys, rng.randint(1, 3))
             r = conns[i].req(*ks, shared=roll > 0.8)
+            if rng.random() < 0.5:  # the plain form a uniform pipelined chunk uses
+                r = Request(r.owner, [k for k, _ in r.keys], r.granted_cb, excl=roll <= 0.8)
+                r.data = "plain"
             total += 1
             if seq.acquire(r):
                 granted.append(r)

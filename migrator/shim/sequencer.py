@@ -43,17 +43,36 @@ WAKE_GRACE = 0.05  # seconds a woken blocked command's reply may lag the reply o
 
 
 class Request:
-    """What one entry needs: ``keys`` as (key, exclusive) pairs, each key once; no keys: a barrier."""
+    """What one entry needs, each key once; no keys: a barrier.
 
-    __slots__ = ("data", "first", "granted_cb", "keys", "owner", "state")
+    ``keys`` as (key, exclusive) pairs, or — the common case of a pipelined chunk of only writes
+    or only reads, kept cheap — a plain list of keys and one ``excl`` for all of them.
+    """
 
-    def __init__(self, owner: Any, keys: list[tuple[Hashable, bool]], granted_cb: Callable[[Request], None]) -> None:
+    __slots__ = ("_keys", "data", "empty", "excl", "first", "granted_cb", "owner", "plain", "state")
+
+    def __init__(self, owner: Any, keys: list, granted_cb: Callable[[Request], None], excl: bool | None = None) -> None:
         self.owner = owner
-        self.keys = keys
+        if excl is None:
+            self._keys: list[tuple[Hashable, bool]] | None = keys
+            self.plain: list[Hashable] | None = None
+        else:
+            self._keys = None
+            self.plain = keys
+        self.excl = excl
+        self.empty = not keys
         self.granted_cb = granted_cb
         self.state = 0
         self.first = False  # a blocked command's effect: ahead of every waiting request
         self.data: Any = None  # the owner's own reference (the session's entry)
+
+    @property
+    def keys(self) -> list[tuple[Hashable, bool]]:
+        """(key, exclusive) pairs (made from the plain form when first needed: off the fast path)."""
+        if self._keys is None:
+            excl = self.excl
+            self._keys = [(k, excl) for k in self.plain]
+        return self._keys
 
 
 class _Lock:
@@ -98,14 +117,14 @@ class Sequencer:
     # --- requests ------------------------------------------------------------------------
     def acquire(self, req: Request) -> bool:
         """True: granted now (no callback). False: ``req.granted_cb(req)`` is called when it is."""
-        if not req.keys:
+        if req.empty:
             self.barriers += 1
         if self.fence:
             req.state = WAITING
             self.fence.append(req)
             self.waited += 1
             return False
-        if not req.keys:
+        if req.empty:
             return self._acquire_barrier(req)
         return self._acquire_keyed(req)
 
@@ -135,7 +154,7 @@ class Sequencer:
         if state != GRANTED:
             return
         self.held -= 1
-        if not req.keys:
+        if req.empty:
             self.barrier_held = False
             if self.fence and self.fence[0] is req:
                 self.fence.popleft()
@@ -150,41 +169,65 @@ class Sequencer:
         locks = self.locks
         blocked = self.blocked
         touched = []
-        for key, excl in req.keys:
-            lk = locks[key]
-            if lk is req:
-                if not (blocked and blocked.get(key)):
+        plain = req.plain
+        if plain is not None:
+            excl = req.excl
+            for key in plain:
+                lk = locks[key]
+                if lk is req and not blocked:
                     del locks[key]
-                    continue
-                lk = self._upgrade(key)
-            elif lk.__class__ is int:
-                if lk > 1:
-                    locks[key] = lk - 1
-                else:
+                elif lk.__class__ is int:
+                    if lk > 1:
+                        locks[key] = lk - 1
+                    else:
+                        del locks[key]
+                elif self._release_key(req, key, excl, lk):
+                    touched.append(key)
+        else:
+            for key, excl in req._keys:
+                lk = locks[key]
+                if lk is req and not blocked:
                     del locks[key]
-                continue
-            if excl:
-                lk.xcount -= 1
-                if not lk.xcount:
-                    lk.xowner = None
-                    if blocked and not req.first and blocked.get(key) and self.call_later is not None:
-                        # This write may have woken a blocked command on the answering side:
-                        # keep the key for that command's effect (or until the grace ends).
-                        # (An effect ran on the shadow only: it wakes nothing upstream.)
-                        if not lk.wake:
-                            lk.wake = True
-                            self.wakes += 1
-                        self.call_later(self.wake_grace, lambda lk=lk, key=key: self._wake_expired(key, lk))
-            else:
-                lk.shared -= 1
-                if not lk.shared:
-                    lk.sowner = None
-            if lk.q:
-                touched.append(key)
-            elif not (lk.xcount or lk.shared or lk.wake):
-                del locks[key]
+                elif lk.__class__ is int:
+                    if lk > 1:
+                        locks[key] = lk - 1
+                    else:
+                        del locks[key]
+                elif self._release_key(req, key, excl, lk):
+                    touched.append(key)
         if touched or self.fence:
             self._run(touched)
+
+    def _release_key(self, req: Request, key: Hashable, excl: bool, lk: _Lock | Request) -> bool:
+        """One key of a released request, beyond the short forms; True if requests wait for it."""
+        locks = self.locks
+        blocked = self.blocked
+        if lk is req:
+            if not blocked.get(key):
+                del locks[key]
+                return False
+            lk = self._upgrade(key)
+        if excl:
+            lk.xcount -= 1
+            if not lk.xcount:
+                lk.xowner = None
+                if blocked and not req.first and blocked.get(key) and self.call_later is not None:
+                    # This write may have woken a blocked command on the answering side: keep
+                    # the key for that command's effect (or until the grace ends). An effect
+                    # ran on the shadow only: it wakes nothing upstream.
+                    if not lk.wake:
+                        lk.wake = True
+                        self.wakes += 1
+                    self.call_later(self.wake_grace, lambda lk=lk, key=key: self._wake_expired(key, lk))
+        else:
+            lk.shared -= 1
+            if not lk.shared:
+                lk.sowner = None
+        if lk.q:
+            return True
+        if not (lk.xcount or lk.shared or lk.wake):
+            del locks[key]
+        return False
 
     # --- blocking commands ---------------------------------------------------------------
     def blocking_started(self, keys: Iterable[Hashable]) -> None:
@@ -220,30 +263,52 @@ class Sequencer:
 
     def _acquire_keyed(self, req: Request) -> bool:
         locks = self.locks
-        keys = req.keys
         # Fast path, one dict lookup per key: every key free (or only read, for a read).
+        plain = req.plain
         taken = 0
-        for key, excl in keys:
-            v = locks.get(key)
-            if v is None:
-                locks[key] = req if excl else 1
-            elif not excl and v.__class__ is int:
-                locks[key] = v + 1
+        if plain is not None:
+            if req.excl:
+                for key in plain:
+                    if key in locks:
+                        break
+                    locks[key] = req
+                    taken += 1
             else:
-                break
-            taken += 1
+                for key in plain:
+                    v = locks.get(key)
+                    if v is None:
+                        locks[key] = 1
+                    elif v.__class__ is int:
+                        locks[key] = v + 1
+                    else:
+                        break
+                    taken += 1
+            done = taken == len(plain)
+            undo = plain[:taken]
         else:
+            for key, excl in req._keys:
+                v = locks.get(key)
+                if v is None:
+                    locks[key] = req if excl else 1
+                elif not excl and v.__class__ is int:
+                    locks[key] = v + 1
+                else:
+                    break
+                taken += 1
+            done = taken == len(req._keys)
+            undo = [k for k, _ in req._keys[:taken]]
+        if done:
             req.state = GRANTED
             self.held += 1
             return True
-        for key, excl in keys[:taken]:  # undo, then the general path
+        for key in undo:  # then the general path
             v = locks[key]
             if v is req or v == 1:
                 del locks[key]
             else:
                 locks[key] = v - 1
         owner = req.owner
-        for key, excl in keys:
+        for key, excl in req.keys:
             lk = locks.get(key)
             if lk is not None and not _compatible(lk, owner, excl, False):
                 self._enqueue(req, front=False)
@@ -304,7 +369,7 @@ class Sequencer:
                 lk.q.append(req)
 
     def _cancel(self, req: Request) -> None:
-        if not req.keys or req in self._after_barrier or req in self.fence:
+        if req.empty or req in self._after_barrier or req in self.fence:
             self._run(())  # dropped from the fence when it reaches the head
             return
         self.waiting -= 1
@@ -372,7 +437,7 @@ class Sequencer:
                 continue
             if head.state == GRANTED:
                 return  # a held barrier: everything behind it waits
-            if not head.keys:
+            if head.empty:
                 if self.held or self.waiting or self.wakes:
                     return
                 self.barrier_held = True

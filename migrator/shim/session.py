@@ -638,8 +638,8 @@ class Session:
             if simple and not (reads and writes):
                 # Writes take their keys exclusively, compared reads shared.
                 db = self._db(SOURCE)
-                keys = dict.fromkeys(lock_keys if not db else [(db, x) for x in lock_keys])
-                self._sequence(e, [(x, True) for x in keys] if writes else [(x, False) for x in keys])
+                self._sequence(e, list(dict.fromkeys(lock_keys if not db else [(db, x) for x in lock_keys])),
+                               excl=bool(writes))
             else:
                 self._sequence(e, self._tx_spec(commands))
         self.pending_count += 1
@@ -814,11 +814,14 @@ class Session:
                 spec[k] = spec.get(k, False) or write
         return list(spec.items()) if spec else None
 
-    def _sequence(self, e: Entry, spec: list[tuple[Any, bool]] | None) -> None:
-        """Take the entry's keys now, or hold it (and the connection's later commands) back."""
+    def _sequence(self, e: Entry, spec: list | None, excl: bool | None = None) -> None:
+        """Take the entry's keys now, or hold it (and the connection's later commands) back.
+
+        ``spec``: (key, exclusive) pairs, or plain keys all taken as ``excl``; None: nothing to take.
+        """
         if spec is None:
             return
-        req = Request(self, spec, self._granted)
+        req = Request(self, spec, self._granted, excl)
         req.data = e
         e.req = req
         if self.ungranted or not self.shim.seq.acquire(req):
