@@ -45,7 +45,7 @@ def one(name: str, n: int, loader, units: str, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys in the mixed set, members in the sorted set")
-    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=500, help="pipeline size (default: the playbook's default, 500)")
     ap.add_argument("--only", choices=["mixed", "zset"], default=None)
     args = ap.parse_args()
     rows = []
