@@ -96,6 +96,7 @@ class PlanResult:
     servers: list[ServerInfo] = field(default_factory=list)
     pending: Transition | None = None
     note: str | None = None
+    started: bool = True  # False until the first step writes the state
 
     @property
     def allowed(self) -> bool:
@@ -122,6 +123,7 @@ class PlanResult:
             "servers": [vars(s) for s in self.servers],
             "pending_transition": vars(self.pending) if self.pending else None,
             "note": self.note,
+            "started": self.started,
         }
 
 
@@ -232,7 +234,7 @@ def plan(pb: Playbook, direction: str = "advance", evaluate: GateEvaluator | Non
     result = PlanResult(
         migration=pb.name, playbook=str(pb.path), state_dir=str(store.dir), phase=state.phase,
         generation=state.generation, phase_since=state.phase_since, direction=direction, step=step,
-        pending=state.transition, note=why_not or _interrupted_note(store, state),
+        pending=state.transition, note=why_not or _interrupted_note(store, state), started=store.exists(),
     )
     if probe:
         result.servers = [probe_server(pb.source, "source"), probe_server(pb.target, "target")]

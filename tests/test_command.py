@@ -48,7 +48,7 @@ def test_plan_identifies_both_servers_across_pairs(pair, make_playbook):
     servers = {s["role"]: s for s in p["servers"]}
     assert servers["source"]["server"] == src.binary.kind and servers["source"]["version"] == src.binary.version
     assert servers["target"]["server"] == "valkey" and servers["target"]["version"] == tgt.binary.version
-    assert p["phase"] == "planned" and p["to_phase"] == "compatible"
+    assert p["phase"] == "planned" and p["to_phase"] == "compatible" and p["started"] is False
     assert [g["gate"] for g in p["gates"]] == ["compatibility"]
     assert not (path.parent / "state" / "state.json").exists()
 

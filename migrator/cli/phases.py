@@ -43,7 +43,10 @@ def render_gates(con: Console, gates: list[GateResult]) -> None:
 
 def render_plan(con: Console, p: command.PlanResult) -> None:
     con.print(f"[bold]Migration {escape(p.migration)}[/]  playbook {escape(p.playbook)}")
-    con.print(f"Phase: [bold]{p.phase}[/] since {p.phase_since} (generation {p.generation})")
+    if p.started:
+        con.print(f"Phase: [bold]{p.phase}[/] since {p.phase_since} (generation {p.generation})")
+    else:
+        con.print(f"Phase: [bold]{p.phase}[/] (no step taken yet; state will live in {escape(p.state_dir)})")
     for s in p.servers:
         con.print(f"  {escape(redact(s.describe()))}")
     if p.note:
