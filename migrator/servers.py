@@ -116,10 +116,15 @@ def find(label: str) -> ServerBinary | None:
     return next((b for b in bins if b.label == label), None)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", highest: int = 65535) -> int:
+    """A port free right now (the OS picks; retried until it is at most ``highest``)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port <= highest:
+            return port
+    raise RuntimeError(f"no free port at or below {highest}")
 
 
 @dataclass
@@ -216,7 +221,8 @@ def start(
     settings.update(config or {})
     last_error: Exception | None = None
     for _attempt in range(5):  # a free port can be taken between probing and binding
-        use_port = port or free_port()
+        # A cluster node also listens on port + 10000, so its port must leave room for that.
+        use_port = port or free_port(highest=55535 if settings.get("cluster-enabled") == "yes" else 65535)
         args = [str(binary.path)]
         if conf_lines:
             conf = dir / "extra.conf"

@@ -48,3 +48,8 @@ def test_conf_lines_reach_the_server(server_factory):
     s = server_factory("valkey-8.1", conf_lines=['rename-command CONFIG ""'])
     with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
         s.client().config_get("maxmemory")
+
+
+def test_free_port_respects_an_upper_bound():
+    """A port for a cluster node leaves room for its bus port (port + 10000)."""
+    assert all(servers.free_port(highest=55535) <= 55535 for _ in range(50))
