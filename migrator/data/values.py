@@ -14,7 +14,7 @@ the exact comparison and the type-aware copy.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import redis
 
@@ -206,58 +206,48 @@ def canonical_digest(type_: str, value: Any) -> str:
 # --- chunked reads (used by the copy of big keys and by compare) ----------------------------
 
 
-def scan_hash(client: redis.Redis, key: bytes, chunk: int) -> Iterator[dict[bytes, bytes]]:
+def _by_cursor(scan: Callable[[int], tuple[int, Any]]) -> Iterator[Any]:
+    """Non-empty parts of a cursor scan (HSCAN, SSCAN) until the cursor comes back to 0."""
     cursor = 0
     while True:
-        cursor, part = client.hscan(key, cursor, count=chunk)
+        cursor, part = scan(cursor)
         if part:
             yield part
         if cursor == 0:
             return
 
 
-def scan_set(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[bytes]]:
-    cursor = 0
+def _by_offset(read: Callable[[int, int], Any], size: int) -> Iterator[Any]:
+    """Non-empty parts of an inclusive offset range read (LRANGE, ZRANGE, GETRANGE) until a short one."""
+    start = 0
     while True:
-        cursor, part = client.sscan(key, cursor, count=chunk)
+        part = read(start, start + size - 1)
         if part:
-            yield list(part)
-        if cursor == 0:
+            yield part
+        if len(part) < size:
             return
+        start += size
+
+
+def scan_hash(client: redis.Redis, key: bytes, chunk: int) -> Iterator[dict[bytes, bytes]]:
+    return _by_cursor(lambda cursor: client.hscan(key, cursor, count=chunk))
+
+
+def scan_set(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[bytes]]:
+    return (list(part) for part in _by_cursor(lambda cursor: client.sscan(key, cursor, count=chunk)))
 
 
 def range_zset(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[tuple[bytes, float]]]:
     """Members with scores in rank order; rank ranges can shift under writes (verify catches it)."""
-    start = 0
-    while True:
-        part = client.zrange(key, start, start + chunk - 1, withscores=True)
-        if part:
-            yield part
-        if len(part) < chunk:
-            return
-        start += chunk
+    return _by_offset(lambda a, b: client.zrange(key, a, b, withscores=True), chunk)
 
 
 def range_list(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[bytes]]:
-    start = 0
-    while True:
-        part = client.lrange(key, start, start + chunk - 1)
-        if part:
-            yield part
-        if len(part) < chunk:
-            return
-        start += chunk
+    return _by_offset(lambda a, b: client.lrange(key, a, b), chunk)
 
 
 def range_string(client: redis.Redis, key: bytes, chunk_bytes: int) -> Iterator[bytes]:
-    start = 0
-    while True:
-        part = client.getrange(key, start, start + chunk_bytes - 1)
-        if part:
-            yield part
-        if len(part) < chunk_bytes:
-            return
-        start += chunk_bytes
+    return _by_offset(lambda a, b: client.getrange(key, a, b), chunk_bytes)
 
 
 def range_stream(client: redis.Redis, key: bytes, chunk: int) -> Iterator[list[tuple[bytes, dict]]]:
