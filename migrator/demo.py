@@ -110,25 +110,37 @@ def write_playbook(dir: Path, src: servers.RunningServer, tgt: servers.RunningSe
 
 
 class ShimProcess:
-    """``migrator shim`` in a child process, stopped with SIGTERM (it drains and exits 0)."""
+    """``migrator shim`` in a child process, stopped with SIGTERM (it drains and exits 0).
 
-    def __init__(self, pb_path: Path, log: Path) -> None:
+    ``listen`` runs it on another address (and without an admin port), so that several shims
+    can serve one migration.
+    """
+
+    def __init__(self, pb_path: Path, log: Path, listen: str | None = None) -> None:
+        self.listen = listen
+        args = [sys.executable, "-m", "migrator", "--log-format", "json", "-p", str(pb_path), "shim"]
+        if listen:
+            args += ["--listen", listen, "--admin", ""]
         self.log = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "migrator", "--log-format", "json", "-p", str(pb_path), "shim"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def registered(self, state_dir: Path) -> bool:
+        """Whether this process has a live record in the shim registry."""
+        return any(r.pid == self.proc.pid and r.liveness() == "live" for r in registry.read_all(state_dir))
 
     def wait_registered(self, state_dir: Path, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise MigratorError(f"the shim exited with {self.proc.returncode}; see {self.log.name}")
-            if any(r.pid == self.proc.pid and r.liveness() == "live" for r in registry.read_all(state_dir)):
+            if self.registered(state_dir):
                 return
             time.sleep(0.05)
         raise MigratorError(f"the shim did not register within {timeout:.0f}s; see {self.log.name}")
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a stopped (frozen) shim must run to act on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)

@@ -5,43 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from migrator import playbook, registry
+from migrator.demo import ShimProcess
 from migrator.servers import free_port
 from migrator.state import StateStore
 from migrator.workload import Workload
 from tests.helpers import run_cli, start_cli, wait_for
-
-
-class Shim:
-    """A real ``migrator shim`` process on its own port."""
-
-    def __init__(self, path, log, listen: str | None = None) -> None:
-        self.listen = listen
-        args = [sys.executable, "-m", "migrator", "--log-format", "json", "-p", str(path), "shim"]
-        if listen:
-            args += ["--listen", listen, "--admin", ""]
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def registered(self, state_dir) -> bool:
-        return any(r.pid == self.proc.pid and r.liveness() == "live" for r in registry.read_all(state_dir))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)  # a frozen shim must run to act on SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.mark.slow
@@ -50,8 +23,8 @@ def test_a_shim_killed_mid_switch_is_ignored_and_a_restarted_one_applies_the_pha
     src, tgt = server_factory("redis-7.0"), server_factory("valkey-8.1")
     path = make_playbook(src, tgt, shim={"ack_timeout": "30s"})
     pb = playbook.load(path)
-    a = Shim(path, tmp_path / "a.log")
-    b = Shim(path, tmp_path / "b.log", listen=f"127.0.0.1:{free_port()}")
+    a = ShimProcess(path, tmp_path / "a.log")
+    b = ShimProcess(path, tmp_path / "b.log", listen=f"127.0.0.1:{free_port()}")
     workload = None
     try:
         wait_for(lambda: a.registered(pb.state_path) and b.registered(pb.state_path), timeout=30, what="both shims")
@@ -77,7 +50,7 @@ def test_a_shim_killed_mid_switch_is_ignored_and_a_restarted_one_applies_the_pha
         assert "1 of 1 shim(s) applied generation" in stdout
         assert store.load().phase.value == "reads-on-target" and store.load().transition is None
 
-        b2 = Shim(path, tmp_path / "b2.log", listen=b.listen)
+        b2 = ShimProcess(path, tmp_path / "b2.log", listen=b.listen)
         try:
             wait_for(lambda: b2.registered(pb.state_path), timeout=30, what="the restarted shim")
             st = store.load()
