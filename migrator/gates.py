@@ -137,26 +137,30 @@ def rollback_window(ctx: GateContext):
     return _time_in_phase(ctx, ctx.playbook.steps.write_cutover.rollback_window, "rollback window")
 
 
+def _shims_behind(ctx: GateContext) -> tuple[list[registry.ShimRecord], list[registry.ShimRecord]]:
+    """(active shims, those not live at the current generation): what both shim gates measure."""
+    shims = registry.active(ctx.store.dir)
+    behind = [s for s in shims if s.applied_generation < ctx.state.generation or s.liveness() != "live"]
+    return shims, behind
+
+
 @gate("shim_running")
 def shim_running(ctx: GateContext):
     """At least one shim is running and applies the current phase, so writes can be mirrored."""
-    shims = registry.active(ctx.store.dir)
-    live = [s for s in shims if s.liveness() == "live"]
-    current = [s for s in live if s.applied_generation >= ctx.state.generation]
-    data = {"shims": len(shims), "live": len(live), "current": len(current)}
+    shims, behind = _shims_behind(ctx)
+    data = {"shims": len(shims), "current": len(shims) - len(behind)}
     if not shims:
         return False, f"no shim is running (start one: migrator shim -p {ctx.playbook.path})", data
-    ok = len(current) == len(shims)
-    return ok, f"{len(current)} of {len(shims)} shim(s) live at generation {ctx.state.generation} ({ctx.state.phase})", data
+    ev = f"{len(shims) - len(behind)} of {len(shims)} shim(s) live at generation {ctx.state.generation} ({ctx.state.phase})"
+    return not behind, ev, data
 
 
 @gate("shim_ack")
 def shim_ack(ctx: GateContext):
     """Every running shim has acknowledged the current phase."""
-    shims = registry.active(ctx.store.dir)
+    shims, behind = _shims_behind(ctx)
     if not shims:
         return False, "no shim is running, so no client traffic is being mirrored", {"shims": 0}
-    behind = [s for s in shims if s.applied_generation < ctx.state.generation or s.liveness() != "live"]
     ids = ", ".join(f"{s.id} at generation {s.applied_generation} ({s.liveness()})" for s in behind)
     ev = f"{len(shims) - len(behind)} of {len(shims)} shim(s) acknowledged {ctx.state.phase} (generation {ctx.state.generation})"
     return not behind, ev + (f"; behind: {ids}" if behind else ""), {"shims": len(shims), "behind": len(behind)}
