@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import load_mixed, run_measured, write_playbook  # noqa: E402
-from migrator import reports, servers  # noqa: E402
+from bench._common import load_mixed, run_measured, write_playbook
+from migrator import reports, servers
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
+import redis
 
-from migrator import command, playbook, servers  # noqa: E402
-from migrator.demo import ShimProcess  # noqa: E402
+from migrator import command, playbook, servers
+from migrator.demo import ShimProcess
 
 SKIP = "benchmark: no data to copy; the gates are tested elsewhere"
 
@@ -57,7 +57,7 @@ class Writers:
         with self._lock:
             self.samples += local
 
-    def start(self) -> "Writers":
+    def start(self) -> Writers:
         for t in self._threads:
             t.start()
         return self

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from migrator.phases import Phase
 from migrator.shim import compare as cmp
-from migrator.shim import effects, resp
+from migrator.shim import effects, resp, session
 from migrator.shim.commands import (
     SOURCE,
     TARGET,
@@ -107,6 +107,29 @@ def test_request_parser_round_trips_encoded_commands(commands, data):
             out += parser.feed(stream[prev:cut])
         prev = cut
     assert out == commands
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.binary(max_size=30), st.binary(min_size=9, max_size=12).map(lambda b: b * 6000)),
+                         min_size=1, max_size=12), min_size=1, max_size=6))
+def test_encoded_length_is_the_length_of_the_encoded_command(commands):
+    """The fast path's byte count of a chunk equals the canonical encoding's, small and large arguments alike."""
+    assert sum(map(session._encoded_length, commands)) == len(b"".join(resp.encode(c) for c in commands))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.just(b"+OK\r\n"), replies), min_size=1, max_size=12), st.data())
+def test_framer_splits_streams_of_mostly_ok_replies(msgs, data):
+    """The +OK shortcut (a chunk of nothing but +OK) gives the same frames as the general path, cut anywhere."""
+    stream = b"".join(msgs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    framer = resp.Framer()
+    out, prev = [], 0
+    for cut in [*cuts, len(stream)]:
+        out += framer.feed(stream[prev:cut])
+        prev = cut
+    assert out == msgs
+    assert framer.pending_bytes() == 0
 
 
 def test_request_parser_accepts_inline_commands():

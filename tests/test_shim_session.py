@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migrator import playbook
 from migrator.phases import Phase
-from migrator.shim.commands import SOURCE, TARGET, CommandTable, parse_command_reply
-from migrator.shim.resp import encode
+from migrator.shim.commands import (
+    SOURCE,
+    TARGET,
+    Cls,
+    CommandTable,
+    parse_command_reply,
+)
+from migrator.shim.resp import RequestParser, encode
 from migrator.shim.routing import ROUTES
 from migrator.shim.server import Shim
 from migrator.shim.session import Session
@@ -184,3 +192,60 @@ def test_an_effect_the_target_refuses_marks_the_key_dirty(make_session):
     s.on_upstream_data(TARGET, b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n")
     assert set(shim.dirty.keys) == {(0, b"set")}
     assert shim.stats.shadow_failures[("target", "error")] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]),
+       st.lists(st.lists(st.tuples(st.sampled_from(["SET", "GET"]), st.sampled_from(["a", "b", "c"])), min_size=1,
+                         max_size=6), min_size=1, max_size=5),
+       st.randoms(use_true_random=False))
+def test_pipelined_chunks_cut_anywhere_reach_both_sides_and_the_client_in_order(tmp_path_factory, phase, chunks, rnd):
+    """Pipelined chunks of SET/GET, with client bytes and each side's replies cut and interleaved at
+    random: each side gets the client's commands in order, the client gets the answering side's
+    replies in order, every reply is compared once, and equal replies are no divergence."""
+    pb = playbook.load(write_playbook(tmp_path_factory.mktemp("pb") / "m.yaml", "redis://127.0.0.1:1/0",
+                                      "redis://127.0.0.1:2/0"))
+    shim = Shim(pb)
+    shim.table = CommandTable(TABLE, TABLE)
+    shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
+    opened: list[tuple[int, int]] = []
+    shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
+    client = FakeClient()
+    s = Session(shim, client)
+    s.connect_sides()
+    t = {}
+    for side, attempt in opened:
+        t[side] = FakeTransport()
+        s.on_upstream_connected(side, t[side], attempt)
+    commands = [[name.encode(), key.encode(), b"v"] if name == "SET" else [name.encode(), key.encode()]
+                for chunk in chunks for name, key in chunk]
+    reply = {b"SET": b"+OK\r\n", b"GET": b"$1\r\nv\r\n"}
+    stream = cmds(*commands)
+    cuts = sorted(rnd.sample(range(1, len(stream)), min(len(stream) - 1, rnd.randint(0, 6))))
+    pieces = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)])]
+    delivered = {SOURCE: 0, TARGET: 0}
+
+    def available(side: int) -> bytes:
+        sent = RequestParser(1 << 20).feed(t[side].data) if side in t else []
+        return b"".join(reply[c[0]] for c in sent)[delivered[side]:]
+
+    for _ in range(10_000):
+        choices = [("client", None)] if pieces else []
+        choices += [("reply", side) for side in t if available(side)]
+        if not choices:
+            break
+        what, side = rnd.choice(choices)
+        if what == "client":
+            s.on_client_data(pieces.pop(0))
+        else:
+            data = available(side)
+            n = rnd.randint(1, len(data))
+            delivered[side] += n
+            s.on_upstream_data(side, data[:n])
+    routes = ROUTES[phase]
+    plans = [routes[Cls.WRITE] if c[0] == b"SET" else routes[Cls.READ] for c in commands]
+    for side in (SOURCE, TARGET):  # each side gets, in the client's order, the commands routed to it
+        assert RequestParser(1 << 20).feed(t[side].data) == [c for c, p in zip(commands, plans) if side in p.sides()]
+    assert client.data == b"".join(reply[c[0]] for c in commands)
+    assert shim.stats.compared == sum(p.compare for p in plans) and not shim.stats.divergences
+    assert s.drained() and shim.mirror_depth == 0

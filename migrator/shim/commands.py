@@ -257,11 +257,14 @@ def parse_command_reply(reply: list) -> dict[bytes, CommandInfo]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class Classified:
     cls: Cls
     info: CommandInfo | None
     known: tuple[bool, bool]  # (source knows it, target knows it)
+    # What the session's pipelined-chunk path needs to know of this command, worked out once
+    # (see Session._batch); a classification is shared by every call of its command.
+    batch: tuple | None = field(default=None, compare=False, repr=False)
 
     def keys(self, args: list[bytes]) -> list[bytes]:
         return self.info.keys(args) if self.info else []

@@ -559,39 +559,43 @@ class Session:
         shim = self.shim
         routes = shim.routes
         classify = shim.table.classify
-        plan = None
-        reads = writes = 0
-        lock_keys: list[bytes] | None = None  # the sequencer's keys, when the chunk goes to both sides
+        read_plan, write_plan = routes[Cls.READ], routes[Cls.WRITE]
+        reads = writes = first = 0
+        never_compared_in = 0  # bit 1: a read, bit 2: a write whose reply is never compared
+        lock_keys: list[bytes] = []  # the sequencer's keys, if the chunk goes to both sides
         simple = True  # every command has one key, at argv[1]: no key-spec walk below
         for args in commands:
             c = classify(args)
-            cls = c.cls
-            if cls is Cls.WRITE:
+            memo = c.batch
+            if memo is None:
+                memo = c.batch = _batch_memo(c)
+            kind, single, set_like, never_compared = memo
+            if not first:
+                first = kind
+            if kind == 2:
                 writes += 1
-            elif cls is Cls.READ:
+            elif kind == 1:
                 reads += 1
             else:
                 return False
-            info = c.info
-            name = info.name if info is not None else b""
-            if name in _NOT_PLAIN or (name == b"set" and len(args) > 3) or not (c.known[0] and c.known[1]):
-                return False
-            p = routes[cls]
-            if plan is None:
-                plan = p
-                if p.shadow is not None:
-                    lock_keys = []
-            elif p is not plan and (p.answer, p.shadow, p.sequential, p.fallback) != (
-                    plan.answer, plan.shadow, plan.sequential, plan.fallback):
-                return False
-            if p.compare and name in cmp.EXCLUDED:
-                return False
-            if lock_keys is not None and simple:
+            if set_like and len(args) > 3:
+                return False  # SET with options (EX, GET, KEEPTTL...): see effects
+            if never_compared:
+                never_compared_in |= kind
+            if simple:
                 # Collected here rather than in a second pass: this runs for every chunk.
-                if info.single_key and len(args) > 1:
+                if single and len(args) > 1:
                     lock_keys.append(args[1])
                 else:
                     simple = False
+        plan = write_plan if first == 2 else read_plan
+        if reads and writes and read_plan is not write_plan and (
+                read_plan.answer, read_plan.shadow, read_plan.sequential, read_plan.fallback) != (
+                write_plan.answer, write_plan.shadow, write_plan.sequential, write_plan.fallback):
+            return False
+        if never_compared_in and ((never_compared_in & 1 and read_plan.compare)
+                                   or (never_compared_in & 2 and write_plan.compare)):
+            return False
         k = len(commands)
         answer, shadow = plan.answer, plan.shadow
         if shadow is not None:
@@ -1042,6 +1046,29 @@ class Session:
             return
         now = time.monotonic()
         wait = u.wait
+        if self.pipe is None and wait and wait[0].batch:
+            # A pipelined chunk's replies: taken as a slice, not one by one.
+            i, nf = 0, len(frames)
+            while i < nf and wait and wait[0].batch:
+                e = wait[0]
+                got = e.rep[side]
+                if got is None:
+                    got = e.rep[side] = []
+                need = e.exp[side] - len(got)
+                if need > nf - i:
+                    got.extend(frames[i:] if i else frames)
+                    i = nf
+                    break
+                got.extend(frames[i : i + need] if i or need < nf else frames)
+                i += need
+                wait.popleft()
+                self._side_done(e, side, now)
+                if self.closed:
+                    return
+            if i == nf:
+                self._after_io()
+                return
+            frames = frames[i:]
         for raw in frames:
             if not wait or (raw[0] == 0x3E and self.pipe == side and wait[0].cls is not Cls.SUBSCRIBE):
                 if self.pipe == side:
@@ -1086,7 +1113,7 @@ class Session:
         if e.batch:
             if side == e.answer and e.shadow is not None and e.payload[e.shadow] is DEFERRED:
                 self._resolve_batch(e, e.shadow, e.rep[side])
-            if e.compare and e.rep[0] is not None and e.rep[1] is not None:
+            if e.compare and _complete(e, 1 - side):
                 self._compare_batch(e)
             self._finish_side(e, side)
             return
@@ -1125,7 +1152,7 @@ class Session:
                 # An effect the other side refused (not compared, so caught here): never silent.
                 shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
                 self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
-        if e.compare and e.rep[0] is not None and e.rep[1] is not None:
+        if e.compare and _complete(e, 1 - side):
             self._compare(e)
         self._finish_side(e, side)
 
@@ -1409,6 +1436,25 @@ class Session:
 
     def _raw_owed(self) -> int:
         return self.up[0].raw_pending + self.up[1].raw_pending
+
+
+def _batch_memo(c: Classified) -> tuple[int, bool, bool, int]:
+    """(0 not plain / 1 read / 2 write, one key at argv[1], SET, reply never compared) for ``_batch``.
+
+    Plain: a read or a write both sides know, sent to the shadow as the client sent it (no effect
+    to compute, no connection state).
+    """
+    info = c.info
+    name = info.name if info is not None else b""
+    plain = (c.cls is Cls.WRITE or c.cls is Cls.READ) and name not in _NOT_PLAIN and c.known[0] and c.known[1]
+    kind = (2 if c.cls is Cls.WRITE else 1) if plain else 0
+    return kind, bool(info is not None and info.single_key), name == b"set", int(name in cmp.EXCLUDED)
+
+
+def _complete(e: Entry, side: int) -> bool:
+    """``side`` has sent every reply ``e`` expects of it (a list fills up frame by frame)."""
+    r = e.rep[side]
+    return r is not None and (type(r) is not list or len(r) >= e.exp[side])
 
 
 def _encoded_length(cmd: list[bytes]) -> int:
