@@ -249,3 +249,27 @@ def test_pipelined_chunks_cut_anywhere_reach_both_sides_and_the_client_in_order(
     assert client.data == b"".join(reply[c[0]] for c in commands)
     assert shim.stats.compared == sum(p.compare for p in plans) and not shim.stats.divergences
     assert s.drained() and shim.mirror_depth == 0
+
+
+def test_settled_entries_are_freed_by_reference_counting_not_left_to_the_collector(make_session):
+    """An entry and its sequencer request must not keep each other alive once settled: a busy shim
+    would otherwise hand the cyclic collector every pipelined chunk (a sixth of its time, measured)."""
+    import gc
+
+    _shim, s, client, _t = make_session(Phase.MIRRORING)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for i in range(20):
+            s.on_client_data(cmds(["SET", f"k{i}", "v"], ["GET", f"k{i}"], ["INCR", "n"]))
+            s.on_upstream_data(SOURCE, b"+OK\r\n$1\r\nv\r\n:1\r\n")
+            s.on_upstream_data(TARGET, b"+OK\r\n$1\r\nv\r\n:1\r\n")
+        assert s.drained() and len(client.data) == 20 * len(b"+OK\r\n$1\r\nv\r\n:1\r\n")
+        gc.collect()
+        leaked = [type(o).__name__ for o in gc.garbage if type(o).__name__ in ("Entry", "Request")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert leaked == []
