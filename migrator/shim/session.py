@@ -450,9 +450,17 @@ class Session:
         classify = shim.table.classify
         counts: dict[Cls, int] = {}
         special: list[tuple[Classified, list[bytes]]] = []
+        reads = writes = 0
         for args in commands:
             c = classify(args)
             cls = c.cls
+            if c.known[side]:  # the common case first: a read or a write this side knows
+                if cls is Cls.WRITE:
+                    writes += 1
+                    continue
+                if cls is Cls.READ:
+                    reads += 1
+                    continue
             if cls not in _RAW_CLASSES:
                 return False
             if cls is Cls.CONNECTION:
@@ -477,6 +485,10 @@ class Session:
                 shim.stats.unknown[(SIDE_NAMES[side], name.decode(errors="replace"))] += 1
         n = len(commands)
         stats = shim.stats.commands
+        if reads:
+            counts[Cls.READ] = counts.get(Cls.READ, 0) + reads
+        if writes:
+            counts[Cls.WRITE] = counts.get(Cls.WRITE, 0) + writes
         for cls, k in counts.items():
             stats[(cls.value, SIDE_NAMES[side])] += k
         gen = shim.generation
