@@ -8,18 +8,13 @@ import threading
 import pytest
 import redis
 
-from migrator import playbook
 from migrator.phases import Phase
-from migrator.shim.commands import SOURCE, TARGET, CommandTable, parse_command_reply
-from migrator.shim.routing import ROUTES
-from migrator.shim.server import Shim
-from migrator.shim.session import Session
-from tests.conftest import write_playbook
+from migrator.shim.commands import SOURCE, TARGET, parse_command_reply
 from tests.test_shim_e2e import (
     make_env,  # noqa: F401 - the fixture
     wait_for,
 )
-from tests.test_shim_session import FakeClient, FakeTransport, cmds
+from tests.test_shim_session import cmds, fake_shim
 
 HOT = [f"hot:{i}" for i in range(3)]
 TWO_SIDED = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
@@ -222,28 +217,7 @@ TABLE = parse_command_reply([
 @pytest.fixture
 def shim_sessions(tmp_path):
     """A shim in ``phase`` (no sockets) and a function opening sessions on it with fake upstreams."""
-    def make(phase: Phase):
-        pb = playbook.load(write_playbook(tmp_path / "m.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
-        shim = Shim(pb)
-        shim.table = CommandTable(TABLE, TABLE)
-        shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
-        opened: list[tuple[int, int]] = []
-        shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
-
-        def session():
-            client = FakeClient()
-            s = Session(shim, client)
-            s.connect_sides()
-            t = {}
-            for side, attempt in opened:
-                t[side] = FakeTransport()
-                s.on_upstream_connected(side, t[side], attempt)
-            opened.clear()
-            return s, client, t
-
-        return shim, session
-
-    return make
+    return lambda phase: fake_shim(tmp_path, phase, TABLE)
 
 
 def test_a_second_connections_write_to_a_held_key_waits_for_both_replies_of_the_first(shim_sessions):

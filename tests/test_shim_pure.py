@@ -50,10 +50,11 @@ def _agg(children):
 replies = st.recursive(scalars, _agg, max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(replies, min_size=1, max_size=8), st.data())
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.just(b"+OK\r\n"), replies), min_size=1, max_size=10), st.data())
 def test_framer_splits_any_stream_into_the_replies_sent(msgs, data):
-    """However a stream of RESP2/RESP3 replies is cut into chunks, the framer yields exactly the replies, byte for byte."""
+    """However a stream of RESP2/RESP3 replies is cut into chunks, the framer yields exactly the replies, byte for byte
+    (streams of many +OK included: a chunk of nothing but +OK takes a shortcut)."""
     stream = b"".join(msgs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     framer = resp.Framer()
@@ -115,21 +116,6 @@ def test_request_parser_round_trips_encoded_commands(commands, data):
 def test_encoded_length_is_the_length_of_the_encoded_command(commands):
     """The fast path's byte count of a chunk equals the canonical encoding's, small and large arguments alike."""
     assert sum(map(session._encoded_length, commands)) == len(b"".join(resp.encode(c) for c in commands))
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(st.just(b"+OK\r\n"), replies), min_size=1, max_size=12), st.data())
-def test_framer_splits_streams_of_mostly_ok_replies(msgs, data):
-    """The +OK shortcut (a chunk of nothing but +OK) gives the same frames as the general path, cut anywhere."""
-    stream = b"".join(msgs)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
-    framer = resp.Framer()
-    out, prev = [], 0
-    for cut in [*cuts, len(stream)]:
-        out += framer.feed(stream[prev:cut])
-        prev = cut
-    assert out == msgs
-    assert framer.pending_bytes() == 0
 
 
 def test_request_parser_accepts_inline_commands():

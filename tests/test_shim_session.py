@@ -71,15 +71,19 @@ class FakeClient:
         pass
 
 
-@pytest.fixture
-def make_session(tmp_path):
-    def make(phase: Phase):
-        pb = playbook.load(write_playbook(tmp_path / "m.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
-        shim = Shim(pb)
-        shim.table = CommandTable(TABLE, TABLE)
-        shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
-        opened: list[tuple[int, int]] = []
-        shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
+def fake_shim(folder, phase: Phase, table=TABLE):
+    """A shim in ``phase`` with no sockets: its sessions' upstream connections are fake transports.
+
+    Returns the shim and ``open_session()`` -> (session, client, transports by side).
+    """
+    pb = playbook.load(write_playbook(folder / "m.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
+    shim = Shim(pb)
+    shim.table = CommandTable(table, table)
+    shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
+    opened: list[tuple[int, int]] = []
+    shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
+
+    def open_session():
         client = FakeClient()
         s = Session(shim, client)
         s.connect_sides()
@@ -87,7 +91,17 @@ def make_session(tmp_path):
         for side, attempt in opened:
             transports[side] = FakeTransport()
             s.on_upstream_connected(side, transports[side], attempt)
-        return shim, s, client, transports
+        opened.clear()
+        return s, client, transports
+
+    return shim, open_session
+
+
+@pytest.fixture
+def make_session(tmp_path):
+    def make(phase: Phase):
+        shim, open_session = fake_shim(tmp_path, phase)
+        return (shim, *open_session())
 
     return make
 
@@ -203,20 +217,8 @@ def test_pipelined_chunks_cut_anywhere_reach_both_sides_and_the_client_in_order(
     """Pipelined chunks of SET/GET, with client bytes and each side's replies cut and interleaved at
     random: each side gets the client's commands in order, the client gets the answering side's
     replies in order, every reply is compared once, and equal replies are no divergence."""
-    pb = playbook.load(write_playbook(tmp_path_factory.mktemp("pb") / "m.yaml", "redis://127.0.0.1:1/0",
-                                      "redis://127.0.0.1:2/0"))
-    shim = Shim(pb)
-    shim.table = CommandTable(TABLE, TABLE)
-    shim.phase, shim.generation, shim.routes = phase, 1, ROUTES[phase]
-    opened: list[tuple[int, int]] = []
-    shim.open_upstream = lambda session, side, attempt: opened.append((side, attempt))
-    client = FakeClient()
-    s = Session(shim, client)
-    s.connect_sides()
-    t = {}
-    for side, attempt in opened:
-        t[side] = FakeTransport()
-        s.on_upstream_connected(side, t[side], attempt)
+    shim, open_session = fake_shim(tmp_path_factory.mktemp("pb"), phase)
+    s, client, t = open_session()
     commands = [[name.encode(), key.encode(), b"v"] if name == "SET" else [name.encode(), key.encode()]
                 for chunk in chunks for name, key in chunk]
     reply = {b"SET": b"+OK\r\n", b"GET": b"$1\r\nv\r\n"}
