@@ -257,6 +257,81 @@ def test_verifier_recopies_a_key_overwritten_by_a_stale_copy(server_factory, mak
     assert t.hgetall("h") == {b"a": b"1", b"b": b"2"}
 
 
+@pytest.mark.parametrize("source", ["redis-6.2", "redis-7.0", "valkey-9.1"])
+def test_read_script_sizes_every_encoding_before_its_dump(server_factory, source):
+    """Compact encodings are DUMPed at once; others are sized first (a wrong guess of the type
+    from the encoding is settled by TYPE), so a big key is never DUMPed; a missing key reads as none."""
+    src, dst = server_factory(source), server_factory("valkey-9.1")
+    s = src.client()
+    s.hset("hash-hashtable", mapping={f"f{i}": i for i in range(300)})  # > 128 fields: a hashtable, not a set
+    s.hset("hash-big", mapping={f"f{i}": i for i in range(1500)})
+    s.sadd("set-hashtable", *[f"m{i}" for i in range(300)])
+    s.sadd("set-big", *range(1500))
+    s.rpush("list", *range(300))
+    s.zadd("zset", {f"m{i}": i for i in range(300)})
+    s.set("string-raw", b"r" * 100)
+    s.set("string-big", b"b" * 5000)
+    s.set("int", 12345)
+    s.hset("hash-small", mapping={"a": 1})
+    s.expire("hash-hashtable", 3600)
+    keys = [b"hash-hashtable", b"hash-big", b"set-hashtable", b"set-big", b"list", b"zset", b"string-raw",
+            b"string-big", b"int", b"hash-small", b"missing"]
+    copier = copy.Copier(s, dst.client(), copy.DUMP, chunk=1000, chunk_bytes=1000)
+    snaps = {sn.key: sn for sn in copier.read(keys)}
+    big = {k for k, sn in snaps.items() if sn.big}
+    assert big == {b"hash-big", b"set-big", b"string-big"}
+    assert all(snaps[k].payload is None for k in big) and snaps[b"missing"].type == "none"
+    assert {k: snaps[k].type for k in keys} == {
+        b"hash-hashtable": "hash", b"hash-big": "hash", b"set-hashtable": "set", b"set-big": "set", b"list": "list",
+        b"zset": "zset", b"string-raw": "string", b"string-big": "string", b"int": "string", b"hash-small": "hash",
+        b"missing": "none"}
+    assert snaps[b"hash-hashtable"].expire_at > 0 and snaps[b"list"].expire_at == 0
+    dst.client().set("missing", "stale")  # a key gone from the source is deleted on the target
+    res = copier.copy(keys)
+    assert (res.copied, res.deleted, res.big, res.errors) == (10, 1, 3, {})
+    t = dst.client()
+    assert t.hlen("hash-big") == 1500 and t.scard("set-hashtable") == 300 and t.get("string-big") == b"b" * 5000
+    assert t.exists("missing") == 0 and 3590 < t.ttl("hash-hashtable") <= 3600
+
+
+def test_rejected_payloads_switch_the_copy_to_type_aware(server_factory):
+    """A DUMP copy whose RESTOREs the target rejects (an older RDB format) switches to the type-aware
+    copy for good and copies the same batch that way."""
+    src, dst = server_factory("valkey-9.1"), server_factory("redis-7.0")
+    s = src.client()
+    bulk(s, 50)
+    keys = sorted(s.keys())
+    copier = copy.Copier(s, dst.client(), copy.DUMP)  # as a stale compatibility report would say
+    res = copier.copy(keys)
+    assert copier.method == copy.STRUCT and res.copied == 50 and not res.errors
+    t = dst.client()
+    assert t.dbsize() == 50 and t.hgetall("k:1") == {b"f": b"1", b"g": b"x"} and t.lrange("k:2", 0, -1) == [b"2", b"3"]
+
+
+def test_pipelined_writes_raise_an_error_reply_and_leave_the_client_usable(server_factory):
+    """``fastcall.Pipelined`` (the chunked copy's writes) raises the first error reply, and a
+    connection left with unread replies is not reused."""
+    import hiredis
+    import redis as redis_py
+
+    from migrator.data import fastcall
+
+    server = server_factory("valkey-9.1")
+    c = server.client()
+    c.set("s", "x")
+    with pytest.raises(redis_py.exceptions.ResponseError, match="WRONGTYPE"):
+        with fastcall.Pipelined(c, depth=2) as out:
+            for cmd in [("RPUSH", "l", "a"), ("RPUSH", "s", "b"), ("RPUSH", "l", "c"), ("RPUSH", "l", "d")]:
+                out.send(hiredis.pack_command(cmd))
+    assert c.ping() and c.get("s") == b"x"
+    with fastcall.Pipelined(c, depth=2) as out:
+        for i in range(10):
+            out.send(hiredis.pack_command(("RPUSH", "m", i)))
+    assert c.lrange("m", 0, -1) == [str(i).encode() for i in range(10)]
+    replies = fastcall.pipeline(c, hiredis.pack_command(("GET", "s")) + hiredis.pack_command(("LPOP", "s")), 2)
+    assert replies[0] == b"x" and isinstance(replies[1], redis_py.exceptions.ResponseError)  # returned, not raised
+
+
 def _mark_dirty(pb, keys, shim_id="shim-test"):
     """Record dirty keys the way a running shim does (its own recorder writes the files)."""
     from migrator.shim.dirty import DirtyRecorder

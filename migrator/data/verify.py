@@ -141,7 +141,7 @@ class Verifier:
             # A write the source saw up to one mirror lag before the read may still reach the
             # target after the copy: the window starts ``settle`` before the read.
             written = self.watch.written_since(p.keys, p.marked_at - self.settle)
-            return [k for k in p.keys if k in written]
+            return [k for k in p.keys if k in written] if written else []
         same = self.unchanged(p)
         return [k for k in p.keys if k not in same]
 

@@ -95,7 +95,10 @@ class WriteWatch:
     def written_since(self, keys: list[bytes], since: float) -> set[bytes]:
         """Keys among ``keys`` with an event that arrived at or after ``since`` (call after a fence)."""
         with self._lock:
-            return {k for k in self._written.keys() & set(keys) if self._written[k] >= since}
+            written = self._written
+            if not written:  # the common case while the source is quiet
+                return set()
+            return {k for k in written.keys() & set(keys) if written[k] >= since}
 
     def forget_before(self, since: float) -> None:
         with self._lock:
