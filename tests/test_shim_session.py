@@ -275,3 +275,47 @@ def test_settled_entries_are_freed_by_reference_counting_not_left_to_the_collect
         gc.garbage.clear()
         gc.enable()
     assert leaked == []
+
+
+RANGE2 = [{b"begin_search": {b"type": b"index", b"spec": {b"index": 2}},
+           b"find_keys": {b"type": b"range", b"spec": {b"lastkey": 0, b"keystep": 1, b"limit": 0}}}]
+WITH_SUBCOMMANDS = parse_command_reply([
+    [b"get", 2, [b"readonly"], 1, 1, 1, [], [], RANGE1, []],
+    [b"object", -2, [], 0, 0, 0, [], [], [], [  # as Redis 7 and Valkey publish it
+        [b"object|idletime", 3, [b"readonly"], 2, 2, 1, [], [], RANGE2, []]]],
+])
+
+
+def test_a_subcommand_of_a_never_compared_command_is_not_compared(tmp_path):
+    """OBJECT IDLETIME (a READ subcommand on Redis 7/Valkey) differs by nature: a lone command, as
+    clients send it, takes the chunk path, which must apply the command's exclusion too."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, table=WITH_SUBCOMMANDS)
+    s, client, _t = open_session()
+    s.on_client_data(cmds(["OBJECT", "IDLETIME", "k"]))
+    s.on_upstream_data(SOURCE, b":10\r\n")
+    s.on_upstream_data(TARGET, b":0\r\n")
+    assert client.data == b":10\r\n"
+    assert shim.stats.compared == 0 and not shim.stats.divergences
+
+
+def test_a_read_falls_back_to_a_shadow_that_already_answered_without_counting_it_twice(make_session):
+    """reads-on-target: the source answered the compared read first; the target is lost; the
+    source's reply answers, and the mirror queue depth does not go below zero."""
+    shim, s, client, t = make_session(Phase.READS_ON_TARGET)
+    s.on_client_data(cmds(["GET", "a"]))
+    s.on_upstream_data(SOURCE, b"$1\r\nv\r\n")
+    s.on_upstream_lost(TARGET, t[TARGET], "connection reset")
+    assert client.data == b"$1\r\nv\r\n"
+    assert shim.mirror_depth == 0 and s.drained()
+
+
+def test_a_read_whose_both_sides_are_lost_settles_and_releases_its_key(make_session):
+    """reads-on-target: the source is lost, then the target: the read cannot be answered, so the
+    client is disconnected and the read's hold on its key is released (writes to it from other
+    connections would otherwise wait forever)."""
+    shim, s, client, t = make_session(Phase.READS_ON_TARGET)
+    s.on_client_data(cmds(["GET", "a"]))
+    s.on_upstream_lost(SOURCE, t[SOURCE], "connection reset")
+    s.on_upstream_lost(TARGET, t[TARGET], "connection reset")
+    assert client.closed
+    assert shim.seq.held == 0 and shim.mirror_depth == 0

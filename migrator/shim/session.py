@@ -1327,14 +1327,17 @@ class Session:
                 continue
             if side == e.answer:
                 other = e.shadow
-                if e.fallback and other is not None and not e.done[side]:
-                    # A read the other side also got: its reply answers instead.
+                if (e.fallback and other is not None and not e.done[side]
+                        and (not e.done[other] or _complete(e, other))):
+                    # A read the other side also got (and can still answer, or has): its reply
+                    # answers instead.
                     e.answer, e.shadow = other, None
                     e.done[side] = True
                     e.pending -= 1
-                    shim.mirror_depth -= e.n
+                    if not e.done[other]:
+                        shim.mirror_depth -= e.n  # counted as the shadow's; it answers now
                     e.wait_shadow = False
-                    if e.rep[other] is not None and e.pending == 0:
+                    if e.pending == 0:
                         self._entry_done(e)
                     continue
                 lost_answer = True
@@ -1464,9 +1467,12 @@ def _batch_memo(c: Classified) -> tuple[int, bool, bool, int]:
     """
     info = c.info
     name = info.name if info is not None else b""
-    plain = (c.cls is Cls.WRITE or c.cls is Cls.READ) and name not in _NOT_PLAIN and c.known[0] and c.known[1]
+    base = name.split(b"|", 1)[0]  # a subcommand (b"object|idletime") is ruled by its command
+    plain = ((c.cls is Cls.WRITE or c.cls is Cls.READ) and name not in _NOT_PLAIN and base not in _NOT_PLAIN
+             and c.known[0] and c.known[1])
     kind = (2 if c.cls is Cls.WRITE else 1) if plain else 0
-    return kind, bool(info is not None and info.single_key), name == b"set", int(name in cmp.EXCLUDED)
+    never_compared = name in cmp.EXCLUDED or base in cmp.EXCLUDED
+    return kind, bool(info is not None and info.single_key), name == b"set", int(never_compared)
 
 
 def _complete(e: Entry, side: int) -> bool:
