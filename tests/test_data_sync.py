@@ -137,6 +137,43 @@ def test_include_exclude_and_databases_limit_the_copy(server_factory, make_playb
     assert dst.client(db=2).get("user:1") == b"2"
 
 
+@pytest.mark.parametrize("source", ["redis-6.2", "redis-7.0", "valkey-9.1"])
+def test_scan_steps_read_their_keys_in_the_same_call(server_factory, make_playbook, monkeypatch, source):
+    """With no selection or one include pattern, each SCAN step reads its keys in the same script
+    call (temporary keys left out); an exclude pattern takes plain SCAN steps. Both copy the same."""
+    src, dst = server_factory(source), server_factory("valkey-9.1")
+    s = src.client()
+    bulk(s, 1200, prefix="user")
+    bulk(s, 300, prefix="order")
+    s.set(TMP_PREFIX + b"left-by-a-killed-run", "x")
+    calls = []
+    real = copy.Copier.scan_read
+    monkeypatch.setattr(copy.Copier, "scan_read", lambda self, *a: calls.append(a) or real(self, *a))
+    for selection, expected, scan_read in [({}, 1500, True), ({"include": ["user:*"]}, 1200, True),
+                                           ({"include": ["user:*"], "exclude": ["user:1*"]}, 1200 - 311, False)]:
+        dst.client().flushall()
+        calls.clear()
+        pb = load(make_playbook(src, dst, sync=selection, **FAST))
+        res = sync.run(pb, batch=100, restart=True)
+        assert res.complete and res.keys == expected and dst.client().dbsize() == expected, selection
+        assert bool(calls) == scan_read and all(match == selection.get("include", [None])[0] for _c, _n, match in calls)
+        assert not dst.client().exists(TMP_PREFIX + b"left-by-a-killed-run")
+        assert _full_check(pb).clean
+
+
+def test_a_source_without_scripting_is_copied_with_plain_commands(server_factory, make_playbook):
+    """EVAL, EVALSHA and SCRIPT renamed away on the source: SCAN steps and pipelined reads copy it all."""
+    src = server_factory("redis-7.0", conf_lines=['rename-command EVAL ""', 'rename-command EVALSHA ""',
+                                                  'rename-command SCRIPT ""'])
+    dst = server_factory("valkey-9.1")
+    bulk(src.client(), 700)
+    src.client().sadd("big", *range(2500))
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb, batch=100)
+    assert res.complete and res.keys == 701 and res.big == 1
+    assert dst.client().dbsize() == 701 and dst.client().scard("big") == 2500
+
+
 def test_functions_are_copied_both_ways(server_factory, make_playbook):
     """Function libraries reach the target by FUNCTION RESTORE, or by LOAD when the dump format is rejected."""
     lib = "#!lua name=mylib\nredis.register_function('hello', function() return 'hi' end)"
@@ -216,6 +253,15 @@ class RacingCopier(copy.Copier):
 
     def read_flat(self, keys, dump):
         flat = super().read_flat(keys, dump)
+        self._race(keys)
+        return flat
+
+    def scan_read(self, cursor, count, match):  # the SCAN step that reads its keys at once
+        cursor_after, keys, flat = super().scan_read(cursor, count, match)
+        self._race(keys)
+        return cursor_after, keys, flat
+
+    def _race(self, keys):
         for key in [k for k in keys if k not in self.raced][:3]:
             self.raced.add(key)
             # Removals are no-ops on a target that lacks the key yet: only the source sees them.
@@ -223,7 +269,6 @@ class RacingCopier(copy.Copier):
                    b"set": ["SREM", key, "s"], b"zset": ["ZINCRBY", key, 1, "m"]}[self.src.type(key)]
             for server in (self.src, self.dst):  # the shim's order: source first, then target
                 server.execute_command(*cmd)
-        return flat
 
 
 @pytest.mark.parametrize("events", [True, False], ids=["keyspace-events", "signatures"])

@@ -24,47 +24,68 @@ from migrator.data.keyspace import TMP_PREFIX, prefetch
 
 DUMP, STRUCT = "dump", "struct"
 
-_READ_LUA = r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local maxn, maxb, dump = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
-local size = {string='STRLEN', hash='HLEN', list='LLEN', set='SCARD', zset='ZCARD', stream='XLEN'}
--- Compact encodings are small by construction (the server converts a value past its
--- *-max-listpack-* limits), so such keys need no size check before their DUMP (whose first
--- byte tells the type). Other encodings suggest a type, checked by its size command: hashtable
--- is a set or a hash, raw a string or a module type; a wrong guess is settled by TYPE.
-local compact = {listpack=true, ziplist=true, intset=true, embstr=true, int=true}
-local guess = {quicklist='list', skiplist='zset', raw='string', stream='stream', hashtable='set'}
-local out, special = {now, 0}, 0
-for i, k in ipairs(KEYS) do
-  local enc = redis.call('OBJECT', 'ENCODING', k)
-  local j = 2 * i + 1
-  if not enc then
-    out[j], out[j + 1] = -2, {'none', 0}
-    special = special + 1
-  elseif dump and compact[enc] then
-    out[j], out[j + 1] = redis.call('PTTL', k), redis.call('DUMP', k)
-  else
-    local ty, n = guess[enc], 0
-    if ty then
-      n = redis.pcall(size[ty], k)
-      if type(n) ~= 'number' then ty = nil end
-    end
-    if not ty then
-      ty = redis.call('TYPE', k)['ok']
-      n = size[ty] and redis.call(size[ty], k) or 0
-    end
-    local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
-    if dump and not big then
+# The read: per key, its PTTL and DUMP payload, or [type, size] when it is not DUMPed (missing,
+# big, or read for a type-aware copy); the source's time (ms) and how many keys were not DUMPed first.
+_READ_FN = r"""
+local function read(keys, maxn, maxb, dump)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local size = {string='STRLEN', hash='HLEN', list='LLEN', set='SCARD', zset='ZCARD', stream='XLEN'}
+  -- Compact encodings are small by construction (the server converts a value past its
+  -- *-max-listpack-* limits), so such keys need no size check before their DUMP (whose first
+  -- byte tells the type). Other encodings suggest a type, checked by its size command: hashtable
+  -- is a set or a hash, raw a string or a module type; a wrong guess is settled by TYPE.
+  local compact = {listpack=true, ziplist=true, intset=true, embstr=true, int=true}
+  local guess = {quicklist='list', skiplist='zset', raw='string', stream='stream', hashtable='set'}
+  local out, special = {now, 0}, 0
+  for i, k in ipairs(keys) do
+    local enc = redis.call('OBJECT', 'ENCODING', k)
+    local j = 2 * i + 1
+    if not enc then
+      out[j], out[j + 1] = -2, {'none', 0}
+      special = special + 1
+    elseif dump and compact[enc] then
       out[j], out[j + 1] = redis.call('PTTL', k), redis.call('DUMP', k)
     else
-      out[j], out[j + 1] = redis.call('PTTL', k), {ty, n}
-      special = special + 1
+      local ty, n = guess[enc], 0
+      if ty then
+        n = redis.pcall(size[ty], k)
+        if type(n) ~= 'number' then ty = nil end
+      end
+      if not ty then
+        ty = redis.call('TYPE', k)['ok']
+        n = size[ty] and redis.call(size[ty], k) or 0
+      end
+      local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
+      if dump and not big then
+        out[j], out[j + 1] = redis.call('PTTL', k), redis.call('DUMP', k)
+      else
+        out[j], out[j + 1] = redis.call('PTTL', k), {ty, n}
+        special = special + 1
+      end
     end
   end
+  out[2] = special
+  return out
 end
-out[2] = special
-return out
+"""
+
+_READ_LUA = _READ_FN + r"""
+return read(KEYS, tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1')
+"""
+
+# One SCAN step and the DUMP read of the keys it returned, in one call: the keys do not travel to
+# this process and back before they are read. ARGV: chunk, chunk bytes, cursor, count, MATCH
+# pattern or '', the temporary-key prefix (never copied). Returns {cursor, keys, read reply}.
+_SCAN_READ_LUA = _READ_FN + r"""
+local sc
+if ARGV[5] ~= '' then sc = redis.call('SCAN', ARGV[3], 'MATCH', ARGV[5], 'COUNT', ARGV[4])
+else sc = redis.call('SCAN', ARGV[3], 'COUNT', ARGV[4]) end
+local keys, prefix = {}, ARGV[6]
+for _, k in ipairs(sc[2]) do
+  if string.sub(k, 1, #prefix) ~= prefix then keys[#keys + 1] = k end
+end
+return {sc[1], keys, read(keys, tonumber(ARGV[1]), tonumber(ARGV[2]), true)}
 """
 
 # ARGV holds (absolute expiry or 0, payload) per key; an empty payload deletes the key.
@@ -175,6 +196,7 @@ class Copier:
         self.method = method
         self.chunk, self.chunk_bytes = chunk, chunk_bytes
         self._read = src.register_script(_READ_LUA)
+        self._scan_read = src.register_script(_SCAN_READ_LUA)
         self._restore = dst.register_script(_RESTORE_LUA)
         self.lua = True
 
@@ -197,6 +219,13 @@ class Copier:
         read for a type-aware copy)."""
         return fastcall.evalsha(self.src, self._read, keys, [self.chunk, self.chunk_bytes, 1 if dump else 0])
 
+    def scan_read(self, cursor: int, count: int, match: str | None) -> tuple[int, list[bytes], list]:
+        """One SCAN step and the DUMP read of its keys (temporary keys left out), in one call on the
+        source: (cursor after, keys, ``read_flat``'s reply for them). Copy them with ``write_flat``."""
+        cursor_after, keys, flat = fastcall.evalsha(self.src, self._scan_read, [], [
+            self.chunk, self.chunk_bytes, cursor, count, match or "", TMP_PREFIX])
+        return int(cursor_after), keys, flat
+
     def _read_pipelined(self, keys: list[bytes], dump: bool) -> list[Snap]:
         states = values.probe_by_reads(self.src, keys, 0, 0)  # sizes and TTLs only
         now_s, now_us = self.src.time()
@@ -211,19 +240,24 @@ class Copier:
     # --- writing -------------------------------------------------------------------------
     def copy(self, keys: list[bytes]) -> CopyResult:
         """Copy ``keys`` as they are now on the source (missing ones are deleted on the target)."""
-        if self.method == DUMP and self.lua and not self.sign and keys:
-            return self._copy_dumps(keys)
+        if self.method == DUMP and self.lua and keys:
+            try:
+                flat = self.read_flat(keys, True)
+            except redis.exceptions.ResponseError:
+                return self.write(self.read(keys))  # read() decides between scripting and pipelines
+            return self.write_flat(keys, flat)
         return self.write(self.read(keys))
 
-    def _copy_dumps(self, keys: list[bytes]) -> CopyResult:
-        """The common case on plain lists, without a Snap per key: every key present and small,
-        and every RESTORE accepted. Anything else takes the general path with what was read."""
-        try:
-            flat = self.read_flat(keys, True)
-        except redis.exceptions.ResponseError:
-            return self.write(self.read(keys))  # read() decides between scripting and pipelines
+    def write_flat(self, keys: list[bytes], flat: list) -> CopyResult:
+        """Write what ``read_flat`` (or ``scan_read``) returned for ``keys`` (read with DUMP).
+
+        The common case on plain lists, without a Snap per key: every key present and small, and
+        every RESTORE accepted. Anything else takes the general path with what was read.
+        """
+        if not keys:
+            return CopyResult()
         now, special, ttls, payloads = flat[0], flat[1], flat[2::2], flat[3::2]
-        if special:  # a key missing or big
+        if special or self.sign or self.method != DUMP:  # a key missing or big, or signatures wanted
             return self.write(_snaps(keys, now, flat[2:], self.chunk, self.chunk_bytes))
         replies = restore(self.dst, keys, [now + ttl if ttl > 0 else 0 for ttl in ttls], payloads)
         if replies.count(b"OK") == len(replies):

@@ -27,7 +27,7 @@ from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
 from migrator.data import watch as watchmod
-from migrator.data.copy import Copier, CopyResult, detect_method
+from migrator.data.copy import DUMP, Copier, CopyResult, detect_method
 from migrator.data.failures import server_errors
 from migrator.data.functions import copy_functions
 from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
@@ -243,17 +243,26 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
         prog.bytes += res.bytes
         verifier.add(seq, keys, time.monotonic(), res, marked_at)
 
+    read_marks: deque = deque()  # marked_at of batches read ahead (scan_read) and not yet taken
+
     # Several batches are copied at once: each waits on the network and on one server most of
     # the time, so overlapping them keeps both servers busy.
     with ThreadPoolExecutor(max_workers=COPY_WORKERS) as pool:
-        for seq, (cursor_after, keys) in enumerate(prefetch(scan_batches(src, r.selection, prog.cursor, r.batch))):
-            r.limiter.wait(len(keys))
+        batches = prefetch(_batches(r, src, copier, prog.cursor, read_marks))
+        for seq, (cursor_after, keys, marked_at, flat) in enumerate(batches):
             cursors[seq] = cursor_after
-            marked_at = time.monotonic()  # before the read: a write racing it must count
-            inflight.append((seq, keys, marked_at, pool.submit(copier.copy, keys)))
+            if flat is None:
+                r.limiter.wait(len(keys))
+                marked_at = time.monotonic()  # before the read: a write racing it must count
+                future = pool.submit(copier.copy, keys)
+            else:  # read already, as the SCAN step
+                read_marks.popleft()
+                future = pool.submit(copier.write_flat, keys, flat)
+            inflight.append((seq, keys, marked_at, future))
             while inflight and (len(inflight) > COPY_WORKERS or inflight[0][3].done()):
                 finish()
-            verifier.poll(inflight[0][2] if inflight else None)
+            # The oldest batch read but not verified yet: its window needs the watch's events.
+            verifier.poll(inflight[0][2] if inflight else (read_marks[0] if read_marks else None))
             r.tick(db)
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 done_upto = inflight[0][0] - 1 if inflight else seq
@@ -271,6 +280,38 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
     cp.method = copier.method
     r.absorb(db, verifier, errors)
     cpmod.save(r.pb.state_path, cp)
+
+
+def _batches(r: _Run, src: redis.Redis, copier: Copier, cursor: int, read_marks: deque):
+    """``(cursor_after, keys, marked_at, flat)`` per SCAN step from ``cursor``, run a thread ahead.
+
+    While the copy is by DUMP with scripting allowed and the selection is at most one MATCH
+    pattern, each step is ``scan_read`` (SCAN and the read in one call on the source), with the
+    time taken before it (``marked_at``, also appended to ``read_marks`` until the batch is
+    taken). Otherwise plain SCAN steps, ``marked_at`` and ``flat`` None: the batch is read when
+    it is copied.
+    """
+    sel = r.selection
+    simple = (sel.include == ["*"] or sel.scan_match is not None) and not sel.exclude
+    started = False
+    while simple and (not started or cursor != 0) and copier.method == DUMP and copier.lua:
+        r.limiter.wait(r.batch)
+        marked_at = time.monotonic()  # before the read: a write racing it must count
+        read_marks.append(marked_at)
+        try:
+            cursor_after, keys, flat = copier.scan_read(cursor, r.batch, sel.scan_match)
+        except redis.exceptions.ResponseError:
+            read_marks.pop()
+            if started:
+                raise
+            break  # no scripting, or no SCAN in scripts: SCAN steps, each batch read when copied
+        started = True
+        cursor = cursor_after
+        yield cursor_after, keys, marked_at, flat
+    if started and cursor == 0:
+        return
+    for cursor_after, keys in scan_batches(src, sel, cursor, r.batch):
+        yield cursor_after, keys, None, None
 
 
 def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str) -> Verifier:
