@@ -309,6 +309,9 @@ def test_publish_reaches_both_sides_only_during_the_migration():
     ([b"BRPOPLPUSH", b"a", b"b", b"0"], b"x", [[b"RPOPLPUSH", b"a", b"b"]]),
     ([b"BZPOPMIN", b"z", b"0"], [b"z", b"m", b"1"], [[b"ZREM", b"z", b"m"]]),
     ([b"BLMPOP", b"0", b"1", b"l", b"RIGHT", b"COUNT", b"2"], [b"l", [b"x", b"y"]], [[b"RPOP", b"l", b"2"]]),
+    # The direction is the argument after the keys, even with a key named "left" or "right".
+    ([b"BLMPOP", b"0", b"1", b"left", b"RIGHT"], [b"left", [b"c"]], [[b"RPOP", b"left", b"1"]]),
+    ([b"BLMPOP", b"0", b"2", b"right", b"left", b"LEFT"], [b"left", [b"a"]], [[b"LPOP", b"left", b"1"]]),
     ([b"BZMPOP", b"0", b"1", b"z", b"MIN"], [b"z", [[b"m", b"1"]]], [[b"ZREM", b"z", b"m"]]),
     ([b"INCRBYFLOAT", b"f", b"0.1"], b"1.1", [[b"SET", b"f", b"1.1", b"KEEPTTL"]]),
     ([b"HINCRBYFLOAT", b"h", b"f", b"1"], b"2.5", [[b"HSET", b"h", b"f", b"2.5"]]),

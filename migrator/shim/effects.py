@@ -130,7 +130,12 @@ def effect(args: Command, reply: Any) -> list[Command]:
         if not isinstance(reply, list) or len(reply) < 2:
             return []
         key, values = reply[0], reply[1]
-        where = next((a.upper() for a in args if a.lower() in (b"left", b"right")), b"LEFT")
+        # BLMPOP timeout numkeys key [key ...] LEFT|RIGHT [COUNT n]: the direction follows the
+        # keys (a key may itself be called "left" or "right").
+        numkeys = _int(args[2]) if len(args) > 2 else None
+        where = b"LEFT"
+        if numkeys is not None and 3 + numkeys < len(args):
+            where = args[3 + numkeys].upper()
         return [[b"LPOP" if where == b"LEFT" else b"RPOP", key, b"%d" % len(values)]]
     if name in (b"bzpopmin", b"bzpopmax"):
         if not isinstance(reply, list) or len(reply) < 2:
