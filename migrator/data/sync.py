@@ -295,7 +295,6 @@ def _batches(r: _Run, src: redis.Redis, copier: Copier, cursor: int, read_marks:
     simple = (sel.include == ["*"] or sel.scan_match is not None) and not sel.exclude
     started = False
     while simple and (not started or cursor != 0) and copier.method == DUMP and copier.lua:
-        r.limiter.wait(r.batch)
         marked_at = time.monotonic()  # before the read: a write racing it must count
         read_marks.append(marked_at)
         try:
@@ -307,6 +306,7 @@ def _batches(r: _Run, src: redis.Redis, copier: Copier, cursor: int, read_marks:
             break  # no scripting, or no SCAN in scripts: SCAN steps, each batch read when copied
         started = True
         cursor = cursor_after
+        r.limiter.wait(len(keys))  # the next step waits for this one's keys
         yield cursor_after, keys, marked_at, flat
     if started and cursor == 0:
         return
