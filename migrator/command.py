@@ -20,22 +20,22 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
 from migrator import actions as actions_mod
 from migrator import gates as gates_mod
-from migrator import hooks
-from migrator import registry
+from migrator import hooks, registry
 from migrator.compat.identify import identify
 from migrator.connect import client_kwargs
 from migrator.durations import format_duration
-from migrator.errors import RefusedError, UnreachableError, UsageError
+from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
 from migrator.phases import STEPS, Phase, Step, step_from, step_into
 from migrator.playbook import Endpoint, Playbook
-from migrator.state import State, StateStore, Transition, iso, now, operator
+from migrator.state import State, StateStore, Transition, iso, now, operator, parse_iso
 
 CRASH_ENV = "MIGRATOR_CRASH_AT"
 
@@ -203,10 +203,18 @@ def _next_step(state: State, direction: str) -> tuple[Step | None, str | None]:
 
 
 def _interrupted_note(store: StateStore, state: State) -> str | None:
+    running = store.running()
+    if running:
+        return f"in progress: {running}"
     if state.transition:
         t = state.transition
         return (f"an interrupted {t.direction} from {t.from_phase} to {t.to_phase} (started {t.started_at}) "
                 f"changed the phase but did not finish; run `migrator {t.direction}` to finish it")
+    entries = store.read_journal()
+    last_event = next((e for e in reversed(entries) if str(e.get("event", "")).startswith("transition-")), None)
+    if last_event is not None and last_event.get("event") == "transition-reverting":
+        return (f"a revert to {last_event.get('restoring')} (generation {last_event.get('generation')}) was interrupted: "
+                "the phase changed and was put back; check with `migrator status` that every shim applied it")
     last = _dangling_start(store, state)
     if last:
         return (f"an attempt to {last['direction']} from {last['from']} to {last['to']} at {last['time']} "
@@ -218,7 +226,7 @@ def _dangling_start(store: StateStore, state: State) -> dict | None:
     """The journal's last ``transition-started`` if nothing completed it and the state never moved."""
     entries = store.read_journal()
     for e in reversed(entries):
-        if e.get("event") in ("transition-completed", "transition-reverted", "transition-aborted"):
+        if e.get("event") in ("transition-completed", "transition-reverted", "transition-aborted", "transition-reverting"):
             return None
         if e.get("event") == "transition-started":
             return e if e.get("from") == state.phase.value and state.transition is None else None
@@ -276,7 +284,7 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
         pending = state.transition
         if pending and pending.direction == direction:
             return _finish(pb, store, state, dry_run)
-        if pending:
+        if pending and not dry_run:
             store.journal("transition-superseded", id=pending.id, by=direction, operator=operator())
         elif (dangling := _dangling_start(store, state)) is not None and not dry_run:
             store.journal("transition-aborted", id=dangling.get("id"), reason="stopped before the phase changed; nothing was applied")
@@ -314,6 +322,8 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
                 results: list[gates_mod.GateResult]) -> TransitionResult:
     from_phase, to = state.phase, target_of(step, direction)
     tid = uuid.uuid4().hex[:12]
+    if not store.state_path.exists():
+        store.save(state)  # a journaled step implies a state file (see StateStore.load)
     store.journal(
         "transition-started", id=tid, step=step.name, direction=direction, **{"from": from_phase.value},
         to=to.value, generation=state.generation + 1, gates=[r.to_json() for r in results],
@@ -330,6 +340,13 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
             store.journal("transition-aborted", id=tid, reason=f"{failed[0].name}: {failed[0].evidence}",
                           actions=[a.to_json() for a in pre])
             raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {failed[0].name} failed: {failed[0].evidence}")
+        if state.barrier is not None and not _barrier_in_force(pb, state.barrier):
+            # Too late: the shims release at the deadline, in the old phase, and may already have.
+            state.barrier, state.generation = None, state.generation + 1
+            store.save(state)
+            why = f"the hold's deadline ({state_barrier_deadline(pre)}) was too close when the switch was ready"
+            store.journal("transition-aborted", id=tid, reason=why, actions=[a.to_json() for a in pre])
+            raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {why}; run it again")
     started = now()
     state.transition = Transition(id=tid, step=step.name, direction=direction, from_phase=from_phase.value,
                                   to_phase=to.value, started_at=iso(started))
@@ -342,6 +359,18 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
     result.gates = results
     result.from_phase = from_phase
     return result
+
+
+SWITCH_MARGIN = 0.2  # of max_pause: the switch is written only this long before the hold's deadline, or not at all
+
+
+def _barrier_in_force(pb: Playbook, barrier) -> bool:
+    max_pause = pb.steps.write_cutover.max_pause.total_seconds()
+    return (parse_iso(barrier.deadline) - now()).total_seconds() > SWITCH_MARGIN * max_pause
+
+
+def state_barrier_deadline(pre: list[actions_mod.ActionResult]) -> str:
+    return next((f"barrier {a.data.get('barrier')}" for a in pre if a.name == "hold_writes"), "barrier")
 
 
 def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resumed: bool = True) -> TransitionResult:
@@ -359,7 +388,44 @@ def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resume
     crashpoint("after-actions")
     failed = [a for a in results if not a.ok]
     if failed:
+        if not step.reversible:
+            # Completing cannot be undone by reverting: shims that applied it already stopped
+            # writing to the source. Completed it stays; the laggard applies it when it polls.
+            _complete(pb, store, state, step, results, resumed)
+            raise RefusedError(f"{t.direction} to {t.to_phase} is done but {failed[0].name} failed: {failed[0].evidence}; "
+                               "the phase stays completed: restart or stop the shims that did not acknowledge it")
+        unsafe = _revert_unsafe(pb, store, state, step)
+        if unsafe:
+            store.journal("transition-stalled", id=t.id, reason=f"{failed[0].name}: {failed[0].evidence}",
+                          not_reverted_because=unsafe, operator=operator())
+            raise StateError(
+                f"{t.direction} to {t.to_phase} is written but {failed[0].name} failed: {failed[0].evidence}; "
+                f"not reverted to {t.from_phase} because {unsafe}. Run `migrator {t.direction}` again to wait for the "
+                "shims, or stop the ones that do not acknowledge; `migrator status` shows them")
         _revert(pb, store, state, failed[0])
+    return _complete(pb, store, state, step, results, resumed)
+
+
+def _revert_unsafe(pb: Playbook, store: StateStore, state: State, step: Step) -> str | None:
+    """Why putting the previous phase back would lose writes, or None if it would not.
+
+    Only a switch of write authority can: the side that becomes authoritative again must have
+    every write (no dirty keys) and, if it is the source, be reachable. Other steps only move
+    reads or mirroring, and go back at once.
+    """
+    if "hold_writes" not in (step.prepare + step.rollback_prepare):
+        return None
+    names = ["no_dirty_keys"] + (["source_reachable"] if Phase(state.transition.from_phase) != Phase.WRITES_ON_TARGET else [])
+    results = gates_mod.evaluate(names, gates_mod.make_context(pb, store, state))
+    failing = [r for r in results if not r.passed]
+    return "; ".join(f"{r.name}: {r.evidence}" for r in failing) or None
+
+
+def _complete(pb: Playbook, store: StateStore, state: State, step: Step,
+              results: list[actions_mod.ActionResult], resumed: bool) -> TransitionResult:
+    t = state.transition
+    assert t is not None
+    from_phase, to = Phase(t.from_phase), Phase(t.to_phase)
     state.history.append({"id": t.id, "direction": t.direction, "from": t.from_phase, "to": t.to_phase,
                           "started_at": t.started_at, "completed_at": iso(now()), "operator": operator()})
     state.transition = None
@@ -375,6 +441,8 @@ def _revert(pb: Playbook, store: StateStore, state: State, failure: actions_mod.
     """An action failed after the phase changed: put the previous phase back, then refuse."""
     t = state.transition
     assert t is not None
+    store.journal("transition-reverting", id=t.id, reason=f"{failure.name}: {failure.evidence}", restoring=t.from_phase,
+                  generation=state.generation + 1, operator=operator())
     state.phase, state.generation, state.phase_since = Phase(t.from_phase), state.generation + 1, iso(now())
     state.transition = None
     store.save(state)

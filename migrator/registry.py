@@ -26,6 +26,7 @@ from migrator.state import atomic_write_json, iso, now, parse_iso
 SHIMS_DIR = "shims"
 HEARTBEAT = 0.5  # seconds between a shim's heartbeats
 STALE_AFTER = 5.0  # seconds without a heartbeat before a shim is unresponsive
+DEAD_AFTER = 3 * HEARTBEAT  # seconds without a heartbeat before a shim whose pid is gone is dead
 
 
 @dataclass
@@ -52,9 +53,12 @@ class ShimRecord:
         return (now() - parse_iso(self.heartbeat_at)).total_seconds()
 
     def liveness(self, stale_after: float = STALE_AFTER) -> str:
-        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+        age = self.age()
+        # A missing pid means dead only once the heartbeat has stopped too: a shim in another
+        # pid namespace (a container on the host network) shares the host name, not the pids.
+        if age > DEAD_AFTER and self.host == socket.gethostname() and not _pid_alive(self.pid):
             return "dead"
-        if self.age() <= stale_after:
+        if age <= stale_after:
             return "live"
         return "unresponsive"
 

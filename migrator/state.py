@@ -18,10 +18,11 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -37,11 +38,11 @@ FORMAT_VERSION = 1
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_iso(text: str) -> datetime:
@@ -102,7 +103,7 @@ class State:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "State":
+    def from_json(cls, d: dict[str, Any]) -> State:
         if d.get("version") != FORMAT_VERSION:
             raise ValueError(f"unsupported state format version {d.get('version')!r}")
         t = d.get("transition")
@@ -169,6 +170,12 @@ class StateStore:
         try:
             raw = self.state_path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            if self._steps_journaled():
+                # A step was started, and the state is written before that is journaled: it went
+                # missing (a restore in progress, a mistake). Reading it as "planned" would route
+                # every write to the source only, whatever phase the migration is in.
+                raise StateError(f"{self.state_path} is missing but {self.journal_path.name} records steps; "
+                                 "restore state.json (from a backup) before going on") from None
             return State(migration=self.migration)
         try:
             state = State.from_json(json.loads(raw))
@@ -180,6 +187,13 @@ class StateStore:
                 "use a different state_dir for each migration"
             )
         return state
+
+    def _steps_journaled(self) -> bool:
+        try:
+            with self.journal_path.open(encoding="utf-8") as f:
+                return any('"event": "transition-started"' in line for line in f)
+        except FileNotFoundError:
+            return False
 
     def save(self, state: State) -> None:
         atomic_write_json(self.state_path, state.to_json())
@@ -216,6 +230,21 @@ class StateStore:
         return entries
 
     # --- lock ----------------------------------------------------------------------------
+    def running(self) -> str | None:
+        """Who holds the migration's lock now (an advance or rollback in progress), or None."""
+        owner_file = self.dir / LOCK_OWNER_FILE
+        if not owner_file.exists():
+            return None
+        lock = FileLock(str(self.dir / LOCK_FILE), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            with contextlib.suppress(OSError):
+                return owner_file.read_text().strip() or "owner unknown"
+            return "owner unknown"
+        lock.release()
+        return None  # left behind by a run that was killed
+
     @contextlib.contextmanager
     def locked(self, what: str) -> Iterator[None]:
         """Hold the migration's lock, or fail at once naming who holds it."""

@@ -266,6 +266,13 @@ class Shim:
         # "planned" by default could send writes to the source after the write cutover.
         self._state_sig = None
         state = self.store.load()
+        if state.endpoints_hash and state.endpoints_hash != self.playbook.endpoints_hash():
+            # As advance and rollback refuse: a shim must not route this migration's phase to
+            # other servers than the ones the migration started with.
+            raise StateError(
+                f"the playbook's source/target differ from the ones this migration started with ({self.state_dir}); "
+                "a shim will not route the migration's phase to other servers: put the original endpoints back, "
+                "or start a new migration with its own state_dir")
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
         for side in (SOURCE, TARGET):
             missing = self.table.unknown_to(side)
@@ -343,10 +350,18 @@ class Shim:
             sig = None
         if not force and sig == self._state_sig:
             return None
+        if sig is None and self._state_sig is not None:
+            # It was there: gone now (a restore in progress, a mistake). Serving the default
+            # "planned" would send every write to the source only, whatever the phase is.
+            self.log.error("shim.state_missing", path=str(path), keeping_phase=str(self.phase))
+            self._state_sig = sig
+            return None
         try:
             state = self.store.load()
         except StateError as e:
-            self.log.error("shim.state_unreadable", error=str(e))
+            # Keep the phase applied now (once per change of the file, not every poll).
+            self.log.error("shim.state_unreadable", error=str(e), keeping_phase=str(self.phase))
+            self._state_sig = sig
             return None
         self._state_sig = sig
         return state
@@ -357,7 +372,10 @@ class Shim:
         self._apply_phase(state, initial)
         b = state.barrier
         if b is not None and b.generation == state.generation:
-            remaining = (parse_iso(b.deadline) - now()).total_seconds()
+            # Never longer than max_pause, whatever the deadline says: it is a wall-clock time
+            # written on another host (or before this host's clock stepped back).
+            remaining = min((parse_iso(b.deadline) - now()).total_seconds(),
+                            self.playbook.steps.write_cutover.max_pause.total_seconds())
             if remaining > 0 and (self.barrier is None or self.barrier.id != b.id):
                 self._hold(b, remaining)
         elif self.holding:
