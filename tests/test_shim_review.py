@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 import redis
 
 from migrator.phases import Phase
@@ -46,3 +47,78 @@ def test_blmpop_direction_is_read_after_the_keys_even_for_a_key_named_left(one_e
     time.sleep(0.3)
     assert env.source.client().lrange("left", 0, -1) == [b"a", b"b"]
     assert env.target.client().lrange("left", 0, -1) == [b"a", b"b"]
+
+
+def test_select_inside_multi_then_discard_moves_neither_side(one_env):
+    """MULTI; SELECT 1; DISCARD: SELECT never ran, on either side."""
+    env = one_env
+    env.set_phase(Phase.MIRRORING)
+    conn = raw(env)
+    assert cmd(conn, "MULTI") == b"OK"
+    assert cmd(conn, "SELECT", 1) == b"QUEUED"
+    assert cmd(conn, "DISCARD") == b"OK"
+    assert cmd(conn, "SET", "k", "v") == b"OK"
+    time.sleep(0.3)
+    assert env.source.client(0).get("k") == b"v"
+    assert env.target.client(0).get("k") == b"v", f"target db1 has {env.target.client(1).get('k')!r}"
+
+
+def test_select_inside_multi_applies_the_whole_tx_in_the_new_db_on_the_shadow(one_env):
+    env = one_env
+    env.set_phase(Phase.MIRRORING)
+    conn = raw(env)
+    cmd(conn, "MULTI")
+    cmd(conn, "SET", "a", "1")
+    cmd(conn, "SELECT", 1)
+    cmd(conn, "INCRBYFLOAT", "f", "1.5")
+    assert cmd(conn, "EXEC") == [b"OK", b"OK", b"1.5"]
+    assert cmd(conn, "SET", "after", "x") == b"OK"
+    time.sleep(0.3)
+    src0, tgt0 = env.source.client(0), env.target.client(0)
+    src1, tgt1 = env.source.client(1), env.target.client(1)
+    assert (src0.get("a"), src1.get("f"), src1.get("after")) == (b"1", b"1.5", b"x")
+    assert (tgt0.get("a"), tgt1.get("f"), tgt1.get("after")) == (b"1", b"1.5", b"x")
+    env.flush()
+    assert dict(env.stats().divergences) == {}
+
+
+def test_auth_inside_multi_aborts_the_transaction(one_env):
+    env = one_env
+    env.set_phase(Phase.MIRRORING)
+    conn = raw(env)
+    assert cmd(conn, "MULTI") == b"OK"
+    assert cmd(conn, "SET", "a", "1") == b"QUEUED"
+    assert isinstance(cmd(conn, "AUTH", "pw"), redis.ResponseError)
+    r = cmd(conn, "EXEC")
+    assert isinstance(r, redis.ResponseError) and str(r).startswith("Transaction discarded")
+    assert cmd(conn, "GET", "a") is None  # the connection is out of MULTI, and nothing ran
+    assert env.source.client().get("a") is None and env.target.client().get("a") is None
+
+
+def test_a_refused_select_is_not_replayed_on_later_connections(one_env):
+    """SELECT 99 fails on the server: the shim must not replay it on the target once mirroring."""
+    env = one_env
+    c = env.client(single_connection_client=True)
+    with pytest.raises(redis.ResponseError):
+        c.execute_command("SELECT", 99)
+    c.set("a", "1")  # planned: source db0
+    env.set_phase(Phase.MIRRORING)
+    time.sleep(0.3)
+    c.set("b", "2")
+    time.sleep(0.3)
+    env.flush()
+    assert (dirty(env), dict(env.stats().shadow_failures)) == ([], {})
+    assert env.target.client().get("b") == b"2"
+
+
+def test_a_refused_client_setname_is_not_replayed_on_later_connections(one_env):
+    env = one_env
+    c = env.client(single_connection_client=True)
+    with pytest.raises(redis.ResponseError):
+        c.execute_command("CLIENT", "SETNAME", "has space")
+    env.set_phase(Phase.MIRRORING)
+    time.sleep(0.3)
+    c.set("b", "2")
+    time.sleep(0.3)
+    env.flush()
+    assert (dirty(env), dict(env.stats().shadow_failures)) == ([], {})

@@ -319,3 +319,103 @@ def test_a_read_whose_both_sides_are_lost_settles_and_releases_its_key(make_sess
     s.on_upstream_lost(TARGET, t[TARGET], "connection reset")
     assert client.closed
     assert shim.seq.held == 0 and shim.mirror_depth == 0
+
+
+# --- connection state (review) ----------------------------------------------------------------
+
+BL = [{b"begin_search": {b"type": b"index", b"spec": {b"index": 1}},
+       b"find_keys": {b"type": b"range", b"spec": {b"lastkey": -2, b"keystep": 1, b"limit": 0}}}]
+CONN_TABLE = parse_command_reply([
+    [b"get", 2, [b"readonly"], 1, 1, 1, [], [], RANGE1, []],
+    [b"set", -3, [b"write"], 1, 1, 1, [], [], RANGE1, []],
+    [b"blpop", -3, [b"write", b"blocking"], 1, -2, 1, [], [], BL, []],
+    [b"select", 2, [b"loading", b"stale", b"fast"], 0, 0, 0, [], [], [], []],
+    [b"publish", 3, [b"pubsub", b"loading", b"stale", b"fast"], 0, 0, 0, [], [], [], []],
+    [b"multi", 1, [b"noscript", b"loading", b"stale", b"fast"], 0, 0, 0, [], [], [], []],
+    [b"exec", 1, [b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
+    [b"discard", 1, [b"noscript", b"loading", b"stale", b"fast"], 0, 0, 0, [], [], [], []],
+    [b"monitor", 1, [b"admin", b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
+    [b"auth", -2, [b"noscript", b"loading", b"stale", b"fast", b"no_auth"], 0, 0, 0, [], [], [], []],
+    [b"client", -2, [], 0, 0, 0, [], [], [], [
+        [b"client|setname", 3, [b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []]]],
+])
+
+
+def test_select_dropped_for_a_full_mirror_queue_would_leave_the_target_in_the_old_db(tmp_path):
+    """SELECT's shadow copy is never dropped for a full mirror queue: the target would apply
+    everything after it in the old database."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, _client, t = open_session()
+    shim.mirror_depth = shim.cfg.mirror_queue_size  # other connections fill the mirror queue
+    s.on_client_data(cmds(["SELECT", "1"]))
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    shim.mirror_depth -= shim.cfg.mirror_queue_size  # the burst is over
+    s.on_client_data(cmds(["SET", "k", "v"]))
+    assert t[SOURCE].data == cmds(["SELECT", "1"], ["SET", "k", "v"])
+    assert t[TARGET].data == cmds(["SELECT", "1"], ["SET", "k", "v"])
+
+
+def test_select_inside_multi_is_queued_on_both_sides_and_kept_only_after_exec(tmp_path):
+    """MULTI; SELECT 1; DISCARD changes nothing; MULTI; SET; SELECT 1; EXEC moves both sides (the
+    shadow inside its copy of the transaction) and the connection state once EXEC succeeded."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["MULTI"], ["SELECT", "1"], ["DISCARD"]))
+    assert t[TARGET].data == b"" and s.db is None
+    s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n+OK\r\n")
+    assert s.db is None and client.data == b"+OK\r\n+QUEUED\r\n+OK\r\n"
+    s.on_client_data(cmds(["MULTI"], ["SET", "a", "1"], ["SELECT", "1"], ["SET", "b", "2"], ["EXEC"]))
+    assert t[TARGET].data == b""  # the shadow gets the transaction after EXEC answered
+    s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n+QUEUED\r\n+QUEUED\r\n*3\r\n+OK\r\n+OK\r\n+OK\r\n")
+    assert t[TARGET].data == cmds(["MULTI"], ["SET", "a", "1"], ["SELECT", "1"], ["SET", "b", "2"], ["EXEC"])
+    assert s.db == 1
+
+
+def test_a_command_the_shim_refuses_inside_multi_aborts_exec_like_redis(tmp_path):
+    """AUTH (answered by the shim) or MONITOR inside MULTI: refused, and EXEC runs nothing
+    (EXECABORT, the server's queue discarded) instead of running the rest one reply short."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["MULTI"], ["SET", "a", "1"], ["AUTH", "pw"], ["EXEC"], ["GET", "a"]))
+    assert t[SOURCE].data == cmds(["MULTI"], ["SET", "a", "1"], ["DISCARD"], ["GET", "a"])
+    s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n+OK\r\n$-1\r\n")
+    assert client.data.startswith(b"+OK\r\n+QUEUED\r\n-ERR migrator shim: AUTH inside MULTI")
+    assert client.data.endswith(b"-EXECABORT Transaction discarded because of previous errors.\r\n$-1\r\n")
+    assert t[TARGET].data == cmds(["GET", "a"])
+    s.on_upstream_data(TARGET, b"$-1\r\n")
+    assert s.drained()
+
+
+def test_a_refused_select_or_setname_is_not_kept_as_connection_state(tmp_path):
+    """SELECT 99 / CLIENT SETNAME refused by the server: later connections must not replay them;
+    a pipelined SELECT after a refused one still counts."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, _client, _t = open_session()
+    s.on_client_data(cmds(["SELECT", "99"], ["SELECT", "98"], ["CLIENT", "SETNAME", "a b"], ["SELECT", "3"]))
+    assert s.db == 3 and s.name == b"a b"
+    err = b"-ERR DB index is out of range\r\n"
+    s.on_upstream_data(SOURCE, err + err + b"-ERR Client names cannot contain spaces\r\n+OK\r\n")
+    assert s.db == 3 and s.name is None
+    s.on_client_data(cmds(["SELECT", "99"]))
+    s.on_upstream_data(SOURCE, err)
+    assert s.db == 3
+
+
+def test_a_refused_select_in_planned_is_not_replayed_when_mirroring_starts(tmp_path):
+    """The passthrough path too: SELECT 99 refused before mirroring is not replayed on the target."""
+    shim, open_session = fake_shim(tmp_path, Phase.PLANNED, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["SELECT", "99"]))
+    s.on_upstream_data(SOURCE, b"-ERR DB index is out of range\r\n")
+    assert s.db is None and client.data == b"-ERR DB index is out of range\r\n"
+
+
+def test_the_shadow_refusing_a_select_the_answer_took_resets_the_shadow(tmp_path):
+    """The target has fewer databases: it refuses SELECT 20, which the source took. The target
+    connection would otherwise apply everything after it in the old database."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, _client, t = open_session()
+    s.on_client_data(cmds(["SELECT", "20"]))
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    s.on_upstream_data(TARGET, b"-ERR DB index is out of range\r\n")
+    assert t[TARGET].closed and s.up[TARGET].state == "down"

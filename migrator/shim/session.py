@@ -25,7 +25,6 @@ transport's ``write``). What it does with them:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import time
@@ -58,16 +57,17 @@ DEFERRED = object()  # the shadow's payload is computed when the answer arrives
 _MULTI = encode([b"MULTI"])
 _EXEC = encode([b"EXEC"])
 _NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
+_QUEUED = b"+QUEUED\r\n"
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 _WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
 CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
-FAST_PATH_MAX_PARTIAL = 64 * 1024
+FAST_PATH_MAX_PARTIAL = 64 * 1024  # a command bigger than this: that connection uses the slow path
 # Classes a passthrough connection forwards without entries (blocking commands, transactions,
-# subscriptions and AUTH/QUIT need the entry path).
-_RAW_CLASSES = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.PUBLISH, Cls.UNKNOWN,
-                          Cls.CONNECTION})  # a command bigger than this: that connection uses the slow path
+# subscriptions and AUTH/QUIT need the entry path; connection commands too: the state they set is
+# kept only once the server accepted it, see Session._state_change).
+_RAW_CLASSES = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.PUBLISH, Cls.UNKNOWN})
 # Commands whose shadow version differs from what the client sent (see effects): never batched.
 _NOT_PLAIN = frozenset(effects.NEEDS_REPLY | {b"expire", b"pexpire", b"setex", b"psetex", b"getex", b"restore", b"xadd",
                                              b"select", b"hello", b"client", b"readonly", b"readwrite"})
@@ -86,6 +86,7 @@ class Entry:
         "close_after",
         "cls",
         "compare",
+        "cstate",
         "db",
         "done",
         "effect",
@@ -148,6 +149,8 @@ class Entry:
         self.saved: list[Any] | None = None  # the payloads, while held back for the sequencer
         self.bkeys: list | None = None  # a blocking command's keys, while it may block upstream
         self.bprobe = False  # a blocking command tried inside MULTI/EXEC first (see _blocking_probe)
+        # Connection state it changes, {field: (before, after)}, until its answer says whether it did.
+        self.cstate: dict[str, tuple[Any, Any]] | None = None
 
 
 class Upstream:
@@ -187,6 +190,10 @@ class Session:
         self.tx: list[list[bytes]] | None = None
         self.tx_plan: Plan | None = None
         self.tx_gen = 0
+        self.tx_abort = False  # a command inside MULTI was refused by the shim: EXEC fails (EXECABORT)
+        # Entries changing connection state (SELECT, CLIENT SETNAME, HELLO, an EXEC with those)
+        # not answered yet, in command order (see _state_change).
+        self.conn_pending: deque[Entry] = deque()
         self.pipe: int | None = None  # the side this (subscribed) connection streams from
         self.backlog: list[bytes] = []
         self.out: list[bytes] = []
@@ -272,9 +279,16 @@ class Session:
             self._local(args, c, b"-NOAUTH Authentication required.\r\n")
             return
         if cls is Cls.LOCAL:
+            if self.tx is not None and name != b"quit":
+                # Redis would queue AUTH and run it at EXEC; the shim answers it itself, which
+                # would leave EXEC's reply one result short: refused, and EXEC fails like Redis's.
+                self._refuse_in_tx(args, c, name)
+                return
             self._handle_local(args, name, c)
             return
         if cls is Cls.UNSUPPORTED:
+            if self.tx is not None:
+                self.tx_abort = True  # refused inside MULTI: EXEC fails, as after a queueing error
             shim.stats.refused[f"unsupported:{name.decode(errors='replace')}"] += 1
             self._local(args, c, error_reply(
                 f"ERR migrator shim: {name.decode(errors='replace').upper()}"
@@ -284,17 +298,22 @@ class Session:
         if self.pipe is not None:
             self._pipe_command(args, name, c)
             return
-        if cls is Cls.CONNECTION:
-            self._handle_connection(args, name, c)
-            return
         if cls is Cls.TX:
             self._handle_tx(args, name, c)
             return
         if self.tx is not None:
-            # Queued inside MULTI: the write side queues it; the shadow gets the whole
-            # transaction once EXEC has answered.
+            if name == b"hello":
+                # Run at EXEC it would switch the protocol in the middle of EXEC's reply.
+                self._refuse_in_tx(args, c, name)
+                return
+            # Queued inside MULTI (connection commands too: SELECT, CLIENT SETNAME run at EXEC,
+            # and the connection state follows EXEC's result): the write side queues it; the
+            # shadow gets the whole transaction once EXEC has answered.
             self.tx.append(args)
             self._dispatch(args, name, c, Plan(self.tx_plan.answer), gen=self.tx_gen)
+            return
+        if cls is Cls.CONNECTION:
+            self._handle_connection(args, name, c)
             return
         plan = shim.routes[cls]
         self._dispatch(args, name, c, plan)
@@ -306,6 +325,12 @@ class Session:
         e.local = reply
         e.close_after = close_after
         self.inflight.append(e)
+
+    def _refuse_in_tx(self, args: list[bytes], c: Classified | None, name: bytes) -> None:
+        self.tx_abort = True
+        self.shim.stats.refused[f"in-multi:{name.decode(errors='replace')}"] += 1
+        self._local(args, c, error_reply(
+            f"ERR migrator shim: {name.decode(errors='replace').upper()} inside MULTI is not supported through the shim"))
 
     def _check_password(self, password: bytes) -> bool:
         expected = self.shim.password
@@ -367,27 +392,66 @@ class Session:
                                          b"otherwise the HELLO <proto> AUTH <user> <pass> option can be used to "
                                          b"authenticate the client and select the RESP protocol version at the same time\r\n")
                     return
+                changes: dict[str, Any] = {"proto": proto}
                 if setname is not None:
                     forward += [b"SETNAME", setname]
-                    self.name = setname
-                self.proto = proto
+                    changes["name"] = setname
+                self._state_change(self._dispatch(forward, name, c, plan), changes)
+                return
             elif not self.authed:
                 self._local(args, c, b"-NOAUTH Authentication required.\r\n")
                 return
             self._dispatch(forward, name, c, plan)
             return
-        if name == b"select":
-            try:
-                self.db = int(args[1]) if len(args) == 2 else self.db
-            except ValueError:
-                pass  # both sides reject it the same way
-        elif name == b"client" and len(args) == 3:
-            self.name = args[2]
-        self._dispatch(args, name, c, plan)
+        e = self._dispatch(args, name, c, plan)
+        changes = _state_changes(args, name)
+        if changes:
+            self._state_change(e, changes)
+
+    # --- connection state ----------------------------------------------------------------------
+    def _state_change(self, e: Entry, changes: dict[str, Any]) -> None:
+        """``e`` changes the connection state: applied now, undone if its answer says it did not.
+
+        Applied at once so that the commands after it are keyed, marked dirty and replayed on a
+        new upstream connection with the state the server will have when it runs them; a SELECT
+        the server refuses (SELECT 99) must not stay in it, or every later connection would be
+        refused.
+        """
+        e.cstate = {f: (getattr(self, f), v) for f, v in changes.items()}
+        for f, v in changes.items():
+            setattr(self, f, v)
+        self.conn_pending.append(e)
+
+    def _state_settled(self, e: Entry, raw: bytes) -> None:
+        """``e``'s answer is in: keep what it did, undo what it did not do."""
+        cstate, e.cstate = e.cstate, None
+        pending = self.conn_pending
+        try:
+            i = pending.index(e)
+        except ValueError:
+            return
+        del pending[i]
+        if e.tx is not None:
+            result = parse(raw)
+            done = _tx_state_changes(e.tx, result) if isinstance(result, list) else {}
+        else:
+            done = {} if is_error(raw) else {f: after for f, (_, after) in cstate.items()}
+        for f, (before, after) in cstate.items():
+            got = done.get(f, before)
+            if got == after:
+                continue
+            # Not what was assumed: the next pending change of the field starts from what it is,
+            # or, if none, the connection is in that state now.
+            later = next((x for x in list(pending)[i:] if x.cstate is not None and f in x.cstate), None)
+            if later is not None:
+                later.cstate[f] = (got, later.cstate[f][1])
+            else:
+                setattr(self, f, got)
 
     def _handle_tx(self, args: list[bytes], name: bytes, c: Classified) -> None:
         if name == b"multi" and self.tx is None:
             self.tx = []
+            self.tx_abort = False
             # The transaction's sides are fixed when it starts, even if the phase changes
             # before EXEC: its queued commands are on the write side already.
             self.tx_plan = self.shim.routes[Cls.TX]
@@ -397,6 +461,17 @@ class Session:
         if name == b"exec" and self.tx is not None:
             tx, plan, gen = self.tx, self.tx_plan, self.tx_gen
             self.tx = self.tx_plan = None
+            if self.tx_abort:
+                # The shim refused a command inside MULTI: like Redis after a queueing error,
+                # nothing runs. The server discards what it queued.
+                self.tx_abort = False
+                d = Entry([b"DISCARD"], b"discard", None, gen)
+                d.internal = True
+                d.answer = plan.answer
+                d.payload[plan.answer] = encode(d.args)
+                self._enqueue(plan.answer, d)
+                self._local(args, c, b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+                return
             now_shadow = self.shim.routes[Cls.TX].shadow
             if plan.shadow is None and now_shadow is not None:
                 # Begun before mirroring, executed after: it runs on one side only, so what it
@@ -404,11 +479,15 @@ class Session:
                 e = Entry(tx, name, c, gen)
                 e.tx = tx
                 self._mark_dirty(self._entry_keys(e), self._db(now_shadow), "transaction-across-phase-change", name)
-            self._dispatch(args, name, c, plan, gen=gen, tx=tx)
+            e = self._dispatch(args, name, c, plan, gen=gen, tx=tx)
+            changes = _tx_state_changes(tx)
+            if changes:
+                self._state_change(e, changes)
             return
         if name == b"discard" and self.tx is not None:
             plan, gen = self.tx_plan, self.tx_gen
             self.tx = self.tx_plan = None
+            self.tx_abort = False
             self._dispatch(args, name, c, Plan(plan.answer), gen=gen)
             return
         # WATCH/UNWATCH (and misplaced MULTI/EXEC/DISCARD, which the server rejects): the write
@@ -463,23 +542,13 @@ class Session:
                     continue
             if cls not in _RAW_CLASSES:
                 return False
-            if cls is Cls.CONNECTION:
-                name = args[0].lower()
-                if not ((name == b"select" and len(args) == 2) or (name == b"client" and len(args) == 3)):
-                    return False  # HELLO, READONLY: the entry path tracks their replies
-                special.append((c, args))
-            elif cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:
+            if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:
                 special.append((c, args))
             counts[cls] = counts.get(cls, 0) + 1
         # Everything was checked before anything changes: a False above left no trace.
         for c, args in special:
             name = args[0].lower()
-            if name == b"select":
-                with contextlib.suppress(ValueError):
-                    self.db = int(args[1])
-            elif name == b"client":
-                self.name = args[2]
-            elif c.cls is Cls.SCRIPT or c.cls is Cls.SCRIPT_ADMIN:
+            if c.cls is Cls.SCRIPT or c.cls is Cls.SCRIPT_ADMIN:
                 shim.note_script(args, name)
             if not c.known[side]:
                 shim.stats.unknown[(SIDE_NAMES[side], name.decode(errors="replace"))] += 1
@@ -712,7 +781,7 @@ class Session:
         return self.db if self.db is not None else self.shim.endpoint_dbs[side]
 
     def _dispatch(self, args: list[bytes], name: bytes, c: Classified, plan: Plan, gen: int | None = None,
-                  tx: list[list[bytes]] | None = None) -> None:
+                  tx: list[list[bytes]] | None = None) -> Entry:
         shim = self.shim
         stats = shim.stats
         e = Entry(args, name, c, shim.generation if gen is None else gen)
@@ -736,7 +805,9 @@ class Session:
                 reason = f"unknown-on-{SIDE_NAMES[shadow]}"
             elif self.up[shadow].state in (DOWN, IDLE) and not shim.may_retry(shadow):
                 reason = f"{SIDE_NAMES[shadow]}-down"
-            elif shim.mirror_depth >= shim.cfg.mirror_queue_size:
+            elif shim.mirror_depth >= shim.cfg.mirror_queue_size and cls is not Cls.CONNECTION:
+                # (Connection state is never dropped: the shadow would run everything after it
+                # in the wrong database; it is one small command per connection.)
                 reason = "mirror-queue-full"
             if reason is not None:
                 stats.shadow_failures[(SIDE_NAMES[shadow], reason)] += 1
@@ -796,6 +867,7 @@ class Session:
         self._enqueue(answer, e)
         if shadow is not None:
             self._enqueue(shadow, e)
+        return e
 
     # --- per-key ordering across connections (see sequencer) ---------------------------------
     def _lock_keys(self, keys: list[bytes]) -> list:
@@ -1147,9 +1219,11 @@ class Session:
             other = e.shadow
             if other is not None and e.payload[other] is DEFERRED:
                 self._resolve_deferred(e, other, raw)
-            if e.name == b"readonly" and not is_error(raw):
+            if e.cstate is not None:
+                self._state_settled(e, raw)
+            if e.name == b"readonly" and not is_error(raw) and raw != _QUEUED:
                 self.readonly = True
-            elif e.name == b"readwrite" and not is_error(raw):
+            elif e.name == b"readwrite" and not is_error(raw) and raw != _QUEUED:
                 self.readonly = False
             if e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw)
@@ -1169,6 +1243,12 @@ class Session:
         if e.compare and _complete(e, 1 - side):
             self._compare(e)
         self._finish_side(e, side)
+        if (e.cls is Cls.CONNECTION and e.shadow is not None and e.rep[SOURCE] is not None
+                and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])):
+            # One side took SELECT / CLIENT SETNAME / HELLO, the other refused it: the shadow
+            # connection is not in the client's state. Reset it; a new one replays the state.
+            self.fail(e.shadow, f"{SIDE_NAMES[e.shadow]} and {SIDE_NAMES[e.answer]} answered "
+                                f"{e.name.decode(errors='replace').upper()} differently")
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
@@ -1457,6 +1537,31 @@ class Session:
 
     def _raw_owed(self) -> int:
         return self.up[0].raw_pending + self.up[1].raw_pending
+
+
+def _state_changes(args: list[bytes], name: bytes) -> dict[str, Any]:
+    """The connection state SELECT or CLIENT SETNAME sets if the server accepts it."""
+    if name == b"select" and len(args) == 2:
+        try:
+            return {"db": int(args[1])}
+        except ValueError:
+            return {}  # both sides reject it the same way
+    if name == b"client" and len(args) == 3 and args[1].lower() == b"setname":
+        return {"name": args[2]}
+    return {}
+
+
+def _tx_state_changes(tx: list[list[bytes]], result: list | None = None) -> dict[str, Any]:
+    """The connection state a transaction's SELECT / CLIENT SETNAME set (``result``: only those that succeeded)."""
+    changes: dict[str, Any] = {}
+    for i, args in enumerate(tx):
+        name = args[0].lower()
+        if name not in (b"select", b"client"):
+            continue
+        if result is not None and (i >= len(result) or isinstance(result[i], hiredis.ReplyError)):
+            continue
+        changes.update(_state_changes(args, name))
+    return changes
 
 
 def _batch_memo(c: Classified) -> tuple[int, bool, bool, int]:
