@@ -122,3 +122,20 @@ def test_a_refused_client_setname_is_not_replayed_on_later_connections(one_env):
     time.sleep(0.3)
     env.flush()
     assert (dirty(env), dict(env.stats().shadow_failures)) == ([], {})
+
+
+def test_a_script_that_fails_after_writing_is_mirrored_in_reads_on_target(one_env):
+    """Lua does not roll back: the SET before the failing INCR stays on the source, and must reach
+    the target that now answers reads."""
+    env = one_env
+    enter(env, Phase.READS_ON_TARGET)
+    c = env.client()
+    c.set("b", "not-a-number")
+    script = "redis.call('SET', KEYS[1], 'x'); return redis.call('INCR', KEYS[2])"
+    with pytest.raises(redis.ResponseError):
+        c.eval(script, 2, "a", "b")
+    time.sleep(0.3)
+    env.flush()
+    assert env.source.client().get("a") == b"x"
+    assert c.get("a") == b"x", f"target has {env.target.client().get('a')!r}; dirty={dirty(env)}"
+    assert dict(env.stats().divergences) == {}

@@ -1260,8 +1260,13 @@ class Session:
             e.exp[other] = max(len(cmds), 1)
             if e.bkeys is not None:
                 self._blocking_returned(e, other, cmds)
-        else:  # sequential: the shadow applies it only if the answering side did
-            e.payload[other] = NOTHING if is_error(raw) else e.shadow_raw
+        elif is_error(raw) and (e.cls is not Cls.SCRIPT or raw.startswith(b"-NOSCRIPT")):
+            # Sequential: the shadow applies it only if the answering side did. (A script that
+            # failed may have written before the error, and Lua does not roll back: it runs on
+            # the shadow too, which fails the same way; the two replies are compared.)
+            e.payload[other] = NOTHING
+        else:
+            e.payload[other] = e.shadow_raw
 
     def _shadow_transaction(self, e: Entry, raw: bytes) -> tuple[bytes, int]:
         result = parse(raw)
