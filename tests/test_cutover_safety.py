@@ -229,3 +229,61 @@ def test_a_missing_state_json_after_a_step_is_an_error_not_a_fresh_migration(ser
     (pb.state_path / "state.json").unlink()
     out = run_cli("status", playbook=servers_pb)
     assert out.returncode == 4 and "is missing" in out.stderr, out.stderr
+
+
+def test_sync_is_refused_once_the_target_is_authoritative_and_check_repair_mends_the_source(server_factory, make_playbook):
+    """writes-on-target: a dirty key means the source missed a write. `sync --dirty` (source → target)
+    would overwrite the acknowledged value; it is refused. `check --full --repair` copies target → source,
+    and its clean result clears the mark, so the rollback's no_dirty_keys passes."""
+    src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    path = make_playbook(src, tgt)
+    pb = playbook.load(path)
+    force_phase(pb, Phase.WRITES_ON_TARGET)
+    src.client().set("k", "old")
+    tgt.client().set("k", "new")
+    write_dirty_mark(pb.state_path, b"k")
+    for args in (("sync", "--dirty"), ("sync",)):
+        out = run_cli(*args, playbook=path)
+        assert out.returncode == 1 and "target is authoritative" in out.stderr, out.stderr
+        assert tgt.client().get("k") == b"new"
+    out = run_cli("check", "--full", "--repair", playbook=path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert src.client().get("k") == b"new"
+    from migrator.shim.dirty import count_dirty
+    assert count_dirty(pb.state_path) == 0
+
+
+def test_a_shim_killed_in_writes_on_target_blocks_the_rollback_until_a_full_check_repairs(server_factory, make_playbook,
+                                                                                          tmp_path):
+    """A shim killed -9 takes with it the source writes it had queued (nothing records them): the
+    rollback is refused by no_lost_shims until a full check has repaired the source and found both sides equal."""
+    from migrator.demo import ShimProcess
+    from migrator.servers import free_port
+    src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    path = make_playbook(src, tgt, shim={"ack_timeout": "3s"})
+    pb = playbook.load(path)
+    force_phase(pb, Phase.WRITES_ON_TARGET)
+    a = ShimProcess(path, tmp_path / "a.log", listen=f"127.0.0.1:{free_port()}")
+    b = ShimProcess(path, tmp_path / "b.log")  # another shim, which lives on
+    try:
+        a.wait_registered(pb.state_path, 30)
+        b.wait_registered(pb.state_path, 30)
+        ca = redis.Redis.from_url(f"redis://{a.listen}/0", socket_timeout=5)
+        ca.set("warm", "1")
+        src.client().execute_command("CLIENT", "PAUSE", "1500", "WRITE")  # the source is slow for a moment
+        ca.set("k", "acked")  # acknowledged by the target (authoritative); the source write is queued
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        time.sleep(2)
+        assert tgt.client().get("k") == b"acked" and src.client().get("k") is None
+        out = run_cli("rollback", "--yes", playbook=path)
+        assert out.returncode == 1 and "failed: no_lost_shims" in out.stderr, out.stdout + out.stderr
+        assert "stopped without draining" in out.stdout
+        assert run_cli("check", "--full", "--repair", playbook=path).returncode == 0
+        assert src.client().get("k") == b"acked"
+        assert run_cli("check", "--full", playbook=path).returncode == 0
+        out = run_cli("rollback", "--yes", playbook=path)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        b.stop()
+        a.stop()

@@ -21,22 +21,29 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import redis
 
 from migrator import reports
 from migrator.connect import connect
 from migrator.data import compare, render, stats, values
+from migrator.data import dirty as dirtymod
 from migrator.data.copy import Copier, detect_method
 from migrator.data.failures import server_errors
-from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
+from migrator.data.keyspace import (
+    Selection,
+    databases,
+    keyspace_sizes,
+    prefetch,
+    scan_batches,
+)
 from migrator.data.throttle import RateLimiter
 from migrator.phases import Phase
 from migrator.playbook import Playbook
-from migrator.state import StateStore, iso, now
+from migrator.state import StateStore, iso, now, parse_iso
 
 DEFAULT_CHUNK = 1000
 CHUNK_BYTES = 1 << 20
@@ -160,6 +167,13 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         max_rate=cfg.max_mismatch_rate, rounds=r.rounds, counts=counts, ttl_deltas_ms=r.ttl_deltas,
         duration_s=time.monotonic() - t0, phase=str(phase), authoritative=_authoritative(phase), started_at=started)
     result.verdict, result.summary = verdict(result)
+    if exhaustive and not remaining and not r.in_flux:
+        # Every key was seen equal on both sides (after any repair): the shim's dirty marks made
+        # before this check began, on keys it walked, need no other repair. This is how the
+        # source is repaired in writes-on-target, where `sync` (source -> target) is refused.
+        everything = selection.include == ["*"] and not selection.exclude
+        dirtymod.clear_covered(playbook.state_path, parse_iso(started).timestamp(),
+                            lambda db, key: db in dbs and (everything if key is None else selection.wants(key)))
     data = render.check_report_data(playbook, result)
     ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
     result.report_id = ref.id

@@ -6,6 +6,7 @@ Registered with ``migrator.gates.gate``; the phase table names them on the steps
 
 from __future__ import annotations
 
+from migrator import registry, reports
 from migrator.gates import GateContext, gate
 from migrator.phases import Phase
 from migrator.shim.dirty import list_dirty
@@ -87,3 +88,30 @@ def no_dirty_keys(ctx: GateContext):
     names = ", ".join(d.display for d in dirty[:5]) + (", ..." if len(dirty) > 5 else "")
     return False, (f"{len(dirty):,} dirty key(s) awaiting repair ({names}); reasons: {', '.join(reasons)}; "
                    f"repair them with migrator sync --dirty before the next cutover{note}"), data
+
+
+@gate("no_lost_shims")
+def no_lost_shims(ctx: GateContext):
+    """No shim stopped without draining in this phase, unless a clean full check ran after it.
+
+    A shim killed (or frozen) in a two-sided phase takes with it the writes it had applied to
+    the authoritative side and not yet to the other, and dirty marks it had not yet flushed:
+    nothing else records them. Before authority moves, a full check must show both sides equal.
+    """
+    since = ctx.state.phase_started
+    lost = [r for r in registry.read_all(ctx.playbook.state_path)
+            if r.liveness() != "live" and parse_iso(r.heartbeat_at) >= since]
+    if not lost:
+        return True, f"no shim stopped without draining since {ctx.state.phase} began", {}
+    last_seen = max(parse_iso(r.heartbeat_at) for r in lost)
+    names = ", ".join(f"{r.id} ({r.listen}, {r.liveness()}, last heartbeat {r.heartbeat_at[11:19]})" for r in lost)
+    data = {"lost": [r.id for r in lost]}
+    check = reports.latest(ctx.playbook.state_path, "check")
+    if (check is not None and check.get("exhaustive") and check.get("mismatch_count") == 0
+            and parse_iso(check["started_at"]) > last_seen):
+        data["check"] = check["id"]
+        return True, f"shim(s) {names} stopped without draining; the full check {check['id']} after it found both sides equal", data
+    return False, (f"shim(s) {names} stopped without draining in {ctx.state.phase}: writes they had not applied to both "
+                   f"sides may be missing on one; run `migrator check --full --repair -p {ctx.playbook.path}`, then "
+                   f"`migrator check --full` (clean), or remove the record in {ctx.playbook.state_path}/shims once "
+                   "the shim is known to have drained"), data
