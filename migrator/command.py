@@ -445,6 +445,12 @@ def _revert(pb: Playbook, store: StateStore, state: State, failure: actions_mod.
                   generation=state.generation + 1, operator=operator())
     state.phase, state.generation, state.phase_since = Phase(t.from_phase), state.generation + 1, iso(now())
     state.transition = None
+    one_sided = (Phase.PLANNED, Phase.COMPATIBLE)
+    if Phase(t.to_phase) in one_sided and Phase(t.from_phase) not in one_sided:
+        # Shims that applied the rollback stopped mirroring until now: mirroring starts again
+        # here, so a sync from before the gap does not count (State.mirror_started).
+        state.history.append({"id": t.id, "direction": "revert", "from": t.to_phase, "to": t.from_phase,
+                              "started_at": state.phase_since, "completed_at": state.phase_since, "operator": operator()})
     store.save(state)
     back = registry.await_ack(store.dir, state.generation, pb.shim.ack_timeout.total_seconds())
     store.journal("transition-reverted", id=t.id, reason=f"{failure.name}: {failure.evidence}",

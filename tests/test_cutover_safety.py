@@ -287,3 +287,28 @@ def test_a_shim_killed_in_writes_on_target_blocks_the_rollback_until_a_full_chec
     finally:
         b.stop()
         a.stop()
+
+
+def test_a_reverted_rollback_out_of_mirroring_restarts_the_mirror_clock(servers_pb):
+    """A rollback mirroring → compatible reverted (a shim did not acknowledge): the shims that applied it
+    stopped mirroring meanwhile, so a sync from before the gap no longer satisfies sync_complete."""
+    pb = playbook.load(servers_pb)
+    store = force_phase(pb, Phase.COMPATIBLE)
+    with AckingShim(pb.state_path, pb.name, shim_id="a"), AckingShim(pb.state_path, pb.name, shim_id="b") as b:
+        assert run_cli("advance", "--yes", playbook=servers_pb).returncode == 0
+        first = store.load().mirror_started
+        sync = run_cli("sync", playbook=servers_pb)
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        time.sleep(0.2)
+        b.stuck = True
+        t_gap = now()
+        out = run_cli("rollback", "--yes", playbook=servers_pb)
+        assert out.returncode == 1 and "reverted to mirroring" in out.stderr, out.stderr
+    st = store.load()
+    assert st.phase == Phase.MIRRORING
+    p = json.loads(run_cli("plan", "--output", "json", playbook=servers_pb).stdout)
+    g = {x["gate"]: x for x in p["gates"]}["sync_complete"]
+    print(g)
+    assert not g["passed"], f"sync_complete accepts a sync from before the mirroring gap: {g['evidence']}"
+    assert st.mirror_started >= t_gap, (
+        f"mirroring stopped at {t_gap} (shim a applied compatible) but mirror_started is still {first}")
