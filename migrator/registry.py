@@ -17,7 +17,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +93,15 @@ def read_all(state_dir: Path | str) -> list[ShimRecord]:
     d = shims_dir(state_dir)
     if not d.is_dir():
         return records
+    known = {f.name for f in fields(ShimRecord)}
     for f in sorted(d.glob("*.json")):
         try:
-            records.append(ShimRecord(**json.loads(f.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, TypeError):
-            continue  # being replaced right now, or foreign: not a shim record
+            raw = json.loads(f.read_text(encoding="utf-8"))
+            # Fields this version does not know (a newer shim's) are left out, not the record:
+            # a shim skipped here would be skipped by the write switch's barrier too.
+            records.append(ShimRecord(**{k: v for k, v in raw.items() if k in known}))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue  # vanished meanwhile (a shim stopped), or not a shim record
     return records
 
 

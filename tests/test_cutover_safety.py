@@ -312,3 +312,13 @@ def test_a_reverted_rollback_out_of_mirroring_restarts_the_mirror_clock(servers_
     assert not g["passed"], f"sync_complete accepts a sync from before the mirroring gap: {g['evidence']}"
     assert st.mirror_started >= t_gap, (
         f"mirroring stopped at {t_gap} (shim a applied compatible) but mirror_started is still {first}")
+
+
+def test_a_record_with_fields_this_version_does_not_know_still_counts(tmp_path):
+    """A newer shim's record (an extra field) is read, not skipped: a skipped shim would be left out
+    of the write switch's barrier and of the acknowledgements."""
+    (tmp_path / "shims").mkdir()
+    rec = {"id": "newer", "pid": 1, "host": "elsewhere", "listen": "127.0.0.1:1", "admin": "", "started_at": iso(now()),
+           "heartbeat_at": iso(now()), "applied_phase": "mirroring", "applied_generation": 3, "from_the_future": True}
+    (tmp_path / "shims" / "newer.json").write_text(json.dumps(rec))
+    assert [r.id for r in registry.active(tmp_path)] == ["newer"]
