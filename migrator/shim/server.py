@@ -287,6 +287,9 @@ class Shim:
             lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,
             reuse_port=self.reuse_port or None, reuse_address=True)
         self.address = self._server.sockets[0].getsockname()[:2]
+        # Loading the command tables took a while: a phase change or a write-switch barrier
+        # written meanwhile applies before the first client is served.
+        self._apply_state(self._read_state(force=True))
         if self.admin_addr:
             ahost, aport = split_hostport(self.admin_addr)
             self._admin = await admin_http.start(ahost, aport, {
