@@ -58,8 +58,9 @@ def write_playbook(dir_: Path, source_url: str, target_url: str, **extra) -> Pat
     return path
 
 
-def run_measured(args: list[str], show_output: bool = False) -> tuple[float, float, int]:
-    """Run a child process; (wall seconds, peak RSS in MiB, exit code), peak RSS from wait4.
+def run_measured(args: list[str], show_output: bool = False, cpu: bool = False) -> tuple:
+    """Run a child process; (wall seconds, peak RSS in MiB, exit code), peak RSS from wait4, and
+    with ``cpu`` its CPU seconds (user + system) too.
 
     Output goes to a temporary file, not a pipe: a pipe nobody reads until the end would block
     a child that prints more than the pipe holds.
@@ -73,6 +74,8 @@ def run_measured(args: list[str], show_output: bool = False) -> tuple[float, flo
         if show_output:
             out.seek(0)
             sys.stdout.write(out.read().decode(errors="replace"))
+    if cpu:
+        return wall, usage.ru_maxrss / 1024, proc.returncode, usage.ru_utime + usage.ru_stime
     return wall, usage.ru_maxrss / 1024, proc.returncode
 
 

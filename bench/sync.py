@@ -32,6 +32,15 @@ TARGET_RATIO = 0.30
 TARGET_RSS_MB = 300
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def runs(name: str, n: int, loader, units: str, batch: int | None, repeat: int, verify: bool) -> list[dict]:
     out = []
     with servers.running("redis-7.0", config={"repl-diskless-sync-delay": "0"}) as src:
@@ -42,16 +51,19 @@ def runs(name: str, n: int, loader, units: str, batch: int | None, repeat: int, 
             with servers.running("valkey-9.1") as dst, tempfile.TemporaryDirectory() as d:
                 pb_path = write_playbook(Path(d), src.url, dst.url)
                 args = [sys.executable, "-m", "migrator", "-p", str(pb_path), "--log-level", "warning", "sync"]
-                wall, rss, rc = run_measured(args + (["--batch", str(batch)] if batch else []))
+                cpu0 = cpu_s(src.proc.pid), cpu_s(dst.proc.pid)
+                wall, rss, rc, child_cpu = run_measured(args + (["--batch", str(batch)] if batch else []), cpu=True)
+                cpu = (cpu_s(src.proc.pid) - cpu0[0], cpu_s(dst.proc.pid) - cpu0[1], child_cpu)
                 if rc != 0:
                     raise SystemExit(f"{name}: migrator sync exited {rc}")
                 summary = check.run(playbook.load(pb_path), full=True).summary if verify else "not checked"
             row = {"name": name, "run": i + 1, "n": n, "units": units, "native_s": native_s, "sync_s": wall,
-                   "rss_mb": rss, "ratio": native_s / wall, "load": os.getloadavg()[0], "check": summary}
+                   "rss_mb": rss, "ratio": native_s / wall, "load": os.getloadavg()[0], "cpu": cpu, "check": summary}
             out.append(row)
             print(f"{name:<16} run {i + 1}: native {native_s:5.2f} s ({n / native_s:>9,.0f} {units}/s)  "
                   f"sync {wall:5.2f} s ({n / wall:>9,.0f} {units}/s)  ratio {row['ratio']:4.0%}  "
-                  f"peak RSS {rss:4.0f} MB  load {row['load']:.1f}  check: {summary}", flush=True)
+                  f"peak RSS {rss:4.0f} MB  CPU s source/target/sync {cpu[0]:.1f}/{cpu[1]:.1f}/{cpu[2]:.1f}  "
+                  f"load {row['load']:.1f}  check: {summary}", flush=True)
     return out
 
 

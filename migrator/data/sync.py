@@ -1,9 +1,10 @@
 """``migrator sync``: copy every key of every selected database, resumably, verifying each batch.
 
-Per database: SCAN from the checkpoint's cursor (a thread ahead); each batch is read on the
-source (one Lua call: OBJECT ENCODING, PTTL, DUMP) and written to the target (RESTORE in one Lua
-call, or type-aware), several batches at once; each copied batch is verified once the mirror
-has settled (``verify``); the checkpoint is saved about once a second. Then keys left unsettled
+Per database: SCAN from the checkpoint's cursor, a thread ahead; each SCAN step reads its keys
+in the same Lua call on the source (OBJECT ENCODING, PTTL, DUMP; ``Copier.scan_read``), or,
+where that cannot be used, each batch is read when it is copied; batches are written to the
+target (pipelined RESTOREs, or type-aware) several at once; each copied batch is verified once
+the mirror has settled (``verify``); the checkpoint is saved about once a second. Then keys left unsettled
 (by this or an earlier run) are tried again, and a report of kind ``sync`` is written.
 
 Correctness relies on the shim mirroring writes from before the sync starts: a key created
