@@ -139,3 +139,18 @@ def test_a_script_that_fails_after_writing_is_mirrored_in_reads_on_target(one_en
     assert env.source.client().get("a") == b"x"
     assert c.get("a") == b"x", f"target has {env.target.client().get('a')!r}; dirty={dirty(env)}"
     assert dict(env.stats().divergences) == {}
+
+
+def test_a_blpop_of_a_disconnected_client_does_not_pop_a_later_push(one_env):
+    """A worker blocked in BLPOP disconnects; a job pushed a moment later must stay in the list."""
+    env = one_env
+    env.set_phase(Phase.MIRRORING)
+    s = socket.create_connection(("127.0.0.1", env.port))
+    s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$4\r\njobs\r\n$1\r\n0\r\n")
+    time.sleep(0.3)
+    s.close()
+    time.sleep(0.3)
+    env.client().rpush("jobs", "job-1")
+    time.sleep(0.5)
+    assert env.source.client().lrange("jobs", 0, -1) == [b"job-1"]
+    assert env.target.client().lrange("jobs", 0, -1) == [b"job-1"]

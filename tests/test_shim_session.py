@@ -419,3 +419,43 @@ def test_the_shadow_refusing_a_select_the_answer_took_resets_the_shadow(tmp_path
     s.on_upstream_data(SOURCE, b"+OK\r\n")
     s.on_upstream_data(TARGET, b"-ERR DB index is out of range\r\n")
     assert t[TARGET].closed and s.up[TARGET].state == "down"
+
+
+def test_commands_received_during_the_hold_still_run_if_the_client_closes(tmp_path):
+    """Redis runs what it received before the client's FIN; a command held for the write switch
+    must not be forgotten because its client closed meanwhile (a fire-and-forget client)."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, t = open_session()
+    shim.holding = True
+    s.on_client_data(cmds(["SET", "k", "v"]))
+    s.on_client_lost()
+    assert not s.closed
+    s.check_timeouts(s.client_gone + 60)  # a hold longer than the grace: still kept
+    assert not s.closed
+    shim.holding = False
+    s.release()
+    assert t[SOURCE].data == cmds(["SET", "k", "v"]) and t[TARGET].data == cmds(["SET", "k", "v"])
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    s.on_upstream_data(TARGET, b"+OK\r\n")
+    assert s.closed and not shim.dirty.keys
+
+
+def test_a_blocked_pop_of_a_client_that_closed_is_dropped_at_once(tmp_path):
+    """The server drops a blocked client that disconnects; the shim must not keep its BLPOP
+    blocking (it would pop a later push for nobody). With a write to its key in flight, a pop may
+    have happened with its reply lost: the key is marked dirty on the shadow; otherwise not."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    for pushing in (False, True):
+        s, _client, t = open_session()
+        s.on_client_data(cmds(["BLPOP", "jobs", "0"]))
+        s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")  # nothing to pop: sent for real
+        assert t[SOURCE].data.endswith(cmds(["BLPOP", "jobs", "0"]))
+        if pushing:
+            p, _pc, pt = open_session()
+            p.on_client_data(cmds(["SET", "jobs", "x"]))  # (a write to the key: it may wake the pop)
+        s.on_client_lost()
+        assert s.closed and t[SOURCE].closed and s.drained()
+        assert set(shim.dirty.keys) == ({(0, b"jobs")} if pushing else set())
+    p.on_upstream_data(SOURCE, b"+OK\r\n")
+    p.on_upstream_data(TARGET, b"+OK\r\n")
+    assert shim.seq.held == 0 and not shim.seq.blocked and shim.mirror_depth == 0

@@ -25,6 +25,7 @@ transport's ``write``). What it does with them:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import time
@@ -214,6 +215,9 @@ class Session:
     def on_client_data(self, data: bytes) -> None:
         if self.closed or self.client_gone:
             return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         if self.shim.holding:
             # The write switch: nothing new goes upstream until authority has moved; the
             # client just waits (bounded by the barrier's deadline).
@@ -260,13 +264,47 @@ class Session:
         """The shim stopped holding: route what arrived meanwhile, by the phase now applied."""
         held, self.held, self.held_bytes = self.held, [], 0
         if held and not self.closed:
-            self.on_client_data(b"".join(held))
-            self.client.resume_reading()
+            # Also when the client has gone meanwhile: the server would have run what it had
+            # received before the client's FIN.
+            self._feed(b"".join(held))
+            if self.client_gone:
+                self._close_if_gone()
+            else:
+                self.client.resume_reading()
 
     def on_client_lost(self) -> None:
         if self.closed:
             return
         self.client_gone = time.monotonic()
+        self._close_if_gone()
+
+    def _close_if_gone(self) -> None:
+        """The client has gone: close once nothing it sent is still to be done.
+
+        What it sent still runs (bounded by ``CLIENT_GONE_GRACE``), except a blocking command:
+        the server drops a blocked client that disconnects, and one left blocking here would
+        pop for nobody. Closing at once settles its shadow side (its keys are marked dirty: a
+        pop may have happened with its reply in flight).
+        """
+        if self.closed or self.held:
+            return  # held for the write switch: routed when released
+        if self.blocking_pending:
+            blocked = [e for e in self.inflight if (e.cls is Cls.BLOCKING or e.cls is Cls.BLOCKING_READ)
+                       and not e.bprobe and e.rep[e.answer] is None]
+            if blocked:
+                seq = self.shim.seq
+                for e in blocked:
+                    # It may have popped only if a write to its keys is in flight or has just
+                    # woken it (the sequencer still has the key): otherwise its shadow side lost
+                    # nothing and is settled as such. (A keyless write, a barrier, may touch it.)
+                    other = e.shadow
+                    if (other is not None and e.bkeys is not None and not seq.fence
+                            and not any(k in seq.locks for k in e.bkeys)):
+                        with contextlib.suppress(ValueError):
+                            self.up[other].out.remove(e)
+                        self._finish_side(e, other)
+                self.close("client closed while a blocking command was pending")
+                return
         if not self.pending_count and not self._raw_owed():
             self.close("client closed")
 
@@ -1190,8 +1228,8 @@ class Session:
         self._pump(SOURCE)
         self._pump(TARGET)
         self._flush_client()
-        if self.client_gone and not self.pending_count and not self._raw_owed():
-            self.close("client closed")
+        if self.client_gone:
+            self._close_if_gone()
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
@@ -1476,7 +1514,7 @@ class Session:
                   and not any(e.answer == side and not e.internal for e in u.out)):
                 # Only shadow work waits on this connection: give up on it like on a slow reply.
                 self.fail(side, "shadow-connect-timeout")
-        if self.client_gone and not self.closed and now - self.client_gone > CLIENT_GONE_GRACE:
+        if self.client_gone and not self.closed and not self.held and now - self.client_gone > CLIENT_GONE_GRACE:
             self.close("client closed; in-flight commands did not finish in time")
         if not self.closed:
             self._after_io()
