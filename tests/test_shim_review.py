@@ -154,3 +154,21 @@ def test_a_blpop_of_a_disconnected_client_does_not_pop_a_later_push(one_env):
     time.sleep(0.5)
     assert env.source.client().lrange("jobs", 0, -1) == [b"job-1"]
     assert env.target.client().lrange("jobs", 0, -1) == [b"job-1"]
+
+
+def test_pipelined_blpop_then_select_blocks_in_the_old_db(one_env):
+    """BLPOP q 1; SELECT 1 pipelined: Redis blocks on db 0's empty q, times out, then selects."""
+    env = one_env
+    env.set_phase(Phase.MIRRORING)
+    env.source.client(1).rpush("q", "from-db1")
+    env.target.client(1).rpush("q", "from-db1")
+    s = socket.create_connection(("127.0.0.1", env.port))
+    s.settimeout(5)
+    s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$1\r\nq\r\n$1\r\n1\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n")
+    got = b""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not got.endswith(b"+OK\r\n"):
+        got += s.recv(4096)
+    assert got == b"*-1\r\n+OK\r\n", got
+    assert env.source.client(1).lrange("q", 0, -1) == [b"from-db1"]
+    assert env.target.client(1).lrange("q", 0, -1) == [b"from-db1"]

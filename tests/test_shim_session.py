@@ -459,3 +459,17 @@ def test_a_blocked_pop_of_a_client_that_closed_is_dropped_at_once(tmp_path):
     p.on_upstream_data(SOURCE, b"+OK\r\n")
     p.on_upstream_data(TARGET, b"+OK\r\n")
     assert shim.seq.held == 0 and not shim.seq.blocked and shim.mirror_depth == 0
+
+
+@pytest.mark.parametrize("after", [["SELECT", "1"], ["PUBLISH", "done", "x"], ["GET", "k"]])
+def test_nothing_pipelined_after_a_blocking_pop_reaches_the_server_before_it(tmp_path, after):
+    """BLPOP q 0 then SELECT 1 / PUBLISH / an unsampled read, pipelined: the non-blocking try goes
+    first; what follows waits, and goes after the BLPOP re-sent as itself (on the server it would
+    otherwise pop in db 1, or publish before the pop)."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    shim.cfg.compare_reads = 0.0
+    s, _client, t = open_session()
+    s.on_client_data(cmds(["BLPOP", "q", "0"], after))
+    assert t[SOURCE].data == cmds(["MULTI"], ["BLPOP", "q", "0"], ["EXEC"])
+    s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")  # nothing to pop
+    assert t[SOURCE].data == cmds(["MULTI"], ["BLPOP", "q", "0"], ["EXEC"], ["BLPOP", "q", "0"], after)

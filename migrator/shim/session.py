@@ -1143,6 +1143,11 @@ class Session:
             if not e.stream:
                 e.ts[side] = now
                 wait.append(e)
+                if e.bprobe and side == e.answer:
+                    # A blocking command's non-blocking try: if it finds nothing, the command is
+                    # sent again as itself, and nothing after it may reach the server first
+                    # (a SELECT would move the pop to another database, a PUBLISH run before it).
+                    break
         if buf:
             u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
             if u.transport.get_write_buffer_size() > self.shim.cfg.max_client_buffer_bytes:
