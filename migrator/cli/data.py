@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,14 @@ class _Progress:
             self.bar.stop()
 
 
+def _fewer_collections() -> None:
+    """For a long copy or check: the cyclic collector ran about every 700 allocations and took a
+    fifth of a check's CPU time walking long-lived objects; what start-up built is frozen and
+    young objects are collected less often (nearly all are freed by reference counting anyway)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def _progress_logs_visible(cctx: click.Context) -> None:
     """Progress lines are info events: show them unless the user chose a log level."""
     root = cctx.find_root()
@@ -96,6 +105,7 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
             "its writes with the source's older values. Dirty keys now mean the source missed writes: repair them "
             f"with `migrator check --full --repair -p {pb.path}` (it copies from the target)")
     _progress_logs_visible(cctx)
+    _fewer_collections()
     with _Progress() as progress:
         res = sync_mod.run(pb, restart=restart, dirty=dirty, rate=rate, batch=batch, progress=progress, chunk=chunk,
                            keyspace_events=not no_events)
@@ -125,6 +135,7 @@ def check(cctx: click.Context, ctx: Ctx, sample, full: bool, rounds, repair: boo
     if sample and full:
         raise UsageError("--sample and --full cannot be combined")
     pb = ctx.load_playbook()
+    _fewer_collections()
     res = check_mod.run(pb, sample=sample, full=full, rounds=rounds, repair=repair, show_values=show_values, rate=rate)
     report = reports.load(pb.state_path, res.report_id)
     if output == "json":
