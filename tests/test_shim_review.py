@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -172,3 +173,44 @@ def test_pipelined_blpop_then_select_blocks_in_the_old_db(one_env):
     assert got == b"*-1\r\n+OK\r\n", got
     assert env.source.client(1).lrange("q", 0, -1) == [b"from-db1"]
     assert env.target.client(1).lrange("q", 0, -1) == [b"from-db1"]
+
+
+def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_then_get(one_env):
+    """UNSUBSCRIBE a b on a connection that never subscribed gets two replies from the server."""
+    env = one_env
+    env.source.client().set("k", "v")
+    s = socket.create_connection(("127.0.0.1", env.port))
+    s.settimeout(2)
+    s.sendall(b"*3\r\n$11\r\nUNSUBSCRIBE\r\n$1\r\na\r\n$1\r\nb\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+    want = (b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:0\r\n"
+            b"$1\r\nv\r\n")
+    got = b""
+    with contextlib.suppress(socket.timeout):
+        while len(got) < len(want):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert got == want
+
+
+def test_a_write_after_unsubscribing_reaches_the_source_in_reads_on_target(one_env):
+    """After SUBSCRIBE + UNSUBSCRIBE the connection is an ordinary one again."""
+    env = one_env
+    enter(env, Phase.READS_ON_TARGET)
+    s = socket.create_connection(("127.0.0.1", env.port))
+    s.settimeout(2)
+
+    def rt(b):
+        s.sendall(b)
+        time.sleep(0.2)
+        return s.recv(65536)
+
+    assert rt(b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n") == b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    assert rt(b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$2\r\nch\r\n") == b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n"
+    assert rt(b"*3\r\n$3\r\nSET\r\n$1\r\nw\r\n$1\r\n1\r\n") == b"+OK\r\n"
+    time.sleep(0.3)
+    env.flush()
+    assert env.source.client().get("w") == b"1", f"target={env.target.client().get('w')!r} dirty={dirty(env)}"
+    assert env.target.client().get("w") == b"1"
+    assert dirty(env) == []

@@ -336,6 +336,9 @@ CONN_TABLE = parse_command_reply([
     [b"discard", 1, [b"noscript", b"loading", b"stale", b"fast"], 0, 0, 0, [], [], [], []],
     [b"monitor", 1, [b"admin", b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
     [b"auth", -2, [b"noscript", b"loading", b"stale", b"fast", b"no_auth"], 0, 0, 0, [], [], [], []],
+    [b"subscribe", -2, [b"pubsub", b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
+    [b"unsubscribe", -1, [b"pubsub", b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
+    [b"ping", -1, [b"fast"], 0, 0, 0, [], [], [], []],
     [b"client", -2, [], 0, 0, 0, [], [], [], [
         [b"client|setname", 3, [b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []]]],
 ])
@@ -473,3 +476,62 @@ def test_nothing_pipelined_after_a_blocking_pop_reaches_the_server_before_it(tmp
     assert t[SOURCE].data == cmds(["MULTI"], ["BLPOP", "q", "0"], ["EXEC"])
     s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")  # nothing to pop
     assert t[SOURCE].data == cmds(["MULTI"], ["BLPOP", "q", "0"], ["EXEC"], ["BLPOP", "q", "0"], after)
+
+
+def _confirm(kind: str, channel: str | None, count: int) -> bytes:
+    ch = b"$-1\r\n" if channel is None else b"$%d\r\n%s\r\n" % (len(channel), channel.encode())
+    return b"*3\r\n$%d\r\n%s\r\n%s:%d\r\n" % (len(kind), kind.encode(), ch, count)
+
+
+def test_a_connection_that_unsubscribed_from_everything_is_an_ordinary_one_again(tmp_path):
+    """reads-on-target: SUBSCRIBE a b; UNSUBSCRIBE a; UNSUBSCRIBE; SET w 1 -- the SET must reach the
+    source (the write authority) first, then the target, not stream to the target only."""
+    shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["SUBSCRIBE", "a", "b"], ["UNSUBSCRIBE", "a"]))
+    assert t[TARGET].data == cmds(["SUBSCRIBE", "a", "b"])  # the rest waits for the confirmations
+    s.on_upstream_data(TARGET, _confirm("subscribe", "a", 1) + _confirm("subscribe", "b", 2))
+    assert s.pipe == TARGET and t[TARGET].data.endswith(cmds(["UNSUBSCRIBE", "a"]))
+    s.on_upstream_data(TARGET, _confirm("unsubscribe", "a", 1))
+    assert s.pipe == TARGET
+    s.on_client_data(cmds(["UNSUBSCRIBE"], ["SET", "w", "1"]))
+    assert not t[TARGET].data.endswith(cmds(["SET", "w", "1"]))
+    s.on_upstream_data(TARGET, _confirm("unsubscribe", "b", 0))
+    assert s.pipe is None
+    assert t[SOURCE].data == cmds(["SET", "w", "1"])
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    assert t[TARGET].data.endswith(cmds(["SET", "w", "1"]))
+    s.on_upstream_data(TARGET, b"+OK\r\n")
+    assert client.data == (_confirm("subscribe", "a", 1) + _confirm("subscribe", "b", 2)
+                           + _confirm("unsubscribe", "a", 1) + _confirm("unsubscribe", "b", 0) + b"+OK\r\n")
+
+
+def test_a_refused_subscribe_does_not_make_the_connection_stream(tmp_path):
+    shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["SUBSCRIBE", "a"], ["SET", "w", "1"]))
+    s.on_upstream_data(TARGET, b"-NOPERM this user has no permissions to access the 'a' channel\r\n")
+    assert s.pipe is None and t[SOURCE].data == cmds(["SET", "w", "1"])
+
+
+def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_gets_two_replies(tmp_path):
+    """UNSUBSCRIBE a b is confirmed once per channel, subscribed or not; the GET's reply follows."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["UNSUBSCRIBE", "a", "b"], ["GET", "k"]))
+    assert t[SOURCE].data == cmds(["UNSUBSCRIBE", "a", "b"])
+    s.on_upstream_data(SOURCE, _confirm("unsubscribe", "a", 0) + _confirm("unsubscribe", "b", 0))
+    assert t[SOURCE].data.endswith(cmds(["GET", "k"]))
+    s.on_upstream_data(SOURCE, b"$1\r\nv\r\n")
+    assert client.data == _confirm("unsubscribe", "a", 0) + _confirm("unsubscribe", "b", 0) + b"$1\r\nv\r\n"
+    assert s.pipe is None
+
+
+def test_a_refused_subscribe_on_a_subscribed_connection_does_not_hold_it_forever(tmp_path):
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["SUBSCRIBE", "a"]))
+    s.on_upstream_data(SOURCE, _confirm("subscribe", "a", 1))
+    s.on_client_data(cmds(["SUBSCRIBE", "secret"], ["PING"]))
+    s.on_upstream_data(SOURCE, b"-NOPERM no permissions to access the 'secret' channel\r\n")
+    assert s.pipe == SOURCE and t[SOURCE].data.endswith(cmds(["PING"]))

@@ -196,6 +196,13 @@ class Session:
         # not answered yet, in command order (see _state_change).
         self.conn_pending: deque[Entry] = deque()
         self.pipe: int | None = None  # the side this (subscribed) connection streams from
+        # What the connection is subscribed to, by kind (b"": channels, b"p": patterns, b"s":
+        # shard channels), from the servers' confirmations; it streams (``pipe``) while any is set.
+        self.subs: dict[bytes, set[bytes]] = {b"": set(), b"p": set(), b"s": set()}
+        # A (un)subscribe whose confirmations decide whether the connection streams: the later
+        # commands wait (``sub_held``) until they are in. [kind, confirmations still to come]
+        self.sub_expect: list | None = None
+        self.sub_held: list[list[bytes]] = []
         self.backlog: list[bytes] = []
         self.out: list[bytes] = []
         self.pending_count = 0
@@ -309,6 +316,9 @@ class Session:
             self.close("client closed")
 
     def handle(self, args: list[bytes]) -> None:
+        if self.sub_expect is not None:
+            self.sub_held.append(args)  # after a (un)subscribe: handled once it is confirmed
+            return
         shim = self.shim
         name = args[0].lower()
         c = shim.table.classify(args)
@@ -354,9 +364,14 @@ class Session:
             self._handle_connection(args, name, c)
             return
         plan = shim.routes[cls]
-        self._dispatch(args, name, c, plan)
-        if cls is Cls.SUBSCRIBE and name in (b"subscribe", b"psubscribe", b"ssubscribe"):
-            self.pipe = plan.answer
+        e = self._dispatch(args, name, c, plan)
+        if cls is Cls.SUBSCRIBE:
+            # The connection streams from that side only if the server confirms a subscription;
+            # each channel named gets a confirmation of its own.
+            n = self._sub_expected(args, name)
+            if n:
+                e.exp[e.answer] = n
+                self.sub_expect = [None, n]
 
     def _local(self, args: list[bytes], c: Classified | None, reply: bytes, close_after: bool = False) -> None:
         e = Entry(args, args[0].lower(), c, self.shim.generation)
@@ -533,6 +548,49 @@ class Session:
         answer = self.tx_plan.answer if self.tx_plan is not None else self.shim.routes[Cls.TX].answer
         self._dispatch(args, name, c, Plan(answer), gen=self.tx_gen if self.tx is not None else None)
 
+    def _sub_expected(self, args: list[bytes], name: bytes) -> int:
+        """How many confirmations a (un)subscribe gets (0: none to wait for, e.g. an arity error)."""
+        if len(args) > 1:
+            return len(args) - 1
+        if name.endswith(b"unsubscribe"):
+            return max(1, len(self.subs[name[: -len(b"unsubscribe")]]))  # one per subscription, or one
+        return 0
+
+    def _sub_confirmed(self, raw: bytes) -> bool:
+        """Track a (un)subscribe confirmation; False if ``raw`` is not one."""
+        if raw[:1] not in (b"*", b">") or b"subscribe\r\n" not in raw[:32]:
+            return False
+        try:
+            msg = parse(raw)
+        except Exception:  # noqa: BLE001 - not a frame of ours to judge
+            return False
+        if not isinstance(msg, list) or len(msg) != 3 or not isinstance(msg[0], bytes):
+            return False
+        kind = msg[0].lower()
+        if kind.endswith(b"unsubscribe"):
+            subs = self.subs.get(kind[: -len(b"unsubscribe")])
+            if subs is None:
+                return False
+            subs.discard(msg[1])
+        elif kind.endswith(b"subscribe"):
+            subs = self.subs.get(kind[: -len(b"subscribe")])
+            if subs is None:
+                return False
+            subs.add(msg[1])
+        else:
+            return False
+        return True
+
+    def _sub_settled(self, side: int) -> None:
+        """The awaited confirmations are in: stream from ``side`` while subscribed, then go on."""
+        self.sub_expect = None
+        self.pipe = side if any(self.subs.values()) else None
+        held, self.sub_held = self.sub_held, []
+        for args in held:
+            self.handle(args)
+            if self.closed:
+                return
+
     def _pipe_command(self, args: list[bytes], name: bytes, c: Classified) -> None:
         """A command on a subscribed connection: a stream to the side it subscribed on."""
         side = self.pipe
@@ -544,6 +602,10 @@ class Session:
         e.answer = side
         e.payload[side] = encode(args)
         self._enqueue(side, e)
+        if c.cls is Cls.SUBSCRIBE:
+            n = self._sub_expected(args, name)
+            if n:
+                self.sub_expect = [side, n]  # counted as the confirmations stream by
 
     # --- passthrough: one side only, no entries at all ----------------------------------------
     def _raw_passthrough(self, commands: list[list[bytes]], raw: bytes) -> bool:
@@ -562,7 +624,7 @@ class Session:
             return False
         u = self.up[side]
         if (u.state is not UP or self.inflight or u.out or u.wait or self.tx is not None or self.pipe is not None
-                or not self.authed or u.framer.buf or self.up[1 - side].raw_pending):
+                or self.sub_expect is not None                or not self.authed or u.framer.buf or self.up[1 - side].raw_pending):
             return False
         classify = shim.table.classify
         counts: dict[Cls, int] = {}
@@ -673,7 +735,7 @@ class Session:
         The chunk goes to each side as the client sent it and the replies are matched as a
         whole; anything else takes the per-command path. False: nothing was done.
         """
-        if self.tx is not None or self.pipe is not None or not self.authed:
+        if self.tx is not None or self.pipe is not None or self.sub_expect is not None or not self.authed:
             return False
         shim = self.shim
         routes = shim.routes
@@ -1205,6 +1267,16 @@ class Session:
                         self.backlog.append(raw)
                     else:
                         self.out.append(raw)
+                    if self._sub_confirmed(raw) and self.sub_expect is not None:
+                        self.sub_expect[1] -= 1
+                        if not self.sub_expect[1]:
+                            self._sub_settled(side)
+                            if self.closed:
+                                return
+                    elif self.sub_expect is not None and raw[:1] == b"-":
+                        self._sub_settled(side)  # the (un)subscribe was refused (NOPERM...)
+                        if self.closed:
+                            return
                     continue
                 if is_push(raw):
                     continue  # an out-of-band push for nobody (this connection did not subscribe)
@@ -1264,6 +1336,10 @@ class Session:
                 self._resolve_deferred(e, other, raw)
             if e.cstate is not None:
                 self._state_settled(e, raw)
+            if e.cls is Cls.SUBSCRIBE and self.sub_expect is not None and self.pipe is None:
+                for f in raw if type(raw) is list else (raw,):
+                    self._sub_confirmed(f)
+                self._sub_settled(side)
             if e.name == b"readonly" and not is_error(raw) and raw != _QUEUED:
                 self.readonly = True
             elif e.name == b"readwrite" and not is_error(raw) and raw != _QUEUED:
@@ -1411,7 +1487,7 @@ class Session:
                 break  # (a blocking command's non-blocking try: its reply is made from EXEC's)
             if e.wait_shadow and e.shadow is not None and not e.done[e.shadow]:
                 break
-            if e.batch:
+            if e.batch or type(raw) is list:  # (a list: a (un)subscribe's confirmations)
                 out.extend(raw)
             else:
                 out.append(raw)
