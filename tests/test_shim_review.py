@@ -214,3 +214,32 @@ def test_a_write_after_unsubscribing_reaches_the_source_in_reads_on_target(one_e
     assert env.source.client().get("w") == b"1", f"target={env.target.client().get('w')!r} dirty={dirty(env)}"
     assert env.target.client().get("w") == b"1"
     assert dirty(env) == []
+
+
+def test_a_shadow_write_behind_a_read_on_a_stalled_target_does_not_hold_its_key(one_env):
+    """reads-on-target: a shadow SET queued behind a target-answered GET on a stalled target must
+    not keep another client's write to its key waiting much past shadow_timeout (500 ms)."""
+    import os
+    import signal
+    import threading
+
+    env = one_env
+    enter(env, Phase.READS_ON_TARGET)
+    env.client().set("k", "0")
+    os.kill(env.target.proc.pid, signal.SIGSTOP)
+    resume = threading.Timer(3.0, lambda: os.kill(env.target.proc.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        a = socket.create_connection(("127.0.0.1", env.port))
+        a.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n")
+        time.sleep(0.2)
+        b = redis.Redis(port=env.port, socket_timeout=10)
+        t0 = time.monotonic()
+        b.set("k", "2")
+        waited = time.monotonic() - t0
+    finally:
+        resume.join()
+    assert waited < 1.5, (waited, dict(env.stats().shadow_failures))
+    assert env.source.client().get("k") == b"2"
+    assert (0, b"k") in {(d, k) for d, k, _r in dirty(env)} or env.thread.call(
+        lambda: (0, b"k") in env.thread.shim.dirty.keys)

@@ -92,6 +92,7 @@ class Entry:
         "done",
         "effect",
         "exp",
+        "expired",
         "fallback",
         "gen",
         "heal_sha",
@@ -152,6 +153,7 @@ class Entry:
         self.bprobe = False  # a blocking command tried inside MULTI/EXEC first (see _blocking_probe)
         # Connection state it changes, {field: (before, after)}, until its answer says whether it did.
         self.cstate: dict[str, tuple[Any, Any]] | None = None
+        self.expired = False  # its shadow reply is late behind an answer on that side (see check_timeouts)
 
 
 class Upstream:
@@ -1588,8 +1590,11 @@ class Session:
             if u.state is UP and u.wait:
                 e = u.wait[0]
                 # A shadow reply, or a handshake/heal on a connection nobody waits on for an answer.
-                if now - e.ts[side] > limit and (side != e.answer or (e.internal and not self._answers_on(u))):
-                    self.fail(side, "shadow-timeout")
+                if now - e.ts[side] > limit:
+                    if side != e.answer or (e.internal and not self._answers_on(u)):
+                        self.fail(side, "shadow-timeout")
+                    else:
+                        self._expire_behind(u, now - limit)
             elif (u.state is CONNECTING and u.out and now - u.connect_started > limit
                   and any(e.answer != side and not e.internal for e in u.out)
                   and not any(e.answer == side and not e.internal for e in u.out)):
@@ -1599,6 +1604,34 @@ class Session:
             self.close("client closed; in-flight commands did not finish in time")
         if not self.closed:
             self._after_io()
+
+    def _expire_behind(self, u: Upstream, sent_before: float) -> None:
+        """Shadow work waiting behind an answer on a slow side: stop letting it hold anything up.
+
+        The side answers a command (a read after the read cutover), so the connection is not
+        given up; but a shadow write queued behind that answer must not keep its keys from other
+        connections, nor its own client waiting, past ``shadow_timeout``. Its keys are marked
+        dirty and released; its reply, if it comes, is still taken and compared.
+        """
+        side = u.side
+        for e in u.wait:
+            if e.ts[side] > sent_before:
+                break
+            if side == e.answer or e.internal or e.stream or e.expired:
+                continue
+            e.expired = True
+            self.shim.stats.shadow_failures[(SIDE_NAMES[side], "timeout")] += 1
+            if e.write:
+                self._mark_dirty(self._entry_keys(e), self._db(side), "timeout", e.name)
+            e.wait_shadow = False
+            req = e.req
+            if req is not None:
+                e.req = None
+                req.data = None
+                self.shim.seq.release(req)
+                if self.ungranted and self.ungranted[0] is e:
+                    self.ungranted.popleft()
+                    self._request_next()
 
     def close(self, reason: str) -> None:
         """Close the client and both upstream connections; settle every pending entry."""
