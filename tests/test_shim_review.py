@@ -243,3 +243,37 @@ def test_a_shadow_write_behind_a_read_on_a_stalled_target_does_not_hold_its_key(
     assert env.source.client().get("k") == b"2"
     assert (0, b"k") in {(d, k) for d, k, _r in dirty(env)} or env.thread.call(
         lambda: (0, b"k") in env.thread.shim.dirty.keys)
+
+
+def test_an_evalsha_inside_multi_is_healed_on_the_shadow(one_env):
+    """A script loaded before mirroring (on the source only) and run by EVALSHA in a transaction:
+    the target gets it loaded before its copy of the transaction."""
+    env = one_env
+    c = env.client()
+    sha = c.script_load("return redis.call('INCR', KEYS[1])")  # planned: the source only
+    env.set_phase(Phase.MIRRORING)
+    p = c.pipeline(transaction=True)
+    p.evalsha(sha, 1, "tx")
+    assert p.execute() == [1]
+    time.sleep(0.3)
+    env.flush()
+    assert env.target.client().get("tx") == b"1", f"dirty={dirty(env)}"
+    assert dict(env.stats().divergences) == {}
+
+
+def test_evalsha_ro_is_healed_and_compared_without_a_false_divergence(one_env):
+    env = one_env
+    c = env.client()
+    c.set("k", "v")
+    sha = c.script_load("return redis.call('GET', KEYS[1])")  # planned: the source only
+    env.set_phase(Phase.MIRRORING)
+    env.target.client().set("k", "v")
+    assert c.execute_command("EVALSHA_RO", sha, 1, "k") == b"v"
+    env.flush()
+    st = env.stats()
+    assert dict(st.divergences) == {} and st.script_heals >= 1
+    # After the read cutover the target answers it.
+    env.set_phase(Phase.READS_ON_TARGET)
+    env.target.client().script_flush()
+    env.thread.call(lambda: env.thread.shim.scripts_loaded[1].clear())
+    assert c.execute_command("EVALSHA_RO", sha, 1, "k") == b"v"

@@ -59,6 +59,7 @@ _MULTI = encode([b"MULTI"])
 _EXEC = encode([b"EXEC"])
 _NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
 _QUEUED = b"+QUEUED\r\n"
+_EVALSHA = frozenset({b"evalsha", b"evalsha_ro"})
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
@@ -71,7 +72,8 @@ FAST_PATH_MAX_PARTIAL = 64 * 1024  # a command bigger than this: that connection
 _RAW_CLASSES = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.PUBLISH, Cls.UNKNOWN})
 # Commands whose shadow version differs from what the client sent (see effects): never batched.
 _NOT_PLAIN = frozenset(effects.NEEDS_REPLY | {b"expire", b"pexpire", b"setex", b"psetex", b"getex", b"restore", b"xadd",
-                                             b"select", b"hello", b"client", b"readonly", b"readwrite"})
+                                             b"select", b"hello", b"client", b"readonly", b"readwrite",
+                                             b"evalsha_ro"})  # (healed like EVALSHA: see _heal_script)
 
 
 class Entry:
@@ -942,8 +944,18 @@ class Session:
                 else:
                     e.payload[shadow] = shadow_raw
                 e.compare = plan.compare and cmp.comparable(name)
-            if cls is Cls.SCRIPT and name == b"evalsha" and len(args) > 1:
-                self._heal_script(shadow, args[1].lower())
+            if tx is not None:
+                # A transaction's EVALSHA reaches the shadow inside its copy of the transaction.
+                for targs in tx:
+                    if targs[0].lower() in _EVALSHA and len(targs) > 1:
+                        self._heal_script(shadow, targs[1].lower())
+        if name in _EVALSHA and len(args) > 1:
+            # (EVALSHA_RO too: a read, answered by the target after the read cutover.)
+            sha = args[1].lower()
+            if self.tx is None:  # (inside MULTI the SCRIPT LOAD would be queued in the transaction)
+                self._heal_script(answer, sha)
+            if shadow is not None:
+                self._heal_script(shadow, sha)
         if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
             shim.note_script(args, name)
         if shadow is not None and (e.write or e.compare) and cls is not Cls.SCRIPT_ADMIN:
@@ -1350,11 +1362,14 @@ class Session:
                 shim.script_result(side, e.args, e.name, raw)
         else:
             raw = e.rep[side]
-            if e.cls is Cls.SCRIPT and e.name == b"evalsha" and raw.startswith(b"-NOSCRIPT"):
+            if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
                 shim.scripts_loaded[side].discard(e.args[1].lower())
                 shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
                 shim.warn_noscript(side, e.args[1])
-                self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
+                if e.write:
+                    self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
+                else:
+                    e.compare = False  # a read that could not run there: nothing to compare
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
             if e.write and not e.compare and any(is_error(f) for f in (raw if isinstance(raw, list) else (raw,))):
