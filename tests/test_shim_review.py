@@ -277,3 +277,58 @@ def test_evalsha_ro_is_healed_and_compared_without_a_false_divergence(one_env):
     env.target.client().script_flush()
     env.thread.call(lambda: env.thread.shim.scripts_loaded[1].clear())
     assert c.execute_command("EVALSHA_RO", sha, 1, "k") == b"v"
+
+
+def test_a_watch_before_the_write_switch_aborts_an_exec_after_it(one_env):
+    """WATCH k on the source, the write switch, another client changes k on the target: EXEC must
+    not apply the transaction (a lost update)."""
+    env = one_env
+    enter(env, Phase.READS_ON_TARGET)
+    c = env.client()
+    other = env.client()
+    c.set("k", "0")
+    with c.pipeline() as p:
+        p.watch("k")
+        env.set_phase(Phase.WRITES_ON_TARGET)
+        other.set("k", "changed")
+        p.multi()
+        p.set("k", "mine")
+        with pytest.raises(redis.WatchError):
+            p.execute()
+    assert env.target.client().get("k") == b"changed"
+    with c.pipeline() as p:  # the next one, watched on the new write side, goes through
+        p.watch("k")
+        p.multi()
+        p.set("k", "mine")
+        assert p.execute() == [True]
+    time.sleep(0.3)
+    assert env.target.client().get("k") == env.source.client().get("k") == b"mine"
+
+
+def test_a_pop_blocked_across_the_write_switch_does_not_deliver_one_element_twice(one_env):
+    import threading
+
+    env = one_env
+    enter(env, Phase.READS_ON_TARGET)
+    got = {}
+
+    def pop(name):
+        c = redis.Redis(port=env.port, socket_timeout=10)
+        try:
+            got[name] = c.blpop("q", 4)
+        except redis.ConnectionError:
+            got[name] = "disconnected"
+
+    a = threading.Thread(target=pop, args=("A",))
+    a.start()
+    time.sleep(0.5)  # A blocks on the source (the write side in reads-on-target)
+    env.set_phase(Phase.WRITES_ON_TARGET)
+    b = threading.Thread(target=pop, args=("B",))
+    b.start()
+    time.sleep(0.5)  # B blocks on the target
+    env.client().rpush("q", "x")
+    a.join()
+    b.join()
+    time.sleep(0.3)
+    assert list(got.values()).count((b"q", b"x")) == 1, got
+    assert env.source.client().llen("q") == env.target.client().llen("q") == 0

@@ -339,6 +339,8 @@ CONN_TABLE = parse_command_reply([
     [b"subscribe", -2, [b"pubsub", b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
     [b"unsubscribe", -1, [b"pubsub", b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []],
     [b"ping", -1, [b"fast"], 0, 0, 0, [], [], [], []],
+    [b"watch", -2, [b"noscript", b"loading", b"stale", b"fast"], 1, -1, 1, [], [], RANGE1, []],
+    [b"unwatch", 1, [b"noscript", b"loading", b"stale", b"fast"], 0, 0, 0, [], [], [], []],
     [b"client", -2, [], 0, 0, 0, [], [], [], [
         [b"client|setname", 3, [b"noscript", b"loading", b"stale"], 0, 0, 0, [], [], [], []]]],
 ])
@@ -560,3 +562,39 @@ def test_a_shadow_write_behind_a_read_on_a_stalled_target_releases_its_key_after
     assert ca.data == b"$-1\r\n+OK\r\n"
     a.on_upstream_data(TARGET, b"+OK\r\n")  # late, still taken
     assert shim.seq.held == 1  # B's only
+
+
+def test_exec_after_the_write_switch_of_keys_watched_before_it_is_aborted(tmp_path):
+    """WATCH k went to the source (reads-on-target); the write switch moves writes to the target,
+    where nothing is watched: EXEC is answered with a null reply (as if k had changed), the
+    target's queue discarded, the source's WATCH dropped. A transaction without WATCH runs."""
+    from migrator.shim.routing import ROUTES as R
+
+    shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["WATCH", "k"]))
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    shim.phase, shim.routes = Phase.WRITES_ON_TARGET, R[Phase.WRITES_ON_TARGET]
+    s.on_client_data(cmds(["MULTI"], ["SET", "k", "mine"], ["EXEC"]))
+    assert t[TARGET].data == cmds(["MULTI"], ["SET", "k", "mine"], ["DISCARD"])
+    assert t[SOURCE].data == cmds(["WATCH", "k"], ["UNWATCH"])
+    s.on_upstream_data(TARGET, b"+OK\r\n+QUEUED\r\n+OK\r\n")
+    s.on_upstream_data(SOURCE, b"+OK\r\n")
+    assert client.data == b"+OK\r\n+OK\r\n+QUEUED\r\n*-1\r\n" and s.drained()
+    s.on_client_data(cmds(["MULTI"], ["SET", "k", "mine"], ["EXEC"]))
+    assert t[TARGET].data.endswith(cmds(["MULTI"], ["SET", "k", "mine"], ["EXEC"]))
+
+
+def test_a_pop_blocked_on_the_old_write_side_is_disconnected_at_the_write_switch(tmp_path):
+    """Blocked on the source since reads-on-target; after the switch a pop blocked on the target
+    and this one would both be woken by one push: this client is disconnected (it reconnects and
+    blocks on the target), with nothing marked dirty (no write to its key was in flight)."""
+    from migrator.shim.routing import ROUTES as R
+
+    shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["BLPOP", "q", "0"]))
+    s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")
+    shim.phase, shim.routes = Phase.WRITES_ON_TARGET, R[Phase.WRITES_ON_TARGET]
+    s.on_phase(Phase.WRITES_ON_TARGET)
+    assert s.closed and client.closed and not shim.dirty.keys and not shim.seq.blocked

@@ -196,6 +196,7 @@ class Session:
         self.tx_plan: Plan | None = None
         self.tx_gen = 0
         self.tx_abort = False  # a command inside MULTI was refused by the shim: EXEC fails (EXECABORT)
+        self.watched: set[int] = set()  # the sides WATCH was sent to since the last EXEC/DISCARD/UNWATCH
         # Entries changing connection state (SELECT, CLIENT SETNAME, HELLO, an EXEC with those)
         # not answered yet, in command order (see _state_change).
         self.conn_pending: deque[Entry] = deque()
@@ -299,25 +300,34 @@ class Session:
         """
         if self.closed or self.held:
             return  # held for the write switch: routed when released
-        if self.blocking_pending:
-            blocked = [e for e in self.inflight if (e.cls is Cls.BLOCKING or e.cls is Cls.BLOCKING_READ)
-                       and not e.bprobe and e.rep[e.answer] is None]
-            if blocked:
-                seq = self.shim.seq
-                for e in blocked:
-                    # It may have popped only if a write to its keys is in flight or has just
-                    # woken it (the sequencer still has the key): otherwise its shadow side lost
-                    # nothing and is settled as such. (A keyless write, a barrier, may touch it.)
-                    other = e.shadow
-                    if (other is not None and e.bkeys is not None and not seq.fence
-                            and not any(k in seq.locks for k in e.bkeys)):
-                        with contextlib.suppress(ValueError):
-                            self.up[other].out.remove(e)
-                        self._finish_side(e, other)
-                self.close("client closed while a blocking command was pending")
-                return
+        if self.blocking_pending and self._close_blocked("client closed while a blocking command was pending"):
+            return
         if not self.pending_count and not self._raw_owed():
             self.close("client closed")
+
+    def _blocked(self, classes=(Cls.BLOCKING, Cls.BLOCKING_READ)) -> list[Entry]:
+        """Blocking commands sent as themselves (not their non-blocking try) and not returned yet."""
+        return [e for e in self.inflight if e.cls in classes and not e.bprobe and e.rep[e.answer] is None]
+
+    def _close_blocked(self, reason: str, classes=(Cls.BLOCKING, Cls.BLOCKING_READ)) -> bool:
+        """Close the session if a blocking command is blocked upstream; True if it did."""
+        blocked = self._blocked(classes)
+        if not blocked:
+            return False
+        seq = self.shim.seq
+        for e in blocked:
+            # It may have popped only if a write to its keys is in flight or has just woken it
+            # (the sequencer still has the key): otherwise its shadow side lost nothing and is
+            # settled as such. (A keyless write, a barrier, may touch it.)
+            other = e.shadow
+            if (other is not None and e.bkeys is not None and not seq.fence
+                    and not any(k in seq.locks for k in e.bkeys)):
+                with contextlib.suppress(ValueError):
+                    self.up[other].out.remove(e)
+                self._finish_side(e, other)
+        self._flush_client()
+        self.close(reason)
+        return True
 
     def handle(self, args: list[bytes]) -> None:
         if self.sub_expect is not None:
@@ -518,17 +528,23 @@ class Session:
         if name == b"exec" and self.tx is not None:
             tx, plan, gen = self.tx, self.tx_plan, self.tx_gen
             self.tx = self.tx_plan = None
-            if self.tx_abort:
+            watched, self.watched = self.watched, set()
+            if self.tx_abort or (watched and watched != {plan.answer}):
                 # The shim refused a command inside MULTI: like Redis after a queueing error,
-                # nothing runs. The server discards what it queued.
-                self.tx_abort = False
-                d = Entry([b"DISCARD"], b"discard", None, gen)
-                d.internal = True
-                d.answer = plan.answer
-                d.payload[plan.answer] = encode(d.args)
-                self._enqueue(plan.answer, d)
-                self._local(args, c, b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+                # nothing runs. Or keys were WATCHed on the side that took writes then, and the
+                # write switch has moved writes since: the transaction would run where nothing
+                # watches them, so it is aborted as if a watched key had changed (which the
+                # shim cannot rule out). Either way the server discards what it queued.
+                self._internal(plan.answer, [b"DISCARD"], gen)
+                self._unwatch(watched - {plan.answer}, gen)
+                if self.tx_abort:
+                    self.tx_abort = False
+                    self._local(args, c, b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+                else:
+                    self.shim.stats.refused["exec-watch-across-write-switch"] += 1
+                    self._local(args, c, b"_\r\n" if self.proto == 3 else b"*-1\r\n")
                 return
+            self._unwatch(watched - {plan.answer}, gen)
             now_shadow = self.shim.routes[Cls.TX].shadow
             if plan.shadow is None and now_shadow is not None:
                 # Begun before mirroring, executed after: it runs on one side only, so what it
@@ -545,12 +561,33 @@ class Session:
             plan, gen = self.tx_plan, self.tx_gen
             self.tx = self.tx_plan = None
             self.tx_abort = False
+            watched, self.watched = self.watched, set()
+            self._unwatch(watched - {plan.answer}, gen)
             self._dispatch(args, name, c, Plan(plan.answer), gen=gen)
             return
         # WATCH/UNWATCH (and misplaced MULTI/EXEC/DISCARD, which the server rejects): the write
         # side only. The shadow replays what EXEC did, so it needs no WATCH of its own.
         answer = self.tx_plan.answer if self.tx_plan is not None else self.shim.routes[Cls.TX].answer
+        if self.tx is None:
+            if name == b"watch":
+                self.watched.add(answer)
+            elif name == b"unwatch":
+                watched, self.watched = self.watched, set()
+                self._unwatch(watched - {answer}, None)
         self._dispatch(args, name, c, Plan(answer), gen=self.tx_gen if self.tx is not None else None)
+
+    def _internal(self, side: int, args: list[bytes], gen: int | None) -> None:
+        """A command of the shim's own on ``side``, in stream order; its reply goes to nobody."""
+        d = Entry(args, args[0].lower(), None, self.shim.generation if gen is None else gen)
+        d.internal = True
+        d.answer = side
+        d.payload[side] = encode(args)
+        self._enqueue(side, d)
+
+    def _unwatch(self, sides, gen: int | None) -> None:
+        for side in sides:
+            if self.up[side].state is UP or self.up[side].state is CONNECTING:
+                self._internal(side, [b"UNWATCH"], gen)
 
     def _sub_expected(self, args: list[bytes], name: bytes) -> int:
         """How many confirmations a (un)subscribe gets (0: none to wait for, e.g. an arity error)."""
@@ -1700,7 +1737,17 @@ class Session:
         """A new phase was applied: a subscriber on a side PUBLISH no longer reaches must move."""
         if self.pipe is not None and self.pipe not in publish_reaches(phase):
             self.close(f"subscribed on the {SIDE_NAMES[self.pipe]}, which no longer receives PUBLISH")
-        elif self.pipe is None and not self.client_gone:
+            return
+        if self.blocking_pending:
+            # The write side changed (the write switch, or its rollback): a pop still blocked on
+            # the old one would be woken by the same push as a pop blocked on the new one, and
+            # one element delivered twice. Disconnected, like a server restart: clients reconnect
+            # and block again, on the new side.
+            answer = self.shim.routes[Cls.BLOCKING].answer
+            if any(e.answer != answer for e in self._blocked((Cls.BLOCKING,))) and self._close_blocked(
+                    f"blocked on the {SIDE_NAMES[1 - answer]}, which no longer takes writes", (Cls.BLOCKING,)):
+                return
+        if self.pipe is None and not self.client_gone:
             self.connect_sides()
 
     def drained(self) -> bool:
