@@ -598,3 +598,20 @@ def test_a_pop_blocked_on_the_old_write_side_is_disconnected_at_the_write_switch
     shim.phase, shim.routes = Phase.WRITES_ON_TARGET, R[Phase.WRITES_ON_TARGET]
     s.on_phase(Phase.WRITES_ON_TARGET)
     assert s.closed and client.closed and not shim.dirty.keys and not shim.seq.blocked
+
+
+def test_subscribe_confirmations_arriving_apart_all_reach_the_client(tmp_path):
+    """SUBSCRIBE a b: two confirmations, in separate reads; a refused one (one error) ends it too."""
+    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, t = open_session()
+    s.on_client_data(cmds(["SUBSCRIBE", "a", "b"]))
+    s.on_upstream_data(SOURCE, _confirm("subscribe", "a", 1))
+    assert client.data == b""
+    s.on_upstream_data(SOURCE, _confirm("subscribe", "b", 2))
+    assert client.data == _confirm("subscribe", "a", 1) + _confirm("subscribe", "b", 2) and s.pipe == SOURCE
+    s2, client2, t2 = open_session()
+    s2.on_client_data(cmds(["SUBSCRIBE", "a", "b"], ["GET", "k"]))
+    s2.on_upstream_data(SOURCE, b"-NOPERM no permissions to access the 'a' channel\r\n")
+    assert s2.pipe is None and t2[SOURCE].data.endswith(cmds(["GET", "k"]))
+    s2.on_upstream_data(SOURCE, b"$1\r\nv\r\n")
+    assert client2.data == b"-NOPERM no permissions to access the 'a' channel\r\n$1\r\nv\r\n"

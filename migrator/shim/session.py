@@ -1343,7 +1343,9 @@ class Session:
                     got = e.rep[side] = []
                 got.append(raw)
                 if len(got) < e.exp[side]:
-                    continue
+                    if raw[:1] != b"-" or e.cls is not Cls.SUBSCRIBE:
+                        continue
+                    e.exp[side] = len(got)  # a (un)subscribe refused (NOPERM): one error, whatever it named
                 wait.popleft()
             self._side_done(e, side, now)
             if self.closed:
@@ -1537,7 +1539,7 @@ class Session:
                     break
                 continue
             raw = e.rep[e.answer]
-            if raw is None or (e.batch and len(raw) < e.n) or e.bprobe:
+            if raw is None or (type(raw) is list and len(raw) < e.exp[e.answer]) or e.bprobe:
                 break  # (a blocking command's non-blocking try: its reply is made from EXEC's)
             if e.wait_shadow and e.shadow is not None and not e.done[e.shadow]:
                 break
