@@ -583,6 +583,8 @@ def test_divergence_gate_passes_on_identical_traffic_and_survives_a_restart(one_
         c2 = redis.Redis(port=again.port)
         c2.get("k1")
         c2.close()
+        # (The client has the source's reply; the target's, to compare, may still be on its way.)
+        wait_for(lambda: again.call(lambda: again.shim.stats.compared) >= 1, what="the read compared")
         import asyncio
 
         asyncio.run_coroutine_threadsafe(again.shim._publish(), again.loop).result(10)

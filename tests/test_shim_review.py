@@ -11,7 +11,12 @@ import redis
 
 from migrator.phases import Phase
 from migrator.shim import list_dirty
-from tests.test_shim_e2e import make_env, one_env, wait_for  # noqa: F401
+from tests.test_shim_e2e import make_env  # noqa: F401 - the fixture
+
+
+@pytest.fixture
+def review_env(server_factory, make_env):  # noqa: F811 - make_env is the imported fixture
+    return make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
 
 
 def raw(env):
@@ -38,9 +43,9 @@ def dirty(env):
     return [(d.db, d.key, d.reason) for d in list_dirty(env.pb.state_path)]
 
 
-def test_blmpop_direction_is_read_after_the_keys_even_for_a_key_named_left(one_env):
+def test_blmpop_direction_is_read_after_the_keys_even_for_a_key_named_left(review_env):
     """BLMPOP 0 1 left RIGHT pops the right end; the target must lose the same element."""
-    env = one_env
+    env = review_env
     env.set_phase(Phase.MIRRORING)
     c = env.client()
     c.rpush("left", "a", "b", "c")
@@ -50,9 +55,9 @@ def test_blmpop_direction_is_read_after_the_keys_even_for_a_key_named_left(one_e
     assert env.target.client().lrange("left", 0, -1) == [b"a", b"b"]
 
 
-def test_select_inside_multi_then_discard_moves_neither_side(one_env):
+def test_select_inside_multi_then_discard_moves_neither_side(review_env):
     """MULTI; SELECT 1; DISCARD: SELECT never ran, on either side."""
-    env = one_env
+    env = review_env
     env.set_phase(Phase.MIRRORING)
     conn = raw(env)
     assert cmd(conn, "MULTI") == b"OK"
@@ -64,8 +69,8 @@ def test_select_inside_multi_then_discard_moves_neither_side(one_env):
     assert env.target.client(0).get("k") == b"v", f"target db1 has {env.target.client(1).get('k')!r}"
 
 
-def test_select_inside_multi_applies_the_whole_tx_in_the_new_db_on_the_shadow(one_env):
-    env = one_env
+def test_select_inside_multi_applies_the_whole_tx_in_the_new_db_on_the_shadow(review_env):
+    env = review_env
     env.set_phase(Phase.MIRRORING)
     conn = raw(env)
     cmd(conn, "MULTI")
@@ -83,8 +88,8 @@ def test_select_inside_multi_applies_the_whole_tx_in_the_new_db_on_the_shadow(on
     assert dict(env.stats().divergences) == {}
 
 
-def test_auth_inside_multi_aborts_the_transaction(one_env):
-    env = one_env
+def test_auth_inside_multi_aborts_the_transaction(review_env):
+    env = review_env
     env.set_phase(Phase.MIRRORING)
     conn = raw(env)
     assert cmd(conn, "MULTI") == b"OK"
@@ -96,9 +101,9 @@ def test_auth_inside_multi_aborts_the_transaction(one_env):
     assert env.source.client().get("a") is None and env.target.client().get("a") is None
 
 
-def test_a_refused_select_is_not_replayed_on_later_connections(one_env):
+def test_a_refused_select_is_not_replayed_on_later_connections(review_env):
     """SELECT 99 fails on the server: the shim must not replay it on the target once mirroring."""
-    env = one_env
+    env = review_env
     c = env.client(single_connection_client=True)
     with pytest.raises(redis.ResponseError):
         c.execute_command("SELECT", 99)
@@ -112,8 +117,8 @@ def test_a_refused_select_is_not_replayed_on_later_connections(one_env):
     assert env.target.client().get("b") == b"2"
 
 
-def test_a_refused_client_setname_is_not_replayed_on_later_connections(one_env):
-    env = one_env
+def test_a_refused_client_setname_is_not_replayed_on_later_connections(review_env):
+    env = review_env
     c = env.client(single_connection_client=True)
     with pytest.raises(redis.ResponseError):
         c.execute_command("CLIENT", "SETNAME", "has space")
@@ -125,10 +130,10 @@ def test_a_refused_client_setname_is_not_replayed_on_later_connections(one_env):
     assert (dirty(env), dict(env.stats().shadow_failures)) == ([], {})
 
 
-def test_a_script_that_fails_after_writing_is_mirrored_in_reads_on_target(one_env):
+def test_a_script_that_fails_after_writing_is_mirrored_in_reads_on_target(review_env):
     """Lua does not roll back: the SET before the failing INCR stays on the source, and must reach
     the target that now answers reads."""
-    env = one_env
+    env = review_env
     enter(env, Phase.READS_ON_TARGET)
     c = env.client()
     c.set("b", "not-a-number")
@@ -142,9 +147,9 @@ def test_a_script_that_fails_after_writing_is_mirrored_in_reads_on_target(one_en
     assert dict(env.stats().divergences) == {}
 
 
-def test_a_blpop_of_a_disconnected_client_does_not_pop_a_later_push(one_env):
+def test_a_blpop_of_a_disconnected_client_does_not_pop_a_later_push(review_env):
     """A worker blocked in BLPOP disconnects; a job pushed a moment later must stay in the list."""
-    env = one_env
+    env = review_env
     env.set_phase(Phase.MIRRORING)
     s = socket.create_connection(("127.0.0.1", env.port))
     s.sendall(b"*3\r\n$5\r\nBLPOP\r\n$4\r\njobs\r\n$1\r\n0\r\n")
@@ -157,9 +162,9 @@ def test_a_blpop_of_a_disconnected_client_does_not_pop_a_later_push(one_env):
     assert env.target.client().lrange("jobs", 0, -1) == [b"job-1"]
 
 
-def test_pipelined_blpop_then_select_blocks_in_the_old_db(one_env):
+def test_pipelined_blpop_then_select_blocks_in_the_old_db(review_env):
     """BLPOP q 1; SELECT 1 pipelined: Redis blocks on db 0's empty q, times out, then selects."""
-    env = one_env
+    env = review_env
     env.set_phase(Phase.MIRRORING)
     env.source.client(1).rpush("q", "from-db1")
     env.target.client(1).rpush("q", "from-db1")
@@ -175,9 +180,9 @@ def test_pipelined_blpop_then_select_blocks_in_the_old_db(one_env):
     assert env.target.client(1).lrange("q", 0, -1) == [b"from-db1"]
 
 
-def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_then_get(one_env):
+def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_then_get(review_env):
     """UNSUBSCRIBE a b on a connection that never subscribed gets two replies from the server."""
-    env = one_env
+    env = review_env
     env.source.client().set("k", "v")
     s = socket.create_connection(("127.0.0.1", env.port))
     s.settimeout(2)
@@ -194,9 +199,9 @@ def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_then_get(one_
     assert got == want
 
 
-def test_a_write_after_unsubscribing_reaches_the_source_in_reads_on_target(one_env):
+def test_a_write_after_unsubscribing_reaches_the_source_in_reads_on_target(review_env):
     """After SUBSCRIBE + UNSUBSCRIBE the connection is an ordinary one again."""
-    env = one_env
+    env = review_env
     enter(env, Phase.READS_ON_TARGET)
     s = socket.create_connection(("127.0.0.1", env.port))
     s.settimeout(2)
@@ -216,14 +221,14 @@ def test_a_write_after_unsubscribing_reaches_the_source_in_reads_on_target(one_e
     assert dirty(env) == []
 
 
-def test_a_shadow_write_behind_a_read_on_a_stalled_target_does_not_hold_its_key(one_env):
+def test_a_shadow_write_behind_a_read_on_a_stalled_target_does_not_hold_its_key(review_env):
     """reads-on-target: a shadow SET queued behind a target-answered GET on a stalled target must
     not keep another client's write to its key waiting much past shadow_timeout (500 ms)."""
     import os
     import signal
     import threading
 
-    env = one_env
+    env = review_env
     enter(env, Phase.READS_ON_TARGET)
     env.client().set("k", "0")
     os.kill(env.target.proc.pid, signal.SIGSTOP)
@@ -245,10 +250,10 @@ def test_a_shadow_write_behind_a_read_on_a_stalled_target_does_not_hold_its_key(
         lambda: (0, b"k") in env.thread.shim.dirty.keys)
 
 
-def test_an_evalsha_inside_multi_is_healed_on_the_shadow(one_env):
+def test_an_evalsha_inside_multi_is_healed_on_the_shadow(review_env):
     """A script loaded before mirroring (on the source only) and run by EVALSHA in a transaction:
     the target gets it loaded before its copy of the transaction."""
-    env = one_env
+    env = review_env
     c = env.client()
     sha = c.script_load("return redis.call('INCR', KEYS[1])")  # planned: the source only
     env.set_phase(Phase.MIRRORING)
@@ -261,8 +266,8 @@ def test_an_evalsha_inside_multi_is_healed_on_the_shadow(one_env):
     assert dict(env.stats().divergences) == {}
 
 
-def test_evalsha_ro_is_healed_and_compared_without_a_false_divergence(one_env):
-    env = one_env
+def test_evalsha_ro_is_healed_and_compared_without_a_false_divergence(review_env):
+    env = review_env
     c = env.client()
     c.set("k", "v")
     sha = c.script_load("return redis.call('GET', KEYS[1])")  # planned: the source only
@@ -279,10 +284,10 @@ def test_evalsha_ro_is_healed_and_compared_without_a_false_divergence(one_env):
     assert c.execute_command("EVALSHA_RO", sha, 1, "k") == b"v"
 
 
-def test_a_watch_before_the_write_switch_aborts_an_exec_after_it(one_env):
+def test_a_watch_before_the_write_switch_aborts_an_exec_after_it(review_env):
     """WATCH k on the source, the write switch, another client changes k on the target: EXEC must
     not apply the transaction (a lost update)."""
-    env = one_env
+    env = review_env
     enter(env, Phase.READS_ON_TARGET)
     c = env.client()
     other = env.client()
@@ -305,10 +310,10 @@ def test_a_watch_before_the_write_switch_aborts_an_exec_after_it(one_env):
     assert env.target.client().get("k") == env.source.client().get("k") == b"mine"
 
 
-def test_a_pop_blocked_across_the_write_switch_does_not_deliver_one_element_twice(one_env):
+def test_a_pop_blocked_across_the_write_switch_does_not_deliver_one_element_twice(review_env):
     import threading
 
-    env = one_env
+    env = review_env
     enter(env, Phase.READS_ON_TARGET)
     got = {}
 

@@ -363,7 +363,7 @@ def test_select_dropped_for_a_full_mirror_queue_would_leave_the_target_in_the_ol
 def test_select_inside_multi_is_queued_on_both_sides_and_kept_only_after_exec(tmp_path):
     """MULTI; SELECT 1; DISCARD changes nothing; MULTI; SET; SELECT 1; EXEC moves both sides (the
     shadow inside its copy of the transaction) and the connection state once EXEC succeeded."""
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
     s, client, t = open_session()
     s.on_client_data(cmds(["MULTI"], ["SELECT", "1"], ["DISCARD"]))
     assert t[TARGET].data == b"" and s.db is None
@@ -379,7 +379,7 @@ def test_select_inside_multi_is_queued_on_both_sides_and_kept_only_after_exec(tm
 def test_a_command_the_shim_refuses_inside_multi_aborts_exec_like_redis(tmp_path):
     """AUTH (answered by the shim) or MONITOR inside MULTI: refused, and EXEC runs nothing
     (EXECABORT, the server's queue discarded) instead of running the rest one reply short."""
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
     s, client, t = open_session()
     s.on_client_data(cmds(["MULTI"], ["SET", "a", "1"], ["AUTH", "pw"], ["EXEC"], ["GET", "a"]))
     assert t[SOURCE].data == cmds(["MULTI"], ["SET", "a", "1"], ["DISCARD"], ["GET", "a"])
@@ -394,7 +394,7 @@ def test_a_command_the_shim_refuses_inside_multi_aborts_exec_like_redis(tmp_path
 def test_a_refused_select_or_setname_is_not_kept_as_connection_state(tmp_path):
     """SELECT 99 / CLIENT SETNAME refused by the server: later connections must not replay them;
     a pipelined SELECT after a refused one still counts."""
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
     s, _client, _t = open_session()
     s.on_client_data(cmds(["SELECT", "99"], ["SELECT", "98"], ["CLIENT", "SETNAME", "a b"], ["SELECT", "3"]))
     assert s.db == 3 and s.name == b"a b"
@@ -408,8 +408,8 @@ def test_a_refused_select_or_setname_is_not_kept_as_connection_state(tmp_path):
 
 def test_a_refused_select_in_planned_is_not_replayed_when_mirroring_starts(tmp_path):
     """The passthrough path too: SELECT 99 refused before mirroring is not replayed on the target."""
-    shim, open_session = fake_shim(tmp_path, Phase.PLANNED, CONN_TABLE)
-    s, client, t = open_session()
+    _shim, open_session = fake_shim(tmp_path, Phase.PLANNED, CONN_TABLE)
+    s, client, _t = open_session()
     s.on_client_data(cmds(["SELECT", "99"]))
     s.on_upstream_data(SOURCE, b"-ERR DB index is out of range\r\n")
     assert s.db is None and client.data == b"-ERR DB index is out of range\r\n"
@@ -418,7 +418,7 @@ def test_a_refused_select_in_planned_is_not_replayed_when_mirroring_starts(tmp_p
 def test_the_shadow_refusing_a_select_the_answer_took_resets_the_shadow(tmp_path):
     """The target has fewer databases: it refuses SELECT 20, which the source took. The target
     connection would otherwise apply everything after it in the old database."""
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
     s, _client, t = open_session()
     s.on_client_data(cmds(["SELECT", "20"]))
     s.on_upstream_data(SOURCE, b"+OK\r\n")
@@ -430,7 +430,7 @@ def test_commands_received_during_the_hold_still_run_if_the_client_closes(tmp_pa
     """Redis runs what it received before the client's FIN; a command held for the write switch
     must not be forgotten because its client closed meanwhile (a fire-and-forget client)."""
     shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
-    s, client, t = open_session()
+    s, _client, t = open_session()
     shim.holding = True
     s.on_client_data(cmds(["SET", "k", "v"]))
     s.on_client_lost()
@@ -456,7 +456,7 @@ def test_a_blocked_pop_of_a_client_that_closed_is_dropped_at_once(tmp_path):
         s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")  # nothing to pop: sent for real
         assert t[SOURCE].data.endswith(cmds(["BLPOP", "jobs", "0"]))
         if pushing:
-            p, _pc, pt = open_session()
+            p, _pc, _pt = open_session()
             p.on_client_data(cmds(["SET", "jobs", "x"]))  # (a write to the key: it may wake the pop)
         s.on_client_lost()
         assert s.closed and t[SOURCE].closed and s.drained()
@@ -488,7 +488,7 @@ def _confirm(kind: str, channel: str | None, count: int) -> bytes:
 def test_a_connection_that_unsubscribed_from_everything_is_an_ordinary_one_again(tmp_path):
     """reads-on-target: SUBSCRIBE a b; UNSUBSCRIBE a; UNSUBSCRIBE; SET w 1 -- the SET must reach the
     source (the write authority) first, then the target, not stream to the target only."""
-    shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
+    _shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
     s, client, t = open_session()
     s.on_client_data(cmds(["SUBSCRIBE", "a", "b"], ["UNSUBSCRIBE", "a"]))
     assert t[TARGET].data == cmds(["SUBSCRIBE", "a", "b"])  # the rest waits for the confirmations
@@ -509,8 +509,8 @@ def test_a_connection_that_unsubscribed_from_everything_is_an_ordinary_one_again
 
 
 def test_a_refused_subscribe_does_not_make_the_connection_stream(tmp_path):
-    shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
-    s, client, t = open_session()
+    _shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
+    s, _client, t = open_session()
     s.on_client_data(cmds(["SUBSCRIBE", "a"], ["SET", "w", "1"]))
     s.on_upstream_data(TARGET, b"-NOPERM this user has no permissions to access the 'a' channel\r\n")
     assert s.pipe is None and t[SOURCE].data == cmds(["SET", "w", "1"])
@@ -518,7 +518,7 @@ def test_a_refused_subscribe_does_not_make_the_connection_stream(tmp_path):
 
 def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_gets_two_replies(tmp_path):
     """UNSUBSCRIBE a b is confirmed once per channel, subscribed or not; the GET's reply follows."""
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
     s, client, t = open_session()
     s.on_client_data(cmds(["UNSUBSCRIBE", "a", "b"], ["GET", "k"]))
     assert t[SOURCE].data == cmds(["UNSUBSCRIBE", "a", "b"])
@@ -530,8 +530,8 @@ def test_unsubscribe_of_two_channels_on_an_unsubscribed_connection_gets_two_repl
 
 
 def test_a_refused_subscribe_on_a_subscribed_connection_does_not_hold_it_forever(tmp_path):
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
-    s, client, t = open_session()
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, _client, t = open_session()
     s.on_client_data(cmds(["SUBSCRIBE", "a"]))
     s.on_upstream_data(SOURCE, _confirm("subscribe", "a", 1))
     s.on_client_data(cmds(["SUBSCRIBE", "secret"], ["PING"]))
@@ -592,7 +592,7 @@ def test_a_pop_blocked_on_the_old_write_side_is_disconnected_at_the_write_switch
     from migrator.shim.routing import ROUTES as R
 
     shim, open_session = fake_shim(tmp_path, Phase.READS_ON_TARGET, CONN_TABLE)
-    s, client, t = open_session()
+    s, client, _t = open_session()
     s.on_client_data(cmds(["BLPOP", "q", "0"]))
     s.on_upstream_data(SOURCE, b"+OK\r\n+QUEUED\r\n*1\r\n*-1\r\n")
     shim.phase, shim.routes = Phase.WRITES_ON_TARGET, R[Phase.WRITES_ON_TARGET]
@@ -602,8 +602,8 @@ def test_a_pop_blocked_on_the_old_write_side_is_disconnected_at_the_write_switch
 
 def test_subscribe_confirmations_arriving_apart_all_reach_the_client(tmp_path):
     """SUBSCRIBE a b: two confirmations, in separate reads; a refused one (one error) ends it too."""
-    shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
-    s, client, t = open_session()
+    _shim, open_session = fake_shim(tmp_path, Phase.MIRRORING, CONN_TABLE)
+    s, client, _t = open_session()
     s.on_client_data(cmds(["SUBSCRIBE", "a", "b"]))
     s.on_upstream_data(SOURCE, _confirm("subscribe", "a", 1))
     assert client.data == b""
