@@ -190,6 +190,18 @@ def check_endpoints(pb: Playbook, state: State) -> None:
         )
 
 
+def _older_than_journal(store: StateStore, state: State) -> str | None:
+    """Why ``state.json`` is older than what the journal says was written (restored from a backup?)."""
+    written = [e.get("generation") for e in store.read_journal()
+               if e.get("event") in ("transition-completed", "transition-reverted")]
+    newest = max((g for g in written if isinstance(g, int)), default=0)
+    if state.generation < newest:
+        return (f"{store.state_path} is at generation {state.generation} but the journal records generation {newest} "
+                "written: the file is older than the migration (restored from a backup?). Shims may be routing by a "
+                "newer phase; put the newest state.json back")
+    return None
+
+
 def _next_step(state: State, direction: str) -> tuple[Step | None, str | None]:
     if direction == "advance":
         step = step_from(state.phase)
@@ -206,6 +218,9 @@ def _interrupted_note(store: StateStore, state: State) -> str | None:
     running = store.running()
     if running:
         return f"in progress: {running}"
+    older = _older_than_journal(store, state)
+    if older:
+        return older
     if state.transition:
         t = state.transition
         return (f"an interrupted {t.direction} from {t.from_phase} to {t.to_phase} (started {t.started_at}) "
@@ -275,6 +290,8 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
     with store.locked(direction):
         state = store.load()
         check_endpoints(pb, state)
+        if (older := _older_than_journal(store, state)) is not None:
+            raise StateError(older)
         if state.barrier is not None and state.transition is None and not dry_run:
             # A run died while shims held commands; they released at the deadline. Clear it.
             store.journal("barrier-lifted", barrier=state.barrier.id, reason="left by an interrupted run")

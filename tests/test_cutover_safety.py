@@ -322,3 +322,17 @@ def test_a_record_with_fields_this_version_does_not_know_still_counts(tmp_path):
            "heartbeat_at": iso(now()), "applied_phase": "mirroring", "applied_generation": 3, "from_the_future": True}
     (tmp_path / "shims" / "newer.json").write_text(json.dumps(rec))
     assert [r.id for r in registry.active(tmp_path)] == ["newer"]
+
+
+def test_a_state_file_older_than_the_journal_is_refused(servers_pb):
+    """state.json restored from an old backup: its generation is behind what the journal records as
+    written, so shims may route by a newer phase. advance refuses (exit 4) and status says why."""
+    pb = playbook.load(servers_pb)
+    store = force_phase(pb, Phase.COMPATIBLE)
+    backup = store.state_path.read_bytes()
+    assert run_cli("advance", "--yes", "--override", "shim_running", "--reason", "t", playbook=servers_pb).returncode == 0
+    store.state_path.write_bytes(backup)
+    out = run_cli("advance", "--yes", playbook=servers_pb)
+    assert out.returncode == 4 and "older than the migration" in out.stderr, out.stderr
+    st = json.loads(run_cli("status", "--output", "json", playbook=servers_pb).stdout)
+    assert "older than the migration" in st["note"]
