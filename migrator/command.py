@@ -409,8 +409,8 @@ def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resume
             # Completing cannot be undone by reverting: shims that applied it already stopped
             # writing to the source. Completed it stays; the laggard applies it when it polls.
             _complete(pb, store, state, step, results, resumed)
-            raise RefusedError(f"{t.direction} to {t.to_phase} is done but {failed[0].name} failed: {failed[0].evidence}; "
-                               "the phase stays completed: restart or stop the shims that did not acknowledge it")
+            raise StateError(f"{t.direction} to {t.to_phase} is done but {failed[0].name} failed: {failed[0].evidence}; "
+                             "the phase stays completed: restart or stop the shims that did not acknowledge it")
         unsafe = _revert_unsafe(pb, store, state, step)
         if unsafe:
             store.journal("transition-stalled", id=t.id, reason=f"{failed[0].name}: {failed[0].evidence}",

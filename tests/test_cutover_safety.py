@@ -148,7 +148,7 @@ def test_a_dry_run_writes_nothing_to_the_journal(servers_pb):
 
 def test_complete_is_not_reverted_when_a_shim_lags(server_factory, make_playbook):
     """Shims that applied completed stopped writing to the source at once: going back to
-    writes-on-target would let a later rollback lose those writes. Completed stays; exit 1 names the laggard."""
+    writes-on-target would let a later rollback lose those writes. Completed stays; exit 4 names the laggard."""
     src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
     path = make_playbook(src, tgt, shim={"ack_timeout": "2s"})
     pb = playbook.load(path)
@@ -157,7 +157,7 @@ def test_complete_is_not_reverted_when_a_shim_lags(server_factory, make_playbook
         wait_for(lambda: all(r.applied_generation == store.load().generation for r in registry.active(pb.state_path)))
         stuck.stuck = True
         out = run_cli("advance", "--yes", "--override", "consistency", "--reason", "t", playbook=path)
-    assert out.returncode == 1 and "the phase stays completed" in out.stderr and "stuck-shim" in out.stderr, out.stderr
+    assert out.returncode == 4 and "the phase stays completed" in out.stderr and "stuck-shim" in out.stderr, out.stderr
     assert store.load().phase == Phase.COMPLETED and store.load().transition is None
     assert run_cli("rollback", "--yes", playbook=path).returncode == 1
 
