@@ -378,3 +378,27 @@ def test_reset_command_statistics_warn_and_field_ttls_pass_on_valkey9(server_fac
     assert result.check("commands.missing").status == WARN
     types = result.check("data.types")
     assert types.status == PASS and "1 hash(es) use field TTLs" in types.evidence
+
+
+def test_a_key_deleted_between_scan_and_type_is_not_a_type_the_target_cannot_hold(server_factory, make_playbook, monkeypatch):
+    """On a live source a sampled key can vanish before its TYPE is read ("none"): it is dropped from
+    the sample, not reported as module data the target cannot hold (a flaky failure under load)."""
+    import redis as redis_mod
+
+    from migrator.compat import sample as sample_mod
+
+    source = server_factory("redis-7.0")
+    c = source.client()
+    c.mset({f"k{i}": "v" for i in range(20)})
+    real_execute = redis_mod.client.Pipeline.execute
+
+    def delete_first(self, *a, **kw):
+        if any(args[0] == "TYPE" for args, _ in self.command_stack):
+            c.delete("k3", "k7")  # another client deletes two keys just before the TYPEs run
+        return real_execute(self, *a, **kw)
+
+    monkeypatch.setattr(redis_mod.client.Pipeline, "execute", delete_first)
+    pb = playbook.load(make_playbook(source, server_factory("valkey-9.1")))
+    result = sample_mod.sample(Side.open("source", pb.source))
+    assert dict(result.types()) == {"string": 18}
+    assert sum(len(d.sampled) for d in result.dbs.values()) == 18

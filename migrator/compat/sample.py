@@ -109,7 +109,11 @@ def _walk(side: Side, d: DbSample, per_db: int) -> None:
     pipe = client.pipeline(transaction=False)
     for key in d.sampled:
         pipe.type(key)
-    d.types = {k: text(t) for k, t in zip(d.sampled, side.guard("TYPE", pipe.execute))}
+    types = {k: text(t) for k, t in zip(d.sampled, side.guard("TYPE", pipe.execute))}
+    # "none": the key expired or was deleted between SCAN and TYPE (a live server). It is not a
+    # type the target would have to hold (read as one, it failed the data-types check).
+    d.types = {k: t for k, t in types.items() if t != "none"}
+    d.sampled = [k for k in d.sampled if k in d.types]
     try:
         d.memory_sampled = _memory(side, client, d.sampled)
     except Unavailable:
