@@ -578,11 +578,7 @@ class Session:
 
     def _internal(self, side: int, args: list[bytes], gen: int | None) -> None:
         """A command of the shim's own on ``side``, in stream order; its reply goes to nobody."""
-        d = Entry(args, args[0].lower(), None, self.shim.generation if gen is None else gen)
-        d.internal = True
-        d.answer = side
-        d.payload[side] = encode(args)
-        self._enqueue(side, d)
+        self._enqueue(side, _internal_entry(side, args, self.shim.generation if gen is None else gen))
 
     def _unwatch(self, sides, gen: int | None) -> None:
         for side in sides:
@@ -1166,11 +1162,8 @@ class Session:
         body = shim.script_bodies.get(sha)
         if body is None:
             return  # a NOSCRIPT may follow; it is counted and the keys marked dirty then
-        e = Entry([b"SCRIPT", b"LOAD", body], b"script", None, shim.generation)
-        e.internal = True
-        e.answer = side
+        e = _internal_entry(side, [b"SCRIPT", b"LOAD", body], shim.generation)
         e.heal_sha = sha
-        e.payload[side] = encode(e.args)
         shim.stats.script_heals += 1
         self._enqueue(side, e)
 
@@ -1200,11 +1193,7 @@ class Session:
         if self.readonly:
             hs.append([b"READONLY"])
         for args in reversed(hs):
-            e = Entry(args, args[0].lower(), None, self.shim.generation)
-            e.internal = True
-            e.answer = side
-            e.payload[side] = encode(args)
-            u.out.appendleft(e)
+            u.out.appendleft(_internal_entry(side, args, self.shim.generation))
         u.attempt += 1
         self.shim.open_upstream(self, side, u.attempt)
 
@@ -1799,6 +1788,15 @@ def _batch_memo(c: Classified) -> tuple[int, bool, bool, int]:
     kind = (2 if c.cls is Cls.WRITE else 1) if plain else 0
     never_compared = name in cmp.EXCLUDED or base in cmp.EXCLUDED
     return kind, bool(info is not None and info.single_key), name == b"set", int(never_compared)
+
+
+def _internal_entry(side: int, args: list[bytes], gen: int) -> Entry:
+    """A command of the shim's own (handshake, SCRIPT LOAD, DISCARD...) for ``side``; no client waits for it."""
+    e = Entry(args, args[0].lower(), None, gen)
+    e.internal = True
+    e.answer = side
+    e.payload[side] = encode(args)
+    return e
 
 
 def _complete(e: Entry, side: int) -> bool:
