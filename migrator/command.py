@@ -190,10 +190,9 @@ def check_endpoints(pb: Playbook, state: State) -> None:
         )
 
 
-def _older_than_journal(store: StateStore, state: State) -> str | None:
-    """Why ``state.json`` is older than what the journal says was written (restored from a backup?)."""
-    written = [e.get("generation") for e in store.read_journal()
-               if e.get("event") in ("transition-completed", "transition-reverted")]
+def _older_than_journal(store: StateStore, state: State, entries: list[dict]) -> str | None:
+    """Why ``state.json`` is older than what the journal (``entries``) says was written (restored from a backup?)."""
+    written = [e.get("generation") for e in entries if e.get("event") in ("transition-completed", "transition-reverted")]
     newest = max((g for g in written if isinstance(g, int)), default=0)
     if state.generation < newest:
         return (f"{store.state_path} is at generation {state.generation} but the journal records generation {newest} "
@@ -218,28 +217,27 @@ def _interrupted_note(store: StateStore, state: State) -> str | None:
     running = store.running()
     if running:
         return f"in progress: {running}"
-    older = _older_than_journal(store, state)
+    entries = store.read_journal()
+    older = _older_than_journal(store, state, entries)
     if older:
         return older
     if state.transition:
         t = state.transition
         return (f"an interrupted {t.direction} from {t.from_phase} to {t.to_phase} (started {t.started_at}) "
                 f"changed the phase but did not finish; run `migrator {t.direction}` to finish it")
-    entries = store.read_journal()
     last_event = next((e for e in reversed(entries) if str(e.get("event", "")).startswith("transition-")), None)
     if last_event is not None and last_event.get("event") == "transition-reverting":
         return (f"a revert to {last_event.get('restoring')} (generation {last_event.get('generation')}) was interrupted: "
                 "the phase changed and was put back; check with `migrator status` that every shim applied it")
-    last = _dangling_start(store, state)
+    last = _dangling_start(entries, state)
     if last:
         return (f"an attempt to {last['direction']} from {last['from']} to {last['to']} at {last['time']} "
                 "stopped before the phase changed; nothing was applied")
     return None
 
 
-def _dangling_start(store: StateStore, state: State) -> dict | None:
-    """The journal's last ``transition-started`` if nothing completed it and the state never moved."""
-    entries = store.read_journal()
+def _dangling_start(entries: list[dict], state: State) -> dict | None:
+    """The journal's (``entries``) last ``transition-started`` if nothing completed it and the state never moved."""
     for e in reversed(entries):
         if e.get("event") in ("transition-completed", "transition-reverted", "transition-aborted", "transition-reverting"):
             return None
@@ -290,7 +288,8 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
     with store.locked(direction):
         state = store.load()
         check_endpoints(pb, state)
-        if (older := _older_than_journal(store, state)) is not None:
+        entries = store.read_journal()
+        if (older := _older_than_journal(store, state, entries)) is not None:
             raise StateError(older)
         if state.barrier is not None and state.transition is None and not dry_run:
             # A run died while shims held commands; they released at the deadline. Clear it.
@@ -303,7 +302,7 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
             return _finish(pb, store, state, dry_run)
         if pending and not dry_run:
             store.journal("transition-superseded", id=pending.id, by=direction, operator=operator())
-        elif (dangling := _dangling_start(store, state)) is not None and not dry_run:
+        elif (dangling := _dangling_start(entries, state)) is not None and not dry_run:
             store.journal("transition-aborted", id=dangling.get("id"), reason="stopped before the phase changed; nothing was applied")
         step, why_not = _next_step(state, direction)
         if step is None:
@@ -359,9 +358,9 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
             raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {failed[0].name} failed: {failed[0].evidence}")
         if state.barrier is not None and not _barrier_in_force(pb, state.barrier):
             # Too late: the shims release at the deadline, in the old phase, and may already have.
+            why = f"the hold's deadline (barrier {state.barrier.id}) was too close when the switch was ready"
             state.barrier, state.generation = None, state.generation + 1
             store.save(state)
-            why = f"the hold's deadline ({state_barrier_deadline(pre)}) was too close when the switch was ready"
             store.journal("transition-aborted", id=tid, reason=why, actions=[a.to_json() for a in pre])
             raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {why}; run it again")
     started = now()
@@ -384,10 +383,6 @@ SWITCH_MARGIN = 0.2  # of max_pause: the switch is written only this long before
 def _barrier_in_force(pb: Playbook, barrier) -> bool:
     max_pause = pb.steps.write_cutover.max_pause.total_seconds()
     return (parse_iso(barrier.deadline) - now()).total_seconds() > SWITCH_MARGIN * max_pause
-
-
-def state_barrier_deadline(pre: list[actions_mod.ActionResult]) -> str:
-    return next((f"barrier {a.data.get('barrier')}" for a in pre if a.name == "hold_writes"), "barrier")
 
 
 def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resumed: bool = True) -> TransitionResult:
