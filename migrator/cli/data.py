@@ -14,11 +14,9 @@ from migrator.cli import Ctx, cli, emit_json, output_option, pass_ctx, with_play
 from migrator.data import check as check_mod
 from migrator.data import render
 from migrator.data import sync as sync_mod
-from migrator.errors import RefusedError, UsageError
+from migrator.errors import UsageError
 from migrator.logs import get_logger
-from migrator.phases import Phase
 from migrator.redact import redact
-from migrator.state import StateStore
 
 
 class _Progress:
@@ -97,13 +95,6 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
     if restart and dirty:
         raise UsageError("--restart and --dirty cannot be combined")
     pb = ctx.load_playbook()
-    phase = StateStore(pb.state_path, pb.name).load().phase
-    if phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED):
-        # sync copies source -> target; here the target holds the acknowledged writes.
-        raise RefusedError(
-            f"the migration is {phase}: the target is authoritative and a sync (source → target) would overwrite "
-            "its writes with the source's older values. Dirty keys now mean the source missed writes: repair them "
-            f"with `migrator check --full --repair -p {pb.path}` (it copies from the target)")
     _progress_logs_visible(cctx)
     _fewer_collections()
     with _Progress() as progress:

@@ -171,9 +171,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         # Every key was seen equal on both sides (after any repair): the shim's dirty marks made
         # before this check began, on keys it walked, need no other repair. This is how the
         # source is repaired in writes-on-target, where `sync` (source -> target) is refused.
-        everything = selection.include == ["*"] and not selection.exclude
-        dirtymod.clear_covered(playbook.state_path, parse_iso(started).timestamp(),
-                            lambda db, key: db in dbs and (everything if key is None else selection.wants(key)))
+        dirtymod.clear_walked(playbook.state_path, parse_iso(started).timestamp(), dbs, selection)
     data = render.check_report_data(playbook, result)
     ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
     result.report_id = ref.id

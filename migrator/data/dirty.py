@@ -11,9 +11,13 @@ being copied stays dirty.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from migrator.data.keyspace import Selection
 
 
 @dataclass
@@ -68,3 +72,15 @@ def clear_covered(state_dir: Path | str, before: float, covered: Callable[[int, 
 
     done = [(m.db, m.key) for m in shim_list(state_dir) if m.since < before and covered(m.db, m.key)]
     return shim_clear(state_dir, done, before=before) if done else 0
+
+
+def clear_walked(state_dir: Path | str, before: float, dbs: list[int], selection: Selection) -> int:
+    """After a complete walk (a full sync pass, or an exhaustive clean check) that began at
+    ``before``: marks made earlier on keys it walked — ``selection``'s keys in ``dbs``, and whole
+    databases if it selected everything — are repaired by it."""
+    everything = selection.include == ["*"] and not selection.exclude
+
+    def covered(db: int, key: bytes | None) -> bool:
+        return db in dbs and (everything if key is None else selection.wants(key))
+
+    return clear_covered(state_dir, before, covered)

@@ -35,7 +35,8 @@ from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetc
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
 from migrator.data.watch import WriteWatch
-from migrator.errors import LockedError
+from migrator.errors import LockedError, RefusedError
+from migrator.phases import Phase
 from migrator.playbook import Playbook
 from migrator.state import StateStore, iso, now, parse_iso
 
@@ -154,8 +155,18 @@ class _Run:
 def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate: float | None = None,
         batch: int | None = None, progress: ProgressFn | None = None, chunk: int = DEFAULT_CHUNK,
         settle: float | None = None, keyspace_events: bool = True) -> SyncResult:
-    """Copy the selected keyspace (or, with ``dirty``, the shim's dirty keys) and write a report."""
+    """Copy the selected keyspace (or, with ``dirty``, the shim's dirty keys) and write a report.
+
+    Refused once the target is authoritative (writes-on-target, completed): a copy source →
+    target would overwrite writes only the target has.
+    """
     state_dir = playbook.state_path
+    phase = StateStore(state_dir, playbook.name).load().phase
+    if phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED):
+        raise RefusedError(
+            f"the migration is {phase}: the target is authoritative and a sync (source → target) would overwrite "
+            "its writes with the source's older values. Dirty keys now mean the source missed writes: repair them "
+            f"with `migrator check --full --repair -p {playbook.path}` (it copies from the target)")
     lock = FileLock(str(Path(state_dir) / cpmod.SYNC_DIR / "lock"), timeout=0)
     (Path(state_dir) / cpmod.SYNC_DIR).mkdir(parents=True, exist_ok=True)
     try:
@@ -211,7 +222,7 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     cp.completed_at = iso(now()) if complete else None
     cpmod.save(state_dir, cp)
     if complete:
-        _clear_covered_dirty(r, cp, dbs)
+        dirtymod.clear_walked(r.pb.state_path, parse_iso(cp.started_at).timestamp(), dbs, r.selection)
     return _result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
                    {d: {"keys": cp.db(d).keys, "bytes": cp.db(d).bytes, "done": cp.db(d).done} for d in dbs})
 
@@ -345,16 +356,6 @@ def _retry_unsettled(r: _Run, cp: cpmod.Checkpoint) -> None:
         by_db.setdefault(db, []).append(cpmod.decode_key(key))
     for db, keys in by_db.items():
         _copy_and_verify(r, db, keys, cp.method)
-
-
-def _clear_covered_dirty(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> None:
-    """Dirty marks older than this complete pass, on keys it covered, are repaired by it."""
-    everything = r.selection.include == ["*"] and not r.selection.exclude
-
-    def covered(db: int, key: bytes | None) -> bool:
-        return db in dbs and (everything if key is None else r.selection.wants(key))
-
-    dirtymod.clear_covered(r.pb.state_path, parse_iso(cp.started_at).timestamp(), covered)
 
 
 def _run_dirty(r: _Run) -> SyncResult:
