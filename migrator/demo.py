@@ -47,6 +47,7 @@ class DemoSummary:
     checks: list[str] = field(default_factory=list)
     divergences: int = 0
     divergences_after_sync: int = 0
+    divergences_awaiting_repair: int = 0  # after the sync, on keys already marked dirty (not counted by the gate)
     write_pause_ms: float | None = None
     audit: AuditResult | None = None
     final_report: str = ""
@@ -224,7 +225,9 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
         log = divergence.read_log(pb.state_path)
         synced = res.finished_at
         summary.divergences = len(log)
-        summary.divergences_after_sync = sum(1 for d in log if d.get("time", "") > synced)
+        after = [d for d in log if d.get("time", "") > synced]
+        summary.divergences_after_sync = sum(1 for d in after if not d.get("awaiting_repair"))
+        summary.divergences_awaiting_repair = len(after) - summary.divergences_after_sync
         summary.ok = summary.audit.ok and not summary.audit.errors and final.clean
         return summary
     finally:

@@ -203,3 +203,23 @@ def test_the_shims_own_dirty_count_drops_marks_a_full_sync_covered(tmp_path):
     rec.flush()
     rec.refresh()
     assert set(rec.keys) == {(0, b"new")}
+
+
+def test_divergences_on_keys_awaiting_repair_are_shown_not_counted(tmp_path):
+    """A divergence flagged awaiting_repair is logged and named in the evidence, but not in the rate; others count."""
+    ctx, pb = _ctx(tmp_path, Phase.MIRRORING, 5)
+    rec = DivergenceRecorder(pb.state_path, "s")
+    rec.start_generation(5, "mirroring")
+    for _ in range(10):
+        rec.compared()
+    rec.record(kind="different-value", command=b"incr", keys=[b"k"], db=0, source_raw=b":3\r\n", target_raw=b":2\r\n",
+               awaiting_repair=True)
+    rec.flush()
+    r = shim_gates.divergence(ctx)
+    assert r.passed and "(0 in 10 compared)" in r.evidence and "1 on keys awaiting repair not counted" in r.evidence
+    assert r.data["awaiting_repair"] == 1
+    assert [line.get("awaiting_repair") for line in read_log(pb.state_path)] == [True]
+    rec.record(kind="different-value", command=b"incr", keys=[b"j"], db=0, source_raw=b":3\r\n", target_raw=b":2\r\n")
+    rec.flush()
+    r = shim_gates.divergence(ctx)
+    assert not r.passed and "(1 in 10 compared)" in r.evidence

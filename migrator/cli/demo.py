@@ -29,8 +29,9 @@ def demo_cmd(keep: bool, base: Path | None, seed_keys: int) -> None:
     con.print(f"  keys copied by sync: {s.keys_copied}")
     for c in s.checks:
         con.print(f"  {escape(c)}")
-    con.print(f"  divergences logged by the shim: {s.divergences} ({s.divergences_after_sync} after the sync finished; "
-              "earlier ones are writes to keys not yet copied)")
+    con.print(f"  divergences logged by the shim: {s.divergences} ({s.divergences_after_sync} after the sync finished"
+              + (f", plus {s.divergences_awaiting_repair} on keys awaiting repair" if s.divergences_awaiting_repair else "")
+              + "; earlier ones are writes to keys not yet copied)")
     con.print(f"  write pause at cutover: {f'{s.write_pause_ms:.1f} ms' if s.write_pause_ms is not None else 'n/a'}")
     if s.audit:
         con.print(f"  ledger: {escape(s.audit.summary())}")

@@ -40,18 +40,28 @@ def counters_dir(state_dir: Path | str) -> Path:
 
 @dataclass
 class Tally:
+    """Replies compared and divergences; ``awaiting_repair``: divergences on a key already marked dirty.
+
+    A key marked dirty is known to differ until a repair re-copies it, and the repair itself
+    races live writes until its verification has re-copied the key: writes to it diverge for a
+    reason already on record, which the ``no_dirty_keys`` gate holds the cutover for. They are
+    logged and shown, not counted in the rate (the divergence that made the key dirty was).
+    """
+
     compared: int = 0
     divergent: int = 0
     by_kind: Counter = field(default_factory=Counter)
+    awaiting_repair: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"compared": self.compared, "divergent": self.divergent, "by_kind": dict(self.by_kind)}
+        return {"compared": self.compared, "divergent": self.divergent, "by_kind": dict(self.by_kind),
+                "awaiting_repair": self.awaiting_repair}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Tally:
         d = d or {}
         return cls(int(d.get("compared", 0)), int(d.get("divergent", 0)),
-                   Counter({k: int(v) for k, v in (d.get("by_kind") or {}).items()}))
+                   Counter({k: int(v) for k, v in (d.get("by_kind") or {}).items()}), int(d.get("awaiting_repair", 0)))
 
 
 @dataclass
@@ -140,10 +150,14 @@ class DivergenceRecorder:
         self.total_compared += n
 
     def record(self, *, kind: str, command: bytes, keys: list[bytes], db: int, source_raw: bytes | None,
-               target_raw: bytes | None) -> None:
+               target_raw: bytes | None, awaiting_repair: bool = False) -> None:
+        """One divergence; ``awaiting_repair``: on a key already marked dirty (logged, not counted, see ``Tally``)."""
         for tally in (self.current.total, self.current.after_sync):
-            tally.divergent += 1
-            tally.by_kind[kind] += 1
+            if awaiting_repair:
+                tally.awaiting_repair += 1
+            else:
+                tally.divergent += 1
+                tally.by_kind[kind] += 1
         self.total_by_kind[kind] += 1
         if len(self._lines) >= MAX_LINES_PER_FLUSH:
             self._suppressed += 1
@@ -160,6 +174,8 @@ class DivergenceRecorder:
             "source": _side(source_raw, None, self.log_values),
             "target": _side(target_raw, None, self.log_values),
         }
+        if awaiting_repair:
+            entry["awaiting_repair"] = True
         if len(keys) > 16:
             entry["keys_total"] = len(keys)
         line = json.dumps(redact(entry))
@@ -201,7 +217,8 @@ def read_counters(state_dir: Path | str, generation: int, after_sync: str | None
     With ``after_sync`` (a sync report id), only what was counted after each shim saw that
     sync finish; a shim that had not seen it yet contributes nothing.
     """
-    total = {"generation": generation, "compared": 0, "divergent": 0, "by_kind": {k: 0 for k in KINDS}, "shims": 0}
+    total = {"generation": generation, "compared": 0, "divergent": 0, "by_kind": {k: 0 for k in KINDS},
+             "awaiting_repair": 0, "shims": 0}
     d = counters_dir(state_dir)
     if not d.is_dir():
         return total
@@ -216,6 +233,7 @@ def read_counters(state_dir: Path | str, generation: int, after_sync: str | None
         tally = Tally.from_json(data)
         total["compared"] += tally.compared
         total["divergent"] += tally.divergent
+        total["awaiting_repair"] += tally.awaiting_repair
         for k, v in tally.by_kind.items():
             total["by_kind"][k] = total["by_kind"].get(k, 0) + v
     return total

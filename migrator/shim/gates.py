@@ -66,6 +66,8 @@ def divergence(ctx: GateContext):
     ev += f" {'<=' if ok else '>'} {_pct(max_rate)} ({field_name}), {window}"
     if kinds:
         ev += f"; by kind: {kinds}"
+    if counters["awaiting_repair"]:
+        ev += f"; {counters['awaiting_repair']:,} on keys awaiting repair not counted (see no_dirty_keys)"
     return ok, ev, data
 
 

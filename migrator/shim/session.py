@@ -907,9 +907,11 @@ class Session:
             shim.stats.divergences[kind] += 1
             c = shim.table.classify(args)
             keys = c.keys(args)
-            shim.divergence.record(kind=kind, command=name, keys=keys, db=e.db, source_raw=a, target_raw=b)
+            db = self._db(e.shadow if e.shadow is not None else TARGET)
+            shim.divergence.record(kind=kind, command=name, keys=keys, db=e.db, source_raw=a, target_raw=b,
+                                   awaiting_repair=self._awaiting_repair(db, keys))
             if c.cls is Cls.WRITE:
-                self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else TARGET), f"divergent-{kind}", name)
+                self._mark_dirty(keys, db, f"divergent-{kind}", name)
         shim.stats.compared += compared
         shim.divergence.compared(compared)
 
@@ -1474,10 +1476,12 @@ class Session:
             return
         shim.stats.divergences[kind] += 1
         keys = self._entry_keys(e)
-        shim.divergence.record(kind=kind, command=e.name, keys=keys, db=e.db, source_raw=src, target_raw=tgt)
+        db = self._db(e.shadow if e.shadow is not None else TARGET)
+        shim.divergence.record(kind=kind, command=e.name, keys=keys, db=e.db, source_raw=src, target_raw=tgt,
+                               awaiting_repair=self._awaiting_repair(db, keys))
         if e.write:
             # The two sides answered a write differently, so their data may now differ too.
-            self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else TARGET), f"divergent-{kind}", e.name)
+            self._mark_dirty(keys, db, f"divergent-{kind}", e.name)
 
     def _finish_side(self, e: Entry, side: int) -> None:
         if e.done[side]:
@@ -1719,6 +1723,11 @@ class Session:
                     keys.extend(c.keys(args))
             return list(dict.fromkeys(keys))
         return e.c.keys(e.args) if e.c is not None else []
+
+    def _awaiting_repair(self, db: int, keys: list[bytes]) -> bool:
+        """The command's keys are all already marked dirty: their difference is on record (see ``divergence.Tally``)."""
+        dirty = self.shim.dirty
+        return bool(keys) and bool(dirty.keys) and all(dirty.is_dirty(db, [k]) for k in keys)
 
     def _mark_dirty(self, keys: list[bytes], db: int, reason: str, command: bytes) -> None:
         self.shim.dirty.add(db, keys, reason, command)
