@@ -199,7 +199,8 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
         say(f"  sync: copied {res.keys} keys ({res.bytes} bytes) by {res.method} in {res.duration_s:.1f}s, "
             f"verified {res.verified}, re-copied {res.recopied} written meanwhile")
         fix = sync_mod.run(pb, dirty=True)
-        say(f"  sync --dirty: re-copied {fix.keys} key(s) the shim marked while the copy ran")
+        say(f"  sync --dirty: of the keys the shim marked while the copy ran, {fix.equal} were already equal "
+            f"and {fix.keys} re-copied")
         check("after sync")
         _wait_gate(pb, say, "mirror_duration")
         step("3. Read cutover: reads served by Valkey, writes to both")

@@ -405,6 +405,34 @@ def test_dirty_keys_recorded_by_the_shim_are_recopied(server_factory, make_playb
     assert dirty.list_dirty(pb.state_path).count == 0
 
 
+def test_dirty_keys_already_equal_are_not_rewritten(server_factory, make_playbook, monkeypatch):
+    """``sync --dirty`` compares first: a marked key the sides already agree on is cleared without a copy (no write
+    to the target that could race a live one), a marked key that differs (or is gone from the source) is copied."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-8.1")
+    s = src.client()
+    bulk(s, 50)
+    pb = load(make_playbook(src, dst, **FAST))
+    assert sync.run(pb).complete
+    s.hset("h:differs", "f", "source only")
+    s.delete("k:1")
+    _mark_dirty(pb, [(0, b"k:0"), (0, b"k:1"), (0, b"h:differs"), (0, b"never-existed")])
+    copied: list[bytes] = []
+    real_copy = copy.Copier.copy
+
+    def spy(self, keys):
+        copied.extend(keys)
+        return real_copy(self, keys)
+
+    monkeypatch.setattr(copy.Copier, "copy", spy)
+    res = sync.run(pb, dirty=True)
+    assert res.complete and res.equal == 2 and res.keys == 2, res
+    assert sorted(copied) == [b"h:differs", b"k:1"]
+    assert dst.client().hgetall("h:differs") == {b"f": b"source only"} and not dst.client().exists("k:1")
+    assert dirty.list_dirty(pb.state_path).count == 0
+    report = reports.load(pb.state_path, res.report_id)
+    assert report["equal"] == 2 and report["summary"].startswith("2 found already equal, 2 dirty keys re-copied")
+
+
 def test_whole_database_marks_need_a_full_sync(server_factory, make_playbook):
     """A lost keyless write (FLUSHDB) is not repaired by ``--dirty``, and a later complete full sync clears it."""
     src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")

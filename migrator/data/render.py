@@ -39,14 +39,15 @@ def sync_report_data(pb, res, phase: str) -> dict[str, Any]:
     else:
         verdict = "warn"
     what = "dirty keys re-copied" if res.mode == "dirty" else "keys copied"
-    summary = (f"{res.keys:,} {what} ({human_bytes(res.bytes)}) in {format_duration(res.duration_s)}, "
+    equal = f"{res.equal:,} found already equal, " if res.mode == "dirty" else ""
+    summary = (f"{equal}{res.keys:,} {what} ({human_bytes(res.bytes)}) in {format_duration(res.duration_s)}, "
                f"{res.keys_per_s:,.0f} keys/s by {res.method or 'n/a'}; {res.recopied} re-copied after verify, "
                f"{len(res.unsettled)} unsettled, {len(res.errors)} errors" + ("" if res.complete else "; NOT complete"))
     return reports.common(
         "sync", pb.name, verdict, summary, mode=res.mode, complete=res.complete, phase=phase,
         method=res.method, method_reason=res.method_reason, pass_started_at=res.pass_started_at,
         finished_at=res.finished_at, resumed=res.resumed, keys=res.keys, bytes=res.bytes, deleted=res.deleted,
-        big_keys=res.big, verified=res.verified, recopied=res.recopied, duration_s=round(res.duration_s, 3),
+        big_keys=res.big, verified=res.verified, recopied=res.recopied, equal=res.equal, duration_s=round(res.duration_s, 3),
         keys_per_s=round(res.keys_per_s, 1), functions=res.functions,
         dbs={str(k): v for k, v in res.dbs.items()},
         unsettled=[{"db": db, "key": key_text(_b64(k)), "key_b64": k} for db, k in res.unsettled[:MAX_LISTED]],
@@ -66,7 +67,8 @@ def _sync_rows(data: dict) -> list[tuple[str, Any]]:
             ("finished", data["finished_at"]), ("resumed", data["resumed"]), ("keys", f"{data['keys']:,}"),
             ("bytes", human_bytes(data["bytes"])), ("deleted on target (gone from source)", data["deleted"]),
             ("big keys (chunked)", data["big_keys"]), ("verified equal", f"{data['verified']:,}"),
-            ("re-copied after verify", data["recopied"]), ("keys/s", f"{data['keys_per_s']:,.0f}"),
+            ("re-copied after verify", data["recopied"]), ("dirty keys already equal (not copied)", data.get("equal", 0)),
+            ("keys/s", f"{data['keys_per_s']:,.0f}"),
             ("functions", data["functions"]), ("source", data["source"]), ("target", data["target"])]
 
 

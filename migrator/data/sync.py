@@ -79,6 +79,7 @@ class SyncResult:
     big: int = 0
     verified: int = 0
     recopied: int = 0
+    equal: int = 0  # dirty keys found already equal on both sides, so not copied (``--dirty`` only)
     duration_s: float = 0.0
     functions: str = ""
     dbs: dict[int, dict] = field(default_factory=dict)
@@ -109,7 +110,7 @@ class _Run:
         self.ttl_tolerance_ms = int(pb.check.ttl_tolerance.total_seconds() * 1000)
         self.t0 = time.monotonic()
         self.total = CopyResult()
-        self.verified = self.recopied = 0
+        self.verified = self.recopied = self.equal = 0
         self.total_keys = 0
         self.unsettled: list[tuple[int, str]] = []
         self.keyspace_events = True  # may turn on the source's keyspace events to watch writes
@@ -326,7 +327,15 @@ def _batches(r: _Run, src: redis.Redis, copier: Copier, cursor: int, read_marks:
         yield cursor_after, keys, None, None
 
 
-def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str) -> Verifier:
+def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str, compare_first: bool = False) -> Verifier:
+    """Copy ``keys``, then verify and re-copy them until they settle.
+
+    ``compare_first``: copy only the keys that differ now. A repair rewrites a key on the target
+    while writes continue, and until its verification re-copies the key the copy may have
+    raced one (every write to it diverges meanwhile); a key already equal needs neither the
+    write nor that window. Equal at one moment is enough: a write in flight then reaches both
+    sides through the shim, or is marked dirty again if it does not.
+    """
     src, dst = r.clients(db)
     copier = r.copier(src, dst, method)
     verifier = r.verifier(src, dst, copier)
@@ -334,6 +343,12 @@ def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str) -> Verifi
     for i in range(0, len(keys), r.batch):
         part = keys[i:i + r.batch]
         r.limiter.wait(len(part))
+        if compare_first:
+            differ = verifier.differing(part)
+            r.equal += len(part) - len(differ)
+            part = [k for k in part if k in differ]
+            if not part:
+                continue
         marked_at = time.monotonic()
         res = copier.copy(part)
         errors.update(res.errors)
@@ -369,7 +384,7 @@ def _run_dirty(r: _Run) -> SyncResult:
         if not method:
             src, dst = r.clients(db)
             method, reason = detect_method(src, dst, reports.latest(r.pb.state_path, "compat"))
-        _copy_and_verify(r, db, sorted(keys), method)
+        _copy_and_verify(r, db, sorted(keys), method, compare_first=True)
     still = {(db, cpmod.decode_key(k)) for db, k in r.unsettled} | {(db, cpmod.decode_key(k)) for db, k, _e in r.errors}
     dirtymod.clear_repaired(r.pb.state_path, dirty, still)
     for db in sorted(dirty.whole_dbs):  # a lost FLUSHDB or the like: only a full sync repairs it
@@ -384,7 +399,7 @@ def _result(r: _Run, mode: str, method: str, reason: str, started: str, resumed:
     return SyncResult(
         complete=complete, mode=mode, method=method, method_reason=reason, pass_started_at=started,
         finished_at=iso(now()), resumed=resumed, keys=r.total.copied + r.total.deleted, bytes=r.total.bytes,
-        deleted=r.total.deleted, big=r.total.big, verified=r.verified, recopied=r.recopied,
+        deleted=r.total.deleted, big=r.total.big, verified=r.verified, recopied=r.recopied, equal=r.equal,
         duration_s=time.monotonic() - r.t0, functions=functions, dbs=dbs, unsettled=r.unsettled, errors=r.errors)
 
 
