@@ -189,11 +189,7 @@ class StateStore:
         return state
 
     def _steps_journaled(self) -> bool:
-        try:
-            with self.journal_path.open(encoding="utf-8") as f:
-                return any('"event": "transition-started"' in line for line in f)
-        except FileNotFoundError:
-            return False
+        return any(e.get("event") == "transition-started" for e in self.read_journal())
 
     def save(self, state: State) -> None:
         atomic_write_json(self.state_path, state.to_json())
@@ -239,11 +235,15 @@ class StateStore:
         try:
             lock.acquire()
         except Timeout:
-            with contextlib.suppress(OSError):
-                return owner_file.read_text().strip() or "owner unknown"
-            return "owner unknown"
+            return self._owner()
         lock.release()
         return None  # left behind by a run that was killed
+
+    def _owner(self) -> str:
+        """What the lock's holder wrote about itself."""
+        with contextlib.suppress(OSError):
+            return (self.dir / LOCK_OWNER_FILE).read_text().strip() or "owner unknown"
+        return "owner unknown"
 
     @contextlib.contextmanager
     def locked(self, what: str) -> Iterator[None]:
@@ -253,11 +253,8 @@ class StateStore:
         try:
             lock.acquire()
         except Timeout:
-            owner = ""
-            with contextlib.suppress(OSError):
-                owner = (self.dir / LOCK_OWNER_FILE).read_text().strip()
             raise LockedError(
-                f"another migrator run holds the lock on {self.dir} ({owner or 'owner unknown'}); "
+                f"another migrator run holds the lock on {self.dir} ({self._owner()}); "
                 "wait for it to finish and try again"
             ) from None
         try:

@@ -108,8 +108,6 @@ class DivergenceRecorder:
         self.log_values = log_values
         self._sync_id: str | None = None
         self.current = PhaseCounters(0, "planned")
-        self.total_by_kind: Counter = Counter()
-        self.total_compared = 0
         self._lines: list[str] = []
         self._suppressed = 0
         self._dirty_generations: dict[int, PhaseCounters] = {}
@@ -147,7 +145,6 @@ class DivergenceRecorder:
         cur = self.current
         cur.total.compared += n
         cur.after_sync.compared += n
-        self.total_compared += n
 
     def record(self, *, kind: str, command: bytes, keys: list[bytes], db: int, source_raw: bytes | None,
                target_raw: bytes | None, awaiting_repair: bool = False) -> None:
@@ -158,7 +155,6 @@ class DivergenceRecorder:
             else:
                 tally.divergent += 1
                 tally.by_kind[kind] += 1
-        self.total_by_kind[kind] += 1
         if len(self._lines) >= MAX_LINES_PER_FLUSH:
             self._suppressed += 1
             return

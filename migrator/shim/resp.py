@@ -156,7 +156,6 @@ def error_reply(message: str) -> bytes:
     return b"-" + message.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + CRLF
 
 
-
 class RequestParser:
     """Splits a client's byte stream into commands (lists of bytes), bounded in size.
 

@@ -661,7 +661,7 @@ class Session:
             return False
         u = self.up[side]
         if (u.state is not UP or self.inflight or u.out or u.wait or self.tx is not None or self.pipe is not None
-                or self.sub_expect is not None                or not self.authed or u.framer.buf or self.up[1 - side].raw_pending):
+                or self.sub_expect is not None or not self.authed or u.framer.buf or self.up[1 - side].raw_pending):
             return False
         classify = shim.table.classify
         counts: dict[Cls, int] = {}
@@ -904,14 +904,8 @@ class Session:
             kind = cmp.compare(name, parse(a), parse(b), shim.ttl_tolerance_ms)
             if kind is None:
                 continue
-            shim.stats.divergences[kind] += 1
             c = shim.table.classify(args)
-            keys = c.keys(args)
-            db = self._db(e.shadow if e.shadow is not None else TARGET)
-            shim.divergence.record(kind=kind, command=name, keys=keys, db=e.db, source_raw=a, target_raw=b,
-                                   awaiting_repair=self._awaiting_repair(db, keys))
-            if c.cls is Cls.WRITE:
-                self._mark_dirty(keys, db, f"divergent-{kind}", name)
+            self._diverged(e, kind, name, c.keys(args), a, b, c.cls is Cls.WRITE)
         shim.stats.compared += compared
         shim.divergence.compared(compared)
 
@@ -1474,14 +1468,19 @@ class Session:
         shim.stats.compared += 1
         if kind is None:
             return
+        self._diverged(e, kind, e.name, self._entry_keys(e), src, tgt, e.write)
+
+    def _diverged(self, e: Entry, kind: str, name: bytes, keys: list[bytes], src: bytes | None, tgt: bytes | None,
+                  write: bool) -> None:
+        """The two sides answered a command of ``e`` differently: count, log, and mark a write's keys dirty."""
+        shim = self.shim
         shim.stats.divergences[kind] += 1
-        keys = self._entry_keys(e)
         db = self._db(e.shadow if e.shadow is not None else TARGET)
-        shim.divergence.record(kind=kind, command=e.name, keys=keys, db=e.db, source_raw=src, target_raw=tgt,
+        shim.divergence.record(kind=kind, command=name, keys=keys, db=e.db, source_raw=src, target_raw=tgt,
                                awaiting_repair=self._awaiting_repair(db, keys))
-        if e.write:
+        if write:
             # The two sides answered a write differently, so their data may now differ too.
-            self._mark_dirty(keys, db, f"divergent-{kind}", e.name)
+            self._mark_dirty(keys, db, f"divergent-{kind}", name)
 
     def _finish_side(self, e: Entry, side: int) -> None:
         if e.done[side]:
