@@ -34,6 +34,7 @@ class ActionContext:
     store: StateStore
     state: State  # already holds the new phase and generation
     direction: str  # "advance" or "rollback"
+    overrides: dict[str, str] = field(default_factory=dict)  # gate → reason, from --override
 
 
 ActionFn = Callable[[ActionContext], ActionResult]
@@ -87,7 +88,10 @@ def hold_writes(ctx: ActionContext) -> ActionResult:
     ctx.state.barrier, ctx.state.generation = barrier, barrier.generation
     ctx.store.save(ctx.state)
     # Leave a margin before the deadline so the switch lands while shims still hold.
-    held = registry.await_hold(ctx.store.dir, barrier.id, max_pause.total_seconds() * 0.6)
+    # An operator who overrode ``no_dirty_keys`` accepted that the side taking authority misses
+    # those keys: the hold then waits for the in-flight writes only, not for the marks.
+    ignore_dirty = "no_dirty_keys" in ctx.overrides
+    held = registry.await_hold(ctx.store.dir, barrier.id, max_pause.total_seconds() * 0.6, ignore_dirty=ignore_dirty)
     data = {"barrier": barrier.id, "held": [r.id for r in held.held], "missing": [r.id for r in held.missing],
             "waited_s": round(held.waited, 3)}
     if not held.ok:

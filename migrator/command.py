@@ -25,17 +25,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from migrator import actions as actions_mod
 from migrator import gates as gates_mod
-from migrator import hooks, registry
+from migrator import hooks, registry, sides
 from migrator.compat.identify import identify
 from migrator.connect import client_kwargs
 from migrator.durations import format_duration
 from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
 from migrator.phases import STEPS, Phase, Step, step_from, step_into
 from migrator.playbook import Endpoint, Playbook
-from migrator.state import State, StateStore, Transition, iso, now, operator, parse_iso
+from migrator.state import State, StateStore, Transition, atomic_write_json, iso, now, operator, parse_iso
 
 CRASH_ENV = "MIGRATOR_CRASH_AT"
 
@@ -140,11 +142,13 @@ class TransitionResult:
     resumed: bool = False
     transition_id: str | None = None
     hooks: list[hooks.HookResult] = field(default_factory=list)
+    already_done: str | None = None  # a killed run of the same command had already taken the step
 
     def to_json(self) -> dict[str, Any]:
         return {
             "migration": self.migration,
             "direction": self.direction,
+            "already_done": self.already_done,
             "hooks": [h.to_json() for h in self.hooks],
             "from_phase": self.from_phase.value,
             "to_phase": self.to_phase.value,
@@ -170,7 +174,7 @@ def store_for(pb: Playbook) -> StateStore:
 
 def probe_server(ep: Endpoint, role: str) -> ServerInfo:
     """Identify a server read-only (INFO server); never raises for an unreachable server."""
-    c = redis.Redis(**{**client_kwargs(ep), "socket_timeout": ep.connect_timeout.total_seconds()})
+    c = redis.Redis(**{**client_kwargs(ep), "socket_timeout": ep.connect_timeout.total_seconds(), "retry": Retry(NoBackoff(), 0)})
     try:
         info = c.info("server")
     except (redis.exceptions.RedisError, OSError) as e:
@@ -215,7 +219,7 @@ def _next_step(state: State, direction: str) -> tuple[Step | None, str | None]:
 
 def _interrupted_note(store: StateStore, state: State) -> str | None:
     running = store.running()
-    if running:
+    if running and not running.endswith(f" pid {os.getpid()}") and f" pid {os.getpid()} " not in running:
         return f"in progress: {running}"
     entries = store.read_journal()
     older = _older_than_journal(store, state, entries)
@@ -291,6 +295,9 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
         entries = store.read_journal()
         if (older := _older_than_journal(store, state, entries)) is not None:
             raise StateError(older)
+        done = None if dry_run else _intent_already_done(store, state, direction)
+        if done is not None:
+            return done
         if state.barrier is not None and state.transition is None and not dry_run:
             # A run died while shims held commands; they released at the deadline. Clear it.
             store.journal("barrier-lifted", barrier=state.barrier.id, reason="left by an interrupted run")
@@ -299,7 +306,15 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
             registry.await_ack(store.dir, state.generation, pb.shim.ack_timeout.total_seconds())
         pending = state.transition
         if pending and pending.direction == direction:
-            return _finish(pb, store, state, dry_run)
+            if not dry_run:
+                _write_intent(store, direction, Phase(pending.from_phase), Phase(pending.to_phase))
+            try:
+                result = _finish(pb, store, state, dry_run, overrides=overrides)
+            except Exception:
+                _clear_intent(store, dry_run)
+                raise
+            _clear_intent(store, dry_run)
+            return result
         if pending and not dry_run:
             store.journal("transition-superseded", id=pending.id, by=direction, operator=operator())
         elif (dangling := _dangling_start(entries, state)) is not None and not dry_run:
@@ -312,11 +327,10 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
         if unknown:
             raise UsageError(f"--override {unknown[0]}: the {direction} to {target_of(step, direction)} has no such gate "
                              f"(its gates: {', '.join(names) or 'none'})")
-        ctx = gates_mod.make_context(pb, store, state)
-        results = (evaluate or gates_mod.evaluate)(names, ctx)
-        for r in results:
-            if r.name in overrides and not r.passed:
-                r.overridden, r.override_reason = True, overrides[r.name]
+        # A dry run is read-only: gates that would run something (the compatibility run writes a
+        # report, runs the test suite, may flush a scratch target) report their last result.
+        ctx = gates_mod.make_context(pb, store, state, read_only=dry_run)
+        results = _judge(names, ctx, overrides, evaluate)
         failed = [r for r in results if not r.passed and not r.overridden]
         if failed:
             if not dry_run:
@@ -330,26 +344,105 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
             preview = plan(pb, direction, evaluate=lambda _n, _c: results, probe=False)
             if not confirm(preview):
                 raise RefusedError(f"{direction} to {to} not confirmed; nothing changed")
-        hooks.run(pb, store, step, direction, state.phase.value, to.value, "before")
-        return _transition(pb, store, state, step, direction, results)
+            # The answer may come minutes later: the evidence shown may no longer hold (a shim
+            # stopped, a side restarted). Judge again; what is journaled is what holds now.
+            ctx = gates_mod.make_context(pb, store, state)
+            results = _judge(names, ctx, overrides, evaluate)
+            failed = [r for r in results if not r.passed and not r.overridden]
+            if failed:
+                store.journal("refused", direction=direction, step=step.name, **{"from": state.phase.value}, to=to.value,
+                              gates=[r.to_json() for r in results], operator=operator(), after="confirmation")
+                raise GatesFailed(step, direction, results)
+        _write_intent(store, direction, state.phase, to)
+        try:
+            hooks.run(pb, store, step, direction, state.phase.value, to.value, "before")
+            result = _transition(pb, store, state, step, direction, results, ctx, overrides)
+        except Exception:
+            _clear_intent(store, False)  # this run ends here, knowingly: the next one decides afresh
+            raise
+        _clear_intent(store, False)
+        return result
+
+
+def _judge(names: tuple[str, ...], ctx: gates_mod.GateContext, overrides: dict[str, str],
+           evaluate: GateEvaluator | None) -> list[gates_mod.GateResult]:
+    results = (evaluate or gates_mod.evaluate)(names, ctx)
+    for r in results:
+        if r.name in overrides and not r.passed:
+            r.overridden, r.override_reason = True, overrides[r.name]
+    return results
+
+
+# --- the intent of a run: so that re-running a killed command does not take a second step ------
+
+INTENT_FILE = "intent.json"
+
+
+def _write_intent(store: StateStore, direction: str, from_phase: Phase, to: Phase) -> None:
+    """Record, before anything changes, which step this run means to take.
+
+    A run killed after its step completed (during an after-hook, or before it printed) leaves
+    this file behind; running the same command again then finds the step done and does not take
+    another one (``_intent_already_done``).
+    """
+    atomic_write_json(store.dir / INTENT_FILE, {"direction": direction, "from": from_phase.value, "to": to.value,
+                                                "pid": os.getpid(), "operator": operator(), "at": iso(now())})
+
+
+def _clear_intent(store: StateStore, dry_run: bool) -> None:
+    if not dry_run:
+        (store.dir / INTENT_FILE).unlink(missing_ok=True)
+
+
+def read_intent(store: StateStore) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads((store.dir / INTENT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _intent_already_done(store: StateStore, state: State, direction: str) -> TransitionResult | None:
+    """If a killed run of this command had already reached its phase: say so, take no step."""
+    intent = read_intent(store)
+    if not intent:
+        return None
+    _clear_intent(store, False)  # either way it is answered now: the next run is a new intent
+    if intent.get("direction") != direction or state.transition is not None or state.phase.value != intent.get("to"):
+        return None  # it did not get there (or another command ran since): this run decides afresh
+    store.journal("intent-found-done", direction=direction, **{"from": intent.get("from")}, to=intent.get("to"),
+                  killed_run=f"pid {intent.get('pid')} at {intent.get('at')}", operator=operator())
+    result = TransitionResult(store.migration, direction, Phase(intent["from"]), state.phase, state.generation, False, [], [])
+    result.already_done = (f"the {direction} started at {intent.get('at')} (pid {intent.get('pid')}) was interrupted after it "
+                           f"reached {state.phase}; no further step was taken. Run `migrator {direction}` again to take the next one")
+    return result
 
 
 def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direction: str,
-                results: list[gates_mod.GateResult]) -> TransitionResult:
+                results: list[gates_mod.GateResult], ctx: gates_mod.GateContext | None = None,
+                overrides: dict[str, str] | None = None) -> TransitionResult:
     from_phase, to = state.phase, target_of(step, direction)
     tid = uuid.uuid4().hex[:12]
+    overrides = overrides or {}
     if not store.state_path.exists():
         store.save(state)  # a journaled step implies a state file (see StateStore.load)
+    # Each side's identity as the step is taken: a later restart (a new run_id) voids what was
+    # known then (``migrator.sides``).
+    seen = (ctx.current_sides() if ctx is not None else sides.snapshot(pb))
+    clock = _mirror_clock_kept(pb, store, state) if (step.name, direction) == ("read_cutover", "rollback") else None
     store.journal(
         "transition-started", id=tid, step=step.name, direction=direction, **{"from": from_phase.value},
         to=to.value, generation=state.generation + 1, gates=[r.to_json() for r in results],
-        overrides=[{"gate": r.name, "reason": r.override_reason} for r in results if r.overridden],
+        overrides=[{"gate": r.name, "reason": r.override_reason, "operator": operator()} for r in results if r.overridden],
         operator=operator(), playbook=str(pb.path), playbook_hash=pb.playbook_hash(), endpoints_hash=pb.endpoints_hash(),
+        sides={role: side.to_json() for role, side in seen.items()},
+        **({"mirror_clock": clock} if clock else {}),
     )
     crashpoint("after-journal")
     prepare = step.prepare if direction == "advance" else step.rollback_prepare
     if prepare:
-        pre = actions_mod.run(prepare, actions_mod.ActionContext(pb, store, state, direction))
+        pre = actions_mod.run(prepare, actions_mod.ActionContext(pb, store, state, direction, overrides))
         crashpoint("after-prepare")
         failed = [a for a in pre if not a.ok]
         if failed:
@@ -365,16 +458,47 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
             raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {why}; run it again")
     started = now()
     state.transition = Transition(id=tid, step=step.name, direction=direction, from_phase=from_phase.value,
-                                  to_phase=to.value, started_at=iso(started))
+                                  to_phase=to.value, started_at=iso(started),
+                                  mirror_clock_since=(clock or {}).get("since") if (clock or {}).get("kept") else None)
     state.phase, state.generation, state.phase_since = to, state.generation + 1, iso(started)
     state.barrier = None  # the same write that switches the phase releases held commands
     state.endpoints_hash = state.endpoints_hash or pb.endpoints_hash()
     store.save(state)
     crashpoint("after-state")
-    result = _finish(pb, store, state, dry_run=False, resumed=False)
+    result = _finish(pb, store, state, dry_run=False, resumed=False, overrides=overrides)
     result.gates = results
     result.from_phase = from_phase
     return result
+
+
+def _mirror_clock_kept(pb: Playbook, store: StateStore, state: State) -> dict[str, Any]:
+    """Whether a rollback from reads-on-target keeps the mirror's clock, measured now (see gates.mirror_clock).
+
+    Kept when, since reads moved to the target, no compared reply diverged and no key was marked
+    dirty (none waiting, none repaired meanwhile): writes reached both sides throughout.
+    """
+    from migrator import reports
+    from migrator.shim.dirty import list_dirty
+    from migrator.shim.divergence import read_counters
+
+    out_at = state.phase_started
+    entries = store.read_journal()
+    g0 = next((e.get("generation") for e in reversed(entries)
+               if e.get("event") == "transition-started" and e.get("to") == Phase.READS_ON_TARGET.value), state.generation)
+    divergent = sum(read_counters(store.dir, g)["divergent"] for g in range(int(g0), state.generation + 1))
+    dirty = [d for d in list_dirty(store.dir) if d.since >= out_at.timestamp()]
+    repaired = [r for r in reports.list_reports(store.dir, "sync")
+                if r.get("mode") == "dirty" and parse_iso(r["created_at"]) >= out_at and r.get("keys")]
+    before = next((h for h in reversed(state.history) if h.get("to") == Phase.MIRRORING.value), None)
+    since = (before or {}).get("mirror_clock_since") or (before or {}).get("started_at")
+    why = []
+    if divergent:
+        why.append(f"{divergent} divergence(s)")
+    if dirty or repaired:
+        why.append(f"{len(dirty)} dirty key(s) waiting, {len(repaired)} repair(s) that copied keys")
+    kept = bool(since) and not why
+    return {"kept": kept, "since": since, "divergent": divergent, "dirty": len(dirty),
+            "why_not": "; ".join(why) or (None if since else "no earlier mirror start recorded")}
 
 
 SWITCH_MARGIN = 0.2  # of max_pause: the switch is written only this long before the hold's deadline, or not at all
@@ -385,7 +509,8 @@ def _barrier_in_force(pb: Playbook, barrier) -> bool:
     return (parse_iso(barrier.deadline) - now()).total_seconds() > SWITCH_MARGIN * max_pause
 
 
-def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resumed: bool = True) -> TransitionResult:
+def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resumed: bool = True,
+            overrides: dict[str, str] | None = None) -> TransitionResult:
     """Run the actions of the recorded transition and complete it (again, after a crash)."""
     t = state.transition
     assert t is not None
@@ -396,7 +521,7 @@ def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resume
         return TransitionResult(pb.name, t.direction, from_phase, to, state.generation, True, [], [], resumed, t.id)
     if resumed:
         store.journal("transition-resumed", id=t.id, operator=operator())
-    results = actions_mod.run(names, actions_mod.ActionContext(pb, store, state, t.direction))
+    results = actions_mod.run(names, actions_mod.ActionContext(pb, store, state, t.direction, overrides or {}))
     crashpoint("after-actions")
     failed = [a for a in results if not a.ok]
     if failed:
@@ -406,7 +531,7 @@ def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resume
             _complete(pb, store, state, step, results, resumed)
             raise StateError(f"{t.direction} to {t.to_phase} is done but {failed[0].name} failed: {failed[0].evidence}; "
                              "the phase stays completed: restart or stop the shims that did not acknowledge it")
-        unsafe = _revert_unsafe(pb, store, state, step)
+        unsafe = _revert_unsafe(pb, store, state, step, overrides or {})
         if unsafe:
             store.journal("transition-stalled", id=t.id, reason=f"{failed[0].name}: {failed[0].evidence}",
                           not_reverted_because=unsafe, operator=operator())
@@ -418,7 +543,7 @@ def _finish(pb: Playbook, store: StateStore, state: State, dry_run: bool, resume
     return _complete(pb, store, state, step, results, resumed)
 
 
-def _revert_unsafe(pb: Playbook, store: StateStore, state: State, step: Step) -> str | None:
+def _revert_unsafe(pb: Playbook, store: StateStore, state: State, step: Step, overrides: dict[str, str]) -> str | None:
     """Why putting the previous phase back would lose writes, or None if it would not.
 
     Only a switch of write authority can: the side that becomes authoritative again must have
@@ -429,7 +554,7 @@ def _revert_unsafe(pb: Playbook, store: StateStore, state: State, step: Step) ->
         return None
     names = ["no_dirty_keys"] + (["source_reachable"] if Phase(state.transition.from_phase) != Phase.WRITES_ON_TARGET else [])
     results = gates_mod.evaluate(names, gates_mod.make_context(pb, store, state))
-    failing = [r for r in results if not r.passed]
+    failing = [r for r in results if not r.passed and r.name not in overrides]
     return "; ".join(f"{r.name}: {r.evidence}" for r in failing) or None
 
 
@@ -439,11 +564,13 @@ def _complete(pb: Playbook, store: StateStore, state: State, step: Step,
     assert t is not None
     from_phase, to = Phase(t.from_phase), Phase(t.to_phase)
     state.history.append({"id": t.id, "direction": t.direction, "from": t.from_phase, "to": t.to_phase,
-                          "started_at": t.started_at, "completed_at": iso(now()), "operator": operator()})
+                          "started_at": t.started_at, "completed_at": iso(now()), "operator": operator(),
+                          **({"mirror_clock_since": t.mirror_clock_since} if t.mirror_clock_since else {})})
     state.transition = None
     store.save(state)
     store.journal("transition-completed", id=t.id, direction=t.direction, **{"from": t.from_phase}, to=t.to_phase,
                   generation=state.generation, actions=[a.to_json() for a in results], operator=operator())
+    crashpoint("after-complete")
     after = hooks.run(pb, store, step, t.direction, t.from_phase, t.to_phase, "after")
     return TransitionResult(pb.name, t.direction, from_phase, to, state.generation, False, [], results, resumed, t.id,
                             hooks=after)
@@ -472,11 +599,14 @@ def _revert(pb: Playbook, store: StateStore, state: State, failure: actions_mod.
 
 
 def status(pb: Playbook) -> dict[str, Any]:
-    """The migration's phase, time in it, pending transition, history and shims. Read-only."""
+    """The migration's phase, time in it, pending transition, history, shims and both sides now. Read-only."""
     store = store_for(pb)
     state = store.load()
     shims = registry.read_all(store.dir)
     in_phase = now() - state.phase_started
+    ctx = gates_mod.make_context(pb, store, state, read_only=True)
+    ctx._sides = sides.snapshot(pb, timeout=min(2.0, pb.source.connect_timeout.total_seconds()))
+    alerts = _alerts(ctx)
     return {
         "migration": pb.name,
         "playbook": str(pb.path),
@@ -493,6 +623,8 @@ def status(pb: Playbook) -> dict[str, Any]:
         "pending_transition": vars(state.transition) if state.transition else None,
         "note": _interrupted_note(store, state),
         "history": state.history,
+        "sides": {role: side.to_json() for role, side in ctx.current_sides().items()},
+        "alerts": alerts,
         "shims": [
             {"id": s.id, "listen": s.listen, "admin": s.admin, "pid": s.pid, "host": s.host,
              "liveness": s.liveness(), "heartbeat_age_s": round(s.age(), 1), "applied_phase": s.applied_phase,
@@ -500,22 +632,44 @@ def status(pb: Playbook) -> dict[str, Any]:
              "pending_shadow": s.pending_shadow, "dirty_keys": s.dirty_keys}
             for s in shims
         ],
-        "other_side": _other_side(state.phase, shims),
+        "other_side": _other_side(state.phase, shims, alerts),
     }
 
 
-def _other_side(phase: Phase, shims: list[registry.ShimRecord]) -> str:
+TWO_SIDED = (Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET)
+
+
+def _alerts(ctx: gates_mod.GateContext) -> list[str]:
+    """What stands between the two sides and "in sync" now: a side down or restarted, lost shims, key counts."""
+    out = [s.describe() for s in ctx.current_sides().values() if not s.reachable]
+    if ctx.state.phase not in TWO_SIDED:
+        return out
+    out += gates_mod.restart_notes(ctx)
+    names = ("no_lost_shims", "key_counts") if ctx.state.phase != Phase.MIRRORING or _synced(ctx) else ("no_lost_shims",)
+    out += [f"{r.name}: {r.evidence}" for r in gates_mod.evaluate(names, ctx) if not r.passed]
+    return out
+
+
+def _synced(ctx: gates_mod.GateContext) -> bool:
+    from migrator.shim.divergence import latest_complete_sync
+
+    return latest_complete_sync(ctx.store.dir) is not None
+
+
+def _other_side(phase: Phase, shims: list[registry.ShimRecord], alerts: list[str] | None = None) -> str:
     """What the non-authoritative server is owed, in words: the rollback's precondition."""
     if phase == Phase.COMPLETED:
         return "the source no longer receives writes: it can be decommissioned"
     if phase in (Phase.PLANNED, Phase.COMPATIBLE):
         return "writes reach the source only"
+    side = "source (kept in sync for rollback)" if phase == Phase.WRITES_ON_TARGET else "target"
     live = [s for s in shims if s.liveness() != "dead"]
     if not live:
-        return "no shim is running: writes are not being mirrored"
+        return f"{side}: not known to be in sync: no shim is running, so writes are not being mirrored"
     owed = sum(s.pending_shadow for s in live)
     dirty = max((s.dirty_keys for s in live), default=0)
-    side = "source (kept in sync for rollback)" if phase == Phase.WRITES_ON_TARGET else "target"
+    if alerts:
+        return f"{side}: NOT known to be in sync ({len(alerts)} problem(s) below; {owed} write(s) queued, {dirty} dirty key(s))"
     state = "in sync" if not owed and not dirty else f"{owed} write(s) queued, {dirty} dirty key(s) awaiting repair"
     return f"{side}: {state}"
 

@@ -6,6 +6,8 @@ import ssl
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from migrator.errors import UnreachableError
 from migrator.playbook import Endpoint
@@ -22,6 +24,10 @@ def client_kwargs(ep: Endpoint, db: int | None = None) -> dict[str, Any]:
         "socket_connect_timeout": ep.connect_timeout.total_seconds(),
         "socket_timeout": ep.socket_timeout.total_seconds(),
         "health_check_interval": 0,
+        # The client library retries ten times by default, timeouts included: against a stopped
+        # server (SIGSTOP) one call then hangs for eleven socket timeouts. A timeout has already
+        # waited long enough; a dropped connection is retried twice, quickly.
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(redis.exceptions.ConnectionError,)),
     }
     if ep.use_tls:
         kw["ssl"] = True

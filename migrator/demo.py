@@ -98,8 +98,9 @@ def write_playbook(dir: Path, src: servers.RunningServer, tgt: servers.RunningSe
         "steps": {
             "compatibility": {"test_command": [sys.executable, str(dir / "demo_test.py")], "scratch": "local",
                               "test_timeout": "2m"},
-            "mirror": {"min_duration": "4s"},
-            "read_cutover": {"min_duration": "3s"},
+            # A few seconds of the demo's workload; a real migration keeps the default (1,000).
+            "mirror": {"min_duration": "4s", "min_compared": 20},
+            "read_cutover": {"min_duration": "3s", "min_compared": 20},
             "write_cutover": {"rollback_window": "3s"},
         },
         "check": {"sample": 2000, "rounds": 3, "interval": "300ms"},

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from migrator import registry
+from migrator import registry, sides
 from migrator.durations import format_duration
+from migrator.errors import UnreachableError
+from migrator.phases import Phase
 from migrator.playbook import Playbook
-from migrator.state import State, StateStore, now
+from migrator.state import State, StateStore, now, parse_iso
 
 
 @dataclass
@@ -42,6 +44,14 @@ class GateContext:
     # ``plan`` evaluates gates read-only: a gate that would run something heavy with side
     # effects (the compatibility run writes a report) may report its last result instead.
     read_only: bool = False
+    # Probed once per evaluation and shared by every gate that asks (``current_sides``).
+    _sides: dict[str, sides.Side] | None = None
+
+    def current_sides(self) -> dict[str, sides.Side]:
+        """Both sides as they answer now (run_id, start, keys), probed once for all the gates."""
+        if self._sides is None:
+            self._sides = sides.snapshot(self.playbook)
+        return self._sides
 
 
 GateFn = Callable[[GateContext], GateResult]
@@ -95,8 +105,12 @@ def evaluate(names: tuple[str, ...], ctx: GateContext) -> list[GateResult]:
             continue
         try:
             results.append(fn(ctx))
+        except UnreachableError:
+            # A server that cannot be reached (or refuses our credentials) is not a gate's verdict:
+            # the command fails as unreachable (exit 3), and no gate is recorded as failed.
+            raise
         except Exception as e:  # noqa: BLE001 - a gate that cannot measure must fail, with why
-            results.append(GateResult(name, False, f"could not evaluate: {type(e).__name__}: {e}"))
+            results.append(GateResult(name, False, f"could not evaluate: {e}" if str(e) else f"could not evaluate: {type(e).__name__}"))
     return results
 
 
@@ -121,8 +135,40 @@ def _time_in_phase(ctx: GateContext, required: timedelta, what: str) -> tuple[bo
 
 @gate("mirror_duration")
 def mirror_duration(ctx: GateContext):
-    """The mirror has run for steps.mirror.min_duration."""
-    return _time_in_phase(ctx, ctx.playbook.steps.mirror.min_duration, "mirror")
+    """The mirror has run for steps.mirror.min_duration (a clean read-cutover excursion keeps its clock)."""
+    since, kept = mirror_clock(ctx.state)
+    required = ctx.playbook.steps.mirror.min_duration
+    elapsed = ctx.now - since
+    ok = elapsed >= required
+    ev = f"mirror has run {format_duration(elapsed)} of {format_duration(required)}"
+    if not ok:
+        ev += f" ({format_duration(required - elapsed)} to go)"
+    if kept:
+        ev += f"; clock kept since {since.isoformat(timespec='seconds')} across {kept}"
+    return ok, ev, {"elapsed_s": elapsed.total_seconds(), "required_s": required.total_seconds(),
+                    "clock_since": since.isoformat(), "kept_across": kept}
+
+
+def mirror_clock(state: State) -> tuple[datetime, str]:
+    """When the current mirror's clock started, and across what it was kept ('' if not).
+
+    A rollback from reads-on-target to mirroring restarts the phase, but writes reached both
+    sides throughout: if nothing diverged and no key was marked dirty while reads were on the
+    target (``Transition.clean_excursion``, measured when the rollback began), the clock
+    keeps running from the mirror's earlier start. Otherwise it restarts: something differed,
+    and the mirror must prove itself again.
+    """
+    since, kept = state.phase_started, []
+    if state.phase != Phase.MIRRORING:
+        return since, ""
+    for h in reversed(state.history):
+        if h.get("to") != Phase.MIRRORING.value:
+            continue
+        if h.get("direction") == "rollback" and h.get("from") == Phase.READS_ON_TARGET.value and h.get("mirror_clock_since"):
+            since = parse_iso(h["mirror_clock_since"])
+            kept.append(f"the clean read cutover rolled back at {h.get('completed_at', '?')[11:19]}")
+        break
+    return since, "; ".join(kept)
 
 
 @gate("read_cutover_duration")
@@ -168,11 +214,128 @@ def shim_ack(ctx: GateContext):
 
 @gate("source_reachable")
 def source_reachable(ctx: GateContext):
-    """The source answers, so it can take authority back."""
-    from migrator.command import probe_server  # the runner imports this module
+    """The source answers and has not restarted since authority left it, so it can take authority back."""
+    src = ctx.current_sides()["source"]
+    data = {"reachable": src.reachable, "source": src.to_json()}
+    if not src.reachable:
+        return False, src.describe(), data
+    then = _sides_at_phase_start(ctx)
+    why = sides.restarted_since({"source": src}, ctx.state.phase_started, then)
+    if why:
+        check = _clean_full_check_after(ctx, "source")
+        if check is None:
+            return False, (f"{why[0]} since {ctx.state.phase} began: it may have lost writes it was kept in sync with; "
+                           f"repair it from the target with `migrator check --full --repair -p {ctx.playbook.path}`, "
+                           "then a clean `migrator check --full`"), data
+        return True, f"{why[0]}; the full check {check} since then found both sides equal", data
+    return True, f"source answers ({src.describe()}), no restart since {ctx.state.phase} began", data
 
-    info = probe_server(ctx.playbook.source, "source")
-    return info.reachable, info.describe(), {"reachable": info.reachable}
+
+@gate("sides_live")
+def sides_live(ctx: GateContext):
+    """Both servers answer now: authority (reads or writes) never moves onto, or away from, a dead side."""
+    cur = ctx.current_sides()
+    down = [s for s in cur.values() if not s.reachable]
+    data = {role: s.to_json() for role, s in cur.items()}
+    if down:
+        return False, "; ".join(s.describe() for s in down), data
+    return True, "; ".join(s.describe() for s in cur.values()), data
+
+
+@gate("key_counts")
+def key_counts(ctx: GateContext):
+    """Both sides hold about as many keys (check.max_key_count_drift): a side that lost its data is caught."""
+    return _key_counts(ctx, None)
+
+
+@gate("source_keys")
+def source_keys(ctx: GateContext):
+    """The source holds about as many keys as the target (check.max_key_count_drift), so it can take authority back."""
+    return _key_counts(ctx, "source")
+
+
+def _key_counts(ctx: GateContext, short: str | None):
+    cur = ctx.current_sides()
+    drift = ctx.playbook.check.max_key_count_drift
+    data = {role: s.to_json() for role, s in cur.items()} | {"max_drift": drift}
+    down = [s for s in cur.values() if not s.reachable]
+    if down:
+        # Judged by ``sides_live`` where a step needs both sides; a rollback onto the live side
+        # must stay possible when the other is dead.
+        return True, f"not compared: {'; '.join(s.describe() for s in down)}", data
+    problem = sides.compare_sizes(cur, drift, ctx.playbook.sync.databases, short=short)
+    if problem:
+        lost = f"the {short} may have lost its data" if short else "a side may have lost its data"
+        return False, (f"key counts disagree: {problem} (check.max_key_count_drift {drift:.1%}); {lost} "
+                       f"(restarted empty?): {repair_advice(ctx)}"), data
+    s, t = cur["source"], cur["target"]
+    return True, f"source {s.keys:,} keys, target {t.keys:,} keys (within {drift:.1%})", data
+
+
+def repair_advice(ctx: GateContext) -> str:
+    """The repair that works in this phase: sync copies source → target only while the source is authoritative."""
+    p = f" -p {ctx.playbook.path}" if ctx.playbook.path else ""
+    if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED):
+        if ctx.state.phase == Phase.WRITES_ON_TARGET and authority_lost(ctx):
+            return (f"the target, which is authoritative, lost data the source still holds ({authority_lost(ctx)}): "
+                    f"do not repair from it; roll back to the source with `migrator rollback --override no_dirty_keys "
+                    f"--reason ...{p}`, then copy the data again with `migrator sync{p}`")
+        return f"repair from the target with `migrator check --full --repair{p}`, then a clean `migrator check --full{p}`"
+    return f"run `migrator sync{p}` (a full sync), then `migrator check --full{p}`"
+
+
+def authority_lost(ctx: GateContext) -> str | None:
+    """Why the authoritative side may have lost data since this phase began (a restart, or far fewer keys), or None.
+
+    Repairs copy from the authoritative side: from a side that lost data they would copy the
+    loss onto the side that still holds it.
+    """
+    role = "target" if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED) else "source"
+    cur = ctx.current_sides()
+    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, _sides_at_phase_start(ctx))
+    short = sides.compare_sizes(cur, ctx.playbook.check.max_key_count_drift, ctx.playbook.sync.databases, short=role)
+    return "; ".join(why + ([f"it holds fewer keys: {short}"] if short else [])) or None
+
+
+def _sides_at_phase_start(ctx: GateContext) -> dict[str, sides.Side]:
+    """The sides journaled by the transition that began the current phase (empty for older journals)."""
+    for e in reversed(ctx.store.read_journal()):
+        if e.get("event") == "transition-started" and e.get("to") == ctx.state.phase.value:
+            return sides.recorded(e)
+    return {}
+
+
+def _clean_full_check_after(ctx: GateContext, role: str) -> str | None:
+    """The id of a clean, exhaustive check that ran against the side as it answers now, if any."""
+    from migrator import reports
+
+    check = reports.latest(ctx.playbook.state_path, "check")
+    if not check or not check.get("exhaustive") or check.get("mismatch_count") != 0:
+        return None
+    cur = ctx.current_sides()
+    if sides.restarted_since({role: cur[role]}, check.get("started_at"), sides.recorded(check)):
+        return None
+    return check["id"]
+
+
+def restart_notes(ctx: GateContext) -> list[str]:
+    """Each piece of this phase's evidence that a side's restart voided, in words (for ``status``)."""
+    from migrator import reports
+
+    cur = ctx.current_sides()
+    notes = []
+    then = _sides_at_phase_start(ctx)
+    for why in sides.restarted_since(cur, ctx.state.phase_started, then):
+        notes.append(f"{why} since {ctx.state.phase} began")
+    sync = reports.latest(ctx.playbook.state_path, "sync", lambda r: r.get("mode") == "full" and bool(r.get("complete")))
+    check = reports.latest(ctx.playbook.state_path, "check")
+    for kind, rep, began in (("sync", sync, (sync or {}).get("pass_started_at")), ("check", check, (check or {}).get("started_at"))):
+        why = sides.restarted_since(cur, began, sides.recorded(rep)) if rep else []
+        if why:
+            notes.append(f"the {kind} {rep['id']} no longer counts: {'; '.join(why)}")
+    if notes:
+        notes.append(repair_advice(ctx))
+    return notes
 
 
 def make_context(playbook: Playbook, store: StateStore, state: State, read_only: bool = False) -> GateContext:

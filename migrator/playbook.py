@@ -181,11 +181,13 @@ class CompatibilityStep(_Strict):
 class MirrorStep(_Strict):
     min_duration: Duration = timedelta(days=7)
     max_divergence_rate: float = Field(0.0, ge=0.0, le=1.0)
+    min_compared: int = Field(1000, ge=0)  # replies compared before the divergence gate can pass
 
 
 class ReadCutoverStep(_Strict):
     min_duration: Duration = timedelta(hours=48)
     max_divergence_rate: float = Field(0.0, ge=0.0, le=1.0)
+    min_compared: int = Field(1000, ge=0)
 
 
 class WriteCutoverStep(_Strict):
@@ -214,6 +216,9 @@ class CheckConfig(_Strict):
     rounds: int = Field(3, ge=1)
     interval: Duration = timedelta(seconds=1)
     max_mismatch_rate: float = Field(0.001, ge=0.0, le=1.0)
+    # How far apart the two sides' key counts may be (a fraction of the larger) before the
+    # key_counts gate says a side lost its data; lazy expiry and writes in flight make them differ a little.
+    max_key_count_drift: float = Field(0.01, ge=0.0, le=1.0)
 
 
 HookCommands = str | list[str]

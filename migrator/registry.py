@@ -152,16 +152,17 @@ class HoldResult:
     held: list[ShimRecord]
     missing: list[ShimRecord]
     waited: float
+    ignore_dirty: bool = False  # ``no_dirty_keys`` was overridden
 
     @property
     def ok(self) -> bool:
-        return not self.missing and all(r.pending_shadow == 0 and r.dirty_keys == 0 for r in self.held)
+        return not self.missing and all(r.pending_shadow == 0 and (self.ignore_dirty or r.dirty_keys == 0) for r in self.held)
 
     def evidence(self) -> str:
         if not self.held and not self.missing:
             return "no shim is running: nothing to hold"
         parts = [f"{len(self.held)} of {len(self.held) + len(self.missing)} shim(s) holding new commands with in-flight drained"]
-        owed = [r for r in self.held if r.pending_shadow or r.dirty_keys]
+        owed = [r for r in self.held if r.pending_shadow or (r.dirty_keys and not self.ignore_dirty)]
         for r in owed:
             parts.append(f"shim {r.id} still owes the other side {r.pending_shadow} write(s) and has {r.dirty_keys} dirty key(s)")
         for r in self.missing:
@@ -169,14 +170,15 @@ class HoldResult:
         return "; ".join(parts)
 
 
-def await_hold(state_dir: Path | str, barrier_id: str, timeout: float, poll: float = 0.01) -> HoldResult:
+def await_hold(state_dir: Path | str, barrier_id: str, timeout: float, poll: float = 0.01,
+               ignore_dirty: bool = False) -> HoldResult:
     """Wait until every active shim holds for ``barrier_id`` with nothing owed, or the timeout passes."""
     start = time.monotonic()
     while True:
         shims = active(state_dir)
         held = [r for r in shims if r.barrier_id == barrier_id and r.barrier_state == "held"]
         missing = [r for r in shims if r not in held]
-        result = HoldResult(barrier_id, held, missing, time.monotonic() - start)
+        result = HoldResult(barrier_id, held, missing, time.monotonic() - start, ignore_dirty)
         if result.ok or result.waited >= timeout:
             return result
         time.sleep(poll)

@@ -67,6 +67,8 @@ class Transition:
     from_phase: str
     to_phase: str
     started_at: str
+    # A rollback from reads-on-target that keeps the mirror's clock (see gates.mirror_clock).
+    mirror_clock_since: str | None = None
 
 
 @dataclass

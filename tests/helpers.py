@@ -93,3 +93,24 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def restart_empty(server) -> None:
+    """kill -9 a real server and start the same binary on the same port with no data (a cache without persistence).
+
+    The ``RunningServer`` object is updated in place, so the fixture that started it stops the new process.
+    """
+    import shutil
+
+    from migrator import servers
+
+    old_dir, owned = server.dir, server._owns_dir
+    server.proc.kill()
+    server.proc.wait(10)
+    for stream in (server.proc.stdout, server.proc.stderr):
+        if stream:
+            stream.close()
+    fresh = servers.start(server.binary, port=server.port, password=server.password)
+    server.proc, server.dir, server._owns_dir = fresh.proc, fresh.dir, True
+    if owned:
+        shutil.rmtree(old_dir, ignore_errors=True)

@@ -91,7 +91,7 @@ def test_override_needs_a_reason_and_is_journaled(servers_pb):
     out = run_cli("advance", "--yes", "--override", "shim_running", "--reason", "shim deployed later", playbook=servers_pb)
     assert out.returncode == 0, out.stderr
     started = [e for e in command.history(pb) if e["event"] == "transition-started"][-1]
-    assert started["overrides"] == [{"gate": "shim_running", "reason": "shim deployed later"}]
+    assert started["overrides"] == [{"gate": "shim_running", "reason": "shim deployed later", "operator": started["operator"]}]
     assert "@" in started["operator"] and started["playbook_hash"] and started["endpoints_hash"]
     assert StateStore(pb.state_path, pb.name).load().phase == Phase.MIRRORING
 

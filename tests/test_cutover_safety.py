@@ -38,7 +38,7 @@ def force_phase(pb, phase):
 def servers_pb(server_factory, make_playbook):
     src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
     return make_playbook(src, tgt, shim={"ack_timeout": "2s"}, steps={
-        "mirror": {"min_duration": "0s"}, "read_cutover": {"min_duration": "0s"},
+        "mirror": {"min_duration": "0s", "min_compared": 0}, "read_cutover": {"min_duration": "0s", "min_compared": 0},
         "write_cutover": {"rollback_window": "0s", "max_pause": "1s"}})
 
 

@@ -115,6 +115,9 @@ def _move(ctx: Ctx, direction: str, yes: bool, dry_run: bool, override: tuple[st
     if output == "json":
         emit_json(result.to_json())
         return
+    if result.already_done:
+        con.print(f"{pb.name}: {escape(result.already_done)}")
+        return
     verb = "would move" if result.dry_run else ("finished the interrupted step" if result.resumed else "moved")
     con.print(f"{pb.name}: {verb} {result.from_phase} → {result.to_phase} (generation {result.generation})")
     if result.gates:
@@ -169,6 +172,11 @@ def status(ctx: Ctx, output: str) -> None:
     if st["note"]:
         con.print(f"[yellow]Note:[/] {escape(st['note'])}")
     con.print(f"Other side: {escape(st['other_side'])}")
+    for a in st.get("alerts", []):
+        con.print(f"  [red]![/] {escape(a)}")
+    for role, side in st.get("sides", {}).items():
+        if side["reachable"]:
+            con.print(f"  {role}: run_id {(side['run_id'] or '?')[:8]}, up {side['uptime_s']}s, {side['keys']:,} keys")
     if st["shims"]:
         table = Table("shim", "listen", "liveness", "applied", "current", "queued", "dirty", box=None, header_style="bold")
         for s in st["shims"]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from migrator import reports
+from migrator import reports, sides
 from migrator.connect import connect
 from migrator.data import compare, render, stats, values
 from migrator.data import dirty as dirtymod
@@ -41,6 +41,7 @@ from migrator.data.keyspace import (
     scan_batches,
 )
 from migrator.data.throttle import RateLimiter
+from migrator.errors import RefusedError
 from migrator.phases import Phase
 from migrator.playbook import Playbook
 from migrator.state import StateStore, iso, now, parse_iso
@@ -141,7 +142,12 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     """Compare source and target (a sample or everything), recheck, optionally repair; write a report."""
     cfg = playbook.check
     started, t0 = iso(now()), time.monotonic()
-    phase = StateStore(playbook.state_path, playbook.name).load().phase
+    seen = sides.snapshot_json(playbook)  # which servers this check judges: a later restart voids it
+    store = StateStore(playbook.state_path, playbook.name)
+    state = store.load()
+    phase = state.phase
+    if repair:
+        _refuse_repair_from_a_loss(playbook, store, state)
     with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"):
         r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
                  int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
@@ -173,6 +179,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         # source is repaired in writes-on-target, where `sync` (source -> target) is refused.
         dirtymod.clear_walked(playbook.state_path, parse_iso(started).timestamp(), dbs, selection)
     data = render.check_report_data(playbook, result)
+    data["sides"] = seen
     ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
     result.report_id = ref.id
     return result
@@ -322,6 +329,19 @@ def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:
                 still[k] = (diff, s, t)
         found = still
     return [Mismatch(d.db, k, diff.kind, diff.detail, s, t) for k, (diff, s, t) in found.items()]
+
+
+def _refuse_repair_from_a_loss(pb: Playbook, store: StateStore, state) -> None:
+    """A repair copies from the authoritative side: never from one that lost data (restarted empty)."""
+    from migrator import gates
+
+    ctx = gates.make_context(pb, store, state, read_only=True)
+    lost = gates.authority_lost(ctx)
+    if lost:
+        auth = _authoritative(state.phase)
+        raise RefusedError(
+            f"check --repair refused: the {auth}, which a repair copies from, may have lost data ({lost}); repairing "
+            f"would copy that loss onto the other side. {gates.repair_advice(ctx)}")
 
 
 def _repair(r: _Run, mismatches: list[Mismatch], phase: Phase) -> list[Mismatch]:

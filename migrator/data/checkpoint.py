@@ -40,6 +40,7 @@ class Checkpoint:
     completed_at: str | None = None
     runs: int = 0
     notify_before: str | None = None  # the target's notify-keyspace-events before the sync changed it
+    sides: dict | None = None  # both servers as the pass began: a resume onto a restarted target starts over
     format: int = FORMAT
 
     def db(self, n: int) -> DbProgress:

@@ -9,14 +9,21 @@
 
 from __future__ import annotations
 
-from migrator import reports
+from migrator import reports, sides
 from migrator.data import dirty, stats
-from migrator.gates import GateContext, gate
+from migrator.gates import GateContext, gate, repair_advice
 from migrator.state import parse_iso
 
 
 def _since_phase(ctx: GateContext, stamp: str | None) -> bool:
     return bool(stamp) and parse_iso(stamp) >= ctx.state.phase_started
+
+
+def voided(ctx: GateContext, report: dict | None, began: str | None) -> list[str]:
+    """Why a report's evidence no longer holds: a side restarted after it began (``migrator.sides``)."""
+    if report is None:
+        return []
+    return sides.restarted_since(ctx.current_sides(), began, sides.recorded(report))
 
 
 @gate("sync_complete")
@@ -34,6 +41,11 @@ def sync_complete(ctx: GateContext):
     if not started or parse_iso(started) < mirror_since:
         return False, (f"the last complete sync ({last['id']}) started at {started}, before writes began to be "
                        f"mirrored at {mirror_since.isoformat()}: writes in between may be missing; run it again"), data
+    void = voided(ctx, last, started)
+    if void:
+        data["voided_by"] = void
+        return False, (f"the sync {last['id']} no longer counts: {'; '.join(void)} after it began, so the keys it copied "
+                       f"may be gone; {repair_advice(ctx)}"), data
     # Marks older than the pass were repaired by it; newer ones wait for ``sync --dirty``.
     waiting = dirty.list_dirty(state_dir, since=parse_iso(last["pass_started_at"]).timestamp()).count
     data["dirty_keys"] = waiting
@@ -52,6 +64,11 @@ def consistency(ctx: GateContext):
         return False, f"no consistency check since {ctx.state.phase} began (run: migrator check -p {ctx.playbook.path})", {}
     k, n, bound = last["mismatch_count"], last["checked"], last["bound"]
     data = {"report": last["id"], "checked": n, "mismatches": k, "bound": bound, "limit": limit}
+    void = voided(ctx, last, last.get("started_at"))
+    if void:
+        data["voided_by"] = void
+        return False, (f"the consistency check {last['id']} no longer counts: {'; '.join(void)} after it ran; "
+                       f"{repair_advice(ctx)}"), data
     kind = "exact rate" if last.get("exhaustive") else "95% bound"
     rel = "<" if bound < limit else "≥"
     ev = (f"consistency check at {last['created_at'][11:16]}: {k} mismatch{'es' if k != 1 else ''} in {n:,} keys "

@@ -23,7 +23,7 @@ from typing import Callable
 import redis
 from filelock import FileLock, Timeout
 
-from migrator import reports
+from migrator import reports, sides
 from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
@@ -86,6 +86,8 @@ class SyncResult:
     unsettled: list[tuple[int, str]] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)
     report_id: str = ""
+    sides: dict = field(default_factory=dict)  # both servers as the pass began (``migrator.sides``)
+    restarted: str = ""  # why an interrupted pass was started over instead of resumed
 
     @property
     def keys_per_s(self) -> float:
@@ -199,8 +201,18 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     src0, dst0 = r.clients(0)
     saved = cpmod.load(state_dir)
     resumed = not restart and saved is not None and not saved.finished
+    seen = sides.snapshot_json(r.pb)
+    start_over = ""
+    if resumed and saved.sides:
+        # Keys the interrupted pass copied are gone if the target restarted since: resuming would
+        # skip them and call the sync complete. Start the pass over instead.
+        why = sides.restarted_since(sides.recorded({"sides": seen}), saved.started_at, sides.recorded({"sides": saved.sides}))
+        if why:
+            resumed, start_over = False, f"the interrupted pass was started over: {'; '.join(why)}"
     # A killed run may have left the source's keyspace events on: keep what to restore.
     cp = saved if resumed else cpmod.Checkpoint(notify_before=saved.notify_before if saved else None)
+    if not cp.sides:
+        cp.sides = seen
     cp.runs += 1
     dbs = databases(r.selection, src0)
     cp.method, cp.method_reason = _method(r, cp, dbs)
@@ -224,8 +236,10 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     cpmod.save(state_dir, cp)
     if complete:
         dirtymod.clear_walked(r.pb.state_path, parse_iso(cp.started_at).timestamp(), dbs, r.selection)
-    return _result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
-                   {d: {"keys": cp.db(d).keys, "bytes": cp.db(d).bytes, "done": cp.db(d).done} for d in dbs})
+    res = _result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
+                  {d: {"keys": cp.db(d).keys, "bytes": cp.db(d).bytes, "done": cp.db(d).done} for d in dbs})
+    res.sides, res.restarted = cp.sides, start_over
+    return res
 
 
 def _copy_functions(src: redis.Redis, dst: redis.Redis) -> str:
@@ -375,6 +389,7 @@ def _retry_unsettled(r: _Run, cp: cpmod.Checkpoint) -> None:
 
 def _run_dirty(r: _Run) -> SyncResult:
     started = iso(now())
+    seen = sides.snapshot_json(r.pb)
     dirty = dirtymod.list_dirty(r.pb.state_path)
     cp = cpmod.load(r.pb.state_path)
     method = cp.method if cp and cp.method else ""
@@ -390,8 +405,10 @@ def _run_dirty(r: _Run) -> SyncResult:
     for db in sorted(dirty.whole_dbs):  # a lost FLUSHDB or the like: only a full sync repairs it
         r.errors.append((db, "", "a write without keys was not mirrored here: the whole database needs a full sync"))
     complete = not r.unsettled and not r.errors
-    return _result(r, "dirty", method, reason, started, False, complete, "not copied (dirty keys only)",
-                   {db: {"keys": len(keys)} for db, keys in dirty.keys.items()})
+    res = _result(r, "dirty", method, reason, started, False, complete, "not copied (dirty keys only)",
+                  {db: {"keys": len(keys)} for db, keys in dirty.keys.items()})
+    res.sides = seen
+    return res
 
 
 def _result(r: _Run, mode: str, method: str, reason: str, started: str, resumed: bool, complete: bool,
@@ -408,5 +425,8 @@ def _write_report(pb: Playbook, res: SyncResult) -> str:
 
     phase = StateStore(pb.state_path, pb.name).load().phase
     data = render.sync_report_data(pb, res, str(phase))
+    data["sides"] = res.sides
+    if res.restarted:
+        data["restarted"] = res.restarted
     ref = reports.write(pb.state_path, data, render.sync_markdown(data), render.sync_html(data))
     return ref.id

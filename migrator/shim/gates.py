@@ -6,20 +6,23 @@ Registered with ``migrator.gates.gate``; the phase table names them on the steps
 
 from __future__ import annotations
 
-from migrator import registry, reports
-from migrator.gates import GateContext, gate
+from migrator import registry, reports, sides
+from migrator.gates import GateContext, gate, repair_advice
 from migrator.phases import Phase
 from migrator.shim.dirty import list_dirty
 from migrator.shim.divergence import latest_complete_sync, read_counters
 from migrator.state import parse_iso
 
 
-def _limit(ctx: GateContext) -> tuple[float, str] | None:
+def _limit(ctx: GateContext) -> tuple[float, str, int, str] | None:
     phase = ctx.state.phase
     if phase == Phase.MIRRORING:
-        return ctx.playbook.steps.mirror.max_divergence_rate, "steps.mirror.max_divergence_rate"
+        m = ctx.playbook.steps.mirror
+        return m.max_divergence_rate, "steps.mirror.max_divergence_rate", m.min_compared, "steps.mirror.min_compared"
     if phase == Phase.READS_ON_TARGET:
-        return ctx.playbook.steps.read_cutover.max_divergence_rate, "steps.read_cutover.max_divergence_rate"
+        r = ctx.playbook.steps.read_cutover
+        return (r.max_divergence_rate, "steps.read_cutover.max_divergence_rate", r.min_compared,
+                "steps.read_cutover.min_compared")
     return None
 
 
@@ -51,8 +54,8 @@ def divergence(ctx: GateContext):
     data = {**counters, "phase": str(ctx.state.phase), "window": window, "sync": sync_id}
     if limit is None:
         return True, f"no replies are compared in {ctx.state.phase}; nothing to check", data
-    max_rate, field_name = limit
-    data["max_rate"] = max_rate
+    max_rate, field_name, min_compared, min_field = limit
+    data["max_rate"], data["min_compared"] = max_rate, min_compared
     if counters["shims"] == 0:
         return False, (f"no shim has reported comparisons for {ctx.state.phase} (generation {ctx.state.generation}); "
                        "run the shim and send traffic through it"), data
@@ -60,10 +63,13 @@ def divergence(ctx: GateContext):
     data["rate"] = rate
     kinds = ", ".join(f"{k} {n}" for k, n in counters["by_kind"].items() if n)
     ev = f"divergence rate {_pct(rate)} ({divergent:,} in {compared:,} compared)"
-    if compared == 0:
-        ev = f"no replies compared yet in {ctx.state.phase} (0 divergences)"
     ok = rate <= max_rate
     ev += f" {'<=' if ok else '>'} {_pct(max_rate)} ({field_name}), {window}"
+    if compared < min_compared:
+        # No evidence is not good evidence: a rate over a handful of replies proves nothing.
+        ok = False
+        ev = (f"only {compared:,} repl{'y' if compared == 1 else 'ies'} compared {window} ({divergent:,} diverged); at least "
+              f"{min_compared:,} are needed ({min_field}): send the application's traffic through the shim")
     if kinds:
         ev += f"; by kind: {kinds}"
     if counters["awaiting_repair"]:
@@ -79,6 +85,8 @@ def no_dirty_keys(ctx: GateContext):
     # are repaired by it (the repair, ``migrator sync --dirty``, deletes them when it runs).
     last = latest_complete_sync(ctx.store.dir)
     started = last.get("pass_started_at") if last else None
+    if last is not None and sides.restarted_since(ctx.current_sides(), started, sides.recorded(last)):
+        last, started = None, None  # a side restarted since: that sync repaired nothing that still holds
     cutoff = parse_iso(started).timestamp() if started else 0.0
     dirty = [d for d in marks if d.since >= cutoff]
     resolved = len(marks) - len(dirty)
@@ -89,7 +97,18 @@ def no_dirty_keys(ctx: GateContext):
     reasons = sorted({d.reason for d in dirty})
     names = ", ".join(d.display for d in dirty[:5]) + (", ..." if len(dirty) > 5 else "")
     return False, (f"{len(dirty):,} dirty key(s) awaiting repair ({names}); reasons: {', '.join(reasons)}; "
-                   f"repair them with migrator sync --dirty before the next cutover{note}"), data
+                   f"{_dirty_advice(ctx, dirty)}{note}"), data
+
+
+def _dirty_advice(ctx: GateContext, dirty) -> str:
+    """A repair that works in this phase, for these marks."""
+    p = f" -p {ctx.playbook.path}" if ctx.playbook.path else ""
+    if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED):
+        return (f"repair them from the target with `migrator check --full --repair{p}` (sync copies source → target "
+                "and is refused once the target is authoritative)")
+    if any(d.key is None for d in dirty):
+        return f"a whole database needs copying again: {repair_advice(ctx)}"
+    return f"repair them with `migrator sync --dirty{p}` before the next cutover"
 
 
 @gate("no_lost_shims")
@@ -110,7 +129,8 @@ def no_lost_shims(ctx: GateContext):
     data = {"lost": [r.id for r in lost]}
     check = reports.latest(ctx.playbook.state_path, "check")
     if (check is not None and check.get("exhaustive") and check.get("mismatch_count") == 0
-            and parse_iso(check["started_at"]) > last_seen):
+            and parse_iso(check["started_at"]) > last_seen
+            and not sides.restarted_since(ctx.current_sides(), check["started_at"], sides.recorded(check))):
         data["check"] = check["id"]
         return True, f"shim(s) {names} stopped without draining; the full check {check['id']} after it found both sides equal", data
     return False, (f"shim(s) {names} stopped without draining in {ctx.state.phase}: writes they had not applied to both "

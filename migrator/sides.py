@@ -1,0 +1,171 @@
+"""Is each side the same server, with the same data, as when the evidence was gathered?
+
+A server that restarts without persistence (a cache that crashed, a failover onto an empty
+replica) comes back with a new ``run_id`` and none of the keys that a sync copied or a check
+compared. Evidence gathered before that moment says nothing about the server that answers now,
+so every piece of it (a sync, a check, a repair) must be voided for that side.
+
+This module owns that idea:
+
+- ``probe`` reads a side's identity in one bounded call (INFO server + keyspace): reachable or
+  not, ``run_id``, when it started (from its uptime, which needs no clock agreement) and its keys.
+- ``snapshot`` probes both sides; sync and check record it in their reports (``sides``) as they
+  start, and every transition journals it with the gates' evidence.
+- ``restarted_since`` says, for a piece of evidence, which side restarted after it began.
+- ``compare_sizes`` says whether the two sides' key counts agree within the playbook's drift.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from migrator.connect import client_kwargs
+from migrator.playbook import Endpoint, Playbook
+from migrator.state import iso, now, parse_iso
+
+ROLES = ("source", "target")
+# Uptime is reported in whole seconds: a start time computed from it is exact to about a second.
+UPTIME_SLACK = timedelta(seconds=1.5)
+
+
+@dataclass
+class Side:
+    role: str
+    url: str
+    reachable: bool
+    error: str | None = None
+    run_id: str | None = None
+    started_at: str | None = None  # now − uptime, as seen from here
+    uptime_s: int | None = None
+    keys: int | None = None  # every database
+    dbs: dict[str, int] = field(default_factory=dict)
+    probed_at: str = field(default_factory=lambda: iso(now()))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Side:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def describe(self) -> str:
+        if not self.reachable:
+            return f"{self.role} {self.url}: unreachable ({self.error})"
+        return f"{self.role}: run_id {(self.run_id or '?')[:8]}, up {_uptime(self.uptime_s)}, {self.keys:,} keys"
+
+
+def _uptime(s: int | None) -> str:
+    from migrator.durations import format_duration
+
+    return "?" if s is None else format_duration(timedelta(seconds=s))
+
+
+def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
+    """One side's identity, in at most about ``timeout`` seconds (default: its connect_timeout).
+
+    Never raises for a server that is down, stopped or refuses us: a probe is evidence, and an
+    unreachable side is evidence too. No retry: a stopped server (SIGSTOP) must cost one timeout,
+    not the client library's default of ten.
+    """
+    t = timeout if timeout is not None else ep.connect_timeout.total_seconds()
+    kw = {**client_kwargs(ep), "socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
+    c = redis.Redis(**kw)
+    try:
+        info = c.info("server")
+        keyspace = c.info("keyspace")
+    except (redis.exceptions.RedisError, OSError) as e:
+        return Side(role, ep.display, False, error=_why(e))
+    finally:
+        c.close()
+    uptime = int(info.get("uptime_in_seconds", 0))
+    dbs = {k[2:]: int(v.get("keys", 0)) for k, v in keyspace.items() if k.startswith("db") and isinstance(v, dict)}
+    return Side(role, ep.display, True, run_id=str(info.get("run_id", "")) or None,
+                started_at=iso(now() - timedelta(seconds=uptime)), uptime_s=uptime, keys=sum(dbs.values()), dbs=dbs)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, redis.exceptions.AuthenticationError):
+        return f"authentication failed: {e}"
+    if isinstance(e, redis.exceptions.TimeoutError):
+        return "no answer within the timeout (stopped, overloaded or partitioned)"
+    return str(e) or type(e).__name__
+
+
+def snapshot(pb: Playbook, timeout: float | None = None) -> dict[str, Side]:
+    """Both sides' identities."""
+    return {"source": probe(pb.source, "source", timeout), "target": probe(pb.target, "target", timeout)}
+
+
+def snapshot_json(pb: Playbook) -> dict[str, dict[str, Any]]:
+    return {role: s.to_json() for role, s in snapshot(pb).items()}
+
+
+def recorded(evidence: dict[str, Any] | None) -> dict[str, Side]:
+    """The sides a report or journal entry recorded (``sides``), if any."""
+    raw = (evidence or {}).get("sides") or {}
+    return {role: Side.from_json(v) for role, v in raw.items() if isinstance(v, dict) and role in ROLES}
+
+
+def restarted_since(current: dict[str, Side], began: str | datetime | None,
+                    then: dict[str, Side] | None = None) -> list[str]:
+    """Why each side that restarted after ``began`` (the evidence's start) voids it; [] if none did.
+
+    With the ``run_id`` the evidence recorded, a different one now is a restart, whenever it
+    happened. Without one (older evidence), a server that started after ``began`` restarted.
+    An unreachable side is not judged here: the gates that need it live say so themselves.
+    """
+    if began is None:
+        return []
+    began_dt = parse_iso(began) if isinstance(began, str) else began
+    why = []
+    for role in ROLES:
+        cur = current.get(role)
+        if cur is None or not cur.reachable:
+            continue
+        old = (then or {}).get(role)
+        if old is not None and old.reachable and old.run_id and cur.run_id:
+            if old.run_id != cur.run_id:
+                then_keys = f", {old.keys:,} then" if isinstance(old.keys, int) else ""
+                why.append(f"the {role} restarted (run_id {old.run_id[:8]} → {cur.run_id[:8]}, up {_uptime(cur.uptime_s)}, "
+                           f"{cur.keys:,} keys now{then_keys})")
+            continue
+        if cur.started_at and parse_iso(cur.started_at) > began_dt + UPTIME_SLACK:
+            why.append(f"the {role} restarted at {cur.started_at[11:19]} (up {_uptime(cur.uptime_s)}, {cur.keys:,} keys)")
+    return why
+
+
+def compare_sizes(current: dict[str, Side], max_drift: float, dbs: list[int] | None = None,
+                  short: str | None = None) -> str | None:
+    """Why the two sides' key counts disagree beyond ``max_drift``, or None if they agree.
+
+    With ``short`` ("source" or "target"), only that side holding fewer keys counts: a rollback
+    cares whether the side taking authority back lost data, not whether the other one did.
+
+    Key counts are the cheapest sign of a side that lost its data: a target restarted empty
+    holds a fraction of the source's keys. Lazy expiry and writes in flight make them differ a
+    little, hence the drift (a fraction of the larger count) and a floor of a few keys.
+    """
+    s, t = current.get("source"), current.get("target")
+    if s is None or t is None or not s.reachable or not t.reachable:
+        return None
+    pick = [str(d) for d in dbs] if dbs is not None else sorted(set(s.dbs) | set(t.dbs), key=int)
+    problems = []
+    for db in pick:
+        a, b = s.dbs.get(db, 0), t.dbs.get(db, 0)
+        allowed = max(5, math.ceil(max_drift * max(a, b)))
+        missing = {"source": b - a, "target": a - b}.get(short or "", abs(a - b))
+        if missing > allowed:
+            problems.append(f"db{db}: source {a:,} keys, target {b:,} ({_pct(a, b)} apart, more than {allowed:,})")
+    return "; ".join(problems) or None
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{abs(a - b) / max(a, b, 1) * 100:.1f}%"
