@@ -604,8 +604,8 @@ def status(pb: Playbook) -> dict[str, Any]:
     state = store.load()
     shims = registry.read_all(store.dir)
     in_phase = now() - state.phase_started
-    ctx = gates_mod.make_context(pb, store, state, read_only=True)
-    ctx._sides = sides.snapshot(pb, timeout=min(2.0, pb.source.connect_timeout.total_seconds()))
+    # status must answer quickly even with a side stopped: at most 2 s per side.
+    ctx = gates_mod.make_context(pb, store, state, read_only=True, probe_timeout=min(2.0, pb.source.connect_timeout.total_seconds()))
     alerts = _alerts(ctx)
     return {
         "migration": pb.name,

@@ -44,13 +44,14 @@ class GateContext:
     # ``plan`` evaluates gates read-only: a gate that would run something heavy with side
     # effects (the compatibility run writes a report) may report its last result instead.
     read_only: bool = False
+    probe_timeout: float | None = None  # per side; None: each endpoint's connect_timeout
     # Probed once per evaluation and shared by every gate that asks (``current_sides``).
     _sides: dict[str, sides.Side] | None = None
 
     def current_sides(self) -> dict[str, sides.Side]:
         """Both sides as they answer now (run_id, start, keys), probed once for all the gates."""
         if self._sides is None:
-            self._sides = sides.snapshot(self.playbook)
+            self._sides = sides.snapshot(self.playbook, self.probe_timeout)
         return self._sides
 
 
@@ -345,5 +346,7 @@ def restart_notes(ctx: GateContext) -> list[str]:
     return notes
 
 
-def make_context(playbook: Playbook, store: StateStore, state: State, read_only: bool = False) -> GateContext:
-    return GateContext(playbook=playbook, store=store, state=state, now=now(), read_only=read_only)
+def make_context(playbook: Playbook, store: StateStore, state: State, read_only: bool = False,
+                 probe_timeout: float | None = None) -> GateContext:
+    return GateContext(playbook=playbook, store=store, state=state, now=now(), read_only=read_only,
+                       probe_timeout=probe_timeout)
