@@ -109,3 +109,16 @@ def test_demo_interrupted_by_ctrl_c_stops_everything_and_removes_its_folder(tmp_
     assert list(tmp_path.iterdir()) == [], output[-3000:]
     assert not any(_port_open(p) for p in _ports_in(output))
     assert _processes_mentioning(str(work)) == []
+
+
+def test_readme_quick_start_uses_a_venv_and_ci_runs_its_test_command():
+    """The README's quick start is two commands that install into a virtual environment (never a global pip), and .ci/run runs its test command verbatim."""
+    root = Path(__file__).resolve().parent.parent
+    block = re.search(r"## Quick start.*?```sh\n(.*?)```", (root / "README.md").read_text(), re.S)
+    assert block
+    install, test = block.group(1).strip().splitlines()
+    assert "python3-venv" in install and "python3 -m venv .venv" in install
+    assert ".venv/bin/pip install -e '.[test]'" in install and install.endswith(".venv/bin/migrator demo")
+    assert not re.search(r"(^|&&\s*)(python3? -m )?pip3? install", install)
+    assert test == ".venv/bin/python -m pytest"
+    assert test in (root / ".ci" / "run").read_text().splitlines()
