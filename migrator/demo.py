@@ -11,6 +11,7 @@ folder too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterator
 
 from rich.markup import escape
 
@@ -297,7 +298,7 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
         summary.ok = summary.audit.ok and not summary.audit.errors and final.clean and bool(summary.final_report)
         return summary
     finally:
-        with status("stopping the workload, the shim and the servers" + ("" if keep else " and removing what they left")):
+        with _shown(status, "stopping the workload, the shim and the servers" + ("" if keep else " and removing what they left")):
             if workload is not None:
                 workload.stop()
             if shim is not None and not keep:
@@ -311,10 +312,27 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
                     # Keep the playbook, state and reports for reading; the servers' data goes.
                     for sub in ("source", "target"):
                         shutil.rmtree(dir / sub, ignore_errors=True)
+        restore_term()
         if keep and started:
             say(f"--keep: servers still running (source :{started[0].port}"
                 + (f", target :{started[1].port}" if len(started) > 1 else "") + f"), state in {dir}")
-        restore_term()
+
+
+@contextlib.contextmanager
+def _shown(status: Status, text: str) -> Iterator[None]:
+    """Show ``text`` while cleaning up, but never let the display (e.g. a closed pipe) stop the cleanup."""
+    cm = None
+    try:
+        cm = status(text)
+        cm.__enter__()
+    except Exception:  # noqa: BLE001 - the display failed; the cleanup must still run
+        cm = None
+    try:
+        yield
+    finally:
+        if cm is not None:
+            with contextlib.suppress(Exception):
+                cm.__exit__(None, None, None)
 
 
 def _raise_on_sigterm() -> Callable[[], None]:
