@@ -262,6 +262,9 @@ def start(
         try:
             _wait_ready(server, timeout)
             return server
+        except KeyboardInterrupt:  # Ctrl-C while it starts: nobody else holds it to stop it
+            server.stop()
+            raise
         except Exception as e:  # noqa: BLE001 - retried, then re-raised with the log
             last_error = e
             tail = server.log_tail()
