@@ -262,7 +262,7 @@ def start(
         try:
             _wait_ready(server, timeout)
             return server
-        except KeyboardInterrupt:  # Ctrl-C while it starts: nobody else holds it to stop it
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM while it starts: nobody else can stop it
             server.stop()
             raise
         except Exception as e:  # noqa: BLE001 - retried, then re-raised with the log
