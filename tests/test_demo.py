@@ -85,8 +85,9 @@ def test_demo_without_dir_removes_its_temporary_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_interrupted_by_ctrl_c_stops_everything_and_removes_its_folder(tmp_path):
-    """Ctrl-C in the middle of the demo (SIGINT to its process group, as a terminal sends it) stops its servers and shim and removes its temporary folder."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_demo_interrupted_stops_everything_and_removes_its_folder(tmp_path, how):
+    """Ctrl-C in the middle of the demo (SIGINT to its process group, as a terminal sends it), or SIGTERM to it alone, stops its servers and shim and removes its temporary folder."""
     proc = subprocess.Popen([sys.executable, "-m", "migrator", "demo", "--keys", "300"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"})
@@ -98,8 +99,12 @@ def test_demo_interrupted_by_ctrl_c_stops_everything_and_removes_its_folder(tmp_
                  what="the demo to wait for the mirror's duration")
         work = next(p for p in tmp_path.iterdir() if p.name.startswith("migrator-demo-"))
         assert _processes_mentioning(str(work))  # its servers and shim run from there
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) != 0
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=60) != 0
+        else:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
