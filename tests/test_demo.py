@@ -1,5 +1,6 @@
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -114,6 +115,35 @@ def test_demo_interrupted_stops_everything_and_removes_its_folder(tmp_path, how)
     assert list(tmp_path.iterdir()) == [], output[-3000:]
     assert not any(_port_open(p) for p in _ports_in(output))
     assert _processes_mentioning(str(work)) == []
+
+
+@pytest.mark.slow
+def test_demo_on_a_terminal_shows_a_spinner_with_what_it_waits_for(tmp_path):
+    """On a terminal (a pseudo-terminal here) the demo completes and shows its waits as a live status line with the gate's evidence."""
+    master, replica = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", "demo", "--keys", "300", "--dir", str(tmp_path)],
+                            stdin=replica, stdout=replica, stderr=replica, start_new_session=True,
+                            env={**os.environ, "TERM": "xterm", "COLUMNS": "160"})
+    os.close(replica)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the demo closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))
+    assert "Demo complete: every acknowledged write is on the Valkey." in screen, screen[-3000:]
+    assert re.search(r"waiting for gate mirror_duration: mirror has run \d+s of 4s", screen)
 
 
 def test_readme_quick_start_uses_a_venv_and_ci_runs_its_test_command():
