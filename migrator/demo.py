@@ -313,6 +313,11 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
                     for sub in ("source", "target"):
                         shutil.rmtree(dir / sub, ignore_errors=True)
         restore_term()
+        failed = sys.exc_info()[0] is not None
+        if failed and owned and not keep:
+            with contextlib.suppress(Exception):
+                say(f"Removed the temporary folder {dir}; `migrator demo --dir DIR` keeps the shim's log, "
+                    "the state and the reports for a look")
         if keep and started:
             say(f"--keep: servers still running (source :{started[0].port}"
                 + (f", target :{started[1].port}" if len(started) > 1 else "") + f"), state in {dir}")

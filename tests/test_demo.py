@@ -113,6 +113,7 @@ def test_demo_interrupted_stops_everything_and_removes_its_folder(tmp_path, how)
     reader.join(timeout=10)
     output = "".join(lines)
     assert list(tmp_path.iterdir()) == [], output[-3000:]
+    assert f"Removed the temporary folder {work}" in output
     assert not any(_port_open(p) for p in _ports_in(output))
     assert _processes_mentioning(str(work)) == []
 
