@@ -113,26 +113,10 @@ def write_pause(ctx: ActionContext) -> ActionResult:
 
 @action("final_report")
 def final_report(ctx: ActionContext) -> ActionResult:
-    """Write the migration's final report: its history, its evidence, and that the source can be decommissioned."""
-    from migrator import reports
+    """Write the migration's final report: every step's evidence, overrides, rollbacks, pauses, divergences, sync and check."""
+    from migrator import final_report as final, reports
 
-    pb, st = ctx.playbook, ctx.state
-    latest = {kind: reports.latest(pb.state_path, kind) for kind in ("compat", "sync", "check")}
-    summary = f"{pb.name} completed: {pb.target.display} is the only server written; {pb.source.display} can be decommissioned"
-    data = reports.common("migration", pb.name, "pass", summary, source=pb.source.display, target=pb.target.display,
-                          history=st.history, latest_reports={k: (v or {}).get("id") for k, v in latest.items()})
-    rows = [(h["completed_at"], h["direction"], f"{h['from']} → {h['to']}", h["operator"]) for h in st.history]
-    if st.transition:  # this very step, completing now
-        t = st.transition
-        rows.append((iso(now()), t.direction, f"{t.from_phase} → {t.to_phase}", "this run"))
-    evidence = [(k, (v or {}).get("id", "none"), (v or {}).get("verdict", ""), (v or {}).get("summary", ""))
-                for k, v in latest.items()]
-    md = (f"# Migration {pb.name}: completed\n\n**{summary}.**\n\n## Steps\n\n"
-          + reports.md_table(["completed at", "direction", "step", "operator"], rows)
-          + "\n\n## Latest evidence\n\n" + reports.md_table(["kind", "report", "verdict", "summary"], evidence) + "\n")
-    html = reports.html_page(f"Migration {pb.name}: completed", "pass", summary,
-                             "<h2>Steps</h2>" + reports.html_table(["completed at", "direction", "step", "operator"], rows)
-                             + "<h2>Latest evidence</h2>" + reports.html_table(["kind", "report", "verdict", "summary"], evidence))
-    ref = reports.write(pb.state_path, data, md, html)
-    return ActionResult("final_report", True, f"final report {ref.id}: the source can be decommissioned",
-                        {"report": ref.id, "html": str(ref.html_path)})
+    data, md, html = final.build(ctx.playbook, ctx.store, ctx.state)
+    ref = reports.write(ctx.playbook.state_path, data, md, html)
+    return ActionResult("final_report", True, f"final report {ref.id} ({data['verdict']}): {ref.html_path}",
+                        {"report": ref.id, "html": str(ref.html_path), "verdict": data["verdict"]})

@@ -103,9 +103,20 @@ def common(kind: str, migration: str, verdict: str, summary: str, **fields: Any)
 
 # --- rendering helpers shared by every kind of report --------------------------------------
 
+def cell_text(v: Any) -> str:
+    """A value as a person reads it: ``yes``/``no`` for booleans, an empty cell for None (never Python's spelling)."""
+    if v is True:
+        return "yes"
+    if v is False:
+        return "no"
+    if v is None:
+        return ""
+    return str(v)
+
+
 def md_table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
     def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
+        return cell_text(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
@@ -113,13 +124,17 @@ def md_table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
 
 
 def html_table(headers: list[str], rows: Iterable[Iterable[Any]], classes: Iterable[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    """A table; with headers all empty it is a field/value list: no header row, each row's first cell a row header."""
+    kv = not any(headers)
+    head = "" if kv else "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead>"
     body = []
     cls = list(classes) if classes is not None else None
     for i, row in enumerate(rows):
         c = f' class="{html.escape(cls[i])}"' if cls and i < len(cls) and cls[i] else ""
-        body.append(f"<tr{c}>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        cells = [html.escape(cell_text(v)) for v in row]
+        tds = "".join(f"<th scope=row>{v}</th>" if kv and j == 0 else f"<td>{v}</td>" for j, v in enumerate(cells))
+        body.append(f"<tr{c}>{tds}</tr>")
+    return f"<table{' class=kv' if kv else ''}>{head}<tbody>{''.join(body)}</tbody></table>"
 
 
 _CSS = """
@@ -128,9 +143,9 @@ h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;bo
 .verdict{display:inline-block;padding:.3rem .8rem;border-radius:4px;font-weight:700;color:#fff;text-transform:uppercase}
 .verdict.pass{background:#1a7f37}.verdict.warn{background:#9a6700}.verdict.fail{background:#cf222e}
 table{border-collapse:collapse;width:100%;margin:.6rem 0} th,td{border:1px solid #d0d7de;padding:.3rem .5rem;text-align:left;vertical-align:top}
-th{background:#f6f8fa} tr.fail td{background:#ffebe9} tr.warn td{background:#fff8c5} tr.pass td{background:#f0fff4}
+th{background:#f6f8fa} table.kv th{width:32%;font-weight:600} tr.fail td{background:#ffebe9} tr.warn td{background:#fff8c5} tr.pass td{background:#f0fff4}
 code,pre{font-family:ui-monospace,Menlo,monospace;font-size:12px} pre{background:#f6f8fa;padding:.6rem;overflow:auto}
-.muted{color:#57606a}
+.muted{color:#57606a} svg{max-width:100%;height:auto}
 """
 
 

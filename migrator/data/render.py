@@ -227,21 +227,44 @@ def _bin_label(b: dict) -> str:
 
 
 def svg_bars(items: list[tuple[str, float]], width: int = 720, height: int = 180) -> str:
-    """A bar chart as inline SVG (no scripts, no external resources)."""
+    """A bar chart as inline SVG (no scripts, no external resources).
+
+    Every label stays inside the drawing: a margin above the tallest bar for its value, and
+    room below (and to the left) for the category labels, which are slanted when they would
+    not fit side by side.
+    """
     if not items:
         return "<p class=muted>no data</p>"
+    char_w, font = 6.2, 10  # an upper bound of one character's width at this font size
     top = max(v for _, v in items) or 1
-    slot = width / len(items)
+    longest = max(len(label) for label, _ in items) * char_w
+    pad_top, pad_side = 16, 8
+    slot = (width - 2 * pad_side) / len(items)
+    slanted = longest > slot * 0.95
+    # A label slanted by 40° reaches cos(40°) of its length to the left and sin(40°) below.
+    pad_left = pad_side + (longest * 0.77 if slanted else max(0.0, longest / 2 - slot / 2))
+    pad_bottom = (longest * 0.65 + 16) if slanted else 22
+    slot = (width - pad_left - pad_side) / len(items)
     bar_w = max(2.0, slot * 0.7)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" role="img">']
+    total_h = pad_top + height + pad_bottom
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h:.0f}" '
+             f'viewBox="0 0 {width} {total_h:.0f}" role="img" font-family="system-ui,sans-serif">',
+             f'<line x1="{pad_left:.1f}" y1="{pad_top + height}" x2="{width - pad_side}" y2="{pad_top + height}" '
+             'stroke="#8c959f" stroke-width="1"/>']
     for i, (label, v) in enumerate(items):
         h = (v / top) * height
-        x = i * slot + (slot - bar_w) / 2
-        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="#0969da">'
+        x = pad_left + i * slot + (slot - bar_w) / 2
+        cx = x + bar_w / 2
+        base = pad_top + height
+        parts.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar_w:.1f}" height="{h:.1f}" fill="#0969da">'
                      f"<title>{html.escape(label)}: {v}</title></rect>")
-        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height - h - 3:.1f}" font-size="10" text-anchor="middle">{v}</text>')
-        parts.append(f'<text x="{x + bar_w / 2:.1f}" y="{height + 14 + (i % 2) * 12}" font-size="9" '
-                     f'text-anchor="middle">{html.escape(label)}</text>')
+        parts.append(f'<text x="{cx:.1f}" y="{base - h - 4:.1f}" font-size="{font}" text-anchor="middle">{v:g}</text>')
+        if slanted:
+            parts.append(f'<text x="{cx:.1f}" y="{base + 12:.1f}" font-size="{font}" text-anchor="end" '
+                         f'transform="rotate(-40 {cx:.1f} {base + 12:.1f})">{html.escape(label)}</text>')
+        else:
+            parts.append(f'<text x="{cx:.1f}" y="{base + 14:.1f}" font-size="{font}" text-anchor="middle">'
+                         f"{html.escape(label)}</text>")
     parts.append("</svg>")
     return "".join(parts)
 
