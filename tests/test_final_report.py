@@ -45,6 +45,7 @@ def _walk(server_factory, tmp_path):
         ids["full_sync"] = sync_mod.run(pb).report_id
         ids["dirty_sync"] = sync_mod.run(pb, dirty=True).report_id
         check_mod.run(pb, full=True)
+        time.sleep(1.5)  # replies compared after the sync finished (the divergence gate's minimum)
         with pytest.raises(command.GatesFailed):
             command.advance(pb)  # mirror_duration: 1h not elapsed
         command.advance(pb, overrides={"mirror_duration": REASON})  # → reads-on-target
