@@ -367,6 +367,10 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
 def _judge(names: tuple[str, ...], ctx: gates_mod.GateContext, overrides: dict[str, str],
            evaluate: GateEvaluator | None) -> list[gates_mod.GateResult]:
     results = (evaluate or gates_mod.evaluate)(names, ctx)
+    refused = [s for s in (ctx.probed_sides() or {}).values() if not s.reachable and (s.error or "").startswith("authentication")]
+    if refused:
+        # Wrong credentials are the playbook's problem, not the world's: exit 3, nothing journaled.
+        raise UnreachableError("; ".join(f"{s.describe()}: check the playbook's credentials" for s in refused))
     for r in results:
         if r.name in overrides and not r.passed:
             r.overridden, r.override_reason = True, overrides[r.name]

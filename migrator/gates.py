@@ -54,6 +54,10 @@ class GateContext:
             self._sides = sides.snapshot(self.playbook, self.probe_timeout)
         return self._sides
 
+    def probed_sides(self) -> dict[str, sides.Side] | None:
+        """The sides if a gate probed them, without probing."""
+        return self._sides
+
 
 GateFn = Callable[[GateContext], GateResult]
 GATES: dict[str, GateFn] = {}

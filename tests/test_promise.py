@@ -239,6 +239,11 @@ def test_a_wrong_password_is_unreachable_not_a_failed_gate(server_factory, make_
     assert out.returncode == 3, out.stdout + out.stderr
     assert "UnreachableError" not in out.stdout + out.stderr
     assert not any(e["event"] == "refused" for e in command.history(pb))
+    force_phase(pb, Phase.MIRRORING)  # later steps probe both sides in their gates: the same answer
+    with AckingShim(pb.state_path, pb.name):
+        out = run_cli("advance", "--yes", *SKIP_DATA, playbook=path)
+    assert out.returncode == 3 and "authentication failed" in out.stderr and "credentials" in out.stderr, out.stderr
+    assert not any(e["event"] == "refused" for e in command.history(pb))
 
 
 def test_a_clean_read_cutover_rolled_back_keeps_the_mirror_clock(two):
