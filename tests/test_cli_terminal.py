@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from migrator import reports
+from migrator import registry, reports
 from migrator.data import check, sync
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty
@@ -178,3 +178,70 @@ def test_check_of_an_empty_target_with_a_full_source_is_not_consistent(server_fa
         assert res.verdict == "fail" and res.mismatches and res.bound > 0, res.summary
         gate = data_gates.consistency(make_context(pb, store, store.load()))
         assert not gate.passed, gate.evidence
+
+
+def _addr(hostport: str) -> tuple[str, int]:
+    host, port = hostport.rsplit(":", 1)
+    return host, int(port)
+
+
+def _stop(proc: subprocess.Popen) -> tuple[str, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_shim_on_a_port_in_use_exits_2_with_one_line(server_factory, make_playbook):
+    """`migrator shim` on a client or admin port another process holds: one line naming it, exit 2, nothing left running."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    path = make_playbook(src, dst, **FAST)
+    pb = load(path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f"127.0.0.1:{holder.getsockname()[1]}"
+        env = {"PYTHONPATH": str(REPO)}
+        res = run_cli("shim", "--listen", busy, playbook=path, env=env, timeout=60)
+        assert res.returncode == 2, res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert lines[0] == (f"FAILED: cannot listen on {busy} (shim.listen or --listen): address already in use; "
+                            "stop what holds it or choose another address with --listen")
+        res = run_cli("shim", "--admin", busy, playbook=path, env=env, timeout=60)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().splitlines() == [
+            f"FAILED: cannot listen on {busy} (shim.admin or --admin): address already in use; stop what holds it "
+            "or choose another address with --admin, or --admin '' to disable it"], res.stderr
+        # The client port it did bind before the admin one failed is free again; no shim is registered.
+        with socket.socket() as probe:
+            probe.bind(_addr(pb.shim.listen))
+        assert registry.read_all(pb.state_path) == []
+
+
+def test_shim_says_where_it_listens_and_warns_only_about_commands_the_target_lacks(server_factory, make_playbook):
+    """At start the shim prints its client and admin addresses, and no warning lists the target's own newer commands."""
+    src, dst = server_factory("redis-6.2"), server_factory("valkey-9.1")
+    path = make_playbook(src, dst, **FAST)
+    pb = load(path)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", "--log-format", "json", "-p", str(path), "shim"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == (f"shim listening on {pb.shim.listen} (admin {pb.shim.admin}); "
+                                "SIGTERM or Ctrl-C drains and stops it"), line
+        c = socket.create_connection(_addr(pb.shim.listen))
+        c.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert c.recv(64) == b"+PONG\r\n"
+        c.close()
+    finally:
+        out, err = _stop(proc)
+    assert proc.returncode == 0, err
+    unknown = [json.loads(ln) for ln in err.splitlines() if '"shim.commands_unknown"' in ln]
+    # Valkey 9.1 has commands Redis 6.2 lacks (HEXPIRE, HGETDEL, WAITAOF...): the application never used them.
+    assert all(u["side"] == "target" for u in unknown), unknown

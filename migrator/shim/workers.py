@@ -22,7 +22,8 @@ from migrator.logs import get_logger
 from migrator.playbook import Playbook, split_hostport
 from migrator.shim import admin as admin_http
 from migrator.shim import metrics
-from migrator.shim.server import _new_loop, run, worker_stats_dir
+from migrator.errors import UsageError
+from migrator.shim.server import _new_loop, bind_errors, run, worker_stats_dir
 
 
 def _worker_main(playbook: Playbook, listen: str | None, shim_id: str, index: int) -> None:
@@ -41,7 +42,7 @@ def _read_snapshots(playbook: Playbook, ids: list[str]) -> list[dict]:
 
 
 def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, admin: str | None = None,
-                shim_id: str | None = None) -> int:
+                shim_id: str | None = None, ready=None) -> int:
     listen = listen or playbook.shim.listen
     admin = playbook.shim.admin if admin is None else admin
     _host, port = split_hostport(listen)
@@ -82,10 +83,19 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         server = None
         if admin:
             ahost, aport = split_hostport(admin)
-            server = await admin_http.start(ahost, aport, {
-                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged)),
-                "/status": admin_http.json_route(status),
-            })
+            try:
+                with bind_errors(admin, "--admin", "shim.admin", "or --admin '' to disable it"):
+                    server = await admin_http.start(ahost, aport, {
+                        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged)),
+                        "/status": admin_http.json_route(status),
+                    })
+            except UsageError:
+                for p in procs:  # started already: they must not outlive their supervisor
+                    p.terminate()
+                    p.join(30)
+                raise
+        if ready is not None:
+            ready(listen, admin or None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         while not stopping.is_set() and all(p.is_alive() for p in procs):
