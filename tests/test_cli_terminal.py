@@ -245,3 +245,39 @@ def test_shim_says_where_it_listens_and_warns_only_about_commands_the_target_lac
     unknown = [json.loads(ln) for ln in err.splitlines() if '"shim.commands_unknown"' in ln]
     # Valkey 9.1 has commands Redis 6.2 lacks (HEXPIRE, HGETDEL, WAITAOF...): the application never used them.
     assert all(u["side"] == "target" for u in unknown), unknown
+
+
+def _executed(result) -> dict[str, int]:
+    """Commands in the source's statistics the pre-flight attributes to the application, without
+    connection setup (HELLO, PING, INFO...: every client's, migrator's own connections' included)."""
+    from migrator.compat.commands import CONNECTION_SETUP
+
+    (missing,) = [c for c in result.checks if c.name == "commands.missing"]
+    return {n: c for n, c in missing.data["executed"].items() if n not in CONNECTION_SETUP}
+
+
+def test_compat_does_not_count_migrators_own_commands_as_the_applications(server_factory, make_playbook):
+    """A second compat run, and one after a sync and a check, see the same application commands as the first."""
+    from migrator import compat
+
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    app = src.client()
+    for i in range(300):
+        app.set(f"s:{i}", "v")
+        app.hset(f"h:{i}", "f", i)
+    app.get("s:0")
+    pb = load(make_playbook(src, dst, **FAST))
+    first = _executed(compat.run(pb))
+    assert {"set": 300, "hset": 300, "get": 1}.items() <= first.items()
+    assert not {"dump", "scan", "pttl", "memory|usage", "object|encoding"} & set(first)
+    second = _executed(compat.run(pb))
+    assert second == first
+    _mirroring(pb)
+    assert sync.run(pb).complete and check.run(pb, full=True).clean
+    third = _executed(compat.run(pb))
+    assert third == first
+    # The application's later calls still count, migrator's own never.
+    app.set("late", "x")
+    app.dump("late")
+    fourth = _executed(compat.run(pb))
+    assert fourth["set"] == 301 and fourth["dump"] == 1, fourth

@@ -142,7 +142,10 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     cfg = playbook.check
     started, t0 = iso(now()), time.monotonic()
     phase = StateStore(playbook.state_path, playbook.name).load().phase
-    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"):
+    from migrator.compat import ownstats
+
+    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"), \
+            ownstats.recording(playbook.state_path, connect(playbook.source, "source")):
         r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
                  int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
         selection = Selection.from_config(playbook.sync)

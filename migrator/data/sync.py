@@ -184,7 +184,9 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
     try:
         r = _Run(playbook, rate, batch, progress, chunk, settle)
         r.keyspace_events = keyspace_events
-        with server_errors("sync"):
+        from migrator.compat import ownstats
+
+        with server_errors("sync"), ownstats.recording(state_dir, connect(playbook.source, "source")):
             result = _run_dirty(r) if dirty else _run_full(r, restart)
         result.report_id = _write_report(playbook, result)
         return result
