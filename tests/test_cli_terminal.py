@@ -217,6 +217,13 @@ def test_shim_on_a_port_in_use_exits_2_with_one_line(server_factory, make_playbo
         assert res.stderr.strip().splitlines() == [
             f"FAILED: cannot listen on {busy} (shim.admin or --admin): address already in use; stop what holds it "
             "or choose another address with --admin, or --admin '' to disable it"], res.stderr
+        # With --workers, the supervisor checks the address before forking, and stops the workers
+        # it started when its admin address is taken.
+        for flag in ("--listen", "--admin"):
+            res = run_cli("shim", "--workers", "2", flag, busy, playbook=path, env=env, timeout=60)
+            assert res.returncode == 2, res.stderr
+            assert "Traceback" not in res.stderr
+            assert res.stderr.strip().splitlines()[-1].startswith(f"FAILED: cannot listen on {busy} "), res.stderr
         # The client port it did bind before the admin one failed is free again; no shim is registered.
         with socket.socket() as probe:
             probe.bind(_addr(pb.shim.listen))

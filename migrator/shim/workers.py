@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 
 from migrator import registry
@@ -28,7 +29,21 @@ from migrator.shim.server import _new_loop, bind_errors, run, worker_stats_dir
 
 def _worker_main(playbook: Playbook, listen: str | None, shim_id: str, index: int) -> None:
     # A fork shares the parent's signal dispositions; the worker installs its own handlers.
-    os._exit(run(playbook, listen=listen, admin="", shim_id=shim_id, reuse_port=True, worker=index))
+    try:
+        code = run(playbook, listen=listen, admin="", shim_id=shim_id, reuse_port=True, worker=index)
+    except UsageError as e:  # its address was taken after the supervisor's check: one line, as the CLI
+        print(f"FAILED: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    os._exit(code)
+
+
+def _check_listen(listen: str) -> None:
+    """Bind the workers' address once, as they will (SO_REUSEPORT), before forking them: an
+    address already taken is one line and exit 2 here, not N workers dying."""
+    host, port = split_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with bind_errors(listen, "--listen", "shim.listen"):
+        socket.create_server((host, port), family=family, reuse_port=True).close()
 
 
 def _read_snapshots(playbook: Playbook, ids: list[str]) -> list[dict]:
@@ -48,6 +63,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
     _host, port = split_hostport(listen)
     base = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}"
     ids = [f"{base}-w{i}" for i in range(workers)]
+    _check_listen(listen)
     log = get_logger("migrator.shim", shim=base)
     if workers > 1:
         # Each worker sequences only its own connections' writes (docs/shim.md, "Ordering").
