@@ -288,3 +288,25 @@ def test_compat_does_not_count_migrators_own_commands_as_the_applications(server
     app.dump("late")
     fourth = _executed(compat.run(pb))
     assert fourth["set"] == 301 and fourth["dump"] == 1, fourth
+
+
+def test_ctrl_c_during_check_exits_130_not_the_refused_code(server_factory, make_playbook):
+    """SIGINT to a running check: 'interrupted (Ctrl-C)' and exit 130, not click's 'Aborted.' and 1."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    bulk(src.client(), 20_000)
+    path = make_playbook(src, dst, **FAST)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", "-p", str(path), "check", "--full", "--rate", "2000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    try:
+        # Interrupt once it walks the keyspace (10 s at this rate).
+        wait_for(lambda: "cmdstat_scan" in src.client().info("commandstats"), timeout=30, what="the check's SCAN")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == EXIT_INTERRUPTED, (out, err)
+    assert err.strip().splitlines()[-1] == "interrupted (Ctrl-C)", err
