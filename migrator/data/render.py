@@ -40,10 +40,9 @@ def sync_report_data(pb, res, phase: str) -> dict[str, Any]:
         verdict = "warn"
     what = "dirty keys re-copied" if res.mode == "dirty" else "keys copied"
     equal = f"{res.equal:,} found already equal, " if res.mode == "dirty" else ""
-    runs = getattr(res, "runs", 1)
-    if res.mode == "full" and runs > 1:
+    if res.mode == "full" and res.runs > 1:
         # A resumed pass: the counts are the whole pass's; the time and rate are this run's.
-        how = (f"over {runs} runs (this run: {res.run_keys:,} keys in {format_duration(res.duration_s)}, "
+        how = (f"over {res.runs} runs (this run: {res.run_keys:,} keys in {format_duration(res.duration_s)}, "
                f"{res.keys_per_s:,.0f} keys/s)")
     else:
         how = f"in {format_duration(res.duration_s)}, {res.keys_per_s:,.0f} keys/s"
