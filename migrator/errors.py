@@ -13,6 +13,7 @@ EXIT_USAGE = 2  # bad command line or playbook
 EXIT_UNREACHABLE = 3  # a server could not be reached
 EXIT_BUSY = 4  # another migrator run holds the lock, or the state needs an operator
 EXIT_INTERNAL = 70  # a bug (uncaught exception)
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (SIGINT), as shells report it; resumable where it says so
 
 
 class MigratorError(Exception):
@@ -58,3 +59,9 @@ class StateError(MigratorError):
     """The persisted state cannot be used as it is (corrupt, or from another migration)."""
 
     exit_code = EXIT_BUSY
+
+
+class Interrupted(MigratorError):
+    """The user pressed Ctrl-C (SIGINT); the message says what was kept and how to go on."""
+
+    exit_code = EXIT_INTERRUPTED

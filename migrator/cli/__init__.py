@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from migrator import __version__, logs, playbook
-from migrator.errors import EXIT_INTERNAL, MigratorError, PlaybookError
+from migrator.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, Interrupted, MigratorError, PlaybookError
 from migrator.redact import redact
 
 
@@ -78,9 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI, turning MigratorError into one line and its exit code."""
     try:
         rv = cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        # click turns Ctrl-C (and end of input at a prompt) into Abort: an interrupt is not a refusal.
+        if isinstance(e.__context__, KeyboardInterrupt):
+            click.echo("interrupted (Ctrl-C)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         click.echo("Aborted.", err=True)
         sys.exit(1)
+    except Interrupted as e:
+        click.echo(redact(e.message), err=True)
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -96,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"FAILED: {redact(e.message)}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        click.echo("interrupted (Ctrl-C)", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception:  # noqa: BLE001 - a bug: show it
         click.echo(redact(traceback.format_exc()), err=True)
         sys.exit(EXIT_INTERNAL)

@@ -14,7 +14,7 @@ from migrator.cli import Ctx, cli, emit_json, output_option, pass_ctx, with_play
 from migrator.data import check as check_mod
 from migrator.data import render
 from migrator.data import sync as sync_mod
-from migrator.errors import UsageError
+from migrator.errors import Interrupted, UsageError
 from migrator.logs import get_logger
 from migrator.redact import redact
 
@@ -34,12 +34,15 @@ class _Progress:
         if self.tty:
             from rich.progress import (
                 BarColumn,
+                MofNCompleteColumn,
                 Progress,
                 TextColumn,
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("db{task.fields[db]}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} keys"),
+            # The total is None until the keyspace size is known: MofNCompleteColumn shows "?" then
+            # (a format spec on it raised TypeError, so a sync on a terminal exited 70).
+            self.bar = Progress(TextColumn("db{task.fields[db]}"), BarColumn(), MofNCompleteColumn(), TextColumn("keys"),
                                 TextColumn("{task.fields[bytes]}"), TextColumn("{task.fields[rate]} keys/s"),
                                 TimeRemainingColumn(), transient=True)
             self.bar.start()
@@ -97,9 +100,15 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
     pb = ctx.load_playbook()
     _progress_logs_visible(cctx)
     _fewer_collections()
-    with _Progress() as progress:
-        res = sync_mod.run(pb, restart=restart, dirty=dirty, rate=rate, batch=batch, progress=progress, chunk=chunk,
-                           keyspace_events=not no_events)
+    try:
+        with _Progress() as progress:
+            res = sync_mod.run(pb, restart=restart, dirty=dirty, rate=rate, batch=batch, progress=progress, chunk=chunk,
+                               keyspace_events=not no_events)
+    except KeyboardInterrupt:
+        again = f"migrator sync{' --dirty' if dirty else ''} -p {pb.path}"
+        kept = ("the dirty keys not yet repaired stay marked" if dirty else
+                "the checkpoint (saved about once a second) is kept, so it resumes where it stopped")
+        raise Interrupted(f"sync interrupted (Ctrl-C): {kept}; resume with `{again}`") from None
     report = reports.load(pb.state_path, res.report_id)
     if output == "json":
         emit_json(report)

@@ -36,4 +36,9 @@ def shim(ctx: Ctx, listen: str | None, admin: str | None, workers: int, shim_id:
             split_hostport(admin)
         except ValueError as e:
             raise UsageError(f"--admin: {e}") from None
-    return shim_mod.run(pb, listen=listen, admin=admin, shim_id=shim_id, workers=workers)
+
+    def ready(bound: str, admin_bound: str | None) -> None:
+        admin_text = f"admin {admin_bound}" if admin_bound else "no admin endpoint"
+        click.echo(f"shim listening on {bound} ({admin_text}); SIGTERM or Ctrl-C drains and stops it")
+
+    return shim_mod.run(pb, listen=listen, admin=admin, shim_id=shim_id, workers=workers, ready=ready)

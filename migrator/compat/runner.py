@@ -89,6 +89,7 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
             raise RefusedError(f"cannot run the compatibility checks: {e}; "
                                "grant INFO, SCAN and TYPE to migrator's user") from None
         checks = run_checks(probe)
+        probe.record_own_calls()
     finally:
         source.close()
         target.close()

@@ -148,7 +148,10 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     phase = state.phase
     if repair:
         _refuse_repair_from_a_loss(playbook, store, state)
-    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"):
+    from migrator.compat import ownstats
+
+    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"), \
+            ownstats.recording(playbook.state_path, connect(playbook.source, "source")):
         r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
                  int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
         selection = Selection.from_config(playbook.sync)
@@ -166,7 +169,13 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         if show_values:
             _attach_values(r, remaining + repaired)
     exhaustive = all(p is None for p in plan.values())
-    bound = len(remaining) / r.checked if exhaustive and r.checked else stats.upper_bound(len(remaining), r.checked)
+    if exhaustive:
+        # The exact rate; a walk of an empty keyspace (both sides empty) found 0 of 0 differing:
+        # consistent. (A target empty while the source is not is a walk of the source's keys,
+        # each one missing on the target.)
+        bound = len(remaining) / r.checked if r.checked else 0.0
+    else:
+        bound = stats.upper_bound(len(remaining), r.checked)
     result = CheckResult(
         verdict="", summary="", mode="full" if full else "sample", exhaustive=exhaustive, checked=r.checked,
         mismatches=remaining, repaired=repaired, in_flux=r.in_flux, transient=r.transient, bound=bound,
@@ -177,12 +186,23 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         # Every key was seen equal on both sides (after any repair): the shim's dirty marks made
         # before this check began, on keys it walked, need no other repair. This is how the
         # source is repaired in writes-on-target, where `sync` (source -> target) is refused.
-        dirtymod.clear_walked(playbook.state_path, parse_iso(started).timestamp(), dbs, selection)
+        dirtymod.clear_walked(playbook.state_path, parse_iso(started).timestamp(), _walked(selection, dbs, playbook),
+                              selection)
     data = render.check_report_data(playbook, result)
     data["sides"] = seen
     ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
     result.report_id = ref.id
     return result
+
+
+def _walked(selection: Selection, dbs: list[int], playbook: Playbook) -> list[int]:
+    """The databases a complete walk covered. Without a playbook list it walked every database
+    with keys on either side; any other was empty on both (so equal), and marks made there earlier
+    (a key since deleted on both sides) are covered too."""
+    if selection.databases is not None:
+        return dbs
+    marked = dirtymod.list_dirty(playbook.state_path)
+    return sorted(set(dbs) | set(marked.keys) | marked.whole_dbs)
 
 
 def verdict(res: CheckResult) -> tuple[str, str]:

@@ -40,15 +40,23 @@ def sync_report_data(pb, res, phase: str) -> dict[str, Any]:
         verdict = "warn"
     what = "dirty keys re-copied" if res.mode == "dirty" else "keys copied"
     equal = f"{res.equal:,} found already equal, " if res.mode == "dirty" else ""
-    summary = (f"{equal}{res.keys:,} {what} ({human_bytes(res.bytes)}) in {format_duration(res.duration_s)}, "
-               f"{res.keys_per_s:,.0f} keys/s by {res.method or 'n/a'}; {res.recopied} re-copied after verify, "
+    if res.mode == "full" and res.runs > 1:
+        # A resumed pass: the counts are the whole pass's; the time and rate are this run's.
+        how = (f"over {res.runs} runs (this run: {res.run_keys:,} keys in {format_duration(res.duration_s)}, "
+               f"{res.keys_per_s:,.0f} keys/s)")
+    else:
+        how = f"in {format_duration(res.duration_s)}, {res.keys_per_s:,.0f} keys/s"
+    held = f"; the source held {res.source_keys:,}" if res.mode == "full" else ""
+    summary = (f"{equal}{res.keys:,} {what} ({human_bytes(res.bytes)}) {how} by {res.method or 'n/a'}{held}; "
+               f"{res.recopied} re-copied after verify, "
                f"{len(res.unsettled)} unsettled, {len(res.errors)} errors" + ("" if res.complete else "; NOT complete"))
     return reports.common(
         "sync", pb.name, verdict, summary, mode=res.mode, complete=res.complete, phase=phase,
         method=res.method, method_reason=res.method_reason, pass_started_at=res.pass_started_at,
         finished_at=res.finished_at, resumed=res.resumed, keys=res.keys, bytes=res.bytes, deleted=res.deleted,
         big_keys=res.big, verified=res.verified, recopied=res.recopied, equal=res.equal, duration_s=round(res.duration_s, 3),
-        keys_per_s=round(res.keys_per_s, 1), functions=res.functions,
+        keys_per_s=round(res.keys_per_s, 1), functions=res.functions, runs=res.runs, run_keys=res.run_keys,
+        run_bytes=res.run_bytes, source_keys=res.source_keys,
         dbs={str(k): v for k, v in res.dbs.items()},
         unsettled=[{"db": db, "key": key_text(_b64(k)), "key_b64": k} for db, k in res.unsettled[:MAX_LISTED]],
         errors=[{"db": db, "key": key_text(_b64(k)), "key_b64": k, "error": e} for db, k, e in res.errors[:MAX_LISTED]],
@@ -65,6 +73,8 @@ def _sync_rows(data: dict) -> list[tuple[str, Any]]:
     return [("mode", data["mode"]), ("complete", data["complete"]), ("phase at run", data["phase"]),
             ("method", f"{data['method']} — {data['method_reason']}"), ("pass started", data["pass_started_at"]),
             ("finished", data["finished_at"]), ("resumed", data["resumed"]), ("keys", f"{data['keys']:,}"),
+            ("runs of this pass", data.get("runs", 1)), ("keys this run", f"{data.get('run_keys', data['keys']):,}"),
+            ("source keys at this run's start", f"{data.get('source_keys', 0):,}"),
             ("bytes", human_bytes(data["bytes"])), ("deleted on target (gone from source)", data["deleted"]),
             ("big keys (chunked)", data["big_keys"]), ("verified equal", f"{data['verified']:,}"),
             ("re-copied after verify", data["recopied"]), ("dirty keys already equal (not copied)", data.get("equal", 0)),

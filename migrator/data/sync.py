@@ -81,6 +81,12 @@ class SyncResult:
     recopied: int = 0
     equal: int = 0  # dirty keys found already equal on both sides, so not copied (``--dirty`` only)
     duration_s: float = 0.0
+    # A full pass may take several runs (Ctrl-C, then resume): ``keys``/``bytes`` count the whole
+    # pass, these this run alone (the rate is this run's).
+    runs: int = 1
+    run_keys: int = 0
+    run_bytes: int = 0
+    source_keys: int = 0  # keys the selected databases of the source held when this run began
     functions: str = ""
     dbs: dict[int, dict] = field(default_factory=dict)
     unsettled: list[tuple[int, str]] = field(default_factory=list)
@@ -91,7 +97,7 @@ class SyncResult:
 
     @property
     def keys_per_s(self) -> float:
-        return self.keys / self.duration_s if self.duration_s > 0 else 0.0
+        return self.run_keys / self.duration_s if self.duration_s > 0 else 0.0
 
 
 ProgressFn = Callable[[SyncProgress], None]
@@ -114,6 +120,7 @@ class _Run:
         self.total = CopyResult()
         self.verified = self.recopied = self.equal = 0
         self.total_keys = 0
+        self.done_before = 0  # keys an earlier run of this pass copied (a resumed sync)
         self.unsettled: list[tuple[int, str]] = []
         self.keyspace_events = True  # may turn on the source's keyspace events to watch writes
         self.errors: list[tuple[int, str, str]] = []
@@ -123,8 +130,8 @@ class _Run:
 
     def tick(self, db: int) -> None:
         if self.progress:
-            self.progress(SyncProgress(db, self.total.copied + self.total.deleted, self.total.bytes, self.total_keys,
-                                       time.monotonic() - self.t0))
+            self.progress(SyncProgress(db, self.done_before + self.total.copied + self.total.deleted, self.total.bytes,
+                                       self.total_keys, time.monotonic() - self.t0))
 
     def absorb(self, db: int, verifier: Verifier, copy_errors: dict[bytes, str]) -> None:
         self.verified += verifier.stats.verified
@@ -179,7 +186,9 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
     try:
         r = _Run(playbook, rate, batch, progress, chunk, settle)
         r.keyspace_events = keyspace_events
-        with server_errors("sync"):
+        from migrator.compat import ownstats
+
+        with server_errors("sync"), ownstats.recording(state_dir, connect(playbook.source, "source")):
             result = _run_dirty(r) if dirty else _run_full(r, restart)
         result.report_id = _write_report(playbook, result)
         return result
@@ -218,6 +227,7 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     cp.method, cp.method_reason = _method(r, cp, dbs)
     sizes = keyspace_sizes(src0)
     r.total_keys = sum(sizes.get(d, 0) for d in dbs)
+    r.done_before = sum(cp.db(d).keys for d in dbs)
     functions = _copy_functions(src0, dst0)
     cpmod.save(state_dir, cp)
     try:
@@ -239,6 +249,8 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     res = _result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
                   {d: {"keys": cp.db(d).keys, "bytes": cp.db(d).bytes, "done": cp.db(d).done} for d in dbs})
     res.sides, res.restarted = cp.sides, start_over
+    # The whole pass, earlier runs included: what the report and the sync_complete gate describe.
+    res.keys, res.bytes, res.runs = sum(cp.db(d).keys for d in dbs), sum(cp.db(d).bytes for d in dbs), cp.runs
     return res
 
 
@@ -257,17 +269,24 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
     verifier = r.verifier(src, dst, copier, watch)
     prog = cp.db(db)
     cursors = {-1: prog.cursor}  # seq → cursor to resume from once that batch is verified
+    # seq → keys and bytes this run copied up to that batch: the checkpoint's counts go with its
+    # cursor, so a resumed run, which re-copies from the cursor, does not count a batch twice.
+    base_keys, base_bytes = prog.keys, prog.bytes
+    copied = {-1: (0, 0)}
+    run_keys = run_bytes = 0
     last_save = time.monotonic()
     errors: dict[bytes, str] = {}
     inflight: deque = deque()  # (seq, keys, marked_at, future) of batches being copied, in scan order
 
     def finish() -> None:
+        nonlocal run_keys, run_bytes
         seq, keys, marked_at, future = inflight.popleft()
         res = future.result()
         errors.update(res.errors)
         r.total.add(res)
-        prog.keys += res.copied + res.deleted
-        prog.bytes += res.bytes
+        run_keys += res.copied + res.deleted
+        run_bytes += res.bytes
+        copied[seq] = (run_keys, run_bytes)
         verifier.add(seq, keys, time.monotonic(), res, marked_at)
 
     read_marks: deque = deque()  # marked_at of batches read ahead (scan_read) and not yet taken
@@ -293,7 +312,9 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
             r.tick(db)
             if time.monotonic() - last_save >= CHECKPOINT_EVERY_S:
                 done_upto = inflight[0][0] - 1 if inflight else seq
-                prog.cursor = cursors[min(verifier.safe_seq, done_upto)]
+                upto = min(verifier.safe_seq, done_upto)
+                prog.cursor = cursors[upto]
+                prog.keys, prog.bytes = base_keys + copied[upto][0], base_bytes + copied[upto][1]
                 cp.method = copier.method
                 cpmod.save(r.pb.state_path, cp)
                 last_save = time.monotonic()
@@ -304,6 +325,7 @@ def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:
     if watch:
         watch.stop()
     prog.cursor, prog.done = 0, True
+    prog.keys, prog.bytes = base_keys + run_keys, base_bytes + run_bytes
     cp.method = copier.method
     r.absorb(db, verifier, errors)
     cpmod.save(r.pb.state_path, cp)
@@ -417,7 +439,8 @@ def _result(r: _Run, mode: str, method: str, reason: str, started: str, resumed:
         complete=complete, mode=mode, method=method, method_reason=reason, pass_started_at=started,
         finished_at=iso(now()), resumed=resumed, keys=r.total.copied + r.total.deleted, bytes=r.total.bytes,
         deleted=r.total.deleted, big=r.total.big, verified=r.verified, recopied=r.recopied, equal=r.equal,
-        duration_s=time.monotonic() - r.t0, functions=functions, dbs=dbs, unsettled=r.unsettled, errors=r.errors)
+        duration_s=time.monotonic() - r.t0, functions=functions, dbs=dbs, unsettled=r.unsettled, errors=r.errors,
+        run_keys=r.total.copied + r.total.deleted, run_bytes=r.total.bytes, source_keys=r.total_keys)
 
 
 def _write_report(pb: Playbook, res: SyncResult) -> str:

@@ -274,28 +274,36 @@ class Shim:
                 "a shim will not route the migration's phase to other servers: put the original endpoints back, "
                 "or start a new migration with its own state_dir")
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
-        for side in (SOURCE, TARGET):
-            missing = self.table.unknown_to(side)
-            if missing:
-                self.log.warning("shim.commands_unknown", side=SIDE_NAMES[side], count=len(missing),
-                                 commands=sorted(m.decode() for m in missing)[:50])
+        # Only what the source has and the target lacks can fail an application's command once
+        # the target serves it; the target's newer commands the source lacks were never used.
+        missing = self.table.unknown_to(TARGET)
+        if missing:
+            self.log.warning("shim.commands_unknown", side=SIDE_NAMES[TARGET], count=len(missing),
+                             commands=sorted(m.decode() for m in missing)[:50])
         # Known before the counters are resumed, so a restart keeps its "since the sync" counts.
         self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
         self._apply_state(state, initial=True)
         host, port = split_hostport(self.listen)
-        self._server = await self.loop.create_server(
-            lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,
-            reuse_port=self.reuse_port or None, reuse_address=True)
+        with bind_errors(self.listen, "--listen", "shim.listen"):
+            self._server = await self.loop.create_server(
+                lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,
+                reuse_port=self.reuse_port or None, reuse_address=True)
         self.address = self._server.sockets[0].getsockname()[:2]
         # Loading the command tables took a while: a phase change or a write-switch barrier
         # written meanwhile applies before the first client is served.
         self._apply_state(self._read_state(force=True))
         if self.admin_addr:
             ahost, aport = split_hostport(self.admin_addr)
-            self._admin = await admin_http.start(ahost, aport, {
-                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(self.metrics_stats, self._extra)),
-                "/status": admin_http.json_route(self.status),
-            })
+            try:
+                with bind_errors(self.admin_addr, "--admin", "shim.admin", "or --admin '' to disable it"):
+                    self._admin = await admin_http.start(ahost, aport, {
+                        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8",
+                                             metrics.render(self.metrics_stats, self._extra)),
+                        "/status": admin_http.json_route(self.status),
+                    })
+            except UsageError:
+                self._server.close()
+                raise
             self.admin_address = self._admin.sockets[0].getsockname()[:2]
         await self._publish()
         for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop()):
@@ -701,9 +709,25 @@ def write_worker_stats(state_dir: Path, shim_id: str, snapshot: dict, status: di
     atomic_write_json(worker_stats_dir(state_dir) / f"{shim_id}.json", {"snapshot": snapshot, "status": status})
 
 
+@contextlib.contextmanager
+def bind_errors(addr: str, flag: str, field: str, alternative: str = ""):
+    """An address that cannot be listened on (in use, not local, not permitted) is the operator's
+    to fix: one line naming it and where it was set, exit code 2, instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        # asyncio's message repeats the address; the errno's text alone says why.
+        reason = (os.strerror(e.errno) if e.errno else str(e)).lower()
+        raise UsageError(f"cannot listen on {addr} ({field} or {flag}): {reason}; stop what holds it or choose another "
+                         f"address with {flag}{', ' + alternative if alternative else ''}") from None
+
+
 def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = None, shim_id: str | None = None,
         reuse_port: bool = False, worker: int | None = None, workers: int = 1, ready=None) -> int:
     """Run a shim until SIGTERM/SIGINT; returns the exit code (0 after a clean drain).
+
+    ``ready(listen, admin)`` is called once it listens, with the addresses bound ("host:port";
+    admin None when disabled).
 
     With ``workers`` > 1, that many processes share the listen port (SO_REUSEPORT) and this
     process only supervises them and serves the admin endpoint with their numbers added up.
@@ -711,7 +735,7 @@ def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = No
     if workers > 1:
         from migrator.shim.workers import run_workers
 
-        return run_workers(playbook, workers, listen=listen, admin=admin, shim_id=shim_id)
+        return run_workers(playbook, workers, listen=listen, admin=admin, shim_id=shim_id, ready=ready)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     shim = Shim(playbook, listen=listen, admin=admin, shim_id=shim_id, reuse_port=reuse_port, worker=worker)
@@ -724,7 +748,7 @@ def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = No
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(shim.stop()))
         if ready is not None:
-            ready(shim)
+            ready(_hostport(shim.address), _hostport(shim.admin_address) if shim.admin_addr else None)
         await shim.wait_stopped()
 
     try:
@@ -732,6 +756,11 @@ def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = No
     finally:
         loop.close()
     return 0
+
+
+def _hostport(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class ShimThread:

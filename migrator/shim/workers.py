@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 
 from migrator import registry
@@ -22,12 +23,27 @@ from migrator.logs import get_logger
 from migrator.playbook import Playbook, split_hostport
 from migrator.shim import admin as admin_http
 from migrator.shim import metrics
-from migrator.shim.server import _new_loop, run, worker_stats_dir
+from migrator.errors import UsageError
+from migrator.shim.server import _new_loop, bind_errors, run, worker_stats_dir
 
 
 def _worker_main(playbook: Playbook, listen: str | None, shim_id: str, index: int) -> None:
     # A fork shares the parent's signal dispositions; the worker installs its own handlers.
-    os._exit(run(playbook, listen=listen, admin="", shim_id=shim_id, reuse_port=True, worker=index))
+    try:
+        code = run(playbook, listen=listen, admin="", shim_id=shim_id, reuse_port=True, worker=index)
+    except UsageError as e:  # its address was taken after the supervisor's check: one line, as the CLI
+        print(f"FAILED: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    os._exit(code)
+
+
+def _check_listen(listen: str) -> None:
+    """Bind the workers' address once, as they will (SO_REUSEPORT), before forking them: an
+    address already taken is one line and exit 2 here, not N workers dying."""
+    host, port = split_hostport(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with bind_errors(listen, "--listen", "shim.listen"):
+        socket.create_server((host, port), family=family, reuse_port=True).close()
 
 
 def _read_snapshots(playbook: Playbook, ids: list[str]) -> list[dict]:
@@ -41,12 +57,13 @@ def _read_snapshots(playbook: Playbook, ids: list[str]) -> list[dict]:
 
 
 def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, admin: str | None = None,
-                shim_id: str | None = None) -> int:
+                shim_id: str | None = None, ready=None) -> int:
     listen = listen or playbook.shim.listen
     admin = playbook.shim.admin if admin is None else admin
     _host, port = split_hostport(listen)
     base = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}"
     ids = [f"{base}-w{i}" for i in range(workers)]
+    _check_listen(listen)
     log = get_logger("migrator.shim", shim=base)
     if workers > 1:
         # Each worker sequences only its own connections' writes (docs/shim.md, "Ordering").
@@ -82,10 +99,19 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         server = None
         if admin:
             ahost, aport = split_hostport(admin)
-            server = await admin_http.start(ahost, aport, {
-                "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged)),
-                "/status": admin_http.json_route(status),
-            })
+            try:
+                with bind_errors(admin, "--admin", "shim.admin", "or --admin '' to disable it"):
+                    server = await admin_http.start(ahost, aport, {
+                        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged)),
+                        "/status": admin_http.json_route(status),
+                    })
+            except UsageError:
+                for p in procs:  # started already: they must not outlive their supervisor
+                    p.terminate()
+                    p.join(30)
+                raise
+        if ready is not None:
+            ready(listen, admin or None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         while not stopping.is_set() and all(p.is_alive() for p in procs):
