@@ -286,3 +286,54 @@ def test_status_does_not_say_in_sync_while_a_shim_was_lost(two):
         st = json.loads(run_cli("status", "--output", "json", playbook=path).stdout)
     assert st["other_side"].startswith("target: NOT known to be in sync"), st["other_side"]
     assert any(a.startswith("no_lost_shims") for a in st["alerts"]), st["alerts"]
+
+
+def test_at_a_terminal_the_answer_is_judged_on_fresh_evidence(two):
+    """At a real terminal (a pty): the shim stops while the prompt waits; "y" then refuses the step instead of journaling stale evidence."""
+    import pty
+    import re
+    import select
+    import subprocess
+    import sys
+
+    from migrator import registry
+
+    src, tgt, path, pb = two
+    force_phase(pb, Phase.COMPATIBLE)
+    shim = AckingShim(pb.state_path, pb.name).__enter__()
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"}
+    proc = subprocess.Popen([sys.executable, "-m", "migrator", "-p", str(path), "advance"], stdin=follower,
+                            stdout=follower, stderr=follower, env=env, close_fds=True)
+    os.close(follower)
+    out = bytearray()
+
+    def read_until(pattern: bytes, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while pattern not in out and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    out.extend(os.read(leader, 65536))
+                except OSError:
+                    return
+
+    try:
+        read_until(b"[y/N]")
+        assert b"[y/N]" in out, out[-2000:]
+        shim.__exit__(None, None, None)
+        registry.remove(pb.state_path, shim.record.id)  # the only shim is gone while the prompt waits
+        os.write(leader, b"y\n")
+        read_until(b"FAILED")
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", out.decode("utf-8", "replace"))
+    assert "in progress" not in text, text
+    assert "shim_running" in text and "refused" in text, text
+    assert StateStore(pb.state_path, pb.name).load().phase == Phase.COMPATIBLE
+    refused = [x for x in command.history(pb) if x["event"] == "refused"][-1]
+    assert refused.get("after") == "confirmation" and not any(
+        x["event"] == "transition-started" for x in command.history(pb))
