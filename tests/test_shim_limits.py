@@ -1,0 +1,132 @@
+"""The shim's memory bounds, measured on a ``migrator shim`` child process (RSS from /proc/<pid>/status).
+
+Each test runs the shim as its own process between real servers, so its resident set is the
+shim's alone, and reads VmRSS before and after the abuse the issue measured.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from migrator import playbook
+from migrator.demo import ShimProcess
+from migrator.phases import Phase
+from migrator.state import StateStore, now
+from migrator import registry
+
+MiB = 1024 * 1024
+
+
+def rss(pid: int) -> int:
+    """Resident set size of a process, in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class ShimChild:
+    """A shim process between two servers, in a given phase; stopped (and checked) at the end."""
+
+    def __init__(self, pb_path: Path, tmp: Path) -> None:
+        self.pb = playbook.load(pb_path)
+        self.store = StateStore(self.pb.state_path, self.pb.name)
+        self.proc = ShimProcess(pb_path, tmp / "shim.log")
+        self.proc.wait_registered(self.pb.state_path)
+        self.port = int(self.pb.shim.listen.rsplit(":", 1)[1])
+        self.pid = self.proc.proc.pid
+
+    def set_phase(self, phase: Phase) -> None:
+        st = self.store.load()
+        st.phase = phase
+        st.generation += 1
+        st.phase_since = now().isoformat()
+        self.store.save(st)
+        ack = registry.await_ack(self.pb.state_path, st.generation, 10)
+        assert ack.ok, ack.evidence()
+
+    def rss(self) -> int:
+        return rss(self.pid)
+
+    def status(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{self.pb.shim.admin}/status", timeout=5) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> int | None:
+        return self.proc.stop()
+
+
+@pytest.fixture
+def shim_child(make_playbook, tmp_path):
+    started: list[ShimChild] = []
+
+    def start(source, target, **sections) -> ShimChild:
+        s = ShimChild(make_playbook(source, target, **sections), tmp_path)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        assert s.stop() == 0
+
+
+def _send_header_then_stream(port: int, header: bytes, stream_for: float) -> tuple[bytes, float]:
+    """Send ``header``, then keep streaming payload for up to ``stream_for`` s; the reply and when it came."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    t0 = time.monotonic()
+    s.sendall(header)
+    s.setblocking(False)
+    got = b""
+    when = None
+    chunk = b"x" * (1024 * 1024)
+    deadline = t0 + stream_for
+    closed = False
+    try:
+        while time.monotonic() < deadline and not closed:
+            try:
+                s.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            try:
+                data = s.recv(65536)
+                if data:
+                    got += data
+                    if when is None:
+                        when = time.monotonic() - t0
+                else:
+                    closed = True
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed = True
+    finally:
+        s.close()
+    return got, (when if when is not None else float("inf"))
+
+
+def test_declared_bulk_length_over_the_limit_is_refused_at_once(server_factory, shim_child):
+    """A declared bulk length over max_request_bytes (1 TiB, 600 MB) gets Redis's protocol error at once, before any payload is buffered: 4 such clients leave RSS flat."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    shim = shim_child(source, target)  # the default limit: 512 MiB
+    shim.set_phase(Phase.MIRRORING)
+    before = shim.rss()
+    results = []
+    for header in (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1099511627776\r\n",) * 4 + (b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$600000000\r\n",):
+        results.append(_send_header_then_stream(shim.port, header, stream_for=3.0))
+    peak = shim.rss()
+    for reply, when in results:
+        assert reply.startswith(b"-ERR Protocol error: invalid bulk length"), reply[:200]
+        assert when < 1.0, when  # the issue: 12 s with no reply, or 523 MiB streamed first
+    grown = peak - before
+    print(f"shim RSS before {before / MiB:.1f} MiB, after 5 oversized requests {peak / MiB:.1f} MiB")
+    assert grown < 32 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"
+    assert source.client().exists("k") == 0
