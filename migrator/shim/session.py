@@ -59,6 +59,7 @@ _MULTI = encode([b"MULTI"])
 _EXEC = encode([b"EXEC"])
 _NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
 _QUEUED = b"+QUEUED\r\n"
+_PER_SIDE_STATE = frozenset({b"readonly", b"readwrite"})  # kept per side (see _readonly_settled)
 _EVALSHA = frozenset({b"evalsha", b"evalsha_ro"})
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
@@ -190,7 +191,7 @@ class Session:
         self.db: int | None = None  # None: each endpoint's own database (shim.endpoint_dbs)
         self.proto = 2
         self.name: bytes | None = None
-        self.readonly = False
+        self.readonly = [False, False]  # READONLY accepted by each side: replayed only there
         self.authed = shim.password is None
         self.tx: list[list[bytes]] | None = None
         self.tx_plan: Plan | None = None
@@ -719,7 +720,7 @@ class Session:
             self.close("client output buffer over shim.max_client_buffer_bytes")
             return
         if n > u.raw_pending:
-            self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)")
+            self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)", side_fault=False)
             return
         u.raw_pending -= n
         now = time.monotonic()
@@ -1186,7 +1187,7 @@ class Session:
             hs.append([b"SELECT", b"%d" % db])
         if self.name is not None:
             hs.append([b"CLIENT", b"SETNAME", self.name])
-        if self.readonly:
+        if self.readonly[side]:
             hs.append([b"READONLY"])
         for args in reversed(hs):
             u.out.appendleft(_internal_entry(side, args, self.shim.generation))
@@ -1268,7 +1269,7 @@ class Session:
         try:
             frames = u.framer.feed(data)
         except ProtocolError as e:
-            self.fail(side, f"protocol error from {SIDE_NAMES[side]}: {e}")
+            self.fail(side, f"protocol error from {SIDE_NAMES[side]}: {e}", side_fault=False)
             self._after_io()
             return
         now = time.monotonic()
@@ -1316,7 +1317,7 @@ class Session:
                     continue
                 if is_push(raw):
                     continue  # an out-of-band push for nobody (this connection did not subscribe)
-                self.fail(side, f"unexpected reply from {SIDE_NAMES[side]} (stream out of step)")
+                self.fail(side, f"unexpected reply from {SIDE_NAMES[side]} (stream out of step)", side_fault=False)
                 break
             e = wait[0]
             if e.exp[side] == 1 and not e.batch:
@@ -1364,8 +1365,9 @@ class Session:
                 if not is_error(raw):
                     shim.scripts_loaded[side].add(e.heal_sha)
             elif is_error(raw):
+                # This connection's state (a command it replays) was refused: the side is fine.
                 self.fail(side, f"{SIDE_NAMES[side]} refused {e.name.decode().upper()} while connecting: "
-                                f"{raw[1:].strip().decode(errors='replace')}")
+                                f"{raw[1:].strip().decode(errors='replace')}", side_fault=False)
             return
         if side == e.answer:
             raw = e.rep[side]
@@ -1378,10 +1380,7 @@ class Session:
                 for f in raw if type(raw) is list else (raw,):
                     self._sub_confirmed(f)
                 self._sub_settled(side)
-            if e.name == b"readonly" and not is_error(raw) and raw != _QUEUED:
-                self.readonly = True
-            elif e.name == b"readwrite" and not is_error(raw) and raw != _QUEUED:
-                self.readonly = False
+            self._readonly_settled(e, side, raw)
             if e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw)
         else:
@@ -1396,6 +1395,7 @@ class Session:
                     e.compare = False  # a read that could not run there: nothing to compare
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
+            self._readonly_settled(e, side, raw)
             if e.write and not e.compare and any(is_error(f) for f in (raw if isinstance(raw, list) else (raw,))):
                 # An effect the other side refused (not compared, so caught here): never silent.
                 shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
@@ -1404,11 +1404,23 @@ class Session:
             self._compare(e)
         self._finish_side(e, side)
         if (e.cls is Cls.CONNECTION and e.shadow is not None and e.rep[SOURCE] is not None
-                and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])):
+                and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])
+                and e.name not in _PER_SIDE_STATE):
             # One side took SELECT / CLIENT SETNAME / HELLO, the other refused it: the shadow
-            # connection is not in the client's state. Reset it; a new one replays the state.
+            # connection is not in the client's state. Reset it (this connection only: the side
+            # itself is fine); a new one replays the state.
             self.fail(e.shadow, f"{SIDE_NAMES[e.shadow]} and {SIDE_NAMES[e.answer]} answered "
-                                f"{e.name.decode(errors='replace').upper()} differently")
+                                f"{e.name.decode(errors='replace').upper()} differently", side_fault=False)
+
+    def _readonly_settled(self, e: Entry, side: int, raw) -> None:
+        """READONLY / READWRITE: what each side accepted is what a new connection to it replays.
+
+        A side that refused READONLY (a server without cluster mode) is never sent it again: its
+        refusal concerns this connection's command, not the side.
+        """
+        if (e.name == b"readonly" or e.name == b"readwrite") and type(raw) is bytes and not is_error(raw) \
+                and raw != _QUEUED:
+            self.readonly[side] = e.name == b"readonly"
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
@@ -1557,8 +1569,14 @@ class Session:
             self.close("client sent QUIT")
 
     # --- failures ------------------------------------------------------------------------
-    def fail(self, side: int, reason: str) -> None:
-        """``side``'s connection is unusable: settle everything that was waiting on it."""
+    def fail(self, side: int, reason: str, side_fault: bool = True) -> None:
+        """``side``'s connection is unusable: settle everything that was waiting on it.
+
+        ``side_fault``: the side itself failed (connect refused, connection lost, its own
+        timeout), which every connection backs off from. A command refused on this connection
+        only (a handshake command it replays, an answer that differs) resets this connection,
+        never the side for the others.
+        """
         u = self.up[side]
         if u.state is DOWN and not u.wait and not u.out:
             return
@@ -1567,7 +1585,8 @@ class Session:
             u.transport.abort()
         u.transport = None
         u.state = DOWN
-        shim.side_failed(side, reason)
+        if side_fault:
+            shim.side_failed(side, reason)
         pending = list(u.wait) + list(u.out)
         u.wait.clear()
         u.out.clear()

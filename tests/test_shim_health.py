@@ -1,0 +1,57 @@
+"""The shim's view of each side's health: only the side itself failing makes it down for everyone."""
+
+from __future__ import annotations
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from migrator.phases import Phase
+from tests.test_shim_faults import envs  # noqa: F401 - the fixture
+from tests.test_shim_e2e import wait_for
+
+
+def _one_side_refuses_readonly(source, target) -> bool:
+    """Whether READONLY is accepted by exactly one of the two servers (cluster mode off on both)."""
+    answers = []
+    for s in (source, target):
+        try:
+            s.client().execute_command("READONLY")
+            answers.append(True)
+        except redis.ResponseError:
+            answers.append(False)
+    return answers[0] != answers[1]
+
+
+def test_readonly_refused_by_one_side_does_not_fail_that_side_for_other_connections(server_factory, envs):
+    """READONLY accepted by one side and refused by the other resets nothing for other clients: their SETs reach both sides, 0 dirty marks."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    env = envs(source, target)
+    env.set_phase(Phase.MIRRORING)
+    # The premise, checked on the servers themselves: one side accepts READONLY, the other refuses.
+    assert _one_side_refuses_readonly(source, target)
+    c = env.client(retry=Retry(NoBackoff(), 0))
+    try:
+        c.execute_command("READONLY")
+    except redis.ResponseError:
+        pass  # the source (the answering side) refused it: the client sees what Redis says
+    for i in range(20):
+        c.set(f"same:{i}", i)  # the READONLY connection keeps working too
+    sets = 0
+    for i in range(200):
+        fresh = env.client(retry=Retry(NoBackoff(), 0))
+        fresh.set(f"k:{i}", i)
+        fresh.close()
+        sets += 1
+    # Reconnecting the READONLY connection's shadow must not replay what that side refused.
+    c.connection_pool.disconnect()
+    c.set("after-reconnect", 1)
+    env.flush()
+    st = env.stats()
+    assert sum(st.dirty_marked.values()) == 0, dict(st.dirty_marked)
+    assert env.thread.call(lambda: env.thread.shim.health[1].failures) == 0
+    assert env.thread.call(lambda: env.thread.shim.health[0].failures) == 0
+    tc = target.client()
+    assert sum(tc.exists(f"k:{i}") for i in range(200)) == sets
+    assert sum(tc.exists(f"same:{i}") for i in range(20)) == 20
+    assert tc.get("after-reconnect") == b"1"
