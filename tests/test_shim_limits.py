@@ -130,3 +130,83 @@ def test_declared_bulk_length_over_the_limit_is_refused_at_once(server_factory, 
     print(f"shim RSS before {before / MiB:.1f} MiB, after 5 oversized requests {peak / MiB:.1f} MiB")
     assert grown < 32 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"
     assert source.client().exists("k") == 0
+
+
+def _pipeline_without_reading(port: int, payload: bytes, sample, stall: float = 1.5) -> tuple[socket.socket, int]:
+    """Send ``payload`` without reading replies until the shim stops taking it for ``stall`` s; returns the socket and bytes sent."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a client that does not read: small windows
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    s.setblocking(False)
+    sent = 0
+    last_progress = time.monotonic()
+    while sent < len(payload) and time.monotonic() - last_progress < stall:
+        try:
+            n = s.send(payload[sent : sent + 256 * 1024])
+            sent += n
+            last_progress = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.005)
+        sample()
+    return s, sent
+
+
+def _read_replies(s: socket.socket, expected: int, marker: bytes, sample, timeout: float = 60.0) -> int:
+    """Read until ``expected`` replies starting with ``marker`` arrived (or the timeout); how many did."""
+    s.setblocking(True)
+    s.settimeout(timeout)
+    got = tail = b""
+    count = 0
+    deadline = time.monotonic() + timeout
+    while count < expected and time.monotonic() < deadline:
+        data = s.recv(4 * 1024 * 1024)
+        if not data:
+            break
+        data = tail + data
+        count += data.count(marker)
+        tail = data[-(len(marker) - 1):]
+        sample()
+    s.close()
+    del got
+    return count
+
+
+@pytest.mark.parametrize("phase", [Phase.PLANNED, Phase.MIRRORING])
+def test_client_that_does_not_read_is_back_pressured_and_rss_stays_bounded(server_factory, shim_child, phase):
+    """A client pipelining 10^6 GETs of 100-byte values without reading is no longer read beyond max_client_buffer_bytes (8 MiB here): the shim's RSS stays bounded, and every reply arrives once it reads."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    shim = shim_child(source, target, shim={"max_client_buffer_bytes": 8 * MiB})
+    value = b"v" * 100
+    for c in (source.client(), target.client()):
+        c.mset({f"key:{i}": value for i in range(100)})
+    shim.set_phase(phase)
+    n = 1_000_000
+    payload = b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\nkey:%d\r\n" % (len(b"key:%d" % (i % 100)), i % 100) for i in range(n))
+    before = shim.rss()
+    peak = [before]
+
+    def sample():
+        peak[0] = max(peak[0], shim.rss())
+
+    s, sent = _pipeline_without_reading(shim.port, payload, sample)
+    assert sent < len(payload), "the shim read everything: no back-pressure"
+    time.sleep(0.5)
+    sample()
+    paused_at = peak[0]
+    status = shim.status()
+    assert status["backpressure"] >= 1
+    # The client reads now: everything it sent is answered, in full.
+    commands_sent = payload[:sent].count(b"*2\r\n")
+    # Send the rest while reading, from a thread, so the shim is never stuck on the client.
+    import threading
+
+    rest = threading.Thread(target=lambda: s.sendall(payload[sent:]) if s.setblocking(True) is None else None)
+    rest.start()
+    got = _read_replies(s, n, b"$100\r\n", sample)
+    rest.join(10)
+    grown = peak[0] - before
+    print(f"{phase}: RSS before {before / MiB:.1f} MiB, paused at {paused_at / MiB:.1f} MiB, peak {peak[0] / MiB:.1f} MiB; "
+          f"{commands_sent} commands taken before back-pressure, {got} replies read")
+    assert got == n
+    assert grown < 48 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"
+    assert sum(shim.status()["dirty_marked"].values()) == 0

@@ -87,6 +87,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # pause_writing/resume_writing around the client's unread replies (see Session._flow).
+        limit = self.shim.cfg.max_client_buffer_bytes
+        # Paused at half the bound means it crossed ``high``, so ``resume_writing`` will follow.
+        transport.set_write_buffer_limits(high=max(1, limit // 2), low=limit // 4)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if self.shim.stopping:
@@ -103,6 +107,14 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.session is not None:
             self.session.on_client_lost()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session._flow()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session._flow()
 
     # The Session's view of its client.
     def write(self, data: bytes) -> None:
@@ -144,7 +156,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.session.on_upstream_lost(self.side, self.transport, reason)
 
     def resume_writing(self) -> None:
-        self.session.client.resume_reading()
+        self.session._flow()
 
 
 class SideHealth:
@@ -227,6 +239,9 @@ class Shim:
         self.sessions: set[Session] = set()
         self.outstanding: dict[int, int] = {}
         self.mirror_depth = 0
+        # Commands one connection may have in flight (and in the mirror queue) before it is no
+        # longer read (back-pressure, see Session._flow): a share, so no one fills the queue.
+        self.client_window = max(64, self.cfg.mirror_queue_size // 8)
         # Per-key order of writes across this process's connections (the timer for handing a
         # key to a woken blocking command's effect needs the loop: set in start()).
         self.seq = Sequencer()
@@ -684,6 +699,8 @@ class Shim:
             "unknown_commands": {f"{s}:{c}": n for (s, c), n in sorted(st.unknown.items())},
             "shadow_failures": {f"{s}:{r}": n for (s, r), n in sorted(st.shadow_failures.items())},
             "refused": dict(st.refused),
+            "backpressure": st.backpressure,
+            "clients_paused": sum(1 for x in self.sessions if x.paused),
             "latency": lat,
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
                                       "command_table": self.table.loaded(i)} for i in (SOURCE, TARGET)},

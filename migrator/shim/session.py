@@ -111,6 +111,7 @@ class Entry:
         "sent_idx",
         "shadow",
         "shadow_raw",
+        "size",
         "stream",
         "ts",
         "tx",
@@ -157,6 +158,7 @@ class Entry:
         # Connection state it changes, {field: (before, after)}, until its answer says whether it did.
         self.cstate: dict[str, tuple[Any, Any]] | None = None
         self.expired = False  # its shadow reply is late behind an answer on that side (see check_timeouts)
+        self.size = 0  # request bytes it holds while in the client's queue (see Session._flow)
 
 
 class Upstream:
@@ -223,12 +225,20 @@ class Session:
         # Entries needing the sequencer, in command order, from the first not granted yet
         # (a blocking command stays here until its effect has its keys).
         self.ungranted: deque[Entry] = deque()
+        # Back-pressure (see _flow): commands and request bytes in flight (read from the client,
+        # reply not written to it yet), commands of this connection in the mirror queue, and
+        # whether reading from the client is paused.
+        self.inflight_n = 0
+        self.inflight_bytes = 0
+        self.shadow_n = 0
+        self.paused = False
 
     # --- client side ---------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
         if self.closed or self.client_gone:
             return
         self._feed(data)
+        self._flow()
 
     def _feed(self, data: bytes) -> None:
         if self.shim.holding:
@@ -236,8 +246,6 @@ class Session:
             # client just waits (bounded by the barrier's deadline).
             self.held.append(data)
             self.held_bytes += len(data)
-            if self.held_bytes > self.shim.cfg.max_client_buffer_bytes:
-                self.client.pause_reading()
             return
         try:
             commands = self.parser.feed(data)
@@ -283,7 +291,7 @@ class Session:
             if self.client_gone:
                 self._close_if_gone()
             else:
-                self.client.resume_reading()
+                self._flow()
 
     def on_client_lost(self) -> None:
         if self.closed:
@@ -393,6 +401,7 @@ class Session:
         e.local = reply
         e.close_after = close_after
         self.inflight.append(e)
+        self.inflight_n += 1
 
     def _refuse_in_tx(self, args: list[bytes], c: Classified | None, name: bytes) -> None:
         self.tx_abort = True
@@ -701,10 +710,10 @@ class Session:
         gen = shim.generation
         shim.outstanding[gen] = shim.outstanding.get(gen, 0) + n
         u.raw_pending += n
-        u.raw_sent.append([time.monotonic(), n, gen])
+        u.raw_sent.append([time.monotonic(), n, gen, len(raw)])
+        self.inflight_n += n
+        self.inflight_bytes += len(raw)
         u.transport.write(raw)
-        if u.transport.get_write_buffer_size() > shim.cfg.max_client_buffer_bytes:
-            self.client.pause_reading()
         return True
 
     def _raw_replies(self, u: Upstream, data: bytes) -> None:
@@ -714,11 +723,7 @@ class Session:
         n = 0
         while reader.gets() is not False:
             n += 1
-        self.client.write(data)
-        if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
-            self.shim.stats.refused["client-buffer-full"] += 1
-            self.close("client output buffer over shim.max_client_buffer_bytes")
-            return
+        self.client.write(data)  # (a client not reading them: see _flow)
         if n > u.raw_pending:
             self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)", side_fault=False)
             return
@@ -731,9 +736,11 @@ class Session:
             take = min(n, head[1])
             head[1] -= take
             n -= take
+            self.inflight_n -= take
             latency.observe(now - head[0], take)
             self.shim.entry_finished(head[2], take)
             if head[1] == 0:
+                self.inflight_bytes -= head[3]
                 sent.popleft()
 
     # --- the fast path: a pipelined chunk of plain commands, forwarded as it came -------------
@@ -821,8 +828,6 @@ class Session:
             u = self.up[shadow]
             if (u.state is DOWN or u.state is IDLE) and not shim.may_retry(shadow):
                 return False
-            if shim.mirror_depth + k > shim.cfg.mirror_queue_size:
-                return False
             if reads and shim.cfg.compare_reads < 1.0:
                 return False  # reads are sampled one by one, on the per-command path
             if plan.fallback and shim.dirty.keys:
@@ -849,6 +854,7 @@ class Session:
             e.wait_shadow = plan.wait_shadow
             e.fallback = plan.fallback
             shim.mirror_depth += k
+            self.shadow_n += k
             if reads:
                 stats[("read", SIDE_NAMES[shadow])] += reads
             if writes:
@@ -868,6 +874,9 @@ class Session:
         self.pending_count += 1
         shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
+        e.size = len(raw)
+        self.inflight_n += k
+        self.inflight_bytes += e.size
         self._enqueue(answer, e)
         if shadow is not None:
             self._enqueue(shadow, e)
@@ -939,10 +948,7 @@ class Session:
                 reason = f"unknown-on-{SIDE_NAMES[shadow]}"
             elif self.up[shadow].state in (DOWN, IDLE) and not shim.may_retry(shadow):
                 reason = f"{SIDE_NAMES[shadow]}-down"
-            elif shim.mirror_depth >= shim.cfg.mirror_queue_size and cls is not Cls.CONNECTION:
-                # (Connection state is never dropped: the shadow would run everything after it
-                # in the wrong database; it is one small command per connection.)
-                reason = "mirror-queue-full"
+            # (A full mirror queue drops nothing: connections adding to it stop being read, see _flow.)
             if reason is not None:
                 stats.shadow_failures[(SIDE_NAMES[shadow], reason)] += 1
                 if e.write:
@@ -959,6 +965,7 @@ class Session:
             e.wait_shadow = plan.wait_shadow
             e.fallback = plan.fallback
             shim.mirror_depth += 1
+            self.shadow_n += 1
             stats.commands[(cls.value, SIDE_NAMES[shadow])] += 1
             needs_reply = tx is not None or plan.effect or (e.write and effects.needs_reply(args))
             if needs_reply:
@@ -1008,6 +1015,9 @@ class Session:
         else:
             shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
+        e.size = len(raw)
+        self.inflight_n += 1
+        self.inflight_bytes += e.size
         self._enqueue(answer, e)
         if shadow is not None:
             self._enqueue(shadow, e)
@@ -1248,9 +1258,7 @@ class Session:
                     # (a SELECT would move the pop to another database, a PUBLISH run before it).
                     break
         if buf:
-            u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
-            if u.transport.get_write_buffer_size() > self.shim.cfg.max_client_buffer_bytes:
-                self.client.pause_reading()  # that side is not keeping up: stop reading the client
+            u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])  # (not keeping up: see _flow)
         if nothing is not None:
             for e in nothing:
                 self._finish_side(e, side)
@@ -1265,6 +1273,8 @@ class Session:
             self._raw_replies(u, data)
             if not u.raw_pending and not self.closed:
                 self._after_io()
+            elif self.paused:
+                self._flow()
             return
         try:
             frames = u.framer.feed(data)
@@ -1346,6 +1356,41 @@ class Session:
         self._flush_client()
         if self.client_gone:
             self._close_if_gone()
+        elif self.paused:
+            self._flow()
+
+    def _flow(self) -> None:
+        """Back-pressure: stop reading the client while it has too much in the shim, resume once half is gone.
+
+        Too much: unread replies (the client's output buffer), commands or request bytes in
+        flight, or bytes held for the write switch, over ``max_client_buffer_bytes`` /
+        ``Shim.client_window`` commands; its own share of the mirror queue over the window, or
+        any share while the mirror queue is full; an upstream connection not taking its bytes.
+        Nothing is dropped, refused or marked dirty: the client's own TCP window fills and it
+        waits, as with a busy Redis. Every connection's share is bounded, so one greedy client
+        cannot fill the mirror queue for the others.
+        """
+        if self.closed or self.client_gone:
+            return
+        shim = self.shim
+        limit = shim.cfg.max_client_buffer_bytes
+        window = shim.client_window
+        up0, up1 = self.up
+        if self.paused:
+            limit //= 2
+            window //= 2
+        over = (self.inflight_n > window or self.shadow_n > window or self.inflight_bytes > limit
+                or self.held_bytes > limit or self.client.buffer_size() > limit
+                or (self.shadow_n and shim.mirror_depth >= shim.cfg.mirror_queue_size)
+                or (up0.transport is not None and up0.transport.get_write_buffer_size() > limit)
+                or (up1.transport is not None and up1.transport.get_write_buffer_size() > limit))
+        if over and not self.paused:
+            self.paused = True
+            shim.stats.backpressure += 1
+            self.client.pause_reading()
+        elif self.paused and not over:
+            self.paused = False
+            self.client.resume_reading()
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
@@ -1502,6 +1547,7 @@ class Session:
             return
         if side == e.shadow:
             self.shim.mirror_depth -= e.n
+            self.shadow_n -= e.n
         e.pending -= 1
         if e.pending == 0:
             self._entry_done(e)
@@ -1538,6 +1584,7 @@ class Session:
             if e.local is not None:
                 out.append(e.local)
                 inflight.popleft()
+                self.inflight_n -= 1
                 if e.close_after:
                     close = True
                     break
@@ -1552,12 +1599,16 @@ class Session:
             else:
                 out.append(raw)
             inflight.popleft()
+            self.inflight_n -= e.n
+            self.inflight_bytes -= e.size
         if not inflight and self.backlog:
             out.extend(self.backlog)
             self.backlog.clear()
         if out and not self.client_gone:
             self.client.write(b"".join(out) if len(out) > 1 else out[0])
-            if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
+            # A client not reading its replies is not read either (see _flow); only a subscribed
+            # connection, whose messages the server pushes regardless, is disconnected.
+            if self.pipe is not None and self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
                 self.shim.stats.refused["client-buffer-full"] += 1
                 self.shim.log.warning("shim.client_buffer_full", peer=self.client.peer,
                                       limit=self.shim.cfg.max_client_buffer_bytes)
@@ -1607,6 +1658,7 @@ class Session:
                     e.pending -= 1
                     if not e.done[other]:
                         shim.mirror_depth -= e.n  # counted as the shadow's; it answers now
+                        self.shadow_n -= e.n
                     e.wait_shadow = False
                     if e.pending == 0:
                         self._entry_done(e)
@@ -1637,6 +1689,8 @@ class Session:
         owed = u.raw_pending
         for head in u.raw_sent:
             self.shim.entry_finished(head[2], head[1])
+            self.inflight_n -= head[1]
+            self.inflight_bytes -= head[3]
         u.raw_sent.clear()
         u.raw_pending = 0
         u.counter = hiredis.Reader()
