@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from migrator.phases import Phase
+from migrator.shim import list_dirty
 from tests.test_shim_faults import envs  # noqa: F401 - the fixture
 from tests.test_shim_e2e import wait_for
 
@@ -55,3 +60,34 @@ def test_readonly_refused_by_one_side_does_not_fail_that_side_for_other_connecti
     assert sum(tc.exists(f"k:{i}") for i in range(200)) == sets
     assert sum(tc.exists(f"same:{i}") for i in range(20)) == 20
     assert tc.get("after-reconnect") == b"1"
+
+
+def test_stopped_target_in_reads_on_target_bounds_every_wait_by_shadow_timeout(server_factory, envs):
+    """With the target frozen (SIGSTOP) after the read cutover, an INCR returns within about shadow_timeout and reads are answered by the source."""
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    env = envs(source, target, shim={"shadow_timeout": "500ms"})
+    env.set_phase(Phase.MIRRORING)
+    c = env.client(retry=Retry(NoBackoff(), 0))
+    c.set("n", 5)
+    c.set("r", "x")
+    env.set_phase(Phase.READS_ON_TARGET)
+    assert c.get("r") == b"x"
+    os.kill(target.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert c.incr("n") == 6  # the source answers; the target's copy times out
+        incr_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert c.get("n") == b"6"  # the source answers a read the target does not
+        read_s = time.monotonic() - t0
+        fresh = env.client(retry=Retry(NoBackoff(), 0))
+        t0 = time.monotonic()
+        assert fresh.get("r") == b"x"
+        fresh_s = time.monotonic() - t0
+        print(f"INCR {incr_s:.3f} s, GET {read_s:.3f} s, GET on a fresh connection {fresh_s:.3f} s")
+        assert incr_s < 1.5 and read_s < 1.5 and fresh_s < 1.5, (incr_s, read_s, fresh_s)
+    finally:
+        os.kill(target.proc.pid, signal.SIGCONT)
+    # The INCR's target copy is on record as not applied.
+    env.flush()
+    assert any(d.key == b"n" for d in list_dirty(env.pb.state_path))

@@ -271,6 +271,7 @@ class Shim:
         self.hold_deadline = 0.0
         self.last_pause_ms: float | None = None
         self._reports_mtime = 0
+        self.stalled_until = 0.0  # until then the shim is not sure a late reply is the side's fault
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -542,9 +543,16 @@ class Shim:
 
     async def _sweep_loop(self) -> None:
         interval = max(0.005, min(0.05, self.shadow_timeout / 4))
+        last = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             t = time.monotonic()
+            if t - last - interval > max(0.05, self.shadow_timeout / 4):
+                # The loop itself ran late (the shim is overloaded): replies may be sitting unread
+                # in its sockets. A side is not declared down for the shim's own delay; its
+                # timeouts count again once the loop has kept time for a shadow_timeout.
+                self.stalled_until = t + self.shadow_timeout
+            last = t
             for s in list(self.sessions):
                 try:
                     s.check_timeouts(t)

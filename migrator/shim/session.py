@@ -830,7 +830,7 @@ class Session:
                 return False
             if reads and shim.cfg.compare_reads < 1.0:
                 return False  # reads are sampled one by one, on the per-command path
-            if plan.fallback and shim.dirty.keys:
+            if plan.fallback and (shim.dirty.keys or not shim.may_retry(answer)):
                 return False
         e = Entry(commands, b"", None, shim.generation)
         e.batch = True
@@ -935,6 +935,9 @@ class Session:
             shadow = None
         if plan.fallback and shim.dirty.keys and shim.dirty.is_dirty(self._db(answer), c.keys(args)):
             # A key whose last write did not reach the read side is read from the side that has it.
+            answer, shadow = plan.shadow, None
+        elif plan.fallback and not shim.may_retry(answer):
+            # The read side failed (down or timed out) moments ago: the write side answers, at once.
             answer, shadow = plan.shadow, None
         known = c.known
         if not known[answer]:
@@ -1704,14 +1707,20 @@ class Session:
         if not self.client_gone and not (up[0].wait or up[0].out or up[1].wait or up[1].out):
             return  # idle: the common case, kept cheap for many connections
         limit = self.shim.shadow_timeout
+        stalled = now < self.shim.stalled_until  # the shim's own delay, not the sides' (see _sweep_loop)
         for u in up:
             side = u.side
+            if stalled:
+                break
             if u.state is UP and u.wait:
                 e = u.wait[0]
                 # A shadow reply, or a handshake/heal on a connection nobody waits on for an answer.
                 if now - e.ts[side] > limit:
                     if side != e.answer or (e.internal and not self._answers_on(u)):
                         self.fail(side, "shadow-timeout")
+                    elif self._can_fall_back(u):
+                        # Reads the other side also got (after the read cutover): it answers them.
+                        self.fail(side, "read-timeout")
                     else:
                         self._expire_behind(u, now - limit)
             elif (u.state is CONNECTING and u.out and now - u.connect_started > limit
@@ -1723,6 +1732,16 @@ class Session:
             self.close("client closed; in-flight commands did not finish in time")
         if not self.closed:
             self._after_io()
+
+    @staticmethod
+    def _can_fall_back(u: Upstream) -> bool:
+        """Every client command this side owes an answer has a copy on the other side to answer instead."""
+        side = u.side
+        for q in (u.wait, u.out):
+            for x in q:
+                if x.answer == side and not x.internal and (x.stream or not x.fallback or x.shadow is None):
+                    return False
+        return True
 
     def _expire_behind(self, u: Upstream, sent_before: float) -> None:
         """Shadow work waiting behind an answer on a slow side: stop letting it hold anything up.
