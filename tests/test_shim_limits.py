@@ -210,3 +210,69 @@ def test_client_that_does_not_read_is_back_pressured_and_rss_stays_bounded(serve
     assert got == n
     assert grown < 48 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"
     assert sum(shim.status()["dirty_marked"].values()) == 0
+
+
+def test_greedy_pipeliner_does_not_slow_or_dirty_other_clients(server_factory, shim_child):
+    """One client pipelining 10^6 SETs without reading is pushed back alone: other clients' SETs stay fast, nothing is marked dirty, the target is never declared down, RSS stays bounded."""
+    import threading
+
+    import redis
+
+    source, target = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    shim = shim_child(source, target)
+    shim.set_phase(Phase.MIRRORING)
+    n = 1_000_000
+    payload = b"".join(b"*3\r\n$3\r\nSET\r\n$%d\r\ng:%d\r\n$1\r\nx\r\n" % (len(b"g:%d" % i), i) for i in range(n))
+    before = shim.rss()
+    peak = [before]
+    greedy = socket.create_connection(("127.0.0.1", shim.port))
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    stop = threading.Event()
+
+    def flood():
+        try:
+            greedy.sendall(payload)  # never reads a reply
+        except OSError:
+            pass
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+
+    def polite(i: int):
+        c = redis.Redis(port=shim.port, socket_timeout=10)
+        try:
+            for j in range(200):
+                t0 = time.monotonic()
+                c.set(f"p:{i}:{j}", j)
+                latencies.append(time.monotonic() - t0)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            c.close()
+
+    time.sleep(0.5)  # the flood is under way
+    others = [threading.Thread(target=polite, args=(i,)) for i in range(3)]
+    for t in others:
+        t.start()
+    while any(t.is_alive() for t in others):
+        peak[0] = max(peak[0], shim.rss())
+        time.sleep(0.05)
+    status = shim.status()
+    stop.set()
+    greedy.close()
+    flooder.join(10)
+    assert not errors, errors
+    latencies.sort()
+    p99, worst = latencies[int(len(latencies) * 0.99)], latencies[-1]
+    print(f"others' SET p99 {p99 * 1000:.1f} ms, worst {worst * 1000:.1f} ms; RSS before {before / MiB:.1f} MiB, "
+          f"peak {peak[0] / MiB:.1f} MiB; backpressure {status['backpressure']}, mirror queue {status['mirror_queue']}")
+    assert worst < 2.0, worst  # the issue: 3.9-7.9 s
+    assert status["backpressure"] >= 1
+    assert status["dirty_marked"] == {}, status["dirty_marked"]
+    assert status["shadow_failures"] == {}, status["shadow_failures"]
+    assert status["sides"]["target"]["state"] == "up"
+    assert peak[0] - before < 100 * MiB, f"RSS grew by {(peak[0] - before) / MiB:.1f} MiB"
+    tc = target.client()
+    assert all(tc.exists(f"p:{i}:{j}") for i in range(3) for j in range(200))
