@@ -151,6 +151,15 @@ def encode(args: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def run_id_of(info: bytes) -> bytes | None:
+    """The ``run_id`` in an ``INFO server`` reply (raw RESP bytes or the text), or None."""
+    i = info.find(b"run_id:")
+    if i < 0:
+        return None
+    end = info.find(b"\r\n", i)
+    return info[i + 7 : end if end >= 0 else len(info)].strip() or None
+
+
 def encoded_length(cmd: list[bytes]) -> int:
     """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
     total = 3 + len(str(len(cmd)))

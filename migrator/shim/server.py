@@ -16,6 +16,7 @@ loop (uvloop when installed). Background tasks:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import os
@@ -49,8 +50,9 @@ from migrator.shim.commands import (
 )
 from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
-from migrator.shim.routing import ROUTES
+from migrator.shim.routing import ROLES, ROUTES
 from migrator.shim.sequencer import Sequencer
+from migrator.shim.resp import run_id_of
 from migrator.shim.session import Session, sha1_hex
 from migrator.state import (
     StateError,
@@ -205,6 +207,31 @@ def load_command_table(ep) -> dict:
     return parse_command_reply(reply)
 
 
+def read_side_info(ep) -> tuple[bytes | None, list[int]]:
+    """(run_id, databases holding keys) of one endpoint (blocking; run off the loop)."""
+    kw = client_kwargs(ep)
+    kw["retry"] = Retry(NoBackoff(), 0)
+    client = redis.Redis(**kw)
+    try:
+        conn = client.connection_pool.get_connection()
+        try:
+            conn.send_command("INFO", "server")
+            server = conn.read_response()
+            conn.send_command("INFO", "keyspace")
+            keyspace = conn.read_response()
+        finally:
+            client.connection_pool.release(conn)
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise UnreachableError(f"{ep.display}: cannot read INFO ({e})") from None
+    finally:
+        client.close()
+    server = server if isinstance(server, bytes) else str(server).encode()
+    keyspace = keyspace if isinstance(keyspace, bytes) else str(keyspace).encode()
+    dbs = [int(line[2 : line.index(b":")]) for line in keyspace.splitlines()
+           if line.startswith(b"db") and b":" in line and line[2 : line.index(b":")].isdigit()]
+    return run_id_of(server), dbs
+
+
 class Shim:
     """One shim process (or worker): listener, sessions, phase, counters."""
 
@@ -272,6 +299,12 @@ class Shim:
         self.last_pause_ms: float | None = None
         self._reports_mtime = 0
         self.stalled_until = 0.0  # until then the shim is not sure a late reply is the side's fault
+        # Each side's run_id as last seen (INFO server on every upstream connection in a two-sided
+        # phase, and every heartbeat): a new one is a restart (see side_restarted).
+        self.run_ids: list[bytes | None] = [None, None]
+        self.restarts: list[list[dict]] = [[], []]
+        self.known_dbs: tuple[set[int], set[int]] = (set(), set())  # databases each side had keys in
+        self._info_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migrator-shim-info")
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -290,6 +323,7 @@ class Shim:
                 "a shim will not route the migration's phase to other servers: put the original endpoints back, "
                 "or start a new migration with its own state_dir")
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
+        await self._watch_run_ids()  # the baseline a restart is told from
         for side in (SOURCE, TARGET):
             missing = self.table.unknown_to(side)
             if missing:
@@ -314,7 +348,7 @@ class Shim:
             })
             self.admin_address = self._admin.sockets[0].getsockname()[:2]
         await self._publish()
-        for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop()):
+        for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop(), self._run_id_loop()):
             self._tasks.append(asyncio.create_task(coro))
         self.log.info("shim.started", listen=self.listen, admin=self.admin_addr, phase=str(self.phase),
                       generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display)
@@ -351,6 +385,7 @@ class Shim:
                 await t
         if self._admin is not None:
             self._admin.close()
+        self._info_pool.shutdown(wait=False, cancel_futures=True)
         await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), None)
         registry.remove(self.state_dir, self.id)
         self.log.info("shim.stopped", commands=sum(self.stats.commands.values()))
@@ -520,6 +555,65 @@ class Shim:
             except Exception as e:  # noqa: BLE001
                 self.log.error("shim.heartbeat_failed", error=f"{type(e).__name__}: {e}")
 
+    def two_sided(self) -> bool:
+        """Both sides hold the data now (mirroring, reads-on-target, writes-on-target)."""
+        return ROLES[self.phase].both_connected
+
+    async def _run_id_loop(self) -> None:
+        """Every heartbeat interval, apart from the heartbeat (a side that hangs must not delay it)."""
+        while True:
+            await asyncio.sleep(registry.HEARTBEAT)
+            try:
+                await self._watch_run_ids()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.log.error("shim.run_id_check_failed", error=f"{type(e).__name__}: {e}")
+
+    async def _watch_run_ids(self) -> None:
+        """Read both sides' run_id (and which databases hold keys), on a thread of its own."""
+        for side in (SOURCE, TARGET):
+            try:
+                run_id, dbs = await self.loop.run_in_executor(self._info_pool, read_side_info, self.endpoints[side])
+            except UnreachableError:
+                continue  # down: its connections say so; the run_id is read when it is back
+            if run_id is not None:
+                self.note_run_id(side, run_id)
+            if self.run_ids[side] == run_id:
+                self.known_dbs[side].update(dbs)
+
+    def note_run_id(self, side: int, run_id: bytes) -> None:
+        """A side's current run_id: a different one than seen before means it restarted."""
+        old = self.run_ids[side]
+        self.run_ids[side] = run_id
+        if old is not None and old != run_id:
+            self.side_restarted(side, old, run_id)
+
+    def side_restarted(self, side: int, old: bytes, new: bytes) -> None:
+        """``side`` restarted: in a two-sided phase, its whole keyspace may be gone or old.
+
+        Every database it (or the other side) had keys in, and the playbook's, is marked dirty
+        as a whole: the ``no_dirty_keys`` gate then refuses the next cutover until a full
+        ``migrator sync`` has copied everything again.
+        """
+        name = SIDE_NAMES[side]
+        event = {"side": name, "old_run_id": old.decode(errors="replace"), "new_run_id": new.decode(errors="replace"),
+                 "at": iso(now()), "phase": str(self.phase), "marked": self.two_sided()}
+        self.restarts[side].append(event)
+        del self.restarts[side][:-10]
+        self.stats.side_restarts[name] += 1
+        if not self.two_sided():
+            self.log.info("shim.side_restarted", **event)
+            return
+        dbs = sorted(self.known_dbs[0] | self.known_dbs[1] | {self.endpoint_dbs[side]}
+                     | {s.db for s in self.sessions if s.db is not None})
+        reason = f"{name}-restarted (run_id {event['old_run_id']} -> {event['new_run_id']})"
+        for db in dbs:
+            self.dirty.add(db, [], reason, b"(restart)")
+            self.stats.dirty_marked[f"{name}-restarted"] += 1
+        self.log.error("shim.side_restarted", databases=dbs,
+                       hint=f"the {name}'s data may be gone: run a full migrator sync before the next step", **event)
+
     async def _watch_sync(self) -> None:
         """Notice a complete full sync finishing: the divergence gate counts from then on."""
         try:
@@ -680,6 +774,7 @@ class Shim:
             "dirty_marked": sum(st.dirty_marked.values()),
             "connections": len(self.sessions),
             "mirror_queue": self.mirror_depth,
+            "side_restarts": [e for r in self.restarts for e in r],
         }
 
     def status(self) -> dict[str, Any]:
@@ -711,7 +806,9 @@ class Shim:
             "clients_paused": sum(1 for x in self.sessions if x.paused),
             "latency": lat,
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
-                                      "command_table": self.table.loaded(i)} for i in (SOURCE, TARGET)},
+                                      "command_table": self.table.loaded(i),
+                                      "run_id": self.run_ids[i].decode(errors="replace") if self.run_ids[i] else None,
+                                      "restarts": list(self.restarts[i])} for i in (SOURCE, TARGET)},
         }
 
 
