@@ -305,6 +305,7 @@ class Shim:
         self.restarts: list[list[dict]] = [[], []]
         self.known_dbs: tuple[set[int], set[int]] = (set(), set())  # databases each side had keys in
         self._info_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migrator-shim-info")
+        self._run_id_task: asyncio.Task | None = None
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -385,6 +386,8 @@ class Shim:
                 await t
         if self._admin is not None:
             self._admin.close()
+        if self._run_id_task is not None:
+            self._run_id_task.cancel()
         self._info_pool.shutdown(wait=False, cancel_futures=True)
         await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), None)
         registry.remove(self.state_dir, self.id)
@@ -564,7 +567,9 @@ class Shim:
         while True:
             await asyncio.sleep(registry.HEARTBEAT)
             try:
-                await self._watch_run_ids()
+                if self._run_id_task is None or self._run_id_task.done():
+                    self._run_id_task = self.loop.create_task(self._watch_run_ids())
+                    await self._run_id_task
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -577,6 +582,8 @@ class Shim:
                 run_id, dbs = await self.loop.run_in_executor(self._info_pool, read_side_info, self.endpoints[side])
             except UnreachableError:
                 continue  # down: its connections say so; the run_id is read when it is back
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # stopping: the thread pool is shut down
             if run_id is not None:
                 self.note_run_id(side, run_id)
             if self.run_ids[side] == run_id:
@@ -709,11 +716,19 @@ class Shim:
         h.retry_at = t + min(0.1 * 2 ** (h.failures - 1), MAX_BACKOFF)
         if h.failures == 1:
             self.log.warning("shim.side_down", side=SIDE_NAMES[side], reason=reason)
+        self.check_run_ids_soon()  # a restart shows as a lost connection first
+
+    def check_run_ids_soon(self) -> None:
+        """Read the sides' run_ids now (once at a time), not only at the next interval."""
+        if self.loop is None or self.stopping or (self._run_id_task is not None and not self._run_id_task.done()):
+            return
+        self._run_id_task = self.loop.create_task(self._watch_run_ids())
 
     def side_ok(self, side: int) -> None:
         h = self.health[side]
         if h.failures:
             self.log.info("shim.side_up", side=SIDE_NAMES[side], after_failures=h.failures)
+            self.check_run_ids_soon()  # back: the same process, or a restarted one?
         h.failures = 0
         h.retry_at = 0.0
 

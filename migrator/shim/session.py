@@ -47,7 +47,6 @@ from migrator.shim.resp import (
     is_error,
     is_push,
     parse,
-    run_id_of,
 )
 from migrator.shim.routing import SHIM, Plan, publish_reaches
 from migrator.shim.sequencer import GRANTED, Request
@@ -1203,8 +1202,6 @@ class Session:
             hs.append([b"CLIENT", b"SETNAME", self.name])
         if self.readonly[side]:
             hs.append([b"READONLY"])
-        if self.shim.two_sided():
-            hs.append([b"INFO", b"server"])  # its run_id: a restart is noticed at once (Shim.note_run_id)
         for args in reversed(hs):
             u.out.appendleft(_internal_entry(side, args, self.shim.generation))
         u.attempt += 1
@@ -1412,11 +1409,7 @@ class Session:
             return
         if e.internal:
             raw = e.rep[side]
-            if e.name == b"info":
-                run_id = run_id_of(raw) if not is_error(raw) else None  # (refused by an ACL: the heartbeat reads it)
-                if run_id is not None:
-                    shim.note_run_id(side, run_id)
-            elif e.heal_sha is not None:
+            if e.heal_sha is not None:
                 if not is_error(raw):
                     shim.scripts_loaded[side].add(e.heal_sha)
             elif is_error(raw):
