@@ -267,3 +267,32 @@ def test_greedy_pipeliner_does_not_slow_or_dirty_other_clients(server_factory, s
     assert peak[0] - before < 100 * MiB, f"RSS grew by {(peak[0] - before) / MiB:.1f} MiB"
     tc = target.client()
     assert all(tc.exists(f"p:{i}:{j}") for i in range(3) for j in range(200))
+
+
+def test_declared_length_check_holds_whatever_the_chunking():
+    """Commands cut anywhere still parse whole, and an oversized $len is refused as soon as its header is in, however the stream is cut."""
+    import random
+
+    from migrator.shim.resp import ProtocolError, RequestParser, encode
+
+    rnd = random.Random(10)
+    cmds = [[b"SET", b"k%d" % i, b"v" * rnd.randint(0, 3000)] for i in range(300)] + [[b"GET", b"x"]]
+    stream = b"".join(encode(c) for c in cmds)
+    for _ in range(100):
+        p, out, pos = RequestParser(4000), [], 0
+        while pos < len(stream):
+            k = rnd.randint(1, 5000)
+            out += p.feed(stream[pos : pos + k])
+            pos += k
+        assert out == cmds
+    bad = encode([b"SET", b"a", b"b"]) + b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5000\r\n"
+    for _ in range(100):
+        p, pos = RequestParser(4000), 0
+        with pytest.raises(ProtocolError, match="invalid bulk length"):
+            while True:  # the header's last byte is the latest point of refusal
+                k = rnd.randint(1, 7)
+                p.feed((bad + b"x" * 10_000)[pos : pos + k])
+                pos += k
+                assert pos < len(bad) + 7
+    with pytest.raises(ProtocolError, match="invalid multibulk length"):
+        RequestParser(4000).feed(b"*1000\r\n$3\r\nSET\r\n")

@@ -197,8 +197,9 @@ class RequestParser:
         self.max_request_bytes = max_request_bytes
         self._partial = 0  # bytes of the partial command received so far
         # The partial command's header scan: [elements still to come (-1: its "*N" header not
-        # seen yet), payload bytes to skip, declared bytes so far, a header line cut by the chunk].
-        self._scan: list | None = None
+        # seen yet), payload bytes to skip, declared bytes so far, a header line cut by the chunk];
+        # None: no partial command; False: not scanned (see feed).
+        self._scan: list | bool | None = None
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Every complete command in ``data`` (plus what was buffered); raises ProtocolError."""
@@ -232,12 +233,19 @@ class RequestParser:
         if partial <= 0:
             self._partial, self._scan = 0, None
             return commands
-        if consumed or self._scan is None:
+        if consumed and partial > len(data):
+            # Bytes this count does not cover (it must add every byte it parses): the partial
+            # command's start is unknown, so its headers are not scanned; the bound below holds.
+            self._scan = False
+        elif consumed or self._scan is None:
             self._scan = [-1, 0, 0, b""]  # a new partial command, starting in this chunk
             self._check(data, len(data) - partial)
-        else:
+        elif self._scan:
             self._check(data, 0)  # more of the partial command that started earlier
         self._partial = partial
+        # What hiredis holds: the partial command plus at most 1 KiB already consumed.
+        if reader.len() > self.max_request_bytes:
+            raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
         return commands
 
     def _check(self, data: bytes, pos: int) -> None:
