@@ -82,6 +82,8 @@ class Stats:
         self.mirror_queue = 0
         self.dirty_keys = 0
         self.script_heals = 0
+        self.backpressure = 0  # times a client was no longer read (too much of it in flight)
+        self.side_restarts: Counter = Counter()  # side name -> restarts seen (a new run_id)
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -99,6 +101,8 @@ class Stats:
             "mirror_queue": self.mirror_queue,
             "dirty_keys": self.dirty_keys,
             "script_heals": self.script_heals,
+            "backpressure": self.backpressure,
+            "side_restarts": dict(self.side_restarts),
         }
 
     @classmethod
@@ -119,7 +123,8 @@ class Stats:
             for side, r, n in s.get("shadow_failures", []):
                 out.shadow_failures[(side, r)] += n
             out.refused.update(s.get("refused", {}))
-            for g in ("connections", "connections_total", "mirror_queue", "script_heals"):
+            out.side_restarts.update(s.get("side_restarts", {}))
+            for g in ("connections", "connections_total", "mirror_queue", "script_heals", "backpressure"):
                 setattr(out, g, getattr(out, g) + s.get(g, 0))
             out.dirty_keys = max(out.dirty_keys, s.get("dirty_keys", 0))  # shared state, not per process
         return out
@@ -178,6 +183,13 @@ class StatsCollector:
                                   value=st.connections_total)
         yield CounterMetricFamily("migrator_shim_script_heals", "Scripts loaded on the shadow side before an EVALSHA",
                                   value=st.script_heals)
+        yield CounterMetricFamily("migrator_shim_backpressure", "Times a client was no longer read: too much of it in flight",
+                                  value=st.backpressure)
+        sr = CounterMetricFamily("migrator_shim_side_restarts", "Restarts of a side seen (a new run_id) in a two-sided phase",
+                                 labels=["side"])
+        for side, n in sorted(st.side_restarts.items()):
+            sr.add_metric([side], n)
+        yield sr
         g = GaugeMetricFamily("migrator_shim_applied_generation", "Phase generation the shim applies", labels=["phase"])
         if "phase" in extra:
             g.add_metric([extra["phase"]], extra.get("generation", 0))

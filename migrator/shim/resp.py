@@ -151,6 +151,24 @@ def encode(args: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def run_id_of(info: bytes) -> bytes | None:
+    """The ``run_id`` in an ``INFO server`` reply (raw RESP bytes or the text), or None."""
+    i = info.find(b"run_id:")
+    if i < 0:
+        return None
+    end = info.find(b"\r\n", i)
+    return info[i + 7 : end if end >= 0 else len(info)].strip() or None
+
+
+def encoded_length(cmd: list[bytes]) -> int:
+    """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
+    total = 3 + len(str(len(cmd)))
+    for a in cmd:
+        n = len(a)
+        total += n + 5 + (1 if n < 10 else 2 if n < 100 else 3 if n < 1000 else len(str(n)))
+    return total
+
+
 def error_reply(message: str) -> bytes:
     """A RESP error line; newlines are removed because they would end the reply early."""
     return b"-" + message.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + CRLF
@@ -162,15 +180,26 @@ class RequestParser:
     Like Redis, a connection may start with inline commands (``PING\\r\\n``: redis-cli, telnet);
     once it sends a RESP array it is parsed as RESP from then on (hiredis cannot say where a
     partial command ends, so inline detection mid-stream is not possible; no client mixes).
+
+    The size limit is checked against what a command *declares* (its ``*N`` count and each
+    ``$len`` header) as soon as the header arrives, like Redis does, so an oversized request is
+    refused before any of its payload is buffered. hiredis accepts canonical lengths only, so
+    the bytes of the complete commands are exactly their encoded lengths: what follows them in
+    the stream is the partial command, whose headers are scanned (resumably, across chunks).
     """
 
-    __slots__ = ("_inline_buf", "_reader", "_resp", "max_request_bytes")
+    __slots__ = ("_inline_buf", "_partial", "_reader", "_resp", "_scan", "max_request_bytes")
 
     def __init__(self, max_request_bytes: int) -> None:
         self._reader = hiredis.Reader()
         self._resp = False
         self._inline_buf = b""
         self.max_request_bytes = max_request_bytes
+        self._partial = 0  # bytes of the partial command received so far
+        # The partial command's header scan: [elements still to come (-1: its "*N" header not
+        # seen yet), payload bytes to skip, declared bytes so far, a header line cut by the chunk];
+        # None: no partial command; False: not scanned (see feed).
+        self._scan: list | bool | None = None
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Every complete command in ``data`` (plus what was buffered); raises ProtocolError."""
@@ -184,6 +213,7 @@ class RequestParser:
                 return commands
             self._resp = True
         reader.feed(data)
+        consumed = 0
         try:
             while True:
                 cmd = reader.gets()
@@ -196,12 +226,69 @@ class RequestParser:
                         if type(a) is not bytes:
                             raise ProtocolError("expected an array of bulk strings")
                     commands.append(cmd)
+                consumed += encoded_length(cmd)
         except hiredis.ProtocolError as e:
             raise ProtocolError(str(e)) from None
+        partial = self._partial + len(data) - consumed
+        if partial <= 0:
+            self._partial, self._scan = 0, None
+            return commands
+        if consumed and partial > len(data):
+            # Bytes this count does not cover (it must add every byte it parses): the partial
+            # command's start is unknown, so its headers are not scanned; the bound below holds.
+            self._scan = False
+        elif consumed or self._scan is None:
+            self._scan = [-1, 0, 0, b""]  # a new partial command, starting in this chunk
+            self._check(data, len(data) - partial)
+        elif self._scan:
+            self._check(data, 0)  # more of the partial command that started earlier
+        self._partial = partial
         # What hiredis holds: the partial command plus at most 1 KiB already consumed.
         if reader.len() > self.max_request_bytes:
             raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
         return commands
+
+    def _check(self, data: bytes, pos: int) -> None:
+        """Scan the partial command's headers in ``data[pos:]``: refuse a declared size over the limit."""
+        st = self._scan
+        left, skip, declared, cut = st
+        limit = self.max_request_bytes
+        n = len(data)
+        if cut:  # a header line the previous chunk cut (rare: a copy is fine)
+            data, pos, cut = cut + data[pos:], 0, b""
+            n = len(data)
+        while pos < n:
+            if skip:
+                take = min(skip, n - pos)
+                pos += take
+                skip -= take
+                continue
+            eol = data.find(CRLF, pos)
+            if eol < 0:
+                cut = data[pos:]
+                if len(cut) > 32:
+                    raise ProtocolError("invalid bulk length" if left >= 0 else "invalid multibulk length")
+                break
+            try:
+                value = int(data[pos + 1 : eol])
+            except ValueError:
+                return  # hiredis refuses it when it gets there
+            declared += eol + 2 - pos
+            if left < 0:
+                # Each element takes at least 6 bytes ("$0\r\n\r\n").
+                if value * 6 + declared > limit:
+                    raise ProtocolError(
+                        f"invalid multibulk length ({value} elements declared; shim.max_request_bytes is {limit} bytes)")
+                left = value
+            else:
+                declared += value + 2
+                if value > limit or declared > limit:
+                    raise ProtocolError(
+                        f"invalid bulk length ({value} bytes declared; shim.max_request_bytes is {limit} bytes)")
+                left -= 1
+                skip = value + 2 if value >= 0 else 0
+            pos = eol + 2
+        st[0], st[1], st[2], st[3] = left, skip, declared, cut
 
     def _inline(self, data: bytes, out: list[list[bytes]]) -> bytes:
         """Parse inline commands until a RESP array starts; returns the rest (from the ``*``)."""

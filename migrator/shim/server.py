@@ -16,6 +16,7 @@ loop (uvloop when installed). Background tasks:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import os
@@ -49,8 +50,9 @@ from migrator.shim.commands import (
 )
 from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
-from migrator.shim.routing import ROUTES
+from migrator.shim.routing import ROLES, ROUTES
 from migrator.shim.sequencer import Sequencer
+from migrator.shim.resp import run_id_of
 from migrator.shim.session import Session, sha1_hex
 from migrator.state import (
     StateError,
@@ -87,6 +89,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        # pause_writing/resume_writing around the client's unread replies (see Session._flow).
+        limit = self.shim.cfg.max_client_buffer_bytes
+        # Paused at half the bound means it crossed ``high``, so ``resume_writing`` will follow.
+        transport.set_write_buffer_limits(high=max(1, limit // 2), low=limit // 4)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if self.shim.stopping:
@@ -103,6 +109,14 @@ class ClientProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.session is not None:
             self.session.on_client_lost()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session._flow()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session._flow()
 
     # The Session's view of its client.
     def write(self, data: bytes) -> None:
@@ -144,7 +158,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.session.on_upstream_lost(self.side, self.transport, reason)
 
     def resume_writing(self) -> None:
-        self.session.client.resume_reading()
+        self.session._flow()
 
 
 class SideHealth:
@@ -193,6 +207,31 @@ def load_command_table(ep) -> dict:
     return parse_command_reply(reply)
 
 
+def read_side_info(ep) -> tuple[bytes | None, list[int]]:
+    """(run_id, databases holding keys) of one endpoint (blocking; run off the loop)."""
+    kw = client_kwargs(ep)
+    kw["retry"] = Retry(NoBackoff(), 0)
+    client = redis.Redis(**kw)
+    try:
+        conn = client.connection_pool.get_connection()
+        try:
+            conn.send_command("INFO", "server")
+            server = conn.read_response()
+            conn.send_command("INFO", "keyspace")
+            keyspace = conn.read_response()
+        finally:
+            client.connection_pool.release(conn)
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise UnreachableError(f"{ep.display}: cannot read INFO ({e})") from None
+    finally:
+        client.close()
+    server = server if isinstance(server, bytes) else str(server).encode()
+    keyspace = keyspace if isinstance(keyspace, bytes) else str(keyspace).encode()
+    dbs = [int(line[2 : line.index(b":")]) for line in keyspace.splitlines()
+           if line.startswith(b"db") and b":" in line and line[2 : line.index(b":")].isdigit()]
+    return run_id_of(server), dbs
+
+
 class Shim:
     """One shim process (or worker): listener, sessions, phase, counters."""
 
@@ -227,6 +266,9 @@ class Shim:
         self.sessions: set[Session] = set()
         self.outstanding: dict[int, int] = {}
         self.mirror_depth = 0
+        # Commands one connection may have in flight (and in the mirror queue) before it is no
+        # longer read (back-pressure, see Session._flow): a share, so no one fills the queue.
+        self.client_window = max(64, self.cfg.mirror_queue_size // 8)
         # Per-key order of writes across this process's connections (the timer for handing a
         # key to a woken blocking command's effect needs the loop: set in start()).
         self.seq = Sequencer()
@@ -256,6 +298,14 @@ class Shim:
         self.hold_deadline = 0.0
         self.last_pause_ms: float | None = None
         self._reports_mtime = 0
+        self.stalled_until = 0.0  # until then the shim is not sure a late reply is the side's fault
+        # Each side's run_id as last seen (INFO server on every upstream connection in a two-sided
+        # phase, and every heartbeat): a new one is a restart (see side_restarted).
+        self.run_ids: list[bytes | None] = [None, None]
+        self.restarts: list[list[dict]] = [[], []]
+        self.known_dbs: tuple[set[int], set[int]] = (set(), set())  # databases each side had keys in
+        self._info_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migrator-shim-info")
+        self._run_id_task: asyncio.Task | None = None
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -274,6 +324,7 @@ class Shim:
                 "a shim will not route the migration's phase to other servers: put the original endpoints back, "
                 "or start a new migration with its own state_dir")
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
+        await self._watch_run_ids()  # the baseline a restart is told from
         # Only what the source has and the target lacks can fail an application's command once
         # the target serves it; the target's newer commands the source lacks were never used.
         missing = self.table.unknown_to(TARGET)
@@ -306,7 +357,7 @@ class Shim:
                 raise
             self.admin_address = self._admin.sockets[0].getsockname()[:2]
         await self._publish()
-        for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop()):
+        for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop(), self._run_id_loop()):
             self._tasks.append(asyncio.create_task(coro))
         self.log.info("shim.started", listen=self.listen, admin=self.admin_addr, phase=str(self.phase),
                       generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display)
@@ -343,6 +394,9 @@ class Shim:
                 await t
         if self._admin is not None:
             self._admin.close()
+        if self._run_id_task is not None:
+            self._run_id_task.cancel()
+        self._info_pool.shutdown(wait=False, cancel_futures=True)
         await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), None)
         registry.remove(self.state_dir, self.id)
         self.log.info("shim.stopped", commands=sum(self.stats.commands.values()))
@@ -512,6 +566,69 @@ class Shim:
             except Exception as e:  # noqa: BLE001
                 self.log.error("shim.heartbeat_failed", error=f"{type(e).__name__}: {e}")
 
+    def two_sided(self) -> bool:
+        """Both sides hold the data now (mirroring, reads-on-target, writes-on-target)."""
+        return ROLES[self.phase].both_connected
+
+    async def _run_id_loop(self) -> None:
+        """Every heartbeat interval, apart from the heartbeat (a side that hangs must not delay it)."""
+        while True:
+            await asyncio.sleep(registry.HEARTBEAT)
+            try:
+                if self._run_id_task is None or self._run_id_task.done():
+                    self._run_id_task = self.loop.create_task(self._watch_run_ids())
+                    await self._run_id_task
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                self.log.error("shim.run_id_check_failed", error=f"{type(e).__name__}: {e}")
+
+    async def _watch_run_ids(self) -> None:
+        """Read both sides' run_id (and which databases hold keys), on a thread of its own."""
+        for side in (SOURCE, TARGET):
+            try:
+                run_id, dbs = await self.loop.run_in_executor(self._info_pool, read_side_info, self.endpoints[side])
+            except UnreachableError:
+                continue  # down: its connections say so; the run_id is read when it is back
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # stopping: the thread pool is shut down
+            if run_id is not None:
+                self.note_run_id(side, run_id)
+            if self.run_ids[side] == run_id:
+                self.known_dbs[side].update(dbs)
+
+    def note_run_id(self, side: int, run_id: bytes) -> None:
+        """A side's current run_id: a different one than seen before means it restarted."""
+        old = self.run_ids[side]
+        self.run_ids[side] = run_id
+        if old is not None and old != run_id:
+            self.side_restarted(side, old, run_id)
+
+    def side_restarted(self, side: int, old: bytes, new: bytes) -> None:
+        """``side`` restarted: in a two-sided phase, its whole keyspace may be gone or old.
+
+        Every database it (or the other side) had keys in, and the playbook's, is marked dirty
+        as a whole: the ``no_dirty_keys`` gate then refuses the next cutover until a full
+        ``migrator sync`` has copied everything again.
+        """
+        name = SIDE_NAMES[side]
+        event = {"side": name, "old_run_id": old.decode(errors="replace"), "new_run_id": new.decode(errors="replace"),
+                 "at": iso(now()), "phase": str(self.phase), "marked": self.two_sided()}
+        self.restarts[side].append(event)
+        del self.restarts[side][:-10]
+        self.stats.side_restarts[name] += 1
+        if not self.two_sided():
+            self.log.info("shim.side_restarted", **event)
+            return
+        dbs = sorted(self.known_dbs[0] | self.known_dbs[1] | {self.endpoint_dbs[side]}
+                     | {s.db for s in self.sessions if s.db is not None})
+        reason = f"{name}-restarted (run_id {event['old_run_id']} -> {event['new_run_id']})"
+        for db in dbs:
+            self.dirty.add(db, [], reason, b"(restart)")
+            self.stats.dirty_marked[f"{name}-restarted"] += 1
+        self.log.error("shim.side_restarted", databases=dbs,
+                       hint=f"the {name}'s data may be gone: run a full migrator sync before the next step", **event)
+
     async def _watch_sync(self) -> None:
         """Notice a complete full sync finishing: the divergence gate counts from then on."""
         try:
@@ -535,9 +652,16 @@ class Shim:
 
     async def _sweep_loop(self) -> None:
         interval = max(0.005, min(0.05, self.shadow_timeout / 4))
+        last = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             t = time.monotonic()
+            if t - last - interval > max(0.05, self.shadow_timeout / 4):
+                # The loop itself ran late (the shim is overloaded): replies may be sitting unread
+                # in its sockets. A side is not declared down for the shim's own delay; its
+                # timeouts count again once the loop has kept time for a shadow_timeout.
+                self.stalled_until = t + self.shadow_timeout
+            last = t
             for s in list(self.sessions):
                 try:
                     s.check_timeouts(t)
@@ -600,11 +724,19 @@ class Shim:
         h.retry_at = t + min(0.1 * 2 ** (h.failures - 1), MAX_BACKOFF)
         if h.failures == 1:
             self.log.warning("shim.side_down", side=SIDE_NAMES[side], reason=reason)
+        self.check_run_ids_soon()  # a restart shows as a lost connection first
+
+    def check_run_ids_soon(self) -> None:
+        """Read the sides' run_ids now (once at a time), not only at the next interval."""
+        if self.loop is None or self.stopping or (self._run_id_task is not None and not self._run_id_task.done()):
+            return
+        self._run_id_task = self.loop.create_task(self._watch_run_ids())
 
     def side_ok(self, side: int) -> None:
         h = self.health[side]
         if h.failures:
             self.log.info("shim.side_up", side=SIDE_NAMES[side], after_failures=h.failures)
+            self.check_run_ids_soon()  # back: the same process, or a restarted one?
         h.failures = 0
         h.retry_at = 0.0
 
@@ -665,6 +797,7 @@ class Shim:
             "dirty_marked": sum(st.dirty_marked.values()),
             "connections": len(self.sessions),
             "mirror_queue": self.mirror_depth,
+            "side_restarts": [e for r in self.restarts for e in r],
         }
 
     def status(self) -> dict[str, Any]:
@@ -692,9 +825,13 @@ class Shim:
             "unknown_commands": {f"{s}:{c}": n for (s, c), n in sorted(st.unknown.items())},
             "shadow_failures": {f"{s}:{r}": n for (s, r), n in sorted(st.shadow_failures.items())},
             "refused": dict(st.refused),
+            "backpressure": st.backpressure,
+            "clients_paused": sum(1 for x in self.sessions if x.paused),
             "latency": lat,
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
-                                      "command_table": self.table.loaded(i)} for i in (SOURCE, TARGET)},
+                                      "command_table": self.table.loaded(i),
+                                      "run_id": self.run_ids[i].decode(errors="replace") if self.run_ids[i] else None,
+                                      "restarts": list(self.restarts[i])} for i in (SOURCE, TARGET)},
         }
 
 

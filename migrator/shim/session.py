@@ -59,6 +59,7 @@ _MULTI = encode([b"MULTI"])
 _EXEC = encode([b"EXEC"])
 _NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
 _QUEUED = b"+QUEUED\r\n"
+_PER_SIDE_STATE = frozenset({b"readonly", b"readwrite"})  # kept per side (see _readonly_settled)
 _EVALSHA = frozenset({b"evalsha", b"evalsha_ro"})
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
@@ -110,6 +111,7 @@ class Entry:
         "sent_idx",
         "shadow",
         "shadow_raw",
+        "size",
         "stream",
         "ts",
         "tx",
@@ -156,6 +158,7 @@ class Entry:
         # Connection state it changes, {field: (before, after)}, until its answer says whether it did.
         self.cstate: dict[str, tuple[Any, Any]] | None = None
         self.expired = False  # its shadow reply is late behind an answer on that side (see check_timeouts)
+        self.size = 0  # request bytes it holds while in the client's queue (see Session._flow)
 
 
 class Upstream:
@@ -190,7 +193,7 @@ class Session:
         self.db: int | None = None  # None: each endpoint's own database (shim.endpoint_dbs)
         self.proto = 2
         self.name: bytes | None = None
-        self.readonly = False
+        self.readonly = [False, False]  # READONLY accepted by each side: replayed only there
         self.authed = shim.password is None
         self.tx: list[list[bytes]] | None = None
         self.tx_plan: Plan | None = None
@@ -222,12 +225,20 @@ class Session:
         # Entries needing the sequencer, in command order, from the first not granted yet
         # (a blocking command stays here until its effect has its keys).
         self.ungranted: deque[Entry] = deque()
+        # Back-pressure (see _flow): commands and request bytes in flight (read from the client,
+        # reply not written to it yet), commands of this connection in the mirror queue, and
+        # whether reading from the client is paused.
+        self.inflight_n = 0
+        self.inflight_bytes = 0
+        self.shadow_n = 0
+        self.paused = False
 
     # --- client side ---------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
         if self.closed or self.client_gone:
             return
         self._feed(data)
+        self._flow()
 
     def _feed(self, data: bytes) -> None:
         if self.shim.holding:
@@ -235,8 +246,6 @@ class Session:
             # client just waits (bounded by the barrier's deadline).
             self.held.append(data)
             self.held_bytes += len(data)
-            if self.held_bytes > self.shim.cfg.max_client_buffer_bytes:
-                self.client.pause_reading()
             return
         try:
             commands = self.parser.feed(data)
@@ -282,7 +291,7 @@ class Session:
             if self.client_gone:
                 self._close_if_gone()
             else:
-                self.client.resume_reading()
+                self._flow()
 
     def on_client_lost(self) -> None:
         if self.closed:
@@ -392,6 +401,7 @@ class Session:
         e.local = reply
         e.close_after = close_after
         self.inflight.append(e)
+        self.inflight_n += 1
 
     def _refuse_in_tx(self, args: list[bytes], c: Classified | None, name: bytes) -> None:
         self.tx_abort = True
@@ -700,10 +710,10 @@ class Session:
         gen = shim.generation
         shim.outstanding[gen] = shim.outstanding.get(gen, 0) + n
         u.raw_pending += n
-        u.raw_sent.append([time.monotonic(), n, gen])
+        u.raw_sent.append([time.monotonic(), n, gen, len(raw)])
+        self.inflight_n += n
+        self.inflight_bytes += len(raw)
         u.transport.write(raw)
-        if u.transport.get_write_buffer_size() > shim.cfg.max_client_buffer_bytes:
-            self.client.pause_reading()
         return True
 
     def _raw_replies(self, u: Upstream, data: bytes) -> None:
@@ -713,13 +723,9 @@ class Session:
         n = 0
         while reader.gets() is not False:
             n += 1
-        self.client.write(data)
-        if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
-            self.shim.stats.refused["client-buffer-full"] += 1
-            self.close("client output buffer over shim.max_client_buffer_bytes")
-            return
+        self.client.write(data)  # (a client not reading them: see _flow)
         if n > u.raw_pending:
-            self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)")
+            self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)", side_fault=False)
             return
         u.raw_pending -= n
         now = time.monotonic()
@@ -730,9 +736,11 @@ class Session:
             take = min(n, head[1])
             head[1] -= take
             n -= take
+            self.inflight_n -= take
             latency.observe(now - head[0], take)
             self.shim.entry_finished(head[2], take)
             if head[1] == 0:
+                self.inflight_bytes -= head[3]
                 sent.popleft()
 
     # --- the fast path: a pipelined chunk of plain commands, forwarded as it came -------------
@@ -820,11 +828,9 @@ class Session:
             u = self.up[shadow]
             if (u.state is DOWN or u.state is IDLE) and not shim.may_retry(shadow):
                 return False
-            if shim.mirror_depth + k > shim.cfg.mirror_queue_size:
-                return False
             if reads and shim.cfg.compare_reads < 1.0:
                 return False  # reads are sampled one by one, on the per-command path
-            if plan.fallback and shim.dirty.keys:
+            if plan.fallback and (shim.dirty.keys or not shim.may_retry(answer)):
                 return False
         e = Entry(commands, b"", None, shim.generation)
         e.batch = True
@@ -848,6 +854,7 @@ class Session:
             e.wait_shadow = plan.wait_shadow
             e.fallback = plan.fallback
             shim.mirror_depth += k
+            self.shadow_n += k
             if reads:
                 stats[("read", SIDE_NAMES[shadow])] += reads
             if writes:
@@ -867,6 +874,9 @@ class Session:
         self.pending_count += 1
         shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
+        e.size = len(raw)
+        self.inflight_n += k
+        self.inflight_bytes += e.size
         self._enqueue(answer, e)
         if shadow is not None:
             self._enqueue(shadow, e)
@@ -926,6 +936,9 @@ class Session:
         if plan.fallback and shim.dirty.keys and shim.dirty.is_dirty(self._db(answer), c.keys(args)):
             # A key whose last write did not reach the read side is read from the side that has it.
             answer, shadow = plan.shadow, None
+        elif plan.fallback and not shim.may_retry(answer):
+            # The read side failed (down or timed out) moments ago: the write side answers, at once.
+            answer, shadow = plan.shadow, None
         known = c.known
         if not known[answer]:
             stats.unknown[(SIDE_NAMES[answer], name.decode(errors="replace"))] += 1
@@ -938,10 +951,7 @@ class Session:
                 reason = f"unknown-on-{SIDE_NAMES[shadow]}"
             elif self.up[shadow].state in (DOWN, IDLE) and not shim.may_retry(shadow):
                 reason = f"{SIDE_NAMES[shadow]}-down"
-            elif shim.mirror_depth >= shim.cfg.mirror_queue_size and cls is not Cls.CONNECTION:
-                # (Connection state is never dropped: the shadow would run everything after it
-                # in the wrong database; it is one small command per connection.)
-                reason = "mirror-queue-full"
+            # (A full mirror queue drops nothing: connections adding to it stop being read, see _flow.)
             if reason is not None:
                 stats.shadow_failures[(SIDE_NAMES[shadow], reason)] += 1
                 if e.write:
@@ -958,6 +968,7 @@ class Session:
             e.wait_shadow = plan.wait_shadow
             e.fallback = plan.fallback
             shim.mirror_depth += 1
+            self.shadow_n += 1
             stats.commands[(cls.value, SIDE_NAMES[shadow])] += 1
             needs_reply = tx is not None or plan.effect or (e.write and effects.needs_reply(args))
             if needs_reply:
@@ -1007,6 +1018,9 @@ class Session:
         else:
             shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
+        e.size = len(raw)
+        self.inflight_n += 1
+        self.inflight_bytes += e.size
         self._enqueue(answer, e)
         if shadow is not None:
             self._enqueue(shadow, e)
@@ -1186,7 +1200,7 @@ class Session:
             hs.append([b"SELECT", b"%d" % db])
         if self.name is not None:
             hs.append([b"CLIENT", b"SETNAME", self.name])
-        if self.readonly:
+        if self.readonly[side]:
             hs.append([b"READONLY"])
         for args in reversed(hs):
             u.out.appendleft(_internal_entry(side, args, self.shim.generation))
@@ -1247,9 +1261,7 @@ class Session:
                     # (a SELECT would move the pop to another database, a PUBLISH run before it).
                     break
         if buf:
-            u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])
-            if u.transport.get_write_buffer_size() > self.shim.cfg.max_client_buffer_bytes:
-                self.client.pause_reading()  # that side is not keeping up: stop reading the client
+            u.transport.write(b"".join(buf) if len(buf) > 1 else buf[0])  # (not keeping up: see _flow)
         if nothing is not None:
             for e in nothing:
                 self._finish_side(e, side)
@@ -1264,11 +1276,13 @@ class Session:
             self._raw_replies(u, data)
             if not u.raw_pending and not self.closed:
                 self._after_io()
+            elif self.paused:
+                self._flow()
             return
         try:
             frames = u.framer.feed(data)
         except ProtocolError as e:
-            self.fail(side, f"protocol error from {SIDE_NAMES[side]}: {e}")
+            self.fail(side, f"protocol error from {SIDE_NAMES[side]}: {e}", side_fault=False)
             self._after_io()
             return
         now = time.monotonic()
@@ -1316,7 +1330,7 @@ class Session:
                     continue
                 if is_push(raw):
                     continue  # an out-of-band push for nobody (this connection did not subscribe)
-                self.fail(side, f"unexpected reply from {SIDE_NAMES[side]} (stream out of step)")
+                self.fail(side, f"unexpected reply from {SIDE_NAMES[side]} (stream out of step)", side_fault=False)
                 break
             e = wait[0]
             if e.exp[side] == 1 and not e.batch:
@@ -1345,6 +1359,41 @@ class Session:
         self._flush_client()
         if self.client_gone:
             self._close_if_gone()
+        elif self.paused:
+            self._flow()
+
+    def _flow(self) -> None:
+        """Back-pressure: stop reading the client while it has too much in the shim, resume once half is gone.
+
+        Too much: unread replies (the client's output buffer), commands or request bytes in
+        flight, or bytes held for the write switch, over ``max_client_buffer_bytes`` /
+        ``Shim.client_window`` commands; its own share of the mirror queue over the window, or
+        any share while the mirror queue is full; an upstream connection not taking its bytes.
+        Nothing is dropped, refused or marked dirty: the client's own TCP window fills and it
+        waits, as with a busy Redis. Every connection's share is bounded, so one greedy client
+        cannot fill the mirror queue for the others.
+        """
+        if self.closed or self.client_gone:
+            return
+        shim = self.shim
+        limit = shim.cfg.max_client_buffer_bytes
+        window = shim.client_window
+        up0, up1 = self.up
+        if self.paused:
+            limit //= 2
+            window //= 2
+        over = (self.inflight_n > window or self.shadow_n > window or self.inflight_bytes > limit
+                or self.held_bytes > limit or self.client.buffer_size() > limit
+                or (self.shadow_n and shim.mirror_depth >= shim.cfg.mirror_queue_size)
+                or (up0.transport is not None and up0.transport.get_write_buffer_size() > limit)
+                or (up1.transport is not None and up1.transport.get_write_buffer_size() > limit))
+        if over and not self.paused:
+            self.paused = True
+            shim.stats.backpressure += 1
+            self.client.pause_reading()
+        elif self.paused and not over:
+            self.paused = False
+            self.client.resume_reading()
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
@@ -1364,8 +1413,9 @@ class Session:
                 if not is_error(raw):
                     shim.scripts_loaded[side].add(e.heal_sha)
             elif is_error(raw):
+                # This connection's state (a command it replays) was refused: the side is fine.
                 self.fail(side, f"{SIDE_NAMES[side]} refused {e.name.decode().upper()} while connecting: "
-                                f"{raw[1:].strip().decode(errors='replace')}")
+                                f"{raw[1:].strip().decode(errors='replace')}", side_fault=False)
             return
         if side == e.answer:
             raw = e.rep[side]
@@ -1378,10 +1428,7 @@ class Session:
                 for f in raw if type(raw) is list else (raw,):
                     self._sub_confirmed(f)
                 self._sub_settled(side)
-            if e.name == b"readonly" and not is_error(raw) and raw != _QUEUED:
-                self.readonly = True
-            elif e.name == b"readwrite" and not is_error(raw) and raw != _QUEUED:
-                self.readonly = False
+            self._readonly_settled(e, side, raw)
             if e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw)
         else:
@@ -1396,6 +1443,7 @@ class Session:
                     e.compare = False  # a read that could not run there: nothing to compare
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
+            self._readonly_settled(e, side, raw)
             if e.write and not e.compare and any(is_error(f) for f in (raw if isinstance(raw, list) else (raw,))):
                 # An effect the other side refused (not compared, so caught here): never silent.
                 shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
@@ -1404,11 +1452,23 @@ class Session:
             self._compare(e)
         self._finish_side(e, side)
         if (e.cls is Cls.CONNECTION and e.shadow is not None and e.rep[SOURCE] is not None
-                and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])):
+                and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])
+                and e.name not in _PER_SIDE_STATE):
             # One side took SELECT / CLIENT SETNAME / HELLO, the other refused it: the shadow
-            # connection is not in the client's state. Reset it; a new one replays the state.
+            # connection is not in the client's state. Reset it (this connection only: the side
+            # itself is fine); a new one replays the state.
             self.fail(e.shadow, f"{SIDE_NAMES[e.shadow]} and {SIDE_NAMES[e.answer]} answered "
-                                f"{e.name.decode(errors='replace').upper()} differently")
+                                f"{e.name.decode(errors='replace').upper()} differently", side_fault=False)
+
+    def _readonly_settled(self, e: Entry, side: int, raw) -> None:
+        """READONLY / READWRITE: what each side accepted is what a new connection to it replays.
+
+        A side that refused READONLY (a server without cluster mode) is never sent it again: its
+        refusal concerns this connection's command, not the side.
+        """
+        if (e.name == b"readonly" or e.name == b"readwrite") and type(raw) is bytes and not is_error(raw) \
+                and raw != _QUEUED:
+            self.readonly[side] = e.name == b"readonly"
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
@@ -1490,6 +1550,7 @@ class Session:
             return
         if side == e.shadow:
             self.shim.mirror_depth -= e.n
+            self.shadow_n -= e.n
         e.pending -= 1
         if e.pending == 0:
             self._entry_done(e)
@@ -1526,6 +1587,7 @@ class Session:
             if e.local is not None:
                 out.append(e.local)
                 inflight.popleft()
+                self.inflight_n -= 1
                 if e.close_after:
                     close = True
                     break
@@ -1540,12 +1602,16 @@ class Session:
             else:
                 out.append(raw)
             inflight.popleft()
+            self.inflight_n -= e.n
+            self.inflight_bytes -= e.size
         if not inflight and self.backlog:
             out.extend(self.backlog)
             self.backlog.clear()
         if out and not self.client_gone:
             self.client.write(b"".join(out) if len(out) > 1 else out[0])
-            if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
+            # A client not reading its replies is not read either (see _flow); only a subscribed
+            # connection, whose messages the server pushes regardless, is disconnected.
+            if self.pipe is not None and self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
                 self.shim.stats.refused["client-buffer-full"] += 1
                 self.shim.log.warning("shim.client_buffer_full", peer=self.client.peer,
                                       limit=self.shim.cfg.max_client_buffer_bytes)
@@ -1557,8 +1623,14 @@ class Session:
             self.close("client sent QUIT")
 
     # --- failures ------------------------------------------------------------------------
-    def fail(self, side: int, reason: str) -> None:
-        """``side``'s connection is unusable: settle everything that was waiting on it."""
+    def fail(self, side: int, reason: str, side_fault: bool = True) -> None:
+        """``side``'s connection is unusable: settle everything that was waiting on it.
+
+        ``side_fault``: the side itself failed (connect refused, connection lost, its own
+        timeout), which every connection backs off from. A command refused on this connection
+        only (a handshake command it replays, an answer that differs) resets this connection,
+        never the side for the others.
+        """
         u = self.up[side]
         if u.state is DOWN and not u.wait and not u.out:
             return
@@ -1567,7 +1639,8 @@ class Session:
             u.transport.abort()
         u.transport = None
         u.state = DOWN
-        shim.side_failed(side, reason)
+        if side_fault:
+            shim.side_failed(side, reason)
         pending = list(u.wait) + list(u.out)
         u.wait.clear()
         u.out.clear()
@@ -1588,6 +1661,7 @@ class Session:
                     e.pending -= 1
                     if not e.done[other]:
                         shim.mirror_depth -= e.n  # counted as the shadow's; it answers now
+                        self.shadow_n -= e.n
                     e.wait_shadow = False
                     if e.pending == 0:
                         self._entry_done(e)
@@ -1618,6 +1692,8 @@ class Session:
         owed = u.raw_pending
         for head in u.raw_sent:
             self.shim.entry_finished(head[2], head[1])
+            self.inflight_n -= head[1]
+            self.inflight_bytes -= head[3]
         u.raw_sent.clear()
         u.raw_pending = 0
         u.counter = hiredis.Reader()
@@ -1631,14 +1707,20 @@ class Session:
         if not self.client_gone and not (up[0].wait or up[0].out or up[1].wait or up[1].out):
             return  # idle: the common case, kept cheap for many connections
         limit = self.shim.shadow_timeout
+        stalled = now < self.shim.stalled_until  # the shim's own delay, not the sides' (see _sweep_loop)
         for u in up:
             side = u.side
+            if stalled:
+                break
             if u.state is UP and u.wait:
                 e = u.wait[0]
                 # A shadow reply, or a handshake/heal on a connection nobody waits on for an answer.
                 if now - e.ts[side] > limit:
                     if side != e.answer or (e.internal and not self._answers_on(u)):
                         self.fail(side, "shadow-timeout")
+                    elif self._can_fall_back(u):
+                        # Reads the other side also got (after the read cutover): it answers them.
+                        self.fail(side, "read-timeout")
                     else:
                         self._expire_behind(u, now - limit)
             elif (u.state is CONNECTING and u.out and now - u.connect_started > limit
@@ -1650,6 +1732,16 @@ class Session:
             self.close("client closed; in-flight commands did not finish in time")
         if not self.closed:
             self._after_io()
+
+    @staticmethod
+    def _can_fall_back(u: Upstream) -> bool:
+        """Every client command this side owes an answer has a copy on the other side to answer instead."""
+        side = u.side
+        for q in (u.wait, u.out):
+            for x in q:
+                if x.answer == side and not x.internal and (x.stream or not x.fallback or x.shadow is None):
+                    return False
+        return True
 
     def _expire_behind(self, u: Upstream, sent_before: float) -> None:
         """Shadow work waiting behind an answer on a slow side: stop letting it hold anything up.

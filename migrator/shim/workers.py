@@ -92,6 +92,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
             "applied": {i: (records[i].applied_phase, records[i].applied_generation) if i in records else None for i in ids},
             "connections": st.connections, "commands": sum(st.commands.values()), "compared": st.compared,
             "divergences": dict(st.divergences), "dirty_keys": st.dirty_keys, "mirror_queue": st.mirror_queue,
+            "backpressure": st.backpressure, "side_restarts": dict(st.side_restarts),
             "worker_status": [s["status"] for s in snaps],
         }
 
