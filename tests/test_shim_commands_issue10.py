@@ -1,0 +1,312 @@
+"""Issue 10, C2/C3/C6/C9: commands the shim must route or rewrite deliberately, on real servers.
+
+RESTORE of a payload one side cannot read, pub/sub counts after the read cutover, server-level
+commands (CLIENT KILL, CONFIG SET...) and SCRIPT KILL of a script running on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from migrator.phases import Phase
+from migrator.shim import list_dirty
+from migrator.shim.commands import SERVER_COMMANDS
+from tests.test_shim_e2e import make_env, wait_for  # noqa: F401 - make_env is a fixture
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "shim.md"
+
+
+def enter(env, phase):
+    """Walk the shim's phase forward to ``phase`` as advance would."""
+    order = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
+    for p in order[: order.index(phase) + 1]:
+        env.set_phase(p)
+
+
+def dirty(env):
+    env.flush()
+    return [(d.db, d.key, d.reason) for d in list_dirty(env.pb.state_path)]
+
+
+def divergences(env):
+    return sum(env.stats().divergences.values())
+
+
+def rdb_version(payload: bytes) -> int:
+    return int.from_bytes(payload[-10:-8], "little")
+
+
+def fill(c):
+    """One key of each copied type, two with a TTL."""
+    c.set("s", "string value", ex=1000)
+    c.hset("h", mapping={"f1": "v1", "f2": "v2"})
+    c.rpush("l", "a", "b", "a")
+    c.sadd("set", "x", "y", "z")
+    c.zadd("z", {"m1": 1.5, "m2": -2.25, "m3": 1e300})
+    c.pexpire("z", 500_000)
+
+
+def snapshot(c, key):
+    t = c.type(key).decode()
+    value = {"string": lambda: c.get(key), "hash": lambda: c.hgetall(key), "list": lambda: c.lrange(key, 0, -1),
+             "set": lambda: sorted(c.smembers(key)), "zset": lambda: c.zrange(key, 0, -1, withscores=True),
+             "none": lambda: None}[t]()
+    return t, value
+
+
+@pytest.mark.parametrize("phase", [Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET])
+def test_restore_of_a_dump_taken_through_the_shim_succeeds_and_reaches_both_sides(pair, make_env, phase):
+    """After the read cutover DUMP is answered by Valkey; RESTOREing it through the shim succeeds and both sides end with the key, TTL included."""
+    env = make_env(*pair)
+    enter(env, phase)
+    c = env.client()
+    fill(c)
+    time.sleep(0.2)
+    src, tgt = env.source.client(), env.target.client()
+    for key in ("s", "h", "l", "set", "z"):
+        payload = c.dump(key)
+        assert rdb_version(payload) >= 11, "the DUMP was answered by the target (Valkey)"
+        with pytest.raises(redis.ResponseError, match="payload version"):
+            src.restore("probe", 0, payload)  # what the source itself says to this payload
+        assert c.restore(f"copy:{key}", 0, payload)
+        assert c.restore(f"ttl:{key}", 300_000, payload, replace=True)
+        for k in (f"copy:{key}", f"ttl:{key}"):
+            assert snapshot(src, k) == snapshot(tgt, k) == snapshot(c, key), k
+            assert snapshot(src, k)[0] != "none"
+        assert src.pttl(f"copy:{key}") == -1 and tgt.pttl(f"copy:{key}") == -1
+        assert abs(src.pttl(f"ttl:{key}") - tgt.pttl(f"ttl:{key}")) < 1000 and src.pttl(f"ttl:{key}") > 290_000
+    # RESTORE over an existing key without REPLACE: the same BUSYKEY as the server, nothing copied.
+    with pytest.raises(redis.ResponseError, match="BUSYKEY"):
+        c.restore("copy:h", 0, c.dump("s"))
+    assert src.type("copy:h") == tgt.type("copy:h") == b"hash"
+    assert dirty(env) == [] and divergences(env) == 0
+
+
+def test_restore_of_a_target_payload_in_mirroring_is_refused_like_the_source_would(server_factory, make_env):
+    """While the source answers reads and writes, a Valkey payload gets Redis's own refusal, and the target stays untouched."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    tgt = env.target.client()
+    tgt.set("orig", "v")
+    payload = tgt.dump("orig")
+    enter(env, Phase.MIRRORING)
+    c = env.client()
+    with pytest.raises(redis.ResponseError, match="payload version"):
+        c.restore("k", 0, payload)
+    time.sleep(0.2)
+    assert tgt.exists("k") == 0 and env.source.client().exists("k") == 0
+    assert dirty(env) == [] and divergences(env) == 0
+
+
+def test_restore_of_a_source_payload_in_mirroring_is_mirrored_as_sent(server_factory, make_env):
+    """A payload both sides read (Redis 7.0 → Valkey 9.1) is RESTOREd on both as sent, with an absolute TTL."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    enter(env, Phase.MIRRORING)
+    c = env.client()
+    c.hset("h", mapping={"a": "1"})
+    assert c.restore("h2", 100_000, c.dump("h"))
+    time.sleep(0.2)
+    src, tgt = env.source.client(), env.target.client()
+    assert src.hgetall("h2") == tgt.hgetall("h2") == {b"a": b"1"}
+    assert abs(src.pttl("h2") - tgt.pttl("h2")) < 1000
+    assert dirty(env) == [] and divergences(env) == 0
+
+
+# --- C3: pub/sub after the read cutover ---------------------------------------------------------
+
+
+def test_publish_and_pubsub_counts_report_the_subscribers_on_either_side(pair, make_env):
+    """In reads-on-target PUBLISH and PUBSUB NUMSUB/NUMPAT/CHANNELS report the subscribers the clients see, wherever they sit."""
+    env = make_env(*pair)
+    enter(env, Phase.MIRRORING)
+    old = env.client().pubsub()
+    old.subscribe("news")  # lands on the source (reads are on the source while mirroring)
+    wait_for(lambda: env.source.client().pubsub_numsub("news") == [(b"news", 1)], what="subscriber on the source")
+    env.set_phase(Phase.READS_ON_TARGET)
+    new = env.client().pubsub()
+    new.subscribe("news")
+    new.psubscribe("n*")
+    wait_for(lambda: env.target.client().pubsub_numsub("news") == [(b"news", 1)], what="subscriber on the target")
+    c = env.client()
+    assert c.publish("news", "hello") == 3  # two channel subscribers (one per side) and one pattern
+    assert c.pubsub_numsub("news", "other") == [(b"news", 2), (b"other", 0)]
+    assert c.pubsub_numpat() == 1
+    assert sorted(c.pubsub_channels()) == [b"news"]
+    r3 = env.client(protocol=3)
+    assert r3.execute_command("PUBSUB", "NUMSUB", "news") in ({b"news": 2}, [b"news", 2])
+    msgs = []
+    for p in (old, new):
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            m = p.get_message(timeout=0.2)
+            if m and m["type"] in ("message", "pmessage"):
+                msgs.append(m["type"])
+            if len(msgs) == 3:
+                break
+    assert sorted(msgs) == ["message", "message", "pmessage"]
+    old.close()
+    new.close()
+
+
+def test_client_kill_of_a_subscriber_on_the_target_ends_that_subscriber(pair, make_env):
+    """CLIENT KILL ID of a subscriber found in CLIENT LIST through the shim ends the subscriber even though it streams from the target."""
+    env = make_env(*pair)
+    enter(env, Phase.READS_ON_TARGET)
+    sub = env.client(client_name="victim").pubsub()
+    sub.subscribe("ch")
+    wait_for(lambda: env.target.client().pubsub_numsub("ch") == [(b"ch", 1)], what="subscriber on the target")
+    c = env.client()
+    ids = [x["id"] for x in c.client_list() if x["name"] == "victim"]
+    assert len(ids) == 1
+    assert c.client_kill_filter(_id=ids[0]) == 1
+    wait_for(lambda: env.target.client().pubsub_numsub("ch") == [(b"ch", 0)], what="subscriber gone from the target")
+    assert c.publish("ch", "m") == 0
+    sub.close()
+
+
+# --- C6: commands about the server -----------------------------------------------------------
+
+
+def test_client_kill_by_type_is_refused_and_other_clients_keep_their_connections(pair, make_env):
+    """CLIENT KILL TYPE normal (and USER/LADDR/MAXAGE) is refused with a clear error; no shim upstream connection dies, nothing is dirty."""
+    env = make_env(*pair)
+    enter(env, Phase.MIRRORING)
+    other = env.client()
+    other.set("k", 0)
+    c = env.client()
+    for args in (("TYPE", "normal"), ("TYPE", "pubsub"), ("USER", "default"), ("SKIPME", "yes"),
+                 ("ID", "1", "TYPE", "normal")):
+        with pytest.raises(redis.ResponseError, match="would also kill the shim's own connections"):
+            c.execute_command("CLIENT", "KILL", *args)
+    for _ in range(50):
+        other.incr("k")
+    time.sleep(0.2)
+    assert env.source.client().get("k") == env.target.client().get("k") == b"50"
+    assert env.stats().connections == 2  # neither client was disconnected
+    assert dirty(env) == [] and divergences(env) == 0
+
+
+def test_config_set_through_the_shim_holds_after_the_read_cutover(pair, make_env):
+    """CONFIG SET notify-keyspace-events reaches both sides, so keyspace events still come after the read cutover."""
+    env = make_env(*pair)
+    enter(env, Phase.MIRRORING)
+    c = env.client()
+    assert c.config_set("notify-keyspace-events", "KEA")
+    assert env.source.client().config_get("notify-keyspace-events")["notify-keyspace-events"] in ("AKE", "KEA")
+    assert env.target.client().config_get("notify-keyspace-events")["notify-keyspace-events"] in ("AKE", "KEA")
+    env.set_phase(Phase.READS_ON_TARGET)
+    p = env.client().pubsub()
+    p.psubscribe("__keyspace@0__:*")  # lands on the target now
+    wait_for(lambda: env.target.client().pubsub_numpat() == 1, what="pattern subscriber on the target")
+    c.set("watched", "1")
+    got = None
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and got is None:
+        m = p.get_message(timeout=0.2)
+        if m and m["type"] == "pmessage":
+            got = m
+    assert got is not None and got["channel"] == b"__keyspace@0__:watched"
+    p.close()
+
+
+def test_config_set_one_side_refuses_is_counted_not_silent(server_factory, make_env):
+    """A CONFIG SET the other side refuses is answered by the write side and counted as a shadow refusal."""
+    env = make_env(server_factory("redis-6.2"), server_factory("valkey-8.1"))
+    enter(env, Phase.WRITES_ON_TARGET)  # the write side is Valkey, which knows the parameter
+    c = env.client()
+    assert c.config_set("busy-reply-threshold", "4000")
+    assert env.target.client().config_get("busy-reply-threshold")["busy-reply-threshold"] == "4000"
+    assert env.stats().shadow_failures[("source", "refused")] == 1
+
+
+@pytest.mark.parametrize("args", [("SHUTDOWN",), ("DEBUG", "SLEEP", "0"), ("CLIENT", "PAUSE", "100"),
+                                  ("ACL", "SETUSER", "bob", "on"), ("MODULE", "LOAD", "/nope.so"),
+                                  ("REPLICAOF", "127.0.0.1", "1"), ("FAILOVER",)])
+def test_server_commands_that_would_bypass_the_migration_are_refused(server_factory, make_env, args):
+    """SHUTDOWN, DEBUG, CLIENT PAUSE, ACL SETUSER, MODULE LOAD, REPLICAOF, FAILOVER get a one-line refusal and reach no server."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    enter(env, Phase.MIRRORING)
+    with pytest.raises(redis.ResponseError, match=r"migrator shim: .* is not supported through the shim"):
+        env.client().execute_command(*args)
+    assert env.source.client().ping() and env.target.client().ping()
+    assert b"bob" not in env.source.client().acl_users() + env.target.client().acl_users()
+
+
+def test_every_server_command_decision_is_in_the_docs_table():
+    """docs/shim.md lists each row of commands.SERVER_COMMANDS with the same decision."""
+    text = DOCS.read_text()
+    words = {"server-both": "both sides", "pubsub-count": "both sides, added up", "admin": "write side only",
+             "unsupported": "refused", "write": "both sides (data)"}
+    for (name, sub), (cls, _why) in SERVER_COMMANDS.items():
+        label = (name + (b" " + sub if sub else b"")).decode().upper()
+        row = re.search(rf"^\| `{re.escape(label)}` \| ([^|]+) \|", text, re.M)
+        assert row is not None, f"{label} missing from the docs table"
+        assert row.group(1).strip() == words[cls.value], label
+
+
+# --- C9: SCRIPT KILL of a script that runs on both sides -------------------------------------
+
+BUSY = {"lua-time-limit": "100"}
+
+
+@pytest.mark.parametrize("phase", [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET])
+def test_script_kill_stops_the_script_on_every_side_and_others_get_busy_not_a_wait(server_factory, make_env, phase):
+    """A keyless busy script killed through the shim stops on both servers; meanwhile other clients get -BUSY within a bound, and dirty/divergence counts stay small."""
+    env = make_env(server_factory("redis-7.0", config=BUSY), server_factory("valkey-9.1", config=BUSY),
+                   shim={"shadow_timeout": "300ms"})
+    enter(env, phase)
+    runner = client(env, 30)
+    result = {}
+
+    def run():
+        try:
+            result["reply"] = runner.eval("local i = 0 while true do i = i + 1 end", 0)
+        except redis.ResponseError as e:
+            result["reply"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    other = client(env, 10)
+    started = time.monotonic()
+    with pytest.raises(redis.ResponseError, match="BUSY"):
+        p = other.pipeline(transaction=True)
+        p.incr("counter")
+        p.execute()
+    assert time.monotonic() - started < 3, "the transaction waited inside the shim instead of getting -BUSY"
+    killer = env.client()
+    assert killer.script_kill()
+    t.join(10)
+    assert not t.is_alive() and "killed" in str(result["reply"]).lower()
+    wait_for(lambda: _pings(env.source) and _pings(env.target), timeout=5, what="both servers answer again")
+    # Both servers are free again: a transaction through the shim works and is mirrored.
+    wait_for(lambda: _try_incr(other), timeout=5, what="writes through the shim work again")
+    time.sleep(0.3)
+    assert env.source.client().get("counter") == env.target.client().get("counter")
+    assert len(dirty(env)) <= 2 and divergences(env) <= 2
+
+
+def client(env, timeout: float) -> redis.Redis:
+    c = redis.Redis(port=env.port, socket_timeout=timeout)
+    env.clients.append(c)
+    return c
+
+
+def _pings(server) -> bool:
+    try:
+        return server.client().ping()
+    except redis.ResponseError:
+        return False
+
+
+def _try_incr(c) -> bool:
+    try:
+        c.incr("counter")
+        return True
+    except redis.ResponseError:
+        return False
