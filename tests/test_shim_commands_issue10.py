@@ -316,3 +316,106 @@ def _try_incr(c) -> bool:
         return True
     except redis.ResponseError:
         return False
+
+
+# --- the pure parts ------------------------------------------------------------------------
+
+
+def test_combined_replies_add_up_both_sides_in_resp2_and_resp3():
+    """PUBLISH/NUMPAT add up, NUMSUB adds per channel (array or map), CHANNELS is a union, KILL is OK if either killed."""
+    from migrator.shim.server_cmds import combine
+
+    assert combine([b"PUBLISH", b"c", b"m"], b":1\r\n", b":2\r\n") == b":3\r\n"
+    assert combine([b"PUBSUB", b"NUMPAT"], b":0\r\n", b":4\r\n") == b":4\r\n"
+    assert combine([b"PUBSUB", b"NUMSUB", b"a", b"b"], b"*4\r\n$1\r\na\r\n:1\r\n$1\r\nb\r\n:0\r\n",
+                   b"*4\r\n$1\r\na\r\n:2\r\n$1\r\nb\r\n:5\r\n") == b"*4\r\n$1\r\na\r\n:3\r\n$1\r\nb\r\n:5\r\n"
+    assert combine([b"PUBSUB", b"NUMSUB", b"a"], b"%1\r\n$1\r\na\r\n:1\r\n", b"%1\r\n$1\r\na\r\n:1\r\n") == \
+        b"%1\r\n$1\r\na\r\n:2\r\n"
+    assert combine([b"PUBSUB", b"CHANNELS"], b"*2\r\n$1\r\na\r\n$1\r\nb\r\n", b"*2\r\n$1\r\nb\r\n$1\r\nc\r\n") == \
+        b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n"
+    assert combine([b"SCRIPT", b"KILL"], b"-NOTBUSY No scripts\r\n", b"+OK\r\n") == b"+OK\r\n"
+    assert combine([b"FUNCTION", b"KILL"], b"-NOTBUSY a\r\n", b"-NOTBUSY b\r\n") == b"-NOTBUSY a\r\n"
+    assert combine([b"CONFIG", b"SET", b"x", b"y"], b"+OK\r\n", b"-ERR Unknown option\r\n") == b"+OK\r\n"
+    assert combine([b"PUBLISH", b"c", b"m"], b"-ERR x\r\n", b":2\r\n") == b"-ERR x\r\n"
+
+
+@pytest.mark.parametrize("args, refused", [
+    ([b"CLIENT", b"KILL", b"127.0.0.1:5000"], False),
+    ([b"CLIENT", b"KILL", b"ID", b"7"], False),
+    ([b"CLIENT", b"KILL", b"ADDR", b"127.0.0.1:5000", b"SKIPME", b"no"], False),
+    ([b"CLIENT", b"KILL", b"TYPE", b"normal"], True),
+    ([b"CLIENT", b"KILL", b"ID", b"7", b"LADDR", b"127.0.0.1:6379"], True),
+    ([b"CLIENT", b"KILL", b"MAXAGE", b"10"], True),
+    ([b"CLIENT", b"KILL", b"SKIPME", b"yes"], True),
+])
+def test_client_kill_is_accepted_only_when_it_names_one_connection(args, refused):
+    """CLIENT KILL by ID, ADDR or the old ip:port form goes on; filters that match many connections are refused."""
+    from migrator.shim.server_cmds import client_kill_refusal
+
+    assert (client_kill_refusal(args) is not None) == refused
+
+
+def test_rdb_versions_and_what_each_server_reads():
+    """The RDB version comes from INFO server; Redis reads only up to its own, Valkey 9 reads Redis's older formats."""
+    from migrator.shim.restore import can_read, rdb_version_of
+
+    assert rdb_version_of({"redis_version": "6.2.14"}) == 9
+    assert rdb_version_of({"redis_version": "7.0.15"}) == 10
+    assert rdb_version_of({"redis_version": "7.4.1"}) == 12
+    assert rdb_version_of({"redis_version": "7.2.4", "server_name": "valkey", "valkey_version": "8.1.1"}) == 11
+    assert rdb_version_of({"redis_version": "7.2.4", "server_name": "valkey", "valkey_version": "9.1.2"}) == 80
+    assert rdb_version_of({"redis_version": "4.0.0"}) is None
+    assert can_read(10, 9) and not can_read(10, 11) and not can_read(9, 80)
+    assert can_read(80, 10) and can_read(11, 11) and can_read(None, 80)
+
+
+def test_restore_effect_rebuilds_each_type_with_an_absolute_expiry():
+    """The other side's commands for a restored key: DEL, the type's writes in chunks, PEXPIREAT; None for a stream."""
+    from migrator.shim import restore
+
+    assert restore.effect(b"k", [b"string", 1000, 500, [b"v"]]) == [[b"DEL", b"k"], [b"SET", b"k", b"v"],
+                                                                   [b"PEXPIREAT", b"k", b"1500"]]
+    assert restore.effect(b"z", [b"zset", 1, -1, [b"m", b"1.5"]]) == [[b"DEL", b"z"], [b"ZADD", b"z", b"1.5", b"m"]]
+    assert restore.effect(b"h", [b"hash", 1, -1, [b"f", b"v"]]) == [[b"DEL", b"h"], [b"HSET", b"h", b"f", b"v"]]
+    big = restore.effect(b"l", [b"list", 1, -1, [b"%d" % i for i in range(1200)]])
+    assert [c[0] for c in big] == [b"DEL", b"RPUSH", b"RPUSH", b"RPUSH"]
+    assert sum(len(c) - 2 for c in big[1:]) == 1200
+    assert restore.effect(b"s", [b"stream", 1, -1, []]) is None
+    assert restore.effect(b"s", [b"none", 1, -2, []]) == [[b"DEL", b"s"]]
+
+
+def test_a_lifted_barrier_lets_later_requests_through_and_is_still_released_cleanly():
+    """A keyless script's barrier stops fencing after lift_after; later requests and barriers are granted, and releasing it leaves nothing held."""
+    from migrator.shim.sequencer import GRANTED, Request, Sequencer
+
+    timers = []
+    seq = Sequencer(call_later=lambda delay, fn: timers.append((delay, fn)))
+    granted = []
+    barrier = Request("script", [], granted.append)
+    barrier.lift_after = 0.5
+    assert seq.acquire(barrier)
+    write = Request("other", [(b"k", True)], granted.append)
+    assert not seq.acquire(write)
+    other_barrier = Request("flush", [], granted.append)
+    assert not seq.acquire(other_barrier)
+    assert [d for d, _ in timers] == [0.5]
+    timers[0][1]()  # the script has run for lift_after
+    assert write.state == GRANTED and write in granted
+    seq.release(write)
+    assert other_barrier.state == GRANTED  # waits for no lifted barrier
+    seq.release(other_barrier)
+    seq.release(barrier)
+    assert seq.stats()["held"] == 0 and seq.stats()["waiting"] == 0 and not seq.barrier_held
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_server_commands_and_pubsub_counts_reach_every_side_the_phase_uses(phase):
+    """PUBLISH, PUBSUB counts and both-sides server commands go to both sides (replies combined) exactly when the phase uses both."""
+    from migrator.shim.commands import Cls
+    from migrator.shim.routing import ROUTES
+
+    both = ROUTES[phase][Cls.WRITE].shadow is not None
+    for cls in (Cls.PUBLISH, Cls.PUBSUB_COUNT, Cls.SERVER_BOTH):
+        plan = ROUTES[phase][cls]
+        assert plan.answer == ROUTES[phase][Cls.WRITE].answer
+        assert (plan.shadow is not None) == both and plan.combine == both

@@ -954,6 +954,9 @@ class Session:
                 reason = "mirror-queue-full"
             if reason is not None:
                 stats.shadow_failures[(SIDE_NAMES[shadow], reason)] += 1
+                if cls is Cls.SERVER_BOTH:
+                    shim.log.warning("shim.server_command_one_side", side=SIDE_NAMES[shadow], reason=reason,
+                                     command=b" ".join(args[:2]).decode(errors="replace").upper())
                 if e.write:
                     self._mark_dirty(self._entry_keys(e), self._db(shadow), reason, name)
                 shadow = None
@@ -1665,6 +1668,7 @@ class Session:
         if u.state is DOWN and not u.wait and not u.out:
             return
         shim = self.shim
+        was_up = u.state is UP
         if u.transport is not None:
             u.transport.abort()
         u.transport = None
@@ -1701,9 +1705,10 @@ class Session:
                 if e.write and e.payload[side] is not NOTHING:  # NOTHING: there was nothing to apply
                     self._mark_dirty(self._entry_keys(e), self._db(side), _reason_label(reason), e.name)
                 self._finish_side(e, side)
-        if lost_answer or self.pipe is not None:
-            # (A subscribed connection also ends when its connection to the other side is lost:
-            # a CLIENT KILL aimed at it reaches the write side, where CLIENT ID/LIST name it.)
+        if lost_answer or self.pipe == side or (
+                self.pipe is not None and was_up and side == shim.routes[Cls.WRITE].answer):
+            # (A subscribed connection also ends when its open connection to the write side is
+            # lost: a CLIENT KILL aimed at it goes there, where CLIENT ID/LIST name it.)
             shim.log.warning("shim.authoritative_lost", side=SIDE_NAMES[side], reason=reason, peer=self.client.peer)
             self._flush_client()
             self.close(f"{SIDE_NAMES[side]} connection lost: {reason}")
