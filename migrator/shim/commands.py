@@ -77,8 +77,6 @@ _BY_NAME: dict[bytes, Cls] = {
 }
 _BY_SUBCOMMAND: dict[tuple[bytes, bytes], Cls] = {
     (b"client", b"setname"): Cls.CONNECTION,
-    (b"client", b"no-evict"): Cls.CONNECTION,
-    (b"client", b"no-touch"): Cls.CONNECTION,
     (b"client", b"tracking"): Cls.UNSUPPORTED,
     (b"client", b"caching"): Cls.UNSUPPORTED,
     (b"client", b"reply"): Cls.UNSUPPORTED,
