@@ -87,6 +87,21 @@ def test_restore_of_a_dump_taken_through_the_shim_succeeds_and_reaches_both_side
     assert dirty(env) == [] and divergences(env) == 0
 
 
+def test_restore_by_copy_works_for_a_resp3_client(server_factory, make_env):
+    """A RESP3 client's RESTORE of a Valkey payload in reads-on-target succeeds, reaches the source, and the connection goes on."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    enter(env, Phase.READS_ON_TARGET)
+    c = env.client(protocol=3)
+    c.zadd("z", {"a": 1, "b": 2})
+    payload = c.dump("z")
+    assert rdb_version(payload) == 80
+    assert c.restore("z2", 0, payload)
+    assert [tuple(x) for x in c.zrange("z2", 0, -1, withscores=True)] == [(b"a", 1.0), (b"b", 2.0)]
+    assert env.source.client().zrange("z2", 0, -1, withscores=True) == [(b"a", 1.0), (b"b", 2.0)]
+    assert c.incr("after") == 1
+    assert dirty(env) == [] and divergences(env) == 0
+
+
 def test_restore_of_a_target_payload_in_mirroring_is_refused_like_the_source_would(server_factory, make_env):
     """While the source answers reads and writes, a Valkey payload gets Redis's own refusal, and the target stays untouched."""
     env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
