@@ -434,3 +434,17 @@ def test_server_commands_and_pubsub_counts_reach_every_side_the_phase_uses(phase
         plan = ROUTES[phase][cls]
         assert plan.answer == ROUTES[phase][Cls.WRITE].answer
         assert (plan.shadow is not None) == both and plan.combine == both
+
+
+def test_spublish_reports_shard_subscribers_on_the_target_when_the_source_lacks_sharded_pubsub(server_factory, make_env):
+    """Redis 6.2 has no SPUBLISH: in reads-on-target the shard subscriber on Valkey is counted instead of the source's error."""
+    env = make_env(server_factory("redis-6.2"), server_factory("valkey-8.1"))
+    enter(env, Phase.READS_ON_TARGET)
+    sub = env.client().pubsub()
+    sub.ssubscribe("sch")
+    wait_for(lambda: env.target.client().execute_command("PUBSUB", "SHARDNUMSUB", "sch") == [b"sch", 1],
+             what="shard subscriber on the target")
+    c = env.client()
+    assert c.execute_command("SPUBLISH", "sch", "m") == 1
+    assert c.execute_command("PUBSUB", "SHARDNUMSUB", "sch") == [b"sch", 1]
+    sub.close()

@@ -1507,6 +1507,11 @@ class Session:
             self.shim.log.warning("shim.server_command_refused", side=SIDE_NAMES[e.shadow],
                                   command=b" ".join(e.args[:2]).decode(errors="replace").upper(),
                                   error=other[1:].strip().decode(errors="replace")[:200])
+        if e.cls is not Cls.SERVER_BOTH and is_error(answer) and not is_error(other):
+            # SPUBLISH / PUBSUB SHARDNUMSUB on a side without sharded pub/sub (Redis 6.2): any
+            # subscriber is on the other side, which answers.
+            e.rep[e.answer] = other
+            return
         e.rep[e.answer] = server_cmds.combine(e.args, answer, other)
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
