@@ -448,3 +448,23 @@ def test_spublish_reports_shard_subscribers_on_the_target_when_the_source_lacks_
     assert c.execute_command("SPUBLISH", "sch", "m") == 1
     assert c.execute_command("PUBSUB", "SHARDNUMSUB", "sch") == [b"sch", 1]
     sub.close()
+
+
+def test_a_subscriber_stays_subscribed_when_the_other_side_goes_down(server_factory, make_env):
+    """While mirroring, a subscriber on the source is not disconnected when the target dies; PUBLISH still reaches it and counts it."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    enter(env, Phase.MIRRORING)
+    sub = env.client().pubsub()
+    sub.subscribe("ch")
+    wait_for(lambda: env.source.client().pubsub_numsub("ch") == [(b"ch", 1)], what="subscriber on the source")
+    env.target.stop()
+    time.sleep(0.3)
+    assert env.client().publish("ch", "after") == 1
+    got = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not got:
+        m = sub.get_message(timeout=0.2)
+        if m and m["type"] == "message":
+            got.append(m["data"])
+    assert got == [b"after"]
+    sub.close()
