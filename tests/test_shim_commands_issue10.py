@@ -189,10 +189,12 @@ def test_client_kill_of_a_subscriber_on_the_target_ends_that_subscriber(pair, ma
 def test_client_kill_by_type_is_refused_and_other_clients_keep_their_connections(pair, make_env):
     """CLIENT KILL TYPE normal (and USER/LADDR/MAXAGE) is refused with a clear error; no shim upstream connection dies, nothing is dirty."""
     env = make_env(*pair)
+    c = env.client()
+    with pytest.raises(redis.ResponseError, match="would also kill"):
+        c.execute_command("CLIENT", "KILL", "TYPE", "normal")  # refused in passthrough phases too
     enter(env, Phase.MIRRORING)
     other = env.client()
     other.set("k", 0)
-    c = env.client()
     for args in (("TYPE", "normal"), ("TYPE", "pubsub"), ("USER", "default"), ("SKIPME", "yes"),
                  ("ID", "1", "TYPE", "normal")):
         with pytest.raises(redis.ResponseError, match="would also kill the shim's own connections"):

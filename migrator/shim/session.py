@@ -687,8 +687,8 @@ class Session:
                 if cls is Cls.READ:
                     reads += 1
                     continue
-            if cls not in _RAW_CLASSES:
-                return False
+            if cls not in _RAW_CLASSES or (cls is Cls.ADMIN and args[0].lower() == b"client"):
+                return False  # (CLIENT KILL's filters are checked on the entry path, in every phase)
             if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:
                 special.append((c, args))
             counts[cls] = counts.get(cls, 0) + 1
