@@ -470,3 +470,14 @@ def test_a_subscriber_stays_subscribed_when_the_other_side_goes_down(server_fact
             got.append(m["data"])
     assert got == [b"after"]
     sub.close()
+
+
+def test_restore_of_a_stream_the_source_cannot_read_is_marked_dirty_not_lost(server_factory, make_env):
+    """A stream is not copied by type: RESTORE succeeds on the target and the key is marked dirty on the source (restore-not-copied)."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    enter(env, Phase.READS_ON_TARGET)
+    c = env.client()
+    c.xadd("st", {"f": "v"}, id="1-1")
+    assert c.restore("st2", 0, c.dump("st"))
+    assert env.target.client().xrange("st2") == [(b"1-1", {b"f": b"v"})]
+    assert (0, b"st2", "restore-not-copied") in dirty(env)
