@@ -29,7 +29,9 @@ class Cls(str, Enum):
     BLOCKING_READ = "blocking-read"  # a read that may block (XREAD BLOCK): one side only
     SCRIPT = "script"  # EVAL/EVALSHA/FCALL: run on both sides
     SCRIPT_ADMIN = "script-admin"  # SCRIPT LOAD/FLUSH, FUNCTION LOAD/DELETE/...: both sides
-    ADMIN = "admin"  # about the server, not the data (INFO, CONFIG, PING...): one side only
+    ADMIN = "admin"  # about the server, not the data (INFO, CONFIG GET, PING...): one side only
+    SERVER_BOTH = "server-both"  # changes a server setting (CONFIG SET, SCRIPT KILL...): every side in use
+    PUBSUB_COUNT = "pubsub-count"  # PUBSUB NUMSUB/CHANNELS...: asked of every side, the answers added up
     CONNECTION = "connection"  # connection state (SELECT, HELLO, CLIENT SETNAME...): both sides
     LOCAL = "local"  # answered by the shim itself (AUTH, QUIT)
     TX = "tx"  # MULTI, EXEC, DISCARD, WATCH, UNWATCH
@@ -69,16 +71,6 @@ _BY_NAME: dict[bytes, Cls] = {
     b"sunsubscribe": Cls.SUBSCRIBE,
     b"publish": Cls.PUBLISH,
     b"spublish": Cls.PUBLISH,
-    # These change what a connection receives or who it talks to; through a proxy that keeps
-    # one reply per command they would desynchronise the stream or bypass the migration.
-    b"monitor": Cls.UNSUPPORTED,
-    b"sync": Cls.UNSUPPORTED,
-    b"psync": Cls.UNSUPPORTED,
-    b"replconf": Cls.UNSUPPORTED,
-    b"replicaof": Cls.UNSUPPORTED,
-    b"slaveof": Cls.UNSUPPORTED,
-    b"failover": Cls.UNSUPPORTED,
-    b"shutdown": Cls.UNSUPPORTED,
     b"reset": Cls.UNSUPPORTED,
     b"wait": Cls.ADMIN,
     b"waitaof": Cls.ADMIN,
@@ -96,6 +88,70 @@ _BY_SUBCOMMAND: dict[tuple[bytes, bytes], Cls] = {
     (b"function", b"flush"): Cls.SCRIPT_ADMIN,
     (b"function", b"restore"): Cls.SCRIPT_ADMIN,
 }
+
+# Commands that act on the server rather than on the data: each one decided, never left to its
+# flags. (command, subcommand or None) -> (class, why). docs/shim.md has the same table, and a
+# test keeps the two in step. SERVER_BOTH goes to every side the phase uses and the write side's
+# reply is returned (SCRIPT/FUNCTION KILL: OK if a script was killed on either side);
+# PUBSUB_COUNT asks every side and adds the answers up; ADMIN is answered by the write side
+# alone; UNSUPPORTED is refused with an error naming the command.
+SERVER_COMMANDS: dict[tuple[bytes, bytes | None], tuple[Cls, str]] = {
+    (b"config", b"set"): (Cls.SERVER_BOTH, "a setting (notify-keyspace-events...) must hold on the side that serves after a cutover"),
+    (b"config", b"resetstat"): (Cls.SERVER_BOTH, "statistics reset on every side alike"),
+    (b"config", b"rewrite"): (Cls.SERVER_BOTH, "persists what CONFIG SET changed, on every side"),
+    (b"config", b"get"): (Cls.ADMIN, "read"),
+    (b"script", b"kill"): (Cls.SERVER_BOTH, "the script runs on both sides; one left running keeps that side BUSY"),
+    (b"function", b"kill"): (Cls.SERVER_BOTH, "as SCRIPT KILL"),
+    (b"slowlog", b"reset"): (Cls.SERVER_BOTH, "statistics reset on every side alike"),
+    (b"latency", b"reset"): (Cls.SERVER_BOTH, "statistics reset on every side alike"),
+    (b"memory", b"purge"): (Cls.SERVER_BOTH, "harmless on every side"),
+    (b"pubsub", b"channels"): (Cls.PUBSUB_COUNT, "subscribers may sit on either side: channels of both"),
+    (b"pubsub", b"numsub"): (Cls.PUBSUB_COUNT, "subscribers of both sides added up"),
+    (b"pubsub", b"numpat"): (Cls.PUBSUB_COUNT, "patterns of both sides added up"),
+    (b"pubsub", b"shardchannels"): (Cls.PUBSUB_COUNT, "as PUBSUB CHANNELS"),
+    (b"pubsub", b"shardnumsub"): (Cls.PUBSUB_COUNT, "as PUBSUB NUMSUB"),
+    (b"client", b"kill"): (Cls.ADMIN, "ID/ADDR only, on the write side, where CLIENT ID/LIST are answered; "
+                                       "filters that would match the shim's own connections are refused"),
+    (b"client", b"pause"): (Cls.UNSUPPORTED, "would pause the shim's connections of every client"),
+    (b"client", b"unpause"): (Cls.UNSUPPORTED, "as CLIENT PAUSE"),
+    (b"client", b"id"): (Cls.ADMIN, "the write side's connection"),
+    (b"client", b"info"): (Cls.ADMIN, "the write side's connection"),
+    (b"client", b"list"): (Cls.ADMIN, "the write side's connections"),
+    (b"client", b"unblock"): (Cls.ADMIN, "blocking commands block on the write side"),
+    (b"acl", b"setuser"): (Cls.UNSUPPORTED, "changes users on one server; the shim's own user may be among them"),
+    (b"acl", b"deluser"): (Cls.UNSUPPORTED, "as ACL SETUSER"),
+    (b"acl", b"load"): (Cls.UNSUPPORTED, "as ACL SETUSER"),
+    (b"acl", b"save"): (Cls.UNSUPPORTED, "as ACL SETUSER"),
+    (b"module", b"load"): (Cls.UNSUPPORTED, "a module must be loaded on each server by its operator"),
+    (b"module", b"loadex"): (Cls.UNSUPPORTED, "as MODULE LOAD"),
+    (b"module", b"unload"): (Cls.UNSUPPORTED, "as MODULE LOAD"),
+    (b"debug", None): (Cls.UNSUPPORTED, "DEBUG SLEEP/RELOAD/... act on one server and stall or reload it"),
+    (b"shutdown", None): (Cls.UNSUPPORTED, "stops a server the migration depends on"),
+    (b"monitor", None): (Cls.UNSUPPORTED, "streams every command: one reply per command no longer holds"),
+    (b"sync", None): (Cls.UNSUPPORTED, "replication bypasses the migration"),
+    (b"psync", None): (Cls.UNSUPPORTED, "as SYNC"),
+    (b"replconf", None): (Cls.UNSUPPORTED, "as SYNC"),
+    (b"replicaof", None): (Cls.UNSUPPORTED, "turns a side into a replica of something else"),
+    (b"slaveof", None): (Cls.UNSUPPORTED, "as REPLICAOF"),
+    (b"failover", None): (Cls.UNSUPPORTED, "hands a side's role to a replica"),
+    (b"save", None): (Cls.ADMIN, "a snapshot of the side holding every acknowledged write"),
+    (b"bgsave", None): (Cls.ADMIN, "as SAVE"),
+    (b"bgrewriteaof", None): (Cls.ADMIN, "as SAVE"),
+    (b"lastsave", None): (Cls.ADMIN, "read"),
+    (b"swapdb", None): (Cls.WRITE, "changes data: both sides, ordered as a barrier"),
+    (b"flushall", None): (Cls.WRITE, "changes data: both sides, ordered as a barrier"),
+    (b"info", None): (Cls.ADMIN, "read"),
+    (b"dbsize", None): (Cls.ADMIN, "read"),
+    (b"latency", b"latest"): (Cls.ADMIN, "read"),
+    (b"slowlog", b"get"): (Cls.ADMIN, "read"),
+    (b"memory", b"stats"): (Cls.ADMIN, "read"),
+}
+for (_name, _sub), (_cls, _why) in SERVER_COMMANDS.items():
+    if _sub is None:
+        _BY_NAME[_name] = _cls
+    else:
+        _BY_SUBCOMMAND[(_name, _sub)] = _cls
+
 # Blocking flags on these only matter with a BLOCK option.
 _BLOCK_OPTION = frozenset({b"xread", b"xreadgroup"})
 # EVAL-style numkeys at argv[2], for a side without key specs (Redis 6.2).

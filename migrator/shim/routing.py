@@ -26,6 +26,7 @@ class Plan:
     wait_shadow: bool = False  # the client's reply waits until the shadow applied it too
     fallback: bool = False  # if the answer side is unavailable, the shadow's reply answers
     effect: bool = False  # the shadow gets the command's effect, computed from the answer
+    combine: bool = False  # the client's reply is made from both sides' replies (see server_cmds.combine)
 
     def sides(self) -> tuple[int, ...]:
         return (self.answer,) if self.shadow is None else (self.answer, self.shadow)
@@ -76,8 +77,12 @@ def route(phase: Phase, cls: Cls) -> Plan:
         return Plan(r.writes, r.write_shadow, compare=has, sequential=has, wait_shadow=seq and has, effect=has)
     if cls is Cls.CONNECTION:
         return Plan(r.writes, (1 - r.writes) if r.both_connected else None)
-    if cls is Cls.PUBLISH:
-        return Plan(r.writes, (1 - r.writes) if r.both_connected else None)
+    if cls in (Cls.PUBLISH, Cls.PUBSUB_COUNT, Cls.SERVER_BOTH):
+        # Subscribers may sit on either side, and a server setting must hold on whichever side
+        # serves after a cutover: both sides in use get it, and the client's reply is made from
+        # both replies (receivers added up; a script killed on either side).
+        both = r.both_connected
+        return Plan(r.writes, (1 - r.writes) if both else None, combine=both)
     if cls in (Cls.BLOCKING_READ, Cls.SUBSCRIBE):
         return Plan(r.reads)
     if cls in (Cls.ADMIN, Cls.UNKNOWN):

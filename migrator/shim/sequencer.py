@@ -22,7 +22,9 @@ Rules (pure: no sockets, no clock except through the ``call_later`` it is given)
   a pipelining client cannot starve others.
 - A write without keys (FLUSHDB, SWAPDB, a script without declared keys) is a *barrier*: it is
   granted when nothing is held or waiting before it, and everything requested after it waits
-  until it is released.
+  until it is released. A barrier with ``lift_after`` (a keyless script) stops holding the others
+  back once it has been held that long: a long script keeps its server busy, and the others'
+  commands must reach the servers to get the server's own ``-BUSY`` instead of waiting here.
 - Blocking commands (BLPOP...) are not sequenced while they block. Their effect, mirrored after
   they return, takes its keys with priority (ahead of every waiting request: none of those has
   reached the answering side, so the pop happened before all of them). The write that woke a
@@ -49,7 +51,8 @@ class Request:
     or only reads, kept cheap — a plain list of keys and one ``excl`` for all of them.
     """
 
-    __slots__ = ("_keys", "data", "empty", "excl", "first", "granted_cb", "owner", "plain", "state")
+    __slots__ = ("_keys", "data", "empty", "excl", "first", "granted_cb", "lift_after", "lifted", "owner", "plain",
+                 "state")
 
     def __init__(self, owner: Any, keys: list, granted_cb: Callable[[Request], None], excl: bool | None = None) -> None:
         self.owner = owner
@@ -65,6 +68,8 @@ class Request:
         self.state = 0
         self.first = False  # a blocked command's effect: ahead of every waiting request
         self.data: Any = None  # the owner's own reference (the session's entry)
+        self.lift_after: float | None = None  # a barrier: seconds after which it no longer fences
+        self.lifted = False
 
     @property
     def keys(self) -> list[tuple[Hashable, bool]]:
@@ -102,6 +107,7 @@ class Sequencer:
         self.waiting = 0  # keyed requests in key queues
         self.fence: deque[Request] = deque()  # a barrier (waiting or held) and what came after it
         self.barrier_held = False
+        self.lifted = 0  # granted barriers that no longer fence (see lift)
         self.blocked: dict[Hashable, int] = {}  # key -> blocking commands waiting on it upstream
         self.wakes = 0
         self.call_later = call_later
@@ -154,6 +160,10 @@ class Sequencer:
         if state != GRANTED:
             return
         self.held -= 1
+        if req.empty and req.lifted:
+            self.lifted -= 1  # it stopped fencing already
+            self._run(())
+            return
         if req.empty:
             self.barrier_held = False
             if self.fence and self.fence[0] is req:
@@ -253,13 +263,39 @@ class Sequencer:
     # --- internals -----------------------------------------------------------------------
     def _acquire_barrier(self, req: Request) -> bool:
         self.fence.append(req)  # waiting, or held at the head of the fence
-        if self.held or self.waiting or self.wakes:
+        if self.held - self.lifted or self.waiting or self.wakes:
             req.state = WAITING
             self.waited += 1
             return False
         self.barrier_held = True
         self._grant(req)
+        self._lift_later(req)
         return True
+
+    def _lift_later(self, req: Request) -> None:
+        if req.lift_after is not None and self.call_later is not None:
+            self.call_later(req.lift_after, lambda: self.lift(req))
+
+    def lift(self, req: Request) -> None:
+        """A held barrier stops fencing: what waits behind it is granted as if it were released.
+
+        It still counts as held until released, but only as a holder of nothing; a later barrier
+        does not wait for it either (on the server, that one would meet the same ``-BUSY``).
+        """
+        if req.state != GRANTED or not req.empty or req.lifted:
+            return
+        req.lifted = True
+        self.lifted += 1
+        self.barrier_held = False
+        if self.fence and self.fence[0] is req:
+            self.fence.popleft()
+        pending, self._after_barrier = self._after_barrier, []
+        for r in pending:
+            if r.state == WAITING:
+                r.state = 0
+                if self.acquire_first(r):
+                    self._granted.append(r)
+        self._run(())
 
     def _acquire_keyed(self, req: Request) -> bool:
         locks = self.locks
@@ -438,11 +474,12 @@ class Sequencer:
             if head.state == GRANTED:
                 return  # a held barrier: everything behind it waits
             if head.empty:
-                if self.held or self.waiting or self.wakes:
+                if self.held - self.lifted or self.waiting or self.wakes:
                     return
                 self.barrier_held = True
                 self._grant(head)
                 self._granted.append(head)
+                self._lift_later(head)
                 return
             fence.popleft()
             self.waited -= 1  # counted once, when it first waited

@@ -40,7 +40,7 @@ from migrator.phases import Phase
 from migrator.playbook import Playbook, split_hostport
 from migrator.reports import reports_dir
 from migrator.shim import admin as admin_http
-from migrator.shim import metrics
+from migrator.shim import metrics, restore
 from migrator.shim.commands import (
     SIDE_NAMES,
     SOURCE,
@@ -232,6 +232,17 @@ def read_side_info(ep) -> tuple[bytes | None, list[int]]:
     return run_id_of(server), dbs
 
 
+def load_rdb_version(ep) -> int | None:
+    """The RDB version one endpoint writes, from ``INFO server`` (blocking; None if unknown)."""
+    kw = client_kwargs(ep)
+    kw["retry"] = Retry(NoBackoff(), 0)
+    client = redis.Redis(**kw)
+    try:
+        return restore.server_rdb_version(client)
+    finally:
+        client.close()
+
+
 class Shim:
     """One shim process (or worker): listener, sessions, phase, counters."""
 
@@ -257,6 +268,7 @@ class Shim:
         self.dirty = DirtyRecorder(self.state_dir, self.id)
         self.divergence = DivergenceRecorder(self.state_dir, self.id, self.cfg.log_values)
         self.table = CommandTable(None, None)
+        self.rdb_versions: list[int | None] = [None, None]  # what each side's DUMP writes (see shim.restore)
         self.phase = Phase.PLANNED
         self.generation = -1
         self.routes = ROUTES[self.phase]
@@ -369,6 +381,7 @@ class Shim:
             self.log.warning("shim.command_table_unavailable", side=SIDE_NAMES[side], error=str(e))
             return False
         self.table.set_table(side, table)
+        self.rdb_versions[side] = await self.loop.run_in_executor(None, load_rdb_version, self.endpoints[side])
         return True
 
     async def stop(self, drain_timeout: float = DRAIN_TIMEOUT) -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 
 from migrator.shim import compare as cmp
-from migrator.shim import effects
+from migrator.shim import effects, restore, server_cmds
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Classified, Cls
 from migrator.shim.resp import (
     OK,
@@ -65,6 +65,7 @@ NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 _WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
+_COMBINED = frozenset({Cls.PUBLISH, Cls.PUBSUB_COUNT, Cls.SERVER_BOTH})  # the reply is made from both sides'
 CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
 FAST_PATH_MAX_PARTIAL = 64 * 1024  # a command bigger than this: that connection uses the slow path
 # Classes a passthrough connection forwards without entries (blocking commands, transactions,
@@ -107,6 +108,7 @@ class Entry:
         "pending",
         "rep",
         "req",
+        "restore",
         "saved",
         "sent_idx",
         "shadow",
@@ -159,6 +161,9 @@ class Entry:
         self.cstate: dict[str, tuple[Any, Any]] | None = None
         self.expired = False  # its shadow reply is late behind an answer on that side (see check_timeouts)
         self.size = 0  # request bytes it holds while in the client's queue (see Session._flow)
+        # A RESTORE the other side cannot read (see _restore_by_effect): True until answered,
+        # then the other side's commands (None: a type not copied, its key is marked dirty).
+        self.restore: bool | list | None = False
 
 
 class Upstream:
@@ -357,14 +362,19 @@ class Session:
                 return
             self._handle_local(args, name, c)
             return
+        refusal = None
         if cls is Cls.UNSUPPORTED:
+            refusal = error_reply(
+                f"ERR migrator shim: {name.decode(errors='replace').upper()}"
+                f"{' ' + args[1].decode(errors='replace').upper() if len(args) > 1 and name in (b'client', b'acl', b'module') else ''}"
+                " is not supported through the shim during a migration; connect to the server directly")
+        elif name == b"client" and len(args) > 2 and args[1].lower() == b"kill":
+            refusal = server_cmds.client_kill_refusal(args)
+        if refusal is not None:
             if self.tx is not None:
                 self.tx_abort = True  # refused inside MULTI: EXEC fails, as after a queueing error
             shim.stats.refused[f"unsupported:{name.decode(errors='replace')}"] += 1
-            self._local(args, c, error_reply(
-                f"ERR migrator shim: {name.decode(errors='replace').upper()}"
-                f"{' ' + args[1].decode(errors='replace').upper() if len(args) > 1 and name == b'client' else ''}"
-                " is not supported through the shim during a migration; connect to the server directly"))
+            self._local(args, c, refusal)
             return
         if self.pipe is not None:
             self._pipe_command(args, name, c)
@@ -687,8 +697,8 @@ class Session:
                 if cls is Cls.READ:
                     reads += 1
                     continue
-            if cls not in _RAW_CLASSES:
-                return False
+            if cls not in _RAW_CLASSES or (cls is Cls.ADMIN and args[0].lower() == b"client"):
+                return False  # (CLIENT KILL's filters are checked on the entry path, in every phase)
             if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:
                 special.append((c, args))
             counts[cls] = counts.get(cls, 0) + 1
@@ -954,6 +964,9 @@ class Session:
             # (A full mirror queue drops nothing: connections adding to it stop being read, see _flow.)
             if reason is not None:
                 stats.shadow_failures[(SIDE_NAMES[shadow], reason)] += 1
+                if cls is Cls.SERVER_BOTH:
+                    shim.log.warning("shim.server_command_one_side", side=SIDE_NAMES[shadow], reason=reason,
+                                     command=b" ".join(args[:2]).decode(errors="replace").upper())
                 if e.write:
                     self._mark_dirty(self._entry_keys(e), self._db(shadow), reason, name)
                 shadow = None
@@ -965,7 +978,7 @@ class Session:
         stats.commands[(cls.value, SIDE_NAMES[answer])] += 1
         if shadow is not None:
             e.pending = 2
-            e.wait_shadow = plan.wait_shadow
+            e.wait_shadow = plan.wait_shadow or plan.combine
             e.fallback = plan.fallback
             shim.mirror_depth += 1
             self.shadow_n += 1
@@ -998,6 +1011,8 @@ class Session:
                 self._heal_script(shadow, sha)
         if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
             shim.note_script(args, name)
+        if name == b"restore" and shadow is not None and tx is None:
+            self._restore_by_effect(e)
         if shadow is not None and (e.write or e.compare) and cls is not Cls.SCRIPT_ADMIN:
             if cls is Cls.BLOCKING:
                 # First tried without blocking (inside MULTI/EXEC), holding its keys like a write,
@@ -1025,6 +1040,68 @@ class Session:
         if shadow is not None:
             self._enqueue(shadow, e)
         return e
+
+    def _restore_by_effect(self, e: Entry) -> None:
+        """A RESTORE whose payload one side cannot read: run where it can be, copy the key to the other.
+
+        The write side answers if it reads the payload; else the read side does if it can (after
+        the read cutover a DUMP is answered by the target, so its payload must RESTORE through the
+        shim). That side runs RESTORE and a read of the key it made, in one MULTI/EXEC; the other
+        side then gets the key's type-aware copy (see shim.restore), and the client's reply waits
+        for both. A payload both sides read goes as sent; one only the other side reads gets
+        the write side's refusal, as without the shim.
+        """
+        version = restore.payload_version(e.args)
+        if version is None:
+            return
+        versions = self.shim.rdb_versions
+        answer, other = e.answer, e.shadow
+        if restore.can_read(versions[answer], version):
+            if restore.can_read(versions[other], version):
+                return  # both read it: mirrored as sent
+        elif restore.can_read(versions[other], version) and other == self.shim.routes[Cls.READ].answer:
+            # Reads-on-target: the payload came from a DUMP the target answered; the target applies it.
+            answer, other = other, answer
+        else:
+            # The answering side will refuse it as it would without the shim: the other side gets
+            # it only if it was accepted after all.
+            if e.payload[other] is not DEFERRED:
+                e.shadow_raw, e.payload[other] = e.payload[other], DEFERRED
+            return
+        e.answer, e.shadow = answer, other
+        e.db = self._db(answer)
+        e.payload[answer] = _MULTI + encode(e.args) + encode(restore.reader(e.args[1])) + _EXEC
+        e.exp[answer] = 4
+        e.payload[other] = DEFERRED
+        e.exp[other] = 1
+        e.shadow_raw = None
+        e.effect = e.compare = False
+        e.wait_shadow = True
+        e.restore = True
+
+    def _restore_answered(self, e: Entry, side: int) -> None:
+        """The RESTORE's MULTI/EXEC answered: the client gets RESTORE's own reply; the copy is made."""
+        frames = e.rep[side]
+        queued, result = frames[1], frames[3]
+        cmds: list | None = []
+        if is_error(queued):
+            reply = queued  # rejected when queued (arity): EXEC only says EXECABORT
+        elif is_error(result):
+            reply = result
+        elif result in _NULLS:
+            reply = error_reply("ERR migrator shim: RESTORE was not run: this connection's WATCH aborted the "
+                                "transaction the shim runs it in; retry it")
+        else:
+            start = result.index(b"\r\n") + 2
+            end = result.index(b"\r\n", start) + 2
+            reply = result[start:end]  # RESTORE answers one line: +OK or an error
+            if not is_error(reply):
+                parsed = parse(result)
+                cmds = restore.effect(e.args[1], parsed[1] if isinstance(parsed, list) and len(parsed) == 2 else None)
+                if cmds is None:
+                    self._mark_dirty([e.args[1]], self._db(e.shadow), "restore-not-copied", b"restore")
+        e.rep[side] = reply
+        e.restore = cmds
 
     # --- per-key ordering across connections (see sequencer) ---------------------------------
     def _lock_keys(self, keys: list[bytes]) -> list:
@@ -1069,6 +1146,11 @@ class Session:
         req = Request(self, spec, self._granted, excl)
         req.data = e
         e.req = req
+        if not spec and e.cls is Cls.SCRIPT:
+            # A keyless script orders against everything, but one running for long (a busy
+            # script) must not hold every other client here: past shadow_timeout the others go
+            # on to the servers, which answer -BUSY as they would without the shim.
+            req.lift_after = self.shim.shadow_timeout
         if self.ungranted or not self.shim.seq.acquire(req):
             e.saved = e.payload
             e.payload = [DEFERRED, DEFERRED]
@@ -1407,6 +1489,8 @@ class Session:
             return
         if e.bprobe and side == e.answer and not self._blocking_probe(e, side):
             return
+        if e.restore is True and side == e.answer:
+            self._restore_answered(e, side)
         if e.internal:
             raw = e.rep[side]
             if e.heal_sha is not None:
@@ -1448,6 +1532,8 @@ class Session:
                 # An effect the other side refused (not compared, so caught here): never silent.
                 shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
                 self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
+        if e.cls in _COMBINED and e.shadow is not None and _complete(e, 1 - side):
+            self._combine(e)
         if e.compare and _complete(e, 1 - side):
             self._compare(e)
         self._finish_side(e, side)
@@ -1470,20 +1556,44 @@ class Session:
                 and raw != _QUEUED:
             self.readonly[side] = e.name == b"readonly"
 
+    def _combine(self, e: Entry) -> None:
+        """Both sides answered a command whose reply is made from both (see server_cmds)."""
+        answer, other = e.rep[e.answer], e.rep[e.shadow]
+        if (e.cls is Cls.SERVER_BOTH and is_error(other) and not is_error(answer)
+                and not (len(e.args) > 1 and e.args[1].lower() == b"kill")):  # (NOTBUSY: nothing ran there)
+            # CONFIG SET of a parameter one side lacks...: the client hears the write side; the
+            # refusal is counted and logged, never silent.
+            self.shim.stats.shadow_failures[(SIDE_NAMES[e.shadow], "refused")] += 1
+            self.shim.log.warning("shim.server_command_refused", side=SIDE_NAMES[e.shadow],
+                                  command=b" ".join(e.args[:2]).decode(errors="replace").upper(),
+                                  error=other[1:].strip().decode(errors="replace")[:200])
+        if e.cls is not Cls.SERVER_BOTH and is_error(answer) and not is_error(other):
+            # SPUBLISH / PUBSUB SHARDNUMSUB on a side without sharded pub/sub (Redis 6.2): any
+            # subscriber is on the other side, which answers.
+            e.rep[e.answer] = other
+            return
+        e.rep[e.answer] = server_cmds.combine(e.args, answer, other)
+
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
         if e.tx is not None:
             e.payload[other], e.exp[other] = self._shadow_transaction(e, raw)
+        elif e.restore is not False:
+            cmds = e.restore or []
+            e.payload[other] = _MULTI + b"".join(encode(c) for c in cmds) + _EXEC if cmds else NOTHING
+            e.exp[other] = len(cmds) + 2 if cmds else 1
         elif e.effect:
             cmds = effects.effect(e.args, parse(raw))
             e.payload[other] = b"".join(encode(c) for c in cmds) if cmds else NOTHING
             e.exp[other] = max(len(cmds), 1)
             if e.bkeys is not None:
                 self._blocking_returned(e, other, cmds)
-        elif is_error(raw) and (e.cls is not Cls.SCRIPT or raw.startswith(b"-NOSCRIPT")):
+        elif is_error(raw) and (e.cls is not Cls.SCRIPT or raw.startswith(b"-NOSCRIPT") or _killed(raw)):
             # Sequential: the shadow applies it only if the answering side did. (A script that
             # failed may have written before the error, and Lua does not roll back: it runs on
-            # the shadow too, which fails the same way; the two replies are compared.)
+            # the shadow too, which fails the same way; the two replies are compared. A script
+            # stopped by SCRIPT/FUNCTION KILL wrote nothing, or it could not have been killed:
+            # run on the shadow it would only keep that side busy until killed again.)
             e.payload[other] = NOTHING
         else:
             e.payload[other] = e.shadow_raw
@@ -1635,6 +1745,7 @@ class Session:
         if u.state is DOWN and not u.wait and not u.out:
             return
         shim = self.shim
+        was_up = u.state is UP
         if u.transport is not None:
             u.transport.abort()
         u.transport = None
@@ -1673,7 +1784,10 @@ class Session:
                 if e.write and e.payload[side] is not NOTHING:  # NOTHING: there was nothing to apply
                     self._mark_dirty(self._entry_keys(e), self._db(side), _reason_label(reason), e.name)
                 self._finish_side(e, side)
-        if lost_answer or (self.pipe == side):
+        if lost_answer or self.pipe == side or (
+                self.pipe is not None and was_up and side == shim.routes[Cls.WRITE].answer):
+            # (A subscribed connection also ends when its open connection to the write side is
+            # lost: a CLIENT KILL aimed at it goes there, where CLIENT ID/LIST name it.)
             shim.log.warning("shim.authoritative_lost", side=SIDE_NAMES[side], reason=reason, peer=self.client.peer)
             self._flush_client()
             self.close(f"{SIDE_NAMES[side]} connection lost: {reason}")
@@ -1847,6 +1961,11 @@ class Session:
 
     def _raw_owed(self) -> int:
         return self.up[0].raw_pending + self.up[1].raw_pending
+
+
+def _killed(raw: bytes) -> bool:
+    """A script's error reply says SCRIPT KILL or FUNCTION KILL stopped it."""
+    return b"killed by user" in raw[:300].lower()
 
 
 def _state_changes(args: list[bytes], name: bytes) -> dict[str, Any]:
