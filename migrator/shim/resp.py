@@ -4,7 +4,7 @@ The shim forwards the authoritative side's reply bytes to the client unchanged, 
 where each reply ends without re-encoding it: ``frame_end`` walks the RESP2/RESP3 headers (it
 never builds values). Values are only built (by hiredis, in C) when a reply is compared or
 drives an effect. Requests are parsed by hiredis too; a client that sends anything that is not
-RESP (apart from inline commands at a command boundary, which redis-cli and telnet users send)
+RESP (apart from inline commands at any command boundary, which redis-cli and telnet users send)
 gets a protocol error, like Redis gives.
 """
 
@@ -159,62 +159,137 @@ def error_reply(message: str) -> bytes:
 class RequestParser:
     """Splits a client's byte stream into commands (lists of bytes), bounded in size.
 
-    Like Redis, a connection may start with inline commands (``PING\\r\\n``: redis-cli, telnet);
-    once it sends a RESP array it is parsed as RESP from then on (hiredis cannot say where a
-    partial command ends, so inline detection mid-stream is not possible; no client mixes).
+    Like Redis, at every command boundary a command is either RESP (an array of bulk strings,
+    starting with ``*``) or an inline command (one line split on whitespace: redis-cli, telnet),
+    and a connection may mix the two, pipelined in one chunk too. Runs of RESP are parsed by
+    hiredis; where it stops at a byte that starts no RESP command, the boundary is found from
+    the encoded lengths of the commands it returned (``_carry``: bytes of a partial RESP
+    command fed in earlier chunks) and the rest is taken one command at a time (``_mixed``).
     """
 
-    __slots__ = ("_inline_buf", "_reader", "_resp", "max_request_bytes")
+    __slots__ = ("_carry", "_inline_buf", "_reader", "encoded", "inline", "max_request_bytes")
 
     def __init__(self, max_request_bytes: int) -> None:
         self._reader = hiredis.Reader()
-        self._resp = False
+        self._carry = 0  # bytes of the partial RESP command hiredis holds; -1: not known
         self._inline_buf = b""
         self.max_request_bytes = max_request_bytes
+        self.inline = False  # the connection has sent an inline command (its bytes are not RESP)
+        self.encoded = -1  # canonical RESP bytes of the commands the last ``feed`` returned (-1: not counted)
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Every complete command in ``data`` (plus what was buffered); raises ProtocolError."""
         commands: list[list[bytes]] = []
+        self.encoded = -1
+        if self._inline_buf:
+            data, self._inline_buf = self._inline_buf + data, b""
+            self._mixed(data, 0, commands)
+        elif self._carry == 0 and data[:1] != b"*":
+            self._mixed(data, 0, commands)
+        else:
+            self._resp_run(data, commands)
+        # What hiredis holds: the partial command plus at most 1 KiB already consumed.
+        if self._reader.len() > self.max_request_bytes:
+            raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
+        return commands
+
+    def _resp_run(self, data: bytes, commands: list[list[bytes]]) -> None:
+        """Feed hiredis a chunk that continues RESP; fall back to ``_mixed`` where it is not RESP."""
         reader = self._reader
-        if not self._resp:
-            if self._inline_buf:
-                data, self._inline_buf = self._inline_buf + data, b""
-            data = self._inline(data, commands)
-            if not data:
-                return commands
-            self._resp = True
         reader.feed(data)
+        carry = self._carry
+        returned: list[list[bytes]] = []  # every command hiredis returned here, empty ones too
         try:
             while True:
                 cmd = reader.gets()
                 if cmd is False:
                     break
-                if type(cmd) is not list:
-                    raise ProtocolError("expected an array of bulk strings")
+                if not _is_command(cmd):
+                    raise hiredis.ProtocolError("expected an array of bulk strings")
+                returned.append(cmd)
                 if cmd:  # "*0\r\n": Redis ignores an empty command, and so do we
-                    for a in cmd:
-                        if type(a) is not bytes:
-                            raise ProtocolError("expected an array of bulk strings")
                     commands.append(cmd)
         except hiredis.ProtocolError as e:
-            raise ProtocolError(str(e)) from None
-        # What hiredis holds: the partial command plus at most 1 KiB already consumed.
-        if reader.len() > self.max_request_bytes:
-            raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
-        return commands
+            # An inline command (or garbage) at a boundary: where, from what was returned.
+            pos = sum(map(_encoded_length, returned)) - carry if carry >= 0 else -1
+            if pos < 0 or pos >= len(data) or (pos >= 2 and data[pos - 2 : pos] != CRLF):
+                raise ProtocolError(str(e)) from None
+            self._reader = hiredis.Reader()
+            self._carry = 0
+            self._mixed(data, pos, commands)
+            return
+        # hiredis does not say whether it holds part of a command (it may have consumed a
+        # header), so the bytes are counted: the commands' canonical lengths against the bytes
+        # fed. A client with non-canonical lengths (none is known) is never taken inline again.
+        total = self.encoded = sum(map(_encoded_length, returned)) if returned else 0
+        if carry < 0:
+            return
+        rest = carry + len(data) - total
+        if 0 < rest <= len(data) and data[-rest] != 0x2A:
+            # The start of an inline command, which hiredis may have taken for a reply type
+            # ('+', ':', '#'...): it is kept until its line is complete.
+            self._reader = hiredis.Reader()
+            self._carry = 0
+            self._mixed(data, len(data) - rest, commands)
+        elif rest > 0:
+            self._carry = rest
+        else:
+            self._carry = 0 if rest == 0 and not reader.has_data() else -1
 
-    def _inline(self, data: bytes, out: list[list[bytes]]) -> bytes:
-        """Parse inline commands until a RESP array starts; returns the rest (from the ``*``)."""
-        while data and data[:1] != b"*":
-            eol = data.find(b"\n")
+    def _mixed(self, data: bytes, pos: int, commands: list[list[bytes]]) -> None:
+        """Parse ``data`` from the command boundary ``pos``, one command at a time."""
+        n = len(data)
+        reader = self._reader
+        while pos < n:
+            if data[pos] == 0x2A:  # '*': a RESP command
+                end = frame_end(data, pos)
+                if end < 0:
+                    reader.feed(data[pos:] if pos else data)
+                    self._carry = n - pos
+                    return
+                reader.feed(data[pos:end])
+                try:
+                    cmd = reader.gets()
+                except hiredis.ProtocolError as e:
+                    raise ProtocolError(str(e)) from None
+                if not _is_command(cmd):
+                    raise ProtocolError("expected an array of bulk strings")
+                if cmd:
+                    commands.append(cmd)
+                pos = end
+                continue
+            eol = data.find(b"\n", pos)
             if eol < 0:
-                if len(data) > min(64 * 1024, self.max_request_bytes):
+                if n - pos > min(64 * 1024, self.max_request_bytes):
                     raise ProtocolError("too big inline request")
-                self._inline_buf = data
-                return b""
-            line = data[:eol].rstrip(b"\r")
-            data = data[eol + 1 :]
-            args = line.split()
+                self._inline_buf = data[pos:]
+                return
+            self.inline = True
+            args = data[pos:eol].rstrip(b"\r").split()
             if args:
-                out.append(args)
-        return data
+                commands.append(args)
+            pos = eol + 1
+        self._carry = 0
+
+
+def _is_command(value: Any) -> bool:
+    """An array of bulk strings (hiredis gives None for a null array, which Redis ignores too)."""
+    if value is None:
+        return True
+    if type(value) is not list:
+        return False
+    for a in value:
+        if type(a) is not bytes:
+            return False
+    return True
+
+
+def _encoded_length(cmd: list[bytes] | None) -> int:
+    """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
+    if cmd is None:
+        return 5  # "*-1\r\n"
+    total = 3 + len(str(len(cmd)))
+    for a in cmd:
+        n = len(a)
+        total += n + 5 + (1 if n < 10 else 2 if n < 100 else 3 if n < 1000 else len(str(n)))
+    return total

@@ -750,11 +750,9 @@ class Session:
             if len(buf) > FAST_PATH_MAX_PARTIAL:
                 self.fast, self.leftover = False, b""
             return None
-        consumed = 0
-        for cmd in commands:
-            consumed += _encoded_length(cmd)
+        consumed = self.parser.encoded  # (counted by the parser: the same sum of canonical lengths)
         n = len(buf)
-        if consumed > n or buf[consumed - 2 : consumed] != b"\r\n" or (consumed < n and buf[consumed] != 42):
+        if consumed < 0 or self.parser.inline or consumed > n or buf[consumed - 2 : consumed] != b"\r\n" or (consumed < n and buf[consumed] != 42):
             self.fast, self.leftover = False, b""
             return None
         if consumed == n:
