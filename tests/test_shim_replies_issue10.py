@@ -114,3 +114,86 @@ def test_inline_commands_after_resp_and_pipelined_are_answered_in_order(env7, ph
     if phase is Phase.MIRRORING:
         wait_for(lambda: env7.target.client().mget("a", "b") == [b"1", b"3"], what="inline writes mirrored")
         assert dirty(env7) == set()
+
+
+# --- C8: a reply nested too deep to compare ----------------------------------------------------
+
+# A table `depth` levels deep on Redis, 0 on Valkey; with a key, it writes that key first.
+DEEP = """
+if string.find(redis.call('INFO', 'server'), 'valkey') then return 0 end
+if #KEYS > 0 then redis.call('SET', KEYS[1], 'x') end
+local t = {1}
+for i = 1, tonumber(ARGV[1]) do t = {t} end
+return t
+"""
+
+
+def eval_raw(port: int, nkeys: int, *args: bytes, depth: int) -> bytes:
+    """EVAL DEEP over a raw socket; the complete reply's bytes."""
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(resp.encode([b"EVAL", DEEP.encode(), b"%d" % nkeys, *args, b"%d" % depth]))
+        return replies(s, 1, timeout=10)[0]
+    finally:
+        s.close()
+
+
+def test_parse_and_compare_refuse_a_too_deep_reply_and_stay_usable():
+    """hiredis' nesting error is a ProtocolError that leaves later parses working; compare refuses past MAX_DEPTH."""
+    from migrator.shim import compare as cmp
+
+    with pytest.raises(resp.ProtocolError):
+        resp.parse(b"*1\r\n" * 5000 + b":1\r\n")
+    assert resp.parse(b"+OK\r\n") == b"OK"
+    deep = resp.parse(b"*1\r\n" * (cmp.MAX_DEPTH + 1) + b":1\r\n")
+    with pytest.raises(cmp.Uncomparable):
+        cmp.compare(b"eval", deep, 0)
+    assert cmp.compare(b"eval", resp.parse(b"*1\r\n" * cmp.MAX_DEPTH + b":1\r\n"), 0) is not None
+
+
+@pytest.mark.parametrize("depth", [500, 5000])
+def test_a_deep_reply_on_one_side_ends_that_command_and_frees_its_key(env7, depth):
+    """A script returning a table nested `depth` deep on the source only: the client gets the source's
+    reply, another client's write to the same key completes at once, and the key is marked dirty."""
+    env = env7
+    env.set_phase(Phase.MIRRORING)
+    got = eval_raw(env.port, 1, b"deep", depth=depth)
+    assert got == b"*1\r\n" * (depth + 1) + b":1\r\n"
+    other = env.client()
+    t0 = time.monotonic()
+    assert other.set("deep", "after")
+    assert time.monotonic() - t0 < 2.0
+    assert (0, b"deep", "reply-not-compared") in dirty(env)
+    # The shim still compares: a later read of another key is compared without a divergence.
+    other.set("plain", "1")
+    before = env.stats().compared
+    assert other.get("plain") == b"1"
+    env.flush()
+    assert env.stats().compared > before and sum(env.stats().divergences.values()) == 0
+
+
+def test_a_deep_reply_of_a_keyless_script_does_not_hold_every_clients_writes(env7):
+    """A keyless script (a barrier for the sequencer) with a 5,000-deep reply on one side: other
+    clients' writes still complete, and the whole database is marked dirty."""
+    env = env7
+    env.set_phase(Phase.MIRRORING)
+    assert eval_raw(env.port, 0, depth=5000) == b"*1\r\n" * 5001 + b":1\r\n"
+    done: list[bool] = []
+
+    def writer(i: int) -> None:
+        c = redis.Redis(port=env.port, socket_timeout=5)
+        try:
+            done.append(bool(c.set(f"w{i}", i)))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(6)
+    assert done == [True] * 4 and time.monotonic() - t0 < 3.0
+    assert (0, None, "reply-not-compared") in dirty(env)
+    wait_for(lambda: env.target.client().mget("w0", "w1", "w2", "w3") == [b"0", b"1", b"2", b"3"],
+             what="writes after the deep reply mirrored")

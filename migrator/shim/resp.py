@@ -125,9 +125,18 @@ _parser = hiredis.Reader()
 
 
 def parse(raw: bytes) -> Any:
-    """The value of one complete raw reply (errors come back as ``hiredis.ReplyError``)."""
+    """The value of one complete raw reply (errors come back as ``hiredis.ReplyError``).
+
+    Raises ProtocolError for a reply hiredis cannot build (nested deeper than it allows, about
+    1,000 levels): the caller decides what that one reply means.
+    """
+    global _parser
     _parser.feed(raw)
-    value = _parser.gets()
+    try:
+        value = _parser.gets()
+    except hiredis.ProtocolError as e:
+        _parser = hiredis.Reader()  # a reader that raised stays failed: every later parse would too
+        raise ProtocolError(f"reply not parsed: {e}") from None
     if value is False:  # cannot happen for a frame from ``Framer``; guard against a torn frame
         raise ProtocolError("incomplete reply")
     return value

@@ -711,8 +711,15 @@ class Session:
         reader = u.counter
         reader.feed(data)
         n = 0
-        while reader.gets() is not False:
-            n += 1
+        try:
+            while reader.gets() is not False:
+                n += 1
+        except hiredis.ProtocolError as e:
+            # A reply hiredis cannot count (nested over ~1,000 levels): where the stream stands
+            # is lost, so the connection ends, after what arrived, as if the server had closed it.
+            self.client.write(data)
+            self.fail(u.side, f"{SIDE_NAMES[u.side]} reply not counted: {e}")
+            return
         self.client.write(data)
         if self.client.buffer_size() > self.shim.cfg.max_client_buffer_bytes:
             self.shim.stats.refused["client-buffer-full"] += 1
@@ -1345,6 +1352,47 @@ class Session:
             self._close_if_gone()
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
+        """``side``'s reply to ``e`` is in; whatever goes wrong handling it ends that one entry cleanly."""
+        try:
+            self._reply_in(e, side, now)
+        except Exception as err:  # noqa: BLE001 - one reply must never wedge its keys (or every client)
+            self._reply_failed(e, side, err)
+
+    def _reply_failed(self, e: Entry, side: int, err: Exception) -> None:
+        """Handling ``side``'s reply to ``e`` raised (a reply nested too deep to parse or compare).
+
+        The entry ends as if compared: the client gets the answering side's reply, its keys are
+        released, and, where both sides got it, marked dirty on the other side (what each side
+        holds is not known; the repair compares the data itself). A keyless command (a script
+        without declared keys) marks its whole database.
+        """
+        shim = self.shim
+        expected = isinstance(err, (ProtocolError, cmp.Uncomparable))
+        (shim.log.warning if expected else shim.log.error)(
+            "shim.reply_not_compared", command=e.name.decode(errors="replace").upper() or "(pipelined chunk)",
+            side=SIDE_NAMES[side], error=str(err) or type(err).__name__, peer=self.client.peer,
+            **({} if expected else {"exc_info": err}))
+        if e.internal or e.stream:
+            return
+        e.compare = False
+        if e.bprobe:  # (its reply is made from EXEC's, which could not be read)
+            e.bprobe = False
+            e.rep[side] = error_reply(f"ERR migrator shim: reply not understood: {err}")
+        other = e.shadow if side == e.answer else e.answer
+        if other is not None and other >= 0:
+            if e.payload[other] is DEFERRED and e.saved is None:
+                e.payload[other] = NOTHING  # what it should run depended on this reply
+            if e.write:
+                keys = self._entry_keys(e)
+            else:  # a compared read: its keys (a keyless read names no data to repair)
+                classify = shim.table.classify
+                keys = [k for args in (e.args if e.batch else e.tx or [e.args]) for k in classify(args).keys(args)]
+            if keys or e.write:
+                self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else other),
+                                 "reply-not-compared" if expected else "shim-error", e.name)
+        self._finish_side(e, side)
+
+    def _reply_in(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
         shim.stats.latency[side].observe(now - e.ts[side], e.n)
         if e.batch:
