@@ -986,13 +986,15 @@ class Session:
         if name in _EVALSHA and len(args) > 1:
             # (EVALSHA_RO too: a read, answered by the target after the read cutover.)
             sha = args[1].lower()
-            if self.tx is None:  # (inside MULTI the SCRIPT LOAD would be queued in the transaction)
-                self._heal_script(answer, sha)
+            # Never on the answering side: the client sees what that server says (NOSCRIPT after a
+            # SCRIPT FLUSH, which a reload would undo); the shadow is healed to stay in step.
             if shadow is not None:
                 self._heal_script(shadow, sha)
         if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
             shim.note_script(args, name)
-        if shadow is not None and (e.write or e.compare) and cls is not Cls.SCRIPT_ADMIN:
+        # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
+        # still have in flight to the shadow must not run there after the flush, nor before it.
+        if shadow is not None and (e.write or e.compare) and (cls is not Cls.SCRIPT_ADMIN or _script_flush(args)):
             if cls is Cls.BLOCKING:
                 # First tried without blocking (inside MULTI/EXEC), holding its keys like a write,
                 # so a pop of data already there is ordered like any write. Only if there is
@@ -1434,18 +1436,10 @@ class Session:
             raw = e.rep[side]
             if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
                 shim.scripts_loaded[side].discard(e.args[1].lower())
-                shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
-                shim.warn_noscript(side, e.args[1])
-                if e.write:
-                    self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
-                else:
-                    e.compare = False  # a read that could not run there: nothing to compare
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
-            if e.write and not e.compare and any(is_error(f) for f in (raw if isinstance(raw, list) else (raw,))):
-                # An effect the other side refused (not compared, so caught here): never silent.
-                shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
-                self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
+        if e.shadow is not None and not e.batch and _complete(e, e.shadow) and _complete(e, e.answer):
+            self._shadow_refusal(e)
         if e.compare and _complete(e, 1 - side):
             self._compare(e)
         self._finish_side(e, side)
@@ -1455,6 +1449,55 @@ class Session:
             # connection is not in the client's state. Reset it; a new one replays the state.
             self.fail(e.shadow, f"{SIDE_NAMES[e.shadow]} and {SIDE_NAMES[e.answer]} answered "
                                 f"{e.name.decode(errors='replace').upper()} differently")
+
+    def _shadow_refusal(self, e: Entry) -> None:
+        """Both replies are in: a refusal by the shadow side alone is never silent.
+
+        A write both sides refused (FUNCTION LOAD of a library that exists, FUNCTION FLUSH BOGUS,
+        an EVALSHA both lack) changed neither: nothing to repair. An uncompared write, or an
+        EVALSHA, that only the shadow refused marks its keys dirty.
+        """
+        shim = self.shim
+        side = e.shadow
+        raw = e.rep[side]
+        if not _has_error(raw):
+            if e.effect and e.tx is None and e.exp[side] == 1:
+                self._effect_check(e)
+            return
+        if is_error(e.rep[e.answer]) and all(is_error(f) for f in (raw if type(raw) is list else (raw,))):
+            return  # refused by both: applied by neither (compared ones are also compared below)
+        if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
+            shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
+            shim.warn_noscript(side, e.args[1])
+            if e.write:
+                self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
+            else:
+                e.compare = False  # a read that could not run there: nothing to compare
+        elif e.write and not e.compare:
+            # An effect the other side refused (not compared, so caught here): never silent.
+            shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
+            self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
+
+    def _effect_check(self, e: Entry) -> None:
+        """An effect (a pop's removal of what it popped) that did something else on the shadow side is
+        a divergence, and its keys dirty: never a silent difference (see ``effects.confirms``)."""
+        answer = parse(e.rep[e.answer])
+        shadow = parse(e.rep[e.shadow])
+        if effects.confirms(e.args, answer, shadow):
+            return
+        if shadow is None or shadow == 0 or shadow == []:
+            kind = cmp.MISSING_ON_TARGET if e.shadow == TARGET else cmp.MISSING_ON_SOURCE
+        else:
+            kind = cmp.DIFFERENT_VALUE
+        src, tgt = (e.rep[SOURCE], e.rep[TARGET])
+        self._diverged(e, kind, e.name, self._entry_keys(e), src, tgt, True)
+
+    def _answer_lost(self, e: Entry) -> None:
+        """The answering side's reply will never come: a shadow refusal already in stays on record."""
+        other = e.shadow
+        if other is not None and e.write and _complete(e, other) and _has_error(e.rep[other]):
+            self.shim.stats.shadow_failures[(SIDE_NAMES[other], "error")] += 1
+            self._mark_dirty(self._entry_keys(e), self._db(other), "shadow-error", e.name)
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
@@ -1639,6 +1682,7 @@ class Session:
                         self._entry_done(e)
                     continue
                 lost_answer = True
+                self._answer_lost(e)
                 self._finish_side(e, side)
             else:
                 shim.stats.shadow_failures[(SIDE_NAMES[side], _reason_label(reason))] += 1
@@ -1747,6 +1791,8 @@ class Session:
                 if u.side == e.shadow and e.write:
                     # Sent (or about to be) but never confirmed: the shadow may lack it.
                     self._mark_dirty(self._entry_keys(e), self._db(u.side), "connection-closed", e.name)
+                elif u.side == e.answer and not e.done[u.side]:
+                    self._answer_lost(e)
                 self._finish_side(e, u.side)
         self.inflight.clear()
         self.shim.session_closed(self, reason)
@@ -1851,6 +1897,14 @@ def _internal_entry(side: int, args: list[bytes], gen: int) -> Entry:
     e.answer = side
     e.payload[side] = encode(args)
     return e
+
+
+def _script_flush(args: list[bytes]) -> bool:
+    return len(args) > 1 and args[0].lower() == b"script" and args[1].lower() == b"flush"
+
+
+def _has_error(raw: bytes | list[bytes]) -> bool:
+    return any(is_error(f) for f in raw) if type(raw) is list else is_error(raw)
 
 
 def _complete(e: Entry, side: int) -> bool:
