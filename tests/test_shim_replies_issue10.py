@@ -284,8 +284,9 @@ def lists(server, *keys):
 
 
 def test_chained_blocking_moves_end_equal_on_both_sides_or_dirty(env7):
-    """A: BLMOVE l1 l2, B: BLMOVE l2 l3, C: RPUSH l1 foo, ten times: each time the three lists are
-    equal on both sides, or every list that differs is marked dirty (never a silent difference)."""
+    """A: BLMOVE l1 l2, B: BLMOVE l2 l3, C: RPUSH l1 foo, ten times: every list that differs between
+    the sides is marked dirty (never a silent difference), and in fact none differs: the shadow
+    gets the two moves in the order the server ran them."""
     env = env7
     env.set_phase(Phase.MIRRORING)
     a, b, c = env.client(), env.client(), env.client()
@@ -311,7 +312,8 @@ def test_chained_blocking_moves_end_equal_on_both_sides_or_dirty(env7):
             differed += 1
             marked = dirty_keys(env)
             assert {(0, k.encode()) for k in diff} <= marked, (src, tgt, marked)
-    print(f"chained moves mirrored in another order {differed} time(s) of 10; each was marked dirty")
+    # The shim holds the second move's effect until the first one's is mirrored: same order.
+    assert differed == 0, f"chained moves mirrored in another order {differed} time(s) of 10 (each marked dirty)"
 
 
 def test_a_move_that_moves_something_else_on_the_shadow_is_a_divergence_and_dirty(env7):
@@ -326,3 +328,52 @@ def test_a_move_that_moves_something_else_on_the_shadow_is_a_divergence_and_dirt
     assert env.target.client().lrange("dst", 0, -1) == [b"b"]
     assert {(0, b"q"), (0, b"dst")} <= dirty_keys(env)
     assert env.stats().divergences["different-value"] == 1
+
+
+def test_a_pop_fed_by_another_write_does_not_wait_for_a_blocked_move_into_its_key(env7):
+    """A: BLMOVE l1 l2 stays blocked; B: BLMOVE l2 l3 is woken by RPUSH l2 bar: its effect is mirrored
+    at once (l1 is not being written), and A still moves what a later RPUSH l1 brings."""
+    env = env7
+    env.set_phase(Phase.MIRRORING)
+    a, b, c = env.client(), env.client(), env.client()
+    got: dict[str, object] = {}
+    ta = threading.Thread(target=lambda: got.setdefault("a", a.blmove("l1", "l2", 5, "RIGHT", "LEFT")))
+    tb = threading.Thread(target=lambda: got.setdefault("b", b.blmove("l2", "l3", 5, "RIGHT", "LEFT")))
+    ta.start()
+    wait_for(lambda: blocked_clients(env.source) == 1, what="A blocked")
+    tb.start()
+    wait_for(lambda: blocked_clients(env.source) == 2, what="B blocked")
+    c.rpush("l2", "bar")
+    tb.join(6)
+    t0 = time.monotonic()
+    wait_for(lambda: env.target.client().lrange("l3", 0, -1) == [b"bar"], what="B's move mirrored")
+    assert time.monotonic() - t0 < 0.5 and got == {"b": b"bar"}
+    c.rpush("l1", "foo")
+    ta.join(6)
+    assert got == {"a": b"foo", "b": b"bar"}
+    env.flush()
+    assert lists(env.source, "l1", "l2", "l3") == lists(env.target, "l1", "l2", "l3") == {
+        "l1": [], "l2": [b"foo"], "l3": [b"bar"]}
+    assert dirty(env) == set()
+
+
+def test_sequencer_knows_a_blocked_move_may_feed_a_key_while_its_source_is_written():
+    """fed_by_move: true while a blocked move's source is held by a write or has a pending wake; never for its own move."""
+    from migrator.shim.sequencer import Request, Sequencer
+
+    timers: list = []
+    seq = Sequencer(call_later=lambda delay, fn: timers.append(fn))
+    seq.blocking_started([b"l1", b"l2"])
+    seq.move_started(b"l1", b"l2")
+    assert not seq.fed_by_move([b"l2", b"l3"])  # nothing writes l1
+    push = Request("c", [(b"l1", True)], lambda r: None)
+    assert seq.acquire(push)
+    assert seq.fed_by_move([b"l2", b"l3"])  # RPUSH l1 in flight
+    assert not seq.fed_by_move([b"l1", b"l2"], own=(b"l1", b"l2"))  # the move itself
+    seq.release(push)
+    assert seq.fed_by_move([b"l2"])  # released with a pending wake
+    for fn in timers:
+        fn()
+    assert not seq.fed_by_move([b"l2"])  # the wake expired
+    seq.move_ended(b"l1", b"l2")
+    assert seq.moves == {}

@@ -60,6 +60,7 @@ _EXEC = encode([b"EXEC"])
 _NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
 _QUEUED = b"+QUEUED\r\n"
 _EVALSHA = frozenset({b"evalsha", b"evalsha_ro"})
+_MOVES = frozenset({b"blmove", b"brpoplpush"})  # blocking commands that push what they pop
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
@@ -84,6 +85,7 @@ class Entry:
         "args",
         "batch",
         "bkeys",
+        "bmove",
         "bprobe",
         "c",
         "close_after",
@@ -153,6 +155,7 @@ class Entry:
         self.saved: list[Any] | None = None  # the payloads, while held back for the sequencer
         self.bkeys: list | None = None  # a blocking command's keys, while it may block upstream
         self.bprobe = False  # a blocking command tried inside MULTI/EXEC first (see _blocking_probe)
+        self.bmove: tuple | None = None  # a blocked move's (source, destination), until it is done
         # Connection state it changes, {field: (before, after)}, until its answer says whether it did.
         self.cstate: dict[str, tuple[Any, Any]] | None = None
         self.expired = False  # its shadow reply is late behind an answer on that side (see check_timeouts)
@@ -1126,6 +1129,9 @@ class Session:
                 e.payload[side] = encode(e.args)
                 e.bkeys = self._lock_keys(e.c.keys(e.args))
                 seq.blocking_started(e.bkeys)
+                if e.name in _MOVES and len(e.args) > 2:
+                    e.bmove = tuple(self._lock_keys(e.args[1:3]))
+                    seq.move_started(*e.bmove)
                 req, e.req = e.req, None
                 self.up[side].out.appendleft(e)
                 seq.release(req)
@@ -1146,16 +1152,52 @@ class Session:
             classify = self.shim.table.classify
             keys = list(dict.fromkeys(k for cmd in cmds for k in self._lock_keys(classify(cmd).keys(cmd))))
             if keys:
-                req = Request(self, [(k, True) for k in keys], self._granted)
-                req.data = e
-                e.req = req
-                if not seq.acquire_first(req):
+                if seq.call_later is not None and seq.fed_by_move(keys, e.bmove):
+                    # A move into its key was probably woken by the same write, and the server
+                    # ran it first (chained BLMOVEs): its effect must reach the shadow first.
+                    e.saved = list(e.payload)
+                    e.payload[other] = DEFERRED
+                    self._await_feeder(e, other, keys, time.monotonic() + self.shim.shadow_timeout)
+                    return  # stays at the head of ``ungranted``
+                if not self._effect_first(e, keys):
                     e.saved = list(e.payload)
                     e.payload[other] = DEFERRED
                     return  # stays at the head of ``ungranted`` until granted
         if self.ungranted and self.ungranted[0] is e:
             self.ungranted.popleft()
             self._request_next()
+
+    def _effect_first(self, e: Entry, keys: list) -> bool:
+        """Request a blocking command's effect's keys ahead of every waiting request; True if granted now."""
+        req = Request(self, [(k, True) for k in keys], self._granted)
+        req.data = e
+        e.req = req
+        return self.shim.seq.acquire_first(req)
+
+    def _await_feeder(self, e: Entry, other: int, keys: list, deadline: float) -> None:
+        """Hold ``e``'s effect while a blocked move into its keys may not be mirrored yet.
+
+        Looked at again every 2 ms, at most until ``deadline`` (``shadow_timeout``): then it goes
+        anyway, and if the shadow pops something else than the answering side did, the effect
+        check records a divergence and marks the keys dirty.
+        """
+        seq = self.shim.seq
+
+        def again() -> None:
+            if self.closed or e.pending == 0 or e.done[other] or e.saved is None:
+                return
+            if seq.fed_by_move(keys, e.bmove) and time.monotonic() < deadline:
+                seq.call_later(0.002, again)
+                return
+            if not self._effect_first(e, keys):
+                return  # granted later: see _granted
+            e.payload, e.saved = e.saved, None
+            if self.ungranted and self.ungranted[0] is e:
+                self.ungranted.popleft()
+                self._request_next()
+            self._after_io()
+
+        seq.call_later(0.002, again)
 
     def _heal_script(self, side: int, sha: bytes) -> None:
         """Load a script on ``side`` before an EVALSHA if the shim saw its body but not it loaded there."""
@@ -1584,6 +1626,9 @@ class Session:
             self._entry_done(e)
 
     def _entry_done(self, e: Entry) -> None:
+        if e.bmove is not None:
+            self.shim.seq.move_ended(*e.bmove)
+            e.bmove = None
         if e.req is not None or e.bkeys is not None:
             seq = self.shim.seq
             if e.bkeys is not None:
