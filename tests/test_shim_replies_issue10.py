@@ -86,13 +86,17 @@ def test_request_parser_takes_inline_and_resp_commands_mixed_and_cut_anywhere(st
 
 
 def test_request_parser_still_refuses_garbage_after_resp():
-    """After RESP commands, malformed RESP (a non-bulk element) is still a protocol error."""
+    """After RESP commands, malformed RESP is still a protocol error; commands before it in the same
+    chunk are returned first (Redis runs them) and the error is kept for the session."""
     p = resp.RequestParser(1024)
     assert p.feed(b"*1\r\n$4\r\nPING\r\n") == [[b"PING"]]
     with pytest.raises(resp.ProtocolError):
         p.feed(b"*1\r\n:5\r\n")
+    p = resp.RequestParser(1024)
+    assert p.feed(b"*1\r\n$4\r\nPING\r\n*1\r\n$x\r\n") == [[b"PING"]]
+    assert p.error is not None
     with pytest.raises(resp.ProtocolError):
-        resp.RequestParser(1024).feed(b"*1\r\n$4\r\nPING\r\n*1\r\n$x\r\n")
+        p.feed(b"*1\r\n$4\r\nPING\r\n")
 
 
 @pytest.mark.parametrize("phase", [Phase.PLANNED, Phase.MIRRORING])
@@ -377,3 +381,48 @@ def test_sequencer_knows_a_blocked_move_may_feed_a_key_while_its_source_is_writt
     assert not seq.fed_by_move([b"l2"])  # the wake expired
     seq.move_ended(b"l1", b"l2")
     assert seq.moves == {}
+
+
+def _quote(arg: bytes) -> bytes:
+    """``arg`` as a double-quoted inline argument, escaped the ways Redis reads."""
+    out = bytearray(b'"')
+    for c in arg:
+        if c in b'"\\':
+            out += b"\\" + bytes([c])
+        elif c == 10:
+            out += b"\\n"
+        elif c < 32 or c > 126:
+            out += b"\\x%02x" % c
+        else:
+            out.append(c)
+    return bytes(out + b'"')
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=12), min_size=1, max_size=5))
+def test_inline_arguments_in_double_quotes_come_back_as_they_were(args):
+    """Quoted inline arguments (spaces, quotes, escapes, \\xHH, empty) are split as Redis's sdssplitargs splits them."""
+    assert resp.split_inline(b" ".join(_quote(a) for a in args)) == args
+
+
+def test_inline_quoting_matches_redis(env7):
+    """The same quoted inline lines give the same replies through the shim and from Redis itself."""
+    lines = [b"SET q1 \"hello world\"", b"GET q1", b"SET q2 'it\\'s'", b"GET q2", b"SET q3 \"a\\x41\\tb\"",
+             b"GET q3", b"SET \"\" empty", b"GET \"\"", b"ECHO \"unbalanced"]
+    env = env7
+
+    def run(port: int) -> list[bytes]:
+        s = socket.create_connection(("127.0.0.1", port))
+        try:
+            s.sendall(b"\r\n".join(lines) + b"\r\n")
+            got = replies(s, len(lines))
+            s.settimeout(2)
+            assert s.recv(100) == b""  # unbalanced quotes: the server closes the connection
+            return got
+        finally:
+            s.close()
+
+    direct = run(env.source.port)
+    assert direct[-1].startswith(b"-ERR Protocol error") and direct[1] == b"$11\r\nhello world\r\n"
+    env.source.client().flushall()
+    assert run(env.port) == direct

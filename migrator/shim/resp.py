@@ -176,7 +176,7 @@ class RequestParser:
     command fed in earlier chunks) and the rest is taken one command at a time (``_mixed``).
     """
 
-    __slots__ = ("_carry", "_inline_buf", "_reader", "encoded", "inline", "max_request_bytes")
+    __slots__ = ("_carry", "_inline_buf", "_reader", "encoded", "error", "inline", "max_request_bytes")
 
     def __init__(self, max_request_bytes: int) -> None:
         self._reader = hiredis.Reader()
@@ -185,18 +185,30 @@ class RequestParser:
         self.max_request_bytes = max_request_bytes
         self.inline = False  # the connection has sent an inline command (its bytes are not RESP)
         self.encoded = -1  # canonical RESP bytes of the commands the last ``feed`` returned (-1: not counted)
+        # Bytes that are not a command, after commands of the same chunk: those run first (as in
+        # Redis, which runs each command as it is parsed), then the connection gets this error.
+        self.error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Every complete command in ``data`` (plus what was buffered); raises ProtocolError."""
+        if self.error is not None:
+            raise self.error
         commands: list[list[bytes]] = []
         self.encoded = -1
-        if self._inline_buf:
-            data, self._inline_buf = self._inline_buf + data, b""
-            self._mixed(data, 0, commands)
-        elif self._carry == 0 and data[:1] != b"*":
-            self._mixed(data, 0, commands)
-        else:
-            self._resp_run(data, commands)
+        try:
+            if self._inline_buf:
+                data, self._inline_buf = self._inline_buf + data, b""
+                self._mixed(data, 0, commands)
+            elif self._carry == 0 and data[:1] != b"*":
+                self._mixed(data, 0, commands)
+            else:
+                self._resp_run(data, commands)
+        except ProtocolError as e:
+            if not commands:
+                raise
+            self.error = e
+            self.encoded = -1
+            return commands
         # What hiredis holds: the partial command plus at most 1 KiB already consumed.
         if self._reader.len() > self.max_request_bytes:
             raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
@@ -274,11 +286,77 @@ class RequestParser:
                 self._inline_buf = data[pos:]
                 return
             self.inline = True
-            args = data[pos:eol].rstrip(b"\r").split()
+            line = data[pos:eol]
+            args = split_inline(line[:-1] if line[-1:] == b"\r" else line)
             if args:
                 commands.append(args)
             pos = eol + 1
         self._carry = 0
+
+
+_SPACE = frozenset(b" \n\r\t\x0b\x0c")  # C isspace(): between arguments, after a closing quote
+_SEPARATORS = frozenset(b" \n\r\t")  # what ends an unquoted argument
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """An inline command's arguments, split as Redis splits them (``sdssplitargs``).
+
+    Whitespace separates arguments; ``"..."`` may hold spaces and the escapes ``\\n \\r \\t
+    \\b \\a \\xHH`` (any other escaped byte stands for itself); ``'...'`` only ``\\'``. A
+    closing quote must end its argument. Unbalanced quotes raise ProtocolError, like Redis.
+    """
+    if b'"' not in line and b"'" not in line and b"\x0b" not in line and b"\x0c" not in line:
+        return line.split()  # the common case: no quoting
+    args: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in _SPACE:
+            i += 1
+        if i >= n:
+            return args
+        cur = bytearray()
+        quote = 0
+        while True:
+            if i >= n:
+                if quote:
+                    raise ProtocolError("unbalanced quotes in request")
+                break
+            c = line[i]
+            if quote == 0x22:  # inside "..."
+                if c == 0x5C and i + 3 < n and line[i + 1] == 0x78 and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                    cur.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 0x5C and i + 1 < n:
+                    i += 1
+                    cur.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 0x22:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        raise ProtocolError("unbalanced quotes in request")  # a closing quote must end the argument
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif quote == 0x27:  # inside '...'
+                if c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
+                    i += 1
+                    cur.append(0x27)
+                elif c == 0x27:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        raise ProtocolError("unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif c in _SEPARATORS:
+                break
+            elif c == 0x22 or c == 0x27:
+                quote = c
+            else:
+                cur.append(c)
+            i += 1
+        args.append(bytes(cur))
 
 
 def _is_command(value: Any) -> bool:

@@ -241,6 +241,8 @@ class Session:
             if self.held_bytes > self.shim.cfg.max_client_buffer_bytes:
                 self.client.pause_reading()
             return
+        if self.parser.error is not None:
+            return  # the rest of a stream that stopped being commands: the error reply is queued
         try:
             commands = self.parser.feed(data)
         except ProtocolError as e:
@@ -250,6 +252,8 @@ class Session:
             self.client.write(error_reply(f"ERR Protocol error: {e}"))
             self.close("protocol error")
             return
+        if self.parser.error is not None:
+            self.fast, self.leftover = False, b""
         raw = self._raw_commands(data, commands) if self.fast else None
         if raw is not None and self._raw_passthrough(commands, raw):
             return
@@ -258,6 +262,13 @@ class Session:
                 self.handle(args)
                 if self.closed:
                     return
+        if self.parser.error is not None:
+            # Bytes that are not a command after these commands: they run, then the error and
+            # the close come after their replies, as Redis does.
+            self.shim.stats.refused["protocol-error"] += 1
+            self.shim.log.warning("shim.client_protocol_error", peer=self.client.peer, error=str(self.parser.error))
+            self._local([b"protocol-error"], None, error_reply(f"ERR Protocol error: {self.parser.error}"),
+                        close_after=True)
         self._pump(SOURCE)
         self._pump(TARGET)
         self._flush_client()
@@ -1688,7 +1699,7 @@ class Session:
                 return
         out.clear()
         if close:
-            self.close("client sent QUIT")
+            self.close("protocol error" if self.parser.error is not None else "client sent QUIT")
 
     # --- failures ------------------------------------------------------------------------
     def fail(self, side: int, reason: str) -> None:
