@@ -426,3 +426,22 @@ def test_inline_quoting_matches_redis(env7):
     assert direct[-1].startswith(b"-ERR Protocol error") and direct[1] == b"$11\r\nhello world\r\n"
     env.source.client().flushall()
     assert run(env.port) == direct
+
+
+def test_a_reply_too_deep_to_count_in_passthrough_reaches_the_client_then_its_connection_closes(env7):
+    """planned (passthrough): a 5,000-deep reply is delivered whole, that connection is then closed
+    (the stream position is lost), and other clients go on."""
+    env = env7
+    other = env.client()
+    other.set("before", "1")
+    s = socket.create_connection(("127.0.0.1", env.port))
+    try:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")  # (the upstream connection is up: passthrough from here)
+        assert replies(s, 1) == [b"+PONG\r\n"]
+        s.sendall(resp.encode([b"EVAL", DEEP.encode(), b"0", b"5000"]))
+        assert replies(s, 1, timeout=10) == [b"*1\r\n" * 5001 + b":1\r\n"]
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    finally:
+        s.close()
+    assert other.get("before") == b"1" and other.set("after", "2")
