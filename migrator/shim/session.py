@@ -773,7 +773,8 @@ class Session:
             return None
         consumed = self.parser.encoded  # (counted by the parser: the same sum of canonical lengths)
         n = len(buf)
-        if consumed < 0 or self.parser.inline or consumed > n or buf[consumed - 2 : consumed] != b"\r\n" or (consumed < n and buf[consumed] != 42):
+        if (consumed < 0 or self.parser.inline or consumed > n or buf[consumed - 2 : consumed] != b"\r\n"
+                or (consumed < n and buf[consumed] != 42)):
             self.fast, self.leftover = False, b""
             return None
         if consumed == n:
@@ -1195,7 +1196,13 @@ class Session:
         seq = self.shim.seq
 
         def again() -> None:
-            if self.closed or e.pending == 0 or e.done[other] or e.saved is None:
+            if self.closed:
+                return
+            if e.pending == 0 or e.done[other]:  # settled meanwhile (its shadow failed): let the rest go
+                if self.ungranted and self.ungranted[0] is e:
+                    self.ungranted.popleft()
+                    self._request_next()
+                    self._after_io()
                 return
             if seq.fed_by_move(keys, e.bmove) and time.monotonic() < deadline:
                 seq.call_later(0.002, again)
