@@ -445,3 +445,20 @@ def test_a_reply_too_deep_to_count_in_passthrough_reaches_the_client_then_its_co
     finally:
         s.close()
     assert other.get("before") == b"1" and other.set("after", "2")
+
+
+@pytest.mark.parametrize(("args", "reply", "same", "other"), [
+    ([b"BLPOP", b"q", b"0"], [b"q", b"a"], b"a", None),
+    ([b"BLMOVE", b"a", b"b", b"LEFT", b"RIGHT", b"0"], b"x", b"x", b"y"),
+    ([b"BRPOPLPUSH", b"a", b"b", b"0"], b"x", b"x", None),
+    ([b"BLMPOP", b"0", b"1", b"q", b"LEFT", b"COUNT", b"2"], [b"q", [b"a", b"b"]], [b"a", b"b"], [b"a"]),
+    ([b"BZPOPMIN", b"z", b"0"], [b"z", b"m", b"1"], 1, 0),
+    ([b"BZMPOP", b"0", b"1", b"z", b"MIN", b"COUNT", b"2"], [b"z", [[b"m", b"1"], [b"n", b"2"]]], 2, 1),
+    ([b"SPOP", b"s", b"2"], [b"a", b"b"], 2, 1),
+])
+def test_an_effect_is_confirmed_only_by_the_same_outcome_on_the_shadow(args, reply, same, other):
+    """effects.confirms: the shadow's reply to a pop's effect must show the same element(s) removed."""
+    from migrator.shim import effects
+
+    assert effects.confirms(args, reply, same)
+    assert not effects.confirms(args, reply, other)
