@@ -63,8 +63,18 @@ def _float_key(x: Any) -> Any:
     return ("f", f"{f:.12g}")
 
 
-def normalize(value: Any, floats: bool = False) -> Any:
-    """A hashable, encoding-independent form of a reply."""
+class Uncomparable(ValueError):
+    """A reply the shim does not compare (nested deeper than ``MAX_DEPTH``)."""
+
+
+# Replies nested deeper than this are not compared (a script may return a table thousands of
+# levels deep; no command's reply nests more than a few levels). The session marks such a
+# command's keys dirty instead: a repair compares the data itself.
+MAX_DEPTH = 100
+
+
+def normalize(value: Any, floats: bool = False, _depth: int = 0) -> Any:
+    """A hashable, encoding-independent form of a reply; raises Uncomparable past ``MAX_DEPTH``."""
     if isinstance(value, hiredis.ReplyError):
         return ("err", str(value).split(" ", 1)[0])
     if isinstance(value, bool):
@@ -73,10 +83,14 @@ def normalize(value: Any, floats: bool = False) -> Any:
         return _float_key(value)
     if isinstance(value, bytes):
         return _float_key(value) if floats and _looks_numeric(value) else value
-    if isinstance(value, dict):
-        return ("map", tuple(sorted(((normalize(k, floats), normalize(v, floats)) for k, v in value.items()), key=repr)))
-    if isinstance(value, list):
-        return tuple(normalize(v, floats) for v in value)
+    if isinstance(value, (dict, list)):
+        if _depth >= MAX_DEPTH:
+            raise Uncomparable(f"reply nested deeper than {MAX_DEPTH} levels")
+        d = _depth + 1
+        if isinstance(value, list):
+            return tuple(normalize(v, floats, d) for v in value)
+        return ("map", tuple(sorted(((normalize(k, floats, d), normalize(v, floats, d)) for k, v in value.items()),
+                                    key=repr)))
     return value
 
 

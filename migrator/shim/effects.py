@@ -176,6 +176,32 @@ def effect(args: Command, reply: Any) -> list[Command]:
     return [list(args)]
 
 
+def confirms(args: Command, reply: Any, shadow: Any) -> bool:
+    """Does the shadow's reply to ``effect(args, reply)`` show it did what the answering side did?
+
+    ``reply``: the answering side's parsed reply to ``args``; ``shadow``: the shadow's parsed
+    reply to the (one) effect command. A pop must find there the element(s) popped here: if a
+    chain of blocked commands woken by one write (``BLMOVE l1 l2`` feeding ``BLMOVE l2 l3``) was
+    mirrored in another order than the server ran it, the shadow pops nothing or something else.
+    Effects whose reply says nothing about the data (``SET``, ``HSET``) always confirm.
+    """
+    name = args[0].lower()
+    if name in (b"blpop", b"brpop"):
+        return isinstance(reply, list) and len(reply) >= 2 and shadow == reply[1]
+    if name in (b"brpoplpush", b"blmove"):
+        return shadow == reply
+    if name == b"blmpop":
+        return isinstance(reply, list) and len(reply) >= 2 and shadow == reply[1]
+    if name in (b"bzpopmin", b"bzpopmax"):
+        return shadow == 1
+    if name in (b"bzmpop", b"spop"):
+        cmds = effect(args, reply)
+        return not cmds or shadow == len(cmds[0]) - 2  # ZREM/SREM k m1 m2...: every member removed
+    if name == b"xadd":
+        return shadow == reply
+    return True
+
+
 def _float_text(reply: Any) -> bytes:
     if isinstance(reply, bytes):
         return reply

@@ -4,7 +4,7 @@ The shim forwards the authoritative side's reply bytes to the client unchanged, 
 where each reply ends without re-encoding it: ``frame_end`` walks the RESP2/RESP3 headers (it
 never builds values). Values are only built (by hiredis, in C) when a reply is compared or
 drives an effect. Requests are parsed by hiredis too; a client that sends anything that is not
-RESP (apart from inline commands at a command boundary, which redis-cli and telnet users send)
+RESP (apart from inline commands at any command boundary, which redis-cli and telnet users send)
 gets a protocol error, like Redis gives.
 """
 
@@ -125,9 +125,18 @@ _parser = hiredis.Reader()
 
 
 def parse(raw: bytes) -> Any:
-    """The value of one complete raw reply (errors come back as ``hiredis.ReplyError``)."""
+    """The value of one complete raw reply (errors come back as ``hiredis.ReplyError``).
+
+    Raises ProtocolError for a reply hiredis cannot build (nested deeper than it allows, about
+    1,000 levels): the caller decides what that one reply means.
+    """
+    global _parser
     _parser.feed(raw)
-    value = _parser.gets()
+    try:
+        value = _parser.gets()
+    except hiredis.ProtocolError as e:
+        _parser = hiredis.Reader()  # a reader that raised stays failed: every later parse would too
+        raise ProtocolError(f"reply not parsed: {e}") from None
     if value is False:  # cannot happen for a frame from ``Framer``; guard against a torn frame
         raise ProtocolError("incomplete reply")
     return value
@@ -160,15 +169,6 @@ def run_id_of(info: bytes) -> bytes | None:
     return info[i + 7 : end if end >= 0 else len(info)].strip() or None
 
 
-def encoded_length(cmd: list[bytes]) -> int:
-    """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
-    total = 3 + len(str(len(cmd)))
-    for a in cmd:
-        n = len(a)
-        total += n + 5 + (1 if n < 10 else 2 if n < 100 else 3 if n < 1000 else len(str(n)))
-    return total
-
-
 def error_reply(message: str) -> bytes:
     """A RESP error line; newlines are removed because they would end the reply early."""
     return b"-" + message.replace("\r", " ").replace("\n", " ").encode("utf-8", "replace") + CRLF
@@ -177,76 +177,117 @@ def error_reply(message: str) -> bytes:
 class RequestParser:
     """Splits a client's byte stream into commands (lists of bytes), bounded in size.
 
-    Like Redis, a connection may start with inline commands (``PING\\r\\n``: redis-cli, telnet);
-    once it sends a RESP array it is parsed as RESP from then on (hiredis cannot say where a
-    partial command ends, so inline detection mid-stream is not possible; no client mixes).
+    Like Redis, at every command boundary a command is either RESP (an array of bulk strings,
+    starting with ``*``) or an inline command (one line split on whitespace: redis-cli, telnet),
+    and a connection may mix the two, pipelined in one chunk too. Runs of RESP are parsed by
+    hiredis; where it stops at a byte that starts no RESP command, the boundary is found from
+    the encoded lengths of the commands it returned (``_carry``: bytes of a partial RESP
+    command fed in earlier chunks) and the rest is taken one command at a time (``_mixed``).
 
     The size limit is checked against what a command *declares* (its ``*N`` count and each
     ``$len`` header) as soon as the header arrives, like Redis does, so an oversized request is
-    refused before any of its payload is buffered. hiredis accepts canonical lengths only, so
-    the bytes of the complete commands are exactly their encoded lengths: what follows them in
-    the stream is the partial command, whose headers are scanned (resumably, across chunks).
+    refused before any of its payload is buffered: the partial RESP command's headers are
+    scanned (``_check``, resumably across chunks) from where it starts.
     """
 
-    __slots__ = ("_inline_buf", "_partial", "_reader", "_resp", "_scan", "max_request_bytes")
+    __slots__ = ("_carry", "_inline_buf", "_reader", "_scan", "encoded", "error", "inline", "max_request_bytes")
 
     def __init__(self, max_request_bytes: int) -> None:
         self._reader = hiredis.Reader()
-        self._resp = False
+        self._carry = 0  # bytes of the partial RESP command hiredis holds; -1: not known
         self._inline_buf = b""
         self.max_request_bytes = max_request_bytes
-        self._partial = 0  # bytes of the partial command received so far
+        self.inline = False  # the connection has sent an inline command (its bytes are not RESP)
+        self.encoded = -1  # canonical RESP bytes of the commands the last ``feed`` returned (-1: not counted)
+        # Bytes that are not a command, after commands of the same chunk: those run first (as in
+        # Redis, which runs each command as it is parsed), then the connection gets this error.
+        self.error: ProtocolError | None = None
         # The partial command's header scan: [elements still to come (-1: its "*N" header not
         # seen yet), payload bytes to skip, declared bytes so far, a header line cut by the chunk];
-        # None: no partial command; False: not scanned (see feed).
+        # None: no partial command; False: its start is not known, so it is not scanned (the
+        # buffer bound in ``feed`` still holds).
         self._scan: list | bool | None = None
+
+    def _partial_starts(self, data: bytes, pos: int) -> None:
+        """A partial RESP command starts at ``data[pos]``: scan its headers from there."""
+        self._scan = [-1, 0, 0, b""]
+        self._check(data, pos)
 
     def feed(self, data: bytes) -> list[list[bytes]]:
         """Every complete command in ``data`` (plus what was buffered); raises ProtocolError."""
+        if self.error is not None:
+            raise self.error
         commands: list[list[bytes]] = []
-        reader = self._reader
-        if not self._resp:
+        self.encoded = -1
+        try:
             if self._inline_buf:
                 data, self._inline_buf = self._inline_buf + data, b""
-            data = self._inline(data, commands)
-            if not data:
-                return commands
-            self._resp = True
+                self._mixed(data, 0, commands)
+            elif self._carry == 0 and data[:1] != b"*":
+                self._mixed(data, 0, commands)
+            else:
+                self._resp_run(data, commands)
+        except ProtocolError as e:
+            if not commands:
+                raise
+            self.error = e
+            self.encoded = -1
+            return commands
+        # What hiredis holds: the partial command plus at most 1 KiB already consumed.
+        if self._reader.len() > self.max_request_bytes:
+            raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
+        return commands
+
+    def _resp_run(self, data: bytes, commands: list[list[bytes]]) -> None:
+        """Feed hiredis a chunk that continues RESP; fall back to ``_mixed`` where it is not RESP."""
+        reader = self._reader
         reader.feed(data)
-        consumed = 0
+        carry = self._carry
+        returned: list[list[bytes]] = []  # every command hiredis returned here, empty ones too
         try:
             while True:
                 cmd = reader.gets()
                 if cmd is False:
                     break
-                if type(cmd) is not list:
-                    raise ProtocolError("expected an array of bulk strings")
+                if not _is_command(cmd):
+                    raise hiredis.ProtocolError("expected an array of bulk strings")
+                returned.append(cmd)
                 if cmd:  # "*0\r\n": Redis ignores an empty command, and so do we
-                    for a in cmd:
-                        if type(a) is not bytes:
-                            raise ProtocolError("expected an array of bulk strings")
                     commands.append(cmd)
-                consumed += encoded_length(cmd)
         except hiredis.ProtocolError as e:
-            raise ProtocolError(str(e)) from None
-        partial = self._partial + len(data) - consumed
-        if partial <= 0:
-            self._partial, self._scan = 0, None
-            return commands
-        if consumed and partial > len(data):
-            # Bytes this count does not cover (it must add every byte it parses): the partial
-            # command's start is unknown, so its headers are not scanned; the bound below holds.
+            # An inline command (or garbage) at a boundary: where, from what was returned.
+            pos = sum(map(encoded_length, returned)) - carry if carry >= 0 else -1
+            if pos < 0 or pos >= len(data) or (pos >= 2 and data[pos - 2 : pos] != CRLF):
+                raise ProtocolError(str(e)) from None
+            self._reader = hiredis.Reader()
+            self._carry = 0
+            self._mixed(data, pos, commands)
+            return
+        # hiredis does not say whether it holds part of a command (it may have consumed a
+        # header), so the bytes are counted: the commands' canonical lengths against the bytes
+        # fed. A client with non-canonical lengths (none is known) is never taken inline again.
+        total = self.encoded = sum(map(encoded_length, returned)) if returned else 0
+        if carry < 0:
             self._scan = False
-        elif consumed or self._scan is None:
-            self._scan = [-1, 0, 0, b""]  # a new partial command, starting in this chunk
-            self._check(data, len(data) - partial)
-        elif self._scan:
-            self._check(data, 0)  # more of the partial command that started earlier
-        self._partial = partial
-        # What hiredis holds: the partial command plus at most 1 KiB already consumed.
-        if reader.len() > self.max_request_bytes:
-            raise ProtocolError(f"request larger than shim.max_request_bytes ({self.max_request_bytes} bytes)")
-        return commands
+            return
+        rest = carry + len(data) - total
+        if 0 < rest <= len(data) and data[-rest] != 0x2A:
+            # The start of an inline command, which hiredis may have taken for a reply type
+            # ('+', ':', '#'...): it is kept until its line is complete.
+            self._reader = hiredis.Reader()
+            self._carry = 0
+            self._mixed(data, len(data) - rest, commands)
+        elif rest > 0:
+            self._carry = rest
+            if rest <= len(data) and (total or not self._scan):
+                self._partial_starts(data, len(data) - rest)  # a new partial command, in this chunk
+            elif total == 0 and self._scan:
+                self._check(data, 0)  # more of the partial command that started earlier
+            elif total:
+                self._scan = False  # the count does not cover these bytes: the start is not known
+        else:
+            self._carry = 0 if rest == 0 and not reader.has_data() else -1
+            self._scan = None if self._carry == 0 else False
 
     def _check(self, data: bytes, pos: int) -> None:
         """Scan the partial command's headers in ``data[pos:]``: refuse a declared size over the limit."""
@@ -290,18 +331,128 @@ class RequestParser:
             pos = eol + 2
         st[0], st[1], st[2], st[3] = left, skip, declared, cut
 
-    def _inline(self, data: bytes, out: list[list[bytes]]) -> bytes:
-        """Parse inline commands until a RESP array starts; returns the rest (from the ``*``)."""
-        while data and data[:1] != b"*":
-            eol = data.find(b"\n")
+    def _mixed(self, data: bytes, pos: int, commands: list[list[bytes]]) -> None:
+        """Parse ``data`` from the command boundary ``pos``, one command at a time."""
+        n = len(data)
+        reader = self._reader
+        while pos < n:
+            if data[pos] == 0x2A:  # '*': a RESP command
+                end = frame_end(data, pos)
+                if end < 0:
+                    reader.feed(data[pos:] if pos else data)
+                    self._carry = n - pos
+                    self._partial_starts(data, pos)
+                    return
+                reader.feed(data[pos:end])
+                try:
+                    cmd = reader.gets()
+                except hiredis.ProtocolError as e:
+                    raise ProtocolError(str(e)) from None
+                if not _is_command(cmd):
+                    raise ProtocolError("expected an array of bulk strings")
+                if cmd:
+                    commands.append(cmd)
+                pos = end
+                continue
+            eol = data.find(b"\n", pos)
             if eol < 0:
-                if len(data) > min(64 * 1024, self.max_request_bytes):
+                if n - pos > min(64 * 1024, self.max_request_bytes):
                     raise ProtocolError("too big inline request")
-                self._inline_buf = data
-                return b""
-            line = data[:eol].rstrip(b"\r")
-            data = data[eol + 1 :]
-            args = line.split()
+                self._inline_buf = data[pos:]
+                return
+            self.inline = True
+            line = data[pos:eol]
+            args = split_inline(line[:-1] if line[-1:] == b"\r" else line)
             if args:
-                out.append(args)
-        return data
+                commands.append(args)
+            pos = eol + 1
+        self._carry = 0
+        self._scan = None
+
+
+_SPACE = frozenset(b" \n\r\t\x0b\x0c")  # C isspace(): between arguments, after a closing quote
+_SEPARATORS = frozenset(b" \n\r\t")  # what ends an unquoted argument
+_ESCAPES = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("b"): 8, ord("a"): 7}
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """An inline command's arguments, split as Redis splits them (``sdssplitargs``).
+
+    Whitespace separates arguments; ``"..."`` may hold spaces and the escapes ``\\n \\r \\t
+    \\b \\a \\xHH`` (any other escaped byte stands for itself); ``'...'`` only ``\\'``. A
+    closing quote must end its argument. Unbalanced quotes raise ProtocolError, like Redis.
+    """
+    if b'"' not in line and b"'" not in line and b"\x0b" not in line and b"\x0c" not in line:
+        return line.split()  # the common case: no quoting
+    args: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in _SPACE:
+            i += 1
+        if i >= n:
+            return args
+        cur = bytearray()
+        quote = 0
+        while True:
+            if i >= n:
+                if quote:
+                    raise ProtocolError("unbalanced quotes in request")
+                break
+            c = line[i]
+            if quote == 0x22:  # inside "..."
+                if c == 0x5C and i + 3 < n and line[i + 1] == 0x78 and line[i + 2] in _HEX and line[i + 3] in _HEX:
+                    cur.append(int(line[i + 2 : i + 4], 16))
+                    i += 3
+                elif c == 0x5C and i + 1 < n:
+                    i += 1
+                    cur.append(_ESCAPES.get(line[i], line[i]))
+                elif c == 0x22:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        raise ProtocolError("unbalanced quotes in request")  # a closing quote must end the argument
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif quote == 0x27:  # inside '...'
+                if c == 0x5C and i + 1 < n and line[i + 1] == 0x27:
+                    i += 1
+                    cur.append(0x27)
+                elif c == 0x27:
+                    if i + 1 < n and line[i + 1] not in _SPACE:
+                        raise ProtocolError("unbalanced quotes in request")
+                    i += 1
+                    break
+                else:
+                    cur.append(c)
+            elif c in _SEPARATORS:
+                break
+            elif c == 0x22 or c == 0x27:
+                quote = c
+            else:
+                cur.append(c)
+            i += 1
+        args.append(bytes(cur))
+
+
+def _is_command(value: Any) -> bool:
+    """An array of bulk strings (hiredis gives None for a null array, which Redis ignores too)."""
+    if value is None:
+        return True
+    if type(value) is not list:
+        return False
+    for a in value:
+        if type(a) is not bytes:
+            return False
+    return True
+
+
+def encoded_length(cmd: list[bytes] | None) -> int:
+    """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
+    if cmd is None:
+        return 5  # "*-1\r\n"
+    total = 3 + len(str(len(cmd)))
+    for a in cmd:
+        n = len(a)
+        total += n + 5 + (1 if n < 10 else 2 if n < 100 else 3 if n < 1000 else len(str(n)))
+    return total

@@ -31,6 +31,11 @@ Rules (pure: no sockets, no clock except through the ``call_later`` it is given)
   blocked command finished on the answering side just before the pop; so that nothing else is
   granted between it and the effect, a write releasing a key some blocked command waits on
   hands it over to the first such effect that arrives, or frees it after ``wake_grace``.
+- One write can wake a chain: ``RPUSH l1`` wakes ``BLMOVE l1 l2``, whose push wakes ``BLMOVE l2
+  l3``. Redis may send the second reply first, and its effect (``LMOVE l2 l3``) would then reach
+  the shadow before the ``LMOVE l1 l2`` that feeds it. So blocked moves are registered (``moves``)
+  until their effect is done, and an effect on a key some blocked move pushes into waits while
+  that move's source is being written (or was just: a pending wake): ``fed_by_move``.
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ class Sequencer:
         self.barrier_held = False
         self.lifted = 0  # granted barriers that no longer fence (see lift)
         self.blocked: dict[Hashable, int] = {}  # key -> blocking commands waiting on it upstream
+        # destination -> {source: n}: blocked moves (BLMOVE, BRPOPLPUSH), until their effect is done
+        self.moves: dict[Hashable, dict[Hashable, int]] = {}
         self.wakes = 0
         self.call_later = call_later
         self.wake_grace = wake_grace
@@ -253,6 +260,43 @@ class Sequencer:
                 blocked[k] = n
             else:
                 blocked.pop(k, None)
+
+    def move_started(self, src: Hashable, dst: Hashable) -> None:
+        srcs = self.moves.setdefault(dst, {})
+        srcs[src] = srcs.get(src, 0) + 1
+
+    def move_ended(self, src: Hashable, dst: Hashable) -> None:
+        srcs = self.moves.get(dst)
+        if srcs is None or src not in srcs:
+            return
+        if srcs[src] > 1:
+            srcs[src] -= 1
+        else:
+            del srcs[src]
+            if not srcs:
+                del self.moves[dst]
+
+    def fed_by_move(self, keys: Iterable[Hashable], own: tuple[Hashable, Hashable] | None = None) -> bool:
+        """May a blocked move into one of ``keys`` have been woken, and its effect not be done yet?
+
+        True while such a move's source is held by a write (or by that move's own effect) or has
+        a pending wake: the move then ran on the server before a pop of what it pushed.
+        ``own``: the asking command's own move, left out.
+        """
+        moves, locks = self.moves, self.locks
+        for k in keys:
+            srcs = moves.get(k)
+            if not srcs:
+                continue
+            for src, n in srcs.items():
+                if own is not None and own == (src, k) and n == 1:
+                    continue
+                lk = locks.get(src)
+                if lk is None or lk.__class__ is int:
+                    continue  # free, or only read
+                if lk.__class__ is Request or lk.xcount or lk.wake:
+                    return True
+        return False
 
     def _wake_expired(self, key: Hashable, lk: _Lock) -> None:
         if lk.wake and self.locks.get(key) is lk:

@@ -775,6 +775,9 @@ class Shim:
             self.script_bodies[sha1_hex(args[1])] = args[1]
         elif name == b"script" and len(args) > 2 and args[1].lower() == b"load":
             self.script_bodies[sha1_hex(args[2])] = args[2]
+        elif name == b"script" and len(args) > 1 and args[1].lower() == b"flush":
+            # Forgotten for every connection: healing a side from them would undo the flush.
+            self.script_bodies.clear()
 
     def script_result(self, side: int, args: list[bytes], name: bytes, raw: bytes) -> None:
         if raw[:1] == b"-":

@@ -61,6 +61,7 @@ _NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
 _QUEUED = b"+QUEUED\r\n"
 _PER_SIDE_STATE = frozenset({b"readonly", b"readwrite"})  # kept per side (see _readonly_settled)
 _EVALSHA = frozenset({b"evalsha", b"evalsha_ro"})
+_MOVES = frozenset({b"blmove", b"brpoplpush"})  # blocking commands that push what they pop
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
@@ -86,6 +87,7 @@ class Entry:
         "args",
         "batch",
         "bkeys",
+        "bmove",
         "bprobe",
         "c",
         "close_after",
@@ -157,6 +159,7 @@ class Entry:
         self.saved: list[Any] | None = None  # the payloads, while held back for the sequencer
         self.bkeys: list | None = None  # a blocking command's keys, while it may block upstream
         self.bprobe = False  # a blocking command tried inside MULTI/EXEC first (see _blocking_probe)
+        self.bmove: tuple | None = None  # a blocked move's (source, destination), until it is done
         # Connection state it changes, {field: (before, after)}, until its answer says whether it did.
         self.cstate: dict[str, tuple[Any, Any]] | None = None
         self.expired = False  # its shadow reply is late behind an answer on that side (see check_timeouts)
@@ -252,6 +255,8 @@ class Session:
             self.held.append(data)
             self.held_bytes += len(data)
             return
+        if self.parser.error is not None:
+            return  # the rest of a stream that stopped being commands: the error reply is queued
         try:
             commands = self.parser.feed(data)
         except ProtocolError as e:
@@ -261,6 +266,8 @@ class Session:
             self.client.write(error_reply(f"ERR Protocol error: {e}"))
             self.close("protocol error")
             return
+        if self.parser.error is not None:
+            self.fast, self.leftover = False, b""
         raw = self._raw_commands(data, commands) if self.fast else None
         if raw is not None and self._raw_passthrough(commands, raw):
             return
@@ -269,6 +276,13 @@ class Session:
                 self.handle(args)
                 if self.closed:
                     return
+        if self.parser.error is not None:
+            # Bytes that are not a command after these commands: they run, then the error and
+            # the close come after their replies, as Redis does.
+            self.shim.stats.refused["protocol-error"] += 1
+            self.shim.log.warning("shim.client_protocol_error", peer=self.client.peer, error=str(self.parser.error))
+            self._local([b"protocol-error"], None, error_reply(f"ERR Protocol error: {self.parser.error}"),
+                        close_after=True)
         self._pump(SOURCE)
         self._pump(TARGET)
         self._flush_client()
@@ -731,8 +745,15 @@ class Session:
         reader = u.counter
         reader.feed(data)
         n = 0
-        while reader.gets() is not False:
-            n += 1
+        try:
+            while reader.gets() is not False:
+                n += 1
+        except hiredis.ProtocolError as e:
+            # A reply hiredis cannot count (nested over ~1,000 levels): where the stream stands
+            # is lost, so the connection ends, after what arrived, as if the server had closed it.
+            self.client.write(data)
+            self.fail(u.side, f"{SIDE_NAMES[u.side]} reply not counted: {e}", side_fault=False)
+            return
         self.client.write(data)  # (a client not reading them: see _flow)
         if n > u.raw_pending:
             self.fail(u.side, f"unexpected reply from {SIDE_NAMES[u.side]} (stream out of step)", side_fault=False)
@@ -768,11 +789,10 @@ class Session:
             if len(buf) > FAST_PATH_MAX_PARTIAL:
                 self.fast, self.leftover = False, b""
             return None
-        consumed = 0
-        for cmd in commands:
-            consumed += _encoded_length(cmd)
+        consumed = self.parser.encoded  # (counted by the parser: the same sum of canonical lengths)
         n = len(buf)
-        if consumed > n or buf[consumed - 2 : consumed] != b"\r\n" or (consumed < n and buf[consumed] != 42):
+        if (consumed < 0 or self.parser.inline or consumed > n or buf[consumed - 2 : consumed] != b"\r\n"
+                or (consumed < n and buf[consumed] != 42)):
             self.fast, self.leftover = False, b""
             return None
         if consumed == n:
@@ -1005,15 +1025,17 @@ class Session:
         if name in _EVALSHA and len(args) > 1:
             # (EVALSHA_RO too: a read, answered by the target after the read cutover.)
             sha = args[1].lower()
-            if self.tx is None:  # (inside MULTI the SCRIPT LOAD would be queued in the transaction)
-                self._heal_script(answer, sha)
+            # Never on the answering side: the client sees what that server says (NOSCRIPT after a
+            # SCRIPT FLUSH, which a reload would undo); the shadow is healed to stay in step.
             if shadow is not None:
                 self._heal_script(shadow, sha)
         if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN:
             shim.note_script(args, name)
         if name == b"restore" and shadow is not None and tx is None:
             self._restore_by_effect(e)
-        if shadow is not None and (e.write or e.compare) and cls is not Cls.SCRIPT_ADMIN:
+        # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
+        # still have in flight to the shadow must not run there after the flush, nor before it.
+        if shadow is not None and (e.write or e.compare) and (cls is not Cls.SCRIPT_ADMIN or _script_flush(args)):
             if cls is Cls.BLOCKING:
                 # First tried without blocking (inside MULTI/EXEC), holding its keys like a write,
                 # so a pop of data already there is ordered like any write. Only if there is
@@ -1215,6 +1237,9 @@ class Session:
                 e.payload[side] = encode(e.args)
                 e.bkeys = self._lock_keys(e.c.keys(e.args))
                 seq.blocking_started(e.bkeys)
+                if e.name in _MOVES and len(e.args) > 2:
+                    e.bmove = tuple(self._lock_keys(e.args[1:3]))
+                    seq.move_started(*e.bmove)
                 req, e.req = e.req, None
                 self.up[side].out.appendleft(e)
                 seq.release(req)
@@ -1235,16 +1260,58 @@ class Session:
             classify = self.shim.table.classify
             keys = list(dict.fromkeys(k for cmd in cmds for k in self._lock_keys(classify(cmd).keys(cmd))))
             if keys:
-                req = Request(self, [(k, True) for k in keys], self._granted)
-                req.data = e
-                e.req = req
-                if not seq.acquire_first(req):
+                if seq.call_later is not None and seq.fed_by_move(keys, e.bmove):
+                    # A move into its key was probably woken by the same write, and the server
+                    # ran it first (chained BLMOVEs): its effect must reach the shadow first.
+                    e.saved = list(e.payload)
+                    e.payload[other] = DEFERRED
+                    self._await_feeder(e, other, keys, time.monotonic() + self.shim.shadow_timeout)
+                    return  # stays at the head of ``ungranted``
+                if not self._effect_first(e, keys):
                     e.saved = list(e.payload)
                     e.payload[other] = DEFERRED
                     return  # stays at the head of ``ungranted`` until granted
         if self.ungranted and self.ungranted[0] is e:
             self.ungranted.popleft()
             self._request_next()
+
+    def _effect_first(self, e: Entry, keys: list) -> bool:
+        """Request a blocking command's effect's keys ahead of every waiting request; True if granted now."""
+        req = Request(self, [(k, True) for k in keys], self._granted)
+        req.data = e
+        e.req = req
+        return self.shim.seq.acquire_first(req)
+
+    def _await_feeder(self, e: Entry, other: int, keys: list, deadline: float) -> None:
+        """Hold ``e``'s effect while a blocked move into its keys may not be mirrored yet.
+
+        Looked at again every 2 ms, at most until ``deadline`` (``shadow_timeout``): then it goes
+        anyway, and if the shadow pops something else than the answering side did, the effect
+        check records a divergence and marks the keys dirty.
+        """
+        seq = self.shim.seq
+
+        def again() -> None:
+            if self.closed:
+                return
+            if e.pending == 0 or e.done[other]:  # settled meanwhile (its shadow failed): let the rest go
+                if self.ungranted and self.ungranted[0] is e:
+                    self.ungranted.popleft()
+                    self._request_next()
+                    self._after_io()
+                return
+            if seq.fed_by_move(keys, e.bmove) and time.monotonic() < deadline:
+                seq.call_later(0.002, again)
+                return
+            if not self._effect_first(e, keys):
+                return  # granted later: see _granted
+            e.payload, e.saved = e.saved, None
+            if self.ungranted and self.ungranted[0] is e:
+                self.ungranted.popleft()
+                self._request_next()
+            self._after_io()
+
+        seq.call_later(0.002, again)
 
     def _heal_script(self, side: int, sha: bytes) -> None:
         """Load a script on ``side`` before an EVALSHA if the shim saw its body but not it loaded there."""
@@ -1478,6 +1545,47 @@ class Session:
             self.client.resume_reading()
 
     def _side_done(self, e: Entry, side: int, now: float) -> None:
+        """``side``'s reply to ``e`` is in; whatever goes wrong handling it ends that one entry cleanly."""
+        try:
+            self._reply_in(e, side, now)
+        except Exception as err:  # noqa: BLE001 - one reply must never wedge its keys (or every client)
+            self._reply_failed(e, side, err)
+
+    def _reply_failed(self, e: Entry, side: int, err: Exception) -> None:
+        """Handling ``side``'s reply to ``e`` raised (a reply nested too deep to parse or compare).
+
+        The entry ends as if compared: the client gets the answering side's reply, its keys are
+        released, and, where both sides got it, marked dirty on the other side (what each side
+        holds is not known; the repair compares the data itself). A keyless command (a script
+        without declared keys) marks its whole database.
+        """
+        shim = self.shim
+        expected = isinstance(err, (ProtocolError, cmp.Uncomparable))
+        (shim.log.warning if expected else shim.log.error)(
+            "shim.reply_not_compared", command=e.name.decode(errors="replace").upper() or "(pipelined chunk)",
+            side=SIDE_NAMES[side], error=str(err) or type(err).__name__, peer=self.client.peer,
+            **({} if expected else {"exc_info": err}))
+        if e.internal or e.stream:
+            return
+        e.compare = False
+        if e.bprobe:  # (its reply is made from EXEC's, which could not be read)
+            e.bprobe = False
+            e.rep[side] = error_reply(f"ERR migrator shim: reply not understood: {err}")
+        other = e.shadow if side == e.answer else e.answer
+        if other is not None and other >= 0:
+            if e.payload[other] is DEFERRED and e.saved is None:
+                e.payload[other] = NOTHING  # what it should run depended on this reply
+            if e.write:
+                keys = self._entry_keys(e)
+            else:  # a compared read: its keys (a keyless read names no data to repair)
+                classify = shim.table.classify
+                keys = [k for args in (e.args if e.batch else e.tx or [e.args]) for k in classify(args).keys(args)]
+            if keys or e.write:
+                self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else other),
+                                 "reply-not-compared" if expected else "shim-error", e.name)
+        self._finish_side(e, side)
+
+    def _reply_in(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
         shim.stats.latency[side].observe(now - e.ts[side], e.n)
         if e.batch:
@@ -1519,21 +1627,13 @@ class Session:
             raw = e.rep[side]
             if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
                 shim.scripts_loaded[side].discard(e.args[1].lower())
-                shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
-                shim.warn_noscript(side, e.args[1])
-                if e.write:
-                    self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
-                else:
-                    e.compare = False  # a read that could not run there: nothing to compare
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
             self._readonly_settled(e, side, raw)
-            if e.write and not e.compare and any(is_error(f) for f in (raw if isinstance(raw, list) else (raw,))):
-                # An effect the other side refused (not compared, so caught here): never silent.
-                shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
-                self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
         if e.cls in _COMBINED and e.shadow is not None and _complete(e, 1 - side):
             self._combine(e)
+        if e.shadow is not None and not e.batch and _complete(e, e.shadow) and _complete(e, e.answer):
+            self._shadow_refusal(e)
         if e.compare and _complete(e, 1 - side):
             self._compare(e)
         self._finish_side(e, side)
@@ -1573,6 +1673,55 @@ class Session:
             e.rep[e.answer] = other
             return
         e.rep[e.answer] = server_cmds.combine(e.args, answer, other)
+
+    def _shadow_refusal(self, e: Entry) -> None:
+        """Both replies are in: a refusal by the shadow side alone is never silent.
+
+        A write both sides refused (FUNCTION LOAD of a library that exists, FUNCTION FLUSH BOGUS,
+        an EVALSHA both lack) changed neither: nothing to repair. An uncompared write, or an
+        EVALSHA, that only the shadow refused marks its keys dirty.
+        """
+        shim = self.shim
+        side = e.shadow
+        raw = e.rep[side]
+        if not _has_error(raw):
+            if e.effect and e.tx is None and e.exp[side] == 1:
+                self._effect_check(e)
+            return
+        if is_error(e.rep[e.answer]) and all(is_error(f) for f in (raw if type(raw) is list else (raw,))):
+            return  # refused by both: applied by neither (compared ones are also compared below)
+        if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
+            shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
+            shim.warn_noscript(side, e.args[1])
+            if e.write:
+                self._mark_dirty(self._entry_keys(e), self._db(side), "noscript", e.name)
+            else:
+                e.compare = False  # a read that could not run there: nothing to compare
+        elif e.write and not e.compare:
+            # An effect the other side refused (not compared, so caught here): never silent.
+            shim.stats.shadow_failures[(SIDE_NAMES[side], "error")] += 1
+            self._mark_dirty(self._entry_keys(e), self._db(side), "shadow-error", e.name)
+
+    def _effect_check(self, e: Entry) -> None:
+        """An effect (a pop's removal of what it popped) that did something else on the shadow side is
+        a divergence, and its keys dirty: never a silent difference (see ``effects.confirms``)."""
+        answer = parse(e.rep[e.answer])
+        shadow = parse(e.rep[e.shadow])
+        if effects.confirms(e.args, answer, shadow):
+            return
+        if shadow is None or shadow == 0 or shadow == []:
+            kind = cmp.MISSING_ON_TARGET if e.shadow == TARGET else cmp.MISSING_ON_SOURCE
+        else:
+            kind = cmp.DIFFERENT_VALUE
+        src, tgt = (e.rep[SOURCE], e.rep[TARGET])
+        self._diverged(e, kind, e.name, self._entry_keys(e), src, tgt, True)
+
+    def _answer_lost(self, e: Entry) -> None:
+        """The answering side's reply will never come: a shadow refusal already in stays on record."""
+        other = e.shadow
+        if other is not None and e.write and _complete(e, other) and _has_error(e.rep[other]):
+            self.shim.stats.shadow_failures[(SIDE_NAMES[other], "error")] += 1
+            self._mark_dirty(self._entry_keys(e), self._db(other), "shadow-error", e.name)
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
@@ -1666,6 +1815,9 @@ class Session:
             self._entry_done(e)
 
     def _entry_done(self, e: Entry) -> None:
+        if e.bmove is not None:
+            self.shim.seq.move_ended(*e.bmove)
+            e.bmove = None
         if e.req is not None or e.bkeys is not None:
             seq = self.shim.seq
             if e.bkeys is not None:
@@ -1730,7 +1882,7 @@ class Session:
                 return
         out.clear()
         if close:
-            self.close("client sent QUIT")
+            self.close("protocol error" if self.parser.error is not None else "client sent QUIT")
 
     # --- failures ------------------------------------------------------------------------
     def fail(self, side: int, reason: str, side_fault: bool = True) -> None:
@@ -1778,6 +1930,7 @@ class Session:
                         self._entry_done(e)
                     continue
                 lost_answer = True
+                self._answer_lost(e)
                 self._finish_side(e, side)
             else:
                 shim.stats.shadow_failures[(SIDE_NAMES[side], _reason_label(reason))] += 1
@@ -1907,6 +2060,8 @@ class Session:
                 if u.side == e.shadow and e.write:
                     # Sent (or about to be) but never confirmed: the shadow may lack it.
                     self._mark_dirty(self._entry_keys(e), self._db(u.side), "connection-closed", e.name)
+                elif u.side == e.answer and not e.done[u.side]:
+                    self._answer_lost(e)
                 self._finish_side(e, u.side)
         self.inflight.clear()
         self.shim.session_closed(self, reason)
@@ -2018,19 +2173,18 @@ def _internal_entry(side: int, args: list[bytes], gen: int) -> Entry:
     return e
 
 
+def _script_flush(args: list[bytes]) -> bool:
+    return len(args) > 1 and args[0].lower() == b"script" and args[1].lower() == b"flush"
+
+
+def _has_error(raw: bytes | list[bytes]) -> bool:
+    return any(is_error(f) for f in raw) if type(raw) is list else is_error(raw)
+
+
 def _complete(e: Entry, side: int) -> bool:
     """``side`` has sent every reply ``e`` expects of it (a list fills up frame by frame)."""
     r = e.rep[side]
     return r is not None and (type(r) is not list or len(r) >= e.exp[side])
-
-
-def _encoded_length(cmd: list[bytes]) -> int:
-    """Bytes of ``cmd`` as a canonical RESP array of bulk strings."""
-    total = 3 + len(str(len(cmd)))
-    for a in cmd:
-        n = len(a)
-        total += n + 5 + (1 if n < 10 else 2 if n < 100 else 3 if n < 1000 else len(str(n)))
-    return total
 
 
 def _reason_label(reason: str) -> str:
