@@ -115,7 +115,7 @@ def test_request_parser_round_trips_encoded_commands(commands, data):
                          min_size=1, max_size=12), min_size=1, max_size=6))
 def test_encoded_length_is_the_length_of_the_encoded_command(commands):
     """The fast path's byte count of a chunk equals the canonical encoding's, small and large arguments alike."""
-    assert sum(map(session._encoded_length, commands)) == len(b"".join(resp.encode(c) for c in commands))
+    assert sum(map(resp.encoded_length, commands)) == len(b"".join(resp.encode(c) for c in commands))
 
 
 def test_request_parser_accepts_inline_commands():
