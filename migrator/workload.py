@@ -17,6 +17,9 @@ final value of every key is known exactly from what that client was told succeed
 A command that failed has an unknown outcome: its key is listed as uncertain and audited
 leniently (a counter may be up to that many higher), and the error is reported, since the
 ledger tests require that clients see no error the source itself would not have returned.
+So has a command the client library sent again after its connection closed (it reconnects and
+retries, as applications do): the first attempt may have been applied too, so its key is
+audited leniently although the retry was acknowledged.
 """
 
 from __future__ import annotations
@@ -47,6 +50,30 @@ class ClientLedger:
     uncertain: set[str] = field(default_factory=set)
     errors: list[str] = field(default_factory=list)
     ops: int = 0
+    retried: bool = False  # the current operation was sent again after a closed connection
+
+
+class _NotingRetry(Retry):
+    """The client library's retry, which also tells the ledger that an operation was sent again."""
+
+    def __init__(self, led: ClientLedger, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._led = led
+
+    def call_with_retry(self, do, fail, *args, **kw):
+        def noted(error, *rest):
+            self._led.retried = True
+            return fail(error, *rest)
+
+        return super().call_with_retry(do, noted, *args, **kw)
+
+    def __deepcopy__(self, memo):
+        # Each connection gets its own copy of the retry; the ledger it notes to stays shared.
+        import copy
+
+        twin = copy.copy(self)
+        twin._backoff = copy.deepcopy(self._backoff, memo)
+        return twin
 
 
 @dataclass
@@ -107,7 +134,7 @@ class Workload:
         # refused or closed — e.g. while a shim restarts — but never re-send a command whose
         # reply timed out, since it may have been applied.
         c = redis.Redis.from_url(self.url, socket_timeout=30, protocol=self.protocol, decode_responses=True,
-                                 retry=Retry(ExponentialBackoff(cap=0.25, base=0.01), 40),
+                                 retry=_NotingRetry(led, ExponentialBackoff(cap=0.25, base=0.01), 40),
                                  retry_on_error=[redis.exceptions.ConnectionError])
         n = 0
         interval = 1.0 / self.rate if self.rate else 0.0
@@ -115,6 +142,7 @@ class Workload:
             while not self._stop.is_set():
                 n += 1
                 op = rng.choice(_OPS)
+                led.retried = False
                 try:
                     op(self, c, led, i, n, rng)
                     led.ops += 1
@@ -137,6 +165,8 @@ class Workload:
             led.uncertain_counters[key] += 1
             raise
         led.counters[key] += 1
+        if led.retried:
+            led.uncertain_counters[key] += 1
 
     def _rpush(self, c, led, i, n, rng):
         key = self.k(i, "list")
@@ -147,6 +177,8 @@ class Workload:
             led.uncertain.add(key)
             raise
         led.lists[key].append(uid)
+        if led.retried:
+            led.uncertain.add(key)
 
     def _hset(self, c, led, i, n, rng):
         key, fld = self.k(i, "hash"), f"f{rng.randrange(20)}"
@@ -156,6 +188,8 @@ class Workload:
             led.uncertain.add(key)
             raise
         led.hashes[key][fld] = str(n)
+        if led.retried:
+            led.uncertain.add(key)
 
     def _set_ex_then_expire_or_del(self, c, led, i, n, rng):
         key = self.k(i, "str", n)
@@ -170,6 +204,8 @@ class Workload:
             led.uncertain.add(key)
             raise
         led.strings[key] = f"v{n}"
+        if led.retried:
+            led.uncertain.add(key)
 
     def _sadd_spop(self, c, led, i, n, rng):
         key = self.k(i, "set")
@@ -182,6 +218,8 @@ class Workload:
             raise
         if popped is not None:
             led.sets[key].discard(popped)
+        if led.retried:
+            led.uncertain.add(key)
 
     def _multi(self, c, led, i, n, rng):
         ctr, lst = self.k(i, "txcounter"), self.k(i, "txlist")
@@ -195,6 +233,8 @@ class Workload:
             raise
         led.counters[ctr] += 1
         led.lists[lst].append(f"tx{n}")
+        if led.retried:
+            led.uncertain.update((ctr, lst))
 
     # --- auditing --------------------------------------------------------------------------------
     def audit(self, client: redis.Redis) -> AuditResult:
