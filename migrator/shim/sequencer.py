@@ -172,16 +172,7 @@ class Sequencer:
             self._run(())
             return
         if req.empty:
-            self.barrier_held = False
-            if self.fence and self.fence[0] is req:
-                self.fence.popleft()
-            pending, self._after_barrier = self._after_barrier, []
-            for r in pending:
-                if r.state == WAITING:
-                    r.state = 0
-                    if self.acquire_first(r):
-                        self._granted.append(r)
-            self._run(())
+            self._barrier_done(req)
             return
         locks = self.locks
         blocked = self.blocked
@@ -330,6 +321,10 @@ class Sequencer:
             return
         req.lifted = True
         self.lifted += 1
+        self._barrier_done(req)
+
+    def _barrier_done(self, req: Request) -> None:
+        """The keyless command ``req`` no longer fences: grant what waited behind it."""
         self.barrier_held = False
         if self.fence and self.fence[0] is req:
             self.fence.popleft()

@@ -187,46 +187,49 @@ def _tls_server_context(cfg) -> ssl.SSLContext | None:
     return ctx
 
 
-def load_command_table(ep) -> dict:
-    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop)."""
+def _one_shot_client(ep, timeout: float | None = None) -> redis.Redis:
     kw = client_kwargs(ep)
-    kw["socket_timeout"] = max(kw.get("socket_timeout") or 0, 10)
-    kw["retry"] = Retry(NoBackoff(), 0)  # a side that is down is retried by the poller, not here
-    client = redis.Redis(**kw)
+    if timeout is not None:
+        kw["socket_timeout"] = max(kw.get("socket_timeout") or 0, timeout)
+    kw["retry"] = Retry(NoBackoff(), 0)
+    return redis.Redis(**kw)
+
+
+def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "") -> list:
+    """Send ``commands`` on one fresh connection to ``ep`` and return their raw replies (blocking; run off the loop).
+
+    No retry: a side that is down is retried by the caller's own loop, not here.
+    """
+    client = _one_shot_client(ep, timeout)
     try:
         conn = client.connection_pool.get_connection()
         try:
-            conn.send_command("COMMAND")
-            reply = conn.read_response()
+            replies = []
+            for cmd in commands:
+                conn.send_command(*cmd)
+                replies.append(conn.read_response())
+            return replies
         finally:
             client.connection_pool.release(conn)
     except (redis.exceptions.RedisError, OSError) as e:
-        raise UnreachableError(f"{ep.display}: cannot read COMMAND ({e})") from None
+        raise UnreachableError(f"{ep.display}: cannot read {what or commands[0][0]} ({e})") from None
     finally:
         client.close()
+
+
+def load_command_table(ep) -> dict:
+    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop)."""
+    (reply,) = _raw_replies(ep, ("COMMAND",), timeout=10)
     return parse_command_reply(reply)
+
+
+def _text(x) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode()
 
 
 def read_side_info(ep) -> tuple[bytes | None, list[int]]:
     """(run_id, databases holding keys) of one endpoint (blocking; run off the loop)."""
-    kw = client_kwargs(ep)
-    kw["retry"] = Retry(NoBackoff(), 0)
-    client = redis.Redis(**kw)
-    try:
-        conn = client.connection_pool.get_connection()
-        try:
-            conn.send_command("INFO", "server")
-            server = conn.read_response()
-            conn.send_command("INFO", "keyspace")
-            keyspace = conn.read_response()
-        finally:
-            client.connection_pool.release(conn)
-    except (redis.exceptions.RedisError, OSError) as e:
-        raise UnreachableError(f"{ep.display}: cannot read INFO ({e})") from None
-    finally:
-        client.close()
-    server = server if isinstance(server, bytes) else str(server).encode()
-    keyspace = keyspace if isinstance(keyspace, bytes) else str(keyspace).encode()
+    server, keyspace = map(_text, _raw_replies(ep, ("INFO", "server"), ("INFO", "keyspace"), what="INFO"))
     dbs = [int(line[2 : line.index(b":")]) for line in keyspace.splitlines()
            if line.startswith(b"db") and b":" in line and line[2 : line.index(b":")].isdigit()]
     return run_id_of(server), dbs
@@ -234,9 +237,7 @@ def read_side_info(ep) -> tuple[bytes | None, list[int]]:
 
 def load_rdb_version(ep) -> int | None:
     """The RDB version one endpoint writes, from ``INFO server`` (blocking; None if unknown)."""
-    kw = client_kwargs(ep)
-    kw["retry"] = Retry(NoBackoff(), 0)
-    client = redis.Redis(**kw)
+    client = _one_shot_client(ep)
     try:
         return restore.server_rdb_version(client)
     finally:
