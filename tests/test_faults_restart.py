@@ -106,8 +106,16 @@ def test_a_target_restarted_empty_in_reads_on_target_blocks_the_write_cutover(wa
     src, tgt, path, pb, workload = walk()
     step(path, "advance", "--yes")  # → reads-on-target
     step(path, "check", "--full")
+    import redis
+
+    app = redis.Redis.from_url(f"redis://{pb.shim.listen}/0", socket_timeout=5)
+    app.set("probe:restart", "before")
     restart_empty(tgt)
     time.sleep(1.5)
+    # The shim saw the new run_id and marked the database dirty: reads fall back to the source
+    # instead of answering nil from the emptied target.
+    assert [app.get("probe:restart") for _ in range(20)] == [b"before"] * 20
+    app.close()
     out = step(path, "advance", "--yes", code=1)
     assert "restarted" in out and "consistency" in out and "key_counts" in out, out
     assert phase_of(pb) == "reads-on-target"
