@@ -81,3 +81,26 @@ def make_playbook(tmp_path):
         return write_playbook(tmp_path / "migrator.yaml", s, t, **sections)
 
     return make
+
+
+@pytest.fixture
+def make_env(make_playbook):
+    """Makes shims in front of two servers (``tests.test_shim_e2e.ShimEnv``); closes them after the test."""
+    from tests.test_shim_e2e import ShimEnv
+
+    made: list = []
+
+    def make(source, target, **sections):
+        env = ShimEnv(source, target, make_playbook(source, target, **sections))
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()
+
+
+@pytest.fixture
+def envs(make_env):
+    """The same as ``make_env`` (the name the fault tests use)."""
+    return make_env

@@ -16,7 +16,7 @@ import redis
 
 from migrator.phases import Phase
 from migrator.shim import list_dirty
-from tests.test_shim_e2e import make_env, wait_for  # noqa: F401 - make_env is a fixture
+from tests.test_shim_e2e import wait_for
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "shim.md"
 

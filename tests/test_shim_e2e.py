@@ -81,20 +81,6 @@ class ShimEnv:
 
 
 @pytest.fixture
-def make_env(make_playbook):
-    envs: list[ShimEnv] = []
-
-    def make(source, target, **sections) -> ShimEnv:
-        env = ShimEnv(source, target, make_playbook(source, target, **sections))
-        envs.append(env)
-        return env
-
-    yield make
-    for env in envs:
-        env.close()
-
-
-@pytest.fixture
 def env(pair, make_env):
     source, target = pair
     return make_env(source, target)

@@ -23,21 +23,7 @@ from migrator import playbook, registry
 from migrator.phases import Phase
 from migrator.shim import list_dirty
 from migrator.state import Barrier, StateStore, iso, now
-from tests.test_shim_e2e import ShimEnv, wait_for
-
-
-@pytest.fixture
-def envs(make_playbook):
-    made: list[ShimEnv] = []
-
-    def make(source, target, **sections) -> ShimEnv:
-        env = ShimEnv(source, target, make_playbook(source, target, **sections))
-        made.append(env)
-        return env
-
-    yield make
-    for env in made:
-        env.close()
+from tests.test_shim_e2e import wait_for
 
 
 def raw_exchange(port: int, payload: bytes, timeout: float = 3.0) -> bytes:

@@ -14,7 +14,6 @@ from redis.retry import Retry
 from migrator import registry
 from migrator.phases import Phase
 from migrator.shim import list_dirty
-from tests.test_shim_faults import envs  # noqa: F401 - the fixture
 from tests.test_shim_e2e import wait_for
 
 

@@ -10,10 +10,7 @@ import redis
 
 from migrator.phases import Phase
 from migrator.shim.commands import SOURCE, TARGET, parse_command_reply
-from tests.test_shim_e2e import (
-    make_env,  # noqa: F401 - the fixture
-    wait_for,
-)
+from tests.test_shim_e2e import wait_for
 from tests.test_shim_session import cmds, fake_shim
 
 HOT = [f"hot:{i}" for i in range(3)]
@@ -21,7 +18,7 @@ TWO_SIDED = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
 
 
 @pytest.fixture
-def ordered_env(server_factory, make_env):  # noqa: F811 - make_env is the imported fixture
+def ordered_env(server_factory, make_env):
     return make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from migrator.phases import Phase
 from migrator.shim import compare as cmp
-from migrator.shim import effects, resp, session
+from migrator.shim import effects, resp
 from migrator.shim.commands import (
     SOURCE,
     TARGET,

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from migrator.phases import Phase
 from migrator.shim import list_dirty, resp
-from tests.test_shim_e2e import make_env, wait_for  # noqa: F401 - make_env is a fixture
+from tests.test_shim_e2e import wait_for
 
 
 @pytest.fixture
-def env7(server_factory, make_env):  # noqa: F811 - make_env is the imported fixture
+def env7(server_factory, make_env):
     """Redis 7.0 (source) and Valkey 9.1 (target): both have FUNCTION."""
     return make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
 

@@ -11,11 +11,10 @@ import redis
 
 from migrator.phases import Phase
 from migrator.shim import list_dirty
-from tests.test_shim_e2e import make_env  # noqa: F401 - the fixture
 
 
 @pytest.fixture
-def review_env(server_factory, make_env):  # noqa: F811 - make_env is the imported fixture
+def review_env(server_factory, make_env):
     return make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
 
 

@@ -9,7 +9,6 @@ import json
 import sys
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import click
