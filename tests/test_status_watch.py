@@ -245,3 +245,29 @@ def test_a_job_whose_process_is_gone_reads_as_interrupted(server_factory, make_p
         proc.wait()
     job = progress.read(pb.state_path, "sync")
     assert job["state"] == "interrupted" and job["eta_s"] is None and 0 < job["done"] < 5000, job
+
+
+def test_watch_keeps_running_with_a_side_down_and_names_it(server_factory, make_env):
+    """A side stopped while the watch runs is shown as an alert and a failing gate; the watch keeps drawing and Ctrl-C still exits 0."""
+    src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    env = make_env(src, dst, **FAST)
+    env.set_phase(Phase.MIRRORING)
+    proc = _json_watch(env.pb.path, "--interval", "0.3")
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["sides"]["target"]["reachable"], first["alerts"]
+        dst.stop()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 30:
+            o = json.loads(proc.stdout.readline())
+            if not o["sides"]["target"]["reachable"]:
+                break
+        # The gates of the same line were evaluated with the target down (they are cheap: every line).
+        sides_live = next(g for g in o["next"]["gates"] if g["gate"] == "sides_live")
+        took = time.monotonic() - t0
+    finally:
+        rc, err = _stop(proc)
+    assert rc == 0 and "Traceback" not in err, err
+    assert not o["sides"]["target"]["reachable"] and any("target" in a and "unreachable" in a for a in o["alerts"]), o["alerts"]
+    assert not o["next"]["allowed"] and not sides_live["passed"] and "target" in sides_live["evidence"], sides_live
+    assert took < 10, f"the watch took {took:.1f}s to show the side down"

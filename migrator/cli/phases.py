@@ -266,11 +266,13 @@ def _watch(pb, output: str, interval: float) -> None:
 
     def sample() -> dict:
         nonlocal last, due
-        fresh = time.monotonic() >= due
+        t0 = time.monotonic()
+        fresh = t0 >= due
         st = command.status(pb, gates=fresh)
         if fresh:
             last = st["next"]
-            due = time.monotonic() + max(interval, GATES_COST_FACTOR * last["took_s"])
+            # From this sample's start, so that cheap gates are fresh in every sample.
+            due = t0 + max(interval, GATES_COST_FACTOR * last["took_s"]) - interval / 10
             last["_at"] = time.monotonic()
         st["next"] = {k: v for k, v in last.items() if k != "_at"}
         st["next"]["age_s"] = round(time.monotonic() - last["_at"], 1)
