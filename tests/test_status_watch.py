@@ -20,6 +20,7 @@ from pathlib import Path
 
 from migrator.data import check, progress, sync
 from migrator.phases import Phase
+from tests.helpers import run_cli
 from tests.test_cli_terminal import _ANSI
 from tests.test_data_helpers import FAST, bulk, load
 
@@ -271,3 +272,12 @@ def test_watch_keeps_running_with_a_side_down_and_names_it(server_factory, make_
     assert not o["sides"]["target"]["reachable"] and any("target" in a and "unreachable" in a for a in o["alerts"]), o["alerts"]
     assert not o["next"]["allowed"] and not sides_live["passed"] and "target" in sides_live["evidence"], sides_live
     assert took < 10, f"the watch took {took:.1f}s to show the side down"
+
+
+def test_interval_without_watch_or_below_its_bound_is_a_usage_error(tmp_path, make_playbook):
+    """--interval without --watch, or below 0.1 s, is refused with one line and exit 2 before anything is probed."""
+    path = make_playbook("redis://127.0.0.1:1", "redis://127.0.0.1:2")
+    r = run_cli("status", "--interval", "2", playbook=path)
+    assert r.returncode == 2 and "--interval is only meaningful with --watch" in r.stderr, r.stderr
+    r = run_cli("status", "--watch", "--interval", "0", playbook=path)
+    assert r.returncode == 2 and "--interval" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -166,14 +166,16 @@ def rollback(ctx: Ctx, yes: bool, dry_run: bool, override: tuple[str, ...], reas
 @with_playbook
 @output_option
 @click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C (which exits 0).")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, metavar="SECONDS",
-              help="With --watch: seconds between redraws (or JSON lines).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="With --watch: seconds between redraws (or JSON lines); default 1.")
 @pass_ctx
-def status(ctx: Ctx, output: str, watch: bool, interval: float) -> None:
+def status(ctx: Ctx, output: str, watch: bool, interval: float | None) -> None:
     """Show the phase, time in phase, history and the running shims (live with --watch)."""
+    if interval is not None and not watch:
+        raise UsageError("--interval is only meaningful with --watch")
     pb = ctx.load_playbook()
     if watch:
-        _watch(pb, output, interval)
+        _watch(pb, output, 1.0 if interval is None else interval)
         return
     st = command.status(pb)
     if output == "json":
