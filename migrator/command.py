@@ -602,8 +602,10 @@ def _revert(pb: Playbook, store: StateStore, state: State, failure: actions_mod.
                        f"restoring {t.from_phase}: {back.evidence()}")
 
 
-def status(pb: Playbook) -> dict[str, Any]:
-    """The migration's phase, time in it, pending transition, history, shims and both sides now. Read-only."""
+def status(pb: Playbook, gates: bool = False) -> dict[str, Any]:
+    """The migration's phase, time in it, pending transition, history, shims and both sides now,
+    the mirror's compared replies, dirty keys and any running sync or check; with ``gates``, the
+    next step's gates evaluated now (read-only). Read-only."""
     store = store_for(pb)
     state = store.load()
     shims = registry.read_all(store.dir)
@@ -611,7 +613,7 @@ def status(pb: Playbook) -> dict[str, Any]:
     # status must answer quickly even with a side stopped: at most 2 s per side.
     ctx = gates_mod.make_context(pb, store, state, read_only=True, probe_timeout=min(2.0, pb.source.connect_timeout.total_seconds()))
     alerts = _alerts(ctx)
-    return {
+    out = {
         "migration": pb.name,
         "playbook": str(pb.path),
         "state_dir": str(store.dir),
@@ -637,6 +639,51 @@ def status(pb: Playbook) -> dict[str, Any]:
             for s in shims
         ],
         "other_side": _other_side(state.phase, shims, alerts),
+    }
+    out.update(_live(ctx))
+    if gates:
+        out["next"] = next_gates(ctx)
+    return out
+
+
+def _live(ctx: gates_mod.GateContext) -> dict[str, Any]:
+    """What ``status --watch`` follows besides the phase: the mirror's comparisons in this
+    generation, keys awaiting repair, and the last sync and check (running or not)."""
+    from migrator.data import dirty as dirtymod
+    from migrator.data import progress
+    from migrator.shim.divergence import read_counters
+
+    c = read_counters(ctx.store.dir, ctx.state.generation)
+    return {
+        "mirror": {"generation": c["generation"], "compared": c["compared"], "divergent": c["divergent"],
+                   "divergence_rate": round(c["divergent"] / c["compared"], 6) if c["compared"] else None,
+                   "by_kind": {k: v for k, v in c["by_kind"].items() if v}, "awaiting_repair": c["awaiting_repair"]},
+        "dirty_keys": dirtymod.list_dirty(ctx.store.dir).count,
+        "jobs": {kind: progress.read(ctx.store.dir, kind) for kind in ("sync", "check")},
+    }
+
+
+def next_gates(ctx: gates_mod.GateContext) -> dict[str, Any]:
+    """The next advance's gates evaluated now, read-only (what ``plan`` shows), with how long
+    that took and the time-in-phase gates' elapsed and required durations."""
+    import time
+
+    step, why_not = _next_step(ctx.state, "advance")
+    if step is None:
+        return {"step": None, "note": why_not, "gates": [], "allowed": False, "durations": [],
+                "evaluated_at": iso(now()), "took_s": 0.0}
+    t0 = time.monotonic()
+    try:
+        results = gates_mod.evaluate(step.gates, ctx)
+    except UnreachableError as e:  # a side down is what a watcher must see, not the end of the watch
+        results = [gates_mod.GateResult("(gates)", False, f"not evaluated: {e.message}")]
+    return {
+        "step": step.name, "from": ctx.state.phase.value, "to": step.dest.value,
+        "gates": [g.to_json() for g in results],
+        "allowed": all(g.passed for g in results),
+        "durations": [{"gate": g.name, "elapsed_s": round(g.data["elapsed_s"], 1), "required_s": g.data["required_s"]}
+                      for g in results if "required_s" in g.data and "elapsed_s" in g.data],
+        "evaluated_at": iso(now()), "took_s": round(time.monotonic() - t0, 3),
     }
 
 

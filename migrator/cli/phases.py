@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
 from migrator import command
 from migrator.cli import Ctx, cli, emit_json, output_option, pass_ctx, with_playbook
+from migrator.durations import format_duration
 from migrator.errors import UsageError
 from migrator.gates import GateResult
 from migrator.redact import redact
@@ -31,6 +35,10 @@ def render_gates(con: Console, gates: list[GateResult]) -> None:
     if not gates:
         con.print("  (no gates)")
         return
+    con.print(_gates_table(gates))
+
+
+def _gates_table(gates: list[GateResult]) -> Table:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("gate")
     table.add_column("result")
@@ -38,7 +46,7 @@ def render_gates(con: Console, gates: list[GateResult]) -> None:
     for g in gates:
         ev = g.evidence + (f" — override reason: {g.override_reason}" if g.overridden else "")
         table.add_row(escape(g.name), _mark(g.passed, g.overridden), escape(redact(ev)))
-    con.print(table)
+    return table
 
 
 def render_plan(con: Console, p: command.PlanResult) -> None:
@@ -157,39 +165,147 @@ def rollback(ctx: Ctx, yes: bool, dry_run: bool, override: tuple[str, ...], reas
 @cli.command()
 @with_playbook
 @output_option
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C (which exits 0).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+              help="With --watch: seconds between redraws (or JSON lines); default 1.")
 @pass_ctx
-def status(ctx: Ctx, output: str) -> None:
-    """Show the phase, time in phase, history and the running shims."""
-    st = command.status(ctx.load_playbook())
+def status(ctx: Ctx, output: str, watch: bool, interval: float | None) -> None:
+    """Show the phase, time in phase, history and the running shims (live with --watch)."""
+    if interval is not None and not watch:
+        raise UsageError("--interval is only meaningful with --watch")
+    pb = ctx.load_playbook()
+    if watch:
+        _watch(pb, output, 1.0 if interval is None else interval)
+        return
+    st = command.status(pb)
     if output == "json":
         emit_json(st)
         return
     con = console()
-    con.print(f"[bold]Migration {escape(st['migration'])}[/]  {escape(st['source'])} → {escape(st['target'])}")
-    con.print(f"Phase: [bold]{st['phase']}[/] for {st['time_in_phase']} (since {st['phase_since']}, generation {st['generation']})")
+    for part in status_view(st):
+        con.print(part)
+
+
+def status_view(st: dict, history: int = 10) -> list[RenderableType]:
+    """``command.status`` as lines and tables, for ``status`` and each redraw of ``status --watch``."""
+    out: list[RenderableType] = []
+    line = out.append
+    line(f"[bold]Migration {escape(st['migration'])}[/]  {escape(st['source'])} → {escape(st['target'])}")
+    line(f"Phase: [bold]{st['phase']}[/] for {st['time_in_phase']} (since {st['phase_since']}, generation {st['generation']})")
+    nxt = st.get("next")
+    for d in (nxt or {}).get("durations", []):
+        left = d["required_s"] - d["elapsed_s"]
+        line(f"  {escape(d['gate'])}: {format_duration(d['elapsed_s'])} of {format_duration(d['required_s'])}"
+             + (f" ({format_duration(left)} to go)" if left > 0 else " [green](met)[/]"))
     if st["endpoints_changed"]:
-        con.print("[red]The playbook's endpoints differ from the ones this migration started with.[/]")
+        line("[red]The playbook's endpoints differ from the ones this migration started with.[/]")
     if st["note"]:
-        con.print(f"[yellow]Note:[/] {escape(st['note'])}")
-    con.print(f"Other side: {escape(st['other_side'])}")
+        line(f"[yellow]Note:[/] {escape(st['note'])}")
+    line(f"Other side: {escape(st['other_side'])}")
     for a in st.get("alerts", []):
-        con.print(f"  [red]![/] {escape(a)}")
+        line(f"  [red]![/] {escape(a)}")
     for role, side in st.get("sides", {}).items():
         if side["reachable"]:
-            con.print(f"  {role}: run_id {(side['run_id'] or '?')[:8]}, up {side['uptime_s']}s, {side['keys']:,} keys")
+            line(f"  {role}: run_id {(side['run_id'] or '?')[:8]}, up {side['uptime_s']}s, {side['keys']:,} keys")
     if st["shims"]:
         table = Table("shim", "listen", "liveness", "applied", "current", "queued", "dirty", box=None, header_style="bold")
         for s in st["shims"]:
             table.add_row(escape(s["id"]), escape(s["listen"]), f"{s['liveness']} ({s['heartbeat_age_s']}s)",
                           f"{s['applied_phase']} (gen {s['applied_generation']})", "yes" if s["current"] else "[red]no[/]",
                           str(s["pending_shadow"]), str(s["dirty_keys"]))
-        con.print(table)
+        out.append(table)
     else:
-        con.print("Shims: none running")
-    if st["history"]:
-        con.print("History:")
-        for h in st["history"][-10:]:
-            con.print(f"  {h['completed_at']}  {h['direction']:<8} {h['from']} → {h['to']}  by {h['operator']}")
+        line("Shims: none running")
+    m = st.get("mirror")
+    if m:
+        rate = "-" if m["divergence_rate"] is None else f"{m['divergence_rate']:.4%}"
+        kinds = ", ".join(f"{k} {v}" for k, v in m["by_kind"].items())
+        line(f"Mirror (generation {m['generation']}): {m['compared']:,} replies compared, "
+             f"{'[red]' if m['divergent'] else ''}{m['divergent']:,} divergent{'[/]' if m['divergent'] else ''} "
+             f"(rate {rate}){f' — {kinds}' if kinds else ''}")
+        line(f"Dirty keys: {'[red]' if st['dirty_keys'] else ''}{st['dirty_keys']:,}{'[/]' if st['dirty_keys'] else ''}")
+    for kind, job in (st.get("jobs") or {}).items():
+        if job:
+            line(f"{kind.capitalize()}: {_job_line(job)}")
+    if nxt is not None:
+        if nxt["step"] is None:
+            line(f"Next: {escape(nxt.get('note') or 'no further step')}")
+        else:
+            verdict = "[green]advance is allowed now[/]" if nxt["allowed"] else "[red]advance would be refused[/]"
+            line(f"Next advance: [bold]{nxt['from']} → {nxt['to']}[/] ({nxt['step']}): {verdict} "
+                 f"(gates evaluated {nxt.get('age_s', 0):.0f}s ago in {nxt['took_s']:.2f}s)")
+            out.append(_gates_table([GateResult(g["gate"], g["passed"], g["evidence"], g.get("data") or {},
+                                                g.get("overridden", False), g.get("override_reason"))
+                                     for g in nxt["gates"]]))
+    if st["history"] and history:
+        line("History:")
+        for h in st["history"][-history:]:
+            line(f"  {h['completed_at']}  {h['direction']:<8} {h['from']} → {h['to']}  by {h['operator']}")
+    return out
+
+
+def _job_line(job: dict) -> str:
+    """One sync or check from its progress file (``migrator.data.progress``)."""
+    done, total = job.get("done", 0), job.get("total", 0)
+    count = f"{done:,}/{total:,} keys ({job['percent']:.1f}%)" if job.get("percent") is not None else f"{done:,} keys"
+    head = f"{job['mode']} {job['state']}"
+    if job["state"] == "running":
+        eta = f"ETA {format_duration(job['eta_s'])}" if job.get("eta_s") is not None else "ETA unknown"
+        return f"[bold]{head}[/], {count}, {job.get('rate', 0):,.0f} keys/s, {eta} (pid {job.get('pid')}, {job.get('elapsed_s', 0):.0f}s in)"
+    color = {"complete": "green", "finished": "green"}.get(job["state"], "yellow")
+    return f"[{color}]{head}[/] at {job.get('updated_at', '?')}, {count}"
+
+
+# Gates are re-evaluated at most every GATES_COST_FACTOR times what their last evaluation took
+# (and at least every --interval): slow gates (a side timing out) cannot load the servers.
+GATES_COST_FACTOR = 10
+
+
+def _watch(pb, output: str, interval: float) -> None:
+    """Redraw ``status`` (or print one JSON line) every ``interval`` seconds; Ctrl-C ends it, exit 0."""
+    last: dict | None = None
+    due = 0.0
+
+    def sample() -> dict:
+        nonlocal last, due
+        t0 = time.monotonic()
+        fresh = t0 >= due
+        st = command.status(pb, gates=fresh)
+        if fresh:
+            last = st["next"]
+            # From this sample's start, so that cheap gates are fresh in every sample.
+            due = t0 + max(interval, GATES_COST_FACTOR * last["took_s"]) - interval / 10
+            last["_at"] = time.monotonic()
+        st["next"] = {k: v for k, v in last.items() if k != "_at"}
+        st["next"]["age_s"] = round(time.monotonic() - last["_at"], 1)
+        return st
+
+    def pause(t0: float) -> None:
+        time.sleep(max(0.0, interval - (time.monotonic() - t0)))
+
+    try:
+        if output == "json":
+            while True:
+                t0 = time.monotonic()
+                click.echo(json.dumps(redact(sample()), default=str))
+                sys.stdout.flush()
+                pause(t0)
+        con = console()
+        if not con.is_terminal:  # piped: each redraw printed in turn
+            while True:
+                t0 = time.monotonic()
+                for part in status_view(sample(), history=3):
+                    con.print(part)
+                con.print()
+                sys.stdout.flush()
+                pause(t0)
+        with Live(Group(*status_view(sample(), history=3)), console=con, auto_refresh=False) as live:
+            while True:
+                t0 = time.monotonic()
+                pause(t0)
+                live.update(Group(*status_view(sample(), history=3)), refresh=True)
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a watch ends: not an error
 
 
 @cli.command()

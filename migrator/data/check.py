@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from migrator import reports, sides
 from migrator.connect import connect
 from migrator.data import compare, render, stats, values
 from migrator.data import dirty as dirtymod
+from migrator.data import progress as progress_mod
 from migrator.data.copy import Copier, detect_method
 from migrator.data.failures import server_errors
 from migrator.data.keyspace import (
@@ -123,6 +125,7 @@ class _Run:
     ttl_deltas: list[int] = field(default_factory=list)
     transient: int = 0
     in_flux: int = 0
+    progress: progress_mod.Publisher | None = None  # for `migrator status --watch`
 
     def open(self, db: int) -> _Db:
         src, dst = connect(self.pb.source, "source", db=db), connect(self.pb.target, "target", db=db)
@@ -150,10 +153,12 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         _refuse_repair_from_a_loss(playbook, store, state)
     from migrator.compat import ownstats
 
-    with ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"), \
+    pub = progress_mod.Publisher(playbook.state_path, "check", "full" if full else "sample")
+    pub.update(0, force=True)
+    with _finished(pub), ThreadPoolExecutor(max_workers=2 * IN_FLIGHT) as pool, server_errors("check"), \
             ownstats.recording(playbook.state_path, connect(playbook.source, "source")):
         r = _Run(playbook, rounds or cfg.rounds, cfg.interval.total_seconds() if interval is None else interval,
-                 int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool)
+                 int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool, progress=pub)
         selection = Selection.from_config(playbook.sync)
         src0, dst0 = connect(playbook.source, "source"), connect(playbook.target, "target")
         dbs = databases(selection, src0, dst0)
@@ -161,6 +166,8 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         counts = {db: {"source": src_sizes.get(db, 0), "target": dst_sizes.get(db, 0)} for db in dbs}
         n = sample or cfg.sample
         plan = _plan(dbs, src_sizes, dst_sizes, None if full else n)
+        pub.update(0, sum(max(src_sizes.get(db, 0), dst_sizes.get(db, 0)) if plan[db] is None else sum(plan[db])
+                          for db in dbs), force=True)
         mismatches: list[Mismatch] = []
         for db in dbs:
             mismatches += _check_db(r, r.open(db), _keys(r.open(db), selection, plan[db]))
@@ -193,6 +200,18 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
     result.report_id = ref.id
     return result
+
+
+@contextlib.contextmanager
+def _finished(pub: progress_mod.Publisher):
+    """The progress file says how the check ended: compared every key, or failed/interrupted."""
+    try:
+        yield
+    except BaseException as e:
+        pub.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
+    pub.update(pub.done, max(pub.total, pub.done), force=True)
+    pub.finish("finished")
 
 
 def _walked(selection: Selection, dbs: list[int], playbook: Playbook) -> list[int]:
@@ -316,6 +335,8 @@ def _check_db(r: _Run, d: _Db, batches) -> list[Mismatch]:
 def _classify(r: _Run, d: _Db, keys: list[bytes], fs, fd, differing: dict[bytes, tuple]) -> None:
     s_states, d_states = fs.result(), fd.result()
     r.checked += len(keys)
+    if r.progress:
+        r.progress.update(r.checked)
     tol, deltas = r.ttl_tolerance_ms, r.ttl_deltas
     for k, s, t in zip(keys, s_states, d_states):
         expiring = s.pttl >= 0 and t.pttl >= 0

@@ -27,6 +27,7 @@ from migrator import reports, sides
 from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
+from migrator.data import progress as progress_mod
 from migrator.data import watch as watchmod
 from migrator.data.copy import DUMP, Copier, CopyResult, detect_method
 from migrator.data.failures import server_errors
@@ -183,16 +184,32 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
         lock.acquire()
     except Timeout:
         raise LockedError(f"another migrator sync is running on {state_dir}; wait for it to finish") from None
+    # For `migrator status --watch`: keys done of the expected total, rate and ETA (``progress``).
+    pub = progress_mod.Publisher(state_dir, cpmod.SYNC_DIR, "dirty" if dirty else "full")
+    outcome = "failed"
+
+    def publish(p: SyncProgress) -> None:
+        pub.update(p.keys, p.total_keys)
+        if progress:
+            progress(p)
+
     try:
-        r = _Run(playbook, rate, batch, progress, chunk, settle)
+        pub.update(0, force=True)
+        r = _Run(playbook, rate, batch, publish, chunk, settle)
         r.keyspace_events = keyspace_events
         from migrator.compat import ownstats
 
         with server_errors("sync"), ownstats.recording(state_dir, connect(playbook.source, "source")):
             result = _run_dirty(r) if dirty else _run_full(r, restart)
         result.report_id = _write_report(playbook, result)
+        pub.update(result.keys, max(pub.total, result.keys), force=True)
+        outcome = "complete" if result.complete else "incomplete"
         return result
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
     finally:
+        pub.finish(outcome)
         lock.release()
 
 
