@@ -94,7 +94,7 @@ def test_alert_rules_and_scrape_config_pass_promtool_check():
     """`promtool check config` accepts the lab's prometheus.yml and the alerts.yml it loads."""
     promtool = _tool("promtool")
     r = subprocess.run([promtool, "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS: 8 rules found" in r.stdout, r.stdout
 
@@ -103,7 +103,7 @@ def test_alert_rules_pass_their_unit_tests():
     """`promtool test rules` passes, and every alert rule has a test in which it fires."""
     promtool = _tool("promtool")
     r = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=PROMETHEUS_DIR,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     rules = {rule["alert"] for g in _yaml(PROMETHEUS_DIR / "alerts.yml")["groups"]
              for rule in g["rules"]}
