@@ -15,9 +15,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
-from migrator import servers
+from migrator import playbook, registry, servers
 from migrator.phases import Phase
-from tests.helpers import wait_for
+from migrator.state import StateStore
+from tests.conftest import write_playbook
+from tests.helpers import start_cli, wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -166,6 +168,42 @@ def test_phase_side_and_queue_gauges_follow_the_shim(shim_env):
     wait_for(lambda: sample("migrator_shim_side_up", side="target") == 0, timeout=10, what="target reported down")
     assert time.monotonic() - t0 < 10
     assert sample("migrator_shim_side_up", side="source") == 1
+
+
+def test_workers_supervisor_exports_the_same_metrics(shim_env, server_factory, tmp_path):
+    """With --workers 2 the supervisor's /metrics has the single shim's metrics, the laggard's generation and both bounds."""
+    single = set(_exported(shim_env))
+    (tmp_path / "workers").mkdir()
+    pb_path = write_playbook(tmp_path / "workers" / "migrator.yaml", shim_env.source.url, shim_env.target.url,
+                             shim={"mirror_queue_size": 500})
+    pb = playbook.load(pb_path)
+    proc = start_cli("shim", "--workers", "2", playbook=pb_path)
+    try:
+        wait_for(lambda: len(registry.read_all(pb.state_path)) == 2, timeout=20, what="two workers registered")
+        store = StateStore(pb.state_path, pb.name)
+        st = store.load()
+        st.phase, st.generation = Phase.MIRRORING, st.generation + 1
+        store.save(st)
+        assert registry.await_ack(pb.state_path, st.generation, 5).ok
+
+        def samples() -> dict[tuple, float]:
+            with urllib.request.urlopen(f"http://{pb.shim.admin}/metrics", timeout=5) as r:
+                families = list(text_string_to_metric_families(r.read().decode()))
+            assert {f.name for f in families} == single
+            return {(s.name, *sorted(s.labels.values())): s.value for f in families for s in f.samples}
+
+        # The workers' statuses reach the supervisor at their next heartbeat.
+        wait_for(lambda: samples().get(("migrator_shim_applied_generation", "mirroring")) == st.generation,
+                 timeout=5, what="both workers' applied generation")
+        got = samples()
+        assert got[("migrator_shim_state_generation", "mirroring")] == st.generation
+        assert got[("migrator_shim_mirror_queue_limit",)] == 1000
+        assert got[("migrator_shim_side_up", "source")] == 1 and got[("migrator_shim_side_up", "target")] == 1
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
 
 
 def test_a_real_prometheus_scrapes_the_shim(shim_env, tmp_path):
