@@ -209,7 +209,7 @@ def test_workers_supervisor_exports_the_same_metrics(shim_env, server_factory, t
 
 
 def test_a_real_prometheus_scrapes_the_shim(shim_env, tmp_path):
-    """A real Prometheus scraping the shim's /metrics (1s interval) answers a query with the shim's own count."""
+    """A real Prometheus scraping the shim's /metrics (1s interval) answers a query with the shim's count and raises MigratorSideDown when the target stops."""
     prometheus = _tool("prometheus")
     env = shim_env
     env.flush()
@@ -264,6 +264,18 @@ def test_a_real_prometheus_scrapes_the_shim(shim_env, tmp_path):
         assert {r["name"] for r in rules()} >= REQUIRED_ALERTS
         wait_for(lambda: all(r["state"] == "inactive" and r.get("lastEvaluation", "").startswith("2")
                              for r in rules()), timeout=10, what="no alert active on a healthy shim")
+        # The target stops: the real shim's series raise MigratorSideDown for it (pending for its 30s).
+        for c in env.clients:
+            c.close()
+        env.target.stop()
+
+        def side_down() -> list[dict]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=5) as r:
+                return [a for a in json.load(r)["data"]["alerts"] if a["labels"]["alertname"] == "MigratorSideDown"]
+
+        wait_for(side_down, timeout=15, interval=0.2, what="MigratorSideDown raised by prometheus")
+        [alert] = side_down()
+        assert alert["labels"]["side"] == "target" and alert["state"] == "pending", alert
     finally:
         proc.terminate()
         try:
