@@ -205,8 +205,8 @@ class StatsCollector:
             up.add_metric([side], 1 if ok else 0)
         yield up
         if "mirror_queue_limit" in extra:
-            yield GaugeMetricFamily("migrator_shim_mirror_queue_limit",
-                                    "Bound of the mirror queue (shim.mirror_queue_size): at it, clients that mirror are no longer read",
+            yield GaugeMetricFamily("migrator_shim_mirror_queue_limit", "Bound of the mirror queue "
+                                    "(shim.mirror_queue_size): at it, clients that mirror are no longer read",
                                     value=extra["mirror_queue_limit"])
 
 
