@@ -194,6 +194,20 @@ class StatsCollector:
         if "phase" in extra:
             g.add_metric([extra["phase"]], extra.get("generation", 0))
         yield g
+        sg = GaugeMetricFamily("migrator_shim_state_generation",
+                               "Newest phase generation the shim has read from the state file", labels=["phase"])
+        if "state_phase" in extra:
+            sg.add_metric([extra["state_phase"]], extra.get("state_generation", 0))
+        yield sg
+        up = GaugeMetricFamily("migrator_shim_side_up", "1 if the shim reaches the side, 0 if its connections or "
+                               "its probe fail", labels=["side"])
+        for side, ok in sorted(extra.get("sides_up", {}).items()):
+            up.add_metric([side], 1 if ok else 0)
+        yield up
+        if "mirror_queue_limit" in extra:
+            yield GaugeMetricFamily("migrator_shim_mirror_queue_limit", "Bound of the mirror queue "
+                                    "(shim.mirror_queue_size): at it, clients that mirror are no longer read",
+                                    value=extra["mirror_queue_limit"])
 
 
 def render(get_stats, get_extra=dict) -> bytes:

@@ -315,6 +315,9 @@ class Shim:
         # Each side's run_id as last seen (INFO server on every upstream connection in a two-sided
         # phase, and every heartbeat): a new one is a restart (see side_restarted).
         self.run_ids: list[bytes | None] = [None, None]
+        # Whether each side answered the last background INFO probe (None: not probed yet): a
+        # side can be down while no client connection has tried it (migrator_shim_side_up).
+        self.side_reachable: list[bool | None] = [None, None]
         self.restarts: list[list[dict]] = [[], []]
         self.known_dbs: tuple[set[int], set[int]] = (set(), set())  # databases each side had keys in
         self._info_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migrator-shim-info")
@@ -603,9 +606,11 @@ class Shim:
             try:
                 run_id, dbs = await self.loop.run_in_executor(self._info_pool, read_side_info, self.endpoints[side])
             except UnreachableError:
+                self.side_reachable[side] = False
                 continue  # down: its connections say so; the run_id is read when it is back
             except (RuntimeError, concurrent.futures.CancelledError):
                 return  # stopping: the thread pool is shut down
+            self.side_reachable[side] = True
             if run_id is not None:
                 self.note_run_id(side, run_id)
             if self.run_ids[side] == run_id:
@@ -802,8 +807,15 @@ class Shim:
             return metrics.Stats.merge([self.stats.snapshot(), *self.extra_stats()])
         return self.stats
 
+    def side_up(self, side: int) -> bool:
+        """Neither a client connection nor the last probe failed to reach ``side``."""
+        return not self.health[side].failures and self.side_reachable[side] is not False
+
     def _extra(self) -> dict[str, Any]:
-        return {"phase": str(self.applied_phase), "generation": self.applied_generation}
+        return {"phase": str(self.applied_phase), "generation": self.applied_generation,
+                "state_phase": str(self.phase), "state_generation": self.generation,
+                "sides_up": {SIDE_NAMES[i]: self.side_up(i) for i in (SOURCE, TARGET)},
+                "mirror_queue_limit": self.cfg.mirror_queue_size}
 
     def counters(self) -> dict[str, Any]:
         st = self.stats
@@ -846,6 +858,7 @@ class Shim:
             "clients_paused": sum(1 for x in self.sessions if x.paused),
             "latency": lat,
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
+                                      "reachable": self.side_reachable[i], "up": self.side_up(i),
                                       "command_table": self.table.loaded(i),
                                       "run_id": self.run_ids[i].decode(errors="replace") if self.run_ids[i] else None,
                                       "restarts": list(self.restarts[i])} for i in (SOURCE, TARGET)},

@@ -83,6 +83,20 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
     def merged() -> metrics.Stats:
         return metrics.Stats.merge(s["snapshot"] for s in _read_snapshots(playbook, ids))
 
+    def extra() -> dict:
+        """The workers' phase figures for /metrics: the laggard's applied generation, the newest
+        generation any read, a side up only if every worker reaches it, the sum of their queue bounds."""
+        statuses = [s["status"] for s in _read_snapshots(playbook, ids)]
+        if len(statuses) < workers:  # a worker that has not reported has applied nothing yet
+            return {"mirror_queue_limit": playbook.shim.mirror_queue_size * workers}
+        low = min(statuses, key=lambda x: x.get("applied_generation", -1))
+        high = max(statuses, key=lambda x: x.get("generation", -1))
+        sides = {name: all(x.get("sides", {}).get(name, {}).get("up", True) for x in statuses)
+                 for name in ("source", "target")}
+        return {"phase": low.get("applied_phase", ""), "generation": low.get("applied_generation", -1),
+                "state_phase": high.get("phase", ""), "state_generation": high.get("generation", -1),
+                "sides_up": sides, "mirror_queue_limit": playbook.shim.mirror_queue_size * workers}
+
     def status() -> dict:
         snaps = _read_snapshots(playbook, ids)
         st = metrics.Stats.merge(s["snapshot"] for s in snaps)
@@ -103,7 +117,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
             try:
                 with bind_errors(admin, "--admin", "shim.admin", "or --admin '' to disable it"):
                     server = await admin_http.start(ahost, aport, {
-                        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged)),
+                        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", metrics.render(merged, extra)),
                         "/status": admin_http.json_route(status),
                     })
             except UsageError:
