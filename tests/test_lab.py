@@ -120,7 +120,28 @@ def test_every_image_is_pinned_and_every_mounted_file_exists():
     assert not missing, f"mounted paths missing from the repo: {missing}"
 
 
-def test_services_agree_with_the_lab_playbook():
+def shim_argv(tmp_path: Path) -> list[str]:
+    """What the shim service's entrypoint runs: its shell script, executed with a stand-in `migrator`."""
+    svc = compose()["services"]["shim"]
+    entry = [a.replace("$$", "$") for a in argv(svc)]  # compose's escape for a literal $
+    assert entry[:2] == ["sh", "-c"]
+    fake = tmp_path / "bin" / "migrator"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(entry, capture_output=True, text=True, timeout=30,
+                       env={"PATH": f"{fake.parent}:/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_the_shim_registers_under_a_new_id_at_every_start(tmp_path):
+    """Each start of the shim container runs `migrator shim --id lab-shim-<time>-<random>`, never the same id twice."""
+    ids = {shim_argv(tmp_path)[2] for _ in range(3)}
+    assert len(ids) == 3 and all(re.fullmatch(r"lab-shim-\d{8}T\d{6}-[0-9a-f]{6}", i) for i in ids), ids
+
+
+def test_services_agree_with_the_lab_playbook(tmp_path):
     """The shim's command, ports, playbook path, password variable and state volume match the lab playbook."""
     doc = compose()
     services = doc["services"]
@@ -144,9 +165,9 @@ def test_services_agree_with_the_lab_playbook():
         assert ("volume:migrator-state", str(pb.state_dir)) in mounts(svc), name
 
     shim = services["shim"]
-    cmd = argv(shim)
-    assert cmd[:2] == ["migrator", "shim"] and "--listen" not in cmd and "--admin" not in cmd
-    _parses(cmd[1:])
+    cmd = shim_argv(tmp_path)
+    assert cmd[:2] == ["shim", "--id"] and "--listen" not in cmd and "--admin" not in cmd
+    _parses(cmd)
     published = {int(p.rsplit(":", 1)[1]) for p in shim["ports"]}
     assert published == {listen_port, admin_port}
     assert all(p.startswith("127.0.0.1:") for p in shim["ports"]), "the lab publishes on loopback only"
