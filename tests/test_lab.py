@@ -22,10 +22,10 @@ import click
 import pytest
 from ruamel.yaml import YAML
 
-from migrator import playbook
+from migrator import playbook, registry, servers
 from migrator.cli import cli
 from migrator.workload import main as workload_main
-from tests.helpers import run_cli
+from tests.helpers import run_cli, start_cli, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -125,7 +125,7 @@ def shim_argv(tmp_path: Path) -> list[str]:
     svc = compose()["services"]["shim"]
     entry = [a.replace("$$", "$") for a in argv(svc)]  # compose's escape for a literal $
     assert entry[:2] == ["sh", "-c"]
-    fake = tmp_path / "bin" / "migrator"
+    fake = tmp_path / "fakebin" / "migrator"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
@@ -240,14 +240,18 @@ def test_lab_playbook_passes_validation_and_requires_the_shim_password():
     assert any("shim.password_env: environment variable SHIM_PASSWORD is not set" in p for p in e.value.problems)
 
 
-def _local_lab_playbook(tmp_path: Path, src, tgt) -> Path:
-    """The lab playbook with only what the compose network provides replaced by local equivalents."""
+def _local_lab_playbook(tmp_path: Path, src, tgt) -> tuple[Path, int, int]:
+    """The lab playbook with only what the compose network provides replaced by local equivalents.
+
+    Returns the copy's path and the shim's client and admin ports (free loopback ports).
+    """
+    listen, admin = servers.free_port(), servers.free_port()
     text = LAB_PLAYBOOK.read_text()
     replaced = {
         '"redis://redis:6379/0"': f'"redis://127.0.0.1:{src.port}/0"',
         '"redis://valkey:6379/0"': f'"redis://127.0.0.1:{tgt.port}/0"',
-        '"0.0.0.0:6380"': '"127.0.0.1:0"',
-        '"0.0.0.0:9121"': '"127.0.0.1:0"',
+        '"0.0.0.0:6380"': f'"127.0.0.1:{listen}"',
+        '"0.0.0.0:9121"': f'"127.0.0.1:{admin}"',
         "/var/lib/migrator/state": str(tmp_path / "state"),
         '["python", "/lab/app_test.py"]': f'["{sys.executable}", "{ROOT / "deploy/lab/app_test.py"}"]',
     }
@@ -256,25 +260,71 @@ def _local_lab_playbook(tmp_path: Path, src, tgt) -> Path:
         text = text.replace(old, new)
     path = tmp_path / "migrator.yaml"
     path.write_text(text)
-    return path
+    return path, listen, admin
 
 
-def test_lab_playbook_plans_and_takes_its_compatibility_step_against_real_servers(tmp_path, server_factory):
-    """Against a real Redis 7 and Valkey 8.1, `plan` accepts the lab playbook and the first `advance` passes."""
+def test_lab_walks_plan_compat_mirroring_sync_and_check_with_its_app_on_real_servers(tmp_path, server_factory):
+    """On a real Redis 7 and Valkey 8.1 the lab's playbook, shim, healthcheck and app command take the first steps."""
     src, tgt = server_factory("redis-7.0"), server_factory("valkey-8.1")
-    path = _local_lab_playbook(tmp_path, src, tgt)
-    env = {"SHIM_PASSWORD": lab_env()["SHIM_PASSWORD"]}  # not MIGRATOR_PLAYBOOK: the copy is given with -p
+    path, listen, admin = _local_lab_playbook(tmp_path, src, tgt)
+    state = tmp_path / "state"
+    password = lab_env()["SHIM_PASSWORD"]
+    env = {"SHIM_PASSWORD": password}  # not MIGRATOR_PLAYBOOK: the local copy is given with -p
     plan = run_cli("plan", playbook=path, env=env)
     assert plan.returncode == 0, plan.stdout + plan.stderr
     assert "compatib" in plan.stdout
     adv = run_cli("advance", "--yes", playbook=path, env=env, timeout=240)
     assert adv.returncode == 0, adv.stdout + adv.stderr
-    status = run_cli("status", "--output", "json", playbook=path, env=env)
-    assert '"compatible"' in status.stdout
-    # The lab app's test suite ran against the target (its output is in the report) and left no key behind.
-    reports = list((tmp_path / "state" / "reports").glob("compat-*.json"))
+    # The app's test suite ran against the target (its output is in the report) and left no key behind.
+    reports = list((state / "reports").glob("compat-*.json"))
     assert len(reports) == 1 and "6 of 6 checks passed against valkey 8.1" in reports[0].read_text()
     assert tgt.client().dbsize() == 0
+
+    # The shim service's command line and the app service's, as compose runs them.
+    shim = start_cli(*shim_argv(tmp_path), playbook=path, env={**env, "PYTHONPATH": str(ROOT)})
+    app = None
+    try:
+        wait_for(lambda: registry.active(state), timeout=30, what="the shim's registration")
+        # The image's HEALTHCHECK command, pointed at this shim's admin endpoint.
+        health = re.search(r'CMD \["python", "-c", "(.*)"\]\s*$', DOCKERFILE.read_text(), re.M).group(1)
+        hc = subprocess.run([sys.executable, "-c", health], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "MIGRATOR_HEALTH_URL": f"http://127.0.0.1:{admin}/status"})
+        assert hc.returncode == 0, hc.stderr
+        dead = subprocess.run([sys.executable, "-c", health], capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "MIGRATOR_HEALTH_URL": f"http://127.0.0.1:{servers.free_port()}/status"})
+        assert dead.returncode != 0  # the healthcheck can fail
+        app_args = argv(compose()["services"]["app"])
+        app_args = [a.replace(f"shim:{listen_port_in_compose()}", f"127.0.0.1:{listen}") for a in app_args]
+        assert app_args[:3] == ["python", "-m", "migrator.workload"]
+        app = subprocess.Popen([sys.executable, *app_args[1:], "--report-every", "0.5"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+        wait_for(lambda: src.client().dbsize() > 20, timeout=30, what="the app's writes on the source")
+        for step in (["advance", "--yes"], ["sync"], ["sync", "--dirty"], ["check", "--full"]):
+            r = run_cli(*step, playbook=path, env=env, timeout=240)
+            assert r.returncode == 0, f"{step}: {r.stdout}{r.stderr}"
+        status = run_cli("status", "--output", "json", playbook=path, env=env)
+        assert '"mirroring"' in status.stdout
+        assert tgt.client().dbsize() > 20  # the target now holds the app's data
+        app.send_signal(signal.SIGTERM)
+        out, _ = app.communicate(timeout=120)
+        assert app.returncode == 0, out
+        assert "every acknowledged write is present; 0 client error" in out, out
+    finally:
+        for proc in (app, shim):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    assert shim.returncode == 0
+
+
+def listen_port_in_compose() -> int:
+    """The shim's client port in the lab (the playbook's shim.listen, which compose publishes)."""
+    return playbook.split_hostport(playbook.load(LAB_PLAYBOOK, env=lab_env()).shim.listen)[1]
 
 
 def test_lab_app_test_suite_passes_on_valkey_and_cleans_up(server_factory):
