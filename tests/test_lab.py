@@ -207,6 +207,20 @@ def test_services_agree_with_the_lab_playbook(tmp_path):
         for rule in rules:
             assert (rule if rule.startswith("/") else "/etc/prometheus/" + rule) in mounted, rule
 
+    # Grafana's provisioning reads the dashboards where they are mounted, from the lab's Prometheus
+    # (checked once the other branch's provisioning files are in).
+    grafana = services["grafana"]
+    prov = ROOT / "deploy/grafana/provisioning"
+    for f in sorted(prov.glob("dashboards/*.y*ml")):
+        for provider in YAML(typ="safe").load(f.read_text()).get("providers", []):
+            path = provider["options"]["path"]
+            assert any(path == dst or path.startswith(dst + "/") for _src, dst in mounts(grafana)), f"{f}: {path}"
+    for f in sorted(prov.glob("datasources/*.y*ml")):
+        for ds in YAML(typ="safe").load(f.read_text()).get("datasources", []):
+            if ds.get("type") == "prometheus":
+                published = services["prometheus"]["ports"][0].rsplit(":", 1)[1]
+                assert ds["url"] == f"http://prometheus:{published}", f"{f}: {ds['url']}"
+
 
 def _parses(args: list[str]) -> None:
     """``args`` is a valid migrator command line: the subcommand exists and its options parse."""
