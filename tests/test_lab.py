@@ -391,3 +391,15 @@ def test_workload_application_refuses_an_unset_password_variable_and_an_unreacha
     r = subprocess.run([sys.executable, "-m", "migrator.workload", "--url", "redis://127.0.0.1:1/0", "--wait", "1"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 3 and "127.0.0.1:1/0: not reachable after 1s" in r.stderr
+
+
+def test_an_explicit_playbook_flag_beats_the_labs_playbook_variable(tmp_path):
+    """`migrator -p PATH <command>` reads PATH although $MIGRATOR_PLAYBOOK (set in every lab container) names another."""
+    text = LAB_PLAYBOOK.read_text().replace("/var/lib/migrator/state", str(tmp_path / "state"))
+    (tmp_path / "mine.yaml").write_text(text)
+    env = {"MIGRATOR_PLAYBOOK": str(tmp_path / "other.yaml"), "SHIM_PASSWORD": lab_env()["SHIM_PASSWORD"]}
+    for args in (["-p", str(tmp_path / "mine.yaml"), "history"], ["history", "-p", str(tmp_path / "mine.yaml")]):
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0 and "no step has been attempted" in r.stdout, (args, r.stdout + r.stderr)
+    r = run_cli("history", env=env)  # without a flag the variable still names the playbook
+    assert r.returncode == 2 and "other.yaml: playbook not found" in r.stderr
