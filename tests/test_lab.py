@@ -84,14 +84,16 @@ def argv(service: dict) -> list[str]:
     return list(entry) + (shlex.split(cmd) if isinstance(cmd, str) else list(cmd))
 
 
-def test_docker_compose_config_validates_the_file():
+def test_docker_compose_config_validates_the_file(tmp_path):
     """`docker-compose config` (Debian's docker-compose, as CI installs it) accepts docker-compose.yml."""
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose; CI installs it)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_")}
-    r = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True, env=env, timeout=60,
-                       cwd=ROOT)
+    no_env_file = tmp_path / "empty.env"  # not a developer's .env next to the file: the defaults
+    no_env_file.write_text("")
+    r = subprocess.run([exe, "--env-file", str(no_env_file), "-f", str(COMPOSE), "config"], capture_output=True,
+                       text=True, env=env, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     resolved = YAML(typ="safe").load(r.stdout)
     assert set(resolved["services"]) == {"redis", "valkey", "shim", "app", "prometheus", "grafana", "migrator"}
