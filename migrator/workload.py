@@ -95,8 +95,9 @@ class Workload:
     """Run ``clients`` threads against ``url`` until ``stop()``; then ``audit`` a server."""
 
     def __init__(self, url: str, clients: int = 4, prefix: str = "ledger:", rate: float | None = 200.0,
-                 seed: int = 0, protocol: int = 2) -> None:
+                 seed: int = 0, protocol: int = 2, password: str | None = None) -> None:
         self.url, self.prefix, self.rate, self.protocol = url, prefix, rate, protocol
+        self.password = password  # overrides the URL's, so that it need not sit in a command line
         self.ledgers = [ClientLedger() for _ in range(clients)]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i, seed + i), daemon=True, name=f"ledger-{i}")
@@ -134,6 +135,7 @@ class Workload:
         # refused or closed — e.g. while a shim restarts — but never re-send a command whose
         # reply timed out, since it may have been applied.
         c = redis.Redis.from_url(self.url, socket_timeout=30, protocol=self.protocol, decode_responses=True,
+                                 **({"password": self.password} if self.password else {}),
                                  retry=_NotingRetry(led, ExponentialBackoff(cap=0.25, base=0.01), 40),
                                  retry_on_error=[redis.exceptions.ConnectionError])
         n = 0
@@ -301,3 +303,101 @@ def _s(v: Any) -> Any:
 
 _OPS = [Workload._incr, Workload._incr, Workload._rpush, Workload._hset, Workload._set_ex_then_expire_or_del,
         Workload._sadd_spop, Workload._multi]
+
+
+# --- ``python -m migrator.workload``: the ledger workload as a long-running application --------------
+# The lab (docker-compose.yml, docs/lab.md) runs it as its sample application through the shim.
+
+
+def _wait_reachable(client: redis.Redis, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.exceptions.AuthenticationError:
+            raise
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the ledger workload until SIGTERM or Ctrl-C, then audit every acknowledged write."""
+    import os
+    import secrets
+    import signal
+    import sys
+
+    import click
+
+    from migrator.redact import redact
+    from migrator.errors import EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @click.option("--url", required=True, metavar="URL",
+                  help="redis:// URL the clients write and read through (e.g. the shim's), without a password.")
+    @click.option("--password-env", metavar="VAR", default=None,
+                  help="Environment variable holding the password (kept out of the URL and the process list).")
+    @click.option("--clients", type=click.IntRange(1, 256), default=4, show_default=True, help="Concurrent clients.")
+    @click.option("--rate", type=click.FloatRange(0, min_open=True), default=50.0, show_default=True,
+                  help="Operations per second, per client.")
+    @click.option("--prefix", default=None, metavar="PREFIX",
+                  help="Key prefix (default ledger:<random>: so that a restarted run never audits an older run's keys).")
+    @click.option("--report-every", type=click.FloatRange(0.1), default=10.0, show_default=True,
+                  help="Seconds between progress lines.")
+    @click.option("--wait", type=click.FloatRange(0), default=60.0, show_default=True,
+                  help="Seconds to wait for the server to answer before giving up (exit 3).")
+    @click.option("--audit/--no-audit", default=True, show_default=True,
+                  help="When stopped, check through --url that every acknowledged write is there (exit 1 if not).")
+    def command(url: str, password_env: str | None, clients: int, rate: float, prefix: str | None,
+                report_every: float, wait: float, audit: bool) -> None:
+        """The ledger workload: concurrent clients whose every acknowledged write is recorded, then audited."""
+        password = None
+        if password_env:
+            password = os.environ.get(password_env)
+            if password is None:
+                click.echo(f"--password-env: environment variable {password_env} is not set", err=True)
+                sys.exit(EXIT_USAGE)
+        probe = redis.Redis.from_url(url, socket_timeout=10, **({"password": password} if password else {}))
+        try:
+            _wait_reachable(probe, wait)
+        except redis.exceptions.RedisError as e:
+            click.echo(f"{redact(url)}: not reachable after {wait:g}s: {type(e).__name__}: {redact(str(e))}", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        prefix = prefix if prefix is not None else f"ledger:{secrets.token_hex(4)}:"
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        work = Workload(url, clients=clients, prefix=prefix, rate=rate, password=password)
+        click.echo(f"workload: {clients} client(s) at {rate:g} op/s each on {redact(url)}, keys {prefix}*; "
+                   "SIGTERM or Ctrl-C stops and audits", err=False)
+        work.start()
+        last_ops, last_t = 0, time.monotonic()
+        while not stop.wait(report_every):
+            ops, t = work.ops, time.monotonic()
+            errors = work.errors
+            line = f"workload: {ops} acknowledged operations ({(ops - last_ops) / (t - last_t):.0f}/s), {len(errors)} client error(s)"
+            if errors:
+                line += f"; last: {redact(errors[-1])}"
+            click.echo(line)
+            last_ops, last_t = ops, t
+        work.stop()
+        if not audit:
+            click.echo(f"workload: stopped after {work.ops} acknowledged operations, {len(work.errors)} client error(s)")
+            return
+        result = work.audit(probe)
+        click.echo(f"workload: audit through {redact(url)}: {result.summary()}")
+        for line in result.problems[:20]:
+            click.echo(f"  problem: {line}")
+        for line in result.errors[:5]:
+            click.echo(f"  client error: {redact(line)}")
+        if not result.ok:
+            sys.exit(EXIT_REFUSED)
+
+    command.main(args=argv, prog_name="python -m migrator.workload")
+
+
+if __name__ == "__main__":
+    main()

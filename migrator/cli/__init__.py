@@ -52,8 +52,10 @@ def with_playbook(f):
             ctx.ensure_object(Ctx).playbook_path = value
         return value
 
-    return click.option(*_PLAYBOOK_FLAGS, "_playbook", expose_value=False, is_eager=True, callback=callback,
-                        **_PLAYBOOK_KW)(f)
+    # Without the envvar: the group reads $MIGRATOR_PLAYBOOK, which must not override an explicit
+    # `migrator -p PATH <command>`.
+    kw = {k: v for k, v in _PLAYBOOK_KW.items() if k != "envvar"}
+    return click.option(*_PLAYBOOK_FLAGS, "_playbook", expose_value=False, is_eager=True, callback=callback, **kw)(f)
 
 
 def emit_json(data: Any) -> None:
