@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -367,10 +368,10 @@ def test_k8s_deployment_command_serves_probes_and_drains(server_factory, tmp_pat
     wait_ready(run)
     status, body = get_status(f"127.0.0.1:{admin_port}", c["readinessProbe"]["httpGet"]["path"])
     assert status == 200 and body["phase"] == "planned"
-    anon = redis.Redis(port=listen_port, socket_timeout=5)
-    with pytest.raises(redis.AuthenticationError):
-        anon.set("deploy:k", "v")
-    anon.close()
+    # Without the shim password the Service port refuses every command.
+    with socket.create_connection(("127.0.0.1", listen_port), timeout=5) as anon:
+        anon.sendall(b"*3\r\n$3\r\nSET\r\n$8\r\ndeploy:k\r\n$1\r\nv\r\n")
+        assert anon.recv(256).startswith(b"-NOAUTH")
     app = redis.Redis(port=listen_port, password="shim-secret", socket_timeout=5)
     assert app.set("deploy:k", "v") and src.client().get("deploy:k") == b"v"
     app.close()
