@@ -395,3 +395,23 @@ def test_shell_completion(shell):
                                    "COMP_CWORD": "1" if shell != "fish" else "adv"},
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "advance" in r.stdout and "rollback" not in r.stdout, r.stdout + r.stderr
+
+
+# --- a restarted container's shim ------------------------------------------------------------
+
+def test_restarted_shim_keeps_killed_predecessors_record(server_factory, make_playbook):
+    """A shim started with the same host name, port and pid as one killed before it (a container restarted in its pod runs as PID 1 again) registers under its own id, so the killed shim's record stays for no_lost_shims."""
+    from migrator.shim.server import ShimThread
+
+    src, tgt = one_pair(server_factory)
+    pb = playbook_mod.load(make_playbook(src, tgt))
+    shims = registry.shims_dir(pb.state_path)
+    with ShimThread(pb) as first:  # same process: same host, pid and listen port for both
+        first_id = first.shim.id
+        left_behind = (shims / f"{first_id}.json").read_bytes()
+    # A SIGKILL leaves the record where a drain removes it.
+    (shims / f"{first_id}.json").write_bytes(left_behind)
+    with ShimThread(pb) as second:
+        assert second.shim.id != first_id, "the restarted shim took over the killed one's registration"
+        assert (shims / f"{first_id}.json").read_bytes() == left_behind
+        assert sorted(r.id for r in registry.read_all(pb.state_path)) == sorted([first_id, second.shim.id])
