@@ -105,6 +105,15 @@ def configmap_playbook(docs: list[dict], container: dict, pod_spec: dict) -> tup
     return cms[0]["data"][key], pb_path
 
 
+def pre_stop_seconds(container: dict) -> float:
+    """How long the container's preStop hook waits before the kubelet sends SIGTERM."""
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in pre_stop:
+        return float(pre_stop["sleep"]["seconds"])
+    assert not pre_stop, f"a preStop hook whose duration the test cannot tell: {pre_stop}"
+    return 0.0
+
+
 def secret_env(container: dict) -> dict[str, str]:
     """Variables the container takes from a Secret, with a stand-in value each."""
     return {e["name"]: f"stand-in-{e['name'].lower()}" for e in container.get("env", [])
@@ -303,8 +312,7 @@ def test_k8s_manifest_fields(name):
     claim = vol["persistentVolumeClaim"]["claimName"]
     (pvc,) = [d for d in by_kind(docs, "PersistentVolumeClaim") if d["metadata"]["name"] == claim]
     # SIGKILL must not come before the drain: a killed shim is a lost shim.
-    pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-    pre_stop_s = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+    pre_stop_s = pre_stop_seconds(c)
     assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + 2 * DRAIN_TIMEOUT
     if name == "deployment":
         # One shim process: the write-ordering guarantee (docs/deploy.md); no overlap on update.
@@ -362,7 +370,8 @@ def test_k8s_deployment_command_serves_probes_and_drains(server_factory, tmp_pat
     env["MIGRATOR_PLAYBOOK"] = str(pb)
     assert set(secret_env(c)) == {"REDIS_PASSWORD", "VALKEY_PASSWORD", "SHIM_PASSWORD"}
     argv = [migrator_bin()] + [str(pb) if a == pb_path else a for a in c["command"][1:]]
-    pre_stop = float(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    pre_stop = pre_stop_seconds(c)
+    assert pre_stop > 0, "the Deployment waits for the Service to drop the pod before SIGTERM"
     run = run_shim(argv, env, tmp_path, stop_within=pod["terminationGracePeriodSeconds"] - pre_stop)
     shim_runs.append(run)
     wait_ready(run)
