@@ -347,9 +347,10 @@ def test_k8s_manifest_schema(name):
         kv.validate(dep, "1.30", strict=True)
 
 
-def test_k8s_deployment_command_serves_probes_and_drains(server_factory, tmp_path, shim_runs):
-    """The Deployment's container command, with the ConfigMap's playbook (servers swapped for local ones) and its Secret variables, answers the probe path on the admin port, requires the shim password on the Service port, and drains on SIGTERM within the grace period."""
-    docs = load_docs(K8S["deployment"])
+@pytest.mark.parametrize("name", sorted(K8S))
+def test_k8s_container_command_serves_probes_and_drains(name, server_factory, tmp_path, shim_runs):
+    """The shim container's command, with the ConfigMap's playbook (servers and ports swapped for local ones) and its Secret variables, answers the probe path on the admin port, serves the address applications are given (AUTH required off loopback), and drains on SIGTERM within the grace period."""
+    docs = load_docs(K8S[name])
     (dep,) = by_kind(docs, "Deployment")
     pod = dep["spec"]["template"]["spec"]
     c = shim_container(pod)
@@ -359,29 +360,37 @@ def test_k8s_deployment_command_serves_probes_and_drains(server_factory, tmp_pat
     # Only what this machine must differ in: the servers, the ports (free ones), the state_dir.
     doc["source"]["url"] = f"redis://127.0.0.1:{src.port}/0"
     doc["target"]["url"] = f"redis://127.0.0.1:{tgt.port}/0"
+    listen_host, listen_manifest_port = playbook_mod.split_hostport(doc["shim"]["listen"])
     listen_port, admin_port = servers.free_port(), servers.free_port()
-    doc["shim"]["listen"] = f"0.0.0.0:{listen_port}"
-    doc["shim"]["admin"] = f"0.0.0.0:{admin_port}"
+    doc["shim"]["listen"] = f"{listen_host}:{listen_port}"
+    doc["shim"]["admin"] = f"{playbook_mod.split_hostport(doc['shim']['admin'])[0]}:{admin_port}"
     doc["state_dir"] = str(tmp_path / "state")
     pb = tmp_path / "migrator.yaml"
     pb.write_text(json.dumps(doc))
+    # The Secret's values, as the container's secretKeyRef variables carry them.
+    values = {doc["source"].get("password_env"): src.password, doc["target"].get("password_env"): tgt.password,
+              doc["shim"].get("password_env"): "shim-secret"}
     env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
-    env.update({"REDIS_PASSWORD": src.password, "VALKEY_PASSWORD": tgt.password, "SHIM_PASSWORD": "shim-secret"})
+    for var in secret_env(c):
+        assert var in values, f"{var} comes from the Secret but the playbook does not use it"
+        env[var] = values[var]
     env["MIGRATOR_PLAYBOOK"] = str(pb)
-    assert set(secret_env(c)) == {"REDIS_PASSWORD", "VALKEY_PASSWORD", "SHIM_PASSWORD"}
     argv = [migrator_bin()] + [str(pb) if a == pb_path else a for a in c["command"][1:]]
-    pre_stop = pre_stop_seconds(c)
-    assert pre_stop > 0, "the Deployment waits for the Service to drop the pod before SIGTERM"
-    run = run_shim(argv, env, tmp_path, stop_within=pod["terminationGracePeriodSeconds"] - pre_stop)
+    run = run_shim(argv, env, tmp_path, stop_within=pod["terminationGracePeriodSeconds"] - pre_stop_seconds(c))
     shim_runs.append(run)
     wait_ready(run)
     status, body = get_status(f"127.0.0.1:{admin_port}", c["readinessProbe"]["httpGet"]["path"])
     assert status == 200 and body["phase"] == "planned"
-    # Without the shim password the Service port refuses every command.
-    with socket.create_connection(("127.0.0.1", listen_port), timeout=5) as anon:
-        anon.sendall(b"*3\r\n$3\r\nSET\r\n$8\r\ndeploy:k\r\n$1\r\nv\r\n")
-        assert anon.recv(256).startswith(b"-NOAUTH")
-    app = redis.Redis(port=listen_port, password="shim-secret", socket_timeout=5)
+    if name == "deployment":
+        # Through the Service, without the shim password, every command is refused.
+        with socket.create_connection(("127.0.0.1", listen_port), timeout=5) as anon:
+            anon.sendall(b"*3\r\n$3\r\nSET\r\n$8\r\ndeploy:k\r\n$1\r\nv\r\n")
+            assert anon.recv(256).startswith(b"-NOAUTH")
+        app = redis.Redis(port=listen_port, password="shim-secret", socket_timeout=5)
+    else:
+        # The application's own REDIS_URL (the pod's loopback), on this test's port.
+        (url,) = [e["value"] for a in pod["containers"] for e in a.get("env", []) if e["name"] == "REDIS_URL"]
+        app = redis.Redis.from_url(url.replace(f":{listen_manifest_port}/", f":{listen_port}/"), socket_timeout=5)
     assert app.set("deploy:k", "v") and src.client().get("deploy:k") == b"v"
     app.close()
     rc, took = sigterm(run)
