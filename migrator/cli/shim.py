@@ -16,7 +16,7 @@ from migrator.playbook import is_loopback, split_hostport
               help="Admin HTTP address for /metrics and /status (overrides shim.admin; '' disables it).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes sharing the listen port (SO_REUSEPORT); each registers as a shim.")
-@click.option("--id", "shim_id", default=None, help="Shim id in the registry (default host-port-pid).")
+@click.option("--id", "shim_id", default=None, help="Shim id in the registry, unique per start (default host-port-pid-start time in ms).")
 @pass_ctx
 def shim(ctx: Ctx, listen: str | None, admin: str | None, workers: int, shim_id: str | None) -> int:
     """Run the mirroring shim: applications connect here; it routes each command by the phase."""

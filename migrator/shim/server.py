@@ -260,7 +260,10 @@ class Shim:
         self.state_dir = playbook.state_path
         self.store = StateStore(self.state_dir, playbook.name)
         _host, port = split_hostport(self.listen)
-        self.id = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}" + (f"-w{worker}" if worker is not None else "")
+        # The start time (ms) keeps a restarted container's shim (PID 1 again, same pod name) from
+        # taking over the registration a killed predecessor left for no_lost_shims.
+        self.id = shim_id or (f"{socket.gethostname()}-{port}-{os.getpid()}-{time.time_ns() // 1_000_000}"
+                              + (f"-w{worker}" if worker is not None else ""))
         pw = self.cfg.client_password
         self.password: bytes | None = pw.encode() if pw else None
         self.shadow_timeout = self.cfg.shadow_timeout.total_seconds()

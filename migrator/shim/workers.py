@@ -61,7 +61,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
     listen = listen or playbook.shim.listen
     admin = playbook.shim.admin if admin is None else admin
     _host, port = split_hostport(listen)
-    base = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}"
+    base = shim_id or f"{socket.gethostname()}-{port}-{os.getpid()}-{time.time_ns() // 1_000_000}"
     ids = [f"{base}-w{i}" for i in range(workers)]
     _check_listen(listen)
     log = get_logger("migrator.shim", shim=base)
