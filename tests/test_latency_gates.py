@@ -151,7 +151,8 @@ def test_a_slow_target_fails_the_latency_gate(server_factory, proc_env, forwarde
     as the shadow, and in reads-on-target; its p50 is shown at 5 ms or more against a sub-millisecond source."""
     src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
     slow = forwarder(tgt)
-    env = proc_env(src, slow.url)
+    defaults = {"min_duration": "0s", "min_compared": 0}  # (and the default latency_floor_ms, 1 ms)
+    env = proc_env(src, slow.url, steps={"mirror": defaults, "read_cutover": defaults})
     env.set_phase(Phase.MIRRORING)
     lat = env.counted("latency", _traffic(env, sets=100, gets=100))
     assert not lat.passed, lat.evidence
