@@ -7,6 +7,8 @@ a switch interval (5 ms) to be read, which would be measured as target latency.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import redis
 
@@ -199,3 +201,20 @@ def test_a_command_the_target_lacks_counts_as_its_error(server_factory, proc_env
     err = env.counted("error_rate", 55)
     assert not err.passed and err.data["target_lacks"] == 5 and err.data["target_errors"] == 5, err.evidence
     assert "not sent to the target: it does not have the command" in err.evidence and "INCRBY 5" in err.evidence
+
+
+def test_a_blocking_wait_is_not_counted_as_latency(server_factory, proc_env):
+    """A BLPOP that waited 300 ms for its data is not the source's latency: the source's p99 stays under 100 ms."""
+    env = proc_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    env.set_phase(Phase.MIRRORING)
+    waiter, pusher = env.client(), env.client()
+    pusher.ping()
+    timer = threading.Timer(0.3, pusher.rpush, ("q", "x"))
+    timer.start()
+    assert waiter.blpop(["q"], timeout=5) == (b"q", b"x")
+    timer.join()
+    n = _traffic(env, sets=30, gets=0)
+    err = env.counted("error_rate", n + 2)  # (the RPUSH and the BLPOP count for errors)
+    lat = env.gate("latency")
+    assert err.passed and lat.passed, lat.evidence
+    assert lat.data["source"]["p99"] < 0.1 and lat.data["source"]["count"] >= n, lat.data

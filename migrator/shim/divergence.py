@@ -178,13 +178,15 @@ class DivergenceRecorder:
         cur.total.compared += n
         cur.after_sync.compared += n
 
-    def paired(self, latency: tuple[float, float], n: int, target_errors: list[bytes], source_errors: int) -> None:
-        """``n`` commands both sides answered, after ``latency`` (source, target) seconds; the names of
-        the commands only the target refused, and how many only the source refused."""
+    def paired(self, latency: tuple[float, float] | None, n: int, target_errors: list[bytes], source_errors: int) -> None:
+        """``n`` commands both sides answered, after ``latency`` (source, target) seconds (None: not a
+        server's latency, e.g. a blocking command's wait); the names of the commands only the target
+        refused, and how many only the source refused."""
         for tally in (self.current.total, self.current.after_sync):
             tally.paired += n
-            tally.latency[0].observe(latency[0], n)
-            tally.latency[1].observe(latency[1], n)
+            if latency is not None:
+                tally.latency[0].observe(latency[0], n)
+                tally.latency[1].observe(latency[1], n)
             if source_errors:
                 tally.source_errors += source_errors
             for name in target_errors:

@@ -1661,7 +1661,8 @@ class Session:
         if not _complete(e, other):
             e.ts[side] = took
             return
-        lat = (took, e.ts[other]) if side == SOURCE else (e.ts[other], took)
+        # A blocking command waits for data on the answering side (the other gets its effect): no latency of the server.
+        lat = None if e.cls is Cls.BLOCKING else (took, e.ts[other]) if side == SOURCE else (e.ts[other], took)
         src, tgt = e.rep[SOURCE], e.rep[TARGET]
         if not e.batch:
             t_err, s_err = _has_error(tgt), _has_error(src)
