@@ -181,13 +181,20 @@ class CompatibilityStep(_Strict):
 class MirrorStep(_Strict):
     min_duration: Duration = timedelta(days=7)
     max_divergence_rate: float = Field(0.0, ge=0.0, le=1.0)
-    min_compared: int = Field(1000, ge=0)  # replies compared before the divergence gate can pass
+    min_compared: int = Field(1000, ge=0)  # replies compared (commands answered by both) before those gates can pass
+    # The latency and error_rate gates (the target as the shadow, over the same commands as the source).
+    max_latency_ratio: float = Field(1.5, ge=1.0)  # target p50 and p99 within this factor of the source's
+    latency_floor_ms: float = Field(1.0, ge=0.0)  # quantiles under this count as this (noise, bucket resolution)
+    max_error_rate: float = Field(0.001, ge=0.0, le=1.0)  # errors only the target returned, per command
 
 
 class ReadCutoverStep(_Strict):
     min_duration: Duration = timedelta(hours=48)
     max_divergence_rate: float = Field(0.0, ge=0.0, le=1.0)
     min_compared: int = Field(1000, ge=0)
+    max_latency_ratio: float = Field(1.5, ge=1.0)
+    latency_floor_ms: float = Field(1.0, ge=0.0)
+    max_error_rate: float = Field(0.001, ge=0.0, le=1.0)
 
 
 class WriteCutoverStep(_Strict):

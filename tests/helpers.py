@@ -114,3 +114,75 @@ def restart_empty(server) -> None:
     server.proc, server.dir, server._owns_dir = fresh.proc, fresh.dir, True
     if owned:
         shutil.rmtree(old_dir, ignore_errors=True)
+
+
+class DelayingForwarder:
+    """A TCP forwarder on a free loopback port that delays each chunk, each way, by ``delay`` seconds.
+
+    Put in front of a server it makes that server slow as the shim sees it (a loaded or distant
+    host). Runs its own asyncio loop in a thread; ``close()`` (or the ``with`` block) stops it and
+    every connection it holds.
+    """
+
+    def __init__(self, port: int, delay: float = 0.005) -> None:
+        import asyncio
+        import threading
+
+        self.upstream, self.delay = port, delay
+        self.loop = asyncio.new_event_loop()
+        self._conns: set = set()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, name="delaying-forwarder", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _pipe(self, reader, writer) -> None:
+        # Each chunk is written ``delay`` after it arrived, in order, without waiting for the one
+        # before: added latency, not a queue (timers with equal delays fire in the order set).
+        loop = self.loop
+        try:
+            while data := await reader.read(65536):
+                loop.call_later(self.delay, writer.write, data)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            loop.call_later(self.delay, writer.close)
+
+    async def _serve(self, creader, cwriter) -> None:
+        import asyncio
+
+        try:
+            ureader, uwriter = await asyncio.open_connection("127.0.0.1", self.upstream)
+        except OSError:
+            cwriter.close()
+            return
+        self._conns.update((cwriter, uwriter))
+        await asyncio.gather(self._pipe(creader, uwriter), self._pipe(ureader, cwriter))
+        self._conns.difference_update((cwriter, uwriter))
+
+    def close(self) -> None:
+        import asyncio
+
+        async def stop() -> None:
+            self.server.close()
+            for w in list(self._conns):
+                w.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> DelayingForwarder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -15,9 +15,10 @@ from tests.helpers import AckingShim, run_cli, start_cli, wait_for
 
 # The sync, divergence and consistency gates are tested with real data in test_data*/test_shim*;
 # here they are overridden (as an operator could) to test the state machine around them.
-SKIP_DATA_GATES = ("--override", "sync_complete", "--override", "divergence", "--override", "consistency",
-                   "--reason", "state-machine test")
-SKIP_DATA_GATES_AT_WRITE_CUTOVER = ("--override", "divergence", "--override", "consistency", "--reason", "state-machine test")
+SKIP_DATA_GATES = ("--override", "sync_complete", "--override", "divergence", "--override", "latency",
+                   "--override", "error_rate", "--override", "consistency", "--reason", "state-machine test")
+SKIP_DATA_GATES_AT_WRITE_CUTOVER = ("--override", "divergence", "--override", "latency", "--override", "error_rate",
+                                    "--override", "consistency", "--reason", "state-machine test")
 
 
 def load(path):

@@ -23,7 +23,8 @@ from migrator.shim.server import ShimThread
 from migrator.state import Barrier, StateStore, iso, now
 from tests.helpers import AckingShim, run_cli, start_cli, wait_for
 
-SKIP_DATA_GATES_AT_WRITE_CUTOVER = ("--override", "divergence", "--override", "consistency", "--reason", "t")
+SKIP_DATA_GATES_AT_WRITE_CUTOVER = ("--override", "divergence", "--override", "latency", "--override", "error_rate",
+                                    "--override", "consistency", "--reason", "t")
 
 
 def force_phase(pb, phase):
@@ -38,7 +39,8 @@ def force_phase(pb, phase):
 def servers_pb(server_factory, make_playbook):
     src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
     return make_playbook(src, tgt, shim={"ack_timeout": "2s"}, steps={
-        "mirror": {"min_duration": "0s", "min_compared": 0}, "read_cutover": {"min_duration": "0s", "min_compared": 0},
+        "mirror": {"min_duration": "0s", "min_compared": 0, "latency_floor_ms": 1000},
+        "read_cutover": {"min_duration": "0s", "min_compared": 0, "latency_floor_ms": 1000},
         "write_cutover": {"rollback_window": "0s", "max_pause": "1s"}})
 
 
@@ -124,7 +126,8 @@ def test_status_after_a_kill_during_a_revert_says_the_phase_was_put_back(servers
     with AckingShim(pb.state_path, pb.name) as shim:
         shim.stuck = True
         proc = start_cli("advance", "--yes", "--override", "sync_complete", "--override", "divergence",
-                         "--override", "consistency", "--override", "shim_ack", "--reason", "t", playbook=servers_pb)
+                         "--override", "latency", "--override", "error_rate", "--override", "consistency",
+                         "--override", "shim_ack", "--reason", "t", playbook=servers_pb)
         wait_for(lambda: store.load().generation == g0 + 2, timeout=20, what="the revert")
         time.sleep(0.3)
         os.kill(proc.pid, signal.SIGKILL)
@@ -192,7 +195,7 @@ def test_the_switch_is_not_written_once_the_holds_deadline_is_too_close(servers_
     with ShimThread(pb) as shim:
         wait_for(lambda: shim.call(lambda: shim.shim.applied_generation) == store.load().generation)
         with pytest.raises(RefusedError, match="too close"):
-            command.advance(pb, overrides={"divergence": "t", "consistency": "t"})
+            command.advance(pb, overrides={"divergence": "t", "latency": "t", "error_rate": "t", "consistency": "t"})
     st = store.load()
     assert st.phase == Phase.READS_ON_TARGET and st.barrier is None and st.transition is None
 
@@ -203,7 +206,8 @@ def test_status_says_a_running_advance_is_in_progress(servers_pb):
     with AckingShim(pb.state_path, pb.name) as shim:
         shim.stuck = True
         proc = start_cli("advance", "--yes", "--override", "sync_complete", "--override", "divergence",
-                         "--override", "consistency", "--override", "shim_ack", "--reason", "t", playbook=servers_pb)
+                         "--override", "latency", "--override", "error_rate", "--override", "consistency",
+                         "--override", "shim_ack", "--reason", "t", playbook=servers_pb)
         wait_for(lambda: store.load().transition is not None, timeout=20)
         st = json.loads(run_cli("status", "--output", "json", playbook=servers_pb).stdout)
         proc.communicate(timeout=30)

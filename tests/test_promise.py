@@ -19,9 +19,10 @@ from migrator.shim.divergence import DivergenceRecorder
 from migrator.state import StateStore, iso, now
 from tests.helpers import AckingShim, run_cli
 
-SKIP_DATA = ("--override", "sync_complete", "--override", "divergence", "--override", "consistency",
-             "--reason", "state-machine test")
-SKIP_DATA_WRITE = ("--override", "divergence", "--override", "consistency", "--reason", "state-machine test")
+SKIP_DATA = ("--override", "sync_complete", "--override", "divergence", "--override", "latency",
+             "--override", "error_rate", "--override", "consistency", "--reason", "state-machine test")
+SKIP_DATA_WRITE = ("--override", "divergence", "--override", "latency", "--override", "error_rate",
+                   "--override", "consistency", "--reason", "state-machine test")
 
 
 def force_phase(pb, phase: Phase) -> None:

@@ -4,8 +4,11 @@
   command, key names, kind, each side's reply digest, length and RESP type; the values only with
   ``shim.log_values: true``). Appended by every shim; lines are small single writes.
 - ``state_dir/shim/counters/g<generation>.<shim id>.json``: how many replies this shim compared
-  and how many diverged while that generation was applied. A restarted shim writes a new file
-  and the gate sums them all, so counts survive restarts (up to the last flush, every heartbeat).
+  and how many diverged while that generation was applied; and, over the commands sent to both
+  sides, each side's latency histogram (``migrator.shim.metrics.BUCKETS``) and the errors one
+  side returned where the other did not (the ``latency`` and ``error_rate`` gates). A restarted
+  shim writes a new file and the gate sums them all, so counts survive restarts (up to the last
+  flush, every heartbeat).
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from typing import Any
 
 from migrator import reports
 from migrator.redact import redact
+from migrator.shim.commands import SIDE_NAMES
 from migrator.shim.compare import KINDS, digest
+from migrator.shim.metrics import Histogram
 from migrator.state import atomic_write_json, iso, now
 
 SHIM_DIR = "shim"
 LOG_FILE = "divergences.jsonl"
 COUNTERS_DIR = "counters"
 MAX_LINES_PER_FLUSH = 1000  # a storm of divergences is counted exactly but logged in part
+MAX_ERROR_COMMANDS = 32  # command names kept per tally for the target's one-sided errors (the count is exact)
 _VALUE_LIMIT = 512
 
 
@@ -46,22 +52,48 @@ class Tally:
     races live writes until its verification has re-copied the key: writes to it diverge for a
     reason already on record, which the ``no_dirty_keys`` gate holds the cutover for. They are
     logged and shown, not counted in the rate (the divergence that made the key dirty was).
+
+    Over the commands both sides answered (``paired``): each side's latency, the errors only the
+    target returned (``target_errors``, by command name in ``target_error_commands``) and only
+    the source returned (``source_errors``); ``target_lacks``: commands not sent to the target
+    because it does not have them (what it would have refused).
     """
 
     compared: int = 0
     divergent: int = 0
     by_kind: Counter = field(default_factory=Counter)
     awaiting_repair: int = 0
+    paired: int = 0
+    target_errors: int = 0
+    source_errors: int = 0
+    target_lacks: int = 0
+    target_error_commands: Counter = field(default_factory=Counter)
+    latency: list[Histogram] = field(default_factory=lambda: [Histogram(), Histogram()])
 
     def to_json(self) -> dict[str, Any]:
         return {"compared": self.compared, "divergent": self.divergent, "by_kind": dict(self.by_kind),
-                "awaiting_repair": self.awaiting_repair}
+                "awaiting_repair": self.awaiting_repair, "paired": self.paired, "target_errors": self.target_errors,
+                "source_errors": self.source_errors, "target_lacks": self.target_lacks,
+                "target_error_commands": dict(self.target_error_commands),
+                "latency": {SIDE_NAMES[i]: h.to_json() for i, h in enumerate(self.latency)}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> Tally:
         d = d or {}
-        return cls(int(d.get("compared", 0)), int(d.get("divergent", 0)),
-                   Counter({k: int(v) for k, v in (d.get("by_kind") or {}).items()}), int(d.get("awaiting_repair", 0)))
+        t = cls(int(d.get("compared", 0)), int(d.get("divergent", 0)),
+                Counter({k: int(v) for k, v in (d.get("by_kind") or {}).items()}), int(d.get("awaiting_repair", 0)),
+                int(d.get("paired", 0)), int(d.get("target_errors", 0)), int(d.get("source_errors", 0)),
+                int(d.get("target_lacks", 0)),
+                Counter({k: int(v) for k, v in (d.get("target_error_commands") or {}).items()}))
+        lat = d.get("latency") or {}
+        for i, h in enumerate(t.latency):
+            h.add(lat.get(SIDE_NAMES[i]) or {})
+        return t
+
+    def target_error(self, command: str, n: int = 1) -> None:
+        self.target_errors += n
+        if command in self.target_error_commands or len(self.target_error_commands) < MAX_ERROR_COMMANDS:
+            self.target_error_commands[command] += n
 
 
 @dataclass
@@ -146,6 +178,26 @@ class DivergenceRecorder:
         cur.total.compared += n
         cur.after_sync.compared += n
 
+    def paired(self, latency: tuple[float, float] | None, n: int, target_errors: list[bytes], source_errors: int) -> None:
+        """``n`` commands both sides answered, after ``latency`` (source, target) seconds (None: not a
+        server's latency, e.g. a blocking command's wait); the names of the commands only the target
+        refused, and how many only the source refused."""
+        for tally in (self.current.total, self.current.after_sync):
+            tally.paired += n
+            if latency is not None:
+                tally.latency[0].observe(latency[0], n)
+                tally.latency[1].observe(latency[1], n)
+            if source_errors:
+                tally.source_errors += source_errors
+            for name in target_errors:
+                tally.target_error(_text(name).upper())
+
+    def target_lacks(self, command: bytes) -> None:
+        """A command not sent to the target as the shadow: it does not have it (it would have refused it)."""
+        for tally in (self.current.total, self.current.after_sync):
+            tally.target_lacks += 1
+            tally.target_error(_text(command).upper())
+
     def record(self, *, kind: str, command: bytes, keys: list[bytes], db: int, source_raw: bytes | None,
                target_raw: bytes | None, awaiting_repair: bool = False) -> None:
         """One divergence; ``awaiting_repair``: on a key already marked dirty (logged, not counted, see ``Tally``)."""
@@ -211,14 +263,15 @@ def read_counters(state_dir: Path | str, generation: int, after_sync: str | None
     """The sum over every shim (running or gone) of the counters for ``generation``.
 
     With ``after_sync`` (a sync report id), only what was counted after each shim saw that
-    sync finish; a shim that had not seen it yet contributes nothing.
+    sync finish; a shim that had not seen it yet contributes nothing. ``latency`` holds each
+    side's summed histogram (``Histogram.to_json``) over the commands sent to both sides.
     """
-    total = {"generation": generation, "compared": 0, "divergent": 0, "by_kind": {k: 0 for k in KINDS},
-             "awaiting_repair": 0, "shims": 0}
+    total: dict[str, Any] = {"generation": generation, "compared": 0, "divergent": 0, "by_kind": {k: 0 for k in KINDS},
+                             "awaiting_repair": 0, "shims": 0, "paired": 0, "target_errors": 0, "source_errors": 0,
+                             "target_lacks": 0, "target_error_commands": {}}
+    lat = [Histogram(), Histogram()]
     d = counters_dir(state_dir)
-    if not d.is_dir():
-        return total
-    for f in d.glob(f"g{generation}.*.json"):
+    for f in d.glob(f"g{generation}.*.json") if d.is_dir() else ():
         try:
             data = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -227,11 +280,15 @@ def read_counters(state_dir: Path | str, generation: int, after_sync: str | None
         if after_sync is not None:
             data = data.get("after_sync") if data.get("sync_id") == after_sync else {}
         tally = Tally.from_json(data)
-        total["compared"] += tally.compared
-        total["divergent"] += tally.divergent
-        total["awaiting_repair"] += tally.awaiting_repair
+        for k in ("compared", "divergent", "awaiting_repair", "paired", "target_errors", "source_errors", "target_lacks"):
+            total[k] += getattr(tally, k)
         for k, v in tally.by_kind.items():
             total["by_kind"][k] = total["by_kind"].get(k, 0) + v
+        for k, v in tally.target_error_commands.items():
+            total["target_error_commands"][k] = total["target_error_commands"].get(k, 0) + v
+        for mine, theirs in zip(lat, tally.latency):
+            mine.add(theirs.to_json())
+    total["latency"] = {SIDE_NAMES[i]: h.to_json() for i, h in enumerate(lat)}
     return total
 
 

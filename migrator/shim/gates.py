@@ -1,4 +1,4 @@
-"""The gates the shim provides: ``divergence`` and ``no_dirty_keys``.
+"""The gates the shim provides: ``divergence``, ``latency``, ``error_rate`` and ``no_dirty_keys``.
 
 Registered with ``migrator.gates.gate``; the phase table names them on the steps that leave
 ``mirroring`` and ``reads-on-target``.
@@ -11,6 +11,7 @@ from migrator.gates import GateContext, gate, repair_advice
 from migrator.phases import Phase
 from migrator.shim.dirty import list_dirty
 from migrator.shim.divergence import latest_complete_sync, read_counters
+from migrator.shim.metrics import BUCKETS, Histogram
 from migrator.state import parse_iso
 
 
@@ -74,6 +75,102 @@ def divergence(ctx: GateContext):
         ev += f"; by kind: {kinds}"
     if counters["awaiting_repair"]:
         ev += f"; {counters['awaiting_repair']:,} on keys awaiting repair not counted (see no_dirty_keys)"
+    return ok, ev, data
+
+
+def _step(ctx: GateContext):
+    """The playbook section whose limits apply to the current phase, and its name (None: one-sided phase)."""
+    if ctx.state.phase == Phase.MIRRORING:
+        return ctx.playbook.steps.mirror, "steps.mirror"
+    if ctx.state.phase == Phase.READS_ON_TARGET:
+        return ctx.playbook.steps.read_cutover, "steps.read_cutover"
+    return None, ""
+
+
+def _ms(seconds: float) -> str:
+    if seconds == float("inf"):
+        return f"over {BUCKETS[-1] * 1000:,.0f} ms"
+    return f"{seconds * 1000:.3g} ms"
+
+
+def _few(n: int, minimum: int, field: str, window: str) -> str:
+    return (f"only {n:,} command{'' if n == 1 else 's'} answered by both sides {window}; at least {minimum:,} are "
+            f"needed ({field}.min_compared): send the application's traffic through the shim")
+
+
+@gate("latency")
+def latency(ctx: GateContext):
+    """The target's p50 and p99 latency over the phase are within the step's factor of the source's, over the same commands."""
+    step, field = _step(ctx)
+    sync_id, window = _window(ctx)
+    counters = read_counters(ctx.store.dir, ctx.state.generation, after_sync=sync_id)
+    src, tgt = (Histogram(), Histogram())
+    src.add(counters["latency"]["source"])
+    tgt.add(counters["latency"]["target"])
+    data: dict = {"phase": str(ctx.state.phase), "window": window, "sync": sync_id, "shims": counters["shims"],
+                  "source": {"count": src.count}, "target": {"count": tgt.count}}
+    if step is None:
+        return True, f"only one side serves in {ctx.state.phase}; no latency to compare", data
+    ratio, floor = step.max_latency_ratio, step.latency_floor_ms / 1000
+    data.update(max_ratio=ratio, floor_ms=step.latency_floor_ms, min_compared=step.min_compared)
+    if counters["shims"] == 0:
+        return False, (f"no shim has reported latency for {ctx.state.phase} (generation {ctx.state.generation}); "
+                       "run the shim and send traffic through it"), data
+    n = min(src.count, tgt.count)
+    if n < step.min_compared:
+        return False, _few(n, step.min_compared, field, window), data
+    if n == 0:
+        return True, f"no command was answered by both sides {window}; nothing to compare", data
+    ok, parts, worst = True, [], []
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        s, t = src.estimate(q), tgt.estimate(q)
+        data["source"][name], data["target"][name] = s, t
+        limit = ratio * max(s, floor)
+        within = t <= limit and t != float("inf")
+        ok = ok and within
+        parts.append(f"{name} target {_ms(t)} vs source {_ms(s)}")
+        if not within:
+            worst.append(f"target {name} {_ms(t)} > {ratio:g} × {_ms(max(s, floor))}")
+    ev = (f"{'; '.join(parts)} over {tgt.count:,} target and {src.count:,} source replies {window}; "
+          f"limit {ratio:g} × the source's ({field}.max_latency_ratio; quantiles under {step.latency_floor_ms:g} ms "
+          f"count as {step.latency_floor_ms:g} ms, {field}.latency_floor_ms)")
+    if not ok:
+        ev = f"the target is slower than the source allows: {', '.join(worst)}; " + ev
+    return ok, ev, data
+
+
+@gate("error_rate")
+def error_rate(ctx: GateContext):
+    """The target returned errors the source did not for at most the step's fraction of the commands both answered."""
+    step, field = _step(ctx)
+    sync_id, window = _window(ctx)
+    c = read_counters(ctx.store.dir, ctx.state.generation, after_sync=sync_id)
+    errors, lacks, paired = c["target_errors"], c["target_lacks"], c["paired"]
+    n = paired + lacks
+    data: dict = {"phase": str(ctx.state.phase), "window": window, "sync": sync_id, "shims": c["shims"], "commands": n,
+                  "target_errors": errors, "target_lacks": lacks, "source_errors": c["source_errors"],
+                  "by_command": c["target_error_commands"]}
+    if step is None:
+        return True, f"only one side serves in {ctx.state.phase}; no errors to compare", data
+    data.update(max_rate=step.max_error_rate, min_compared=step.min_compared)
+    if c["shims"] == 0:
+        return False, (f"no shim has reported replies for {ctx.state.phase} (generation {ctx.state.generation}); "
+                       "run the shim and send traffic through it"), data
+    if n < step.min_compared:
+        return False, _few(n, step.min_compared, field, window), data
+    rate = errors / n if n else 0.0
+    data["rate"] = rate
+    ok = rate <= step.max_error_rate
+    ev = (f"target error rate {rate * 100:.3f}% ({errors:,} error{'' if errors == 1 else 's'} the source did not return, "
+          f"in {n:,} commands sent to both sides {window}) {'<=' if ok else '>'} {step.max_error_rate * 100:.3f}% "
+          f"({field}.max_error_rate)")
+    if lacks:
+        ev += f"; {lacks:,} of them not sent to the target: it does not have the command"
+    if errors:
+        top = sorted(c["target_error_commands"].items(), key=lambda kv: -kv[1])[:5]
+        ev += "; by command: " + ", ".join(f"{k} {v:,}" for k, v in top)
+    if c["source_errors"]:
+        ev += f"; the source alone returned {c['source_errors']:,} error(s) (not counted)"
     return ok, ev, data
 
 

@@ -53,6 +53,26 @@ class Histogram:
                 return BUCKETS[i] if i < len(BUCKETS) else float("inf")
         return float("inf")
 
+    def estimate(self, q: float) -> float | None:
+        """The q-quantile, linearly interpolated inside its bucket (as Prometheus' ``histogram_quantile``).
+
+        Its resolution is the bucket's width: under 0.1 ms anything from 0 to 0.1 ms, then
+        0.1–0.25, 0.25–0.5, 0.5–1, 1–2.5, 2.5–5 ms and so on (``BUCKETS``). A quantile in the
+        overflow bucket (over 2.5 s) is ``inf``. None without observations.
+        """
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, c in enumerate(self.counts):
+            if c and seen + c >= rank:
+                if i == len(BUCKETS):
+                    return float("inf")
+                lo = BUCKETS[i - 1] if i else 0.0
+                return lo + (BUCKETS[i] - lo) * max(rank - seen, 0.0) / c
+            seen += c
+        return float("inf")  # pragma: no cover - the counts add up to ``count``
+
     def to_json(self) -> dict[str, Any]:
         return {"counts": list(self.counts), "sum": self.sum, "count": self.count}
 

@@ -979,6 +979,8 @@ class Session:
                 stats.unknown[(SIDE_NAMES[shadow], name.decode(errors="replace"))] += 1
                 shim.warn_unknown(shadow, name)
                 reason = f"unknown-on-{SIDE_NAMES[shadow]}"
+                if shadow == TARGET:
+                    shim.divergence.target_lacks(name)
             elif self.up[shadow].state in (DOWN, IDLE) and not shim.may_retry(shadow):
                 reason = f"{SIDE_NAMES[shadow]}-down"
             # (A full mirror queue drops nothing: connections adding to it stop being read, see _flow.)
@@ -1587,7 +1589,10 @@ class Session:
 
     def _reply_in(self, e: Entry, side: int, now: float) -> None:
         shim = self.shim
-        shim.stats.latency[side].observe(now - e.ts[side], e.n)
+        took = now - e.ts[side]
+        shim.stats.latency[side].observe(took, e.n)
+        if e.shadow is not None and not e.internal:
+            self._paired_in(e, side, took)
         if e.batch:
             if side == e.answer and e.shadow is not None and e.payload[e.shadow] is DEFERRED:
                 self._resolve_batch(e, e.shadow, e.rep[side])
@@ -1645,6 +1650,43 @@ class Session:
             # itself is fine); a new one replays the state.
             self.fail(e.shadow, f"{SIDE_NAMES[e.shadow]} and {SIDE_NAMES[e.answer]} answered "
                                 f"{e.name.decode(errors='replace').upper()} differently", side_fault=False)
+
+    def _paired_in(self, e: Entry, side: int, took: float) -> None:
+        """A command sent to both sides: once both replied, each side's latency and one-sided errors (for the gates).
+
+        The first reply's latency waits in ``e.ts`` (its side no longer waits on ``e``), so both
+        sides are measured over the same commands (``latency`` and ``error_rate`` gates).
+        """
+        other = 1 - side
+        if not _complete(e, other):
+            e.ts[side] = took
+            return
+        # A blocking command waits for data on the answering side (the other gets its effect): no latency of the server.
+        lat = None if e.cls is Cls.BLOCKING else (took, e.ts[other]) if side == SOURCE else (e.ts[other], took)
+        src, tgt = e.rep[SOURCE], e.rep[TARGET]
+        if not e.batch:
+            t_err, s_err = _has_error(tgt), _has_error(src)
+            if t_err != s_err:
+                self.shim.divergence.paired(lat, 1, [e.name] if t_err else [], int(s_err))
+            else:
+                self.shim.divergence.paired(lat, 1, [], 0)
+            return
+        if e.sent_idx is None:
+            pairs = zip(range(e.n), src, tgt)
+        else:  # the shadow got only the commands the answering side applied
+            a, b = e.rep[e.answer], e.rep[e.shadow]
+            pairs = ((i, *((a[i], b[j]) if e.answer == SOURCE else (b[j], a[i]))) for j, i in enumerate(e.sent_idx))
+        n = s_err = 0
+        t_err: list[bytes] = []
+        for i, fs, ft in pairs:
+            n += 1
+            es, et = fs[:1] == b"-", ft[:1] == b"-"
+            if es != et:
+                if et:
+                    t_err.append(e.args[i][0])
+                else:
+                    s_err += 1
+        self.shim.divergence.paired(lat, n, t_err, s_err)
 
     def _readonly_settled(self, e: Entry, side: int, raw) -> None:
         """READONLY / READWRITE: what each side accepted is what a new connection to it replays.
