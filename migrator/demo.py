@@ -259,6 +259,24 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
             say(f"  check ({label}): {res.verdict.upper()} — {escape(res.summary)}")
             return res
 
+        def repair_again() -> None:
+            """What an operator does when no_dirty_keys would refuse: repair again, then compare again.
+
+            A repair racing live writes can leave a key different for a moment, and the shim marks
+            it (docs/shim.md); the next repair, compare-first, settles it. Bounded: three rounds.
+            """
+            from migrator.shim import list_dirty
+
+            for _ in range(3):
+                marks = [d for d in list_dirty(pb.state_path) if d.key is not None]
+                if not marks:
+                    return
+                say(f"  {len(marks)} key(s) marked dirty meanwhile ({', '.join(d.display for d in marks[:3])}): "
+                    "repairing them again")
+                with status("sync --dirty: repairing the keys marked since the last repair"):
+                    sync_mod.run(pb, dirty=True)
+                check("after the repair")
+
         step("1. Compatibility: identify servers, canary DUMP/RESTORE, commands, config, your tests on a scratch Valkey")
         step("2. Mirror: every write reaches both servers, reads are compared")
         with status("sync: copying the source's existing keys to the target") as st:
@@ -273,9 +291,11 @@ def run(say: Say, keep: bool = False, base: Path | None = None, seed_keys: int =
             f"and {fix.keys} re-copied")
         check("after sync")
         _wait_gate(pb, say, "mirror_duration", status)
+        repair_again()
         step("3. Read cutover: reads served by Valkey, writes to both")
         check("reads on target")
         _wait_gate(pb, say, "read_cutover_duration", status)
+        repair_again()
         step("4. Write cutover: Valkey authoritative, Redis kept in sync for rollback")
         check("writes on target")
         _wait_gate(pb, say, "rollback_window", status)
