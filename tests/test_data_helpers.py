@@ -67,14 +67,25 @@ def bulk(c: redis.Redis, n: int, prefix: str = "k") -> None:
 
 
 class MirroringWriter(threading.Thread):
-    """Applies partial updates to the source and then the target, as the shim mirrors writes."""
+    """Applies partial updates to the source and then the target, as the shim mirrors writes.
 
-    def __init__(self, src: redis.Redis, dst: redis.Redis, n_keys: int, prefix: str = "k", seed: int = 7) -> None:
+    The shim bounds how far the target lags: a write not applied there within
+    ``shim.shadow_timeout`` marks its key dirty (the repair's business, not the sync's). This
+    thread cannot bound its own lag on a loaded machine (the GIL, a descheduled thread), so it
+    records the keys whose write took longer than ``lag_bound`` from the source's send to the
+    target's reply in ``late``: exactly the keys the shim would have marked dirty.
+    """
+
+    def __init__(self, src: redis.Redis, dst: redis.Redis, n_keys: int, prefix: str = "k", seed: int = 7,
+                 lag_bound: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.src, self.dst, self.n, self.prefix = src, dst, n_keys, prefix
         self.rng = random.Random(seed)
         self.stop_flag = threading.Event()
         self.ops = 0
+        self.lag_bound = lag_bound
+        self.late: set[bytes] = set()
+        self.late_ops = 0
 
     def one(self) -> list:
         i = self.rng.randrange(self.n)
@@ -91,8 +102,12 @@ class MirroringWriter(threading.Thread):
     def run(self) -> None:
         while not self.stop_flag.is_set():
             cmd = self.one()
+            t0 = time.monotonic()
             self.src.execute_command(*cmd)
             self.dst.execute_command(*cmd)
+            if time.monotonic() - t0 > self.lag_bound:
+                self.late.add(str(cmd[1]).encode())
+                self.late_ops += 1
             self.ops += 1
 
     def stop(self) -> int:
