@@ -21,12 +21,6 @@ from tests.test_shim_e2e import wait_for
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "shim.md"
 
 
-def enter(env, phase):
-    """Walk the shim's phase forward to ``phase`` as advance would."""
-    order = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
-    for p in order[: order.index(phase) + 1]:
-        env.set_phase(p)
-
 
 def dirty(env):
     env.flush()
@@ -63,7 +57,7 @@ def snapshot(c, key):
 def test_restore_of_a_dump_taken_through_the_shim_succeeds_and_reaches_both_sides(pair, make_env, phase):
     """After the read cutover DUMP is answered by Valkey; RESTOREing it through the shim succeeds and both sides end with the key, TTL included."""
     env = make_env(*pair)
-    enter(env, phase)
+    env.walk_to(phase)
     c = env.client()
     fill(c)
     time.sleep(0.2)
@@ -90,7 +84,7 @@ def test_restore_of_a_dump_taken_through_the_shim_succeeds_and_reaches_both_side
 def test_restore_by_copy_works_for_a_resp3_client(server_factory, make_env):
     """A RESP3 client's RESTORE of a Valkey payload in reads-on-target succeeds, reaches the source, and the connection goes on."""
     env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
-    enter(env, Phase.READS_ON_TARGET)
+    env.walk_to(Phase.READS_ON_TARGET)
     c = env.client(protocol=3)
     c.zadd("z", {"a": 1, "b": 2})
     payload = c.dump("z")
@@ -108,7 +102,7 @@ def test_restore_of_a_target_payload_in_mirroring_is_refused_like_the_source_wou
     tgt = env.target.client()
     tgt.set("orig", "v")
     payload = tgt.dump("orig")
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     c = env.client()
     with pytest.raises(redis.ResponseError, match="payload version"):
         c.restore("k", 0, payload)
@@ -120,7 +114,7 @@ def test_restore_of_a_target_payload_in_mirroring_is_refused_like_the_source_wou
 def test_restore_of_a_source_payload_in_mirroring_is_mirrored_as_sent(server_factory, make_env):
     """A payload both sides read (Redis 7.0 → Valkey 9.1) is RESTOREd on both as sent, with an absolute TTL."""
     env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     c = env.client()
     c.hset("h", mapping={"a": "1"})
     assert c.restore("h2", 100_000, c.dump("h"))
@@ -137,7 +131,7 @@ def test_restore_of_a_source_payload_in_mirroring_is_mirrored_as_sent(server_fac
 def test_publish_and_pubsub_counts_report_the_subscribers_on_either_side(pair, make_env):
     """In reads-on-target PUBLISH and PUBSUB NUMSUB/NUMPAT/CHANNELS report the subscribers the clients see, wherever they sit."""
     env = make_env(*pair)
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     old = env.client().pubsub()
     old.subscribe("news")  # lands on the source (reads are on the source while mirroring)
     wait_for(lambda: env.source.client().pubsub_numsub("news") == [(b"news", 1)], what="subscriber on the source")
@@ -170,7 +164,7 @@ def test_publish_and_pubsub_counts_report_the_subscribers_on_either_side(pair, m
 def test_client_kill_of_a_subscriber_on_the_target_ends_that_subscriber(pair, make_env):
     """CLIENT KILL ID of a subscriber found in CLIENT LIST through the shim ends the subscriber even though it streams from the target."""
     env = make_env(*pair)
-    enter(env, Phase.READS_ON_TARGET)
+    env.walk_to(Phase.READS_ON_TARGET)
     sub = env.client(client_name="victim").pubsub()
     sub.subscribe("ch")
     wait_for(lambda: env.target.client().pubsub_numsub("ch") == [(b"ch", 1)], what="subscriber on the target")
@@ -192,7 +186,7 @@ def test_client_kill_by_type_is_refused_and_other_clients_keep_their_connections
     c = env.client()
     with pytest.raises(redis.ResponseError, match="would also kill"):
         c.execute_command("CLIENT", "KILL", "TYPE", "normal")  # refused in passthrough phases too
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     other = env.client()
     other.set("k", 0)
     for args in (("TYPE", "normal"), ("TYPE", "pubsub"), ("USER", "default"), ("SKIPME", "yes"),
@@ -210,7 +204,7 @@ def test_client_kill_by_type_is_refused_and_other_clients_keep_their_connections
 def test_config_set_through_the_shim_holds_after_the_read_cutover(pair, make_env):
     """CONFIG SET notify-keyspace-events reaches both sides, so keyspace events still come after the read cutover."""
     env = make_env(*pair)
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     c = env.client()
     assert c.config_set("notify-keyspace-events", "KEA")
     assert env.source.client().config_get("notify-keyspace-events")["notify-keyspace-events"] in ("AKE", "KEA")
@@ -233,7 +227,7 @@ def test_config_set_through_the_shim_holds_after_the_read_cutover(pair, make_env
 def test_config_set_one_side_refuses_is_counted_not_silent(server_factory, make_env):
     """A CONFIG SET the other side refuses is answered by the write side and counted as a shadow refusal."""
     env = make_env(server_factory("redis-6.2"), server_factory("valkey-8.1"))
-    enter(env, Phase.WRITES_ON_TARGET)  # the write side is Valkey, which knows the parameter
+    env.walk_to(Phase.WRITES_ON_TARGET)  # the write side is Valkey, which knows the parameter
     c = env.client()
     assert c.config_set("busy-reply-threshold", "4000")
     assert env.target.client().config_get("busy-reply-threshold")["busy-reply-threshold"] == "4000"
@@ -246,7 +240,7 @@ def test_config_set_one_side_refuses_is_counted_not_silent(server_factory, make_
 def test_server_commands_that_would_bypass_the_migration_are_refused(server_factory, make_env, args):
     """SHUTDOWN, DEBUG, CLIENT PAUSE, ACL SETUSER, MODULE LOAD, REPLICAOF, FAILOVER get a one-line refusal and reach no server."""
     env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     with pytest.raises(redis.ResponseError, match=r"migrator shim: .* is not supported through the shim"):
         env.client().execute_command(*args)
     assert env.source.client().ping() and env.target.client().ping()
@@ -277,7 +271,7 @@ def test_script_kill_stops_the_script_on_every_side_and_others_get_busy_not_a_wa
     """A keyless busy script killed through the shim stops on both servers; meanwhile other clients get -BUSY within a bound, and dirty/divergence counts stay small."""
     env = make_env(server_factory("redis-7.0", config=BUSY), server_factory("valkey-9.1", config=BUSY),
                    shim={"shadow_timeout": "300ms"})
-    enter(env, phase)
+    env.walk_to(phase)
     runner = client(env, 30)
     result = {}
 
@@ -441,7 +435,7 @@ def test_server_commands_and_pubsub_counts_reach_every_side_the_phase_uses(phase
 def test_spublish_reports_shard_subscribers_on_the_target_when_the_source_lacks_sharded_pubsub(server_factory, make_env):
     """Redis 6.2 has no SPUBLISH: in reads-on-target the shard subscriber on Valkey is counted instead of the source's error."""
     env = make_env(server_factory("redis-6.2"), server_factory("valkey-8.1"))
-    enter(env, Phase.READS_ON_TARGET)
+    env.walk_to(Phase.READS_ON_TARGET)
     sub = env.client().pubsub()
     sub.ssubscribe("sch")
     wait_for(lambda: env.target.client().execute_command("PUBSUB", "SHARDNUMSUB", "sch") == [b"sch", 1],
@@ -455,7 +449,7 @@ def test_spublish_reports_shard_subscribers_on_the_target_when_the_source_lacks_
 def test_a_subscriber_stays_subscribed_when_the_other_side_goes_down(server_factory, make_env):
     """While mirroring, a subscriber on the source is not disconnected when the target dies; PUBLISH still reaches it and counts it."""
     env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
-    enter(env, Phase.MIRRORING)
+    env.walk_to(Phase.MIRRORING)
     sub = env.client().pubsub()
     sub.subscribe("ch")
     wait_for(lambda: env.source.client().pubsub_numsub("ch") == [(b"ch", 1)], what="subscriber on the source")
@@ -475,7 +469,7 @@ def test_a_subscriber_stays_subscribed_when_the_other_side_goes_down(server_fact
 def test_restore_of_a_stream_the_source_cannot_read_is_marked_dirty_not_lost(server_factory, make_env):
     """A stream is not copied by type: RESTORE succeeds on the target and the key is marked dirty on the source (restore-not-copied)."""
     env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
-    enter(env, Phase.READS_ON_TARGET)
+    env.walk_to(Phase.READS_ON_TARGET)
     c = env.client()
     c.xadd("st", {"f": "v"}, id="1-1")
     assert c.restore("st2", 0, c.dump("st"))

@@ -48,6 +48,12 @@ class ShimEnv:
         assert ack.ok, ack.evidence()
         return st.generation
 
+    def walk_to(self, phase: Phase) -> None:
+        """Walk the shim's phase forward from planned to ``phase`` through each two-sided phase, as advance would."""
+        order = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
+        for p in order[: order.index(phase) + 1]:
+            self.set_phase(p)
+
     def flush(self) -> None:
         """Persist counters, divergences and dirty marks now (instead of at the next heartbeat)."""
         import asyncio

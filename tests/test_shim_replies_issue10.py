@@ -22,11 +22,6 @@ def env7(server_factory, make_env):
     return make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
 
 
-def enter(env, phase):
-    order = [Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET]
-    for p in order[: order.index(phase) + 1]:
-        env.set_phase(p)
-
 
 def dirty(env):
     env.flush()
@@ -103,7 +98,7 @@ def test_request_parser_still_refuses_garbage_after_resp():
 def test_inline_commands_after_resp_and_pipelined_are_answered_in_order(env7, phase):
     """RESP, then three pipelined inline commands in one write, then RESP and inline mixed: all answered, in order."""
     if phase is not Phase.PLANNED:
-        enter(env7, phase)
+        env7.walk_to(phase)
     s = socket.create_connection(("127.0.0.1", env7.port))
     try:
         s.sendall(b"*1\r\n$4\r\nPING\r\n")
@@ -255,7 +250,7 @@ def test_a_write_both_sides_refuse_alike_is_neither_a_divergence_nor_dirty(env7,
     """FUNCTION LOAD of an existing library, FUNCTION FLUSH BOGUS, WRONGTYPE, NOSCRIPT and a
     non-integer INCR, refused by both sides with the same error: no divergence, no dirty mark."""
     env = env7
-    enter(env, phase)
+    env.walk_to(phase)
     c = env.client()
     assert c.execute_command("FUNCTION", "LOAD", "REPLACE", LIB) == b"issue10lib"
     refused = [
