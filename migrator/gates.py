@@ -45,14 +45,23 @@ class GateContext:
     # effects (the compatibility run writes a report) may report its last result instead.
     read_only: bool = False
     probe_timeout: float | None = None  # per side; None: each endpoint's connect_timeout
-    # Probed once per evaluation and shared by every gate that asks (``current_sides``).
+    # Probed (or read from the journal) once per evaluation and shared by every gate that asks.
     _sides: dict[str, sides.Side] | None = None
+    _phase_start_sides: dict[str, sides.Side] | None = None
 
     def current_sides(self) -> dict[str, sides.Side]:
         """Both sides as they answer now (run_id, start, keys), probed once for all the gates."""
         if self._sides is None:
             self._sides = sides.snapshot(self.playbook, self.probe_timeout)
         return self._sides
+
+    def phase_start_sides(self) -> dict[str, sides.Side]:
+        """The sides journaled by the transition that began the current phase (empty for older journals)."""
+        if self._phase_start_sides is None:
+            self._phase_start_sides = next(
+                (sides.recorded(e) for e in reversed(self.store.read_journal())
+                 if e.get("event") == "transition-started" and e.get("to") == self.state.phase.value), {})
+        return self._phase_start_sides
 
     def probed_sides(self) -> dict[str, sides.Side] | None:
         """The sides if a gate probed them, without probing."""
@@ -224,7 +233,7 @@ def source_reachable(ctx: GateContext):
     data = {"reachable": src.reachable, "source": src.to_json()}
     if not src.reachable:
         return False, src.describe(), data
-    then = _sides_at_phase_start(ctx)
+    then = ctx.phase_start_sides()
     why = sides.restarted_since({"source": src}, ctx.state.phase_started, then)
     if why:
         check = _clean_full_check_after(ctx, "source")
@@ -286,8 +295,9 @@ def repair_advice(ctx: GateContext) -> str:
     """The repair that works in this phase: sync copies source → target only while the source is authoritative."""
     p = f" -p {ctx.playbook.path}" if ctx.playbook.path else ""
     if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED):
-        if ctx.state.phase == Phase.WRITES_ON_TARGET and authority_lost(ctx):
-            return (f"the target, which is authoritative, lost data the source still holds ({authority_lost(ctx)}): "
+        lost = authority_lost(ctx) if ctx.state.phase == Phase.WRITES_ON_TARGET else None
+        if lost:
+            return (f"the target, which is authoritative, lost data the source still holds ({lost}): "
                     f"do not repair from it; roll back to the source with `migrator rollback --override no_dirty_keys "
                     f"--reason ...{p}`, then copy the data again with `migrator sync{p}`")
         return f"repair from the target with `migrator check --full --repair{p}`, then a clean `migrator check --full{p}`"
@@ -302,19 +312,12 @@ def authority_lost(ctx: GateContext) -> str | None:
     """
     role = "target" if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED) else "source"
     cur = ctx.current_sides()
-    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, _sides_at_phase_start(ctx))
+    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, ctx.phase_start_sides())
     sel = ctx.playbook.sync
     comparable = not sel.exclude and sel.include == ["*"]
     short = comparable and sides.compare_sizes(cur, ctx.playbook.check.max_key_count_drift, sel.databases, short=role)
     return "; ".join(why + ([f"it holds fewer keys: {short}"] if short else [])) or None
 
-
-def _sides_at_phase_start(ctx: GateContext) -> dict[str, sides.Side]:
-    """The sides journaled by the transition that began the current phase (empty for older journals)."""
-    for e in reversed(ctx.store.read_journal()):
-        if e.get("event") == "transition-started" and e.get("to") == ctx.state.phase.value:
-            return sides.recorded(e)
-    return {}
 
 
 def _clean_full_check_after(ctx: GateContext, role: str) -> str | None:
@@ -336,7 +339,7 @@ def restart_notes(ctx: GateContext) -> list[str]:
 
     cur = ctx.current_sides()
     notes = []
-    then = _sides_at_phase_start(ctx)
+    then = ctx.phase_start_sides()
     for why in sides.restarted_since(cur, ctx.state.phase_started, then):
         notes.append(f"{why} since {ctx.state.phase} began")
     sync = reports.latest(ctx.playbook.state_path, "sync", lambda r: r.get("mode") == "full" and bool(r.get("complete")))
