@@ -146,6 +146,12 @@ class ShimConfig(_Strict):
     max_request_bytes: int = Field(512 * 1024 * 1024, gt=0)
     max_client_buffer_bytes: int = Field(64 * 1024 * 1024, gt=0)
     mirror_queue_size: int = Field(10000, gt=0)
+    # Upstream connections per side shared by clients that carry no connection state, in the
+    # one-sided phases (planned, compatible, completed); 0: every client gets its own.
+    shared_connections: int = Field(1, ge=0, le=64)
+    # Upstream connections per side kept from ended sessions for the next client (reset with
+    # RESET in between); 0: each session opens its own.
+    pool_size: int = Field(16, ge=0, le=1024)
 
     _resolved_password: str | None = PrivateAttr(default=None)
 

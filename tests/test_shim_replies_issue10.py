@@ -423,10 +423,11 @@ def test_inline_quoting_matches_redis(env7):
     assert run(env.port) == direct
 
 
-def test_a_reply_too_deep_to_count_in_passthrough_reaches_the_client_then_its_connection_closes(env7):
-    """planned (passthrough): a 5,000-deep reply is delivered whole, that connection is then closed
-    (the stream position is lost), and other clients go on."""
-    env = env7
+def test_a_reply_too_deep_to_count_in_passthrough_reaches_the_client_then_its_connection_closes(server_factory,
+                                                                                                  make_env):
+    """planned (passthrough) on a connection of its own: a 5,000-deep reply is delivered whole, that
+    connection is then closed (the stream position is lost), and other clients go on."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"), shim={"shared_connections": 0})
     other = env.client()
     other.set("before", "1")
     s = socket.create_connection(("127.0.0.1", env.port))
@@ -440,6 +441,19 @@ def test_a_reply_too_deep_to_count_in_passthrough_reaches_the_client_then_its_co
     finally:
         s.close()
     assert other.get("before") == b"1" and other.set("after", "2")
+
+
+def test_a_reply_too_deep_to_count_on_a_shared_connection_is_framed_and_the_client_goes_on(env7):
+    """planned, multiplexed (the default): the shared connection frames replies instead of counting
+    them, so a 5,000-deep reply is delivered whole and the same client's next command is answered."""
+    env = env7
+    s = socket.create_connection(("127.0.0.1", env.port))
+    try:
+        s.sendall(resp.encode([b"EVAL", DEEP.encode(), b"0", b"5000"]) + b"*1\r\n$4\r\nPING\r\n")
+        assert replies(s, 2, timeout=10) == [b"*1\r\n" * 5001 + b":1\r\n", b"+PONG\r\n"]
+    finally:
+        s.close()
+    assert env.thread.call(lambda: env.thread.shim.mux.pinned) == 0
 
 
 @pytest.mark.parametrize(("args", "reply", "same", "other"), [

@@ -50,6 +50,8 @@ from migrator.shim.commands import (
 )
 from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
+from migrator.shim.mux import Mux, SharedLink
+from migrator.shim.pool import Pool
 from migrator.shim.routing import ROLES, ROUTES
 from migrator.shim.sequencer import Sequencer
 from migrator.shim.resp import run_id_of
@@ -97,6 +99,12 @@ class ClientProtocol(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if self.shim.stopping:
             transport.close()
+            return
+        mux = self.shim.mux
+        if mux.applies():
+            # A one-sided phase: on the shared connections until it needs state (see shim.mux).
+            self.session = mux.client(self)
+            self.shim.session_opened(self.session)
             return
         self.session = Session(self.shim, self)
         self.shim.session_opened(self.session)
@@ -159,6 +167,23 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.session._flow()
+
+
+class SharedProtocol(asyncio.Protocol):
+    """The socket of one shared upstream connection (see shim.mux)."""
+
+    def __init__(self, link: SharedLink) -> None:
+        self.link = link
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.link.data(data)
+
+    def connection_lost(self, exc) -> None:
+        self.link.lost(self.transport, f"connection lost ({exc})" if exc else "connection closed by server")
 
 
 class SideHealth:
@@ -325,6 +350,10 @@ class Shim:
         self.known_dbs: tuple[set[int], set[int]] = (set(), set())  # databases each side had keys in
         self._info_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migrator-shim-info")
         self._run_id_task: asyncio.Task | None = None
+        # Stateless clients share upstream connections in the one-sided phases (shim.mux).
+        self.mux = Mux(self, self.cfg.shared_connections, lambda cb: self.loop.call_soon(cb), self._open_shared)
+        # Upstream connections of ended sessions, reset for the next one (shim.pool).
+        self.pool = Pool(self, self.cfg.pool_size)
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -407,6 +436,8 @@ class Shim:
             await asyncio.sleep(0.01)
         for s in list(self.sessions):
             s.close("shim stopping")
+        self.mux.stop()
+        self.pool.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -506,6 +537,7 @@ class Shim:
         self.phase = state.phase
         self.generation = state.generation
         self.routes = ROUTES[self.phase]
+        self.mux.phase_changed()
         self.divergence.start_generation(self.generation, self.phase.value)
         for s in list(self.sessions):
             s.on_phase(self.phase)
@@ -701,6 +733,47 @@ class Shim:
         self.sessions.discard(s)
         self.stats.connections = len(self.sessions)
 
+    def pin_client(self, mc, data: bytes) -> None:
+        """A multiplexed client needs connection state: it gets a session of its own from here on.
+
+        Nothing of it is in flight any more; its bytes from the command that needs the state on
+        are fed to the session, which parses them again. AUTH already given is carried over.
+        """
+        self.sessions.discard(mc)
+        link = mc.client
+        s = Session(self, link)
+        if mc.authed:
+            s.authed = True
+        link.session = s
+        self.sessions.add(s)
+        if self.stopping:
+            s.close("shim stopping")
+            return
+        s.connect_sides()
+        if mc.paused:
+            link.resume_reading()  # the session's own back-pressure takes over
+        if data:
+            s.on_client_data(data)
+        if mc.gone:
+            s.on_client_lost()
+
+    def _open_shared(self, link: SharedLink, attempt: int) -> None:
+        asyncio.ensure_future(self._connect_shared(link, attempt))
+
+    async def _connect_shared(self, link: SharedLink, attempt: int) -> None:
+        ep = self.endpoints[link.side]
+        ctx = self.ssl_contexts[link.side]
+        try:
+            transport, _ = await asyncio.wait_for(
+                self.loop.create_connection(lambda: SharedProtocol(link), ep.host, ep.port, ssl=ctx,
+                                            server_hostname=(ep.tls.server_name if ep.tls and ep.tls.server_name else ep.host) if ctx else None),
+                timeout=ep.connect_timeout.total_seconds())
+        except (TimeoutError, OSError, ssl.SSLError) as e:
+            link.failed(f"cannot connect to {ep.display}: {e or type(e).__name__}", attempt)
+            return
+        if not link.connected(transport, attempt):
+            transport.close()
+
     def entry_finished(self, gen: int, count: int = 1) -> None:
         n = self.outstanding.get(gen, 0) - count
         if n <= 0:
@@ -720,7 +793,24 @@ class Shim:
         return False
 
     def open_upstream(self, session: Session, side: int, attempt: int) -> None:
+        transport = self.pool.take(side)
+        if transport is not None:
+            protocol = transport.get_protocol()
+            protocol.session = session
+            protocol.side = side
+            self.loop.call_soon(self._pooled, session, side, transport, attempt)
+            return
         asyncio.ensure_future(self._connect(session, side, attempt))
+
+    def _pooled(self, session: Session, side: int, transport, attempt: int) -> None:
+        if transport.is_closing():
+            session.on_upstream_failed(side, "pooled connection closed", attempt)
+        elif not session.on_upstream_connected(side, transport, attempt):
+            transport.close()
+
+    def give_back(self, side: int, transport, named: bool) -> bool:
+        """A session that ended cleanly offers its upstream connection for the next one (shim.pool)."""
+        return self.pool.give_back(side, transport, named)
 
     async def _connect(self, session: Session, side: int, attempt: int) -> None:
         ep = self.endpoints[side]
@@ -859,6 +949,8 @@ class Shim:
             "refused": dict(st.refused),
             "backpressure": st.backpressure,
             "clients_paused": sum(1 for x in self.sessions if x.paused),
+            "pool": self.pool.status(),
+            "multiplexed": {**self.mux.status(), "clients": sum(1 for x in self.sessions if not isinstance(x, Session))},
             "latency": lat,
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
                                       "reachable": self.side_reachable[i], "up": self.side_up(i),

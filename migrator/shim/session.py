@@ -2087,13 +2087,18 @@ class Session:
         self.closed = True
         self.client.close()
         self.ungranted.clear()
+        clean = (reason == "client closed" and self.tx is None and self.pipe is None and not self.blocking_pending
+                 and self.sub_expect is None and not self.watched)
         for u in self.up:
+            owed = u.raw_pending
             self._drop_raw(u)
             pending = list(u.wait) + list(u.out)
             u.wait.clear()
             u.out.clear()
             if u.transport is not None:
-                u.transport.close()
+                if not (clean and not pending and not owed and u.state is UP and not u.framer.buf
+                        and self.shim.give_back(u.side, u.transport, self.name is not None)):
+                    u.transport.close()  # (given back: reset and kept for the next session, see shim.pool)
                 u.transport = None
             u.state = DOWN
             for e in pending:
