@@ -57,10 +57,14 @@ def one_sided(routes) -> int | None:
 
 
 class SharedLink:
-    """One upstream connection shared by multiplexed clients, and the order of its replies.
+    """One upstream connection shared by several users, and the order of its replies.
 
-    ``waiting`` holds, in the order they were written, ``[client, commands, sent_at, generation,
-    request bytes]``: the next replies belong to its head.
+    Its users are multiplexed clients (``MuxClient``) and the upstream connections of sessions
+    with no connection state (``VirtualConn``). ``waiting`` holds, in the order they were
+    written, ``[user, replies, token]``: the next replies belong to its head. A user has
+    ``shared_replies(data, n, token)`` (its next ``n`` replies, whole), ``shared_done(token)`` (all
+    of an item's replies are in; an item of 0 replies is a reply the shim gives itself, delivered
+    in its place), ``shared_lost(n, token)`` and ``shared_closed(reason)`` (the connection is lost).
     """
 
     __slots__ = ("_flush_scheduled", "attempt", "framer", "handshake", "index", "mux", "out", "proto", "side", "state",
@@ -80,9 +84,9 @@ class SharedLink:
         self.attempt = 0
         self._flush_scheduled = False
 
-    # --- from the clients ---------------------------------------------------------------
-    def send(self, client: MuxClient, raw: bytes, n: int, gen: int) -> None:
-        self.waiting.append([client, n, time.monotonic(), gen, len(raw), None])
+    # --- from the users -----------------------------------------------------------------
+    def send(self, user, raw: bytes, n: int, token) -> None:
+        self.waiting.append([user, n, token])
         self.out.append(raw)
         if self.state is UP:
             if not self._flush_scheduled:
@@ -91,9 +95,9 @@ class SharedLink:
         elif self.state is not CONNECTING:
             self.connect()
 
-    def send_local(self, client: MuxClient, reply: bytes) -> None:
-        """A reply the shim gives itself, behind ``client``'s replies still to come: it keeps its place."""
-        self.waiting.append([client, 0, 0.0, -1, 0, reply])
+    def send_local(self, user, token) -> None:
+        """Something for ``user`` behind its replies still to come (``shared_done(token)`` in its place)."""
+        self.waiting.append([user, 0, token])
 
     def flush(self) -> None:
         """Write what the clients sent in this turn of the loop, in one system call."""
@@ -137,15 +141,12 @@ class SharedLink:
         waiting, self.waiting = self.waiting, deque()
         if side_fault:
             self.mux.side_failed(self.side, reason)
-        lost: dict[int, MuxClient] = {}
-        for client, n, _t, gen, nbytes, _local in waiting:
-            if n:
-                client.inflight_n -= n
-                client.inflight_bytes -= nbytes
-                self.mux.entry_finished(gen, n)
-            lost[id(client)] = client
-        for client in lost.values():
-            client.close(f"{SIDE_NAMES[self.side]} connection lost: {reason}")
+        users: dict[int, Any] = {}
+        for user, n, token in waiting:
+            user.shared_lost(n, token)
+            users[id(user)] = user
+        for user in users.values():
+            user.shared_closed(f"{SIDE_NAMES[self.side]} connection lost: {reason}")
 
     def lost(self, transport, reason: str) -> None:
         if transport is self.transport and self.state is UP:
@@ -169,29 +170,73 @@ class SharedLink:
                 return
             i += 1
         waiting = self.waiting
-        now = time.monotonic()
-        observe = self.mux.latency[self.side].observe
-        finished = self.mux.entry_finished
         while i < nframes:
             if not waiting:
                 self.failed(f"unexpected reply from {SIDE_NAMES[self.side]} (stream out of step)", side_fault=False)
                 return
             head = waiting[0]
-            client = head[0]
             take = min(head[1], nframes - i)
-            client.reply(frames[i] if take == 1 else b"".join(frames[i:i + take]))
+            head[1] -= take  # (first: a callback that fails this connection counts only the rest as lost)
+            head[0].shared_replies(frames[i] if take == 1 else b"".join(frames[i:i + take]), take, head[2])
+            if self.state is not UP or waiting is not self.waiting:
+                return  # a user's callback failed this connection
             i += take
-            observe(now - head[2], take)
-            finished(head[3], take)
-            client.inflight_n -= take
-            head[1] -= take
             if head[1] == 0:
                 waiting.popleft()
-                client.inflight_bytes -= head[4]
-                while waiting and waiting[0][1] == 0:  # local replies queued behind it
+                head[0].shared_done(head[2])
+                while waiting and waiting[0][1] == 0:  # things given in their place behind it
                     local = waiting.popleft()
-                    local[0].reply(local[5])
-                client.settled()
+                    local[0].shared_done(local[2])
+
+
+class VirtualConn:
+    """A session's upstream connection that is a share of a ``SharedLink`` (see ``Session._connect``).
+
+    It stands in for the transport: the session sends whole commands with the number of replies
+    they owe (``send``), gets its replies through ``on_upstream_data`` as from a connection of its
+    own, and ``abort``/``close`` only make it deaf: the replies still owed are read and dropped,
+    so the shared connection stays in step.
+    """
+
+    __slots__ = ("dead", "link", "session", "side")
+
+    def __init__(self, link: SharedLink, session, side: int) -> None:
+        self.link = link
+        self.session = session
+        self.side = side
+        self.dead = False
+        if link.state is IDLE or link.state is DOWN:
+            link.connect()
+
+    def send(self, data: bytes, n: int) -> None:
+        if not self.dead:
+            self.link.send(self, data, n, None)
+
+    def abort(self) -> None:
+        self.dead = True
+
+    close = abort
+
+    def is_closing(self) -> bool:
+        return self.dead
+
+    def get_write_buffer_size(self) -> int:
+        return self.link.buffered()
+
+    def shared_replies(self, data: bytes, n: int, token) -> None:
+        if not self.dead:
+            self.session.on_upstream_data(self.side, data)
+
+    def shared_done(self, token) -> None:
+        pass
+
+    def shared_lost(self, n: int, token) -> None:
+        pass
+
+    def shared_closed(self, reason: str) -> None:
+        if not self.dead:
+            self.dead = True
+            self.session.on_upstream_lost(self.side, self, reason)
 
 
 class MuxClient:
@@ -345,7 +390,7 @@ class MuxClient:
         shim.outstanding[gen] = shim.outstanding.get(gen, 0) + n
         self.inflight_n += n
         self.inflight_bytes += len(raw)
-        self.link.send(self, raw, n, gen)
+        self.link.send(self, raw, n, (time.monotonic(), gen, len(raw)))
 
     def _send_mixed(self, commands: list[list[bytes]], local: list[tuple[int, bytes]]) -> None:
         """Some commands are answered here (AUTH, CLIENT SETINFO): their replies keep their place."""
@@ -357,7 +402,7 @@ class MuxClient:
                     self._send(b"".join(map(encode, run)), len(run))
                     run = []
                 if self.inflight_n:
-                    self.link.send_local(self, answers[i])
+                    self.link.send_local(self, answers[i])  # (a reply: see shared_done)
                 else:
                     self.client.write(answers[i])
             else:
@@ -365,10 +410,34 @@ class MuxClient:
         if run:
             self._send(b"".join(map(encode, run)), len(run))
 
-    # --- replies -----------------------------------------------------------------------------
+    # --- replies (as a user of its SharedLink) ------------------------------------------------
     def reply(self, data: bytes) -> None:
         if not self.closed:
             self.client.write(data)
+
+    def shared_replies(self, data: bytes, n: int, token) -> None:
+        if not self.closed:
+            self.client.write(data)
+        mux = self.mux
+        mux.latency[self.link.side].observe(time.monotonic() - token[0], n)
+        mux.entry_finished(token[1], n)
+        self.inflight_n -= n
+
+    def shared_done(self, token) -> None:
+        if token.__class__ is bytes:  # a reply the shim gave itself, in its place
+            self.reply(token)
+            return
+        self.inflight_bytes -= token[2]
+        self.settled()
+
+    def shared_lost(self, n: int, token) -> None:
+        if n:
+            self.inflight_n -= n
+            self.inflight_bytes -= token[2]
+            self.mux.entry_finished(token[1], n)
+
+    def shared_closed(self, reason: str) -> None:
+        self.close(reason)
 
     def settled(self) -> None:
         """Replies arrived: a client waiting to become a session (or gone) may now."""
