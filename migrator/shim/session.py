@@ -52,7 +52,7 @@ from migrator.shim.routing import SHIM, Plan, publish_reaches
 from migrator.shim.sequencer import GRANTED, Request
 
 if TYPE_CHECKING:  # pragma: no cover
-    from migrator.shim.server import Shim
+    from migrator.shim.host import ClientLink, ShimHost
 
 DEFERRED = object()  # the shadow's payload is computed when the answer arrives
 _MULTI = encode([b"MULTI"])
@@ -192,7 +192,7 @@ class Upstream:
 
 
 class Session:
-    def __init__(self, shim: Shim, client) -> None:
+    def __init__(self, shim: ShimHost, client: ClientLink) -> None:
         self.shim = shim
         self.client = client
         self.parser = RequestParser(shim.cfg.max_request_bytes)
