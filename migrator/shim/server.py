@@ -53,7 +53,8 @@ from migrator.shim.routing import ROLES, ROUTES
 from migrator.shim.sequencer import Sequencer
 from migrator.shim.resp import run_id_of
 from migrator.shim.io import ClientProtocol, bind_errors, connect_upstream, new_loop, tls_server_context
-from migrator.shim.session import Session, sha1_hex
+from migrator.shim.scripts import sha1_hex
+from migrator.shim.session import Session
 from migrator.state import (
     StateError,
     StateStore,
