@@ -86,9 +86,10 @@ class Client(Link):
         super().__init__()
         self.paused = False
         self.pauses = 0
+        self.buffered = 0  # bytes the client has not read yet (as the transport would say)
 
     def buffer_size(self) -> int:
-        return 0
+        return self.buffered
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -604,6 +605,18 @@ def test_too_many_commands_in_flight_pause_the_client_until_replies_drain(core):
     c.reply(SOURCE, b"$-1\r\n" * n)
     assert not c.client.paused
     assert c.answered() == b"$-1\r\n" * n
+
+
+def test_a_client_not_reading_its_replies_is_not_read_either(core):
+    """When the client link's unread bytes cross max_client_buffer_bytes the client is paused, and resumed below half."""
+    c = core(Phase.PLANNED)
+    limit = c.host.cfg.max_client_buffer_bytes
+    c.client.buffered = limit + 1
+    c.session.on_buffers_changed()
+    assert c.client.paused
+    c.client.buffered = limit // 2 - 1
+    c.session.on_buffers_changed()
+    assert not c.client.paused and c.client.pauses == 1
 
 
 def test_write_switch_holds_client_bytes_until_released(core):

@@ -8,7 +8,7 @@ an upstream transport its ``host.UpstreamLink``). A client connection's life:
 ``Session.on_client_data``; the session asks its host to open a side
 (``Shim.open_upstream`` -> ``connect_upstream`` here) and is told ``on_upstream_connected`` /
 ``on_upstream_failed``; ``UpstreamProtocol`` feeds ``on_upstream_data`` / ``on_upstream_lost``;
-flow control (``pause_writing``/``resume_writing``) calls ``Session._flow``.
+flow control (``pause_writing``/``resume_writing``) calls ``Session.on_buffers_changed``.
 
 The controller (``server.Shim``: phase polling, registry, metrics, timers) and the process
 runner (``server.run``, ``server.ShimThread``) build on this module; nothing here imports them.
@@ -68,11 +68,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.session is not None:
-            self.session._flow()
+            self.session.on_buffers_changed()
 
     def resume_writing(self) -> None:
         if self.session is not None:
-            self.session._flow()
+            self.session.on_buffers_changed()
 
     # The Session's view of its client.
     def write(self, data: bytes) -> None:
@@ -114,7 +114,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.session.on_upstream_lost(self.side, self.transport, reason)
 
     def resume_writing(self) -> None:
-        self.session._flow()
+        self.session.on_buffers_changed()
 
 
 async def connect_upstream(loop: asyncio.AbstractEventLoop, session: Session, side: int, attempt: int, ep: Any,

@@ -24,15 +24,15 @@ transport's ``write``). What it does with them:
 
 This module is the coordinator: the events in (``on_client_data``, ``on_upstream_connected``,
 ``on_upstream_failed``, ``on_upstream_lost``, ``on_upstream_data``, ``check_timeouts``,
-``on_phase``, ``on_client_lost``, ``release``), routing (``handle``, ``_dispatch``), writing
-(``_pump``, ``_flush_client``), back-pressure (``_flow``) and closing. Each other idea is a base
-class in a module of its own: ``entry`` (Entry, Upstream), ``fastpath`` (whole chunks),
-``connstate`` (SELECT, HELLO, AUTH... and their replay), ``transactions``, ``subscriptions``,
-``blocking``, ``ordering`` (the sequencer), ``scripts`` (NOSCRIPT healing), ``restoring``
-(RESTORE across RDB versions), ``replies`` (intake, combine, compare) and ``failures`` (a
-failed or slow side). Its outputs are calls on what it was given (see ``host``): the client
-link's ``write``/``close``/``pause_reading``, an upstream link's ``write``/``abort``, and
-``shim.open_upstream``.
+``on_phase``, ``on_client_lost``, ``on_buffers_changed``, ``release``), routing (``handle``,
+``_dispatch``), writing (``_pump``, ``_flush_client``), back-pressure (``_flow``) and
+closing. Each other idea is a base class in a module of its own: ``entry`` (Entry, Upstream),
+``fastpath`` (whole chunks), ``connstate`` (SELECT, HELLO, AUTH... and their replay),
+``transactions``, ``subscriptions``, ``blocking``, ``ordering`` (the sequencer), ``scripts``
+(NOSCRIPT healing), ``restoring`` (RESTORE across RDB versions), ``replies`` (intake,
+combine, compare) and ``failures`` (a failed or slow side). Its outputs are calls on what it
+was given (see ``host``): the client link's ``write``/``close``/``pause_reading``, an
+upstream link's ``write``/``abort``, and ``shim.open_upstream``.
 """
 
 from __future__ import annotations
@@ -554,6 +554,10 @@ class Session(FastPath, ConnState, Transactions, Subscriptions, Blocking, Orderi
             self._close_if_gone()
         elif self.paused:
             self._flow()
+
+    def on_buffers_changed(self) -> None:
+        """A link's write buffer crossed its bound, either way (the IO layer's flow control)."""
+        self._flow()
 
     def _flow(self) -> None:
         """Back-pressure: stop reading the client while it has too much in the shim, resume once half is gone.
