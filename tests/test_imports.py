@@ -116,6 +116,8 @@ def test_graph_counts_type_checking_and_function_imports():
     assert "migrator.shim.compare" in graph["migrator.shim.session"]
     # cli/shim.py imports the shim package inside a function.
     assert "migrator.shim" in graph["migrator.cli.shim"]
+    # session.py imports host.py only under TYPE_CHECKING.
+    assert "migrator.shim.host" in graph["migrator.shim.session"]
 
 
 def test_no_import_cycles():

@@ -631,3 +631,53 @@ def test_write_switch_holds_client_bytes_until_released(core):
     assert c.sent(TARGET) == c.sent(SOURCE) == resp(["SET", "a", "1"])
     c.reply(TARGET, b"+OK\r\n")
     assert c.answered() == b"+OK\r\n"
+
+
+# --- the host protocol ----------------------------------------------------------------------
+
+CORE_MODULES = ("session", "entry", "fastpath", "connstate", "transactions", "subscriptions", "blocking", "ordering",
+                "scripts", "restoring", "replies", "failures")
+
+
+def _host_members() -> set[str]:
+    from migrator.shim.host import ShimHost
+
+    return set(ShimHost.__annotations__) | {n for n in vars(ShimHost) if not n.startswith("_")}
+
+
+def _used_on_host() -> set[str]:
+    """Every attribute the core's modules read or call on their shim (``self.shim.x``, or ``shim.x`` after ``shim = self.shim``)."""
+    import ast
+    from pathlib import Path
+
+    import migrator.shim
+
+    used: set[str] = set()
+    for mod in CORE_MODULES:
+        tree = ast.parse((Path(migrator.shim.__file__).parent / f"{mod}.py").read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            v = node.value
+            if (isinstance(v, ast.Attribute) and v.attr == "shim" and isinstance(v.value, ast.Name)
+                    and v.value.id == "self") or (isinstance(v, ast.Name) and v.id == "shim"):
+                used.add(node.attr)
+    return used
+
+
+def test_the_core_uses_only_what_the_host_protocol_declares():
+    """Everything the core reads or calls on its shim is declared in host.ShimHost, so a host can be written from it."""
+    used = _used_on_host()
+    assert {"open_upstream", "stats", "routes", "seq"} <= used  # (the walk sees the core's uses)
+    assert used - _host_members() == set()
+
+
+def test_the_shim_and_the_recording_host_provide_the_host_protocol(tmp_path):
+    """server.Shim and this file's recording host both have every member of host.ShimHost."""
+    from migrator.shim.server import Shim
+
+    pb = playbook.load(write_playbook(tmp_path / "p.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0",
+                                      shim={"listen": "127.0.0.1:1", "admin": "127.0.0.1:2"}))
+    for host in (Shim(pb), Host(tmp_path, Phase.MIRRORING)):
+        missing = {m for m in _host_members() if not hasattr(host, m)}
+        assert missing == set(), f"{type(host).__name__} lacks {sorted(missing)}"

@@ -1,8 +1,9 @@
-"""The shim's sockets: the client listener, upstream connections, admin endpoint, timers.
+"""The shim's controller: the listener, the phase, the admin endpoint, timers, and running it.
 
-Everything that touches the network or the clock's timers is here; what to do with bytes is in
-``session`` (per connection) and the pure modules it uses. One ``Shim`` runs on one asyncio
-loop (uvloop when installed). Background tasks:
+The sockets themselves are in ``io`` (client and upstream connections); what to do with bytes
+is in ``session`` (per connection, no sockets) and the pure modules it uses. ``Shim`` is the
+sessions' host (``host.ShimHost``). One ``Shim`` runs on one asyncio loop (uvloop when
+installed). Background tasks:
 
 - every ``POLL_INTERVAL``: re-read ``state.json`` when its mtime changes and apply a new phase;
   once the commands issued under the old generation have finished (bounded wait), publish the
