@@ -120,6 +120,14 @@ def test_graph_counts_type_checking_and_function_imports():
     assert "migrator.shim.host" in graph["migrator.shim.session"]
 
 
+def test_relative_imports_are_resolved(tmp_path):
+    """``from . import x``, ``from .x import y`` and ``from ..x import y`` name the modules they import."""
+    mod = tmp_path / "m.py"
+    mod.write_text("from . import sibling\nfrom .sibling import f\nfrom ..top import g\nfrom .. import other\n")
+    modules = dict.fromkeys(["p", "p.q", "p.q.m", "p.q.sibling", "p.top", "p.other"], mod)
+    assert _imports("p.q.m", mod, modules) == {"p.q.sibling", "p.top", "p.other"}
+
+
 def test_no_import_cycles():
     """No module of the package imports itself through others, counting every kind of import."""
     cycle = find_cycle(_graph())
