@@ -12,7 +12,7 @@ import contextlib
 import time
 
 from migrator.shim.commands import Cls
-from migrator.shim.entry import _NULLS, DEFERRED, Entry
+from migrator.shim.entry import DEFERRED, NULL_REPLIES, Entry
 from migrator.shim.resp import encode, is_error
 from migrator.shim.sequencer import Request
 
@@ -63,7 +63,7 @@ class Blocking:
             answer = result
         else:
             inner = result[result.index(b"\r\n") + 2:]
-            if result[:2] != b"*1" or inner in _NULLS:  # nothing to pop yet (or EXEC aborted by a WATCH)
+            if result[:2] != b"*1" or inner in NULL_REPLIES:  # nothing to pop yet (or EXEC aborted by a WATCH)
                 seq = self.shim.seq
                 e.rep[side] = None
                 e.exp[side] = 1

@@ -14,10 +14,10 @@ from typing import Any
 import hiredis
 
 from migrator.shim.commands import Classified, Cls
-from migrator.shim.entry import CONNECTING, Entry, _internal_entry
+from migrator.shim.entry import CONNECTING, Entry, internal_entry
 from migrator.shim.resp import OK, Framer, error_reply, is_error, parse
 
-_PER_SIDE_STATE = frozenset({b"readonly", b"readwrite"})  # kept per side (see _readonly_settled)
+PER_SIDE_STATE = frozenset({b"readonly", b"readwrite"})  # kept per side (see _readonly_settled)
 _QUEUED = b"+QUEUED\r\n"
 
 
@@ -33,7 +33,7 @@ def _state_changes(args: list[bytes], name: bytes) -> dict[str, Any]:
     return {}
 
 
-def _tx_state_changes(tx: list[list[bytes]], result: list | None = None) -> dict[str, Any]:
+def tx_state_changes(tx: list[list[bytes]], result: list | None = None) -> dict[str, Any]:
     """The connection state a transaction's SELECT / CLIENT SETNAME set (``result``: only those that succeeded)."""
     changes: dict[str, Any] = {}
     for i, args in enumerate(tx):
@@ -156,7 +156,7 @@ class ConnState:
         del pending[i]
         if e.tx is not None:
             result = parse(raw)
-            done = _tx_state_changes(e.tx, result) if isinstance(result, list) else {}
+            done = tx_state_changes(e.tx, result) if isinstance(result, list) else {}
         else:
             done = {} if is_error(raw) else {f: after for f, (_, after) in cstate.items()}
         for f, (before, after) in cstate.items():
@@ -201,6 +201,6 @@ class ConnState:
         if self.readonly[side]:
             hs.append([b"READONLY"])
         for args in reversed(hs):
-            u.out.appendleft(_internal_entry(side, args, self.shim.generation))
+            u.out.appendleft(internal_entry(side, args, self.shim.generation))
         u.attempt += 1
         self.shim.open_upstream(self, side, u.attempt)

@@ -19,13 +19,13 @@ from migrator.shim.routing import SHIM
 from migrator.shim.sequencer import Request
 
 DEFERRED = object()  # the shadow's payload is computed when the answer arrives
-_MULTI = encode([b"MULTI"])
-_EXEC = encode([b"EXEC"])
-_NULLS = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
-_EVALSHA = frozenset({b"evalsha", b"evalsha_ro"})
+MULTI_BYTES = encode([b"MULTI"])
+EXEC_BYTES = encode([b"EXEC"])
+NULL_REPLIES = frozenset({b"*-1\r\n", b"$-1\r\n", b"_\r\n"})
+EVALSHA_NAMES = frozenset({b"evalsha", b"evalsha_ro"})
 NOTHING = b""  # the effect was "nothing to do" (e.g. a pop that found nothing)
 IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
-_WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
+WRITE_LIKE = frozenset({Cls.WRITE, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.BLOCKING, Cls.TX})
 
 
 class Entry:
@@ -98,7 +98,7 @@ class Entry:
         self.shadow_raw: bytes | None = None
         self.fallback = False
         self.stream = False
-        self.write = self.cls in _WRITE_LIKE
+        self.write = self.cls in WRITE_LIKE
         self.heal_sha: bytes | None = None
         self.txcmp: tuple[list[bytes], list[tuple[int, int]]] | None = None
         self.n = 1  # commands this entry stands for (a batch: a whole pipelined chunk)
@@ -140,7 +140,7 @@ class Upstream:
         self.counter = hiredis.Reader()
 
 
-def _internal_entry(side: int, args: list[bytes], gen: int) -> Entry:
+def internal_entry(side: int, args: list[bytes], gen: int) -> Entry:
     """A command of the shim's own (handshake, SCRIPT LOAD, DISCARD...) for ``side``; no client waits for it."""
     e = Entry(args, args[0].lower(), None, gen)
     e.internal = True
@@ -149,11 +149,11 @@ def _internal_entry(side: int, args: list[bytes], gen: int) -> Entry:
     return e
 
 
-def _has_error(raw: bytes | list[bytes]) -> bool:
+def has_error(raw: bytes | list[bytes]) -> bool:
     return any(is_error(f) for f in raw) if type(raw) is list else is_error(raw)
 
 
-def _complete(e: Entry, side: int) -> bool:
+def complete(e: Entry, side: int) -> bool:
     """``side`` has sent every reply ``e`` expects of it (a list fills up frame by frame)."""
     r = e.rep[side]
     return r is not None and (type(r) is not list or len(r) >= e.exp[side])

@@ -8,7 +8,7 @@ can, a shadow write's keys are marked dirty, a lost answer closes the client);
 from __future__ import annotations
 
 from migrator.shim.commands import SIDE_NAMES, Cls
-from migrator.shim.entry import CONNECTING, DOWN, NOTHING, UP, Upstream, _complete
+from migrator.shim.entry import CONNECTING, DOWN, NOTHING, UP, Upstream, complete
 
 CLIENT_GONE_GRACE = 5.0  # seconds a disconnected client's in-flight commands may still finish
 
@@ -58,7 +58,7 @@ class Failures:
             if side == e.answer:
                 other = e.shadow
                 if (e.fallback and other is not None and not e.done[side]
-                        and (not e.done[other] or _complete(e, other))):
+                        and (not e.done[other] or complete(e, other))):
                     # A read the other side also got (and can still answer, or has): its reply
                     # answers instead.
                     e.answer, e.shadow = other, None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from migrator.shim.commands import SOURCE, Cls
-from migrator.shim.entry import _WRITE_LIKE, DEFERRED, Entry
+from migrator.shim.entry import DEFERRED, WRITE_LIKE, Entry
 from migrator.shim.sequencer import GRANTED, Request
 
 
@@ -39,7 +39,7 @@ class Ordering:
         spec: dict[Any, bool] = {}
         for args in commands:
             c = classify(args)
-            write = c.cls in _WRITE_LIKE
+            write = c.cls in WRITE_LIKE
             keys = c.keys(args)
             if not keys:
                 if write:

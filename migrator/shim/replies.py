@@ -11,19 +11,19 @@ from __future__ import annotations
 from migrator.shim import compare as cmp
 from migrator.shim import effects, server_cmds
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Cls
-from migrator.shim.connstate import _PER_SIDE_STATE
+from migrator.shim.connstate import PER_SIDE_STATE
 from migrator.shim.entry import (
-    _EVALSHA,
-    _EXEC,
-    _MULTI,
     DEFERRED,
+    EVALSHA_NAMES,
+    EXEC_BYTES,
+    MULTI_BYTES,
     NOTHING,
     Entry,
-    _complete,
-    _has_error,
+    complete,
+    has_error,
 )
 from migrator.shim.resp import ProtocolError, encode, error_reply, is_error, parse
-from migrator.shim.scripts import _killed
+from migrator.shim.scripts import script_killed
 
 _COMBINED = frozenset({Cls.PUBLISH, Cls.PUBSUB_COUNT, Cls.SERVER_BOTH})  # the reply is made from both sides'
 
@@ -81,7 +81,7 @@ class Replies:
         if e.batch:
             if side == e.answer and e.shadow is not None and e.payload[e.shadow] is DEFERRED:
                 self._resolve_batch(e, e.shadow, e.rep[side])
-            if e.compare and _complete(e, 1 - side):
+            if e.compare and complete(e, 1 - side):
                 self._compare_batch(e)
             self._finish_side(e, side)
             return
@@ -115,21 +115,21 @@ class Replies:
                 shim.script_result(side, e.args, e.name, raw)
         else:
             raw = e.rep[side]
-            if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
+            if e.name in EVALSHA_NAMES and raw.startswith(b"-NOSCRIPT"):
                 shim.scripts_loaded[side].discard(e.args[1].lower())
             elif e.cls is Cls.SCRIPT or e.cls is Cls.SCRIPT_ADMIN:
                 shim.script_result(side, e.args, e.name, raw if e.exp[side] == 1 else raw[-1])
             self._readonly_settled(e, side, raw)
-        if e.cls in _COMBINED and e.shadow is not None and _complete(e, 1 - side):
+        if e.cls in _COMBINED and e.shadow is not None and complete(e, 1 - side):
             self._combine(e)
-        if e.shadow is not None and not e.batch and _complete(e, e.shadow) and _complete(e, e.answer):
+        if e.shadow is not None and not e.batch and complete(e, e.shadow) and complete(e, e.answer):
             self._shadow_refusal(e)
-        if e.compare and _complete(e, 1 - side):
+        if e.compare and complete(e, 1 - side):
             self._compare(e)
         self._finish_side(e, side)
         if (e.cls is Cls.CONNECTION and e.shadow is not None and e.rep[SOURCE] is not None
                 and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])
-                and e.name not in _PER_SIDE_STATE):
+                and e.name not in PER_SIDE_STATE):
             # One side took SELECT / CLIENT SETNAME / HELLO, the other refused it: the shadow
             # connection is not in the client's state. Reset it (this connection only: the side
             # itself is fine); a new one replays the state.
@@ -143,14 +143,14 @@ class Replies:
         sides are measured over the same commands (``latency`` and ``error_rate`` gates).
         """
         other = 1 - side
-        if not _complete(e, other):
+        if not complete(e, other):
             e.ts[side] = took
             return
         # A blocking command waits for data on the answering side (the other gets its effect): no latency of the server.
         lat = None if e.cls is Cls.BLOCKING else (took, e.ts[other]) if side == SOURCE else (e.ts[other], took)
         src, tgt = e.rep[SOURCE], e.rep[TARGET]
         if not e.batch:
-            t_err, s_err = _has_error(tgt), _has_error(src)
+            t_err, s_err = has_error(tgt), has_error(src)
             if t_err != s_err:
                 self.shim.divergence.paired(lat, 1, [e.name] if t_err else [], int(s_err))
             else:
@@ -201,13 +201,13 @@ class Replies:
         shim = self.shim
         side = e.shadow
         raw = e.rep[side]
-        if not _has_error(raw):
+        if not has_error(raw):
             if e.effect and e.tx is None and e.exp[side] == 1:
                 self._effect_check(e)
             return
         if is_error(e.rep[e.answer]) and all(is_error(f) for f in (raw if type(raw) is list else (raw,))):
             return  # refused by both: applied by neither (compared ones are also compared below)
-        if e.name in _EVALSHA and raw.startswith(b"-NOSCRIPT"):
+        if e.name in EVALSHA_NAMES and raw.startswith(b"-NOSCRIPT"):
             shim.stats.shadow_failures[(SIDE_NAMES[side], "noscript")] += 1
             shim.warn_noscript(side, e.args[1])
             if e.write:
@@ -236,7 +236,7 @@ class Replies:
     def _answer_lost(self, e: Entry) -> None:
         """The answering side's reply will never come: a shadow refusal already in stays on record."""
         other = e.shadow
-        if other is not None and e.write and _complete(e, other) and _has_error(e.rep[other]):
+        if other is not None and e.write and complete(e, other) and has_error(e.rep[other]):
             self.shim.stats.shadow_failures[(SIDE_NAMES[other], "error")] += 1
             self._mark_dirty(self._entry_keys(e), self._db(other), "shadow-error", e.name)
 
@@ -246,7 +246,7 @@ class Replies:
             e.payload[other], e.exp[other] = self._shadow_transaction(e, raw)
         elif e.restore is not False:
             cmds = e.restore or []
-            e.payload[other] = _MULTI + b"".join(encode(c) for c in cmds) + _EXEC if cmds else NOTHING
+            e.payload[other] = MULTI_BYTES + b"".join(encode(c) for c in cmds) + EXEC_BYTES if cmds else NOTHING
             e.exp[other] = len(cmds) + 2 if cmds else 1
         elif e.effect:
             cmds = effects.effect(e.args, parse(raw))
@@ -254,7 +254,7 @@ class Replies:
             e.exp[other] = max(len(cmds), 1)
             if e.bkeys is not None:
                 self._blocking_returned(e, other, cmds)
-        elif is_error(raw) and (e.cls is not Cls.SCRIPT or raw.startswith(b"-NOSCRIPT") or _killed(raw)):
+        elif is_error(raw) and (e.cls is not Cls.SCRIPT or raw.startswith(b"-NOSCRIPT") or script_killed(raw)):
             # Sequential: the shadow applies it only if the answering side did. (A script that
             # failed may have written before the error, and Lua does not roll back: it runs on
             # the shadow too, which fails the same way; the two replies are compared. A script

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from migrator.shim import restore
 from migrator.shim.commands import Cls
-from migrator.shim.entry import _EXEC, _MULTI, _NULLS, DEFERRED, Entry
+from migrator.shim.entry import DEFERRED, EXEC_BYTES, MULTI_BYTES, NULL_REPLIES, Entry
 from migrator.shim.resp import encode, error_reply, is_error, parse
 
 
@@ -44,7 +44,7 @@ class Restoring:
             return
         e.answer, e.shadow = answer, other
         e.db = self._db(answer)
-        e.payload[answer] = _MULTI + encode(e.args) + encode(restore.reader(e.args[1])) + _EXEC
+        e.payload[answer] = MULTI_BYTES + encode(e.args) + encode(restore.reader(e.args[1])) + EXEC_BYTES
         e.exp[answer] = 4
         e.payload[other] = DEFERRED
         e.exp[other] = 1
@@ -62,7 +62,7 @@ class Restoring:
             reply = queued  # rejected when queued (arity): EXEC only says EXECABORT
         elif is_error(result):
             reply = result
-        elif result in _NULLS:
+        elif result in NULL_REPLIES:
             reply = error_reply("ERR migrator shim: RESTORE was not run: this connection's WATCH aborted the "
                                 "transaction the shim runs it in; retry it")
         else:

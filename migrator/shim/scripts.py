@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 
-from migrator.shim.entry import _internal_entry
+from migrator.shim.entry import internal_entry
 
 
-def _killed(raw: bytes) -> bool:
+def script_killed(raw: bytes) -> bool:
     """A script's error reply says SCRIPT KILL or FUNCTION KILL stopped it."""
     return b"killed by user" in raw[:300].lower()
 
 
-def _script_flush(args: list[bytes]) -> bool:
+def is_script_flush(args: list[bytes]) -> bool:
     return len(args) > 1 and args[0].lower() == b"script" and args[1].lower() == b"flush"
 
 
@@ -36,7 +36,7 @@ class Scripts:
         body = shim.script_bodies.get(sha)
         if body is None:
             return  # a NOSCRIPT may follow; it is counted and the keys marked dirty then
-        e = _internal_entry(side, [b"SCRIPT", b"LOAD", body], shim.generation)
+        e = internal_entry(side, [b"SCRIPT", b"LOAD", body], shim.generation)
         e.heal_sha = sha
         shim.stats.script_heals += 1
         self._enqueue(side, e)

@@ -47,16 +47,16 @@ from migrator.shim.blocking import Blocking
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Classified, Cls
 from migrator.shim.connstate import ConnState
 from migrator.shim.entry import (
-    _EVALSHA,
-    _EXEC,
-    _MULTI,
-    _WRITE_LIKE,
     CONNECTING,
     DEFERRED,
     DOWN,
+    EVALSHA_NAMES,
+    EXEC_BYTES,
     IDLE,
+    MULTI_BYTES,
     NOTHING,
     UP,
+    WRITE_LIKE,
     Entry,
     Upstream,
 )
@@ -73,7 +73,7 @@ from migrator.shim.resp import (
 )
 from migrator.shim.restoring import Restoring
 from migrator.shim.routing import Plan, publish_reaches
-from migrator.shim.scripts import Scripts, _script_flush
+from migrator.shim.scripts import Scripts, is_script_flush
 from migrator.shim.sequencer import GRANTED
 from migrator.shim.subscriptions import Subscriptions
 from migrator.shim.transactions import Transactions
@@ -362,9 +362,9 @@ class Session(FastPath, ConnState, Transactions, Subscriptions, Blocking, Orderi
             if tx is not None:
                 # A transaction's EVALSHA reaches the shadow inside its copy of the transaction.
                 for targs in tx:
-                    if targs[0].lower() in _EVALSHA and len(targs) > 1:
+                    if targs[0].lower() in EVALSHA_NAMES and len(targs) > 1:
                         self._heal_script(shadow, targs[1].lower())
-        if name in _EVALSHA and len(args) > 1:
+        if name in EVALSHA_NAMES and len(args) > 1:
             # (EVALSHA_RO too: a read, answered by the target after the read cutover.)
             sha = args[1].lower()
             # Never on the answering side: the client sees what that server says (NOSCRIPT after a
@@ -377,14 +377,14 @@ class Session(FastPath, ConnState, Transactions, Subscriptions, Blocking, Orderi
             self._restore_by_effect(e)
         # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
         # still have in flight to the shadow must not run there after the flush, nor before it.
-        if shadow is not None and (e.write or e.compare) and (cls is not Cls.SCRIPT_ADMIN or _script_flush(args)):
+        if shadow is not None and (e.write or e.compare) and (cls is not Cls.SCRIPT_ADMIN or is_script_flush(args)):
             if cls is Cls.BLOCKING:
                 # First tried without blocking (inside MULTI/EXEC), holding its keys like a write,
                 # so a pop of data already there is ordered like any write. Only if there is
                 # nothing yet is it sent as itself, to block without holding anything (see
                 # _blocking_probe); the connection's later entries wait until it has returned.
                 e.bprobe = True
-                e.payload[answer] = _MULTI + raw + _EXEC
+                e.payload[answer] = MULTI_BYTES + raw + EXEC_BYTES
                 e.exp[answer] = 3
                 self._sequence(e, [(k, True) for k in dict.fromkeys(self._lock_keys(c.keys(args)))])
                 if e.req.state == GRANTED:
@@ -673,14 +673,14 @@ class Session(FastPath, ConnState, Transactions, Subscriptions, Blocking, Orderi
             keys: list[bytes] = []
             for args in e.args:
                 c = self.shim.table.classify(args)
-                if c.cls in _WRITE_LIKE:
+                if c.cls in WRITE_LIKE:
                     keys.extend(c.keys(args))
             return list(dict.fromkeys(keys))
         if e.tx is not None:
             keys: list[bytes] = []
             for args in e.tx:
                 c = self.shim.table.classify(args)
-                if c.cls in _WRITE_LIKE:
+                if c.cls in WRITE_LIKE:
                     keys.extend(c.keys(args))
             return list(dict.fromkeys(keys))
         return e.c.keys(e.args) if e.c is not None else []

@@ -7,7 +7,7 @@ confirmations are in (``sub_held``), which decide whether the connection streams
 from __future__ import annotations
 
 from migrator.shim.commands import Classified, Cls
-from migrator.shim.entry import _WRITE_LIKE, Entry
+from migrator.shim.entry import WRITE_LIKE, Entry
 from migrator.shim.resp import encode, parse
 
 
@@ -60,7 +60,7 @@ class Subscriptions:
     def _pipe_command(self, args: list[bytes], name: bytes, c: Classified) -> None:
         """A command on a subscribed connection: a stream to the side it subscribed on."""
         side = self.pipe
-        if c.cls in _WRITE_LIKE and self.shim.routes[Cls.WRITE].shadow is not None:
+        if c.cls in WRITE_LIKE and self.shim.routes[Cls.WRITE].shadow is not None:
             # RESP3 lets a subscribed connection write; that write reaches one side only.
             self._mark_dirty(c.keys(args), self._db(1 - side), "write-on-subscribed-connection", name)
         e = Entry(args, name, c, self.shim.generation)

@@ -11,8 +11,8 @@ import time
 
 from migrator.shim import effects
 from migrator.shim.commands import SOURCE, Classified, Cls
-from migrator.shim.connstate import _tx_state_changes
-from migrator.shim.entry import CONNECTING, NOTHING, UP, Entry, _internal_entry
+from migrator.shim.connstate import tx_state_changes
+from migrator.shim.entry import CONNECTING, NOTHING, UP, Entry, internal_entry
 from migrator.shim.resp import encode, error_reply, parse
 from migrator.shim.routing import Plan
 
@@ -64,7 +64,7 @@ class Transactions:
                 e.tx = tx
                 self._mark_dirty(self._entry_keys(e), self._db(now_shadow), "transaction-across-phase-change", name)
             e = self._dispatch(args, name, c, plan, gen=gen, tx=tx)
-            changes = _tx_state_changes(tx)
+            changes = tx_state_changes(tx)
             if changes:
                 self._state_change(e, changes)
             return
@@ -89,7 +89,7 @@ class Transactions:
 
     def _internal(self, side: int, args: list[bytes], gen: int | None) -> None:
         """A command of the shim's own on ``side``, in stream order; its reply goes to nobody."""
-        self._enqueue(side, _internal_entry(side, args, self.shim.generation if gen is None else gen))
+        self._enqueue(side, internal_entry(side, args, self.shim.generation if gen is None else gen))
 
     def _unwatch(self, sides, gen: int | None) -> None:
         for side in sides:
