@@ -635,7 +635,7 @@ def test_write_switch_holds_client_bytes_until_released(core):
 
 # --- the host protocol ----------------------------------------------------------------------
 
-CORE_MODULES = ("session", "entry", "fastpath", "connstate", "transactions", "subscriptions", "blocking", "ordering",
+CORE_MODULES = ("session", "entry", "dispatch", "fastpath", "connstate", "transactions", "subscriptions", "blocking", "ordering",
                 "scripts", "restoring", "replies", "failures")
 
 
