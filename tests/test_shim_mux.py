@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from migrator.phases import Phase
-from migrator.shim import resp
+from migrator.shim import list_dirty, resp
 from tests.helpers import restart_empty
 from tests.test_shim_e2e import wait_for
 
@@ -337,10 +337,34 @@ def one_request(port: int, *args) -> bytes:
         s.close()
 
 
-def test_a_connection_per_request_while_mirroring_reuses_reset_upstream_connections(env):
-    """Mirroring, 500 clients that each connect, write and close: every write is on both sides,
-    the sessions run on upstream connections given back and reset (not a connect per client), and
-    neither server holds more connections from the shim than the pool allows."""
+def test_a_connection_per_request_while_mirroring_rides_on_the_shared_connections(env):
+    """Mirroring, 500 clients that each connect, write and close: every write is on both sides, and
+    their sessions (no connection state) ran on shares of one shared connection per side, so
+    neither server saw a connection per client."""
+    env.set_phase(Phase.MIRRORING)
+    for i in range(500):
+        assert one_request(env.port, "SET", f"k:{i}", i) == b"+OK\r\n"
+    wait_for(lambda: env.thread.call(lambda: len(env.thread.shim.sessions)) == 0, what="sessions closed")
+    for server in (env.source, env.target):
+        c = server.client()
+        assert c.dbsize() == 500 and c.get("k:499") == b"499"
+        assert len(shared_conns(server)) == 1
+        assert c.info("stats")["total_connections_received"] < 20
+    assert pool(env)["given_back"] == 0  # (nothing of its own to give back)
+
+
+@pytest.fixture
+def own_env(server_factory, make_env):
+    """Sessions on connections of their own (no shared connections): what the pool serves."""
+    return make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"), shim={"shared_connections": 0})
+
+
+def test_a_connection_per_request_reuses_reset_upstream_connections(own_env):
+    """Mirroring without shared connections, 500 clients that each connect, write and close: every
+    write is on both sides, the sessions run on upstream connections given back and reset (not a
+    connect per client), and neither server holds more connections from the shim than the pool
+    allows."""
+    env = own_env
     env.set_phase(Phase.MIRRORING)
     for i in range(500):
         assert one_request(env.port, "SET", f"k:{i}", i) == b"+OK\r\n"
@@ -353,10 +377,11 @@ def test_a_connection_per_request_while_mirroring_reuses_reset_upstream_connecti
         assert len(c.client_list()) <= 16 + 4  # the pool's bound per side, plus probes and this client
 
 
-def test_a_pooled_connection_carries_no_state_into_the_next_session(env):
+def test_a_pooled_connection_carries_no_state_into_the_next_session(own_env):
     """A client that SELECTs database 3 and names its connection, then closes: the next client,
     on the same (reset) upstream connections, writes to database 0, and no server connection keeps
     the old name."""
+    env = own_env
     env.set_phase(Phase.MIRRORING)
     s = raw(env.port)
     try:
@@ -373,8 +398,9 @@ def test_a_pooled_connection_carries_no_state_into_the_next_session(env):
         assert all(c.get("name") != "old-app" for c in server.client().client_list())
 
 
-def test_a_connection_ending_in_a_transaction_is_not_pooled(env):
+def test_a_connection_ending_in_a_transaction_is_not_pooled(own_env):
     """A client that closes inside MULTI: its upstream connections are closed, not given back."""
+    env = own_env
     env.set_phase(Phase.MIRRORING)
     s = raw(env.port)
     try:
@@ -387,9 +413,10 @@ def test_a_connection_ending_in_a_transaction_is_not_pooled(env):
     assert env.source.client().get("t") is None
 
 
-def test_a_pooled_connection_the_server_dropped_is_not_used(env):
+def test_a_pooled_connection_the_server_dropped_is_not_used(own_env):
     """The source restarts empty while the shim holds pooled connections to it: they are dropped,
     and the next client's write lands through a new connection."""
+    env = own_env
     env.set_phase(Phase.MIRRORING)
     assert one_request(env.port, "SET", "a", "1") == b"+OK\r\n"
     wait_for(lambda: pool(env)["idle"][0] == 1, what="a pooled source connection")
@@ -403,3 +430,68 @@ def test_a_pooled_connection_the_server_dropped_is_not_used(env):
         time.sleep(0.1)
     assert reply == b"+OK\r\n"
     assert env.source.client().get("b") == b"2"
+
+
+# --- sessions on shares of the shared connections (two-sided phases) ----------------------
+
+
+def test_mirroring_sessions_share_connections_and_move_to_their_own_at_connection_state(env):
+    """Mirroring: a client's 'SET a, SELECT 1, SET c, GET a' in one chunk. The SET before the SELECT
+    goes out on the shared connections; the SELECT moves the session to connections of its own,
+    which start in database 0 (the SELECT runs there, not replayed ahead of it); every reply comes
+    in order and both sides hold the same data where a direct connection would put it."""
+    env.set_phase(Phase.MIRRORING)
+    s = raw(env.port)
+    try:
+        s.sendall(cmd("SET", "a", "1") + cmd("SELECT", "1") + cmd("SET", "c", "3") + cmd("GET", "a"))
+        assert read_replies(s, 4) == [b"+OK\r\n", b"+OK\r\n", b"+OK\r\n", b"$-1\r\n"]
+        s.sendall(cmd("GET", "c"))
+        assert read_replies(s, 1) == [b"$1\r\n3\r\n"]
+    finally:
+        s.close()
+    for server in (env.source, env.target):
+        assert server.client().get("a") == b"1" and server.client().get("c") is None
+        assert server.client(db=1).get("c") == b"3"
+        assert len(shared_conns(server)) == 1
+    assert env.stats().divergences == {} or sum(env.stats().divergences.values()) == 0
+
+
+def test_a_frozen_shadow_on_a_shared_connection_marks_dirty_and_the_stream_stays_in_step(env):
+    """Mirroring with many clients on the shared connections; the target is frozen (SIGSTOP) past
+    shadow_timeout: clients are still answered by the source, their writes are marked dirty; once
+    the target is thawed, the late replies on the shared connection are read and dropped, and new
+    writes reach both sides with their replies matched to the right commands (no divergence)."""
+    import signal
+
+    env.set_phase(Phase.MIRRORING)
+    clients = [redis.Redis(port=env.port, socket_timeout=10) for _ in range(10)]
+    try:
+        for i, c in enumerate(clients):
+            assert c.set(f"pre:{i}", i)
+        os.kill(env.target.proc.pid, signal.SIGSTOP)
+        try:
+            for i, c in enumerate(clients):
+                assert c.set(f"frozen:{i}", i)  # answered by the source; the target's share times out
+            time.sleep(1.5)  # past shadow_timeout (500 ms)
+        finally:
+            os.kill(env.target.proc.pid, signal.SIGCONT)
+        env.flush()
+        dirty = {d.key for d in list_dirty(env.pb.state_path)}
+        assert {f"frozen:{i}".encode() for i in range(10)} <= dirty
+        time.sleep(0.5)  # (the shim's backoff from the side it saw fail)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for i, c in enumerate(clients):
+                assert c.set(f"post:{i}", f"v{i}") and c.get(f"post:{i}") == f"v{i}".encode()
+            if all(env.target.client().get(f"post:{i}") == f"v{i}".encode() for i in range(10)):
+                break
+            time.sleep(0.2)
+        tgt = env.target.client()
+        assert [tgt.get(f"post:{i}") for i in range(10)] == [f"v{i}".encode() for i in range(10)]
+        assert [tgt.get(f"pre:{i}") for i in range(10)] == [str(i).encode() for i in range(10)]
+    finally:
+        for c in clients:
+            c.close()
+    assert sum(env.stats().divergences.values()) == 0
+    # The same shared connection to the target throughout: its late replies were read and dropped.
+    assert env.thread.call(lambda: env.thread.shim.mux.links[(1, 2)][0].attempt) == 1

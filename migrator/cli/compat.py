@@ -11,7 +11,7 @@ import sys
 import click
 
 from migrator import compat as compat_api
-from migrator.cli import cli, emit_json, output_option, pass_ctx, with_playbook
+from migrator.cli.base import cli, emit_json, output_option, pass_ctx, with_playbook
 from migrator.compat.model import FAIL, PASS, UNKNOWN, WARN, ordered
 from migrator.errors import EXIT_OK, EXIT_REFUSED
 from migrator.redact import redact

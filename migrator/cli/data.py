@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from migrator import logs, reports
-from migrator.cli import Ctx, cli, emit_json, output_option, pass_ctx, with_playbook
+from migrator.cli.base import Ctx, cli, emit_json, output_option, pass_ctx, with_playbook
 from migrator.data import check as check_mod
 from migrator.data import render
 from migrator.data import sync as sync_mod

@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 
 from migrator import demo
-from migrator.cli import cli
+from migrator.cli.base import cli
 from migrator.cli.phases import console
 from migrator.errors import RefusedError
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from migrator import command
-from migrator.cli import Ctx, cli, emit_json, output_option, pass_ctx, with_playbook
+from migrator.cli.base import Ctx, cli, emit_json, output_option, pass_ctx, with_playbook
 from migrator.durations import format_duration
 from migrator.errors import UsageError
 from migrator.gates import GateResult

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from migrator.cli import Ctx, cli, pass_ctx, with_playbook
+from migrator.cli.base import Ctx, cli, pass_ctx, with_playbook
 from migrator.errors import UsageError
 from migrator.playbook import is_loopback, split_hostport
 

@@ -99,10 +99,17 @@ def record(state_dir: Path | str, run_id: str, before: dict[str, int], after: di
         atomic_write_json(p, {"run_id": ledger.run_id, "counts": ledger.counts, "last": ledger.last})
 
 
+def command_calls(info: dict[str, Any]) -> dict[str, int]:
+    """{"get": 12, "client|setname": 1} from a parsed ``INFO commandstats`` (commands with calls only)."""
+    out = {}
+    for name, stats in info.items():
+        if name.startswith("cmdstat_") and isinstance(stats, dict) and int(stats.get("calls", 0)) > 0:
+            out[name[len("cmdstat_"):].lower()] = int(stats["calls"])
+    return out
+
+
 def read_stats(client: Any) -> tuple[str, dict[str, int]]:
     """(run_id, {"get": 12, "client|setname": 1}) of a redis-py client's server."""
-    from migrator.compat.probe import command_calls
-
     return str(client.info("server").get("run_id", "")), command_calls(client.info("commandstats"))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrator.compat import ownstats
+from migrator.compat.ownstats import command_calls
 from migrator.compat.identify import Identity, identify
 from migrator.compat.rpc import Side, Unavailable
 from migrator.compat.sample import KeyspaceSample, sample
@@ -80,12 +81,3 @@ class Probe:
         if key not in self._memo:
             self._memo[key] = fn()
         return self._memo[key]
-
-
-def command_calls(info: dict[str, Any]) -> dict[str, int]:
-    """{"get": 12, "client|setname": 1} from a parsed ``INFO commandstats`` (commands with calls only)."""
-    out = {}
-    for name, stats in info.items():
-        if name.startswith("cmdstat_") and isinstance(stats, dict) and int(stats.get("calls", 0)) > 0:
-            out[name[len("cmdstat_"):].lower()] = int(stats["calls"])
-    return out

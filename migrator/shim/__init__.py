@@ -10,12 +10,30 @@ Modules, one idea each: ``resp`` (wire format), ``commands`` (classification fro
 ``routing`` (phase × class → plan), ``effects`` (non-deterministic writes as effects),
 ``compare`` (reply comparison), ``divergence`` and ``dirty`` (what is recorded in state_dir),
 ``metrics`` and ``admin`` (observability), ``session`` (one connection, no sockets),
-``server`` (all the sockets), ``gates`` (the gates advance evaluates).
+``host`` (what a session may call on its shim), ``io`` (all the sockets), ``server`` (the
+controller: phase, registry, timers, counters), ``workers`` (N processes), ``gates`` (the gates
+advance evaluates). See docs/shim.md, "Code layout".
 """
 
 from __future__ import annotations
 
+from migrator.playbook import Playbook
 from migrator.shim.dirty import DirtyKey, clear_dirty, count_dirty, list_dirty
-from migrator.shim.server import Shim, ShimThread, run
+from migrator.shim.server import Shim, ShimThread
+from migrator.shim.server import run as run_one
+
+
+def run(playbook: Playbook, *, workers: int = 1, **kw) -> int:
+    """Run a shim until SIGTERM/SIGINT (see ``server.run``); returns the exit code.
+
+    With ``workers`` > 1, that many processes share the listen port (SO_REUSEPORT) and this
+    process only supervises them and serves the admin endpoint with their numbers added up.
+    """
+    if workers > 1:
+        from migrator.shim.workers import run_workers
+
+        return run_workers(playbook, workers, **kw)
+    return run_one(playbook, **kw)
+
 
 __all__ = ["DirtyKey", "Shim", "ShimThread", "clear_dirty", "count_dirty", "list_dirty", "run"]

@@ -498,6 +498,9 @@ class MuxClient:
             self.paused = False
             self.client.resume_reading()
 
+    def on_buffers_changed(self) -> None:
+        self._flow()
+
     def release(self) -> None:
         """The shim stopped holding writes: a client that waited to become a session does so when drained."""
 
@@ -533,6 +536,7 @@ class Mux:
         self.stopped = False
         self.side: int | None = one_sided(shim.routes)
         self._next = 0
+        self._next_virtual = 0
         self.pinned = 0  # clients that left the shared connections for a session of their own
         self.pinned_by: dict[str, int] = {}  # ... by the command (or reason) that needed it
 
@@ -546,6 +550,12 @@ class Mux:
         links = self.links[(self.side, 2)]
         self._next = (self._next + 1) % len(links)
         return MuxClient(self, link_client, links[self._next])
+
+    def virtual(self, session, side: int) -> VirtualConn:
+        """A share of a RESP2 shared connection to ``side`` for ``session`` (round robin)."""
+        links = self.links[(side, 2)]
+        self._next_virtual = (self._next_virtual + 1) % len(links)
+        return VirtualConn(links[self._next_virtual], session, side)
 
     def link(self, side: int, index: int, proto: int) -> SharedLink:
         links = self.links.get((side, proto))

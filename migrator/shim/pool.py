@@ -56,7 +56,7 @@ class Pooled:
     def on_upstream_lost(self, side: int, transport, reason: str) -> None:
         self.pool.drop(self)
 
-    def _flow(self) -> None:
+    def on_buffers_changed(self) -> None:
         pass
 
 

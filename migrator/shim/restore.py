@@ -9,14 +9,12 @@ of it would fail on Redis. So such a RESTORE runs on the side that can read it, 
 the key's *effect*: ``DEL``, the type's own write commands, and the expiry as an absolute time
 (``PEXPIREAT``), in one ``MULTI``/``EXEC`` — the type-aware copy ``migrator.data.copy`` uses.
 
-Pure functions except ``server_rdb_version``, which asks a server (blocking; run off the loop).
+Pure functions: the server's own RDB version is asked by ``server.load_rdb_version``.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import redis
 
 Command = list[bytes]
 
@@ -80,14 +78,6 @@ def rdb_version_of(info: dict) -> int | None:
         if v >= at_least:
             return rdb
     return None
-
-
-def server_rdb_version(client: redis.Redis) -> int | None:
-    """Ask one server which RDB version it writes (None if it cannot be told)."""
-    try:
-        return rdb_version_of(client.info("server"))
-    except (redis.exceptions.RedisError, OSError):
-        return None
 
 
 def _text(x: Any) -> bytes:

@@ -1,8 +1,9 @@
-"""The shim's sockets: the client listener, upstream connections, admin endpoint, timers.
+"""The shim's controller: the listener, the phase, the admin endpoint, timers, and running it.
 
-Everything that touches the network or the clock's timers is here; what to do with bytes is in
-``session`` (per connection) and the pure modules it uses. One ``Shim`` runs on one asyncio
-loop (uvloop when installed). Background tasks:
+The sockets themselves are in ``io`` (client and upstream connections); what to do with bytes
+is in ``session`` (per connection, no sockets) and the pure modules it uses. ``Shim`` is the
+sessions' host (``host.ShimHost``). One ``Shim`` runs on one asyncio loop (uvloop when
+installed). Background tasks:
 
 - every ``POLL_INTERVAL``: re-read ``state.json`` when its mtime changes and apply a new phase;
   once the commands issued under the old generation have finished (bounded wait), publish the
@@ -22,7 +23,6 @@ import gc
 import os
 import signal
 import socket
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -55,7 +55,9 @@ from migrator.shim.pool import Pool
 from migrator.shim.routing import ROLES, ROUTES
 from migrator.shim.sequencer import Sequencer
 from migrator.shim.resp import run_id_of
-from migrator.shim.session import Session, sha1_hex
+from migrator.shim.io import ClientProtocol, bind_errors, connect_shared, connect_upstream, new_loop, tls_server_context
+from migrator.shim.scripts import sha1_hex
+from migrator.shim.session import Session
 from migrator.state import (
     StateError,
     StateStore,
@@ -72,120 +74,6 @@ MAX_BACKOFF = 5.0
 DRAIN_TIMEOUT = 10.0  # seconds SIGTERM waits for in-flight commands
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-class ClientProtocol(asyncio.Protocol):
-    """One client connection; hands its bytes to a Session."""
-
-    def __init__(self, shim: Shim) -> None:
-        self.shim = shim
-        self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
-        self.peer = ""
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        # pause_writing/resume_writing around the client's unread replies (see Session._flow).
-        limit = self.shim.cfg.max_client_buffer_bytes
-        # Paused at half the bound means it crossed ``high``, so ``resume_writing`` will follow.
-        transport.set_write_buffer_limits(high=max(1, limit // 2), low=limit // 4)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if self.shim.stopping:
-            transport.close()
-            return
-        mux = self.shim.mux
-        if mux.applies():
-            # A one-sided phase: on the shared connections until it needs state (see shim.mux).
-            self.session = mux.client(self)
-            self.shim.session_opened(self.session)
-            return
-        self.session = Session(self.shim, self)
-        self.shim.session_opened(self.session)
-        self.session.connect_sides()
-
-    def data_received(self, data: bytes) -> None:
-        if self.session is not None:
-            self.session.on_client_data(data)
-
-    def connection_lost(self, exc) -> None:
-        if self.session is not None:
-            self.session.on_client_lost()
-
-    def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session._flow()
-
-    def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session._flow()
-
-    # The Session's view of its client.
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()  # flushes what is buffered first
-
-    def buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            with contextlib.suppress(RuntimeError):
-                self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and not self.shim.stopping:
-            with contextlib.suppress(RuntimeError):
-                self.transport.resume_reading()
-
-
-class UpstreamProtocol(asyncio.Protocol):
-    def __init__(self, session: Session, side: int) -> None:
-        self.session = session
-        self.side = side
-        self.transport = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.session.on_upstream_data(self.side, data)
-
-    def connection_lost(self, exc) -> None:
-        reason = f"connection lost ({exc})" if exc else "connection closed by server"
-        self.session.on_upstream_lost(self.side, self.transport, reason)
-
-    def resume_writing(self) -> None:
-        self.session._flow()
-
-
-class SharedProtocol(asyncio.Protocol):
-    """The socket of one shared upstream connection (see shim.mux)."""
-
-    def __init__(self, link: SharedLink) -> None:
-        self.link = link
-        self.transport = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.link.data(data)
-
-    def connection_lost(self, exc) -> None:
-        self.link.lost(self.transport, f"connection lost ({exc})" if exc else "connection closed by server")
-
-
 class SideHealth:
     """Reconnection backoff for one side, shared by every session."""
 
@@ -196,20 +84,6 @@ class SideHealth:
 
     def to_json(self) -> dict[str, Any]:
         return {"state": "down" if self.failures else "up", "failures": self.failures, "last_error": self.last_reason or None}
-
-
-def _tls_server_context(cfg) -> ssl.SSLContext | None:
-    tls = cfg.tls
-    if tls is None:
-        return None
-    if not tls.cert_file or not tls.key_file:
-        raise UsageError("shim.tls needs cert_file and key_file to serve TLS to clients")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    if tls.ca_file:  # client certificates, when a CA to check them is given
-        ctx.load_verify_locations(str(tls.ca_file))
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.verify else ssl.CERT_OPTIONAL
-    return ctx
 
 
 def _one_shot_client(ep, timeout: float | None = None) -> redis.Redis:
@@ -264,7 +138,9 @@ def load_rdb_version(ep) -> int | None:
     """The RDB version one endpoint writes, from ``INFO server`` (blocking; None if unknown)."""
     client = _one_shot_client(ep)
     try:
-        return restore.server_rdb_version(client)
+        return restore.rdb_version_of(client.info("server"))
+    except (redis.exceptions.RedisError, OSError):
+        return None
     finally:
         client.close()
 
@@ -385,7 +261,7 @@ class Shim:
         host, port = split_hostport(self.listen)
         with bind_errors(self.listen, "--listen", "shim.listen"):
             self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), host, port, ssl=_tls_server_context(self.cfg), backlog=1024,
+                lambda: ClientProtocol(self), host, port, ssl=tls_server_context(self.cfg), backlog=1024,
                 reuse_port=self.reuse_port or None, reuse_address=True)
         self.address = self._server.sockets[0].getsockname()[:2]
         # Loading the command tables took a while: a phase change or a write-switch barrier
@@ -742,6 +618,7 @@ class Shim:
         self.sessions.discard(mc)
         link = mc.client
         s = Session(self, link)
+        s.own = True  # it needs connection state: connections of its own from the start
         if mc.authed:
             s.authed = True
         link.session = s
@@ -757,22 +634,21 @@ class Shim:
         if mc.gone:
             s.on_client_lost()
 
-    def _open_shared(self, link: SharedLink, attempt: int) -> None:
-        asyncio.ensure_future(self._connect_shared(link, attempt))
+    def open_shared(self, session: Session, side: int, attempt: int) -> bool:
+        """A share of a shared connection for a session with no connection state (shim.mux.VirtualConn)."""
+        if self.mux.per_side <= 0 or self.stopping or self.loop is None:
+            return False  # (no loop: a session driven by hand, in tests)
+        vc = self.mux.virtual(session, side)
+        self.loop.call_soon(self._shared_opened, session, side, vc, attempt)
+        return True
 
-    async def _connect_shared(self, link: SharedLink, attempt: int) -> None:
-        ep = self.endpoints[link.side]
-        ctx = self.ssl_contexts[link.side]
-        try:
-            transport, _ = await asyncio.wait_for(
-                self.loop.create_connection(lambda: SharedProtocol(link), ep.host, ep.port, ssl=ctx,
-                                            server_hostname=(ep.tls.server_name if ep.tls and ep.tls.server_name else ep.host) if ctx else None),
-                timeout=ep.connect_timeout.total_seconds())
-        except (TimeoutError, OSError, ssl.SSLError) as e:
-            link.failed(f"cannot connect to {ep.display}: {e or type(e).__name__}", attempt)
-            return
-        if not link.connected(transport, attempt):
-            transport.close()
+    def _shared_opened(self, session: Session, side: int, vc, attempt: int) -> None:
+        if not session.on_upstream_connected(side, vc, attempt):
+            vc.close()
+
+    def _open_shared(self, link: SharedLink, attempt: int) -> None:
+        asyncio.ensure_future(connect_shared(self.loop, link, attempt, self.endpoints[link.side],
+                                             self.ssl_contexts[link.side]))
 
     def entry_finished(self, gen: int, count: int = 1) -> None:
         n = self.outstanding.get(gen, 0) - count
@@ -800,7 +676,8 @@ class Shim:
             protocol.side = side
             self.loop.call_soon(self._pooled, session, side, transport, attempt)
             return
-        asyncio.ensure_future(self._connect(session, side, attempt))
+        asyncio.ensure_future(connect_upstream(self.loop, session, side, attempt, self.endpoints[side],
+                                               self.ssl_contexts[side]))
 
     def _pooled(self, session: Session, side: int, transport, attempt: int) -> None:
         if transport.is_closing():
@@ -811,20 +688,6 @@ class Shim:
     def give_back(self, side: int, transport, named: bool) -> bool:
         """A session that ended cleanly offers its upstream connection for the next one (shim.pool)."""
         return self.pool.give_back(side, transport, named)
-
-    async def _connect(self, session: Session, side: int, attempt: int) -> None:
-        ep = self.endpoints[side]
-        ctx = self.ssl_contexts[side]
-        try:
-            transport, _ = await asyncio.wait_for(
-                self.loop.create_connection(lambda: UpstreamProtocol(session, side), ep.host, ep.port, ssl=ctx,
-                                            server_hostname=(ep.tls.server_name if ep.tls and ep.tls.server_name else ep.host) if ctx else None),
-                timeout=ep.connect_timeout.total_seconds())
-        except (TimeoutError, OSError, ssl.SSLError) as e:
-            session.on_upstream_failed(side, f"cannot connect to {ep.display}: {e or type(e).__name__}", attempt)
-            return
-        if not session.on_upstream_connected(side, transport, attempt):
-            transport.close()
 
     def side_failed(self, side: int, reason: str) -> None:
         h = self.health[side]
@@ -971,34 +834,16 @@ def write_worker_stats(state_dir: Path, shim_id: str, snapshot: dict, status: di
     atomic_write_json(worker_stats_dir(state_dir) / f"{shim_id}.json", {"snapshot": snapshot, "status": status})
 
 
-@contextlib.contextmanager
-def bind_errors(addr: str, flag: str, field: str, alternative: str = ""):
-    """An address that cannot be listened on (in use, not local, not permitted) is the operator's
-    to fix: one line naming it and where it was set, exit code 2, instead of a traceback."""
-    try:
-        yield
-    except OSError as e:
-        # asyncio's message repeats the address; the errno's text alone says why.
-        reason = (os.strerror(e.errno) if e.errno else str(e)).lower()
-        raise UsageError(f"cannot listen on {addr} ({field} or {flag}): {reason}; stop what holds it or choose another "
-                         f"address with {flag}{', ' + alternative if alternative else ''}") from None
-
-
 def run(playbook: Playbook, *, listen: str | None = None, admin: str | None = None, shim_id: str | None = None,
-        reuse_port: bool = False, worker: int | None = None, workers: int = 1, ready=None) -> int:
-    """Run a shim until SIGTERM/SIGINT; returns the exit code (0 after a clean drain).
+        reuse_port: bool = False, worker: int | None = None, ready=None) -> int:
+    """Run one shim process until SIGTERM/SIGINT; returns the exit code (0 after a clean drain).
 
     ``ready(listen, admin)`` is called once it listens, with the addresses bound ("host:port";
     admin None when disabled).
 
-    With ``workers`` > 1, that many processes share the listen port (SO_REUSEPORT) and this
-    process only supervises them and serves the admin endpoint with their numbers added up.
+    ``migrator.shim.run`` (the CLI's) runs this, or a supervisor of N of it (``workers``).
     """
-    if workers > 1:
-        from migrator.shim.workers import run_workers
-
-        return run_workers(playbook, workers, listen=listen, admin=admin, shim_id=shim_id, ready=ready)
-    loop = _new_loop()
+    loop = new_loop()
     asyncio.set_event_loop(loop)
     shim = Shim(playbook, listen=listen, admin=admin, shim_id=shim_id, reuse_port=reuse_port, worker=worker)
 
@@ -1051,7 +896,7 @@ class ShimThread:
         return self
 
     def _run(self) -> None:
-        self.loop = _new_loop()
+        self.loop = new_loop()
         asyncio.set_event_loop(self.loop)
         self.shim = Shim(self.playbook, **self.kw)
         try:

@@ -24,7 +24,8 @@ from migrator.playbook import Playbook, split_hostport
 from migrator.shim import admin as admin_http
 from migrator.shim import metrics
 from migrator.errors import UsageError
-from migrator.shim.server import _new_loop, bind_errors, run, worker_stats_dir
+from migrator.shim.io import bind_errors, new_loop
+from migrator.shim.server import run, worker_stats_dir
 
 
 def _worker_main(playbook: Playbook, listen: str | None, shim_id: str, index: int) -> None:
@@ -76,7 +77,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         p.start()
     log.info("shim.workers_started", workers=workers, listen=listen, admin=admin, pids=[p.pid for p in procs])
 
-    loop = _new_loop()
+    loop = new_loop()
     asyncio.set_event_loop(loop)
     stopping = asyncio.Event()
 
