@@ -495,3 +495,23 @@ def test_a_frozen_shadow_on_a_shared_connection_marks_dirty_and_the_stream_stays
     assert sum(env.stats().divergences.values()) == 0
     # The same shared connection to the target throughout: its late replies were read and dropped.
     assert env.thread.call(lambda: env.thread.shim.mux.links[(1, 2)][0].attempt) == 1
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_multiplexed_clients_protocol_is_carried_into_its_session(env, protocol):
+    """A redis-py client in RESP2 or RESP3 (HELLO 3), multiplexed in planned, keeps its protocol
+    when the phase moves to mirroring and it becomes a session: HGETALL still parses to a dict
+    and both sides get the write."""
+    c = redis.Redis(port=env.port, socket_timeout=5, protocol=protocol)
+    try:
+        c.hset("h", mapping={"a": "1", "b": "2"})
+        assert c.hgetall("h") == {b"a": b"1", b"b": b"2"}
+        assert mux(env)["pinned"] == 0
+        env.set_phase(Phase.MIRRORING)
+        c.hset("h2", mapping={"x": "9"})
+        assert c.hgetall("h2") == {b"x": b"9"}
+        assert c.hgetall("h") == {b"a": b"1", b"b": b"2"}
+    finally:
+        c.close()
+    assert env.target.client().hgetall("h2") == {b"x": b"9"}
+    assert mux(env)["pinned_by"] == {"phase": 1}

@@ -619,6 +619,7 @@ class Shim:
         link = mc.client
         s = Session(self, link)
         s.own = True  # it needs connection state: connections of its own from the start
+        s.proto = mc.link.proto  # (HELLO 3 moved it to the RESP3 shared connections: replayed)
         if mc.authed:
             s.authed = True
         link.session = s
@@ -813,7 +814,9 @@ class Shim:
             "backpressure": st.backpressure,
             "clients_paused": sum(1 for x in self.sessions if x.paused),
             "pool": self.pool.status(),
-            "multiplexed": {**self.mux.status(), "clients": sum(1 for x in self.sessions if not isinstance(x, Session))},
+            "multiplexed": {**self.mux.status(), "clients": sum(1 for x in self.sessions if not isinstance(x, Session)),
+                            "sessions_sharing": sum(1 for x in self.sessions
+                                                    if isinstance(x, Session) and any(u.virtual for u in x.up))},
             "latency": lat,
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
                                       "reachable": self.side_reachable[i], "up": self.side_up(i),
