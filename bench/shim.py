@@ -218,9 +218,37 @@ def summarise(results: list[dict]) -> list[dict]:
             row["references"][name] = {"ratio": _ratio([v["ratio"] for v in x]), "ratios": [v["ratio"] for v in x],
                                        "rps": statistics.median(v["rps"] for v in x),
                                        "cpu_us": statistics.median(v["cpu_us"] for v in x),
+                                       "added_p50_ms": statistics.median(v["added_p50_ms"] for v in x),
                                        "shim_over_peer": [r["shim_rps"] / r["references"][name]["rps"] for r in rs]}
         rows.append(row)
     return rows
+
+
+def issue_table(rows: list[dict]) -> list[str]:
+    """The issue-12 table (markdown): % of direct per run and test, peers and the shim side by side."""
+    by = {(r["phase"], r["run"], r["test"]): r for r in rows}
+    tests = sorted({r["test"] for r in rows}, reverse=True)
+    cols = [("twemproxy", "planned", "twemproxy"), ("HAProxy (TCP)", "planned", "haproxy"),
+            ("zero-work forwarder", "planned", "forward"), ("zero-work mirror", "mirroring", "mirror"),
+            ("shim passthrough", "planned", None), ("shim mirroring", "mirroring", None),
+            ("shim reads-on-target", "reads-on-target", None), ("shim writes-on-target", "writes-on-target", None)]
+    out = ["| run | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for run, label in (("pipelined", "`-P 16 -c 50`"), ("unpipelined", "`-P 1 -c 50`"), ("reconnect", "`-P 1 -c 50 -k 0`")):
+        cells = []
+        for _name, phase, peer in cols:
+            vals = []
+            for test in tests:
+                r = by.get((phase, run, test))
+                if r is None:
+                    continue
+                if peer is None:
+                    vals.append(statistics.median(r["ratios"]))
+                elif peer in r["references"]:
+                    vals.append(statistics.median(r["references"][peer]["ratios"]))
+            cells.append("/".join(f"{v * 100:.0f}" for v in vals) if vals else "")
+        if any(cells):
+            out.append(f"| {label}, % of direct ({'/'.join(tests)}) | " + " | ".join(cells) + " |")
+    return out
 
 
 def targets(rows: list[dict]) -> list[tuple[str, str, str, bool | None]]:
@@ -253,7 +281,9 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str, bool | None]]:
                     out.append((f"{phase} {run} {test.upper()}", f"{q:.0%} of mirroring", ">= 90%", q >= 0.9))
     for r in rows:
         if r["run"] == "latency":
-            out.append((f"added p50 {r['phase']} {r['test'].upper()}", f"{r['added_p50_ms']:.3f} ms", "<= 0.1 ms",
+            peers = ", ".join(f"{n} {x['added_p50_ms']:+.3f}" for n, x in r["references"].items())
+            out.append((f"added p50 {r['phase']} {r['test'].upper()}",
+                        f"{r['added_p50_ms']:.3f} ms" + (f" ({peers})" if peers else ""), "<= 0.1 ms",
                         r["added_p50_ms"] <= 0.1))
         if r["run"] == "reconnect":
             q = r["shim_rps"] / TODAY_RECONNECT_RPS
@@ -272,6 +302,8 @@ def main() -> int:
     ap.add_argument("--runs", default=",".join(RUNS), help=f"a subset of {','.join(RUNS)}")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--no-reference", action="store_true", help="skip the peer proxies")
+    ap.add_argument("--shim", action="append", default=[], metavar="KEY=VALUE",
+                    help="a shim playbook setting for this run, e.g. shared_connections=0 (to measure a lever off)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="rounds over all phases; each row is the median and the range of the rounds")
     args = ap.parse_args()
@@ -281,6 +313,12 @@ def main() -> int:
     if unknown:
         ap.error(f"--runs: unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
 
+    shim_settings = {}
+    for item in args.shim:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--shim {item}: expected KEY=VALUE")
+        shim_settings[key] = json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
     tmp = Path(tempfile.mkdtemp(prefix="migrator-bench-"))
     src = servers.start("redis-7.0")
     tgt = servers.start("valkey-9.1")
@@ -288,7 +326,7 @@ def main() -> int:
     pb_path = tmp / "migrator.yaml"
     pb_path.write_text(json.dumps({
         "version": 1, "name": "bench", "source": {"url": src.url}, "target": {"url": tgt.url},
-        "shim": {"listen": f"127.0.0.1:{shim_port}", "admin": f"127.0.0.1:{admin_port}"},
+        "shim": {"listen": f"127.0.0.1:{shim_port}", "admin": f"127.0.0.1:{admin_port}", **shim_settings},
         "state_dir": str(tmp / "state"),
     }))
     pb = playbook.load(pb_path)
@@ -317,7 +355,7 @@ def main() -> int:
                 direct = redis_benchmark(src.port, n, pipeline, clients, keepalive)
                 shim = redis_benchmark(shim_port, n, pipeline, clients, keepalive, pid=proc.pid)
                 ref = {name: redis_benchmark(port, n, pipeline, clients, keepalive, pid=pid)
-                       for name, (port, pid) in (references_for(phase, peers) if run in THROUGHPUT_RUNS else [])}
+                       for name, (port, pid) in references_for(phase, peers)}
                 for test in direct:
                     d, s = direct[test], shim[test]
                     results.append({"round": rnd, "phase": phase.value, "run": run, "test": test, "P": pipeline,
@@ -327,27 +365,34 @@ def main() -> int:
                                     "added_p50_ms": s["p50_ms"] - d["p50_ms"],
                                     "direct_p99_ms": d["p99_ms"], "shim_p99_ms": s["p99_ms"], "shim_cpu_us": s["cpu_us"],
                                     "references": {name: {"rps": r[test]["rps"], "ratio": r[test]["rps"] / d["rps"],
-                                                          "cpu_us": r[test]["cpu_us"]}
+                                                          "cpu_us": r[test]["cpu_us"],
+                                                          "added_p50_ms": r[test]["p50_ms"] - d["p50_ms"]}
                                                    for name, r in ref.items()}})
         load_end = os.getloadavg()[0]
         rows = summarise(results)
         print(f"# {os.cpu_count()} CPUs, load average {load:.2f} at start and {load_end:.2f} at the end, shim workers "
-              f"{args.workers}, source {src.label}, target {tgt.label}, {args.repeat} round(s)")
+              f"{args.workers}, source {src.label}, target {tgt.label}, {args.repeat} round(s)"
+              + (f", shim settings {shim_settings}" if shim_settings else ""))
         print(f"{'phase':<17} {'run':<12} {'test':<4} {'direct rps':>11} {'shim rps':>10} {'ratio':>14} "
               f"{'p50 d/s ms':>12} {'p99 d/s ms':>13} {'cpu us/cmd':>10}  peers: ratio to direct, cpu us/cmd")
         for r in rows:
-            refs_txt = "  ".join(f"{name} {x['ratio']} {x['cpu_us']:.1f}us" for name, x in r["references"].items())
+            refs_txt = "  ".join(f"{name} {x['ratio']} {x['cpu_us']:.1f}us"
+                                 + (f" +p50 {x['added_p50_ms']:.3f}ms" if r["run"] == "latency" else "")
+                                 for name, x in r["references"].items())
             print(f"{r['phase']:<17} {r['run']:<12} {r['test']:<4} {r['direct_rps']:>11,.0f} {r['shim_rps']:>10,.0f} "
                   f"{r['ratio']:>14} {r['direct_p50_ms']:>5.3f}/{r['shim_p50_ms']:<6.3f} "
                   f"{r['direct_p99_ms']:>5.3f}/{r['shim_p99_ms']:<7.3f} {r['shim_cpu_us']:>10.1f}  {refs_txt}")
         if args.repeat > 1:
             print(f"# medians of {args.repeat} rounds; ratios as median (lowest-highest)")
+        print("\n# the issue's table (medians of the rounds)")
+        for line in issue_table(rows):
+            print(line)
         goals = targets(rows)
         if goals:
             print("\n# issue 12 targets (medians of the same rounds)")
             for measure, figure, goal, met in goals:
                 mark = "n/a" if met is None else ("met" if met else "MISSED")
-                print(f"{measure:<40} {figure:<32} {goal:<10} {mark}")
+                print(f"{measure:<40} {figure:<44} {goal:<10} {mark}")
         if args.json:
             args.json.write_text(json.dumps({"load_average": [load, load_end], "workers": args.workers,
                                              "results": results, "rows": rows,

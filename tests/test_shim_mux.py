@@ -515,3 +515,25 @@ def test_a_multiplexed_clients_protocol_is_carried_into_its_session(env, protoco
         c.close()
     assert env.target.client().hgetall("h2") == {b"x": b"9"}
     assert mux(env)["pinned_by"] == {"phase": 1}
+
+
+def test_wait_is_not_sent_on_a_shared_connection(env):
+    """WAIT blocks its connection until replicas acknowledge (here, none: for its whole timeout):
+    the client that sends it is pinned, so another client on the shared connection is answered
+    meanwhile, not stalled behind it."""
+    waiter = raw(env.port)
+    other = raw(env.port)
+    try:
+        other.sendall(cmd("SET", "x", "1"))
+        assert read_replies(other, 1) == [b"+OK\r\n"]
+        waiter.sendall(cmd("WAIT", "1", "1500"))
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        other.sendall(cmd("GET", "x"))
+        assert read_replies(other, 1) == [b"$1\r\n1\r\n"]
+        assert time.monotonic() - t0 < 1.0
+        assert read_replies(waiter, 1) == [b":0\r\n"]
+    finally:
+        waiter.close()
+        other.close()
+    assert mux(env)["pinned_by"] == {"wait": 1}

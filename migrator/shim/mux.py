@@ -43,6 +43,9 @@ IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 # What a multiplexed client may send, besides the local commands below: it needs nothing from
 # the shim but forwarding (SCRIPT also its body noted, for healing a later phase's NOSCRIPT).
 _PLAIN = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.PUBLISH})
+# Admin commands that are about the connection (CLIENT ...) or hold it (WAIT blocks until
+# replicas acknowledge: on a shared connection it would stall every client behind it).
+_ADMIN_PINNED = frozenset({b"client", b"wait", b"waitaof"})
 
 
 def one_sided(routes) -> int | None:
@@ -86,13 +89,26 @@ class SharedLink:
 
     # --- from the users -----------------------------------------------------------------
     def send(self, user, raw: bytes, n: int, token) -> None:
-        self.waiting.append([user, n, token])
-        self.out.append(raw)
+        """Queue ``raw`` (owing ``n`` replies to ``user``) for the next write.
+
+        An idle connection (nothing owed, nothing queued) writes at once: one client alone must
+        not wait a turn of the loop. Otherwise the write waits for the end of this turn of the
+        loop, so that what many clients sent meanwhile goes in one system call.
+        """
+        waiting = self.waiting
+        idle = not waiting and not self.out
+        waiting.append([user, n, token])
         if self.state is UP:
+            if idle:
+                self.transport.write(raw)
+                return
+            self.out.append(raw)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self.mux.call_soon(self.flush)
-        elif self.state is not CONNECTING:
+            return
+        self.out.append(raw)
+        if self.state is not CONNECTING:
             self.connect()
 
     def send_local(self, user, token) -> None:
@@ -296,7 +312,7 @@ class MuxClient:
         for i, args in enumerate(commands):
             c = classify(args)
             cls = c.cls
-            if cls in _PLAIN and c.known[side] and not (cls is Cls.ADMIN and args[0].lower() == b"client"):
+            if cls in _PLAIN and c.known[side] and not (cls is Cls.ADMIN and args[0].lower() in _ADMIN_PINNED):
                 if not self.authed:
                     self._pin(buf, "noauth")  # the session answers NOAUTH, in order
                     return
