@@ -68,8 +68,9 @@ class User:
         self.lost = 0
         self.closed: str | None = None
 
-    def shared_replies(self, data: bytes, n: int, token) -> None:
-        self.got.append(data)
+    def shared_replies(self, frames: list[bytes], n: int, token) -> None:
+        assert len(frames) == n
+        self.got.extend(frames)
 
     def shared_done(self, token) -> None:
         self.done += 1
@@ -146,8 +147,8 @@ def test_a_deaf_share_has_its_replies_read_and_dropped_and_the_others_stay_in_st
             self.data: list[bytes] = []
             self.lost: list[str] = []
 
-        def on_upstream_data(self, side, data):
-            self.data.append(data)
+        def on_upstream_frames(self, side, frames):
+            self.data.extend(frames)
 
         def on_upstream_lost(self, side, transport, reason):
             self.lost.append(reason)

@@ -65,7 +65,7 @@ class SharedLink:
     Its users are multiplexed clients (``MuxClient``) and the upstream connections of sessions
     with no connection state (``VirtualConn``). ``waiting`` holds, in the order they were
     written, ``[user, replies, token]``: the next replies belong to its head. A user has
-    ``shared_replies(data, n, token)`` (its next ``n`` replies, whole), ``shared_done(token)`` (all
+    ``shared_replies(frames, n, token)`` (its next ``n`` replies, each whole), ``shared_done(token)`` (all
     of an item's replies are in; an item of 0 replies is a reply the shim gives itself, delivered
     in its place), ``shared_lost(n, token)`` and ``shared_closed(reason)`` (the connection is lost).
     """
@@ -193,7 +193,7 @@ class SharedLink:
             head = waiting[0]
             take = min(head[1], nframes - i)
             head[1] -= take  # (first: a callback that fails this connection counts only the rest as lost)
-            head[0].shared_replies(frames[i] if take == 1 else b"".join(frames[i:i + take]), take, head[2])
+            head[0].shared_replies(frames[i:i + take] if i or take < nframes else frames, take, head[2])
             if self.state is not UP or waiting is not self.waiting:
                 return  # a user's callback failed this connection
             i += take
@@ -239,9 +239,9 @@ class VirtualConn:
     def get_write_buffer_size(self) -> int:
         return self.link.buffered()
 
-    def shared_replies(self, data: bytes, n: int, token) -> None:
+    def shared_replies(self, frames: list[bytes], n: int, token) -> None:
         if not self.dead:
-            self.session.on_upstream_data(self.side, data)
+            self.session.on_upstream_frames(self.side, frames)
 
     def shared_done(self, token) -> None:
         pass
@@ -431,9 +431,9 @@ class MuxClient:
         if not self.closed:
             self.client.write(data)
 
-    def shared_replies(self, data: bytes, n: int, token) -> None:
+    def shared_replies(self, frames: list[bytes], n: int, token) -> None:
         if not self.closed:
-            self.client.write(data)
+            self.client.write(frames[0] if n == 1 else b"".join(frames))
         mux = self.mux
         mux.latency[self.link.side].observe(time.monotonic() - token[0], n)
         mux.entry_finished(token[1], n)

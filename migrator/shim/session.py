@@ -417,6 +417,17 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
             self.fail(side, f"protocol error from {SIDE_NAMES[side]}: {e}", side_fault=False)
             self._after_io()
             return
+        self.on_upstream_frames(side, frames)
+
+    def on_upstream_frames(self, side: int, frames: list[bytes]) -> None:
+        """Whole replies from ``side``, already framed (by ``on_upstream_data``, or by a shared
+        connection for its share: see ``mux.VirtualConn``)."""
+        u = self.up[side]
+        if u.state is not UP:
+            return
+        if u.raw_pending:
+            self.on_upstream_data(side, b"".join(frames))  # counted there, not framed
+            return
         now = time.monotonic()
         wait = u.wait
         if self.pipe is None and wait and wait[0].batch:
