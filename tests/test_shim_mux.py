@@ -537,3 +537,28 @@ def test_wait_is_not_sent_on_a_shared_connection(env):
         waiter.close()
         other.close()
     assert mux(env)["pinned_by"] == {"wait": 1}
+
+
+def test_metrics_show_shared_clients_pins_and_pool_reuse(server_factory, make_env):
+    """/metrics counts clients on the shared connections now, the clients pinned by the command
+    that needed it, and connections reused from the pool."""
+    env = make_env(server_factory("redis-7.0"), server_factory("valkey-9.1"))
+    a, b = raw(env.port), raw(env.port)
+    try:
+        a.sendall(cmd("SET", "k", "1"))
+        b.sendall(cmd("SET", "j", "2"))
+        assert read_replies(a, 1) == read_replies(b, 1) == [b"+OK\r\n"]
+        text = env.admin("/metrics").decode()
+        assert "migrator_shim_shared_clients 2.0" in text
+        b.sendall(cmd("SELECT", "1"))
+        assert read_replies(b, 1) == [b"+OK\r\n"]
+    finally:
+        a.close()
+        b.close()
+    assert one_request(env.port, "SELECT", "2") == b"+OK\r\n"  # pinned, then ends cleanly: pooled
+    wait_for(lambda: sum(pool(env)["idle"]) >= 1, what="a pooled connection")
+    assert one_request(env.port, "SELECT", "3") == b"+OK\r\n"  # its session reuses it
+    text = env.admin("/metrics").decode()
+    assert 'migrator_shim_pinned_total{reason="select"} 3.0' in text
+    reused = pool(env)["reused"]  # (the first pinned client's connection was pooled too)
+    assert reused >= 1 and f"migrator_shim_pool_reused_total {float(reused)}" in text

@@ -104,6 +104,9 @@ class Stats:
         self.script_heals = 0
         self.backpressure = 0  # times a client was no longer read (too much of it in flight)
         self.side_restarts: Counter = Counter()  # side name -> restarts seen (a new run_id)
+        self.shared_clients = 0  # clients on the shared upstream connections now (multiplexed, or sessions' shares)
+        self.pinned: Counter = Counter()  # command (or reason) -> clients it moved to connections of their own
+        self.pool_reused = 0  # upstream connections taken from the pool instead of connecting
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -123,6 +126,9 @@ class Stats:
             "script_heals": self.script_heals,
             "backpressure": self.backpressure,
             "side_restarts": dict(self.side_restarts),
+            "shared_clients": self.shared_clients,
+            "pinned": dict(self.pinned),
+            "pool_reused": self.pool_reused,
         }
 
     @classmethod
@@ -144,7 +150,9 @@ class Stats:
                 out.shadow_failures[(side, r)] += n
             out.refused.update(s.get("refused", {}))
             out.side_restarts.update(s.get("side_restarts", {}))
-            for g in ("connections", "connections_total", "mirror_queue", "script_heals", "backpressure"):
+            out.pinned.update(s.get("pinned", {}))
+            for g in ("connections", "connections_total", "mirror_queue", "script_heals", "backpressure",
+                      "shared_clients", "pool_reused"):
                 setattr(out, g, getattr(out, g) + s.get(g, 0))
             out.dirty_keys = max(out.dirty_keys, s.get("dirty_keys", 0))  # shared state, not per process
         return out
@@ -210,6 +218,15 @@ class StatsCollector:
         for side, n in sorted(st.side_restarts.items()):
             sr.add_metric([side], n)
         yield sr
+        yield GaugeMetricFamily("migrator_shim_shared_clients", "Clients on the shared upstream connections now "
+                                "(multiplexed, or sessions riding on shares)", value=st.shared_clients)
+        pn = CounterMetricFamily("migrator_shim_pinned", "Clients moved from the shared upstream connections to "
+                                 "connections of their own, by the command (or reason) that needed it", labels=["reason"])
+        for reason, n in sorted(st.pinned.items()):
+            pn.add_metric([reason], n)
+        yield pn
+        yield CounterMetricFamily("migrator_shim_pool_reused", "Upstream connections taken from the pool (reset) "
+                                  "instead of a new connection", value=st.pool_reused)
         g = GaugeMetricFamily("migrator_shim_applied_generation", "Phase generation the shim applies", labels=["phase"])
         if "phase" in extra:
             g.add_metric([extra["phase"]], extra.get("generation", 0))

@@ -476,6 +476,7 @@ class MuxClient:
         self.leftover = b""
         self.mux.pinned += 1
         self.mux.pinned_by[why] = self.mux.pinned_by.get(why, 0) + 1
+        self.mux.shim.stats.pinned[why] += 1
         if not self.inflight_n:
             self._become_session()
         else:

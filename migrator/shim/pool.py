@@ -129,6 +129,7 @@ class Pool:
             p = idle.pop()  # the most recently used: the likeliest to be alive
             if not p.transport.is_closing():
                 self.reused += 1
+                self.shim.stats.pool_reused += 1
                 return p.transport
         return None
 

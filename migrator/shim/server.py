@@ -760,6 +760,8 @@ class Shim:
     def metrics_stats(self) -> metrics.Stats:
         self.stats.mirror_queue = self.mirror_depth
         self.stats.dirty_keys = len(self.dirty.keys)
+        self.stats.shared_clients = sum(1 for x in self.sessions
+                                        if not isinstance(x, Session) or any(u.virtual for u in x.up))
         if self.extra_stats is not None:
             return metrics.Stats.merge([self.stats.snapshot(), *self.extra_stats()])
         return self.stats
