@@ -11,11 +11,19 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
 from migrator import servers
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored
+# signal stays ignored across exec: every CLI the tests start would then ignore the Ctrl-C that
+# the terminal tests send it. Ctrl-C reaches a CLI at a real terminal, so the tests' children
+# get the default (a handler set here becomes the default in an exec'd child).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config):
