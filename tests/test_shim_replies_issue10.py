@@ -453,7 +453,7 @@ def test_a_reply_too_deep_to_count_on_a_shared_connection_is_framed_and_the_clie
         assert replies(s, 2, timeout=10) == [b"*1\r\n" * 5001 + b":1\r\n", b"+PONG\r\n"]
     finally:
         s.close()
-    assert env.thread.call(lambda: env.thread.shim.mux.pinned) == 0
+    assert env.thread.call(lambda: env.thread.shim.mux.status()["pinned"]) == 0
 
 
 @pytest.mark.parametrize(("args", "reply", "same", "other"), [

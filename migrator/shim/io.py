@@ -124,18 +124,26 @@ class UpstreamProtocol(asyncio.Protocol):
         self.session.on_buffers_changed()
 
 
-async def connect_upstream(loop: asyncio.AbstractEventLoop, session: Session, side: int, attempt: int, ep: Any,
-                           ctx: ssl.SSLContext | None) -> None:
-    """Open ``session``'s connection to ``side`` (endpoint ``ep``) and tell the session how it went."""
+async def _open(loop: asyncio.AbstractEventLoop, factory, ep: Any, ctx: ssl.SSLContext | None):
+    """A connection to endpoint ``ep`` (TLS with ``ctx``), within its connect timeout: (transport, None),
+    or (None, why not)."""
     try:
         transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: UpstreamProtocol(session, side), ep.host, ep.port, ssl=ctx,
+            loop.create_connection(factory, ep.host, ep.port, ssl=ctx,
                                    server_hostname=(ep.tls.server_name if ep.tls and ep.tls.server_name else ep.host) if ctx else None),
             timeout=ep.connect_timeout.total_seconds())
     except (TimeoutError, OSError, ssl.SSLError) as e:
-        session.on_upstream_failed(side, f"cannot connect to {ep.display}: {e or type(e).__name__}", attempt)
-        return
-    if not session.on_upstream_connected(side, transport, attempt):
+        return None, f"cannot connect to {ep.display}: {e or type(e).__name__}"
+    return transport, None
+
+
+async def connect_upstream(loop: asyncio.AbstractEventLoop, session: Session, side: int, attempt: int, ep: Any,
+                           ctx: ssl.SSLContext | None) -> None:
+    """Open ``session``'s connection to ``side`` (endpoint ``ep``) and tell the session how it went."""
+    transport, why = await _open(loop, lambda: UpstreamProtocol(session, side), ep, ctx)
+    if transport is None:
+        session.on_upstream_failed(side, why, attempt)
+    elif not session.on_upstream_connected(side, transport, attempt):
         transport.close()
 
 
@@ -159,15 +167,10 @@ class SharedProtocol(asyncio.Protocol):
 async def connect_shared(loop: asyncio.AbstractEventLoop, link: SharedLink, attempt: int, ep: Any,
                          ctx: ssl.SSLContext | None) -> None:
     """Open a shared upstream connection (endpoint ``ep``) and tell its link how it went."""
-    try:
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: SharedProtocol(link), ep.host, ep.port, ssl=ctx,
-                                   server_hostname=(ep.tls.server_name if ep.tls and ep.tls.server_name else ep.host) if ctx else None),
-            timeout=ep.connect_timeout.total_seconds())
-    except (TimeoutError, OSError, ssl.SSLError) as e:
-        link.failed(f"cannot connect to {ep.display}: {e or type(e).__name__}", attempt)
-        return
-    if not link.connected(transport, attempt):
+    transport, why = await _open(loop, lambda: SharedProtocol(link), ep, ctx)
+    if transport is None:
+        link.failed(why, attempt)
+    elif not link.connected(transport, attempt):
         transport.close()
 
 

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from migrator.shim import flow
 from migrator.shim.commands import SIDE_NAMES, Cls
 from migrator.shim.resp import Framer, ProtocolError, RequestParser, encode, is_error
 
@@ -474,8 +475,6 @@ class MuxClient:
         """From this command on the client needs a session: once its replies in flight are in."""
         self.stash = bytearray(buf)
         self.leftover = b""
-        self.mux.pinned += 1
-        self.mux.pinned_by[why] = self.mux.pinned_by.get(why, 0) + 1
         self.mux.shim.stats.pinned[why] += 1
         if not self.inflight_n:
             self._become_session()
@@ -499,21 +498,12 @@ class MuxClient:
         if self.closed or self.gone:
             return
         shim = self.mux.shim
-        limit = shim.cfg.max_client_buffer_bytes
-        window = shim.client_window
-        if self.paused:
-            limit //= 2
-            window //= 2
+        limit, window = flow.bounds(shim.cfg, shim.client_window, self.paused)
+        # (A client waiting to become a session is not read until its replies in flight are in.)
         over = (self.inflight_n > window or self.inflight_bytes > limit or self.client.buffer_size() > limit
-                or (self.stash is not None and len(self.stash) > limit) or self.stash is not None and self.inflight_n > 0
+                or (self.stash is not None and (self.inflight_n > 0 or len(self.stash) > limit))
                 or self.link.buffered() > limit)
-        if over and not self.paused:
-            self.paused = True
-            shim.stats.backpressure += 1
-            self.client.pause_reading()
-        elif self.paused and not over:
-            self.paused = False
-            self.client.resume_reading()
+        flow.pause_or_resume(self, over, shim.stats)
 
     def on_buffers_changed(self) -> None:
         self._flow()
@@ -554,8 +544,6 @@ class Mux:
         self.side: int | None = one_sided(shim.routes)
         self._next = 0
         self._next_virtual = 0
-        self.pinned = 0  # clients that left the shared connections for a session of their own
-        self.pinned_by: dict[str, int] = {}  # ... by the command (or reason) that needed it
 
     def applies(self) -> bool:
         return self.per_side > 0 and not self.stopped and self.side is not None and not self.shim.holding
@@ -619,4 +607,6 @@ class Mux:
     def status(self) -> dict[str, Any]:
         return {"per_side": self.per_side, "active": self.side is not None,
                 "links": {f"{SIDE_NAMES[s]}/resp{p}": [ln.state for ln in links] for (s, p), links in self.links.items()},
-                "pinned": self.pinned, "pinned_by": dict(self.pinned_by)}
+                # Clients that left the shared connections for a session of their own, by the
+                # command (or reason) that needed it.
+                "pinned": sum(self.shim.stats.pinned.values()), "pinned_by": dict(self.shim.stats.pinned)}

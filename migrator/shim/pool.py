@@ -72,7 +72,6 @@ class Pool:
         self.size = size
         self.idle: tuple[deque[Pooled], deque[Pooled]] = (deque(), deque())
         self.resetting: tuple[set[Pooled], set[Pooled]] = (set(), set())
-        self.reused = 0
         self.given_back = 0
         self.dropped = 0
         self.stopped = False
@@ -128,7 +127,6 @@ class Pool:
         while idle:
             p = idle.pop()  # the most recently used: the likeliest to be alive
             if not p.transport.is_closing():
-                self.reused += 1
                 self.shim.stats.pool_reused += 1
                 return p.transport
         return None
@@ -142,5 +140,5 @@ class Pool:
             self.resetting[side].clear()
 
     def status(self) -> dict[str, Any]:
-        return {"size": self.size, "idle": [len(x) for x in self.idle], "reused": self.reused,
+        return {"size": self.size, "idle": [len(x) for x in self.idle], "reused": self.shim.stats.pool_reused,
                 "given_back": self.given_back, "dropped": self.dropped}

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from migrator.shim import server_cmds
+from migrator.shim import flow, server_cmds
 from migrator.shim.blocking import Blocking
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Cls
 from migrator.shim.connstate import ConnState
@@ -512,24 +512,14 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
         if self.closed or self.client_gone:
             return
         shim = self.shim
-        limit = shim.cfg.max_client_buffer_bytes
-        window = shim.client_window
+        limit, window = flow.bounds(shim.cfg, shim.client_window, self.paused)
         up0, up1 = self.up
-        if self.paused:
-            limit //= 2
-            window //= 2
         over = (self.inflight_n > window or self.shadow_n > window or self.inflight_bytes > limit
                 or self.held_bytes > limit or self.client.buffer_size() > limit
                 or (self.shadow_n and shim.mirror_depth >= shim.cfg.mirror_queue_size)
                 or (up0.transport is not None and up0.transport.get_write_buffer_size() > limit)
                 or (up1.transport is not None and up1.transport.get_write_buffer_size() > limit))
-        if over and not self.paused:
-            self.paused = True
-            shim.stats.backpressure += 1
-            self.client.pause_reading()
-        elif self.paused and not over:
-            self.paused = False
-            self.client.resume_reading()
+        flow.pause_or_resume(self, over, shim.stats)
 
     def _flush_client(self) -> None:
         if self.up[0].raw_pending or self.up[1].raw_pending:
