@@ -262,6 +262,41 @@ class Hooks(_Strict):
     complete: HookSet = Field(default_factory=HookSet)
 
 
+class ReplicationConfig(_Strict):
+    """How the servers replicate each other when the mirror strategy is ``replication``."""
+
+    # host:port the *target server* uses to reach the source (REPLICAOF), when it differs from
+    # the source URL's (NAT, container networks); likewise the source reaching the target for
+    # the rollback window.
+    source_address: str | None = None
+    target_address: str | None = None
+    # REPLICAOF discards whatever the target holds: refused on a non-empty target unless true.
+    replace_target_data: bool = False
+    # The initial full sync must finish within ``sync_timeout``; no progress for
+    # ``stall_timeout`` (or a full sync that restarts) is reported as stalled or looping.
+    sync_timeout: Duration = timedelta(hours=1)
+    stall_timeout: Duration = timedelta(seconds=60)
+
+    @field_validator("source_address", "target_address")
+    @classmethod
+    def _check_addr(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_hostport(v)
+        return v
+
+
+class MirrorConfig(_Strict):
+    """How writes reach the second server while both are in use.
+
+    ``replication``: the target replicates the source (the servers order every write, so any
+    number of shims and writers that bypass them are mirrored); ``dual-write``: each shim writes
+    to both servers; ``auto``: replication where the pre-flight finds the pair supports it.
+    """
+
+    strategy: Literal["auto", "replication", "dual-write"] = "auto"
+    replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
+
+
 class Playbook(_Strict):
     """A whole migration: where from, where to, how the shim runs, and what each step requires."""
 
@@ -275,6 +310,7 @@ class Playbook(_Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
     hooks: Hooks = Field(default_factory=Hooks)
+    mirror: MirrorConfig = Field(default_factory=MirrorConfig)
 
     # Where the playbook came from (not part of the YAML).
     _path: Path | None = PrivateAttr(default=None)

@@ -87,6 +87,22 @@ class Barrier:
 
 
 @dataclass
+class MirrorMode:
+    """How the second server is kept in step, decided when mirroring begins (shims route by it).
+
+    ``strategy``: "replication" (the target replicates the source; shims write to the source
+    only) or "dual-write" (shims write to both). ``reverse``: set at the write cutover, how the
+    source is kept in step for the rollback window: "replication" (the source replicates the
+    target) or "dual-write" (the fallback when the source cannot replicate the target).
+    """
+
+    strategy: str
+    why: str = ""
+    reverse: str | None = None
+    reverse_why: str = ""
+
+
+@dataclass
 class State:
     migration: str
     phase: Phase = INITIAL
@@ -96,6 +112,7 @@ class State:
     endpoints_hash: str = ""
     transition: Transition | None = None
     barrier: Barrier | None = None
+    mirror: MirrorMode | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     version: int = FORMAT_VERSION
 
@@ -110,6 +127,7 @@ class State:
             raise ValueError(f"unsupported state format version {d.get('version')!r}")
         t = d.get("transition")
         b = d.get("barrier")
+        m = d.get("mirror")
         return cls(
             migration=d["migration"],
             phase=Phase(d["phase"]),
@@ -119,6 +137,7 @@ class State:
             endpoints_hash=d.get("endpoints_hash", ""),
             transition=Transition(**t) if t else None,
             barrier=Barrier(**b) if b else None,
+            mirror=MirrorMode(**m) if m else None,
             history=list(d.get("history", [])),
         )
 
