@@ -73,6 +73,9 @@ def write_playbook(path: Path, source_url: str, target_url: str, /, **sections) 
             "read_cutover": {"min_duration": "0s", "min_compared": 0, "latency_floor_ms": 1000},
             "write_cutover": {"rollback_window": "0s"},
         },
+        # The suite written for dual-write pins it; tests of the replication strategy (and of
+        # ``auto``) pass their own ``mirror`` section.
+        "mirror": {"strategy": "dual-write"},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(doc.get(key), dict):
