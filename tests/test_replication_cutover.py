@@ -40,13 +40,21 @@ class Env:
         return replication.read(self.src.client()), replication.read(self.tgt.client())
 
     def advance(self, **overrides):
-        return command.advance(self.pb, overrides={**SKIP_DATA_GATES, **overrides})
+        if self.state.phase == Phase.WRITES_ON_TARGET:
+            overrides = {"consistency": "t", **overrides}
+        else:
+            overrides = {**SKIP_DATA_GATES, **overrides}
+        return command.advance(self.pb, overrides=overrides)
 
     def rollback(self, **overrides):
         return command.rollback(self.pb, overrides=overrides)
 
     def action(self, result, name):
         return next(a for a in result.actions if a.name == name)
+
+    def last_swap(self):
+        """The newest role swap's journal entry (its evidence, reverse and data)."""
+        return next(e for e in reversed(self.store.read_journal()) if e["event"] == "role-swap")
 
 
 def in_step(primary, replica) -> bool:
@@ -171,7 +179,7 @@ def test_fallback_to_dual_write_when_the_source_would_need_a_full_sync(replicati
     assert sc.get("k:7") == b"7" and sc.hgetall("h") == {b"a": b"1", b"b": b"2"}
     assert not (env.src.dir / "dump.rdb").exists()  # no Valkey RDB left that Redis would refuse to start with
     assert st.mirror.restore == {"repl-diskless-load": before}
-    swap = next(e for e in env.store.read_journal() if e["event"] == "role-swap")
+    swap = env.last_swap()
     assert swap["data"]["resync"] == "none" and swap["reverse"] == "dual-write"
     assert result.to_phase == Phase.WRITES_ON_TARGET
     # Rolling back keeps mirroring by dual-write (no full sync, no stale reads) and restores the setting.
@@ -209,8 +217,8 @@ def test_rollback_reverses_the_roles_and_a_second_cutover_swaps_again(replicatin
     assert result.to_phase == Phase.READS_ON_TARGET
     s, t = env.roles()
     assert s.role == "master" and t.replicates(env.src.host, env.src.port)
-    swap = env.action(result, "role_swap_back")
-    assert "roles reversed" in swap.evidence and "partial resync" in swap.data["resync"], swap.evidence
+    swap = env.last_swap()
+    assert "roles reversed" in swap["evidence"] and "partial resync" in swap["data"]["resync"], swap["evidence"]
     assert env.state.mirror.reverse is None and env.state.mirror.restore == {}
     sc = env.src.client()
     assert sc.get("t:49") == b"49" and sc.dbsize() == tc.dbsize() == KEYS + EXTRA + 50
@@ -236,8 +244,8 @@ def test_rollback_with_the_target_killed_promotes_the_source(replicating):
     assert result.to_phase == Phase.READS_ON_TARGET
     s = replication.read(env.src.client())
     assert s.role == "master"
-    swap = env.action(result, "role_swap_back")
-    assert "the target is unreachable" in swap.evidence and "promoted the source" in swap.evidence
+    swap = env.last_swap()
+    assert "the target is unreachable" in swap["evidence"] and "promoted the source" in swap["evidence"], swap["evidence"]
     sc = env.src.client()
     assert sc.dbsize() == KEYS + EXTRA + 100 and sc.get("t:99") == b"99"
     sc.set("after", "1")  # it takes writes again
