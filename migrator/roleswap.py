@@ -282,7 +282,7 @@ def _reattach(pb: Playbook, target: redis.Redis, sh: str, sp: int, data: dict[st
 
 
 def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirror: MirrorMode,
-             budget_s: float, pause_ms: int, target_down: str | None = None) -> Swap:
+             budget_s: float, pause_ms: int, target_down: str | None = None, accept_source: bool = False) -> Swap:
     """Make the source the primary again and the target its replica (or promote the source alone)."""
     from migrator.command import crashpoint
 
@@ -317,14 +317,24 @@ def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirr
                           "re-attaches it", moved=True, data=data)
     t = read(target)
     data["target_role"] = t.role
+    broken = None
     if not s.is_replica and not t.is_replica:
-        return Swap(False, "both servers are primaries while the target holds write authority: the source may lack the "
-                           "writes made since it stopped replicating; run `migrator check --full --repair` (it copies "
-                           "from the target) and roll back again", data=data)
+        broken = "both servers are primaries while the target holds write authority"
+    elif s.replicates(th, tp) and not t.is_replica and not s.link_up:
+        broken = (f"the source's link to the target is down (for {s.link_down_since} s; a full sync it cannot load "
+                  "loops once the replication backlog was exceeded: see its log)")
+    if broken and not accept_source:
+        return Swap(False, f"{broken}: the source may lack the writes made since. Run REPLICAOF NO ONE on the source, "
+                           "`migrator check --full --repair` (it copies from the target), then `migrator rollback "
+                           "--override source_keys --reason ...` (the source's data, as it is, becomes the truth)", data=data)
+    if broken:
+        data["accepted_source"] = broken
+        if s.is_replica:
+            source.execute_command("REPLICAOF", "NO", "ONE")
+        # The target follows the source's data (a full sync Valkey loads), as the operator accepted.
+        target.execute_command("REPLICAOF", sh, str(sp))
+        s = read(source)
     if s.replicates(th, tp) and not t.is_replica:
-        if not s.link_up:
-            return Swap(False, f"the source's link to the target is down (for {s.link_down_since} s): it may lack the "
-                               "latest writes; wait for it (or stop the target for good and roll back again)", data=data)
         data["paused_at"] = time.time()
         target.execute_command("CLIENT", "PAUSE", str(pause_ms), "WRITE")
         data["pause_limit_ms"] = pause_ms
@@ -433,7 +443,8 @@ def run_swap(ctx: Any) -> Any:
                                                      "nothing was changed", {})
                 swap = forward(pb, source, target, mirror, lambda: ctx.store.save(ctx.state), budget, pause_ms)
             else:
-                swap = backward(pb, source, None if target_down else target, mirror, budget, pause_ms, target_down)
+                swap = backward(pb, source, None if target_down else target, mirror, budget, pause_ms, target_down,
+                                accept_source="source_keys" in ctx.overrides)
         except (redis.exceptions.RedisError, OSError) as e:
             return ActionResult(name, False, f"the role swap stopped on a server error ({e}); running the command again "
                                              "reads the servers' roles and finishes or undoes it", {"authority_moved": False})
