@@ -263,7 +263,8 @@ def _fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis, why: str,
         total = sum(src_keys.values())
         note = f"; the source still holds its data ({total:,} keys, as the target)"
     return Swap(True, f"role swap fell back to dual-write: {why}; the target is the primary, the source a primary "
-                      f"kept in step by the shims for the rollback window{note}",
+                      f"kept in step by the shims for the rollback window (writers that bypass the shims are not "
+                      f"mirrored: point them at the shims){note}",
                 moved=True, reverse="dual-write", data=data)
 
 
@@ -487,8 +488,8 @@ def release(ctx: Any) -> Any:
     if paused_at:
         data["server_pause_ms"] = round((time.time() - float(paused_at)) * 1000, 1)
         ev = f"server writes paused {data['server_pause_ms']:.1f} ms (CLIENT PAUSE WRITE until UNPAUSE)"
-    else:  # finished what a killed run had swapped: a pause it left (if any) is lifted now
-        ev = "no pause in this run (the roles were already swapped); CLIENT UNPAUSE sent to both servers"
+    else:  # no pause in this run (already swapped by a killed run, or dual-write): lift any a killed run left
+        ev = "no server was paused in this run; CLIENT UNPAUSE sent to both servers"
     if down:
         ev += f"; not reached: {'; '.join(down)} (its pause expires by itself)"
     return ActionResult("release_pause", True, ev, data)

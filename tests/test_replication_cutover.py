@@ -70,9 +70,11 @@ def replicating(server_factory, make_playbook):
     (with a stand-in shim that acknowledges phases and holds)."""
     shims: list[AckingShim] = []
 
-    def make(src_label="redis-7.0", tgt_label="valkey-9.1", tgt_conf=None, max_pause="2s", **sections) -> Env:
-        src = server_factory(src_label, config=FAST)
-        tgt = server_factory(tgt_label, config=FAST, conf_lines=tgt_conf)
+    def make(src_label="redis-7.0", tgt_label="valkey-9.1", tgt_conf=None, max_pause="2s", passwords=(None, None),
+             **sections) -> Env:
+        src = server_factory(src_label, config=FAST, password=passwords[0])
+        tgt = server_factory(tgt_label, config={**FAST, **({"masterauth": passwords[0]} if passwords[0] else {})},
+                             conf_lines=tgt_conf, password=passwords[1])
         c = src.client()
         pipe = c.pipeline()
         for i in range(KEYS):
@@ -305,6 +307,22 @@ def test_complete_detaches_the_source_and_restores_its_settings(replicating):
     assert env.src.client().dbsize() == env.tgt.client().dbsize() == KEYS + EXTRA
 
 
+def test_the_swap_authenticates_to_a_target_with_a_password_and_stores_no_secret(replicating):
+    """With passwords on both servers the source authenticates to the target (masterauth from the target's
+    endpoint) and resumes by partial resync; complete puts masterauth back, and no password reaches the
+    state or the journal."""
+    env = replicating(passwords=("src-secret-1", "tgt-secret-2"))
+    env.advance()
+    assert env.state.mirror.reverse == "replication", env.state.mirror.reverse_why
+    assert env.roles()[0].link_up
+    result = env.advance()
+    assert "masterauth (empty)" in env.action(result, "detach_source").evidence
+    assert env.src.client().config_get("masterauth")["masterauth"] == ""
+    for f in (env.store.state_path, env.store.journal_path):
+        text = f.read_text()
+        assert "src-secret-1" not in text and "tgt-secret-2" not in text
+
+
 # --- kill -9 at each point of the swap, then the same command again --------------------------------
 
 
@@ -328,6 +346,10 @@ def test_kill_9_during_the_swap_then_advance_again_finishes(replicating, point):
     env = replicating()
     _killed(env, "advance", point)
     assert env.state.phase == Phase.READS_ON_TARGET
+    if point == "swap-after-pause":
+        t0 = time.monotonic()
+        env.src.client().delete("no-such-key")  # a write: waits for the killed run's pause to expire
+        assert time.monotonic() - t0 < 2.5  # max_pause is 2 s: the pause expired by itself
     if point == "swap-after-promote":
         with pytest.raises(RefusedError, match="both servers are primaries"):
             _again(env, "advance")
