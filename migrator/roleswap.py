@@ -29,8 +29,9 @@ in between is finished (or undone) by running the command again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -172,7 +173,7 @@ def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: Mirr
     if s.replicates(th, tp) and not t.is_replica:
         # A run killed after the source's REPLICAOF: the swap is done on the servers; verify it.
         data["found"] = "source already replicates the target (an interrupted run swapped the roles)"
-        return _verify_or_fall_back(pb, source, target, None, deadline, data, resumed=True)
+        return _verify_or_fall_back(pb, source, target, None, deadline, data)
     if not s.is_replica and not t.is_replica:
         return _reattach(pb, target, sh, sp, data)
     if not t.replicates(sh, sp) or s.is_replica:
@@ -214,7 +215,7 @@ def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: Mirr
 
 
 def _verify_or_fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis, before: ReplStatus | None,
-                         deadline: float, data: dict[str, Any], resumed: bool = False) -> Swap:
+                         deadline: float, data: dict[str, Any]) -> Swap:
     """Wait for the source's partial resync from the target; on any sign of a full sync, fall back at once."""
     t0 = time.monotonic()
     streak = 0
