@@ -315,8 +315,9 @@ def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirr
             how = "the source is already a primary"
         note = restore(source, mirror)
         return Swap(True, f"the target is unreachable ({target_down}): {how}; {note}. When the target is back it is a "
-                          "stale primary: roll back to mirroring (its reads go to the source) and advance again, which "
-                          "re-attaches it", moved=True, data=data)
+                          f"stale primary: before it answers reads, make it a replica again (REPLICAOF {sh} {sp} on it: "
+                          "a full sync), or first roll back to mirroring, where reads are served by the source",
+                    moved=True, data=data)
     t = read(target)
     data["target_role"] = t.role
     broken = None
