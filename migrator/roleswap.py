@@ -404,6 +404,7 @@ def detach(pb: Playbook, source: redis.Redis, mirror: MirrorMode | None) -> str:
 # --- what the phase machine runs (thin wrappers in migrator.actions) ------------------------------
 
 SWAP_EVENT = "role-swap"
+BEGUN_EVENT = "role-swap-begun"
 SWAP_MARGIN = 0.25  # of max_pause, kept free before the hold's deadline (command.SWITCH_MARGIN is 0.2)
 
 
@@ -434,6 +435,7 @@ def run_swap(ctx: Any) -> Any:
     if budget <= 0:
         return ActionResult(name, False, "no time left in the hold for the role swap: raise steps.write_cutover.max_pause", {})
     timeout = min(1.0, max(0.05, budget))
+    ctx.store.journal(BEGUN_EVENT, direction=ctx.direction)  # a run killed from here on changed the servers' roles
     source, target = client(pb.source, timeout), client(pb.target, timeout)
     try:
         if (down := reachable(source)) is not None:
@@ -495,6 +497,17 @@ def release(ctx: Any) -> Any:
     if down:
         ev += f"; not reached: {'; '.join(down)} (its pause expires by itself)"
     return ActionResult("release_pause", True, ev, data)
+
+
+def begun_after(entries: list[dict[str, Any]], start: dict[str, Any]) -> bool:
+    """Whether a role swap began after the journal entry ``start`` (a step's ``transition-started``)."""
+    seen = False
+    for e in entries:
+        if e is start or (e.get("event") == start.get("event") and e.get("id") == start.get("id")):
+            seen = True
+        elif seen and e.get("event") == BEGUN_EVENT:
+            return True
+    return False
 
 
 def _swap_of_this_step(ctx: Any) -> dict[str, Any] | None:

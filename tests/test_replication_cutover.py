@@ -346,6 +346,7 @@ def test_kill_9_during_the_swap_then_advance_again_finishes(replicating, point):
     env = replicating()
     _killed(env, "advance", point)
     assert env.state.phase == Phase.READS_ON_TARGET
+    assert "while the servers swapped roles: run `migrator advance` again" in command.status(env.pb)["note"]
     if point == "swap-after-pause":
         t0 = time.monotonic()
         env.src.client().delete("no-such-key")  # a write: waits for the killed run's pause to expire
