@@ -34,6 +34,7 @@ STATE_FILE = "state.json"
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "lock"
 LOCK_OWNER_FILE = "lock.owner"
+INTENT_FILE = "intent.json"  # the step an advance/rollback means to take (command._write_intent)
 FORMAT_VERSION = 1
 
 
@@ -164,7 +165,22 @@ class State:
 
 
 class StateStore:
-    """Reads and writes one migration's state folder."""
+    """Reads and writes one migration's state folder.
+
+    The control plane's interface (docs/control.md): when the playbook names an etcd cluster
+    (``control.etcd``), ``StateStore(state_dir, name)`` is its etcd implementation
+    (``migrator.control.etcd.EtcdStateStore``), with the same methods.
+    """
+
+    def __new__(cls, state_dir: Path | str, migration: str, *args: Any, **kwargs: Any) -> StateStore:
+        if cls is StateStore:
+            from migrator import control
+
+            if control.bound(state_dir) is not None:
+                from migrator.control.etcd import EtcdStateStore
+
+                return super().__new__(EtcdStateStore)
+        return super().__new__(cls)
 
     def __init__(self, state_dir: Path | str, migration: str) -> None:
         self.dir = Path(state_dir)
@@ -181,6 +197,11 @@ class StateStore:
     @property
     def reports_dir(self) -> Path:
         return self.dir / "reports"
+
+    @property
+    def where(self) -> str:
+        """Where the state is kept, for messages."""
+        return str(self.state_path)
 
     # --- state ---------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -286,6 +307,19 @@ class StateStore:
             with contextlib.suppress(OSError):
                 (self.dir / LOCK_OWNER_FILE).unlink()
             lock.release()
+
+    # --- intent (see command._write_intent) --------------------------------------------
+    def write_intent(self, data: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / INTENT_FILE, data)
+
+    def read_intent(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.dir / INTENT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def clear_intent(self) -> None:
+        (self.dir / INTENT_FILE).unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
