@@ -37,7 +37,7 @@ from migrator.durations import format_duration
 from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
 from migrator.phases import STEPS, Phase, Step, step_from, step_into
 from migrator.playbook import Endpoint, Playbook
-from migrator.state import INTENT_FILE, State, StateStore, Transition, iso, now, operator, parse_iso
+from migrator.state import State, StateStore, Transition, iso, now, operator, parse_iso
 
 CRASH_ENV = "MIGRATOR_CRASH_AT"
 
@@ -166,9 +166,7 @@ Confirm = Callable[[PlanResult], bool]
 
 
 def store_for(pb: Playbook) -> StateStore:
-    from migrator import control
-
-    return control.store_for(pb)
+    return StateStore(pb.state_path, pb.name)  # on the playbook's control plane (migrator.control)
 
 
 # --- reading ---------------------------------------------------------------------------------

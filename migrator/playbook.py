@@ -327,7 +327,7 @@ class EtcdConfig(_Strict):
         for e in v:
             parts = urlsplit(e if "://" in e else f"http://{e}")
             try:
-                parts.port
+                _ = parts.port
             except ValueError as err:
                 raise ValueError(f"etcd endpoint {e!r}: {err}") from None
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \

@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from migrator.control.etcd import EtcdControl
-    from migrator.playbook import Playbook
-    from migrator.state import StateStore
-
-_BOUND: dict[Path, EtcdControl] = {}
+_BOUND: dict[Path, Any] = {}  # state folder -> migrator.control.etcd.EtcdControl
 _LOCK = threading.Lock()
 
 
@@ -32,7 +27,7 @@ def _key(state_dir: Path | str) -> Path:
     return Path(state_dir).resolve()
 
 
-def bind(pb: Playbook) -> EtcdControl | None:
+def bind(pb: Any) -> Any:
     """Bind ``pb``'s state folder to its etcd control plane (no connection is made yet), or unbind it."""
     etcd = pb.control.etcd
     key = _key(pb.state_path)
@@ -51,23 +46,11 @@ def bind(pb: Playbook) -> EtcdControl | None:
         return control
 
 
-def bound(state_dir: Path | str) -> EtcdControl | None:
+def bound(state_dir: Path | str) -> Any:
     """The etcd control plane serving ``state_dir``, or None (the folder itself holds everything)."""
     if not _BOUND:
         return None
     return _BOUND.get(_key(state_dir))
-
-
-def store_for(pb: Playbook) -> StateStore:
-    """The store of ``pb``'s migration on its backend."""
-    from migrator.state import StateStore
-
-    control = bind(pb)
-    if control is None:
-        return StateStore(pb.state_path, pb.name)
-    from migrator.control.etcd import EtcdStateStore
-
-    return EtcdStateStore(pb.state_path, pb.name, control)
 
 
 def describe(state_dir: Path | str) -> dict[str, Any]:

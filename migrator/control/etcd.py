@@ -25,24 +25,26 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception, InternalServerError
+from etcd3gw.exceptions import (
+    ConnectionFailedError,
+    ConnectionTimeoutError,
+    Etcd3Exception,
+    InternalServerError,
+)
 
 from migrator.errors import LockedError, StateError, UnreachableError
 from migrator.logs import get_logger
 from migrator.redact import redact
-from migrator.state import State, StateStore, iso, now, operator
 
 T = TypeVar("T")
 _RETRYABLE_TEXT = ("leader", "timed out", "timeout", "unavailable", "too many requests", "not capable",
@@ -287,6 +289,95 @@ class EtcdControl:
         kvs = r.get("kvs") or []
         return hash((len(kvs), max((int(kv.get("mod_revision", 0)) for kv in kvs), default=0)))
 
+    # --- the state, journal, lock and intent (``migrator.state.StateStore`` delegates here) ----
+    def save_state(self, value: str, expect_rev: int, where: str) -> int:
+        """Write the state if its key is still at ``expect_rev`` (compare-and-swap); the new revision."""
+        key = _b64(self.key("state"))
+        r = self.txn("save the state", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": expect_rev}],
+            "success": [{"request_put": {"key": key, "value": _b64(value)}}],
+            "failure": [{"request_range": {"key": key}}],
+        })
+        if r.get("succeeded"):
+            return int(r["header"]["revision"])
+        kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+        if kvs and _unb64(kvs[0].get("value")) == value.encode():  # a retried request whose first try went through
+            return int(kvs[0].get("mod_revision", 0))
+        raise StateError(f"{where} changed since this run read it (another migrator run, on another host?); "
+                         "nothing was written: run `migrator status` and the command again")
+
+    def journal_append(self, time_text: str, line: str) -> None:
+        # One key per entry, named uniquely: a retried request cannot append it twice.
+        self.put(f"journal/{time_text}-{uuid.uuid4().hex[:8]}", line, what="append to the journal")
+
+    def journal_lines(self) -> list[bytes]:
+        """Every journal entry, in the order they were appended (etcd's revisions)."""
+        return [value for _name, value in self.get_prefix("journal/", "read the journal")]
+
+    def lock_owner(self) -> str | None:
+        got = self.get("lock", "read the lock")
+        if got is None:
+            return None
+        try:
+            return json.loads(got[0]).get("owner") or "owner unknown"
+        except ValueError:
+            return "owner unknown"
+
+    @contextlib.contextmanager
+    def hold_lock(self, owner: str) -> Iterator[None]:
+        """Hold the lock key on a lease renewed while this runs: a killed holder's lock goes with its lease."""
+        token = uuid.uuid4().hex
+        lease = self.grant(self.lease_ttl)
+        key = _b64(self.key("lock"))
+        r = self.txn("take the lock", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(json.dumps({"owner": owner, "token": token})),
+                                         "lease": lease}}],
+            "failure": [{"request_range": {"key": key}}],
+        })
+        if not r.get("succeeded"):
+            kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+            held = json.loads(_unb64(kvs[0].get("value"))) if kvs else {}
+            if held.get("token") != token:  # not our own retried request
+                self.revoke(lease)
+                raise LockedError(f"another migrator run holds the lock in etcd {self.key('lock')} "
+                                  f"({held.get('owner', 'owner unknown')}); wait for it to finish (or, if it was killed, "
+                                  f"for its lease to expire within {self.lease_ttl}s) and try again")
+        stop = threading.Event()
+        keeper = threading.Thread(target=self._keep_lock, args=(lease, stop), name="migrator-lock-lease", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join(timeout=5)
+            with contextlib.suppress(UnreachableError, StateError):
+                self.txn("release the lock", {
+                    "compare": [{"key": key, "result": "EQUAL", "target": "LEASE", "lease": lease}],
+                    "success": [{"request_delete_range": {"key": key}}], "failure": []})
+            self.revoke(lease)
+
+    def _keep_lock(self, lease: int, stop: threading.Event) -> None:
+        while not stop.wait(max(0.2, self.lease_ttl / 3)):
+            try:
+                if self.keepalive(lease) <= 0:
+                    self.log.error("control.lock_lease_lost", lease=lease)
+                    return  # the state's compare-and-swap refuses this run's saves if another run took over
+            except (UnreachableError, StateError) as e:
+                self.log.warning("control.lock_lease_renewal_failed", error=str(e))
+
+    def put_json(self, name: str, data: Any, what: str) -> None:
+        self.put(name, json.dumps(redact(data), default=str), what=what)
+
+    def get_json(self, name: str, what: str) -> Any:
+        got = self.get(name, what)
+        if got is None:
+            return None
+        try:
+            return json.loads(got[0])
+        except ValueError:
+            return None
+
     # --- watching the state ----------------------------------------------------------------
     def watch(self, name: str, start_revision: int, stop: threading.Event, idle: float) -> Iterator[tuple[bytes | None, int]]:
         """(value, mod_revision) of each change to one key from ``start_revision`` on (None: deleted).
@@ -327,231 +418,3 @@ class EtcdControl:
             resp.close()
 
 
-class EtcdStateStore(StateStore):
-    """``StateStore`` on etcd: same methods, the state/journal/lock/intent in etcd's keys."""
-
-    def __init__(self, state_dir: Path | str, migration: str, control: EtcdControl | None = None) -> None:
-        super().__init__(state_dir, migration)
-        if control is None:
-            from migrator.control import bound
-
-            control = bound(state_dir)
-        assert control is not None
-        self.control = control
-        self._rev = 0  # the state key's mod_revision when this store last read or wrote it
-        self._lock_lease: int | None = None
-        self._lock_token: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"etcd {self.control.key('state')}"
-
-    # --- state -----------------------------------------------------------------------------
-    def exists(self) -> bool:
-        return self.control.get("state", "read the state") is not None
-
-    def load(self) -> State:
-        got = self.control.get("state", "read the state")
-        if got is None:
-            self._rev = 0
-            if self._steps_journaled():
-                raise StateError(f"{self.where} is missing but the journal under {self.control.prefix} records steps; "
-                                 "restore the state key (from a backup) before going on")
-            return State(migration=self.migration)
-        raw, self._rev = got
-        return self._parse(raw)
-
-    def _parse(self, raw: bytes) -> State:
-        try:
-            state = State.from_json(json.loads(raw))
-        except (ValueError, KeyError, TypeError) as e:
-            raise StateError(f"{self.where}: state is unreadable ({e}); restore it from the journal or a backup") from None
-        if state.migration != self.migration:
-            raise StateError(f"{self.where}: belongs to migration {state.migration!r}, not {self.migration!r}; "
-                             "use a different control.etcd.prefix for each migration")
-        return state
-
-    def save(self, state: State) -> None:
-        """Write the state if nobody else did since this store read it (compare-and-swap)."""
-        value = json.dumps(redact(state.to_json()), indent=2, default=str) + "\n"
-        key = _b64(self.control.key("state"))
-        r = self.control.txn("save the state", {
-            "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": self._rev}],
-            "success": [{"request_put": {"key": key, "value": _b64(value)}}],
-            "failure": [{"request_range": {"key": key}}],
-        })
-        if r.get("succeeded"):
-            self._rev = int(r["header"]["revision"])
-            return
-        kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
-        current = _unb64(kvs[0].get("value")) if kvs else None
-        if current == value.encode():  # a retried request whose first try had gone through
-            self._rev = int(kvs[0].get("mod_revision", 0))
-            return
-        raise StateError(f"{self.where} changed since this run read it (another migrator run, on another host?); "
-                         "nothing was written: run `migrator status` and the command again")
-
-    # --- journal ---------------------------------------------------------------------------
-    def journal(self, event: str, **fields: Any) -> dict[str, Any]:
-        entry = {"time": iso(now()), "event": event, "migration": self.migration, **fields}
-        line = json.dumps(redact(entry), sort_keys=False, default=str)
-        name = f"journal/{entry['time']}-{uuid.uuid4().hex[:8]}"
-        self.control.put(name, line, what="append to the journal")  # one key per entry: a retry cannot duplicate it
-        return entry
-
-    def read_journal(self) -> list[dict[str, Any]]:
-        entries = []
-        for _name, value in self.control.get_prefix("journal/", "read the journal"):
-            with contextlib.suppress(ValueError):
-                entries.append(json.loads(value))
-        return entries
-
-    # --- lock ------------------------------------------------------------------------------
-    def running(self) -> str | None:
-        got = self.control.get("lock", "read the lock")
-        if got is None:
-            return None
-        try:
-            return json.loads(got[0]).get("owner") or "owner unknown"
-        except ValueError:
-            return "owner unknown"
-
-    @contextlib.contextmanager
-    def locked(self, what: str) -> Iterator[None]:
-        """Hold the lock key on a lease renewed while this runs: a killed holder's lock goes with its lease."""
-        c = self.control
-        owner = f"{what} by {operator()} pid {os.getpid()} since {iso(now())}"
-        token = uuid.uuid4().hex
-        lease = c.grant(c.lease_ttl)
-        key = _b64(c.key("lock"))
-        value = json.dumps({"owner": owner, "token": token})
-        r = c.txn("take the lock", {
-            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-            "success": [{"request_put": {"key": key, "value": _b64(value), "lease": lease}}],
-            "failure": [{"request_range": {"key": key}}],
-        })
-        if not r.get("succeeded"):
-            kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
-            held = json.loads(_unb64(kvs[0].get("value"))) if kvs else {}
-            if held.get("token") != token:  # not our own retried request
-                c.revoke(lease)
-                raise LockedError(f"another migrator run holds the lock in {c.key('lock')} ({held.get('owner', 'owner unknown')}); "
-                                  "wait for it to finish (or for its lease to expire if it was killed) and try again")
-        self._lock_lease, self._lock_token = lease, token
-        stop = threading.Event()
-        keeper = threading.Thread(target=self._keep_lock, args=(lease, stop), name="migrator-lock-lease", daemon=True)
-        keeper.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            keeper.join(timeout=5)
-            with contextlib.suppress(UnreachableError, StateError):
-                c.txn("release the lock", {
-                    "compare": [{"key": key, "result": "EQUAL", "target": "LEASE", "lease": lease}],
-                    "success": [{"request_delete_range": {"key": key}}], "failure": []})
-            c.revoke(lease)
-            self._lock_lease = self._lock_token = None
-
-    def _keep_lock(self, lease: int, stop: threading.Event) -> None:
-        while not stop.wait(max(0.2, self.control.lease_ttl / 3)):
-            try:
-                if self.control.keepalive(lease) <= 0:
-                    self.control.log.error("control.lock_lease_lost", lease=lease)
-                    return  # the state's compare-and-swap refuses this run's saves if another took over
-            except (UnreachableError, StateError) as e:
-                self.control.log.warning("control.lock_lease_renewal_failed", error=str(e))
-
-    # --- intent ----------------------------------------------------------------------------
-    def write_intent(self, data: dict[str, Any]) -> None:
-        self.control.put("intent", json.dumps(redact(data), default=str), what="record the run's intent")
-
-    def read_intent(self) -> dict[str, Any] | None:
-        got = self.control.get("intent", "read the run's intent")
-        if got is None:
-            return None
-        try:
-            return json.loads(got[0])
-        except ValueError:
-            return None
-
-    def clear_intent(self) -> None:
-        self.control.delete("intent", "clear the run's intent")
-
-
-class StateFollower:
-    """Follows the state key for a shim: a watch (a thread), re-read after every break or ``idle`` seconds.
-
-    ``latest()`` returns a newer state than the last one returned, or None; ``reachable`` says
-    whether the last attempt to read or watch reached a member (False: the shim keeps routing
-    the phase it applied last).
-    """
-
-    def __init__(self, store: EtcdStateStore, idle: float = 5.0, on_change: Callable[[], None] | None = None) -> None:
-        self.store = store
-        self.idle = idle
-        self.on_change = on_change
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._state: State | None = None
-        self._rev = 0
-        self._taken_rev = 0
-        self.reachable = True
-        self.unreachable_since: float | None = None
-        self.error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="migrator-state-watch", daemon=True)
-
-    def start(self, state: State, rev: int) -> None:
-        self._state, self._rev, self._taken_rev = state, rev, rev
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def latest(self) -> State | None:
-        with self._lock:
-            if self._rev > self._taken_rev and self._state is not None:
-                self._taken_rev = self._rev
-                return self._state
-        return None
-
-    def _offer(self, raw: bytes | None, rev: int) -> None:
-        if raw is None or rev <= self._rev:
-            return
-        try:
-            state = self.store._parse(raw)
-        except StateError as e:
-            self.store.control.log.error("shim.state_unreadable", error=str(e))
-            return
-        with self._lock:
-            self._state, self._rev = state, rev
-        if self.on_change is not None:
-            self.on_change()
-
-    def _ok(self) -> None:
-        if not self.reachable:
-            self.store.control.log.info("shim.control_reachable", after_s=round(time.monotonic() - (self.unreachable_since or 0), 1))
-        self.reachable, self.unreachable_since, self.error = True, None, None
-
-    def _run(self) -> None:
-        backoff = 0.2
-        while not self._stop.is_set():
-            try:
-                got = self.store.control.get("state", "read the state")
-                if got is not None:
-                    self._offer(*got)
-                self._ok()
-                backoff = 0.2
-                start = self._rev + 1 if got is not None else self.store.control.revision() + 1
-                for raw, rev in self.store.control.watch("state", start, self._stop, self.idle):
-                    self._offer(raw, rev)
-            except (UnreachableError, StateError) as e:
-                if self.reachable:
-                    self.unreachable_since = time.monotonic()
-                    self.store.control.log.error("shim.control_unreachable", error=str(e))
-                self.reachable, self.error = False, str(e)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
-            except Exception as e:  # noqa: BLE001 - the follower must outlive anything transient
-                self.store.control.log.error("shim.watch_failed", error=f"{type(e).__name__}: {e}")
-                self._stop.wait(1.0)

@@ -244,8 +244,8 @@ class Shim:
         # "planned" by default could send writes to the source after the write cutover.
         self._state_sig = None
         state = self.store.load()
-        if hasattr(self.store, "control"):
-            from migrator.control.etcd import StateFollower
+        if self.store.control is not None:
+            from migrator.control.follow import StateFollower
 
             self.follower = StateFollower(self.store, idle=min(5.0, self.store.control.lease_ttl))
             self.follower.start(state, self.store._rev)
@@ -486,19 +486,22 @@ class Shim:
 
     def _persist(self, div, dirty_lines, record) -> None:
         """Blocking writes, on a worker thread."""
-        self.divergence.write(div)
-        self.dirty.write(dirty_lines)
-        if record is not None:
+        try:
             try:
+                self.divergence.write(div)
+            finally:
+                self.dirty.write(dirty_lines)  # what either could not write is kept for the next call
+            if record is not None:
                 registry.write(self.state_dir, record)
-            except UnreachableError as e:
-                # The control plane is out of reach: keep routing the phase applied now, and say so.
-                if self.control_error is None:
-                    self.control_down_since = iso(now())
-                    self.log.error("shim.control_unreachable", error=str(e), keeping_phase=str(self.applied_phase),
-                                   generation=self.applied_generation)
-                self.control_error = str(e)
-                return
+        except UnreachableError as e:
+            # The control plane (etcd) is out of reach: keep routing the phase applied now, and say so.
+            if self.control_error is None:
+                self.control_down_since = iso(now())
+                self.log.error("shim.control_unreachable", error=str(e), keeping_phase=str(self.applied_phase),
+                               generation=self.applied_generation)
+            self.control_error = str(e)
+            return
+        if record is not None:
             if self.control_error is not None:
                 self.log.info("shim.control_reachable", since=self.control_down_since)
             self.control_error = self.control_down_since = None
@@ -510,7 +513,8 @@ class Shim:
         while True:
             await asyncio.sleep(registry.HEARTBEAT)
             try:
-                self.dirty.refresh()
+                # Off the loop: with the etcd control plane this is a request (or a timeout).
+                self.dirty.adopt(await self.loop.run_in_executor(None, self.dirty.scan))
                 await self._watch_sync()
                 await self._publish()
                 if self.worker is not None:
