@@ -25,6 +25,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -79,6 +81,16 @@ def _detail(e: Exception) -> str:
         d = json.loads(text)
         text = d.get("error") or d.get("message") or text
     return " ".join(str(text).split())[:200]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class EtcdControl:
@@ -323,26 +335,48 @@ class EtcdControl:
         except ValueError:
             return "owner unknown"
 
+    def _take_lock(self, key: str, value: str, lease: int) -> tuple[bool, dict[str, Any], int]:
+        """(taken, the holder's record, its mod_revision)."""
+        r = self.txn("take the lock", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(value), "lease": lease}}],
+            "failure": [{"request_range": {"key": key}}],
+        })
+        if r.get("succeeded"):
+            return True, {}, 0
+        kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+        if not kvs:
+            return False, {}, 0
+        try:
+            held = json.loads(_unb64(kvs[0].get("value")))
+        except ValueError:
+            held = {}
+        return False, held, int(kvs[0].get("mod_revision", 0))
+
     @contextlib.contextmanager
     def hold_lock(self, owner: str) -> Iterator[None]:
-        """Hold the lock key on a lease renewed while this runs: a killed holder's lock goes with its lease."""
+        """Hold the lock key on a lease renewed while this runs: a killed holder's lock goes with its lease.
+
+        A holder that ran on this host and whose process is gone (kill -9) is known dead at once,
+        as with the folder's lock: its lock is taken over without waiting for the lease.
+        """
         token = uuid.uuid4().hex
         lease = self.grant(self.lease_ttl)
         key = _b64(self.key("lock"))
-        r = self.txn("take the lock", {
-            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-            "success": [{"request_put": {"key": key, "value": _b64(json.dumps({"owner": owner, "token": token})),
-                                         "lease": lease}}],
-            "failure": [{"request_range": {"key": key}}],
-        })
-        if not r.get("succeeded"):
-            kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
-            held = json.loads(_unb64(kvs[0].get("value"))) if kvs else {}
-            if held.get("token") != token:  # not our own retried request
-                self.revoke(lease)
-                raise LockedError(f"another migrator run holds the lock in etcd {self.key('lock')} "
-                                  f"({held.get('owner', 'owner unknown')}); wait for it to finish (or, if it was killed, "
-                                  f"for its lease to expire within {self.lease_ttl}s) and try again")
+        value = json.dumps({"owner": owner, "token": token, "host": socket.gethostname(), "pid": os.getpid()})
+        taken, held, rev = self._take_lock(key, value, lease)
+        if not taken and held.get("token") != token and held.get("host") == socket.gethostname() \
+                and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+            self.txn("take over a dead run's lock", {
+                "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": rev}],
+                "success": [{"request_delete_range": {"key": key}}], "failure": []})
+            self.log.warning("control.dead_lock_taken_over", owner=held.get("owner"))
+            taken, held, rev = self._take_lock(key, value, lease)
+        if not taken and held.get("token") != token:  # not our own retried request
+            self.revoke(lease)
+            raise LockedError(f"another migrator run holds the lock in etcd {self.key('lock')} "
+                              f"({held.get('owner', 'owner unknown')}); wait for it to finish (or, if it was killed, "
+                              f"for its lease to expire within {self.lease_ttl}s) and try again")
         stop = threading.Event()
         keeper = threading.Thread(target=self._keep_lock, args=(lease, stop), name="migrator-lock-lease", daemon=True)
         keeper.start()
