@@ -327,6 +327,7 @@ def test_one_member_killed_during_a_write_cutover(fresh_etcd, redis_pair, tmp_pa
     proc = start_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, playbook=path)
     wait_for(lambda: store.load().barrier is not None or proc.poll() is not None, timeout=30, interval=0.01,
              what="the hold for the write switch")
+    assert proc.poll() is None, "advance finished before the member could be killed during the switch"
     fresh_etcd.kill(0)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
@@ -372,26 +373,44 @@ def test_all_members_down_advance_refuses_and_shims_keep_routing(fresh_etcd, red
     wait_for(lambda: shim.status()["applied_phase"] == "compatible", timeout=10)
 
 
+OVERRIDES = {"divergence": "t", "latency": "t", "error_rate": "t", "consistency": "t"}
+
+
+def _advance_killed_at(path: str, point: str) -> None:
+    """In a forked child: advance, killed -9 by ``command.crashpoint`` at ``point``."""
+    from migrator import control
+
+    control._BOUND.clear()  # the parent's HTTP connections are not this process's
+    os.environ["MIGRATOR_CRASH_AT"] = point
+    command.advance(playbook.load(path), overrides=OVERRIDES)
+    os._exit(0)  # not reached when the point is on the way
+
+
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_advance_killed_at_each_crash_point_with_etcd(etcd, redis_pair, tmp_path, point):
     """advance killed -9 at each crash point of the write switch, with etcd as the store: the lock is not
     left behind and running the command again finishes the step (or says it was done)."""
+    import multiprocessing
+
     src, tgt = redis_pair
     path = host_playbook(tmp_path, "a", src.url, tgt.url, control(etcd), shim={"ack_timeout": "3s"},
                          steps={"write_cutover": {"rollback_window": "0s", "max_pause": "2s"}})
     pb = playbook.load(path)
     store = force_phase(pb, Phase.READS_ON_TARGET)
     with AckingShim(pb.state_path, pb.name):
-        out = run_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, playbook=path,
-                      env={"MIGRATOR_CRASH_AT": point})
-        assert out.returncode == -signal.SIGKILL, out.stderr
-        again = run_cli("advance", "--yes", *SKIP_DATA_GATES_AT_WRITE_CUTOVER, playbook=path)
-    assert again.returncode == 0, again.stdout + again.stderr
+        child = multiprocessing.get_context("fork").Process(target=_advance_killed_at, args=(str(path), point))
+        child.start()
+        child.join(60)
+        assert child.exitcode == -signal.SIGKILL
+        again = command.advance(playbook.load(path), overrides=OVERRIDES)
+    assert again.to_phase == Phase.WRITES_ON_TARGET
     st = store.load()
     assert st.phase == Phase.WRITES_ON_TARGET and st.transition is None and st.barrier is None
     assert store.running() is None
     events = [e["event"] for e in store.read_journal()]
     assert events.count("transition-completed") == 1, events
+    if point == "after-complete":
+        assert again.already_done and "was interrupted after it reached writes-on-target" in again.already_done
 
 
 def test_no_credential_in_etcd_logs_or_journal(fresh_etcd, redis_pair, tmp_path, shims):
