@@ -448,3 +448,19 @@ def test_no_credential_in_etcd_logs_or_journal(fresh_etcd, redis_pair, tmp_path,
         assert "control.etcd.username and password_env" in bad.stderr and "wrong" not in bad.stderr
     finally:
         os.environ.pop("MIGRATOR_TEST_ETCD_PW", None)
+
+
+def test_a_large_flush_of_dirty_marks_is_split_into_files_etcd_accepts(two_hosts):
+    """Thousands of marks in one flush become several files of at most 256 KB (an etcd value is limited
+    to 1.5 MB), and every mark is read back on the other host."""
+    from migrator.control import files
+    from migrator.shim.dirty import MAX_FILE_BYTES, dirty_dir
+
+    pa, pb_ = two_hosts
+    dirty = DirtyRecorder(pa.state_path, "shim-big")
+    keys = [f"key-{i:06d}-".encode() + b"x" * 120 for i in range(6000)]
+    dirty.add(0, keys, "mirror queue full", b"set")
+    dirty.flush()
+    written = files.listdir(dirty_dir(pb_.state_path))
+    assert len(written) >= 4 and all(len(files.read_text(f).encode()) <= MAX_FILE_BYTES for f in written)
+    assert {d.key for d in list_dirty(pb_.state_path)} == set(keys)

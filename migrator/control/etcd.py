@@ -115,6 +115,12 @@ class EtcdControl:
         return (other is not None and pb.name == self.migration and other.model_dump() == self.cfg.model_dump()
                 and other.password == self.cfg.password)
 
+    def forget_connections(self) -> None:
+        """Drop connections and leases without closing them (they belong to the parent of a fork)."""
+        self._clients = [None] * len(self.endpoints)
+        self._shim_leases = {}
+        self._mutex = threading.Lock()
+
     def close(self) -> None:
         for c in self._clients:
             if c is not None:
