@@ -108,6 +108,7 @@ class EtcdControl:
         self._mutex = threading.Lock()
         self._shim_leases: dict[str, int] = {}
         self.last_error: str | None = None
+        self.down = False  # no member answered the last request: the next one tries each member once
         self.log = get_logger("migrator.control")
 
     def same_config(self, pb: Any) -> bool:
@@ -162,9 +163,11 @@ class EtcdControl:
 
         A member that is down, has no leader or times out is skipped for the next one, round
         after round until ``2 × request_timeout`` has passed (long enough for a leader election).
+        While no member answers (``down``), one round only: a shim's writers must not stall on
+        an outage (a write switch's hold ends on time).
         """
         n = len(self.endpoints)
-        deadline = time.monotonic() + max(2 * self.timeout, 1.0)
+        deadline = time.monotonic() + (0 if self.down else max(2 * self.timeout, 1.0))
         errors: dict[str, str] = {}
         while True:
             for step in range(n):
@@ -190,12 +193,12 @@ class EtcdControl:
                                                    f"under {self.prefix} ({text}): grant it a role on that prefix") from None
                         raise StateError(f"etcd {self.endpoints[i]}: {what} failed: {text}") from None
                     self._current = i
-                    self.last_error = None
+                    self.last_error, self.down = None, False
                     return result
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        self.last_error = "; ".join(f"{ep}: {err}" for ep, err in errors.items())
+        self.last_error, self.down = "; ".join(f"{ep}: {err}" for ep, err in errors.items()), True
         raise UnreachableError(f"etcd control plane unreachable (no member answered to {what}: {self.last_error})")
 
     def post(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
