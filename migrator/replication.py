@@ -115,14 +115,13 @@ def source_allows_sync(client: Any, user: str | None) -> SyncAllowed:
     import redis
 
     name = user or "default"
+    from migrator.compat.rpc import _raw  # unparsed: redis-py's COMMAND parser fails on the nil of a missing command
+
     try:
-        infos = client.execute_command("COMMAND", "INFO", *REPLICA_COMMANDS)
+        infos = _raw(client, ("COMMAND", "INFO", *REPLICA_COMMANDS))
     except redis.exceptions.ResponseError as e:
         return SyncAllowed(None, f"COMMAND INFO is not available on the source ({_err_text(e)})")
-    if isinstance(infos, dict):  # redis-py may parse it into {name: info}
-        present = {str(k).lower() for k, v in infos.items() if v}
-    else:
-        present = {str((i[0].decode() if isinstance(i[0], bytes) else i[0])).lower() for i in infos or [] if i}
+    present = {(i[0].decode() if isinstance(i[0], bytes) else str(i[0])).lower() for i in infos or [] if i}
     missing = [c for c in REPLICA_COMMANDS if c not in present]
     if missing:
         return SyncAllowed(False, f"the source has no {'/'.join(m.upper() for m in missing)} command "
@@ -370,7 +369,9 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
             stalled = last_io is not None and int(last_io) >= stall_timeout
             data["last_io_s"] = int(last_io) if last_io is not None else None
         else:
-            down = t.link_down_since or 0
+            down = t.link_down_since if t.link_down_since is not None else -1
+            if down < 0 and elapsed is not None:
+                down = int(elapsed)  # never connected since REPLICAOF: down since then
             ev = f"replication link down ({'for ' + str(down) + ' s' if down > 0 else 'connecting'})"
             stalled = down >= stall_timeout
         if elapsed is not None:

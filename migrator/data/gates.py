@@ -79,29 +79,12 @@ def consistency(ctx: GateContext):
     return k == 0 and bound < limit, ev, data
 
 
-def replica_status(ctx: GateContext) -> replication.SyncState:
-    """The target's replication of the source now, read fresh (the gate's and ``status``'s evidence)."""
-    from migrator.connect import connect
-
-    pb = ctx.playbook
-    att = replication.attachment(ctx.store.read_journal()) or {}
-    host, port = replication.source_address(pb)
-    source, target = connect(pb.source, "source"), connect(pb.target, "target")
-    try:
-        cfg = pb.mirror.replication
-        return replication.sync_progress(
-            source, target, host, port, attached_at=parse_iso(att["time"]).timestamp() if att.get("time") else None,
-            sync_full_at_attach=att.get("source_sync_full"), sync_timeout=cfg.sync_timeout.total_seconds(),
-            stall_timeout=cfg.stall_timeout.total_seconds())
-    finally:
-        source.close()
-        target.close()
-
-
 @gate("replica_in_sync")
 def replica_in_sync(ctx: GateContext):
     """In the replication strategy: the target's link is up, its full sync done, its offset at the source's."""
     if replication.strategy_of(ctx.state) != "replication":
         return True, "not the strategy in use: mirroring is dual-write, so sync_complete applies", {"strategy": "dual-write"}
-    st = replica_status(ctx)
+    from migrator.data import replica
+
+    st = replica.status(ctx.playbook, ctx.store, ctx.probe_timeout)
     return st.in_sync, st.evidence, {**st.data, "problem": st.problem}
