@@ -368,12 +368,15 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
             ev = f"initial full sync in progress: {done}"
             stalled = last_io is not None and int(last_io) >= stall_timeout
             data["last_io_s"] = int(last_io) if last_io is not None else None
+            hint = "is the source stopped or overloaded, or the network between them cut?"
         else:
             down = t.link_down_since if t.link_down_since is not None else -1
             if down < 0 and elapsed is not None:
                 down = int(elapsed)  # never connected since REPLICAOF: down since then
-            ev = f"replication link down ({'for ' + str(down) + ' s' if down > 0 else 'connecting'})"
+            ev = f"replication link down {'for ' + str(down) + ' s' if down > 0 else '(connecting)'}"
             stalled = down >= stall_timeout
+            hint = (f"can the target reach the source at {host}:{port} (mirror.replication.source_address) with the "
+                    "source's credentials? The target's log says why")
         if elapsed is not None:
             ev += f", {elapsed:.0f} s since REPLICAOF"
         if overdue:
@@ -381,8 +384,7 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
                              f"({sync_timeout:.0f} s); see the target's and the source's logs", data)
         if stalled:
             return SyncState(False, "stalled", f"{ev}{loops}: no progress for {stall_timeout:.0f} s "
-                             "(mirror.replication.stall_timeout): is the source stopped, or the network between them cut?",
-                             data)
+                             f"(mirror.replication.stall_timeout): {hint}", data)
         if restarts is not None and restarts > 2:
             return SyncState(False, "looping", f"{ev}{loops}: the full sync keeps restarting (client-output-buffer-limit "
                              "replica or repl-timeout on the source too small for the data set?)", data)
