@@ -356,3 +356,42 @@ def test_compat_accepts_a_target_replicating_this_source(server_factory, make_pl
     assert keys.status == compat.PASS and "replicated from the source" in keys.evidence, keys.evidence
     res = compat.run(_pb(make_playbook, src, tgt, "dual-write"), write_report=False)
     assert res.check("topology").status == compat.FAIL
+
+
+def test_advance_and_rollback_killed_at_each_point_finish_when_run_again(server_factory, make_playbook):
+    """kill -9 of `advance` (compatible → mirroring) at each crash point of attaching, and of `rollback`
+    (mirroring → compatible) after the phase is written and after its actions: the state stays valid, and
+    running the same command again finishes, sending REPLICAOF once per attach."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 200)
+    pb = _pb(make_playbook, src, tgt, replace_target_data=True)
+    _to_compatible(pb)
+    store = StateStore(pb.state_path, pb.name)
+    with AckingShim(pb.state_path, pb.name):
+        for point, rollback_crash in (("after-attach", None), ("after-prepare", "after-state"),
+                                      ("after-state", "after-actions")):
+            if store.load().phase == Phase.MIRRORING:
+                command.rollback(pb)
+            out = run_cli("advance", "--yes", playbook=pb.path, env={"MIGRATOR_CRASH_AT": point})
+            assert out.returncode == -9, (point, out.stdout + out.stderr)
+            st = store.load()
+            assert st.phase == (Phase.MIRRORING if point == "after-state" else Phase.COMPATIBLE), point
+            assert tgt.client().info("replication")["role"] == "slave", point  # attached before the crash
+            out = run_cli("advance", "--yes", playbook=pb.path)
+            assert out.returncode == 0, (point, out.stdout + out.stderr)
+            st = store.load()
+            assert st.phase == Phase.MIRRORING and st.transition is None and st.mirror.strategy == "replication", point
+            assert _wait_gate(pb, "replica_in_sync").passed, point
+            if rollback_crash:
+                out = run_cli("rollback", "--yes", playbook=pb.path, env={"MIGRATOR_CRASH_AT": rollback_crash})
+                assert out.returncode == -9, (rollback_crash, out.stdout + out.stderr)
+                assert store.load().phase == Phase.COMPATIBLE
+                out = run_cli("rollback", "--yes", playbook=pb.path)
+                assert out.returncode == 0, (rollback_crash, out.stdout + out.stderr)
+                st = store.load()
+                assert st.phase == Phase.COMPATIBLE and st.transition is None and st.mirror is None, rollback_crash
+                assert tgt.client().info("replication")["role"] == "master", rollback_crash
+    attached = [e for e in store.read_journal() if e["event"] == "replica-attached"]
+    assert len(attached) == 3  # one per crashed advance: each re-run found the target already attached
+    assert tgt.client().dbsize() == 240
