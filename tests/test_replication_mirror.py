@@ -48,6 +48,12 @@ def _to_mirroring(pb):
         return command.advance(pb)
 
 
+def _all_pass(names, ctx):
+    from migrator.gates import GateResult
+
+    return [GateResult(n, True, "not evaluated (test)") for n in names]
+
+
 def _gate(pb, name):
     store = StateStore(pb.state_path, pb.name)
     return evaluate((name,), make_context(pb, store, store.load()))[0]
@@ -129,9 +135,15 @@ def test_the_decision_is_made_again_on_fresh_evidence_when_mirroring_begins(serv
     src = server_factory("redis-7.0", port=port, conf_lines=NO_PSYNC)
 
     pb = _pb(make_playbook, src, tgt, "replication")
-    with AckingShim(pb.state_path, pb.name), pytest.raises(command.RefusedError) as e:
-        command.advance(pb)
-    assert "abandoned, phase unchanged" in str(e.value) and "the source has no PSYNC" in str(e.value)
+    with AckingShim(pb.state_path, pb.name):
+        with pytest.raises(command.GatesFailed) as e:
+            command.advance(pb)
+        gate = next(g for g in e.value.results if g.name == "mirror_strategy")
+        assert not gate.passed and "the source has no PSYNC" in gate.evidence, gate.evidence
+        # The step's own re-check, should the source change between the gates and the attach:
+        with pytest.raises(command.RefusedError) as e:
+            command.advance(pb, evaluate=_all_pass)
+    assert "abandoned, phase unchanged: start_mirror failed" in str(e.value) and "the source has no PSYNC" in str(e.value)
     assert StateStore(pb.state_path, pb.name).load().phase == Phase.COMPATIBLE
     assert tgt.client().info("replication")["role"] == "master"
 
@@ -155,9 +167,13 @@ def test_a_non_empty_target_is_refused_unless_the_playbook_allows_replacing_it(s
     tgt.client().set("precious", "1")
     with AckingShim(pb.state_path, pb.name):
         out = run_cli("advance", "--yes", playbook=pb.path)
-    assert out.returncode == 1, out.stdout + out.stderr
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "gate(s) failed: mirror_strategy" in out.stderr, out.stdout + out.stderr
+        assert "the target holds 1 key(s) and REPLICAOF would discard them" in out.stdout + out.stderr
+        with pytest.raises(command.RefusedError) as e:
+            command.advance(pb, evaluate=_all_pass)
     assert ("abandoned, phase unchanged: start_mirror failed: the target holds 1 key(s) and REPLICAOF would discard "
-            "them") in out.stderr
+            "them") in str(e.value)
     assert StateStore(pb.state_path, pb.name).load().phase == Phase.COMPATIBLE
     assert tgt.client().get("precious") == b"1" and tgt.client().info("replication")["role"] == "master"
 
