@@ -413,3 +413,28 @@ def test_advance_and_rollback_killed_at_each_point_finish_when_run_again(server_
     attached = [e for e in store.read_journal() if e["event"] == "replica-attached"]
     assert len(attached) == 3  # one per crashed advance: each re-run found the target already attached
     assert tgt.client().dbsize() == 240
+
+
+@pytest.mark.parametrize("labels", [("redis-7.0", "valkey-8.1"), ("redis-6.2", "valkey-9.1")],
+                         ids=lambda p: f"{p[0]}->{p[1]}")
+def test_the_source_users_acl_decides_and_the_target_authenticates_as_that_user(labels, server_factory, make_playbook):
+    """A source user denied PSYNC by its ACL (ACL DRYRUN on 7.0, its rules on 6.2) makes auto pick dual-write
+    saying so; a user allowed it gets replication, and the target authenticates as that user and password
+    (masteruser/masterauth) and comes in sync."""
+    acl = ["user app on >app-secret ~* &* +@all -psync -sync", "user mig on >mig-secret ~* &* +@all"]
+    src = server_factory(labels[0], conf_lines=acl)
+    src.client().config_set("repl-diskless-sync-delay", "0")
+    tgt = server_factory(labels[1], conf_lines=acl)  # the same users (compat's ACL check)
+    _fill(src.client(), 100)
+    base = f"127.0.0.1:{src.port}/0"
+    denied = _pb(make_playbook, f"redis://app:app-secret@{base}", tgt)
+    chk = compat.run(denied, write_report=False).check("mirror.strategy")
+    assert chk.data["strategy"] == "dual-write", chk.evidence
+    assert "the source's ACL denies" in chk.evidence and "'app'" in chk.evidence, chk.evidence
+    pb = _pb(make_playbook, f"redis://mig:mig-secret@{base}", tgt)
+    _to_mirroring(pb)
+    st = StateStore(pb.state_path, pb.name).load()
+    assert st.mirror.strategy == "replication" and "for user 'mig'" in st.mirror.why, st.mirror.why
+    g = _wait_gate(pb, "replica_in_sync")
+    assert g.passed and tgt.client().dbsize() == 120, g.evidence
+    assert tgt.client().config_get("masteruser")["masteruser"] == "mig"
