@@ -358,7 +358,8 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
         what = (f"replicates {t.master_host}:{t.master_port}" if t.is_replica else
                 "is not a replica (REPLICAOF NO ONE was run, or it restarted without its replica setting)")
         return SyncState(False, "not-replicating", f"the target {what}, not the source at {host}:{port}: "
-                         "writes to the source no longer reach it", data)
+                         "writes to the source no longer reach it; roll back to compatible and advance again to "
+                         "re-attach it (the source stays authoritative throughout)", data)
     data["link"] = "up" if t.link_up else "down"
     info = target.info("replication")
     last_io = info.get("master_sync_last_io_seconds_ago")

@@ -438,3 +438,28 @@ def test_the_source_users_acl_decides_and_the_target_authenticates_as_that_user(
     g = _wait_gate(pb, "replica_in_sync")
     assert g.passed and tgt.client().dbsize() == 120, g.evidence
     assert tgt.client().config_get("masteruser")["masteruser"] == "mig"
+
+
+def test_a_target_that_restarted_empty_is_reported_and_reattached_by_rollback_and_advance(server_factory, make_playbook):
+    """The target restarts without persistence (empty, no longer a replica): replica_in_sync fails as
+    not-replicating and `status` raises it as an alert; rolling back to compatible and advancing again
+    re-attaches it, and its full sync brings every key back."""
+    from migrator import servers
+
+    src = _source(server_factory, "redis-7.0")
+    port = servers.free_port()
+    tgt = server_factory("valkey-9.1", port=port)
+    _fill(src.client(), 300)
+    pb = _pb(make_playbook, src, tgt)
+    _to_mirroring(pb)
+    assert _wait_gate(pb, "replica_in_sync").passed
+    tgt.stop()
+    tgt = server_factory("valkey-9.1", port=port)
+    g = _gate(pb, "replica_in_sync")
+    assert not g.passed and g.data["problem"] == "not-replicating" and "is not a replica" in g.evidence, g.evidence
+    assert any(a.startswith("replication: the target is not a replica") for a in command.status(pb)["alerts"])
+    with AckingShim(pb.state_path, pb.name):
+        r = command.rollback(pb)
+        assert "already detached" in r.actions[-1].evidence
+        command.advance(pb)
+    assert _wait_gate(pb, "replica_in_sync").passed and tgt.client().dbsize() == 360
