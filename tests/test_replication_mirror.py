@@ -421,7 +421,8 @@ def test_the_source_users_acl_decides_and_the_target_authenticates_as_that_user(
     """A source user denied PSYNC by its ACL (ACL DRYRUN on 7.0, its rules on 6.2) makes auto pick dual-write
     saying so; a user allowed it gets replication, and the target authenticates as that user and password
     (masteruser/masterauth) and comes in sync."""
-    acl = ["user app on >app-secret ~* &* +@all -psync -sync", "user mig on >mig-secret ~* &* +@all"]
+    acl = ["user app on >app-secret ~* &* +@all -psync -sync", "user mig on >mig-secret ~* &* +@all",
+           "user blind on >blind-secret ~* &* +@all -acl"]
     src = server_factory(labels[0], conf_lines=acl)
     src.client().config_set("repl-diskless-sync-delay", "0")
     tgt = server_factory(labels[1], conf_lines=acl)  # the same users (compat's ACL check)
@@ -431,6 +432,12 @@ def test_the_source_users_acl_decides_and_the_target_authenticates_as_that_user(
     chk = compat.run(denied, write_report=False).check("mirror.strategy")
     assert chk.data["strategy"] == "dual-write", chk.evidence
     assert "the source's ACL denies" in chk.evidence and "'app'" in chk.evidence, chk.evidence
+    # A user that may not read ACLs: auto does not bet on replication; an explicit replication warns and stands.
+    blind = f"redis://blind:blind-secret@{base}"
+    chk = compat.run(_pb(make_playbook, blind, tgt), write_report=False).check("mirror.strategy")
+    assert chk.data["strategy"] == "dual-write" and "could not confirm the source allows PSYNC" in chk.evidence, chk.evidence
+    chk = compat.run(_pb(make_playbook, blind, tgt, "replication"), write_report=False).check("mirror.strategy")
+    assert chk.status == compat.WARN and chk.data["strategy"] == "replication" and chk.data["unconfirmed"], chk.evidence
     pb = _pb(make_playbook, f"redis://mig:mig-secret@{base}", tgt)
     _to_mirroring(pb)
     st = StateStore(pb.state_path, pb.name).load()
