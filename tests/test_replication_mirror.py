@@ -84,7 +84,9 @@ def test_auto_replicates_a_few_thousand_keys_and_the_gate_shows_the_offsets(labe
     store = StateStore(pb.state_path, pb.name)
     assert store.load().mirror.strategy == "replication"
     said = [e for e in store.read_journal() if e["event"] == "mirror-strategy"]
-    assert said[-1]["strategy"] == "replication" and "the target now replicates the source" in said[-1]["evidence"]
+    assert said[-1]["strategy"] == "replication" and said[-1]["evidence"].startswith("replication: PSYNC present")
+    attached = [e for e in store.read_journal() if e["event"] == "replica-attached"]
+    assert len(attached) == 1 and "the target now replicates the source" in attached[0]["evidence"]
     assert out.to_phase == Phase.MIRRORING
     g = _wait_gate(pb, "replica_in_sync")
     assert g.passed, g.evidence
