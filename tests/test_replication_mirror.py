@@ -27,8 +27,8 @@ def _source(server_factory, label, **kw):
     return src
 
 
-def _pb(make_playbook, src, tgt, strategy="auto", steps=None, **replication_cfg):
-    return playbook.load(make_playbook(src, tgt, shim={"ack_timeout": "5s"}, steps=steps or {},
+def _pb(make_playbook, src, tgt, strategy="auto", steps=None, sync=None, **replication_cfg):
+    return playbook.load(make_playbook(src, tgt, shim={"ack_timeout": "5s"}, steps=steps or {}, sync=sync or {},
                                        mirror={"strategy": strategy, "replication": replication_cfg}))
 
 
@@ -472,3 +472,17 @@ def test_a_target_that_restarted_empty_is_reported_and_reattached_by_rollback_an
         assert "already detached" in r.actions[-1].evidence
         command.advance(pb)
     assert _wait_gate(pb, "replica_in_sync").passed and tgt.client().dbsize() == 360
+
+
+def test_a_subset_of_the_keys_is_never_mirrored_by_replication(server_factory, make_playbook):
+    """sync.exclude (or sync.databases leaving a database with keys out) selects part of the keyspace, which a
+    replica cannot honour: auto picks dual-write saying so, and an explicit replication fails the pre-flight."""
+    src = server_factory("redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    src.client().set("keep", "1")
+    src.client(db=3).set("other", "1")
+    chk = compat.run(_pb(make_playbook, src, tgt, sync={"exclude": ["tmp:*"]}), write_report=False).check("mirror.strategy")
+    assert chk.data["strategy"] == "dual-write" and "sync.include/exclude select a subset" in chk.evidence, chk.evidence
+    res = compat.run(_pb(make_playbook, src, tgt, "replication", sync={"databases": [0]}), write_report=False)
+    chk = res.check("mirror.strategy")
+    assert chk.status == compat.FAIL and "sync.databases leaves out database(s) 3" in chk.evidence, chk.evidence
