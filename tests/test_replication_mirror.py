@@ -486,3 +486,39 @@ def test_a_subset_of_the_keys_is_never_mirrored_by_replication(server_factory, m
     res = compat.run(_pb(make_playbook, src, tgt, "replication", sync={"databases": [0]}), write_report=False)
     chk = res.check("mirror.strategy")
     assert chk.status == compat.FAIL and "sync.databases leaves out database(s) 3" in chk.evidence, chk.evidence
+
+
+def test_a_full_sync_that_keeps_restarting_is_reported_looping(server_factory, make_playbook):
+    """Writes outgrow the source's replica output buffer during every full sync (256 kB limit, 10 MB/s of
+    writes, a slowed RDB child), so each sync is cut and starts over: replica_in_sync names it looping,
+    counting the source's full syncs since the attach."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 10)
+    pb = _pb(make_playbook, src, tgt)
+    _to_compatible(pb)
+    src.client().config_set("client-output-buffer-limit", "replica 256kb 256kb 0")
+    src.client().config_set("rdb-key-save-delay", "50000")
+    stop = threading.Event()
+
+    def flood():
+        c = src.client()
+        i = 0
+        while not stop.is_set():
+            c.set(f"big:{i % 10}", "y" * 100_000)
+            i += 1
+            time.sleep(0.01)
+
+    w = threading.Thread(target=flood)
+    w.start()
+    try:
+        with AckingShim(pb.state_path, pb.name):
+            command.advance(pb)
+        deadline = time.monotonic() + 15
+        while (g := _gate(pb, "replica_in_sync")).data.get("problem") != "looping" and time.monotonic() < deadline:
+            time.sleep(0.25)
+    finally:
+        stop.set()
+        w.join()
+    assert not g.passed and g.data["problem"] == "looping", g.evidence
+    assert g.data["full_syncs_since_attach"] >= 3 and "the full sync keeps restarting" in g.evidence, g.evidence
