@@ -522,3 +522,25 @@ def test_a_full_sync_that_keeps_restarting_is_reported_looping(server_factory, m
         w.join()
     assert not g.passed and g.data["problem"] == "looping", g.evidence
     assert g.data["full_syncs_since_attach"] >= 3 and "the full sync keeps restarting" in g.evidence, g.evidence
+
+
+def test_a_reverted_mirror_step_leaves_the_target_attached_until_rollback_to_planned(server_factory, make_playbook):
+    """A shim that never acknowledges mirroring makes the step revert to compatible after the target was
+    attached: the target stays a replica (harmless, the source alone takes writes; advancing again reuses it),
+    and rolling back to planned detaches it."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 50)
+    pb = playbook.load(make_playbook(src, tgt, shim={"ack_timeout": "1s"}, mirror={"strategy": "auto"}))
+    store = StateStore(pb.state_path, pb.name)
+    with AckingShim(pb.state_path, pb.name) as shim:
+        command.advance(pb)
+        shim.stuck = True
+        with pytest.raises(command.RefusedError, match="reverted to compatible"):
+            command.advance(pb)
+        shim.stuck = False
+        assert store.load().phase == Phase.COMPATIBLE
+        assert tgt.client().info("replication")["role"] == "slave"
+        r = command.rollback(pb)
+    assert r.to_phase == Phase.PLANNED and "stopped replicating" in r.actions[-1].evidence
+    assert tgt.client().info("replication")["role"] == "master" and store.load().mirror is None
