@@ -335,6 +335,8 @@ def test_check_is_clean_under_a_running_writer_and_sync_and_status_report_the_la
     assert "Mirror strategy: replication" in out.stdout and "link up" in out.stdout, out.stdout
     assert _wait_gate(pb, "replica_in_sync").passed
     assert tgt.client().get("w:counter") == src.client().get("w:counter") == str(len(acked)).encode()
+    out = run_cli("check", "--repair", playbook=pb.path)  # nothing may be copied onto a read-only replica
+    assert out.returncode == 1 and "the target replicates the source (mirror strategy replication)" in out.stderr
 
 
 def test_rollback_to_compatible_detaches_the_target_which_keeps_its_data(server_factory, make_playbook):
