@@ -207,7 +207,9 @@ def test_a_stalled_full_sync_and_one_past_its_timeout_are_reported(server_factor
     assert not g.passed and g.data["problem"] == "stalled", g.evidence
     assert "no progress for 1 s (mirror.replication.stall_timeout)" in g.evidence
     out = run_cli("sync", "--wait", playbook=pb.path)
-    assert out.returncode == 1 and out.stdout.startswith("STALLED: initial full sync in progress"), out.stdout + out.stderr
+    # (STALLED, or TIMED-OUT when a loaded machine starts the CLI late: either ends the wait)
+    assert out.returncode == 1 and out.stdout.startswith(("STALLED: initial full sync in progress",
+                                                           "TIMED-OUT: initial full sync in progress")), out.stdout
     assert "nothing copied" in out.stdout
     time.sleep(max(0.0, 4.5 - g.data["since_attach_s"]))
     g = _gate(pb, "replica_in_sync")
