@@ -89,14 +89,16 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         generation any read, a side up only if every worker reaches it, the sum of their queue bounds."""
         statuses = [s["status"] for s in _read_snapshots(playbook, ids)]
         if len(statuses) < workers:  # a worker that has not reported has applied nothing yet
-            return {"mirror_queue_limit": playbook.shim.mirror_queue_size * workers}
+            return {"mirror_queue_limit": playbook.shim.mirror_queue_size * workers,
+                    "replication": {"mode": "unknown"}}
         low = min(statuses, key=lambda x: x.get("applied_generation", -1))
         high = max(statuses, key=lambda x: x.get("generation", -1))
         sides = {name: all(x.get("sides", {}).get(name, {}).get("up", True) for x in statuses)
                  for name in ("source", "target")}
         return {"phase": low.get("applied_phase", ""), "generation": low.get("applied_generation", -1),
                 "state_phase": high.get("phase", ""), "state_generation": high.get("generation", -1),
-                "sides_up": sides, "mirror_queue_limit": playbook.shim.mirror_queue_size * workers}
+                "sides_up": sides, "mirror_queue_limit": playbook.shim.mirror_queue_size * workers,
+                "replication": low.get("replication")}  # (the laggard's mode and offsets)
 
     def status() -> dict:
         snaps = _read_snapshots(playbook, ids)
