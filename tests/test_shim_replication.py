@@ -32,6 +32,7 @@ from migrator.shim.routing import (
 )
 from migrator.state import MirrorMode, StateStore, now
 from tests.helpers import DelayingForwarder, start_cli
+from tests.test_shim_core import resp
 from tests.test_shim_e2e import wait_for
 
 MIRROR_REPLICATION = {"strategy": "replication"}
@@ -446,3 +447,89 @@ def test_judge_and_tracker():
     assert not t.ready and "history" in t.why_unready
     t.set_replica(0, "abc", link_up=False, loading=True, is_replica=True, at=10.3)
     assert not t.ready and "loading" in t.why_unready
+
+
+# --- the core in the replication modes (sans-IO: a recording host, no server) ---------------
+
+
+def _repl_core(tmp_path, phase: Phase, mode: str, ready: bool = True):
+    from tests.test_shim_core import Core
+
+    c = Core(tmp_path, Phase.PLANNED)
+    h = c.host
+    h.routes = ROUTES_BY_MODE[mode][phase]
+    h.mode, h.lag_aware, h.sequence_keys = mode, mode == REPLICATION, False
+    h.ryw = mode == REPLICATION and phase == Phase.READS_ON_TARGET
+    replica = replica_side(phase, mode)
+    h.tracker.reset(1 - replica, replica)
+    if ready:
+        h.tracker.set_primary(100, "id", at=time.monotonic())
+        h.tracker.set_replica(100, "id", link_up=True, loading=False, is_replica=True, at=time.monotonic())
+    c.session.on_phase(phase)
+    c.accept()
+    return c
+
+
+def test_core_differing_read_against_a_replica_is_handed_over_not_counted(tmp_path):
+    """Mirroring by replication: a write goes to the source only; a read whose replies differ becomes a Mismatch to confirm, not a divergence or a dirty key."""
+    c = _repl_core(tmp_path, Phase.MIRRORING, REPLICATION)
+    c.send(["SET", "a", "1"])
+    assert c.sent(SOURCE) == resp(["SET", "a", "1"]) and c.sent(TARGET) == b""
+    c.reply(SOURCE, b"+OK\r\n")
+    c.send(["GET", "a"])
+    c.accept()
+    assert c.sent(SOURCE) == c.sent(TARGET) == resp(["GET", "a"])
+    c.reply(SOURCE, b"$1\r\n1\r\n")
+    c.reply(TARGET, b"$-1\r\n")  # the replica has not applied the SET yet
+    assert c.answered() == b"+OK\r\n$1\r\n1\r\n"
+    st = c.host.stats
+    assert st.compared == 1 and not st.divergences and not c.dirty()
+    (m,) = c.host.mismatches
+    assert (m.name, m.keys, m.kind) == (b"get", [b"a"], "missing-on-target")
+
+
+def test_core_replica_not_ready_is_not_compared(tmp_path):
+    """While the tracker says the replica is not ready (loading, link down), reads go to the source alone and count as skipped."""
+    c = _repl_core(tmp_path, Phase.MIRRORING, REPLICATION, ready=False)
+    c.send(["GET", "a"])
+    c.accept()
+    assert c.sent(SOURCE) == resp(["GET", "a"]) and c.sent(TARGET) == b""
+    assert c.host.stats.lag_skipped == 1
+
+
+def test_core_read_your_writes_redirects_until_the_replica_has_the_write(tmp_path):
+    """Reads-on-target: after the connection's write, its reads go to the source until the replica's offset reaches the source's offset read after the acknowledgement."""
+    c = _repl_core(tmp_path, Phase.READS_ON_TARGET, REPLICATION)
+    tr = c.host.tracker
+    c.send(["GET", "a"])
+    c.accept()
+    assert c.sent(TARGET) == resp(["GET", "a"])  # no write yet: the replica answers
+    assert c.sent(SOURCE) == resp(["GET", "a"])  # (compared against the source)
+    c.reply(TARGET, b"$-1\r\n")
+    c.reply(SOURCE, b"$-1\r\n")
+    c.answered()
+    c.send(["SET", "a", "1"], ["GET", "a"])  # the read pipelined behind the unacknowledged write
+    assert c.sent(SOURCE) == resp(["SET", "a", "1"], ["GET", "a"]) and c.sent(TARGET) == b""
+    c.reply(SOURCE, b"+OK\r\n$1\r\n1\r\n")
+    assert c.answered() == b"+OK\r\n$1\r\n1\r\n"
+    c.send(["GET", "a"])  # acknowledged, but no offset read since: still the source
+    assert c.sent(SOURCE) == resp(["GET", "a"])
+    c.reply(SOURCE, b"$1\r\n1\r\n")
+    tr.set_primary(150, "id", at=time.monotonic())  # the source's offset, read after the write
+    tr.set_replica(120, "id", link_up=True, loading=False, is_replica=True, at=time.monotonic())
+    c.send(["GET", "a"])
+    assert c.sent(SOURCE) == resp(["GET", "a"])  # the replica is behind it
+    c.reply(SOURCE, b"$1\r\n1\r\n")
+    tr.set_replica(150, "id", link_up=True, loading=False, is_replica=True, at=time.monotonic())
+    c.send(["GET", "a"])
+    assert c.sent(TARGET) == resp(["GET", "a"]) and c.sent(SOURCE) == resp(["GET", "a"])  # back on the replica
+    assert c.host.stats.ryw_redirects == 3
+
+
+def test_core_reverse_replication_sends_nothing_to_the_source(tmp_path):
+    """Writes-on-target with the source replicating the target: writes, reads and connection state go to the target only."""
+    c = _repl_core(tmp_path, Phase.WRITES_ON_TARGET, REVERSE_REPLICATION)
+    c.send(["SELECT", "0"], ["SET", "a", "1"], ["GET", "a"], ["PUBLISH", "ch", "m"])
+    c.accept()
+    assert c.sent(SOURCE) == b""
+    assert c.sent(TARGET) == resp(["SELECT", "0"], ["SET", "a", "1"], ["GET", "a"], ["PUBLISH", "ch", "m"])
