@@ -72,6 +72,13 @@ class Dispatch:
             stats.ryw_redirects += 1
         if shadow is not None and plan.sampled and not shim.sample():
             shadow = None
+        replica = shim.tracker.replica
+        if (cls is Cls.SCRIPT_ADMIN and name == b"script" and shadow is None and tx is None and self.tx is None
+                and replica is not None and answer != replica):
+            # SCRIPT LOAD / FLUSH are not replicated, and a replica accepts them: the replica gets
+            # them too, so an EVALSHA finds its script there once it answers (FUNCTION ... is
+            # replicated, and refused by a replica: the primary only).
+            shadow = replica
         if shadow is not None and shim.lag_aware and plan.compare and cls is Cls.READ and not shim.tracker.ready:
             # The replica is loading its initial sync, or its link is down: nothing to compare.
             shadow = None
