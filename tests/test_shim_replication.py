@@ -275,6 +275,8 @@ def test_writes_on_target_with_reverse_replication_routes_to_the_target_only(mir
     new = {k: n - before.get(k, 0) for k, n in st.commands.items() if n - before.get(k, 0)}
     assert all(side == "target" for (_cls, side) in new), new
     assert readonly_errors(src) == 0
+    status = json.loads(env.admin("/status"))["replication"]
+    assert (status["mode"], status["primary"], status["replica"]) == ("reverse-replication", "target", "source")
     in_step(tgt, src)
     assert src.client().get("w:49") == b"49" and src.client().get("before") == b"1"
     # With the dual-write fallback for the rollback window, writes reach both again (today's routing).
