@@ -330,7 +330,7 @@ class FastPath:
                 continue
             c = shim.table.classify(args)
             if shim.lag_aware and c.cls is not Cls.WRITE:
-                self._lag_mismatch(args, name, kind, a, b)
+                self._lag_mismatch(args, name, kind)
                 continue
             self._diverged(e, kind, name, c.keys(args), a, b, c.cls is Cls.WRITE)
         shim.stats.compared += compared

@@ -261,9 +261,8 @@ class ReplicaWatch:
             stats.lag_skipped += 1
         elif outcome == "divergent":
             stats.divergences[what] += 1
-            shim.divergence.record(kind=what, command=m.name, keys=m.keys, db=m.dbs[TARGET],
-                                   source_raw=src if src is not None else m.source_raw,
-                                   target_raw=tgt if tgt is not None else m.target_raw)
+            shim.divergence.record(kind=what, command=m.name, keys=m.keys, db=m.dbs[TARGET], source_raw=src,
+                                   target_raw=tgt)
         else:
             stats.lag_unconfirmed[what] += 1
             shim.log.warning("shim.mismatch_unconfirmed", command=m.name.decode(errors="replace").upper(),
