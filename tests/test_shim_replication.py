@@ -274,6 +274,8 @@ def test_writes_on_target_with_reverse_replication_routes_to_the_target_only(mir
     st = shim_stats(env)
     new = {k: n - before.get(k, 0) for k, n in st.commands.items() if n - before.get(k, 0)}
     assert all(side == "target" for (_cls, side) in new), new
+    sha = c.script_load("return 9")  # not replicated: loaded on the source too, for a rollback
+    assert src.client().script_exists(sha) == [True]
     assert readonly_errors(src) == 0
     status = json.loads(env.admin("/status"))["replication"]
     assert (status["mode"], status["primary"], status["replica"]) == ("reverse-replication", "target", "source")

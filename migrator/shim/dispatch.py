@@ -155,11 +155,11 @@ class Dispatch:
             shim.note_script(args, name)
         if name == b"restore" and shadow is not None and tx is None:
             self._restore_by_effect(e)
-        # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
-        # still have in flight to the shadow must not run there after the flush, nor before it.
         if shim.ryw and answer == shim.tracker.primary and (e.write or cls in _RYW_WRITES):
             e.ryw = True
             self.ryw_pending += 1
+        # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
+        # still have in flight to the shadow must not run there after the flush, nor before it.
         if (shadow is not None and (e.write or e.compare) and shim.sequence_keys
                 and (cls is not Cls.SCRIPT_ADMIN or is_script_flush(args))):
             if cls is Cls.BLOCKING:
