@@ -175,6 +175,42 @@ def test_replication_lag_never_counts_as_a_divergence(lagging):
     assert not list_dirty(env.pb.state_path)
 
 
+def test_a_stopped_replica_makes_no_divergence_and_loses_no_write(mirroring):
+    """The replica SIGSTOPped for 0.8 s under a writer and a reader: every write acknowledged is on both sides after, 0 divergences, 0 dirty keys."""
+    import os
+
+    env = mirroring
+    writer, reader = env.client(), env.client()
+    stop = threading.Event()
+    acked: list[int] = []
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            writer.rpush("log", i)
+            acked.append(i)
+            reader.lrange("log", -3, -1)
+            i += 1
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        time.sleep(0.2)
+        os.kill(env.target.proc.pid, signal.SIGSTOP)
+        time.sleep(0.8)
+    finally:
+        os.kill(env.target.proc.pid, signal.SIGCONT)
+    time.sleep(0.3)
+    stop.set()
+    t.join(10)
+    in_step(env.source, env.target)
+    assert [int(x) for x in env.target.client().lrange("log", 0, -1)] == acked
+    wait_confirmed(env)
+    st = shim_stats(env)
+    assert sum(st.divergences.values()) == 0, dict(st.divergences)
+    assert not list_dirty(env.pb.state_path) and readonly_errors(env.target) == 0
+
+
 def test_a_real_divergence_on_the_replica_is_found(mirroring):
     """A value changed on the replica behind the primary's back is confirmed (offsets equal) and counted as a divergence."""
     env = mirroring
