@@ -8,33 +8,11 @@ must be idempotent: after a crash, running the command again runs them again.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from migrator import registry
-from migrator.playbook import Playbook
-from migrator.state import Barrier, State, StateStore, iso, now, operator
-
-
-@dataclass
-class ActionResult:
-    name: str
-    ok: bool
-    evidence: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"action": self.name, "ok": self.ok, "evidence": self.evidence, "data": self.data}
-
-
-@dataclass
-class ActionContext:
-    playbook: Playbook
-    store: StateStore
-    state: State  # already holds the new phase and generation
-    direction: str  # "advance" or "rollback"
-    overrides: dict[str, str] = field(default_factory=dict)  # gate → reason, from --override
-
+from migrator.action_types import ActionContext, ActionResult
+from migrator.state import Barrier, iso, now, operator
 
 ActionFn = Callable[[ActionContext], ActionResult]
 ACTIONS: dict[str, ActionFn] = {}
@@ -145,7 +123,8 @@ def detach_source(ctx: ActionContext) -> ActionResult:
 @action("final_report")
 def final_report(ctx: ActionContext) -> ActionResult:
     """Write the migration's final report: every step's evidence, overrides, rollbacks, pauses, divergences, sync and check."""
-    from migrator import final_report as final, reports
+    from migrator import final_report as final
+    from migrator import reports
 
     data, md, html = final.build(ctx.playbook, ctx.store, ctx.state)
     ref = reports.write(ctx.playbook.state_path, data, md, html)
@@ -160,8 +139,8 @@ def final_report(ctx: ActionContext) -> ActionResult:
 def start_mirror(ctx: ActionContext) -> ActionResult:
     """Decide the mirror strategy on fresh evidence and, in replication, make the target a replica of the source."""
     from migrator import replication
-    from migrator.command import crashpoint
     from migrator.connect import connect
+    from migrator.crash import crashpoint
     from migrator.state import MirrorMode
 
     pb = ctx.playbook

@@ -18,7 +18,6 @@ actions again (they are idempotent) and completes the step.
 from __future__ import annotations
 
 import os
-import signal
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,23 +32,12 @@ from migrator import gates as gates_mod
 from migrator import hooks, registry, roleswap, sides
 from migrator.compat.identify import identify
 from migrator.connect import client_kwargs
+from migrator.crash import crashpoint
 from migrator.durations import format_duration
 from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
 from migrator.phases import STEPS, Phase, Step, step_from, step_into
 from migrator.playbook import Endpoint, Playbook
 from migrator.state import State, StateStore, Transition, iso, now, operator, parse_iso
-
-CRASH_ENV = "MIGRATOR_CRASH_AT"
-
-
-def crashpoint(name: str) -> None:
-    """Kill this process with SIGKILL at a named point when $MIGRATOR_CRASH_AT says so.
-
-    The crash-safety tests use it to kill -9 ``advance``/``rollback`` exactly at the dangerous
-    points of a transition; it does nothing otherwise.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class GatesFailed(RefusedError):

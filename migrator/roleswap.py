@@ -37,6 +37,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from migrator.action_types import ActionResult
 from migrator.connect import client_kwargs
 from migrator.playbook import Endpoint, Playbook, split_hostport
 from migrator.replication import ReplStatus, read
@@ -162,7 +163,7 @@ def restore(source: redis.Redis, mirror: MirrorMode) -> str:
 def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: MirrorMode, save: Callable[[], None],
             budget_s: float, pause_ms: int) -> Swap:
     """Make the target the primary and the source its replica (or fall back to dual-write)."""
-    from migrator.command import crashpoint
+    from migrator.crash import crashpoint
 
     start = time.monotonic()
     deadline = start + budget_s
@@ -247,7 +248,7 @@ def _verify_or_fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis,
 def _fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis, why: str, data: dict[str, Any],
                before: ReplStatus | None) -> Swap:
     """Detach the source again and check it still holds the data: the shims dual-write for the rollback window."""
-    from migrator.command import crashpoint
+    from migrator.crash import crashpoint
 
     if read(source).is_replica:
         source.execute_command("REPLICAOF", "NO", "ONE")
@@ -286,7 +287,7 @@ def _reattach(pb: Playbook, target: redis.Redis, sh: str, sp: int, data: dict[st
 def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirror: MirrorMode,
              budget_s: float, pause_ms: int, target_down: str | None = None, accept_source: bool = False) -> Swap:
     """Make the source the primary again and the target its replica (or promote the source alone)."""
-    from migrator.command import crashpoint
+    from migrator.crash import crashpoint
 
     start = time.monotonic()
     deadline = start + budget_s
@@ -425,7 +426,6 @@ def _budget(ctx: Any) -> tuple[float, int]:
 
 def run_swap(ctx: Any) -> Any:
     """The role_swap / role_swap_back action: swap the servers' roles while the shims hold writes."""
-    from migrator.actions import ActionResult
 
     name = "role_swap" if ctx.direction == "advance" else "role_swap_back"
     if not _replicating(ctx):
@@ -466,7 +466,6 @@ def run_swap(ctx: Any) -> Any:
 
 def release(ctx: Any) -> Any:
     """The release_pause action: lift the role swap's CLIENT PAUSE once the new phase is recorded."""
-    from migrator.actions import ActionResult
 
     mirror = ctx.state.mirror
     if ctx.direction == "rollback" and mirror is not None and mirror.reverse is not None:
@@ -525,7 +524,6 @@ def _swap_of_this_step(ctx: Any) -> dict[str, Any] | None:
 
 def run_detach(ctx: Any) -> Any:
     """The detach_source action (complete): the source stops replicating the target."""
-    from migrator.actions import ActionResult
 
     mirror = ctx.state.mirror
     if mirror is None or mirror.strategy != "replication":

@@ -575,3 +575,38 @@ def test_core_reverse_replication_sends_nothing_to_the_source(tmp_path):
     c.accept()
     assert c.sent(SOURCE) == b""
     assert c.sent(TARGET) == resp(["SELECT", "0"], ["SET", "a", "1"], ["GET", "a"], ["PUBLISH", "ch", "m"])
+
+
+def test_a_replica_that_restarted_empty_never_answers_a_read(mirroring):
+    """In reads-on-target, the target restarted empty (no longer a replica): every read through the shim
+    is answered by the source with the real value — an error at most while the shim notices, never an
+    empty or stale answer — and those reads are counted as redirected."""
+    from tests.helpers import restart_empty
+
+    env = mirroring
+    set_phase(env, Phase.READS_ON_TARGET)
+    c = env.client()
+    for i in range(50):
+        c.set(f"e:{i}", f"v{i}")
+    in_step(env.source, env.target)
+    restart_empty(env.target)
+    reader = env.client()  # wrote nothing: read-your-writes does not send it to the source
+    wrong = errors = 0
+    wait_for(lambda: json.loads(env.admin("/status"))["replication"]["why_not_ready"] == "not a replica",
+             what="the shim reads the restarted target again")
+    time.sleep(0.5)  # past the shim's reconnect backoff: the target is up again, empty
+    for _ in range(4):
+        for i in range(50):
+            try:
+                got = reader.get(f"e:{i}")
+            except redis.exceptions.ConnectionError:
+                errors += 1
+                continue
+            wrong += got != f"v{i}".encode()
+    assert wrong == 0, f"{wrong} reads answered from the emptied replica"
+    assert errors <= 5
+    st = json.loads(env.admin("/status"))
+    assert not st["replication"]["replica_ready"]
+    assert shim_stats(env).unready_redirects >= 150
+    assert env.target.client().dbsize() == 0  # it really is empty (and not a replica)
+    assert reader.get("e:0") == b"v0"

@@ -70,6 +70,11 @@ class Dispatch:
             # This connection wrote something the replica may not have yet: the primary answers.
             answer, shadow = shim.tracker.primary, None
             stats.ryw_redirects += 1
+        if shim.lag_aware and cls is Cls.READ and answer == shim.tracker.replica and not shim.tracker.ready:
+            # The replica is not known to be in step (restarted, promoted by an interrupted swap,
+            # loading, link down): its answer could be stale or empty, so the primary answers.
+            answer, shadow = shim.tracker.primary, None
+            stats.unready_redirects += 1
         if shadow is not None and plan.sampled and not shim.sample():
             shadow = None
         replica = shim.tracker.replica

@@ -229,6 +229,8 @@ class FastPath:
         answer, shadow = plan.answer, plan.shadow
         if reads and shim.ryw and (self.ryw_pending or self.ryw_acked is not None):
             return False  # read-your-writes decides per read (see Dispatch._ryw_redirect)
+        if reads and shim.lag_aware and answer == shim.tracker.replica and not shim.tracker.ready:
+            return False  # the primary answers instead, one by one (see Dispatch._dispatch)
         if shadow is not None and reads and shim.lag_aware and not shim.tracker.ready:
             return False  # not compared, one by one (see Dispatch._dispatch)
         if shadow is not None:

@@ -97,6 +97,11 @@ class OffsetTracker:
         else:
             self.why_unready = ""
 
+    def invalidate(self, why: str) -> None:
+        """The replica restarted or its connection failed: not ready until a reading says so again."""
+        self.replica_link_up = self.replica_of_primary = False
+        self.why_unready = why
+
     def reset(self, primary: int | None, replica: int | None) -> None:
         """Roles changed (a phase or mode applied): forget what was read."""
         if (primary, replica) == (self.primary, self.replica):

@@ -116,6 +116,7 @@ class Stats:
         self.lag_unconfirmed: Counter = Counter()
         self.lag_pending = 0
         self.ryw_redirects = 0
+        self.unready_redirects = 0  # reads the replica would have answered, answered by the primary
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -143,6 +144,7 @@ class Stats:
             "lag_unconfirmed": dict(self.lag_unconfirmed),
             "lag_pending": self.lag_pending,
             "ryw_redirects": self.ryw_redirects,
+            "unready_redirects": self.unready_redirects,
         }
 
     @classmethod
@@ -167,7 +169,7 @@ class Stats:
             out.pinned.update(s.get("pinned", {}))
             out.lag_unconfirmed.update(s.get("lag_unconfirmed", {}))
             for g in ("connections", "connections_total", "mirror_queue", "script_heals", "backpressure",
-                      "shared_clients", "pool_reused", "lag_skipped", "lag_resolved", "lag_pending", "ryw_redirects"):
+                      "shared_clients", "pool_reused", "lag_skipped", "lag_resolved", "lag_pending", "ryw_redirects", "unready_redirects"):
                 setattr(out, g, getattr(out, g) + s.get(g, 0))
             out.dirty_keys = max(out.dirty_keys, s.get("dirty_keys", 0))  # shared state, not per process
         return out
@@ -256,6 +258,9 @@ class StatsCollector:
         yield CounterMetricFamily("migrator_shim_read_your_writes_redirects", "Reads answered by the primary instead "
                                   "of the replica: the connection's own write was not on the replica yet",
                                   value=st.ryw_redirects)
+        yield CounterMetricFamily("migrator_shim_replica_unready_redirects", "Reads answered by the primary instead "
+                                  "of the replica: the replica was not known to be in step (restarted, not a replica, "
+                                  "loading, link down)", value=st.unready_redirects)
         repl = extra.get("replication")
         if repl:
             mode = GaugeMetricFamily("migrator_shim_mirror_mode", "1 for the routing mode the shim applies",

@@ -623,6 +623,8 @@ class Shim:
         self.restarts[side].append(event)
         del self.restarts[side][:-10]
         self.stats.side_restarts[name] += 1
+        if self.lag_aware and side == self.tracker.replica:
+            self.tracker.invalidate("restarted: not read since")
         if not self.two_sided():
             self.log.info("shim.side_restarted", **event)
             return
@@ -776,6 +778,8 @@ class Shim:
         h.retry_at = t + min(0.1 * 2 ** (h.failures - 1), MAX_BACKOFF)
         if h.failures == 1:
             self.log.warning("shim.side_down", side=SIDE_NAMES[side], reason=reason)
+        if self.lag_aware and side == self.tracker.replica:
+            self.tracker.invalidate(f"connection failed ({reason}): not read since")
         self.check_run_ids_soon()  # a restart shows as a lost connection first
 
     def check_run_ids_soon(self) -> None:
@@ -909,7 +913,8 @@ class Shim:
             "sequencer": self.seq.stats(),
             "replication": {**self.replication_status(), "skipped": st.lag_skipped, "lag_resolved": st.lag_resolved,
                             "unconfirmed": dict(st.lag_unconfirmed), "pending": st.lag_pending,
-                            "read_your_writes_redirects": st.ryw_redirects},
+                            "read_your_writes_redirects": st.ryw_redirects,
+                            "unready_redirects": st.unready_redirects},
             "unknown_commands": {f"{s}:{c}": n for (s, c), n in sorted(st.unknown.items())},
             "shadow_failures": {f"{s}:{r}": n for (s, r), n in sorted(st.shadow_failures.items())},
             "refused": dict(st.refused),

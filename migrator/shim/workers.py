@@ -114,7 +114,8 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
             "replication": {"modes": sorted({s["status"].get("replication", {}).get("mode", "dual-write") for s in snaps}),
                             "skipped": st.lag_skipped, "lag_resolved": st.lag_resolved,
                             "unconfirmed": dict(st.lag_unconfirmed), "pending": st.lag_pending,
-                            "read_your_writes_redirects": st.ryw_redirects},
+                            "read_your_writes_redirects": st.ryw_redirects,
+                            "unready_redirects": st.unready_redirects},
             "worker_status": [s["status"] for s in snaps],
         }
 
