@@ -252,11 +252,6 @@ class Shim:
         # "planned" by default could send writes to the source after the write cutover.
         self._state_sig = None
         state = self.store.load()
-        if self.store.control is not None:
-            from migrator.control.follow import StateFollower
-
-            self.follower = StateFollower(self.store, idle=min(5.0, self.store.control.lease_ttl))
-            self.follower.start(state, self.store._rev)
         if state.endpoints_hash and state.endpoints_hash != self.playbook.endpoints_hash():
             # As advance and rollback refuse: a shim must not route this migration's phase to
             # other servers than the ones the migration started with.
@@ -264,6 +259,11 @@ class Shim:
                 f"the playbook's source/target differ from the ones this migration started with ({self.state_dir}); "
                 "a shim will not route the migration's phase to other servers: put the original endpoints back, "
                 "or start a new migration with its own state_dir")
+        if self.store.control is not None:
+            from migrator.control.follow import StateFollower
+
+            self.follower = StateFollower(self.store, idle=min(5.0, self.store.control.lease_ttl))
+            self.follower.start(state, self.store._rev)
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
         await self._watch_run_ids()  # the baseline a restart is told from
         # Only what the source has and the target lacks can fail an application's command once
@@ -276,29 +276,36 @@ class Shim:
         self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
         self.watch = ReplicaWatch(self)
         self.watch.start()
-        self._apply_state(state, initial=True)
-        host, port = split_hostport(self.listen)
-        with bind_errors(self.listen, "--listen", "shim.listen"):
-            self._server = await self.loop.create_server(
-                lambda: ClientProtocol(self), host, port, ssl=tls_server_context(self.cfg), backlog=1024,
-                reuse_port=self.reuse_port or None, reuse_address=True)
-        self.address = self._server.sockets[0].getsockname()[:2]
-        # Loading the command tables took a while: a phase change or a write-switch barrier
-        # written meanwhile applies before the first client is served.
-        self._apply_state(self._read_state(force=True))
-        if self.admin_addr:
-            ahost, aport = split_hostport(self.admin_addr)
-            try:
-                with bind_errors(self.admin_addr, "--admin", "shim.admin", "or --admin '' to disable it"):
-                    self._admin = await admin_http.start(ahost, aport, {
-                        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8",
-                                             metrics.render(self.metrics_stats, self._extra)),
-                        "/status": admin_http.json_route(self.status),
-                    })
-            except UsageError:
-                self._server.close()
-                raise
-            self.admin_address = self._admin.sockets[0].getsockname()[:2]
+        try:
+            self._apply_state(state, initial=True)
+            host, port = split_hostport(self.listen)
+            with bind_errors(self.listen, "--listen", "shim.listen"):
+                self._server = await self.loop.create_server(
+                    lambda: ClientProtocol(self), host, port, ssl=tls_server_context(self.cfg), backlog=1024,
+                    reuse_port=self.reuse_port or None, reuse_address=True)
+            self.address = self._server.sockets[0].getsockname()[:2]
+            # Loading the command tables took a while: a phase change or a write-switch barrier
+            # written meanwhile applies before the first client is served.
+            self._apply_state(self._read_state(force=True))
+            if self.admin_addr:
+                ahost, aport = split_hostport(self.admin_addr)
+                try:
+                    with bind_errors(self.admin_addr, "--admin", "shim.admin", "or --admin '' to disable it"):
+                        self._admin = await admin_http.start(ahost, aport, {
+                            "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8",
+                                                 metrics.render(self.metrics_stats, self._extra)),
+                            "/status": admin_http.json_route(self.status),
+                        })
+                except UsageError:
+                    self._server.close()
+                    raise
+                self.admin_address = self._admin.sockets[0].getsockname()[:2]
+        except BaseException:
+            # Not listening after all (the port is taken, a bad TLS file): nothing may outlive it.
+            await self.watch.stop()
+            if self.follower is not None:
+                self.follower.stop()
+            raise
         await self._publish()
         for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop(), self._run_id_loop()):
             self._tasks.append(asyncio.create_task(coro))
