@@ -1,0 +1,199 @@
+"""The ledger at fleet scale: three shim processes (one with ``--workers 2``), writers that share keys
+through different shims, and one writer straight to the source, while the whole migration is walked
+through the CLI with rollbacks from reads-on-target and from writes-on-target.
+
+The ledger (``migrator.shared_ledger``) makes "lost" well defined for shared keys: every
+acknowledged write adds a unique element, so after the walk each one must be on the final side,
+nothing may be there that nobody sent, and shared counters equal the acknowledged increments.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migrator import servers
+from migrator.shared_ledger import OPS, SharedWorkload
+from tests.conftest import write_playbook
+from tests.helpers import run_cli, wait_for
+
+FLEET_PAIRS = [("redis-7.0", "valkey-9.1"), ("redis-7.0", "valkey-8.1"), ("redis-6.2", "valkey-9.1")]
+
+
+class ShimFleet:
+    """``migrator shim`` processes on their own ports (``workers`` each), stopped with SIGTERM."""
+
+    def __init__(self, pb_path: Path, logs: Path, workers: list[int]) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.listens: list[str] = []
+        self._logs = []
+        for i, n in enumerate(workers):
+            listen = f"127.0.0.1:{servers.free_port()}"
+            log = (logs / f"shim{i + 1}.log").open("w")
+            self._logs.append(log)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "migrator", "--log-format", "json", "-p", str(pb_path), "shim",
+                 "--listen", listen, "--admin", "", "--workers", str(n)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            self.listens.append(listen)
+        self.registrations = sum(workers)
+
+    def urls(self) -> dict[str, str]:
+        return {f"shim{i + 1}": f"redis://{listen}/0" for i, listen in enumerate(self.listens)}
+
+    def stop(self) -> list[int | None]:
+        codes = []
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                codes.append(p.wait(timeout=20))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        for log in self._logs:
+            log.close()
+        return codes
+
+
+def cli(path: Path, *args: str, ok: bool = True) -> tuple[int, dict]:
+    """Run one CLI command (JSON output when it takes ``--output``); with ``ok`` it must exit 0."""
+    out = run_cli(*args, playbook=path, timeout=180)
+    if ok:
+        assert out.returncode == 0, f"migrator {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+    data = json.loads(out.stdout) if "--output" in args and out.stdout.strip().startswith("{") else {}
+    return out.returncode, data
+
+
+def status(path: Path) -> dict:
+    return cli(path, "status", "--output", "json")[1]
+
+
+def live_shims(path: Path, phase: str | None = None) -> int:
+    return sum(1 for s in status(path)["shims"] if s["liveness"] == "live" and (phase is None or s["applied_phase"] == phase))
+
+
+def check_clean(path: Path, where: str) -> dict:
+    """``check --full`` clean (no mismatch) and no dirty key: the evidence a cutover rests on."""
+    code, report = cli(path, "check", "--full", "--output", "json", ok=False)
+    assert code == 0, f"check --full at {where} exited {code}: {json.dumps(report)[:2000]}"
+    st = status(path)
+    assert st["dirty_keys"] == 0, f"{st['dirty_keys']} dirty key(s) at {where}"
+    assert st["mirror"]["divergent"] == 0, f"divergences at {where}: {st['mirror']}"
+    return report
+
+
+def advance(path: Path, to: str) -> dict:
+    _code, out = cli(path, "advance", "--yes", "--output", "json")
+    assert out["to_phase"] == to, out
+    return out
+
+
+def rollback(path: Path, to: str) -> dict:
+    _code, out = cli(path, "rollback", "--yes", "--output", "json")
+    assert out["to_phase"] == to, out
+    return out
+
+
+def walk(path: Path, fleet: ShimFleet, work: SharedWorkload, strategy: str) -> dict:
+    """The whole migration with a rollback from reads-on-target and one from writes-on-target."""
+    evidence: dict = {}
+    advance(path, "compatible")  # the real pre-flight (it decides the strategy under `auto`)
+    advance(path, "mirroring")
+    if strategy == "dual-write":
+        cli(path, "sync")
+        cli(path, "sync", "--dirty")
+    else:
+        cli(path, "sync")  # the server's own full sync: reports it, exit 0 once in sync
+    check_clean(path, "the read cutover")
+    advance(path, "reads-on-target")
+    rollback(path, "mirroring")
+    check_clean(path, "the read cutover, again")
+    advance(path, "reads-on-target")
+    check_clean(path, "the write cutover")
+    evidence["cutover"] = advance(path, "writes-on-target")
+    check_clean(path, "writes-on-target")
+    evidence["rollback"] = rollback(path, "reads-on-target")
+    check_clean(path, "the write cutover, again")
+    evidence["cutover2"] = advance(path, "writes-on-target")
+    # Completing detaches the source: writes straight to it afterwards would be the
+    # application's (it must point at the target by then), so every writer stops first.
+    work.stop()
+    check_clean(path, "completion")
+    advance(path, "completed")
+    return evidence
+
+
+def run_fleet(tmp_path: Path, src, tgt, strategy: str, control: dict | None = None, direct: bool = True) -> None:
+    path = write_playbook(tmp_path / "migrator.yaml", src.url, tgt.url, mirror={"strategy": strategy},
+                          **({"control": control} if control else {}))
+    fleet = ShimFleet(path, tmp_path, workers=[1, 1, 2])
+    work = None
+    try:
+        wait_for(lambda: live_shims(path) >= fleet.registrations, timeout=30, interval=0.3,
+                 what=f"{fleet.registrations} shim registrations")
+        urls = fleet.urls()
+        if direct:
+            urls["direct"] = src.url
+        # Two writers per shim (the kernel spreads the --workers shim's connections), one straight to
+        # the source; every one of them writes the same few keys.
+        ops = ("set", "hash", "zset") if strategy == "dual-write" else OPS
+        work = SharedWorkload(urls, per_url=2, keys=4, rate=60.0, seed=7, ops=ops).start()
+        time.sleep(0.5)
+        evidence = walk(path, fleet, work, strategy)
+        audit = work.audit(tgt.client())
+        print(audit.summary())
+        assert audit.ops > 500, audit.summary()
+        assert audit.lost == [], audit.lost[:10]
+        assert audit.phantoms == [], audit.phantoms[:10]
+        assert audit.problems == [], audit.problems[:10]
+        assert audit.ryw_violations == [], audit.ryw_violations[:10]
+        shim_errors = [e for e in audit.errors]
+        assert shim_errors == [], shim_errors[:5]
+        assert evidence
+    finally:
+        if work is not None:
+            work.stop()
+        codes = fleet.stop()
+    assert codes == [0, 0, 0], f"shims exited {codes}; see {tmp_path}/shim*.log"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source_label,target_label", FLEET_PAIRS[:1], ids=lambda x: x)
+def test_fleet_dual_write_harness(server_factory, tmp_path, source_label, target_label):
+    """(harness) three shims, shared keys, dual-write: every acknowledged write survives the walk."""
+    src, tgt = server_factory(source_label), server_factory(target_label)
+    run_fleet(tmp_path, src, tgt, "dual-write", direct=False)
+
+
+def test_shared_ledger_audit_finds_a_lost_write_a_phantom_and_a_reordered_list(server_factory):
+    """The shared-key audit reports an acknowledged element removed, an element nobody sent, and one writer's list elements out of order."""
+    srv = server_factory("redis-7.0")
+    work = SharedWorkload({"a": srv.url, "b": srv.url}, per_url=1, keys=1, rate=None, seed=3).start()
+    time.sleep(0.5)
+    work.stop()
+    c = srv.client()
+    clean = work.audit(c)
+    assert clean.ok and clean.acked > 50 and clean.errors == [], clean.summary()
+    led = work.ledgers[0]
+    victim = next(u for u in led.acked[work.key("set", 0)])
+    c.srem(work.key("set", 0), victim)
+    c.sadd(work.key("set", 0), "nobody-1")
+    lst = work.key("list", 0)
+    mine = [e for e in c.lrange(lst, 0, -1) if e.decode().startswith(led.name + "-")]
+    assert len(mine) >= 2
+    c.lrem(lst, 1, mine[0])
+    c.rpush(lst, mine[0])
+    c.incr(work.key("counter", 0), 5)
+    audit = work.audit(c)
+    assert not audit.ok
+    assert [x for x in audit.lost if victim in x], audit.lost
+    assert [x for x in audit.phantoms if "nobody-1" in x], audit.phantoms
+    assert any("not in the order" in p for p in audit.problems), audit.problems
+    assert any("counter" in p and "acknowledged increments" in p for p in audit.problems), audit.problems
