@@ -157,7 +157,7 @@ def benchmark_many(ports: list[int], requests: int, pipeline: int, clients: int)
 
 def throughput(args) -> list[dict]:
     rows = []
-    for strategy, shims in (("dual-write", 1), ("replication", 1), ("replication", 2), ("replication", 3)):
+    for strategy, shims in args.configs:
         with fleet(strategy, shims) as f:
             f.to_mirroring()
             for run in args.runs:
@@ -178,7 +178,7 @@ def throughput(args) -> list[dict]:
     print(f"\n# throughput, medians of {args.repeat} round(s), {os.cpu_count()} CPUs shared by servers, shims and "
           f"redis-benchmark")
     print(f"{'mirroring':<24} {'run':<12} " + " ".join(f"{t:>18}" for t in ("SET", "GET")) + f" {'CPU us/cmd':>11}")
-    for strategy, shims in (("dual-write", 1), ("replication", 1), ("replication", 2), ("replication", 3)):
+    for strategy, shims in args.configs:
         for run in args.runs:
             rs = [r for r in rows if r["strategy"] == strategy and r["shims"] == shims and r["run"] == run]
             if not rs:
@@ -412,6 +412,8 @@ def main() -> None:
     ap.add_argument("--only", default="throughput,copy,cutover,shim-death")
     ap.add_argument("--requests", type=int, default=100_000, help="requests per redis-benchmark (per shim)")
     ap.add_argument("--runs", default="unpipelined,pipelined")
+    ap.add_argument("--configs", default="dual-write:1,replication:1,replication:2,replication:3",
+                    help="throughput: STRATEGY:SHIMS, comma-separated")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keys", type=int, default=1_000_000, help="keys for the initial copy")
     ap.add_argument("--rounds", type=int, default=5, help="write cutovers (and rollbacks)")
@@ -420,6 +422,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.runs = [r for r in args.runs.split(",") if r]
+    args.configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",") if c]
     args.cutover_sources = [s for s in args.cutover_sources.split(",") if s and servers.find(s)]
     out = {"cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}
     for part in args.only.split(","):
