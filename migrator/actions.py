@@ -119,3 +119,113 @@ def final_report(ctx: ActionContext) -> ActionResult:
     ref = reports.write(ctx.playbook.state_path, data, md, html)
     return ActionResult("final_report", True, f"final report {ref.id} ({data['verdict']}): {ref.html_path}",
                         {"report": ref.id, "html": str(ref.html_path), "verdict": data["verdict"]})
+
+
+# --- the mirror strategy (``migrator.replication``) ---------------------------------------------
+
+
+def _mirror_decision(ctx: ActionContext, source) -> "replication.Decision":
+    """Decide the strategy again on fresh evidence: the source's PSYNC/ACL now, the RDB format from
+    the newest compatibility report for these servers (refused if the servers' versions changed since)."""
+    from migrator import replication, reports
+    from migrator.compat.identify import identify
+
+    pb = ctx.playbook
+    requested = pb.mirror.strategy
+    allowed = replication.source_allows_sync(source, pb.source.user)
+    report = reports.latest(pb.state_path, "compat", lambda r: r.get("endpoints_hash") == pb.endpoints_hash())
+    if report is None:
+        return replication.decide(requested, allowed, None, "no compatibility report for these servers "
+                                  f"(run: migrator compat -p {pb.path})")
+    now_version = identify(source.info("server")).version
+    if (report.get("source") or {}).get("version") not in (None, now_version):
+        return replication.decide(requested, allowed, None, f"the source now runs {now_version}, not the "
+                                  f"{report['source']['version']} compatibility report {report['id']} judged: "
+                                  f"run migrator compat -p {pb.path} again")
+    loads, why = replication.rdb_loadable(report.get("copy_method"), (report.get("replication") or {}).get("target_replicates_source"))
+    return replication.decide(requested, allowed, loads, f"{why} (report {report['id']})")
+
+
+@action("start_mirror")
+def start_mirror(ctx: ActionContext) -> ActionResult:
+    """Decide the mirror strategy on fresh evidence and, in replication, make the target a replica of the source."""
+    from migrator import replication
+    from migrator.command import crashpoint
+    from migrator.connect import connect
+    from migrator.state import MirrorMode
+
+    pb = ctx.playbook
+    if pb.mirror.strategy == "dual-write":
+        d = replication.decide("dual-write", replication.SyncAllowed(None, ""), None, "")
+        ctx.state.mirror = MirrorMode(d.strategy, d.why)
+        return ActionResult("start_mirror", True, f"mirror strategy dual-write: {d.why}", d.to_json())
+    source, target = connect(pb.source, "source"), connect(pb.target, "target")
+    try:
+        d = _mirror_decision(ctx, source)
+        data = {"decision": d.to_json()}
+        if not d.ok:
+            return ActionResult("start_mirror", False, d.why, data)
+        host, port = replication.source_address(pb)
+        if d.strategy == "dual-write":
+            note = ""
+            if replication.read(target).replicates(host, port):
+                # An earlier attach (the strategy decided differently then): shims will write to
+                # the target, which a replica would refuse.
+                note = "; " + replication.detach(target).evidence
+            ctx.state.mirror = MirrorMode(d.strategy, d.why)
+            ctx.store.journal("mirror-strategy", **d.to_json(), evidence=f"dual-write: {d.why}{note}")
+            return ActionResult("start_mirror", True, f"mirror strategy dual-write: {d.why}{note}", data)
+        out = replication.attach(pb, source, target)
+        data["attach"] = out.data
+        if not out.ok:
+            return ActionResult("start_mirror", False, out.evidence, data)
+        if not out.data.get("already") or replication.attachment(ctx.store.read_journal()) is None:
+            ctx.store.journal(replication.ATTACHED_EVENT, source_address=f"{host}:{port}",
+                              source_sync_full=out.data.get("source_sync_full"),
+                              source_offset=out.data.get("source_offset"), evidence=out.evidence)
+        crashpoint("after-attach")
+        ctx.store.journal("mirror-strategy", **d.to_json(), evidence=out.evidence)
+        ctx.state.mirror = MirrorMode(d.strategy, d.why)
+        return ActionResult("start_mirror", True, f"mirror strategy replication: {d.why}; {out.evidence}", data)
+    finally:
+        source.close()
+        target.close()
+
+
+@action("stop_mirror")
+def stop_mirror(ctx: ActionContext) -> ActionResult:
+    """Stop the target replicating the source (REPLICAOF NO ONE; it keeps its data) and forget the strategy."""
+    import redis
+
+    from migrator import replication
+    from migrator.connect import connect
+    from migrator.errors import UnreachableError
+
+    pb = ctx.playbook
+    was = replication.strategy_of(ctx.state)
+    evidence = "mirror strategy was dual-write: nothing to undo on the servers"
+    data: dict[str, Any] = {"strategy": was}
+    if was == "replication" or (ctx.state.mirror is None and pb.mirror.strategy != "dual-write"):
+        try:
+            target = connect(pb.target, "target")
+        except UnreachableError as e:
+            # The rollback onto the source must not depend on the target: say what is left to do.
+            evidence = (f"{e.message}: it may still replicate the source; run REPLICAOF NO ONE on it when it is back "
+                        "(advancing again re-attaches it as it is)")
+            data["detached"] = False
+        else:
+            try:
+                host, port = replication.source_address(pb)
+                t = replication.read(target)
+                if t.is_replica and not t.replicates(host, port):
+                    evidence = f"the target replicates {t.master_host}:{t.master_port}, not the source: left as it is"
+                else:
+                    evidence = replication.detach(target).evidence
+                data["detached"] = True
+            except redis.exceptions.RedisError as e:
+                return ActionResult("stop_mirror", False, f"REPLICAOF NO ONE on the target failed: {e}", data)
+            finally:
+                target.close()
+    ctx.state.mirror = None
+    ctx.store.save(ctx.state)
+    return ActionResult("stop_mirror", True, evidence, data)

@@ -641,6 +641,9 @@ def status(pb: Playbook, gates: bool = False) -> dict[str, Any]:
         "other_side": _other_side(state.phase, shims, alerts),
     }
     out.update(_live(ctx))
+    from migrator.data import replica
+
+    out["replication"] = replica.summary(pb, store, state, ctx.probe_timeout)
     if gates:
         out["next"] = next_gates(ctx)
     return out

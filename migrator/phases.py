@@ -61,8 +61,11 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.MIRRORING,
         description="mirror every write to Valkey and compare reads; the source stays authoritative",
         gates=("shim_running",),
+        # Decides the mirror strategy on fresh evidence and, in replication, makes the target a
+        # replica of the source, before shims learn of the new phase.
+        prepare=("start_mirror",),
         actions=("await_shim_ack",),
-        rollback_actions=("await_shim_ack",),
+        rollback_actions=("await_shim_ack", "stop_mirror"),
         rollback_description="stop mirroring at once; the source was authoritative throughout",
     ),
     Step(
@@ -70,8 +73,8 @@ STEPS: tuple[Step, ...] = (
         source=Phase.MIRRORING,
         dest=Phase.READS_ON_TARGET,
         description="serve reads from Valkey; writes still go to both, source first",
-        gates=("mirror_duration", "shim_ack", "no_lost_shims", "sides_live", "key_counts", "sync_complete", "no_dirty_keys",
-               "divergence", "latency", "error_rate", "consistency"),
+        gates=("mirror_duration", "shim_ack", "no_lost_shims", "sides_live", "key_counts", "sync_complete", "replica_in_sync",
+               "no_dirty_keys", "divergence", "latency", "error_rate", "consistency"),
         actions=("await_shim_ack",),
         rollback_actions=("await_shim_ack",),
         rollback_description="serve reads from the source again at once; writes kept going to both",

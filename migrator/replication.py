@@ -86,3 +86,345 @@ def read(client: Any, with_stats: bool = False) -> ReplStatus:
     """Read a server's replication status through a redis-py/valkey-py client."""
     info = client.info("replication")
     return parse(info, client.info("stats") if with_stats else None)
+
+
+# --- deciding the strategy: can the target replicate the source? ---------------------------------
+#
+# Read-only probes only: SYNC/PSYNC are never sent from a client to find out (that would start a
+# fork/BGSAVE on a production source). ``COMMAND INFO`` says whether the command exists (a
+# ``rename-command PSYNC ""`` removes it); ``ACL DRYRUN`` (7.0+) or the user's rules
+# (``ACL GETUSER``, 6.x) say whether the user the target will authenticate as may run it.
+
+REPLICA_COMMANDS = ("psync", "replconf")  # what a replica sends its primary (besides AUTH and PING)
+
+
+@dataclass(frozen=True)
+class SyncAllowed:
+    """Whether the source lets the configured user replicate from it; ``allowed`` None: could not tell."""
+
+    allowed: bool | None
+    why: str
+
+
+def _err_text(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def source_allows_sync(client: Any, user: str | None) -> SyncAllowed:
+    """Whether a replica authenticating as ``user`` (None: ``default``) can PSYNC from this server."""
+    import redis
+
+    name = user or "default"
+    from migrator.compat.rpc import _raw  # unparsed: redis-py's COMMAND parser fails on the nil of a missing command
+
+    try:
+        infos = _raw(client, ("COMMAND", "INFO", *REPLICA_COMMANDS))
+    except redis.exceptions.ResponseError as e:
+        return SyncAllowed(None, f"COMMAND INFO is not available on the source ({_err_text(e)})")
+    present = {(i[0].decode() if isinstance(i[0], bytes) else str(i[0])).lower() for i in infos or [] if i}
+    missing = [c for c in REPLICA_COMMANDS if c not in present]
+    if missing:
+        return SyncAllowed(False, f"the source has no {'/'.join(m.upper() for m in missing)} command "
+                                  "(renamed or disabled, as managed services do)")
+    try:
+        denied = []
+        for args in (("PSYNC", "?", "-1"), ("REPLCONF", "listening-port", "6379")):
+            reply = client.execute_command("ACL", "DRYRUN", name, *args)
+            reply = reply.decode() if isinstance(reply, bytes) else str(reply)
+            if reply.upper() != "OK":
+                denied.append(f"{args[0]} ({reply})")
+        if denied:
+            return SyncAllowed(False, f"the source's ACL denies user {name!r}: {'; '.join(denied)}")
+        return SyncAllowed(True, f"PSYNC present and allowed for user {name!r} (ACL DRYRUN)")
+    except redis.exceptions.ResponseError as e:
+        dryrun_error = _err_text(e)
+    return _allowed_by_rules(client, name, dryrun_error)
+
+
+def _allowed_by_rules(client: Any, name: str, dryrun_error: str) -> SyncAllowed:
+    """Before Redis 7.0 (no ACL DRYRUN): the user's command rules, evaluated like the server does."""
+    import redis
+
+    try:
+        raw = client.execute_command("ACL", "GETUSER", name)
+    except redis.exceptions.ResponseError as e:
+        return SyncAllowed(None, f"cannot read user {name!r}'s ACL on the source (ACL DRYRUN: {dryrun_error}; "
+                                 f"ACL GETUSER: {_err_text(e)})")
+    if raw is None:
+        return SyncAllowed(False, f"the source has no ACL user {name!r}")
+    fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2]))
+    fields = {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in fields.items()}
+    flags = [f.decode() if isinstance(f, bytes) else str(f) for f in fields.get("flags", [])]
+    if "off" in flags:
+        return SyncAllowed(False, f"the source's ACL user {name!r} is disabled")
+    rules = fields.get("commands", b"")
+    rules = (rules.decode() if isinstance(rules, bytes) else str(rules)).split()
+    from migrator.compat.acl import allowed, units
+    from migrator.compat.commands import parse_spec
+    from migrator.compat.rpc import _raw
+
+    try:
+        universe = units({s.name: s for s in map(parse_spec, _raw(client, ("COMMAND",)))})
+    except redis.exceptions.ResponseError as e:
+        return SyncAllowed(None, f"cannot read the source's command table to evaluate user {name!r}'s rules ({_err_text(e)})")
+    may = allowed(tuple(r.lower() for r in rules if r[:1] in "+-"), universe)
+    if "psync" in may:
+        return SyncAllowed(True, f"PSYNC present and allowed for user {name!r} by its rules ({' '.join(rules)})")
+    return SyncAllowed(False, f"the source's ACL denies PSYNC to user {name!r} ({' '.join(rules) or 'no rules'})")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The mirror strategy for a pair: ``strategy`` in effect, ``why``; ``ok`` False when the
+    playbook asks for ``replication`` and it cannot work (the pre-flight then fails)."""
+
+    requested: str  # auto | replication | dual-write
+    strategy: str  # replication | dual-write
+    why: str
+    ok: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requested": self.requested, "strategy": self.strategy, "why": self.why, "ok": self.ok}
+
+
+def decide(requested: str, allowed: SyncAllowed, loads_rdb: bool | None, rdb_why: str) -> Decision:
+    """The strategy from the evidence: the source allows PSYNC, and the target loads its RDB."""
+    if requested == "dual-write":
+        return Decision(requested, "dual-write", "mirror.strategy is dual-write: each shim writes to both servers")
+    problems = []
+    if allowed.allowed is not True:
+        problems.append(allowed.why if allowed.allowed is False else f"could not confirm the source allows PSYNC: {allowed.why}")
+    if loads_rdb is not True:
+        problems.append(rdb_why)
+    if not problems:
+        return Decision(requested, "replication", f"{allowed.why}; {rdb_why}")
+    why = "; ".join(problems)
+    if requested == "replication":
+        return Decision(requested, "replication", f"mirror.strategy is replication but it cannot work: {why}", ok=False)
+    return Decision(requested, "dual-write", f"auto chose dual-write: {why}")
+
+
+def rdb_loadable(copy_method: str | None, replication_fact: str | None) -> tuple[bool | None, str]:
+    """Whether the target loads the source's RDB, from the compat data-format facts."""
+    if copy_method is None and not replication_fact:
+        return None, "the data-format check did not run, so it is unknown whether the target loads the source's RDB"
+    fact = replication_fact or ""
+    if copy_method == "dump-restore" and not fact.startswith("does not work: the target"):
+        return True, "the target loads the source's RDB format (DUMP/RESTORE canaries)"
+    return False, "the target cannot load the source's RDB format (a full sync would fail)"
+
+
+# --- attaching and detaching the target ----------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a role change did (or why it refused): one line of evidence and the facts behind it."""
+
+    ok: bool
+    evidence: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def source_address(pb: Any) -> tuple[str, int]:
+    """host:port the target uses to reach the source: ``mirror.replication.source_address`` or the source URL's."""
+    addr = pb.mirror.replication.source_address
+    if addr:
+        from migrator.playbook import split_hostport
+
+        host, port = split_hostport(addr)
+        return host, int(port)
+    return pb.source.host, pb.source.port
+
+
+def keys_held(client: Any) -> int:
+    """Keys in every database of a server (INFO keyspace)."""
+    return sum(int(v.get("keys", 0)) for k, v in client.info("keyspace").items() if k.startswith("db") and isinstance(v, dict))
+
+
+def _config_for_source(pb: Any) -> list[tuple[str, str]]:
+    """The target's settings for authenticating (and TLS) to the source, from the source endpoint."""
+    src = pb.source
+    out = []
+    if src.password:
+        out.append(("masterauth", src.password))
+    if src.user:
+        out.append(("masteruser", src.user))
+    if src.use_tls:
+        out.append(("tls-replication", "yes"))
+    return out
+
+
+def attach(pb: Any, source: Any, target: Any) -> Outcome:
+    """Make the target a replica of the source (``REPLICAOF``); idempotent, never waits for the full sync.
+
+    Refuses a target that holds keys (``REPLICAOF`` discards them) unless
+    ``mirror.replication.replace_target_data``, and a target that replicates another server.
+    A target already replicating this source (a re-run after a crash) is left as it is.
+    """
+    import redis
+
+    host, port = source_address(pb)
+    where = f"{host}:{port}"
+    t = read(target)
+    src = read(source, with_stats=True)
+    data = {"source_address": where, "source_offset": src.master_repl_offset, "source_replid": src.master_replid,
+            "source_sync_full": src.sync_full, "target_role": t.role}
+    if t.replicates(host, port):
+        data["already"] = True
+        link = "up" if t.link_up else "down"
+        return Outcome(True, f"the target already replicates the source at {where} (link {link}, "
+                             f"offset {t.replica_offset}); left as it is", data)
+    if t.is_replica:
+        return Outcome(False, f"the target is a replica of {t.master_host}:{t.master_port}, not of the source at {where}: "
+                              "run REPLICAOF NO ONE on it (or point mirror.replication.source_address at the source "
+                              "as the target sees it)", data)
+    held = keys_held(target)
+    data["target_keys"] = held
+    replace = pb.mirror.replication.replace_target_data
+    if held and not replace:
+        return Outcome(False, f"the target holds {held:,} key(s) and REPLICAOF would discard them: empty it (FLUSHALL) "
+                              "or set mirror.replication.replace_target_data: true", data)
+    settings = _config_for_source(pb)
+    try:
+        for name, value in settings:
+            target.config_set(name, value)
+    except redis.exceptions.ResponseError as e:
+        return Outcome(False, f"cannot configure the target to reach the source (CONFIG SET "
+                              f"{'/'.join(n for n, _ in settings)}: {_err_text(e)}): allow CONFIG for migrator's user "
+                              "on the target, or use mirror.strategy: dual-write", data)
+    try:
+        target.execute_command("REPLICAOF", host, str(port))
+    except redis.exceptions.ResponseError as e:
+        return Outcome(False, f"REPLICAOF {where} refused by the target: {_err_text(e)}", data)
+    data["configured"] = [n for n, _ in settings]
+    discarded = f"; {held:,} key(s) on the target discarded (replace_target_data)" if held else ""
+    return Outcome(True, f"the target now replicates the source at {where}"
+                         f"{' (' + ', '.join(n for n, _ in settings) + ' set)' if settings else ''}; its full sync runs "
+                         f"in the background (gate replica_in_sync){discarded}", data)
+
+
+def detach(target: Any) -> Outcome:
+    """Stop the target replicating (``REPLICAOF NO ONE``): it keeps the data it has. Idempotent."""
+    t = read(target)
+    if not t.is_replica:
+        return Outcome(True, "the target is not a replica (already detached)", {"target_role": t.role})
+    target.execute_command("REPLICAOF", "NO", "ONE")
+    return Outcome(True, f"the target stopped replicating {t.master_host}:{t.master_port} at offset {t.replica_offset} "
+                         "(REPLICAOF NO ONE); it keeps its data", {"offset": t.replica_offset})
+
+
+# --- watching the initial sync and the lag -------------------------------------------------------
+
+
+@dataclass
+class SyncState:
+    """One reading of how far the target is behind the source, and whether that is healthy."""
+
+    in_sync: bool
+    problem: str | None  # stalled / looping / timed out / not replicating; None when healthy or progressing
+    evidence: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at: float | None = None,
+                  sync_full_at_attach: int | None = None, sync_timeout: float = 3600.0, stall_timeout: float = 60.0,
+                  now: float | None = None) -> SyncState:
+    """Where the target's replication of the source stands, read fresh from both servers.
+
+    In sync: the link is up, no full sync is loading, the replica applied the same replication
+    history (its primary's replid is the source's) up to at least the source's offset read just
+    before it. Offsets are read source, target, source: the lag reported is the second
+    source reading minus the target's.
+    """
+    import time
+
+    now = time.time() if now is None else now
+    s1 = read(source, with_stats=True)
+    t = read(target)
+    s2 = read(source)
+    data: dict[str, Any] = {"source_offset": s2.master_repl_offset, "target_role": t.role,
+                            "link": None, "target_offset": t.replica_offset, "lag_bytes": None,
+                            "sync_in_progress": t.sync_in_progress, "source_sync_full": s1.sync_full}
+    elapsed = now - attached_at if attached_at else None
+    data["since_attach_s"] = round(elapsed, 1) if elapsed is not None else None
+    restarts = (s1.sync_full - sync_full_at_attach) if s1.sync_full is not None and sync_full_at_attach is not None else None
+    data["full_syncs_since_attach"] = restarts
+    if not t.replicates(host, port):
+        what = (f"replicates {t.master_host}:{t.master_port}" if t.is_replica else
+                "is not a replica (REPLICAOF NO ONE was run, or it restarted without its replica setting)")
+        return SyncState(False, "not-replicating", f"the target {what}, not the source at {host}:{port}: "
+                         "writes to the source no longer reach it", data)
+    data["link"] = "up" if t.link_up else "down"
+    info = target.info("replication")
+    last_io = info.get("master_sync_last_io_seconds_ago")
+    loops = f"; the source served {restarts} full syncs since the target was attached" if restarts and restarts > 1 else ""
+    overdue = elapsed is not None and elapsed > sync_timeout
+    if t.sync_in_progress or not t.link_up:
+        if t.sync_in_progress:
+            total = t.sync_total_bytes
+            got = t.sync_read_bytes or 0
+            done = f"{got:,} of {total:,} bytes" if total and total > 0 else f"{got:,} bytes read (diskless: size unknown)"
+            ev = f"initial full sync in progress: {done}"
+            stalled = last_io is not None and int(last_io) >= stall_timeout
+            data["last_io_s"] = int(last_io) if last_io is not None else None
+        else:
+            down = t.link_down_since if t.link_down_since is not None else -1
+            if down < 0 and elapsed is not None:
+                down = int(elapsed)  # never connected since REPLICAOF: down since then
+            ev = f"replication link down ({'for ' + str(down) + ' s' if down > 0 else 'connecting'})"
+            stalled = down >= stall_timeout
+        if elapsed is not None:
+            ev += f", {elapsed:.0f} s since REPLICAOF"
+        if overdue:
+            return SyncState(False, "timed-out", f"{ev}{loops}: past mirror.replication.sync_timeout "
+                             f"({sync_timeout:.0f} s); see the target's and the source's logs", data)
+        if stalled:
+            return SyncState(False, "stalled", f"{ev}{loops}: no progress for {stall_timeout:.0f} s "
+                             "(mirror.replication.stall_timeout): is the source stopped, or the network between them cut?",
+                             data)
+        if restarts is not None and restarts > 2:
+            return SyncState(False, "looping", f"{ev}{loops}: the full sync keeps restarting (client-output-buffer-limit "
+                             "replica or repl-timeout on the source too small for the data set?)", data)
+        return SyncState(False, None, ev + loops, data)
+    if t.master_replid != s2.master_replid and s2.master_replid:
+        data["target_replid"] = t.master_replid
+        return SyncState(False, None, "the target's replication history differs from the source's (a resync is due)", data)
+    lag = max(0, s2.master_repl_offset - (t.replica_offset or 0))
+    data["lag_bytes"] = lag
+    if (t.replica_offset or 0) >= s1.master_repl_offset:
+        return SyncState(True, None, f"replica in sync, lag {lag} bytes at offset {t.replica_offset}{loops}", data)
+    behind = s1.master_repl_offset - (t.replica_offset or 0)
+    return SyncState(False, None, f"replica catching up: {behind:,} bytes behind the source (offset {t.replica_offset} "
+                     f"of {s1.master_repl_offset}){loops}", data)
+
+
+def wait_caught_up(source: Any, target: Any, timeout: float = 5.0) -> bool:
+    """Wait until the target's applied offset reaches the source's offset as read now (lag-aware compares)."""
+    import time
+
+    goal = read(source).master_repl_offset
+    deadline = time.monotonic() + timeout
+    while True:
+        t = read(target)
+        if t.is_replica and (t.replica_offset or 0) >= goal:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+# --- what the phase machine reads -----------------------------------------------------------------
+
+ATTACHED_EVENT = "replica-attached"
+
+
+def strategy_of(state: Any) -> str:
+    """The mirror strategy in effect for a migration's state: ``dual-write`` unless recorded otherwise."""
+    mirror = getattr(state, "mirror", None)
+    return mirror.strategy if mirror else "dual-write"
+
+
+def attachment(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest journaled attach of the target (when, and the source's sync counter then)."""
+    return next((e for e in reversed(entries) if e.get("event") == ATTACHED_EVENT), None)

@@ -90,14 +90,23 @@ def _progress_logs_visible(cctx: click.Context) -> None:
               help="Elements per read of a big key; keys with more elements are copied in chunks.")
 @click.option("--no-keyspace-events", "no_events", is_flag=True,
               help="Do not turn on the source's keyspace events; verify every key by re-reading both sides instead.")
+@click.option("--wait", is_flag=True,
+              help="Replication strategy: wait until the target's own full sync is done and its lag is nil.")
 @output_option
 @pass_ctx
 @click.pass_context
-def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch, chunk, no_events: bool, output: str) -> None:
-    """Copy every key from source to target (resumable; verified against live mirrored writes)."""
+def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch, chunk, no_events: bool, wait: bool,
+         output: str) -> None:
+    """Copy every key from source to target (resumable; verified against live mirrored writes).
+
+    In the replication strategy it copies nothing: it reports (with --wait, follows) the target's
+    own full sync and lag, and exits 0 once the target is in sync."""
     if restart and dirty:
         raise UsageError("--restart and --dirty cannot be combined")
     pb = ctx.load_playbook()
+    if sync_mod.replicated(pb):
+        _replica_sync(cctx, pb, wait, output)
+        return
     _progress_logs_visible(cctx)
     _fewer_collections()
     try:
@@ -116,6 +125,32 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
         click.echo(f"{report['verdict'].upper()}: {redact(report['summary'])}")
         click.echo(f"report: {res.report_id} ({reports.reports_dir(pb.state_path)})")
     if not res.complete:
+        cctx.exit(1)
+
+
+def _replica_sync(cctx: click.Context, pb, wait: bool, output: str) -> None:
+    """``sync`` in the replication strategy: the server's own full sync, reported (and watched)."""
+    from migrator.data import replica
+    from migrator.state import StateStore
+
+    store = StateStore(pb.state_path, pb.name)
+    seen: list[str] = []
+
+    def show(st) -> None:
+        if output != "json" and st.evidence not in seen[-1:]:
+            seen.append(st.evidence)
+            if not st.in_sync and wait:
+                click.echo(f"waiting: {st.evidence}")
+
+    st = replica.watch(pb, store, wait=wait, on_update=show)
+    if output == "json":
+        emit_json({"strategy": "replication", "copied": 0, "in_sync": st.in_sync, "problem": st.problem,
+                   "evidence": st.evidence, **st.data})
+    else:
+        head = "IN SYNC" if st.in_sync else (st.problem or "not in sync").upper()
+        click.echo(f"{head}: {st.evidence}")
+        click.echo("nothing copied: the target replicates the source (mirror strategy replication)")
+    if not st.in_sync:
         cctx.exit(1)
 
 

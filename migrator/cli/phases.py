@@ -224,6 +224,15 @@ def status_view(st: dict, history: int = 10) -> list[RenderableType]:
              f"{'[red]' if m['divergent'] else ''}{m['divergent']:,} divergent{'[/]' if m['divergent'] else ''} "
              f"(rate {rate}){f' — {kinds}' if kinds else ''}")
         line(f"Dirty keys: {'[red]' if st['dirty_keys'] else ''}{st['dirty_keys']:,}{'[/]' if st['dirty_keys'] else ''}")
+    r = st.get("replication")
+    if r:
+        line(f"Mirror strategy: [bold]{escape(r['strategy'])}[/] — {escape(r['why'])}")
+        if r.get("evidence"):
+            color = "green" if r.get("in_sync") else ("red" if r.get("problem") else "yellow")
+            line(f"  replication: [{color}]{escape(r['evidence'])}[/] (link {r.get('link') or '-'}, source offset "
+                 f"{r.get('source_offset', '-')}, target offset {r.get('target_offset', '-')})")
+        if r.get("reverse"):
+            line(f"  rollback window: {escape(r['reverse'])} — {escape(r.get('reverse_why') or '')}")
     for kind, job in (st.get("jobs") or {}).items():
         if job:
             line(f"{kind.capitalize()}: {_job_line(job)}")

@@ -20,6 +20,7 @@ class Identity:
     mode: str  # "standalone", "cluster" or "sentinel"
     role: str  # "master" or "slave"
     redis_version: str  # what INFO says under that name (7.2.4 on every Valkey)
+    master: str = ""  # host:port of its primary, when it is a replica
 
     @property
     def version_tuple(self) -> tuple[int, ...]:
@@ -51,6 +52,7 @@ def identify(info: dict[str, Any]) -> Identity:
         mode=mode,
         role=str(info.get("role", "master")),
         redis_version=str(info.get("redis_version", "")),
+        master=f"{info.get('master_host')}:{info.get('master_port')}" if str(info.get("role")) == "slave" else "",
     )
 
 
@@ -69,15 +71,21 @@ def identity_check(source: Identity, target: Identity) -> Check:
     return Check("identity", "Identity and versions", PASS, evidence, "", data)
 
 
-def topology_check(source: Identity, target: Identity) -> Check:
-    """Cluster or sentinel mode on either side, or a read-only replica as the target, fails."""
+def topology_check(source: Identity, target: Identity, source_address: str | None = None) -> Check:
+    """Cluster or sentinel mode on either side, or a read-only replica as the target, fails.
+
+    ``source_address`` (host:port as the target reaches the source) is given where the mirror
+    strategy may be replication: a target replicating exactly that source is then the
+    strategy's own mirror, not a misconfiguration.
+    """
     problems, fixes = [], []
+    own_mirror = bool(source_address) and target.role != "master" and target.master == source_address
     for role, ident in (("source", source), ("target", target)):
         if ident.mode != "standalone":
             problems.append(f"the {role} runs in {ident.mode} mode")
             fixes.append(f"migrate the {role}'s shards one standalone node at a time, or use a cluster-aware tool"
                          if ident.mode == "cluster" else f"point the {role} URL at the data node, not at sentinel")
-    if target.role != "master":
+    if target.role != "master" and not own_mirror:
         problems.append("the target is a replica (read-only), so nothing can be written to it")
         fixes.append("run REPLICAOF NO ONE on the target, or point the target URL at its primary")
     modes = {"source": {"mode": source.mode, "role": source.role}, "target": {"mode": target.mode, "role": target.role}}
@@ -86,4 +94,7 @@ def topology_check(source: Identity, target: Identity) -> Check:
                      "; ".join(problems) + ": migrator moves one standalone primary to another "
                      "(the shim, sync and cutover address one keyspace, not hash slots across nodes)",
                      "; ".join(fixes), modes)
+    if own_mirror:
+        return Check("topology", "Standalone servers", PASS, f"both servers are standalone; the target replicates this "
+                     f"source ({source_address}), as the replication mirror strategy makes it", "", modes)
     return Check("topology", "Standalone servers", PASS, "both servers are standalone; the target is a primary", "", modes)

@@ -5,6 +5,7 @@ Migrator's own keys (``__migrator:*``, e.g. a concurrent run's canaries) do not 
 
 from __future__ import annotations
 
+from migrator import replication
 from migrator.compat.model import FAIL, PASS, WARN, Check
 from migrator.compat.probe import Probe
 
@@ -42,6 +43,15 @@ def keyspace_check(probe: Probe) -> Check:
         return Check("keyspace", "Keyspace", PASS, evidence + "; the target is empty", "", data)
     where = ", ".join(f"db{db}: {n}" for db, n in sorted(target_keys.items()))
     evidence += f"; the target holds {sum(target_keys.values())} key(s) ({where})"
+    repl = probe.playbook.mirror
+    if repl.strategy != "dual-write":
+        host, port = replication.source_address(probe.playbook)
+        if probe.target_id.master == f"{host}:{port}":
+            return Check("keyspace", "Keyspace", PASS, evidence + f", replicated from the source ({host}:{port})", "", data)
+    if repl.strategy != "dual-write" and repl.replication.replace_target_data:
+        return Check("keyspace", "Keyspace", WARN, evidence + ": if the mirror strategy is replication, REPLICAOF "
+                     "discards them (mirror.replication.replace_target_data: true)",
+                     "make sure the target's keys are not needed", data)
     if allow:
         return Check("keyspace", "Keyspace", WARN, evidence + " (allowed by steps.compatibility.allow_non_empty_target)",
                      "make sure the target's keys cannot collide with the source's: the sync overwrites same-named keys",

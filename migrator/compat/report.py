@@ -69,7 +69,14 @@ def _copy_rows(data: dict) -> list[tuple[str, Any]]:
             ("rollback copy method (rollback_copy_method)", data.get("rollback_copy_method") or "none"),
             ("RDB version written by source / target", f"{versions.get('source')} / {versions.get('target')}"),
             ("target as replica of source", rep.get("target_replicates_source", "not checked")),
-            ("source as replica of target (rollback)", rep.get("source_replicates_target", "not checked"))]
+            ("source as replica of target (rollback)", rep.get("source_replicates_target", "not checked")),
+            ("mirror strategy", _strategy(data.get("mirror")))]
+
+
+def _strategy(mirror: dict | None) -> str:
+    if not mirror:
+        return "not decided"
+    return f"{mirror['strategy']}{'' if mirror.get('ok', True) else ' (CANNOT WORK)'} (asked: {mirror['requested']}): {mirror['why']}"
 
 
 def _keyspace_rows(data: dict) -> list[tuple]:

@@ -12,11 +12,12 @@ from typing import Callable
 
 import redis
 
-from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, suite
+from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
 from migrator.compat import report as report_files
 from migrator.compat.rpc import Side, Unavailable, first_line
+from migrator import replication
 from migrator.errors import RefusedError
 from migrator.playbook import Playbook
 
@@ -26,11 +27,14 @@ CheckFn = Callable[[Probe], Check]
 CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("identity", "Identity and versions", lambda p: identify.identity_check(p.source_id, p.target_id),
      "compare the server versions in the provider's console"),
-    ("topology", "Standalone servers", lambda p: identify.topology_check(p.source_id, p.target_id),
+    ("topology", "Standalone servers", lambda p: identify.topology_check(p.source_id, p.target_id, _replicating(p)),
      "confirm both servers run standalone"),
     ("keyspace", "Keyspace", keyspace.keyspace_check, "run INFO keyspace on the target and confirm it is empty"),
     ("data.format", "Data format and copy method", dataformat.data_format_check,
      "DUMP a key on the source and RESTORE it on the target under a test name"),
+    ("mirror.strategy", strategy.TITLE, strategy.strategy_check,
+     "check that the source runs PSYNC for migrator's user (ACL DRYRUN <user> PSYNC ? -1) and that the target "
+     "reads the source's RDB version"),
     ("data.types", "Data the target cannot hold", modules.data_types_check,
      "look for module types, vector sets and hash field TTLs on the source"),
     ("modules", "Modules", modules.modules_check, "compare the modules loaded on both servers in the provider's console"),
@@ -49,6 +53,14 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
 # Checks that write (canaries, test data) are skipped when the topology is wrong: a cluster
 # answers MOVED and a replica refuses writes, which would only add noise.
 _WRITES = frozenset({"data.format", "tests"})
+
+
+def _replicating(probe: Probe) -> str | None:
+    """host:port of the source as the target reaches it, where the mirror strategy may be replication."""
+    if probe.playbook.mirror.strategy == "dual-write":
+        return None
+    host, port = replication.source_address(probe.playbook)
+    return f"{host}:{port}"
 
 
 def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> Check:
@@ -93,7 +105,7 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
     finally:
         source.close()
         target.close()
-    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions")}
+    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions", "mirror")}
     data = {
         "source": {"url": playbook.source.display, **probe.source_id.to_json()},
         "target": {"url": playbook.target.display, **probe.target_id.to_json()},

@@ -126,6 +126,11 @@ class _Run:
     transient: int = 0
     in_flux: int = 0
     progress: progress_mod.Publisher | None = None  # for `migrator status --watch`
+    # When one side replicates the other: wait until the replica has applied what its primary
+    # had before a recheck, so replication lag never counts as a mismatch (``_lag_waiter``).
+    catch_up: object = None
+    lag_waits: int = 0
+    lag_unmet: int = 0
 
     def open(self, db: int) -> _Db:
         src, dst = connect(self.pb.source, "source", db=db), connect(self.pb.target, "target", db=db)
@@ -162,6 +167,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
         selection = Selection.from_config(playbook.sync)
         src0, dst0 = connect(playbook.source, "source"), connect(playbook.target, "target")
         dbs = databases(selection, src0, dst0)
+        r.catch_up = _lag_waiter(src0, dst0, max(5.0, r.interval * 10))
         src_sizes, dst_sizes = keyspace_sizes(src0), keyspace_sizes(dst0)
         counts = {db: {"source": src_sizes.get(db, 0), "target": dst_sizes.get(db, 0)} for db in dbs}
         n = sample or cfg.sample
@@ -351,11 +357,30 @@ def _classify(r: _Run, d: _Db, keys: list[bytes], fs, fd, differing: dict[bytes,
             differing[k] = (diff, s, t)
 
 
+def _lag_waiter(src: redis.Redis, dst: redis.Redis, timeout: float):
+    """A function waiting until the replica side has applied its primary's offset as read when it is
+    called, if one side replicates the other (same replication history); None otherwise."""
+    from migrator import replication
+
+    s, t = replication.read(src), replication.read(dst)
+    if t.is_replica and t.master_replid == s.master_replid:
+        return lambda: replication.wait_caught_up(src, dst, timeout)
+    if s.is_replica and s.master_replid == t.master_replid:
+        return lambda: replication.wait_caught_up(dst, src, timeout)
+    return None
+
+
 def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:
-    for _round in range(1, r.rounds):
+    # With replication, a differing key is compared again at least once, after the replica
+    # caught up with the offset its primary had when the first comparison was over.
+    for _round in range(1, max(r.rounds, 2 if r.catch_up and found else 1)):
         if not found:
             break
         time.sleep(r.interval)
+        if r.catch_up:
+            r.lag_waits += 1
+            if not r.catch_up():
+                r.lag_unmet += 1
         keys = list(found)
         s_states, d_states = _both(r, d, keys)
         still: dict[bytes, tuple] = {}

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from migrator import reports, sides
+from migrator import replication, reports, sides
 from migrator.data import dirty, stats
 from migrator.gates import GateContext, gate, repair_advice
 from migrator.state import parse_iso
@@ -29,6 +29,9 @@ def voided(ctx: GateContext, report: dict | None, began: str | None) -> list[str
 @gate("sync_complete")
 def sync_complete(ctx: GateContext):
     """A full sync started in this phase completed and verified every key; no dirty keys wait."""
+    if replication.strategy_of(ctx.state) == "replication":
+        return True, ("not needed: the mirror strategy is replication, so the target's copy is the server's own full "
+                      "sync (gate replica_in_sync judges it)"), {"strategy": "replication"}
     state_dir = ctx.playbook.state_path
     last = reports.latest(state_dir, "sync", lambda r: r.get("mode") == "full")
     if last is None:
@@ -74,3 +77,14 @@ def consistency(ctx: GateContext):
     ev = (f"consistency check at {last['created_at'][11:16]}: {k} mismatch{'es' if k != 1 else ''} in {n:,} keys "
           f"({kind} {stats.format_rate(bound)} {rel} {stats.format_rate(limit)})")
     return k == 0 and bound < limit, ev, data
+
+
+@gate("replica_in_sync")
+def replica_in_sync(ctx: GateContext):
+    """In the replication strategy: the target's link is up, its full sync done, its offset at the source's."""
+    if replication.strategy_of(ctx.state) != "replication":
+        return True, "not the strategy in use: mirroring is dual-write, so sync_complete applies", {"strategy": "dual-write"}
+    from migrator.data import replica
+
+    st = replica.status(ctx.playbook, ctx.store, ctx.probe_timeout)
+    return st.in_sync, st.evidence, {**st.data, "problem": st.problem}

@@ -163,6 +163,15 @@ class _Run:
             return None
 
 
+def replicated(playbook: Playbook) -> bool:
+    """Whether the target replicates the source now (the replication strategy, mirroring or reads-on-target)."""
+    from migrator import replication
+
+    state = StateStore(playbook.state_path, playbook.name).load()
+    return (replication.strategy_of(state) == "replication"
+            and state.phase in (Phase.MIRRORING, Phase.READS_ON_TARGET))
+
+
 def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate: float | None = None,
         batch: int | None = None, progress: ProgressFn | None = None, chunk: int = DEFAULT_CHUNK,
         settle: float | None = None, keyspace_events: bool = True) -> SyncResult:
@@ -173,6 +182,10 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
     """
     state_dir = playbook.state_path
     phase = StateStore(state_dir, playbook.name).load().phase
+    if replicated(playbook):
+        raise RefusedError("the target replicates the source (mirror strategy replication): its copy is the server's "
+                           f"own full sync, nothing to copy; `migrator sync -p {playbook.path}` reports it "
+                           "(migrator.data.replica.watch)")
     if phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED):
         raise RefusedError(
             f"the migration is {phase}: the target is authoritative and a sync (source → target) would overwrite "

@@ -1,0 +1,38 @@
+"""The mirror strategy for this pair: replication where the source allows it, else dual-write.
+
+``mirror.strategy: auto`` becomes ``replication`` when the source lets the playbook's user run
+PSYNC (the command exists, is not renamed away, and the ACL allows it) and the target loads the
+source's RDB (the data-format check's canaries); otherwise ``dual-write``, saying why. An
+explicit ``replication`` that cannot work fails the pre-flight. Probing is read-only: SYNC/PSYNC
+are never sent (that would make the source fork for a BGSAVE).
+"""
+
+from __future__ import annotations
+
+from migrator import replication
+from migrator.compat.model import FAIL, PASS, Check
+from migrator.compat.probe import Probe
+
+TITLE = "Mirror strategy"
+
+
+def decision(probe: Probe) -> replication.Decision:
+    requested = probe.playbook.mirror.strategy
+    allowed = probe.source.guard("COMMAND INFO", lambda: replication.source_allows_sync(
+        probe.source.client, probe.playbook.source.user))
+    loads, rdb_why = replication.rdb_loadable(probe.facts.get("copy_method"),
+                                              (probe.facts.get("replication") or {}).get("target_replicates_source"))
+    d = replication.decide(requested, allowed, loads, rdb_why)
+    probe.facts["mirror"] = d.to_json()
+    return d
+
+
+def strategy_check(probe: Probe) -> Check:
+    d = decision(probe)
+    data = d.to_json()
+    evidence = f"mirror.strategy {d.requested}: {d.strategy} — {d.why}"
+    if not d.ok:
+        return Check("mirror.strategy", TITLE, FAIL, evidence,
+                     "allow PSYNC and REPLCONF for migrator's source user (and use a target that loads the source's "
+                     "RDB), or set mirror.strategy: dual-write (or auto)", data)
+    return Check("mirror.strategy", TITLE, PASS, evidence, "", data)
