@@ -152,6 +152,13 @@ class ShimConfig(_Strict):
     # Upstream connections per side kept from ended sessions for the next client (reset with
     # RESET in between); 0: each session opens its own.
     pool_size: int = Field(16, ge=0, le=1024)
+    # The replication strategy (mirror.strategy): a compared read that differs from the replica's
+    # is confirmed against the replication offsets for at most this long, then counted as
+    # unconfirmed (never as a divergence).
+    replica_lag_timeout: Duration = timedelta(seconds=5)
+    # In reads-on-target with the replication strategy: a connection's reads after its own write
+    # are answered by the source until the replica has that write (false: always the replica).
+    read_your_writes: bool = True
 
     _resolved_password: str | None = PrivateAttr(default=None)
 

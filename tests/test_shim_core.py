@@ -24,6 +24,7 @@ from migrator.shim.commands import SOURCE, TARGET, CommandTable, parse_command_r
 from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder
 from migrator.shim.resp import encode
+from migrator.shim.lag import OffsetTracker
 from migrator.shim.routing import ROUTES
 from migrator.shim.scripts import sha1_hex
 from migrator.shim.sequencer import Sequencer
@@ -113,6 +114,12 @@ class Host:
         self.ttl_tolerance_ms = 1000
         self.client_window = max(64, self.cfg.mirror_queue_size // 8)
         self.routes = ROUTES[phase]
+        self.mode = "dual-write"
+        self.lag_aware = False
+        self.ryw = False
+        self.sequence_keys = True
+        self.tracker = OffsetTracker()
+        self.mismatches: list = []
         self.generation = 1
         self.holding = False
         self.stalled_until = 0.0
@@ -147,6 +154,9 @@ class Host:
 
     def entry_finished(self, gen: int, count: int = 1) -> None:
         self.outstanding[gen] = self.outstanding.get(gen, 0) - count
+
+    def confirm_mismatch(self, m) -> None:
+        self.mismatches.append(m)
 
     def side_failed(self, side: int, reason: str) -> None:
         self.side_failures.append((side, reason))

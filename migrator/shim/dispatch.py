@@ -28,8 +28,33 @@ from migrator.shim.scripts import is_script_flush
 from migrator.shim.sequencer import GRANTED
 
 
+# What counts as a write for read-your-writes, besides the write classes (Entry.write).
+_RYW_WRITES = frozenset({Cls.TX, Cls.SCRIPT, Cls.BLOCKING})
+
+
 class Dispatch:
     """The session's routing of one command into an entry."""
+
+    def _ryw_redirect(self) -> bool:
+        """Read-your-writes while a replica answers reads: must the primary answer this read?
+
+        Yes while one of this connection's writes is unacknowledged, and after that until the
+        replica's offset reaches the primary's offset read after the last write was
+        acknowledged (``shim.lag.OffsetTracker``, polled quickly while a connection waits on it).
+        Other connections' reads, and this one's once the replica has caught up, go to the replica.
+        """
+        if self.ryw_pending:
+            return True
+        if self.ryw_acked is None:
+            return False
+        tracker = self.shim.tracker
+        if self.ryw_offset is None:
+            self.ryw_offset = tracker.primary_offset_since(self.ryw_acked)
+        if self.ryw_offset is not None and tracker.caught_up(self.ryw_offset):
+            self.ryw_acked = self.ryw_offset = None
+            return False
+        tracker.demand(time.monotonic())
+        return True
 
     def _db(self, side: int) -> int:
         return self.db if self.db is not None else self.shim.endpoint_dbs[side]
@@ -42,8 +67,16 @@ class Dispatch:
         e.tx = tx
         answer, shadow = plan.answer, plan.shadow
         cls = e.cls
+        if shim.ryw and cls is Cls.READ and tx is None and self.tx is None and self._ryw_redirect():
+            # This connection wrote something the replica may not have yet: the primary answers.
+            answer, shadow = shim.tracker.primary, None
+            stats.ryw_redirects += 1
         if shadow is not None and plan.sampled and not shim.sample():
             shadow = None
+        if shadow is not None and shim.lag_aware and plan.compare and cls is Cls.READ and not shim.tracker.ready:
+            # The replica is loading its initial sync, or its link is down: nothing to compare.
+            shadow = None
+            stats.lag_skipped += 1
         if plan.fallback and shim.dirty.keys and shim.dirty.is_dirty(self._db(answer), c.keys(args)):
             # A key whose last write did not reach the read side is read from the side that has it.
             answer, shadow = plan.shadow, None
@@ -118,7 +151,11 @@ class Dispatch:
             self._restore_by_effect(e)
         # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
         # still have in flight to the shadow must not run there after the flush, nor before it.
-        if shadow is not None and (e.write or e.compare) and (cls is not Cls.SCRIPT_ADMIN or is_script_flush(args)):
+        if shim.ryw and answer == shim.tracker.primary and (e.write or cls in _RYW_WRITES):
+            e.ryw = True
+            self.ryw_pending += 1
+        if (shadow is not None and (e.write or e.compare) and shim.sequence_keys
+                and (cls is not Cls.SCRIPT_ADMIN or is_script_flush(args))):
             if cls is Cls.BLOCKING:
                 # First tried without blocking (inside MULTI/EXEC), holding its keys like a write,
                 # so a pop of data already there is ordered like any write. Only if there is

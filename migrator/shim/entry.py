@@ -60,6 +60,7 @@ class Entry:
         "rep",
         "req",
         "restore",
+        "ryw",
         "saved",
         "sent_idx",
         "shadow",
@@ -116,6 +117,7 @@ class Entry:
         # A RESTORE the other side cannot read (see _restore_by_effect): True until answered,
         # then the other side's commands (None: a type not copied, its key is marked dirty).
         self.restore: bool | list | None = False
+        self.ryw = False  # a write of a connection whose next reads must see it (see Dispatch._ryw_redirect)
 
 
 class Upstream:

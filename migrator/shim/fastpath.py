@@ -13,7 +13,7 @@ import time
 import hiredis
 
 from migrator.shim import compare as cmp
-from migrator.shim import effects
+from migrator.shim import effects, lag
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Classified, Cls
 from migrator.shim.entry import DEFERRED, DOWN, IDLE, NOTHING, UP, Entry, Upstream
 from migrator.shim.resp import encode, parse
@@ -225,6 +225,10 @@ class FastPath:
             return False
         k = len(commands)
         answer, shadow = plan.answer, plan.shadow
+        if reads and shim.ryw and (self.ryw_pending or self.ryw_acked is not None):
+            return False  # read-your-writes decides per read (see Dispatch._ryw_redirect)
+        if shadow is not None and reads and shim.lag_aware and not shim.tracker.ready:
+            return False  # not compared, one by one (see Dispatch._dispatch)
         if shadow is not None:
             u = self.up[shadow]
             if (u.state is DOWN or u.state is IDLE) and not shim.may_retry(shadow):
@@ -265,13 +269,18 @@ class FastPath:
                 e.shadow_raw = raw
             else:
                 e.payload[shadow] = raw
-            if simple and not (reads and writes):
+            if not shim.sequence_keys:
+                pass  # the servers order the writes (replication): no per-key order to keep
+            elif simple and not (reads and writes):
                 # Writes take their keys exclusively, compared reads shared.
                 db = self._db(SOURCE)
                 self._sequence(e, list(dict.fromkeys(lock_keys if not db else [(db, x) for x in lock_keys])),
                                excl=bool(writes))
             else:
                 self._sequence(e, self._tx_spec(commands))
+        if writes and shim.ryw and answer == shim.tracker.primary:
+            e.ryw = True
+            self.ryw_pending += 1
         self.pending_count += 1
         shim.outstanding[e.gen] = shim.outstanding.get(e.gen, 0) + 1
         self.inflight.append(e)
@@ -312,10 +321,17 @@ class FastPath:
                 continue
             args = e.args[i]
             name = args[0].lower()
+            if shim.lag_aware and lag.unready_reply((a, b)[shim.tracker.replica]):
+                shim.stats.lag_skipped += 1
+                compared -= 1
+                continue
             kind = cmp.compare(name, parse(a), parse(b), shim.ttl_tolerance_ms)
             if kind is None:
                 continue
             c = shim.table.classify(args)
+            if shim.lag_aware and c.cls is not Cls.WRITE:
+                self._lag_mismatch(args, name, kind, a, b)
+                continue
             self._diverged(e, kind, name, c.keys(args), a, b, c.cls is Cls.WRITE)
         shim.stats.compared += compared
         shim.divergence.compared(compared)

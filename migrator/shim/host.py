@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # pragma: no cover
     from migrator.shim.commands import Cls, CommandTable
     from migrator.shim.dirty import DirtyRecorder
+    from migrator.shim.lag import Mismatch, OffsetTracker
     from migrator.shim.divergence import DivergenceRecorder
     from migrator.shim.metrics import Stats
     from migrator.shim.routing import Plan
@@ -66,6 +67,11 @@ class ShimHost(Protocol):
     ttl_tolerance_ms: int
     client_window: int
     routes: dict[Cls, Plan]
+    mode: str  # routing.DUAL_WRITE, REPLICATION or REVERSE_REPLICATION (see routing.mode_of)
+    lag_aware: bool  # compared reads go against a replica: a mismatch is confirmed (confirm_mismatch)
+    ryw: bool  # a replica answers reads: a connection's reads after its write follow Dispatch._ryw_redirect
+    sequence_keys: bool  # two connections' writes to a key must be put in one order (dual-write)
+    tracker: OffsetTracker  # the replication offsets, read by the IO layer
     generation: int
     holding: bool  # the write switch's barrier: new client bytes are held
     stalled_until: float
@@ -98,6 +104,9 @@ class ShimHost(Protocol):
         ...
 
     def entry_finished(self, gen: int, count: int = 1) -> None: ...
+
+    def confirm_mismatch(self, m: Mismatch) -> None:
+        """Confirm (or not) a compared read that differed from a replica's, against offsets (``shim.lag``)."""
 
     def side_failed(self, side: int, reason: str) -> None:
         """The side itself failed: every session backs off from it (see ``may_retry``)."""

@@ -107,6 +107,15 @@ class Stats:
         self.shared_clients = 0  # clients on the shared upstream connections now (multiplexed, or sessions' shares)
         self.pinned: Counter = Counter()  # command (or reason) -> clients it moved to connections of their own
         self.pool_reused = 0  # upstream connections taken from the pool instead of connecting
+        # The replication strategy (see shim.lag): compared reads not compared (the replica loading
+        # or its link down), mismatches found to be lag, mismatches that could not be confirmed
+        # either way (by reason), mismatches waiting for confirmation now; reads of a connection
+        # after its own write answered by the primary (read-your-writes).
+        self.lag_skipped = 0
+        self.lag_resolved = 0
+        self.lag_unconfirmed: Counter = Counter()
+        self.lag_pending = 0
+        self.ryw_redirects = 0
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -129,6 +138,11 @@ class Stats:
             "shared_clients": self.shared_clients,
             "pinned": dict(self.pinned),
             "pool_reused": self.pool_reused,
+            "lag_skipped": self.lag_skipped,
+            "lag_resolved": self.lag_resolved,
+            "lag_unconfirmed": dict(self.lag_unconfirmed),
+            "lag_pending": self.lag_pending,
+            "ryw_redirects": self.ryw_redirects,
         }
 
     @classmethod
@@ -151,8 +165,9 @@ class Stats:
             out.refused.update(s.get("refused", {}))
             out.side_restarts.update(s.get("side_restarts", {}))
             out.pinned.update(s.get("pinned", {}))
+            out.lag_unconfirmed.update(s.get("lag_unconfirmed", {}))
             for g in ("connections", "connections_total", "mirror_queue", "script_heals", "backpressure",
-                      "shared_clients", "pool_reused"):
+                      "shared_clients", "pool_reused", "lag_skipped", "lag_resolved", "lag_pending", "ryw_redirects"):
                 setattr(out, g, getattr(out, g) + s.get(g, 0))
             out.dirty_keys = max(out.dirty_keys, s.get("dirty_keys", 0))  # shared state, not per process
         return out
@@ -227,6 +242,36 @@ class StatsCollector:
         yield pn
         yield CounterMetricFamily("migrator_shim_pool_reused", "Upstream connections taken from the pool (reset) "
                                   "instead of a new connection", value=st.pool_reused)
+        yield CounterMetricFamily("migrator_shim_lag_skipped", "Reads not compared: the replica was loading its "
+                                  "initial sync or its link was down (replication strategy)", value=st.lag_skipped)
+        yield CounterMetricFamily("migrator_shim_lag_resolved", "Compared reads that differed only because the "
+                                  "replica had not caught up (replication strategy)", value=st.lag_resolved)
+        lu = CounterMetricFamily("migrator_shim_lag_unconfirmed", "Compared reads that differed and could not be "
+                                 "confirmed either way within shim.replica_lag_timeout, by reason", labels=["reason"])
+        for reason, n in sorted(st.lag_unconfirmed.items()):
+            lu.add_metric([reason], n)
+        yield lu
+        yield GaugeMetricFamily("migrator_shim_lag_pending", "Differing reads waiting to be confirmed against the "
+                                "replication offsets", value=st.lag_pending)
+        yield CounterMetricFamily("migrator_shim_read_your_writes_redirects", "Reads answered by the primary instead "
+                                  "of the replica: the connection's own write was not on the replica yet",
+                                  value=st.ryw_redirects)
+        repl = extra.get("replication")
+        if repl:
+            mode = GaugeMetricFamily("migrator_shim_mirror_mode", "1 for the routing mode the shim applies",
+                                     labels=["mode"])
+            mode.add_metric([repl["mode"]], 1)
+            yield mode
+            for name, key, doc in (("migrator_shim_replication_primary_offset", "primary_offset",
+                                    "The primary's replication offset, as last read"),
+                                   ("migrator_shim_replication_replica_offset", "replica_offset",
+                                    "The replica's replication offset, as last read"),
+                                   ("migrator_shim_replication_lag_bytes", "lag_bytes",
+                                    "How far the replica is behind the primary, in bytes of its stream")):
+                if repl.get(key) is not None:
+                    yield GaugeMetricFamily(name, doc, value=repl[key])
+            yield GaugeMetricFamily("migrator_shim_replica_ready", "1 if the replica is compared against (link up, "
+                                    "not loading, replicating this primary)", value=1 if repl.get("replica_ready") else 0)
         g = GaugeMetricFamily("migrator_shim_applied_generation", "Phase generation the shim applies", labels=["phase"])
         if "phase" in extra:
             g.add_metric([extra["phase"]], extra.get("generation", 0))

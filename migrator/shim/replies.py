@@ -8,8 +8,10 @@ computed from the answer (``_resolve_deferred``), a reply made from both sides'
 
 from __future__ import annotations
 
+import time
+
 from migrator.shim import compare as cmp
-from migrator.shim import effects, server_cmds
+from migrator.shim import effects, lag, server_cmds
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Cls
 from migrator.shim.connstate import PER_SIDE_STATE
 from migrator.shim.entry import (
@@ -278,12 +280,25 @@ class Replies:
                 shim.divergence.compared()
                 shim.stats.compared += 1
                 return
+            if shim.lag_aware and lag.unready_reply(e.rep[shim.tracker.replica]):
+                shim.stats.lag_skipped += 1  # the replica cannot answer from data yet: not compared
+                return
             kind = cmp.compare(e.name, parse(src), parse(tgt), shim.ttl_tolerance_ms)
         shim.divergence.compared()
         shim.stats.compared += 1
         if kind is None:
             return
+        if shim.lag_aware and not e.write and e.tx is None:
+            self._lag_mismatch(e.args, e.name, kind, src, tgt)
+            return
         self._diverged(e, kind, e.name, self._entry_keys(e), src, tgt, e.write)
+
+    def _lag_mismatch(self, args: list[bytes], name: bytes, kind: str, src: bytes, tgt: bytes) -> None:
+        """A read differing from the replica's: maybe only lag. Confirmed against offsets by the shim
+        (``shim.lag``, ``shim.replwatch``): a divergence only if it holds with the replica at the primary's offset."""
+        c = self.shim.table.classify(args)
+        self.shim.confirm_mismatch(lag.Mismatch(args, name, c.keys(args), (self._db(SOURCE), self._db(TARGET)), kind,
+                                                src, tgt))
 
     def _diverged(self, e: Entry, kind: str, name: bytes, keys: list[bytes], src: bytes | None, tgt: bytes | None,
                   write: bool) -> None:
@@ -328,6 +343,10 @@ class Replies:
             if self.ungranted and self.ungranted[0] is e:
                 self.ungranted.popleft()  # settled without being granted (its shadow failed)
                 self._request_next()
+        if e.ryw:
+            self.ryw_pending -= 1
+            if not self.ryw_pending:
+                self.ryw_acked, self.ryw_offset = time.monotonic(), None
         self.pending_count -= 1
         if e.cls is Cls.BLOCKING or e.cls is Cls.BLOCKING_READ:
             self.blocking_pending -= 1

@@ -52,7 +52,9 @@ from migrator.shim.dirty import DirtyRecorder
 from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
 from migrator.shim.mux import Mux, SharedLink
 from migrator.shim.pool import Pool
-from migrator.shim.routing import ROLES, ROUTES
+from migrator.shim.lag import OffsetTracker
+from migrator.shim.replwatch import ReplicaWatch
+from migrator.shim.routing import DUAL_WRITE, REPLICATION, mode_of, replica_side, roles_for, routes_for
 from migrator.shim.sequencer import Sequencer
 from migrator.shim.resp import run_id_of
 from migrator.shim.io import ClientProtocol, bind_errors, connect_shared, connect_upstream, new_loop, tls_server_context
@@ -176,7 +178,13 @@ class Shim:
         self.rdb_versions: list[int | None] = [None, None]  # what each side's DUMP writes (see shim.restore)
         self.phase = Phase.PLANNED
         self.generation = -1
-        self.routes = ROUTES[self.phase]
+        self.mode = DUAL_WRITE  # how the second server is kept in step (routing.mode_of)
+        self.routes = routes_for(self.phase, self.mode)
+        self.lag_aware = False
+        self.ryw = False
+        self.sequence_keys = True
+        self.tracker = OffsetTracker()
+        self.watch: ReplicaWatch | None = None  # started with the loop (start)
         self.applied_generation = -1
         self.applied_phase = self.phase
         self._ack: tuple[int, float] | None = None  # (generation, deadline) awaiting the drain
@@ -257,6 +265,8 @@ class Shim:
                              commands=sorted(m.decode() for m in missing)[:50])
         # Known before the counters are resumed, so a restart keeps its "since the sync" counts.
         self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
+        self.watch = ReplicaWatch(self)
+        self.watch.start()
         self._apply_state(state, initial=True)
         host, port = split_hostport(self.listen)
         with bind_errors(self.listen, "--listen", "shim.listen"):
@@ -314,6 +324,8 @@ class Shim:
             s.close("shim stopping")
         self.mux.stop()
         self.pool.stop()
+        if self.watch is not None:
+            await self.watch.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -359,7 +371,11 @@ class Shim:
         return state
 
     def _apply_state(self, state, initial: bool = False) -> None:
-        if state is None or (state.generation == self.generation and state.phase == self.phase):
+        if state is None:
+            return
+        if state.generation == self.generation and state.phase == self.phase:
+            if mode_of(state.phase, state.mirror) != self.mode:
+                self._apply_mode(state)  # the strategy recorded after the phase changed
             return
         self._apply_phase(state, initial)
         b = state.barrier
@@ -412,7 +428,7 @@ class Shim:
         old = self.phase
         self.phase = state.phase
         self.generation = state.generation
-        self.routes = ROUTES[self.phase]
+        self._set_mode(mode_of(self.phase, state.mirror))
         self.mux.phase_changed()
         self.divergence.start_generation(self.generation, self.phase.value)
         for s in list(self.sessions):
@@ -426,6 +442,33 @@ class Shim:
         # not answer is cut off after shadow_timeout anyway.
         bound = min(max(1.0, 2 * self.shadow_timeout), self.cfg.ack_timeout.total_seconds() / 2)
         self._ack = (self.generation, time.monotonic() + bound)
+
+    def _set_mode(self, mode: str) -> None:
+        """Route ``self.phase`` in ``mode``, and what the core does differently in it (see ``host.ShimHost``)."""
+        self.mode = mode
+        self.routes = routes_for(self.phase, mode)
+        replica = replica_side(self.phase, mode)
+        self.tracker.reset(None if replica is None else 1 - replica, replica)
+        self.lag_aware = mode == REPLICATION  # reads are compared against (or answered by) a replica
+        self.ryw = mode == REPLICATION and self.phase == Phase.READS_ON_TARGET and self.cfg.read_your_writes
+        self.sequence_keys = mode == DUAL_WRITE  # otherwise the servers order the writes
+        if replica is not None:
+            self.tracker.demand(time.monotonic(), 0.05)  # a first reading now, not at the next slow poll
+
+    def _apply_mode(self, state) -> None:
+        old = self.mode
+        self._set_mode(mode_of(state.phase, state.mirror))
+        self.mux.phase_changed()
+        for s in list(self.sessions):
+            s.on_phase(self.phase)
+        self.log.info("shim.mode_changed", phase=str(self.phase), from_mode=old, to_mode=self.mode,
+                      generation=self.generation)
+
+    def confirm_mismatch(self, m) -> None:
+        if self.watch is None:
+            self.stats.lag_unconfirmed["no-watch"] += 1
+            return
+        self.watch.submit(m)
 
     def _old_outstanding(self, generation: int) -> int:
         return sum(n for g, n in self.outstanding.items() if g < generation)
@@ -495,8 +538,9 @@ class Shim:
                 self.log.error("shim.heartbeat_failed", error=f"{type(e).__name__}: {e}")
 
     def two_sided(self) -> bool:
-        """Both sides hold the data now (mirroring, reads-on-target, writes-on-target)."""
-        return ROLES[self.phase].both_connected
+        """Both sides hold the data by the shim's writes now (mirroring, reads-on-target, writes-on-target
+        in dual-write). With replication, a restarted side is resynchronised by the servers themselves."""
+        return self.mode == DUAL_WRITE and roles_for(self.phase, self.mode).both_connected
 
     async def _run_id_loop(self) -> None:
         """Every heartbeat interval, apart from the heartbeat (a side that hangs must not delay it)."""
@@ -774,7 +818,14 @@ class Shim:
         return {"phase": str(self.applied_phase), "generation": self.applied_generation,
                 "state_phase": str(self.phase), "state_generation": self.generation,
                 "sides_up": {SIDE_NAMES[i]: self.side_up(i) for i in (SOURCE, TARGET)},
-                "mirror_queue_limit": self.cfg.mirror_queue_size}
+                "mirror_queue_limit": self.cfg.mirror_queue_size,
+                "replication": self.replication_status()}
+
+    def replication_status(self) -> dict[str, Any]:
+        """The routing mode, the tracked offsets and lag, and the read-your-writes setting (``/status``)."""
+        return {"mode": self.mode, **self.tracker.to_json(),
+                "read_your_writes": self.ryw, "sequenced": self.sequence_keys,
+                "error": self.watch.last_error if self.watch is not None else None}
 
     def counters(self) -> dict[str, Any]:
         st = self.stats
@@ -810,6 +861,9 @@ class Shim:
             "dirty_marked": dict(st.dirty_marked),
             "mirror_queue": st.mirror_queue,
             "sequencer": self.seq.stats(),
+            "replication": {**self.replication_status(), "skipped": st.lag_skipped, "lag_resolved": st.lag_resolved,
+                            "unconfirmed": dict(st.lag_unconfirmed), "pending": st.lag_pending,
+                            "read_your_writes_redirects": st.ryw_redirects},
             "unknown_commands": {f"{s}:{c}": n for (s, c), n in sorted(st.unknown.items())},
             "shadow_failures": {f"{s}:{r}": n for (s, r), n in sorted(st.shadow_failures.items())},
             "refused": dict(st.refused),

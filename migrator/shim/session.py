@@ -140,6 +140,12 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
         self.inflight_bytes = 0
         self.shadow_n = 0
         self.paused = False
+        # Read-your-writes while a replica answers reads (see Dispatch._ryw_redirect): this
+        # connection's writes not acknowledged yet, when the last one was, and the primary's
+        # offset that includes it.
+        self.ryw_pending = 0
+        self.ryw_acked: float | None = None
+        self.ryw_offset: int | None = None
 
     # --- client side ---------------------------------------------------------------------
     def on_client_data(self, data: bytes) -> None:
@@ -630,7 +636,7 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
 
     def on_phase(self, phase) -> None:
         """A new phase was applied: a subscriber on a side PUBLISH no longer reaches must move."""
-        if self.pipe is not None and self.pipe not in publish_reaches(phase):
+        if self.pipe is not None and self.pipe not in publish_reaches(phase, self.shim.mode):
             self.close(f"subscribed on the {SIDE_NAMES[self.pipe]}, which no longer receives PUBLISH")
             return
         if self.blocking_pending:
