@@ -37,7 +37,7 @@ from migrator.durations import format_duration
 from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
 from migrator.phases import STEPS, Phase, Step, step_from, step_into
 from migrator.playbook import Endpoint, Playbook
-from migrator.state import State, StateStore, Transition, atomic_write_json, iso, now, operator, parse_iso
+from migrator.state import State, StateStore, Transition, iso, now, operator, parse_iso
 
 CRASH_ENV = "MIGRATOR_CRASH_AT"
 
@@ -166,7 +166,7 @@ Confirm = Callable[[PlanResult], bool]
 
 
 def store_for(pb: Playbook) -> StateStore:
-    return StateStore(pb.state_path, pb.name)
+    return StateStore(pb.state_path, pb.name)  # on the playbook's control plane (migrator.control)
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -379,7 +379,6 @@ def _judge(names: tuple[str, ...], ctx: gates_mod.GateContext, overrides: dict[s
 
 # --- the intent of a run: so that re-running a killed command does not take a second step ------
 
-INTENT_FILE = "intent.json"
 
 
 def _write_intent(store: StateStore, direction: str, from_phase: Phase, to: Phase) -> None:
@@ -389,22 +388,17 @@ def _write_intent(store: StateStore, direction: str, from_phase: Phase, to: Phas
     this file behind; running the same command again then finds the step done and does not take
     another one (``_intent_already_done``).
     """
-    atomic_write_json(store.dir / INTENT_FILE, {"direction": direction, "from": from_phase.value, "to": to.value,
+    store.write_intent({"direction": direction, "from": from_phase.value, "to": to.value,
                                                 "pid": os.getpid(), "operator": operator(), "at": iso(now())})
 
 
 def _clear_intent(store: StateStore, dry_run: bool) -> None:
     if not dry_run:
-        (store.dir / INTENT_FILE).unlink(missing_ok=True)
+        store.clear_intent()
 
 
 def read_intent(store: StateStore) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads((store.dir / INTENT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    return store.read_intent()
 
 
 def _intent_already_done(store: StateStore, state: State, direction: str) -> TransitionResult | None:
@@ -429,7 +423,7 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
     from_phase, to = state.phase, target_of(step, direction)
     tid = uuid.uuid4().hex[:12]
     overrides = overrides or {}
-    if not store.state_path.exists():
+    if not store.exists():
         store.save(state)  # a journaled step implies a state file (see StateStore.load)
     # Each side's identity as the step is taken: a later restart (a new run_id) voids what was
     # known then (``migrator.sides``).

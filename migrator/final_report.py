@@ -119,10 +119,12 @@ def divergence_totals(state_dir, full_sync_id: str | None = None) -> dict[str, A
     finish (writes to keys not copied yet differ legitimately before that). Generations in
     which nothing was compared (one-sided phases, the write switch's hold) are left out.
     """
+    from migrator.control import files
     from migrator.shim import divergence
 
     d = divergence.counters_dir(state_dir)
-    generations = sorted({int(f.name[1:].split(".", 1)[0]) for f in d.glob("g*.json")}) if d.is_dir() else []
+    generations = sorted({int(f.name[1:].split(".", 1)[0]) for f in files.listdir(d)
+                          if f.name.startswith("g") and f.name.endswith(".json")})
     rows = []
     total = {"compared": 0, "divergent": 0, "awaiting_repair": 0, "after_full_sync": 0, "by_kind": {}}
     for gen in generations:
@@ -148,9 +150,13 @@ def divergence_totals(state_dir, full_sync_id: str | None = None) -> dict[str, A
 def _phase_of_generation(counters_dir, generation: int) -> str:
     import json
 
-    for f in sorted(counters_dir.glob(f"g{generation}.*.json")):
+    from migrator.control import files
+
+    for f in files.listdir(counters_dir):
+        if not (f.name.startswith(f"g{generation}.") and f.name.endswith(".json")):
+            continue
         try:
-            return json.loads(f.read_text(encoding="utf-8")).get("phase", "")
+            return json.loads(files.read_text(f)).get("phase", "")
         except (OSError, ValueError):
             continue
     return ""

@@ -304,6 +304,75 @@ class MirrorConfig(_Strict):
     replication: ReplicationConfig = Field(default_factory=ReplicationConfig)
 
 
+class EtcdTLS(_Strict):
+    """TLS to the etcd members (``https://`` endpoints): the CA that signed them, and a client certificate if they require one."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class EtcdConfig(_Strict):
+    """The etcd cluster that holds the migration's control plane (see docs/control.md)."""
+
+    endpoints: list[str] = Field(min_length=1)
+    prefix: str | None = None  # default /migrator/<name>/
+    username: str | None = None
+    password_env: str | None = None
+    tls: EtcdTLS | None = None
+    # A shim's registration lives on a lease of this many seconds: a shim that stops renewing it
+    # (killed, frozen, cut off from etcd) is a lost shim once it expires.
+    lease_ttl: Duration = timedelta(seconds=10)
+    # How long one request may take on one member before the next member is tried.
+    request_timeout: Duration = timedelta(seconds=2)
+
+    _password: str | None = PrivateAttr(default=None)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: list[str]) -> list[str]:
+        for e in v:
+            parts = urlsplit(e if "://" in e else f"http://{e}")
+            try:
+                _ = parts.port
+            except ValueError as err:
+                raise ValueError(f"etcd endpoint {e!r}: {err}") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
+                    or parts.username or parts.password:
+                raise ValueError(f"etcd endpoint must be [http[s]://]HOST:PORT (credentials go in username/password_env), not {e!r}")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or not v.endswith("/") or len(v) < 3):
+            raise ValueError(f"prefix must start and end with '/' (e.g. /migrator/orders/), not {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> "EtcdConfig":
+        if self.password_env and not self.username:
+            raise ValueError("password_env needs username")
+        if self.lease_ttl.total_seconds() < 1:
+            raise ValueError("lease_ttl must be at least 1s")
+        if self.request_timeout.total_seconds() <= 0:
+            raise ValueError("request_timeout must be positive")
+        if self.tls is not None and not all(e.startswith("https://") for e in self.endpoints):
+            raise ValueError("tls options given but not every endpoint is https://")
+        return self
+
+    @property
+    def password(self) -> str | None:
+        return self._password
+
+
+class ControlConfig(_Strict):
+    """Where the migration's state, journal, lock, intent and shim registry live: the state
+    folder (default) or an etcd cluster shared by every host (docs/control.md)."""
+
+    etcd: EtcdConfig | None = None
+
+
 class Playbook(_Strict):
     """A whole migration: where from, where to, how the shim runs, and what each step requires."""
 
@@ -318,6 +387,7 @@ class Playbook(_Strict):
     check: CheckConfig = Field(default_factory=CheckConfig)
     hooks: Hooks = Field(default_factory=Hooks)
     mirror: MirrorConfig = Field(default_factory=MirrorConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     # Where the playbook came from (not part of the YAML).
     _path: Path | None = PrivateAttr(default=None)
@@ -452,6 +522,15 @@ def loads(text: str, path: Path | str = "<playbook>", env: dict[str, str] | None
             else:
                 register_secret(value)
                 model.shim._resolved_password = value
+        etcd = model.control.etcd
+        if etcd is not None and etcd.password_env:
+            value = env.get(etcd.password_env)
+            if value is None:
+                line, col = _position(root, ("control", "etcd", "password_env"))
+                problems.append((line, col, f"control.etcd.password_env: environment variable {etcd.password_env} is not set"))
+            else:
+                register_secret(value)
+                etcd._password = value
     if problems:
         problems.sort()
         raise PlaybookError([f"{path}:{line}:{col}: {msg}" for line, col, msg in problems])
@@ -467,8 +546,16 @@ def loads(text: str, path: Path | str = "<playbook>", env: dict[str, str] | None
                 f = getattr(ep.tls, field)
                 if f is not None and not f.is_absolute():
                     setattr(ep.tls, field, (base / f).resolve())
+    if model.control.etcd is not None and model.control.etcd.tls is not None:
+        for field in ("ca_file", "cert_file", "key_file"):
+            f = getattr(model.control.etcd.tls, field)
+            if f is not None and not f.is_absolute():
+                setattr(model.control.etcd.tls, field, (base / f).resolve())
     model._path = path.resolve()
     model._raw_hash = hashlib.sha256(text.encode()).hexdigest()[:16]
+    from migrator import control
+
+    control.bind(model)  # the state folder's control plane (docs/control.md); connects on first use
     return model
 
 

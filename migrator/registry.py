@@ -8,6 +8,11 @@ A shim is *live* while its heartbeat is fresh; *unresponsive* when the heartbeat
 its process may still run (same host and the pid exists, or another host); *dead* when it ran
 on this host and its pid is gone (a crash). Dead shims are ignored; unresponsive ones block an
 acknowledgement, since they may still route by the old phase.
+
+With the etcd control plane (docs/control.md) the records are etcd keys instead of files, with
+the same functions (they take the state folder; ``migrator.control.bound`` finds its backend),
+and liveness is a lease: a shim whose lease expired (``lease_ttl`` without renewing it: killed,
+frozen, or cut off from etcd) is *dead*, wherever it ran, and counts as lost like a crash.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from migrator.control import bound
 from migrator.state import atomic_write_json, iso, now, parse_iso
 
 SHIMS_DIR = "shims"
@@ -48,15 +54,19 @@ class ShimRecord:
     pending_shadow: int = 0
     dirty_keys: int = 0
     last_pause_ms: float | None = None
+    # With the etcd control plane: whether the shim's lease is alive (None: the folder backend).
+    lease_alive: bool | None = None
 
     def age(self) -> float:
         return (now() - parse_iso(self.heartbeat_at)).total_seconds()
 
     def liveness(self, stale_after: float = STALE_AFTER) -> str:
         age = self.age()
+        if self.lease_alive is False:
+            return "dead"  # its lease expired: it stopped renewing it lease_ttl ago, wherever it ran
         # A missing pid means dead only once the heartbeat has stopped too: a shim in another
         # pid namespace (a container on the host network) shares the host name, not the pids.
-        if age > DEAD_AFTER and self.host == socket.gethostname() and not _pid_alive(self.pid):
+        if age > DEAD_AFTER and self.lease_alive is None and self.host == socket.gethostname() and not _pid_alive(self.pid):
             return "dead"
         if age <= stale_after:
             return "live"
@@ -78,22 +88,33 @@ def shims_dir(state_dir: Path | str) -> Path:
 
 
 def write(state_dir: Path | str, record: ShimRecord) -> None:
-    """Publish a shim's record (heartbeat, applied phase, counters)."""
+    """Publish a shim's record (heartbeat, applied phase, counters); with etcd, renew its lease too."""
     record.heartbeat_at = iso(now())
+    if (control := bound(state_dir)) is not None:
+        control.shim_write(record)
+        return
     atomic_write_json(shims_dir(state_dir) / f"{record.id}.json", asdict(record))
 
 
 def remove(state_dir: Path | str, shim_id: str) -> None:
+    if (control := bound(state_dir)) is not None:
+        control.shim_remove(shim_id)
+        return
     with contextlib.suppress(FileNotFoundError):
         (shims_dir(state_dir) / f"{shim_id}.json").unlink()
 
 
 def read_all(state_dir: Path | str) -> list[ShimRecord]:
     records: list[ShimRecord] = []
+    known = {f.name for f in fields(ShimRecord)}
+    if (control := bound(state_dir)) is not None:
+        for raw, alive in control.shim_read_all():
+            with contextlib.suppress(TypeError, AttributeError):
+                records.append(ShimRecord(**{**{k: v for k, v in raw.items() if k in known}, "lease_alive": alive}))
+        return records
     d = shims_dir(state_dir)
     if not d.is_dir():
         return records
-    known = {f.name for f in fields(ShimRecord)}
     for f in sorted(d.glob("*.json")):
         try:
             raw = json.loads(f.read_text(encoding="utf-8"))

@@ -34,6 +34,7 @@ STATE_FILE = "state.json"
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "lock"
 LOCK_OWNER_FILE = "lock.owner"
+INTENT_FILE = "intent.json"  # the step an advance/rollback means to take (command._write_intent)
 FORMAT_VERSION = 1
 
 
@@ -164,11 +165,21 @@ class State:
 
 
 class StateStore:
-    """Reads and writes one migration's state folder."""
+    """Reads and writes one migration's state folder.
+
+    The control plane's interface (docs/control.md): when the playbook names an etcd cluster
+    (``control.etcd``; ``migrator.control.bound``), the same methods keep the state, journal,
+    lock and intent in etcd (``self.control``, a ``migrator.control.etcd.EtcdControl``): the
+    state with compare-and-swap, the lock on a lease. The folder still holds the reports.
+    """
 
     def __init__(self, state_dir: Path | str, migration: str) -> None:
+        from migrator import control
+
         self.dir = Path(state_dir)
         self.migration = migration
+        self.control = control.bound(state_dir)  # None: the folder holds everything
+        self._rev = 0  # with etcd: the state key's revision when this store last read or wrote it
 
     @property
     def state_path(self) -> Path:
@@ -182,12 +193,21 @@ class StateStore:
     def reports_dir(self) -> Path:
         return self.dir / "reports"
 
+    @property
+    def where(self) -> str:
+        """Where the state is kept, for messages."""
+        return f"etcd {self.control.key('state')}" if self.control is not None else str(self.state_path)
+
     # --- state ---------------------------------------------------------------------------
     def exists(self) -> bool:
+        if self.control is not None:
+            return self.control.get("state", "read the state") is not None
         return self.state_path.exists()
 
     def load(self) -> State:
         """The current state; a fresh ``planned`` state if none was written yet (nothing is created)."""
+        if self.control is not None:
+            return self._load_etcd()
         try:
             raw = self.state_path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -209,10 +229,37 @@ class StateStore:
             )
         return state
 
+    def _load_etcd(self) -> State:
+        got = self.control.get("state", "read the state")
+        if got is None:
+            self._rev = 0
+            if self._steps_journaled():
+                raise StateError(f"{self.where} is missing but the journal under {self.control.prefix} records steps; "
+                                 "restore the state key (from a backup) before going on")
+            return State(migration=self.migration)
+        raw, self._rev = got
+        return self.parse(raw)
+
+    def parse(self, raw: bytes | str) -> State:
+        """A state read from etcd (``load``, or a shim's watch)."""
+        try:
+            state = State.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as e:
+            raise StateError(f"{self.where}: state is unreadable ({e}); restore it from the journal or a backup") from None
+        if state.migration != self.migration:
+            raise StateError(f"{self.where}: belongs to migration {state.migration!r}, not {self.migration!r}; "
+                             "use a different control.etcd.prefix for each migration")
+        return state
+
     def _steps_journaled(self) -> bool:
         return any(e.get("event") == "transition-started" for e in self.read_journal())
 
     def save(self, state: State) -> None:
+        if self.control is not None:
+            # Compare-and-swap: refused if anyone wrote the state since this store read it.
+            value = json.dumps(redact(state.to_json()), indent=2, default=str) + "\n"
+            self._rev = self.control.save_state(value, self._rev, self.where)
+            return
         atomic_write_json(self.state_path, state.to_json())
 
     # --- journal -------------------------------------------------------------------------
@@ -220,6 +267,9 @@ class StateStore:
         """Append one event to the journal and fsync it before returning."""
         entry = {"time": iso(now()), "event": event, "migration": self.migration, **fields}
         line = json.dumps(redact(entry), sort_keys=False, default=str)
+        if self.control is not None:
+            self.control.journal_append(entry["time"], line)
+            return entry
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -232,6 +282,11 @@ class StateStore:
     def read_journal(self) -> list[dict[str, Any]]:
         """Every journal entry; a torn last line (a crash mid-append) is skipped, not fatal."""
         entries: list[dict[str, Any]] = []
+        if self.control is not None:
+            for raw in self.control.journal_lines():
+                with contextlib.suppress(ValueError):
+                    entries.append(json.loads(raw))
+            return entries
         try:
             with self.journal_path.open(encoding="utf-8") as f:
                 for line in f:
@@ -249,6 +304,8 @@ class StateStore:
     # --- lock ----------------------------------------------------------------------------
     def running(self) -> str | None:
         """Who holds the migration's lock now (an advance or rollback in progress), or None."""
+        if self.control is not None:
+            return self.control.lock_owner()
         owner_file = self.dir / LOCK_OWNER_FILE
         if not owner_file.exists():
             return None
@@ -269,6 +326,10 @@ class StateStore:
     @contextlib.contextmanager
     def locked(self, what: str) -> Iterator[None]:
         """Hold the migration's lock, or fail at once naming who holds it."""
+        if self.control is not None:
+            with self.control.hold_lock(f"{what} by {operator()} pid {os.getpid()} since {iso(now())}"):
+                yield
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.dir / LOCK_FILE), timeout=0)
         try:
@@ -286,6 +347,27 @@ class StateStore:
             with contextlib.suppress(OSError):
                 (self.dir / LOCK_OWNER_FILE).unlink()
             lock.release()
+
+    # --- intent (see command._write_intent) --------------------------------------------
+    def write_intent(self, data: dict[str, Any]) -> None:
+        if self.control is not None:
+            self.control.put_json("intent", data, "record the run's intent")
+            return
+        atomic_write_json(self.dir / INTENT_FILE, data)
+
+    def read_intent(self) -> dict[str, Any] | None:
+        if self.control is not None:
+            return self.control.get_json("intent", "read the run's intent")
+        try:
+            return json.loads((self.dir / INTENT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def clear_intent(self) -> None:
+        if self.control is not None:
+            self.control.delete("intent", "clear the run's intent")
+            return
+        (self.dir / INTENT_FILE).unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

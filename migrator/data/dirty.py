@@ -33,8 +33,9 @@ class DirtyKeys:
 
 def _any_marks(state_dir: Path | str) -> bool:
     """Whether the folder holds any mark file (spares loading the shim's package when not)."""
-    d = Path(state_dir) / "dirty"
-    return d.is_dir() and any(not p.name.startswith(".") for p in d.iterdir())
+    from migrator.control import files
+
+    return any(not p.name.startswith(".") for p in files.listdir(Path(state_dir) / "dirty"))
 
 
 def list_dirty(state_dir: Path | str, since: float = 0.0) -> DirtyKeys:

@@ -16,19 +16,25 @@ Files, in ``state_dir/dirty/`` — the format agreed with ``migrator.data.dirty`
   does not take it for done; clear it with ``clear_dirty`` after a full sync.
 
 Python API (see docs/shim.md): ``list_dirty``, ``count_dirty``, ``clear_dirty``.
+
+With the etcd control plane the same files are etcd keys (``migrator.control.files``), so the
+marks of shims on every host reach ``advance``'s gate and the repair; marks that could not be
+written while etcd was out of reach are kept and written with the next flush.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from migrator.state import atomic_write_text, iso, now
+from migrator.control import files
+from migrator.errors import MigratorError
+from migrator.state import iso, now
 
 DIRTY_DIR = "dirty"
 KEYS_SUFFIX = ".jsonl"
@@ -57,16 +63,14 @@ def dirty_dir(state_dir: Path | str) -> Path:
 
 
 def _files(state_dir: Path | str) -> list[Path]:
-    d = dirty_dir(state_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if p.suffix in (KEYS_SUFFIX, DBWIDE_SUFFIX) and not p.name.startswith("."))
+    return [p for p in files.listdir(dirty_dir(state_dir)) if p.suffix in (KEYS_SUFFIX, DBWIDE_SUFFIX)
+            and not p.name.startswith(".")]
 
 
 def _read(path: Path) -> list[dict]:
     out = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read_text(path)
     except FileNotFoundError:
         return out  # taken by a repair meanwhile
     for line in text.splitlines():
@@ -122,9 +126,9 @@ def clear_dirty(state_dir: Path | str, keys: Iterable[tuple[int, bytes | None]] 
         if len(keep) == len(entries):
             continue
         if keep:
-            atomic_write_text(f, "".join(json.dumps(e) + "\n" for e in keep))
+            files.write_text(f, "".join(json.dumps(e) + "\n" for e in keep))
         else:
-            f.unlink(missing_ok=True)
+            files.unlink(f)
     return removed
 
 
@@ -138,6 +142,8 @@ class DirtyRecorder:
         self.marked_total = 0
         self.covered_before = 0.0  # marks older than the last complete full sync's pass
         self._lines: list[tuple[bool, str]] = []  # (whole database?, line)
+        self._unsent: list[tuple[bool, str]] = []  # marks a failed write left (the control plane was out of reach)
+        self._write_lock = threading.Lock()
         self._dir_mtime = 0
 
     def add(self, db: int, keys: list[bytes], reason: str, command: bytes) -> None:
@@ -161,27 +167,45 @@ class DirtyRecorder:
         return lines
 
     def write(self, lines: list[tuple[bool, str]]) -> None:
-        """Persist marks as new complete files (a mark must survive a crash). Blocking I/O: off the loop."""
-        stamp = time.time_ns()
-        for dbwide, suffix in ((False, KEYS_SUFFIX), (True, DBWIDE_SUFFIX)):
-            part = [line for wide, line in lines if wide is dbwide]
-            if part:
-                atomic_write_text(dirty_dir(self.state_dir) / f"{self.shim_id}.{stamp}{suffix}", "\n".join(part) + "\n")
+        """Persist marks as new complete files (a mark must survive a crash). Blocking I/O: off the loop.
+
+        Marks that cannot be written (etcd out of reach) are kept for the next call, not dropped.
+        """
+        with self._write_lock:
+            lines, self._unsent = self._unsent + list(lines), []
+            stamp = time.time_ns()
+            for dbwide, suffix in ((False, KEYS_SUFFIX), (True, DBWIDE_SUFFIX)):
+                part = [line for wide, line in lines if wide is dbwide]
+                if not part:
+                    continue
+                try:
+                    files.write_text(dirty_dir(self.state_dir) / f"{self.shim_id}.{stamp}{suffix}", "\n".join(part) + "\n")
+                except MigratorError:
+                    # The key marks were written before the database-wide ones: keep what was not.
+                    self._unsent = [x for x in lines if x[0]] if dbwide else list(lines)
+                    raise
 
     def flush(self) -> None:
         self.write(self.take())
 
     def refresh(self) -> None:
         """Re-read the marks when the folder changed (a repair deleted files). Call on the loop's thread."""
-        try:
-            mtime = os.stat(dirty_dir(self.state_dir)).st_mtime_ns
-        except FileNotFoundError:
-            mtime = 0
+        self.adopt(self.scan())
+
+    def scan(self) -> tuple[int, list[DirtyKey]] | None:
+        """The marks written now, if the folder changed since the last ``adopt`` (blocking: may run off the loop)."""
+        mtime = files.signature(dirty_dir(self.state_dir))
         if mtime == self._dir_mtime:
+            return None
+        return mtime, list_dirty(self.state_dir)
+
+    def adopt(self, scanned: tuple[int, list[DirtyKey]] | None) -> None:
+        """Take the marks ``scan`` read, with those not written yet. Call on the loop's thread."""
+        if scanned is None:
             return
-        self._dir_mtime = mtime
-        keys = {(d.db, d.key): d.since for d in list_dirty(self.state_dir) if d.since >= self.covered_before}
-        for _wide, line in self._lines:  # marks not written yet
+        self._dir_mtime, marks = scanned
+        keys = {(d.db, d.key): d.since for d in marks if d.since >= self.covered_before}
+        for _wide, line in self._unsent + self._lines:  # marks not written yet
             m = json.loads(line)
             keys[(m["db"], base64.b64decode(m["key"]) if m["key"] is not None else None)] = m["ts"]
         self.keys = keys

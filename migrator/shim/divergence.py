@@ -8,7 +8,8 @@
   sides, each side's latency histogram (``migrator.shim.metrics.BUCKETS``) and the errors one
   side returned where the other did not (the ``latency`` and ``error_rate`` gates). A restarted
   shim writes a new file and the gate sums them all, so counts survive restarts (up to the last
-  flush, every heartbeat).
+  flush, every heartbeat). With the etcd control plane the counter files are etcd keys, shared
+  by the shims of every host (``migrator.control.files``); the log stays in each host's folder.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from migrator import reports
+from migrator.control import files
+from migrator.errors import MigratorError
 from migrator.redact import redact
 from migrator.shim.commands import SIDE_NAMES
 from migrator.shim.compare import KINDS, digest
 from migrator.shim.metrics import Histogram
-from migrator.state import atomic_write_json, iso, now
+from migrator.state import iso, now
 
 SHIM_DIR = "shim"
 LOG_FILE = "divergences.jsonl"
@@ -143,6 +146,7 @@ class DivergenceRecorder:
         self._lines: list[str] = []
         self._suppressed = 0
         self._dirty_generations: dict[int, PhaseCounters] = {}
+        self._unsent: dict[int, dict[str, Any]] = {}  # counter snapshots a failed write left, by generation
 
     def start_generation(self, generation: int, phase: str) -> None:
         if generation != self.current.generation:
@@ -154,8 +158,8 @@ class DivergenceRecorder:
         """This shim's counters for ``generation`` so far: a shim restarted with the same id continues them."""
         pc = PhaseCounters(generation, phase, sync_id=self._sync_id)
         try:
-            data = json.loads((counters_dir(self.state_dir) / f"g{generation}.{self.shim_id}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = json.loads(files.read_text(counters_dir(self.state_dir) / f"g{generation}.{self.shim_id}.json"))
+        except (OSError, ValueError, MigratorError):
             return pc
         pc.total = Tally.from_json(data)
         if data.get("sync_id") == self._sync_id:
@@ -254,9 +258,20 @@ class DivergenceRecorder:
                 os.write(fd, ("\n".join(lines) + "\n").encode())
             finally:
                 os.close(fd)
-        for snap in snaps:
-            atomic_write_json(counters_dir(self.state_dir) / f"g{snap['generation']}.{self.shim_id}.json",
-                              {**snap, "shim": self.shim_id, "updated_at": iso(now()), "ts": time.time()})
+        pending = {**self._unsent, **{s["generation"]: s for s in snaps}}
+        self._unsent = {}
+        for gen in sorted(pending):
+            snap = pending[gen]
+            try:
+                self._write_counters(snap)
+            except MigratorError:
+                self._unsent = {g: s for g, s in pending.items() if g >= gen}  # written at the next flush
+                raise
+
+    def _write_counters(self, snap: dict[str, Any]) -> None:
+        data = {**snap, "shim": self.shim_id, "updated_at": iso(now()), "ts": time.time()}
+        files.write_text(counters_dir(self.state_dir) / f"g{snap['generation']}.{self.shim_id}.json",
+                         json.dumps(redact(data), indent=2, default=str) + "\n")
 
 
 def read_counters(state_dir: Path | str, generation: int, after_sync: str | None = None) -> dict[str, Any]:
@@ -270,10 +285,11 @@ def read_counters(state_dir: Path | str, generation: int, after_sync: str | None
                              "awaiting_repair": 0, "shims": 0, "paired": 0, "target_errors": 0, "source_errors": 0,
                              "target_lacks": 0, "target_error_commands": {}}
     lat = [Histogram(), Histogram()]
-    d = counters_dir(state_dir)
-    for f in d.glob(f"g{generation}.*.json") if d.is_dir() else ():
+    for f in files.listdir(counters_dir(state_dir)):
+        if not (f.name.startswith(f"g{generation}.") and f.name.endswith(".json")):
+            continue
         try:
-            data = json.loads(f.read_text(encoding="utf-8"))
+            data = json.loads(files.read_text(f))
         except (OSError, ValueError):
             continue
         total["shims"] += 1

@@ -5,7 +5,8 @@ is in ``session`` (per connection, no sockets) and the pure modules it uses. ``S
 sessions' host (``host.ShimHost``). One ``Shim`` runs on one asyncio loop (uvloop when
 installed). Background tasks:
 
-- every ``POLL_INTERVAL``: re-read ``state.json`` when its mtime changes and apply a new phase;
+- every ``POLL_INTERVAL``: re-read ``state.json`` when its mtime changes and apply a new phase
+  (with the etcd control plane: take the newest state a watch delivered, ``control.etcd.StateFollower``);
   once the commands issued under the old generation have finished (bounded wait), publish the
   new generation through ``migrator.registry`` — that is the acknowledgement ``advance`` and
   ``rollback`` wait for;
@@ -211,6 +212,9 @@ class Shim:
         self._tasks: list[asyncio.Task] = []
         self._stopped: asyncio.Event | None = None
         self._state_sig: tuple | None = None
+        self.follower = None  # with the etcd control plane: the watch on the state key
+        self.control_error: str | None = None  # the last failure to publish to the control plane
+        self.control_down_since: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
@@ -248,6 +252,11 @@ class Shim:
         # "planned" by default could send writes to the source after the write cutover.
         self._state_sig = None
         state = self.store.load()
+        if self.store.control is not None:
+            from migrator.control.follow import StateFollower
+
+            self.follower = StateFollower(self.store, idle=min(5.0, self.store.control.lease_ttl))
+            self.follower.start(state, self.store._rev)
         if state.endpoints_hash and state.endpoints_hash != self.playbook.endpoints_hash():
             # As advance and rollback refuse: a shim must not route this migration's phase to
             # other servers than the ones the migration started with.
@@ -337,7 +346,12 @@ class Shim:
             self._run_id_task.cancel()
         self._info_pool.shutdown(wait=False, cancel_futures=True)
         await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), None)
-        registry.remove(self.state_dir, self.id)
+        if self.follower is not None:
+            self.follower.stop()
+        try:
+            await self.loop.run_in_executor(None, registry.remove, self.state_dir, self.id)
+        except UnreachableError as e:  # its lease expires on its own: then it counts as lost
+            self.log.error("shim.deregister_failed", error=str(e))
         self.log.info("shim.stopped", commands=sum(self.stats.commands.values()))
         self._stopped.set()
 
@@ -346,6 +360,8 @@ class Shim:
 
     # --- phase ---------------------------------------------------------------------------
     def _read_state(self, force: bool = False):
+        if self.follower is not None:
+            return self.follower.latest()  # a watch delivered it (no I/O here)
         path = self.store.state_path
         try:
             st = path.stat()
@@ -513,10 +529,25 @@ class Shim:
 
     def _persist(self, div, dirty_lines, record) -> None:
         """Blocking writes, on a worker thread."""
-        self.divergence.write(div)
-        self.dirty.write(dirty_lines)
+        try:
+            try:
+                self.divergence.write(div)
+            finally:
+                self.dirty.write(dirty_lines)  # what either could not write is kept for the next call
+            if record is not None:
+                registry.write(self.state_dir, record)
+        except UnreachableError as e:
+            # The control plane (etcd) is out of reach: keep routing the phase applied now, and say so.
+            if self.control_error is None:
+                self.control_down_since = iso(now())
+                self.log.error("shim.control_unreachable", error=str(e), keeping_phase=str(self.applied_phase),
+                               generation=self.applied_generation)
+            self.control_error = str(e)
+            return
         if record is not None:
-            registry.write(self.state_dir, record)
+            if self.control_error is not None:
+                self.log.info("shim.control_reachable", since=self.control_down_since)
+            self.control_error = self.control_down_since = None
 
     async def _publish(self) -> None:
         await self.loop.run_in_executor(None, self._persist, self.divergence.take(), self.dirty.take(), self._record())
@@ -525,7 +556,8 @@ class Shim:
         while True:
             await asyncio.sleep(registry.HEARTBEAT)
             try:
-                self.dirty.refresh()
+                # Off the loop: with the etcd control plane this is a request (or a timeout).
+                self.dirty.adopt(await self.loop.run_in_executor(None, self.dirty.scan))
                 await self._watch_sync()
                 await self._publish()
                 if self.worker is not None:
@@ -819,13 +851,26 @@ class Shim:
                 "state_phase": str(self.phase), "state_generation": self.generation,
                 "sides_up": {SIDE_NAMES[i]: self.side_up(i) for i in (SOURCE, TARGET)},
                 "mirror_queue_limit": self.cfg.mirror_queue_size,
-                "replication": self.replication_status()}
+                "replication": self.replication_status(), "control_up": self.control_status()["reachable"]}
 
     def replication_status(self) -> dict[str, Any]:
         """The routing mode, the tracked offsets and lag, and the read-your-writes setting (``/status``)."""
         return {"mode": self.mode, **self.tracker.to_json(),
                 "read_your_writes": self.ryw, "sequenced": self.sequence_keys,
                 "error": self.watch.last_error if self.watch is not None else None}
+
+    def control_status(self) -> dict[str, Any]:
+        """Whether the control plane (the state folder, or etcd) answers, and what the shim does meanwhile."""
+        if self.follower is None:
+            return {"backend": "local", "reachable": True}
+        reachable = self.follower.reachable and self.control_error is None
+        out: dict[str, Any] = {"backend": "etcd", "endpoints": self.store.control.endpoints, "reachable": reachable}
+        if not reachable:
+            out["error"] = self.control_error or self.follower.error
+            out["since"] = self.control_down_since or iso(now())
+            out["note"] = (f"etcd unreachable: routing the last applied phase {self.applied_phase} "
+                           f"(generation {self.applied_generation}) until it answers again")
+        return out
 
     def counters(self) -> dict[str, Any]:
         st = self.stats
@@ -852,6 +897,7 @@ class Shim:
             "generation": self.generation,
             "applied_phase": str(self.applied_phase),
             "applied_generation": self.applied_generation,
+            "control": self.control_status(),
             "uptime_s": round(time.time() - self.stats.started, 3),
             "connections": st.connections,
             "commands": {f"{c}/{s}": n for (c, s), n in sorted(st.commands.items())},
