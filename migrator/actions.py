@@ -110,6 +110,38 @@ def write_pause(ctx: ActionContext) -> ActionResult:
                         {"pause_ms": pauses, "max_pause_ms": worst})
 
 
+@action("role_swap")
+def role_swap(ctx: ActionContext) -> ActionResult:
+    """In the replication strategy, while writes are held: promote the target, make the source its replica (or fall back to dual-write)."""
+    from migrator import roleswap
+
+    return roleswap.run_swap(ctx)
+
+
+@action("role_swap_back")
+def role_swap_back(ctx: ActionContext) -> ActionResult:
+    """In the replication strategy, while writes are held: make the source the primary again and the target its replica."""
+    from migrator import roleswap
+
+    return roleswap.run_swap(ctx)
+
+
+@action("release_pause")
+def release_pause(ctx: ActionContext) -> ActionResult:
+    """Lift the role swap's CLIENT PAUSE on the servers and report how long their writes were paused."""
+    from migrator import roleswap
+
+    return roleswap.release(ctx)
+
+
+@action("detach_source")
+def detach_source(ctx: ActionContext) -> ActionResult:
+    """In the replication strategy, stop the source replicating the target and restore the settings the swap changed."""
+    from migrator import roleswap
+
+    return roleswap.run_detach(ctx)
+
+
 @action("final_report")
 def final_report(ctx: ActionContext) -> ActionResult:
     """Write the migration's final report: every step's evidence, overrides, rollbacks, pauses, divergences, sync and check."""

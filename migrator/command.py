@@ -444,10 +444,19 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
         crashpoint("after-prepare")
         failed = [a for a in pre if not a.ok]
         if failed:
+            if state.barrier is not None:
+                # A later prepare (the role swap) failed while shims hold: release them now, not at the deadline.
+                state.barrier, state.generation = None, state.generation + 1
+                store.save(state)
             store.journal("transition-aborted", id=tid, reason=f"{failed[0].name}: {failed[0].evidence}",
                           actions=[a.to_json() for a in pre])
             raise RefusedError(f"{direction} to {to} abandoned, phase unchanged: {failed[0].name} failed: {failed[0].evidence}")
-        if state.barrier is not None and not _barrier_in_force(pb, state.barrier):
+        moved = any(a.data.get("authority_moved") for a in pre)
+        if moved and state.barrier is not None and not _barrier_in_force(pb, state.barrier):
+            # The servers swapped roles: the old phase would send writes to a replica (or to one
+            # side only), so the switch is written even late.
+            store.journal("switch-late", id=tid, barrier=state.barrier.id, deadline=state.barrier.deadline)
+        elif state.barrier is not None and not _barrier_in_force(pb, state.barrier):
             # Too late: the shims release at the deadline, in the old phase, and may already have.
             why = f"the hold's deadline (barrier {state.barrier.id}) was too close when the switch was ready"
             state.barrier, state.generation = None, state.generation + 1
@@ -550,6 +559,11 @@ def _revert_unsafe(pb: Playbook, store: StateStore, state: State, step: Step, ov
     """
     if "hold_writes" not in (step.prepare + step.rollback_prepare):
         return None
+    if state.mirror is not None and state.mirror.strategy == "replication":
+        # The servers' roles were swapped inside the hold: the previous phase would route by roles
+        # they no longer have. Swapping back takes a hold of its own: ``rollback``.
+        return ("the servers swapped roles for the write switch (migrator.roleswap): run `migrator rollback` to swap "
+                "them back under a hold")
     names = ["no_dirty_keys"] + (["source_reachable"] if Phase(state.transition.from_phase) != Phase.WRITES_ON_TARGET else [])
     results = gates_mod.evaluate(names, gates_mod.make_context(pb, store, state))
     failing = [r for r in results if not r.passed and r.name not in overrides]

@@ -86,13 +86,14 @@ STEPS: tuple[Step, ...] = (
         description="make Valkey authoritative; Redis is kept in sync for the rollback window",
         gates=("read_cutover_duration", "shim_ack", "no_lost_shims", "sides_live", "key_counts", "no_dirty_keys", "divergence",
                "latency", "error_rate", "consistency"),
-        prepare=("hold_writes",),
-        actions=("await_shim_ack", "write_pause"),
+        # In the replication strategy the servers swap roles inside the hold (migrator.roleswap).
+        prepare=("hold_writes", "role_swap"),
+        actions=("release_pause", "await_shim_ack", "write_pause"),
         # Not ``sides_live``: a rollback onto the source, which holds every acknowledged write,
         # must stay possible when the target is dead.
         rollback_gates=("shim_ack", "no_lost_shims", "source_reachable", "source_keys", "no_dirty_keys"),
-        rollback_prepare=("hold_writes",),
-        rollback_actions=("await_shim_ack", "write_pause"),
+        rollback_prepare=("hold_writes", "role_swap_back"),
+        rollback_actions=("release_pause", "await_shim_ack", "write_pause"),
         rollback_description="make the source authoritative again; it was kept in sync",
     ),
     Step(
@@ -101,7 +102,7 @@ STEPS: tuple[Step, ...] = (
         dest=Phase.COMPLETED,
         description="stop writing to Redis; it can be decommissioned",
         gates=("rollback_window", "shim_ack", "sides_live", "key_counts", "no_dirty_keys", "consistency"),
-        actions=("await_shim_ack", "final_report"),
+        actions=("await_shim_ack", "detach_source", "final_report"),
         reversible=False,
     ),
 )

@@ -101,6 +101,9 @@ class MirrorMode:
     why: str = ""
     reverse: str | None = None
     reverse_why: str = ""
+    # Source settings the write cutover's role swap changed (name → value before), put back by
+    # the rollback and by ``complete`` (migrator.roleswap).
+    restore: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
