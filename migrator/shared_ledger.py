@@ -160,9 +160,9 @@ class SharedWorkload:
             send()
         except redis.exceptions.RedisError as e:
             msg = str(e)
-            word = msg.split(" ", 1)[0].upper() if msg else type(e).__name__
-            if isinstance(e, redis.exceptions.ResponseError) and any(w in msg.upper() for w in CERTAIN_REFUSALS):
-                led.refused[word if word in CERTAIN_REFUSALS else next(w for w in CERTAIN_REFUSALS if w in msg.upper())] += 1
+            refusal = _refusal(e)
+            if refusal:
+                led.refused[refusal] += 1
                 return
             led.errors.append(f"{led.name} {uid} on {keys}: {type(e).__name__}: {msg}")
             self._note(led, keys, uid, acked=False)
@@ -240,6 +240,21 @@ class SharedWorkload:
         ryw = [v for led in self.ledgers for v in led.ryw_violations]
         return SharedAudit(not (lost or phantoms or problems), acked_total, lost, phantoms, problems, errors,
                            dict(refused), ryw, self.ops)
+
+
+def _refusal(e: Exception) -> str | None:
+    """The refusal ``e`` is, when the server certainly did not apply the command (else None).
+
+    redis-py turns ``-READONLY`` into ``ReadOnlyError`` without the word; a transaction with a
+    refused command fails as a whole (``EXECABORT``), naming the refusal in its message."""
+    if isinstance(e, redis.exceptions.ReadOnlyError) or "read only replica" in str(e):
+        return "READONLY"
+    if isinstance(e, redis.exceptions.ExecAbortError):
+        return "EXECABORT"
+    if not isinstance(e, redis.exceptions.ResponseError):
+        return None
+    upper = str(e).upper()
+    return next((w for w in CERTAIN_REFUSALS if w in upper), None)
 
 
 def _s(v: Any) -> Any:
