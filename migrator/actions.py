@@ -156,28 +156,6 @@ def final_report(ctx: ActionContext) -> ActionResult:
 # --- the mirror strategy (``migrator.replication``) ---------------------------------------------
 
 
-def _mirror_decision(ctx: ActionContext, source) -> "replication.Decision":
-    """Decide the strategy again on fresh evidence: the source's PSYNC/ACL now, the RDB format from
-    the newest compatibility report for these servers (refused if the servers' versions changed since)."""
-    from migrator import replication, reports
-    from migrator.compat.identify import identify
-
-    pb = ctx.playbook
-    requested = pb.mirror.strategy
-    allowed = replication.source_allows_sync(source, pb.source.user)
-    report = reports.latest(pb.state_path, "compat", lambda r: r.get("endpoints_hash") == pb.endpoints_hash())
-    if report is None:
-        return replication.decide(requested, allowed, None, "no compatibility report for these servers "
-                                  f"(run: migrator compat -p {pb.path})")
-    now_version = identify(source.info("server")).version
-    if (report.get("source") or {}).get("version") not in (None, now_version):
-        return replication.decide(requested, allowed, None, f"the source now runs {now_version}, not the "
-                                  f"{report['source']['version']} compatibility report {report['id']} judged: "
-                                  f"run migrator compat -p {pb.path} again")
-    loads, why = replication.rdb_loadable(report.get("copy_method"), (report.get("replication") or {}).get("target_replicates_source"))
-    return replication.decide(requested, allowed, loads, f"{why} (report {report['id']})")
-
-
 @action("start_mirror")
 def start_mirror(ctx: ActionContext) -> ActionResult:
     """Decide the mirror strategy on fresh evidence and, in replication, make the target a replica of the source."""
@@ -193,7 +171,7 @@ def start_mirror(ctx: ActionContext) -> ActionResult:
         return ActionResult("start_mirror", True, f"mirror strategy dual-write: {d.why}", d.to_json())
     source, target = connect(pb.source, "source"), connect(pb.target, "target")
     try:
-        d = _mirror_decision(ctx, source)
+        d = replication.fresh_decision(pb, source)
         data = {"decision": d.to_json()}
         if not d.ok:
             return ActionResult("start_mirror", False, d.why, data)

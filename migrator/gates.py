@@ -215,6 +215,33 @@ def shim_running(ctx: GateContext):
     return not behind, ev, data
 
 
+@gate("mirror_strategy")
+def mirror_strategy(ctx: GateContext):
+    """The mirror strategy decided now (auto: replication where the source allows PSYNC and the target loads its
+    RDB) can start: in replication, the target can become the source's replica."""
+    from migrator import replication
+    from migrator.connect import connect
+
+    pb = ctx.playbook
+    if pb.mirror.strategy == "dual-write":
+        return True, "dual-write (mirror.strategy): each shim writes to both servers", {"strategy": "dual-write"}
+    source = connect(pb.source, "source")
+    try:
+        d = replication.fresh_decision(pb, source)
+        data = d.to_json()
+        if not d.ok or d.strategy == "dual-write":
+            return d.ok, f"{d.strategy}: {d.why}", data
+        target = connect(pb.target, "target")
+        try:
+            out = replication.attach(pb, source, target, dry_run=True)
+        finally:
+            target.close()
+        data["attach"] = out.data
+        return out.ok, f"replication: {d.why}; {out.evidence}", data
+    finally:
+        source.close()
+
+
 @gate("shim_ack")
 def shim_ack(ctx: GateContext):
     """Every running shim has acknowledged the current phase."""

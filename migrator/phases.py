@@ -60,7 +60,7 @@ STEPS: tuple[Step, ...] = (
         source=Phase.COMPATIBLE,
         dest=Phase.MIRRORING,
         description="mirror every write to Valkey and compare reads; the source stays authoritative",
-        gates=("shim_running",),
+        gates=("shim_running", "mirror_strategy"),
         # Decides the mirror strategy on fresh evidence and, in replication, makes the target a
         # replica of the source, before shims learn of the new phase.
         prepare=("start_mirror",),

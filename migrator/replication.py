@@ -255,12 +255,13 @@ def _config_for_source(pb: Any) -> list[tuple[str, str]]:
     return out
 
 
-def attach(pb: Any, source: Any, target: Any) -> Outcome:
+def attach(pb: Any, source: Any, target: Any, dry_run: bool = False) -> Outcome:
     """Make the target a replica of the source (``REPLICAOF``); idempotent, never waits for the full sync.
 
     Refuses a target that holds keys (``REPLICAOF`` discards them) unless
     ``mirror.replication.replace_target_data``, and a target that replicates another server.
     A target already replicating this source (a re-run after a crash) is left as it is.
+    ``dry_run``: only say whether it would be refused (the ``mirror_strategy`` gate).
     """
     import redis
 
@@ -286,6 +287,9 @@ def attach(pb: Any, source: Any, target: Any) -> Outcome:
         return Outcome(False, f"the target holds {held:,} key(s) and REPLICAOF would discard them: empty it (FLUSHALL) "
                               "or set mirror.replication.replace_target_data: true", data)
     settings = _config_for_source(pb)
+    if dry_run:
+        what = f"{held:,} key(s) on it would be discarded (replace_target_data)" if held else "it is empty"
+        return Outcome(True, f"the target can become a replica of the source at {where}: {what}", data)
     try:
         for name, value in settings:
             target.config_set(name, value)
@@ -368,12 +372,15 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
             ev = f"initial full sync in progress: {done}"
             stalled = last_io is not None and int(last_io) >= stall_timeout
             data["last_io_s"] = int(last_io) if last_io is not None else None
+            hint = "is the source stopped or overloaded, or the network between them cut?"
         else:
             down = t.link_down_since if t.link_down_since is not None else -1
             if down < 0 and elapsed is not None:
                 down = int(elapsed)  # never connected since REPLICAOF: down since then
-            ev = f"replication link down ({'for ' + str(down) + ' s' if down > 0 else 'connecting'})"
+            ev = f"replication link down {'for ' + str(down) + ' s' if down > 0 else '(connecting)'}"
             stalled = down >= stall_timeout
+            hint = (f"can the target reach the source at {host}:{port} (mirror.replication.source_address) with the "
+                    "source's credentials? The target's log says why")
         if elapsed is not None:
             ev += f", {elapsed:.0f} s since REPLICAOF"
         if overdue:
@@ -381,8 +388,7 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
                              f"({sync_timeout:.0f} s); see the target's and the source's logs", data)
         if stalled:
             return SyncState(False, "stalled", f"{ev}{loops}: no progress for {stall_timeout:.0f} s "
-                             "(mirror.replication.stall_timeout): is the source stopped, or the network between them cut?",
-                             data)
+                             f"(mirror.replication.stall_timeout): {hint}", data)
         if restarts is not None and restarts > 2:
             return SyncState(False, "looping", f"{ev}{loops}: the full sync keeps restarting (client-output-buffer-limit "
                              "replica or repl-timeout on the source too small for the data set?)", data)
@@ -428,3 +434,26 @@ def strategy_of(state: Any) -> str:
 def attachment(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The newest journaled attach of the target (when, and the source's sync counter then)."""
     return next((e for e in reversed(entries) if e.get("event") == ATTACHED_EVENT), None)
+
+
+def fresh_decision(pb: Any, source: Any) -> Decision:
+    """Decide the strategy again on fresh evidence: the source's PSYNC/ACL read now, the RDB format
+    from the newest compatibility report for these servers (not trusted if the source's version
+    changed since)."""
+    from migrator import reports
+    from migrator.compat.identify import identify
+
+    requested = pb.mirror.strategy
+    if requested == "dual-write":
+        return decide(requested, SyncAllowed(None, ""), None, "")
+    allowed = source_allows_sync(source, pb.source.user)
+    report = reports.latest(pb.state_path, "compat", lambda r: r.get("endpoints_hash") == pb.endpoints_hash())
+    if report is None:
+        return decide(requested, allowed, None, f"no compatibility report for these servers (run: migrator compat -p {pb.path})")
+    now_version = identify(source.info("server")).version
+    then = (report.get("source") or {}).get("version")
+    if then not in (None, now_version):
+        return decide(requested, allowed, None, f"the source now runs {now_version}, not the {then} the compatibility "
+                      f"report {report['id']} judged: run migrator compat -p {pb.path} again")
+    loads, why = rdb_loadable(report.get("copy_method"), (report.get("replication") or {}).get("target_replicates_source"))
+    return decide(requested, allowed, loads, f"{why} (report {report['id']})")

@@ -2,8 +2,7 @@
 ``sync``/``check``/``status`` in this strategy, and the rollback to compatible, on real servers."""
 from __future__ import annotations
 
-import os
-import signal
+import contextlib
 import threading
 import time
 
@@ -47,6 +46,12 @@ def _to_mirroring(pb):
     with AckingShim(pb.state_path, pb.name):
         command.advance(pb)
         return command.advance(pb)
+
+
+def _all_pass(names, ctx):
+    from migrator.gates import GateResult
+
+    return [GateResult(n, True, "not evaluated (test)") for n in names]
 
 
 def _gate(pb, name):
@@ -130,9 +135,15 @@ def test_the_decision_is_made_again_on_fresh_evidence_when_mirroring_begins(serv
     src = server_factory("redis-7.0", port=port, conf_lines=NO_PSYNC)
 
     pb = _pb(make_playbook, src, tgt, "replication")
-    with AckingShim(pb.state_path, pb.name), pytest.raises(command.RefusedError) as e:
-        command.advance(pb)
-    assert "abandoned, phase unchanged" in str(e.value) and "the source has no PSYNC" in str(e.value)
+    with AckingShim(pb.state_path, pb.name):
+        with pytest.raises(command.GatesFailed) as e:
+            command.advance(pb)
+        gate = next(g for g in e.value.results if g.name == "mirror_strategy")
+        assert not gate.passed and "the source has no PSYNC" in gate.evidence, gate.evidence
+        # The step's own re-check, should the source change between the gates and the attach:
+        with pytest.raises(command.RefusedError) as e:
+            command.advance(pb, evaluate=_all_pass)
+    assert "abandoned, phase unchanged: start_mirror failed" in str(e.value) and "the source has no PSYNC" in str(e.value)
     assert StateStore(pb.state_path, pb.name).load().phase == Phase.COMPATIBLE
     assert tgt.client().info("replication")["role"] == "master"
 
@@ -156,9 +167,13 @@ def test_a_non_empty_target_is_refused_unless_the_playbook_allows_replacing_it(s
     tgt.client().set("precious", "1")
     with AckingShim(pb.state_path, pb.name):
         out = run_cli("advance", "--yes", playbook=pb.path)
-    assert out.returncode == 1, out.stdout + out.stderr
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "gate(s) failed: mirror_strategy" in out.stderr, out.stdout + out.stderr
+        assert "the target holds 1 key(s) and REPLICAOF would discard them" in out.stdout + out.stderr
+        with pytest.raises(command.RefusedError) as e:
+            command.advance(pb, evaluate=_all_pass)
     assert ("abandoned, phase unchanged: start_mirror failed: the target holds 1 key(s) and REPLICAOF would discard "
-            "them") in out.stderr
+            "them") in str(e.value)
     assert StateStore(pb.state_path, pb.name).load().phase == Phase.COMPATIBLE
     assert tgt.client().get("precious") == b"1" and tgt.client().info("replication")["role"] == "master"
 
@@ -167,3 +182,232 @@ def test_a_non_empty_target_is_refused_unless_the_playbook_allows_replacing_it(s
         command.advance(pb)
     assert _wait_gate(pb, "replica_in_sync").passed
     assert tgt.client().get("precious") is None and tgt.client().dbsize() == 120
+
+
+def test_a_stalled_full_sync_and_one_past_its_timeout_are_reported(server_factory, make_playbook):
+    """A full sync that makes no progress (the source's RDB child is slowed to 5 s a key) fails
+    replica_in_sync as stalled after mirror.replication.stall_timeout, then as past sync_timeout;
+    `migrator sync --wait` stops on it with exit 1."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 20)
+    pb = _pb(make_playbook, src, tgt, stall_timeout="1s", sync_timeout="4s")
+    _to_compatible(pb)
+    src.client().config_set("rdb-key-save-delay", "5000000")  # µs per key, in the RDB child only
+    with AckingShim(pb.state_path, pb.name):
+        command.advance(pb)
+    g = _gate(pb, "replica_in_sync")
+    assert not g.passed and g.data["problem"] is None and "initial full sync in progress" in g.evidence, g.evidence
+    time.sleep(2.5)
+    g = _gate(pb, "replica_in_sync")
+    assert not g.passed and g.data["problem"] == "stalled", g.evidence
+    assert "no progress for 1 s (mirror.replication.stall_timeout)" in g.evidence
+    out = run_cli("sync", "--wait", playbook=pb.path)
+    assert out.returncode == 1 and out.stdout.startswith("STALLED: initial full sync in progress"), out.stdout + out.stderr
+    assert "nothing copied" in out.stdout
+    time.sleep(max(0.0, 4.5 - g.data["since_attach_s"]))
+    g = _gate(pb, "replica_in_sync")
+    assert not g.passed and g.data["problem"] == "timed-out" and "past mirror.replication.sync_timeout (4 s)" in g.evidence
+
+
+def test_a_target_that_cannot_reach_the_source_is_reported_stalled(server_factory, make_playbook):
+    """mirror.replication.source_address naming a port where nothing listens: the link never comes up,
+    and replica_in_sync says the link has been down since REPLICAOF, stalled after stall_timeout."""
+    from migrator import servers
+
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-8.1")
+    pb = _pb(make_playbook, src, tgt, source_address=f"127.0.0.1:{servers.free_port()}", stall_timeout="1s")
+    _to_compatible(pb)
+    with AckingShim(pb.state_path, pb.name):
+        command.advance(pb)
+    time.sleep(1.5)
+    g = _gate(pb, "replica_in_sync")
+    assert not g.passed and g.data["problem"] == "stalled" and g.evidence.startswith("replication link down for "), g.evidence
+
+
+class DelayRelay:
+    """A TCP relay on loopback that forwards each byte from the source ``delay`` seconds late: the
+    target replicates through it (mirror.replication.source_address), so its lag is real and steady."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        import socket
+
+        self.port, self.delay = port, delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closed = threading.Event()
+        self.socks = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+
+        while not self.closed.is_set():
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.port))
+            self.socks += [down, up]
+            threading.Thread(target=self._pump, args=(down, up, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, self.delay), daemon=True).start()
+
+    def _pump(self, src, dst, delay):
+        import queue
+
+        q: queue.Queue = queue.Queue()
+
+        def send():
+            while True:
+                due, data = q.get()
+                if data is None:
+                    return
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=send, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                q.put((0, None))
+                return
+            q.put((time.monotonic() + delay, data))
+
+    def close(self):
+        self.closed.set()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _writer(client, stop, acked):
+    i = 0
+    while not stop.is_set():
+        client.set(f"w:{i % 500}", i)
+        client.incr("w:counter")
+        acked.append(i)
+        i += 1
+
+
+def test_check_is_clean_under_a_running_writer_and_sync_and_status_report_the_lag(server_factory, make_playbook, request):
+    """With a writer hammering the source (so the replica always lags a little), `check --full` reports
+    no mismatch (lag is waited out, never counted); `sync` copies nothing and exits 0 once in sync;
+    `status` shows the strategy, the link and both offsets."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 2000)
+    relay = DelayRelay(src.port, 0.3)  # the replica trails the source by 300 ms
+    request.addfinalizer(relay.close)
+    pb = _pb(make_playbook, src, tgt, source_address=relay.address)
+    _to_mirroring(pb)
+    assert _wait_gate(pb, "replica_in_sync").passed
+    out = run_cli("sync", playbook=pb.path)
+    assert out.returncode == 0 and out.stdout.startswith("IN SYNC: replica in sync, lag "), out.stdout + out.stderr
+    stop, acked = threading.Event(), []
+    w = threading.Thread(target=_writer, args=(src.client(), stop, acked))
+    w.start()
+    try:
+        time.sleep(0.3)
+        src.client().mset({f"late:{i}": "reaches the replica 300 ms later" for i in range(50)})
+        res = check_mod.run(pb, full=True, rounds=1, interval=0.0)
+        st = command.status(pb)
+    finally:
+        stop.set()
+        w.join()
+    assert len(acked) > 500
+    assert res.mismatches == [] and res.checked >= 2400, res.summary
+    # Keys written within the lag differed at first and were equal once the replica had caught up.
+    assert res.transient + res.in_flux > 0, res.summary
+    r = st["replication"]
+    assert r["strategy"] == "replication" and r["link"] == "up" and r["source_offset"] > 0 and r["target_offset"] > 0
+    out = run_cli("status", playbook=pb.path)
+    assert "Mirror strategy: replication" in out.stdout and "link up" in out.stdout, out.stdout
+    assert _wait_gate(pb, "replica_in_sync").passed
+    assert tgt.client().get("w:counter") == src.client().get("w:counter") == str(len(acked)).encode()
+
+
+def test_rollback_to_compatible_detaches_the_target_which_keeps_its_data(server_factory, make_playbook):
+    """Rolling back mirroring → compatible runs REPLICAOF NO ONE on the target (it keeps the keys it
+    has) and forgets the strategy; advancing again re-attaches it (replace_target_data, as it holds keys)."""
+    src = _source(server_factory, "redis-6.2")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 500)
+    pb = _pb(make_playbook, src, tgt)
+    _to_mirroring(pb)
+    assert _wait_gate(pb, "replica_in_sync").passed
+    with AckingShim(pb.state_path, pb.name):
+        r = command.rollback(pb)
+    assert r.to_phase == Phase.COMPATIBLE
+    assert "stopped replicating" in r.actions[-1].evidence and "keeps its data" in r.actions[-1].evidence
+    info = tgt.client().info("replication")
+    assert info["role"] == "master" and tgt.client().dbsize() == 600
+    st = StateStore(pb.state_path, pb.name).load()
+    assert st.mirror is None
+    pb = _pb(make_playbook, src, tgt, replace_target_data=True)
+    with AckingShim(pb.state_path, pb.name):
+        command.advance(pb)
+    src.client().set("after", "re-attach")
+    assert _wait_gate(pb, "replica_in_sync").passed and tgt.client().get("after") == b"re-attach"
+
+
+def test_compat_accepts_a_target_replicating_this_source(server_factory, make_playbook):
+    """While the target replicates the source (mirroring), compat's topology and keyspace checks pass
+    and say so, where a target replicating another server would fail."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 50)
+    pb = _pb(make_playbook, src, tgt)
+    _to_mirroring(pb)
+    assert _wait_gate(pb, "replica_in_sync").passed
+    res = compat.run(pb, write_report=False)
+    topo, keys = res.check("topology"), res.check("keyspace")
+    assert topo.status == compat.PASS and "the target replicates this source" in topo.evidence, topo.evidence
+    assert keys.status == compat.PASS and "replicated from the source" in keys.evidence, keys.evidence
+    res = compat.run(_pb(make_playbook, src, tgt, "dual-write"), write_report=False)
+    assert res.check("topology").status == compat.FAIL
+
+
+def test_advance_and_rollback_killed_at_each_point_finish_when_run_again(server_factory, make_playbook):
+    """kill -9 of `advance` (compatible → mirroring) at each crash point of attaching, and of `rollback`
+    (mirroring → compatible) after the phase is written and after its actions: the state stays valid, and
+    running the same command again finishes, sending REPLICAOF once per attach."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 200)
+    pb = _pb(make_playbook, src, tgt, replace_target_data=True)
+    _to_compatible(pb)
+    store = StateStore(pb.state_path, pb.name)
+    with AckingShim(pb.state_path, pb.name):
+        for point, rollback_crash in (("after-attach", None), ("after-prepare", "after-state"),
+                                      ("after-state", "after-actions")):
+            if store.load().phase == Phase.MIRRORING:
+                command.rollback(pb)
+            out = run_cli("advance", "--yes", playbook=pb.path, env={"MIGRATOR_CRASH_AT": point})
+            assert out.returncode == -9, (point, out.stdout + out.stderr)
+            st = store.load()
+            assert st.phase == (Phase.MIRRORING if point == "after-state" else Phase.COMPATIBLE), point
+            assert tgt.client().info("replication")["role"] == "slave", point  # attached before the crash
+            out = run_cli("advance", "--yes", playbook=pb.path)
+            assert out.returncode == 0, (point, out.stdout + out.stderr)
+            st = store.load()
+            assert st.phase == Phase.MIRRORING and st.transition is None and st.mirror.strategy == "replication", point
+            assert _wait_gate(pb, "replica_in_sync").passed, point
+            if rollback_crash:
+                out = run_cli("rollback", "--yes", playbook=pb.path, env={"MIGRATOR_CRASH_AT": rollback_crash})
+                assert out.returncode == -9, (rollback_crash, out.stdout + out.stderr)
+                assert store.load().phase == Phase.COMPATIBLE
+                out = run_cli("rollback", "--yes", playbook=pb.path)
+                assert out.returncode == 0, (rollback_crash, out.stdout + out.stderr)
+                st = store.load()
+                assert st.phase == Phase.COMPATIBLE and st.transition is None and st.mirror is None, rollback_crash
+                assert tgt.client().info("replication")["role"] == "master", rollback_crash
+    attached = [e for e in store.read_journal() if e["event"] == "replica-attached"]
+    assert len(attached) == 3  # one per crashed advance: each re-run found the target already attached
+    assert tgt.client().dbsize() == 240

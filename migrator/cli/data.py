@@ -139,7 +139,7 @@ def _replica_sync(cctx: click.Context, pb, wait: bool, output: str) -> None:
     def show(st) -> None:
         if output != "json" and st.evidence not in seen[-1:]:
             seen.append(st.evidence)
-            if not st.in_sync and wait:
+            if not st.in_sync and not st.problem and wait:
                 click.echo(f"waiting: {st.evidence}")
 
     st = replica.watch(pb, store, wait=wait, on_update=show)
