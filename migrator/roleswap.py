@@ -452,8 +452,14 @@ def release(ctx: Any) -> Any:
     """The release_pause action: lift the role swap's CLIENT PAUSE once the new phase is recorded."""
     from migrator.actions import ActionResult
 
-    if not _replicating(ctx) and not (ctx.direction == "rollback" and ctx.state.mirror is not None):
-        return ActionResult("release_pause", True, "mirror strategy dual-write: no server was paused", {})
+    mirror = ctx.state.mirror
+    if ctx.direction == "rollback" and mirror is not None and mirror.reverse is not None:
+        # Back in reads-on-target the source is the primary again: no reverse mirroring is in effect.
+        mirror.reverse, mirror.reverse_why = None, ""
+        ctx.store.save(ctx.state)
+    swap = _swap_of_this_step(ctx)
+    if swap is None:
+        return ActionResult("release_pause", True, "no server was paused by this step (no role swap)", {})
     pb = ctx.playbook
     lifted, down = [], []
     for role, ep in (("source", pb.source), ("target", pb.target)):
@@ -465,21 +471,29 @@ def release(ctx: Any) -> Any:
             down.append(f"{role}: {e}")  # a pause expires by itself at the hold's deadline
         finally:
             c.close()
-    last = next((e for e in reversed(ctx.store.read_journal()) if e.get("event") == SWAP_EVENT), None)
-    paused_at = ((last or {}).get("data") or {}).get("paused_at")
     data: dict[str, Any] = {"unpaused": lifted, "unreachable": down}
-    ev = "writes on the servers released (CLIENT UNPAUSE)"
-    if paused_at and last.get("direction") == ctx.direction:
+    paused_at = (swap.get("data") or {}).get("paused_at")
+    if paused_at:
         data["server_pause_ms"] = round((time.time() - float(paused_at)) * 1000, 1)
         ev = f"server writes paused {data['server_pause_ms']:.1f} ms (CLIENT PAUSE WRITE until UNPAUSE)"
+    else:  # finished what a killed run had swapped: a pause it left (if any) is lifted now
+        ev = "no pause in this run (the roles were already swapped); CLIENT UNPAUSE sent to both servers"
     if down:
         ev += f"; not reached: {'; '.join(down)} (its pause expires by itself)"
-    mirror = ctx.state.mirror
-    if ctx.direction == "rollback" and mirror is not None and mirror.reverse is not None:
-        # Back in reads-on-target the source is the primary again: no reverse mirroring is in effect.
-        mirror.reverse, mirror.reverse_why = None, ""
-        ctx.store.save(ctx.state)
     return ActionResult("release_pause", True, ev, data)
+
+
+def _swap_of_this_step(ctx: Any) -> dict[str, Any] | None:
+    """The role swap journaled by the transition in progress (its start is journaled with its id)."""
+    t = ctx.state.transition
+    found = None
+    started = False
+    for e in ctx.store.read_journal():
+        if e.get("event") == "transition-started":
+            started = t is not None and e.get("id") == t.id
+        elif started and e.get("event") == SWAP_EVENT and e.get("ok"):
+            found = e
+    return found
 
 
 def run_detach(ctx: Any) -> Any:
