@@ -625,6 +625,8 @@ def status(pb: Playbook, gates: bool = False) -> dict[str, Any]:
         "migration": pb.name,
         "playbook": str(pb.path),
         "state_dir": str(store.dir),
+        "control": {"backend": "etcd", "endpoints": store.control.endpoints, "prefix": store.control.prefix}
+        if store.control is not None else {"backend": "local", "state_dir": str(store.dir)},
         "started": store.exists(),
         "phase": state.phase.value,
         "generation": state.generation,

@@ -337,9 +337,11 @@ class EtcdConfig(_Strict):
                 _ = parts.port
             except ValueError as err:
                 raise ValueError(f"etcd endpoint {e!r}: {err}") from None
-            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
-                    or parts.username or parts.password:
-                raise ValueError(f"etcd endpoint must be [http[s]://]HOST:PORT (credentials go in username/password_env), not {e!r}")
+            if parts.username or parts.password or "@" in parts.netloc:
+                # Not echoed: it may hold a password.
+                raise ValueError("an etcd endpoint must not carry credentials: use username and password_env")
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+                raise ValueError(f"etcd endpoint must be [http[s]://]HOST:PORT, not {e!r}")
         return v
 
     @field_validator("prefix")

@@ -197,6 +197,8 @@ def status_view(st: dict, history: int = 10) -> list[RenderableType]:
         left = d["required_s"] - d["elapsed_s"]
         line(f"  {escape(d['gate'])}: {format_duration(d['elapsed_s'])} of {format_duration(d['required_s'])}"
              + (f" ({format_duration(left)} to go)" if left > 0 else " [green](met)[/]"))
+    if st.get("control", {}).get("backend") == "etcd":
+        line(f"Control plane: etcd {escape(', '.join(st['control']['endpoints']))} under {escape(st['control']['prefix'])}")
     if st["endpoints_changed"]:
         line("[red]The playbook's endpoints differ from the ones this migration started with.[/]")
     if st["note"]:

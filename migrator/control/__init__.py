@@ -15,6 +15,7 @@ unchanged. The folder itself still holds what stays local: reports, logs, progre
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,16 @@ def bind(pb: Any) -> Any:
         return control
 
 
+def _after_fork() -> None:
+    """A forked child (``shim --workers``) opens its own connections and takes its own leases."""
+    for ctl in _BOUND.values():
+        ctl.forget_connections()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def bound(state_dir: Path | str) -> Any:
     """The etcd control plane serving ``state_dir``, or None (the folder itself holds everything)."""
     if not _BOUND:
@@ -53,9 +64,3 @@ def bound(state_dir: Path | str) -> Any:
     return _BOUND.get(_key(state_dir))
 
 
-def describe(state_dir: Path | str) -> dict[str, Any]:
-    """Which backend serves ``state_dir`` (for status and reports; no secrets)."""
-    control = bound(state_dir)
-    if control is None:
-        return {"backend": "local", "state_dir": str(state_dir)}
-    return {"backend": "etcd", "endpoints": control.endpoints, "prefix": control.prefix}

@@ -25,6 +25,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
+import socket
 import threading
 import time
 import uuid
@@ -81,6 +83,16 @@ def _detail(e: Exception) -> str:
     return " ".join(str(text).split())[:200]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class EtcdControl:
     """One migration's keys in one etcd cluster: requests with fail-over between the endpoints."""
 
@@ -96,12 +108,19 @@ class EtcdControl:
         self._mutex = threading.Lock()
         self._shim_leases: dict[str, int] = {}
         self.last_error: str | None = None
+        self.down = False  # no member answered the last request: the next one tries each member once
         self.log = get_logger("migrator.control")
 
     def same_config(self, pb: Any) -> bool:
         other = pb.control.etcd
         return (other is not None and pb.name == self.migration and other.model_dump() == self.cfg.model_dump()
                 and other.password == self.cfg.password)
+
+    def forget_connections(self) -> None:
+        """Drop connections and leases without closing them (they belong to the parent of a fork)."""
+        self._clients = [None] * len(self.endpoints)
+        self._shim_leases = {}
+        self._mutex = threading.Lock()
 
     def close(self) -> None:
         for c in self._clients:
@@ -144,9 +163,11 @@ class EtcdControl:
 
         A member that is down, has no leader or times out is skipped for the next one, round
         after round until ``2 × request_timeout`` has passed (long enough for a leader election).
+        While no member answers (``down``), one round only: a shim's writers must not stall on
+        an outage (a write switch's hold ends on time).
         """
         n = len(self.endpoints)
-        deadline = time.monotonic() + max(2 * self.timeout, 1.0)
+        deadline = time.monotonic() + (0 if self.down else max(2 * self.timeout, 1.0))
         errors: dict[str, str] = {}
         while True:
             for step in range(n):
@@ -172,12 +193,12 @@ class EtcdControl:
                                                    f"under {self.prefix} ({text}): grant it a role on that prefix") from None
                         raise StateError(f"etcd {self.endpoints[i]}: {what} failed: {text}") from None
                     self._current = i
-                    self.last_error = None
+                    self.last_error, self.down = None, False
                     return result
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.1)
-        self.last_error = "; ".join(f"{ep}: {err}" for ep, err in errors.items())
+        self.last_error, self.down = "; ".join(f"{ep}: {err}" for ep, err in errors.items()), True
         raise UnreachableError(f"etcd control plane unreachable (no member answered to {what}: {self.last_error})")
 
     def post(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -323,26 +344,48 @@ class EtcdControl:
         except ValueError:
             return "owner unknown"
 
+    def _take_lock(self, key: str, value: str, lease: int) -> tuple[bool, dict[str, Any], int]:
+        """(taken, the holder's record, its mod_revision)."""
+        r = self.txn("take the lock", {
+            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+            "success": [{"request_put": {"key": key, "value": _b64(value), "lease": lease}}],
+            "failure": [{"request_range": {"key": key}}],
+        })
+        if r.get("succeeded"):
+            return True, {}, 0
+        kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
+        if not kvs:
+            return False, {}, 0
+        try:
+            held = json.loads(_unb64(kvs[0].get("value")))
+        except ValueError:
+            held = {}
+        return False, held, int(kvs[0].get("mod_revision", 0))
+
     @contextlib.contextmanager
     def hold_lock(self, owner: str) -> Iterator[None]:
-        """Hold the lock key on a lease renewed while this runs: a killed holder's lock goes with its lease."""
+        """Hold the lock key on a lease renewed while this runs: a killed holder's lock goes with its lease.
+
+        A holder that ran on this host and whose process is gone (kill -9) is known dead at once,
+        as with the folder's lock: its lock is taken over without waiting for the lease.
+        """
         token = uuid.uuid4().hex
         lease = self.grant(self.lease_ttl)
         key = _b64(self.key("lock"))
-        r = self.txn("take the lock", {
-            "compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-            "success": [{"request_put": {"key": key, "value": _b64(json.dumps({"owner": owner, "token": token})),
-                                         "lease": lease}}],
-            "failure": [{"request_range": {"key": key}}],
-        })
-        if not r.get("succeeded"):
-            kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
-            held = json.loads(_unb64(kvs[0].get("value"))) if kvs else {}
-            if held.get("token") != token:  # not our own retried request
-                self.revoke(lease)
-                raise LockedError(f"another migrator run holds the lock in etcd {self.key('lock')} "
-                                  f"({held.get('owner', 'owner unknown')}); wait for it to finish (or, if it was killed, "
-                                  f"for its lease to expire within {self.lease_ttl}s) and try again")
+        value = json.dumps({"owner": owner, "token": token, "host": socket.gethostname(), "pid": os.getpid()})
+        taken, held, rev = self._take_lock(key, value, lease)
+        if not taken and held.get("token") != token and held.get("host") == socket.gethostname() \
+                and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+            self.txn("take over a dead run's lock", {
+                "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": rev}],
+                "success": [{"request_delete_range": {"key": key}}], "failure": []})
+            self.log.warning("control.dead_lock_taken_over", owner=held.get("owner"))
+            taken, held, rev = self._take_lock(key, value, lease)
+        if not taken and held.get("token") != token:  # not our own retried request
+            self.revoke(lease)
+            raise LockedError(f"another migrator run holds the lock in etcd {self.key('lock')} "
+                              f"({held.get('owner', 'owner unknown')}); wait for it to finish (or, if it was killed, "
+                              f"for its lease to expire within {self.lease_ttl}s) and try again")
         stop = threading.Event()
         keeper = threading.Thread(target=self._keep_lock, args=(lease, stop), name="migrator-lock-lease", daemon=True)
         keeper.start()

@@ -39,6 +39,7 @@ from migrator.state import iso, now
 DIRTY_DIR = "dirty"
 KEYS_SUFFIX = ".jsonl"
 DBWIDE_SUFFIX = ".dbwide"
+MAX_FILE_BYTES = 256 * 1024  # a flush with more marks is written as several files
 
 
 @dataclass(frozen=True)
@@ -174,15 +175,25 @@ class DirtyRecorder:
         with self._write_lock:
             lines, self._unsent = self._unsent + list(lines), []
             stamp = time.time_ns()
-            for dbwide, suffix in ((False, KEYS_SUFFIX), (True, DBWIDE_SUFFIX)):
-                part = [line for wide, line in lines if wide is dbwide]
-                if not part:
-                    continue
+            # Files of at most MAX_FILE_BYTES (an etcd value is limited to 1.5 MB by default).
+            chunks: list[tuple[bool, list[tuple[bool, str]]]] = []
+            for dbwide in (False, True):
+                size = MAX_FILE_BYTES
+                for x in lines:
+                    if x[0] is not dbwide:
+                        continue
+                    if size + len(x[1]) + 1 > MAX_FILE_BYTES:
+                        chunks.append((dbwide, []))
+                        size = 0
+                    chunks[-1][1].append(x)
+                    size += len(x[1]) + 1
+            for i, (dbwide, part) in enumerate(chunks):
+                suffix = DBWIDE_SUFFIX if dbwide else KEYS_SUFFIX
                 try:
-                    files.write_text(dirty_dir(self.state_dir) / f"{self.shim_id}.{stamp}{suffix}", "\n".join(part) + "\n")
+                    files.write_text(dirty_dir(self.state_dir) / f"{self.shim_id}.{stamp + i}{suffix}",
+                                     "".join(line + "\n" for _w, line in part))
                 except MigratorError:
-                    # The key marks were written before the database-wide ones: keep what was not.
-                    self._unsent = [x for x in lines if x[0]] if dbwide else list(lines)
+                    self._unsent = [x for _d, rest in chunks[i:] for x in rest]  # kept for the next call
                     raise
 
     def flush(self) -> None:

@@ -230,7 +230,9 @@ def no_lost_shims(ctx: GateContext):
             and not sides.restarted_since(ctx.current_sides(), check["started_at"], sides.recorded(check))):
         data["check"] = check["id"]
         return True, f"shim(s) {names} stopped without draining; the full check {check['id']} after it found both sides equal", data
+    records = (f"etcd {ctx.store.control.key('shims/')}" if ctx.store.control is not None
+               else f"{ctx.playbook.state_path}/shims")
     return False, (f"shim(s) {names} stopped without draining in {ctx.state.phase}: writes they had not applied to both "
                    f"sides may be missing on one; run `migrator check --full --repair -p {ctx.playbook.path}`, then "
-                   f"`migrator check --full` (clean), or remove the record in {ctx.playbook.state_path}/shims once "
+                   f"`migrator check --full` (clean), or remove the record in {records} once "
                    "the shim is known to have drained"), data
