@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from migrator import registry
 from migrator.playbook import Playbook
-from migrator.state import Barrier, State, StateStore, iso, now
+from migrator.state import Barrier, State, StateStore, iso, now, operator
 
 
 @dataclass
@@ -183,7 +183,7 @@ def start_mirror(ctx: ActionContext) -> ActionResult:
                 # the target, which a replica would refuse.
                 note = "; " + replication.detach(target).evidence
             ctx.state.mirror = MirrorMode(d.strategy, d.why)
-            ctx.store.journal("mirror-strategy", **d.to_json(), evidence=f"dual-write: {d.why}{note}")
+            ctx.store.journal("mirror-strategy", **d.to_json(), evidence=f"dual-write: {d.why}{note}", operator=operator())
             return ActionResult("start_mirror", True, f"mirror strategy dual-write: {d.why}{note}", data)
         out = replication.attach(pb, source, target)
         data["attach"] = out.data
@@ -192,9 +192,9 @@ def start_mirror(ctx: ActionContext) -> ActionResult:
         if not out.data.get("already") or replication.attachment(ctx.store.read_journal()) is None:
             ctx.store.journal(replication.ATTACHED_EVENT, source_address=f"{host}:{port}",
                               source_sync_full=out.data.get("source_sync_full"),
-                              source_offset=out.data.get("source_offset"), evidence=out.evidence)
+                              source_offset=out.data.get("source_offset"), evidence=out.evidence, operator=operator())
         crashpoint("after-attach")
-        ctx.store.journal("mirror-strategy", **d.to_json(), evidence=out.evidence)
+        ctx.store.journal("mirror-strategy", **d.to_json(), evidence=f"replication: {d.why}", operator=operator())
         ctx.state.mirror = MirrorMode(d.strategy, d.why)
         return ActionResult("start_mirror", True, f"mirror strategy replication: {d.why}; {out.evidence}", data)
     finally:

@@ -621,6 +621,11 @@ def status(pb: Playbook, gates: bool = False) -> dict[str, Any]:
     # status must answer quickly even with a side stopped: at most 2 s per side.
     ctx = gates_mod.make_context(pb, store, state, read_only=True, probe_timeout=min(2.0, pb.source.connect_timeout.total_seconds()))
     alerts = _alerts(ctx)
+    from migrator.data import replica
+
+    repl = replica.summary(pb, store, state, ctx.probe_timeout)
+    if repl and repl.get("problem"):
+        alerts.append(f"replication: {repl['evidence']}")
     out = {
         "migration": pb.name,
         "playbook": str(pb.path),
@@ -651,9 +656,7 @@ def status(pb: Playbook, gates: bool = False) -> dict[str, Any]:
         "other_side": _other_side(state.phase, shims, alerts),
     }
     out.update(_live(ctx))
-    from migrator.data import replica
-
-    out["replication"] = replica.summary(pb, store, state, ctx.probe_timeout)
+    out["replication"] = repl
     if gates:
         out["next"] = next_gates(ctx)
     return out

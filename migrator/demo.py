@@ -151,6 +151,9 @@ def write_playbook(dir: Path, src: servers.RunningServer, tgt: servers.RunningSe
             "write_cutover": {"rollback_window": "3s"},
         },
         "check": {"sample": 2000, "rounds": 3, "interval": "300ms"},
+        # The demo shows dual-write mirroring with its sync; `auto` would make the Valkey a
+        # replica of the Redis (docs/phases.md, "Mirroring by replication").
+        "mirror": {"strategy": "dual-write"},
     }
     (dir / "demo_test.py").write_text(DEMO_TEST)
     path = dir / "migrator.yaml"

@@ -225,13 +225,15 @@ def mirror_strategy(ctx: GateContext):
     pb = ctx.playbook
     if pb.mirror.strategy == "dual-write":
         return True, "dual-write (mirror.strategy): each shim writes to both servers", {"strategy": "dual-write"}
-    source = connect(pb.source, "source")
+    t = ctx.probe_timeout
+    extra = {"socket_connect_timeout": t, "socket_timeout": t} if t else {}
+    source = connect(pb.source, "source", **extra)
     try:
         d = replication.fresh_decision(pb, source)
         data = d.to_json()
         if not d.ok or d.strategy == "dual-write":
             return d.ok, f"{d.strategy}: {d.why}", data
-        target = connect(pb.target, "target")
+        target = connect(pb.target, "target", **extra)
         try:
             out = replication.attach(pb, source, target, dry_run=True)
         finally:

@@ -182,9 +182,11 @@ class Decision:
     strategy: str  # replication | dual-write
     why: str
     ok: bool = True
+    unconfirmed: bool = False  # replication asked for, the source's permission could not be read
 
     def to_json(self) -> dict[str, Any]:
-        return {"requested": self.requested, "strategy": self.strategy, "why": self.why, "ok": self.ok}
+        return {"requested": self.requested, "strategy": self.strategy, "why": self.why, "ok": self.ok,
+                "unconfirmed": self.unconfirmed}
 
 
 def decide(requested: str, allowed: SyncAllowed, loads_rdb: bool | None, rdb_why: str) -> Decision:
@@ -199,6 +201,10 @@ def decide(requested: str, allowed: SyncAllowed, loads_rdb: bool | None, rdb_why
     if not problems:
         return Decision(requested, "replication", f"{allowed.why}; {rdb_why}")
     why = "; ".join(problems)
+    if requested == "replication" and allowed.allowed is None and loads_rdb is True:
+        # Not known to fail: the playbook's choice stands, and replica_in_sync shows whether the link comes up.
+        return Decision(requested, "replication", f"mirror.strategy is replication; {why}; {rdb_why}; whether the "
+                        "target can replicate shows once it is attached (gate replica_in_sync)", unconfirmed=True)
     if requested == "replication":
         return Decision(requested, "replication", f"mirror.strategy is replication but it cannot work: {why}", ok=False)
     return Decision(requested, "dual-write", f"auto chose dual-write: {why}")
@@ -358,7 +364,8 @@ def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at
         what = (f"replicates {t.master_host}:{t.master_port}" if t.is_replica else
                 "is not a replica (REPLICAOF NO ONE was run, or it restarted without its replica setting)")
         return SyncState(False, "not-replicating", f"the target {what}, not the source at {host}:{port}: "
-                         "writes to the source no longer reach it", data)
+                         "writes to the source no longer reach it; roll back to compatible and advance again to "
+                         "re-attach it (the source stays authoritative throughout)", data)
     data["link"] = "up" if t.link_up else "down"
     info = target.info("replication")
     last_io = info.get("master_sync_last_io_seconds_ago")

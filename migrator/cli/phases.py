@@ -349,3 +349,5 @@ def history(ctx: Ctx, output: str, limit: int) -> None:
             con.print(f"    {a['action']}: {'ok' if a['ok'] else 'FAILED'} — {escape(a['evidence'])}")
         if e.get("reason"):
             con.print(f"    reason: {escape(e['reason'])}")
+        if isinstance(e.get("evidence"), str):  # replica-attached, mirror-strategy
+            con.print(f"    {escape(e['evidence'])}")

@@ -10,7 +10,7 @@ are never sent (that would make the source fork for a BGSAVE).
 from __future__ import annotations
 
 from migrator import replication
-from migrator.compat.model import FAIL, PASS, Check
+from migrator.compat.model import FAIL, PASS, WARN, Check
 from migrator.compat.probe import Probe
 
 TITLE = "Mirror strategy"
@@ -35,4 +35,8 @@ def strategy_check(probe: Probe) -> Check:
         return Check("mirror.strategy", TITLE, FAIL, evidence,
                      "allow PSYNC and REPLCONF for migrator's source user (and use a target that loads the source's "
                      "RDB), or set mirror.strategy: dual-write (or auto)", data)
+    if d.unconfirmed:
+        return Check("mirror.strategy", TITLE, WARN, evidence,
+                     "let migrator's source user run ACL DRYRUN (or ACL GETUSER) so the pre-flight can confirm the "
+                     "source allows PSYNC, or watch replica_in_sync once mirroring begins", data)
     return Check("mirror.strategy", TITLE, PASS, evidence, "", data)

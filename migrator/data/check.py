@@ -362,7 +362,10 @@ def _lag_waiter(src: redis.Redis, dst: redis.Redis, timeout: float):
     called, if one side replicates the other (same replication history); None otherwise."""
     from migrator import replication
 
-    s, t = replication.read(src), replication.read(dst)
+    try:
+        s, t = replication.read(src), replication.read(dst)
+    except redis.exceptions.ResponseError:  # INFO refused (a managed service): no replication to wait for
+        return None
     if t.is_replica and t.master_replid == s.master_replid:
         return lambda: replication.wait_caught_up(src, dst, timeout)
     if s.is_replica and s.master_replid == t.master_replid:
