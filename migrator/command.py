@@ -30,7 +30,7 @@ from redis.retry import Retry
 
 from migrator import actions as actions_mod
 from migrator import gates as gates_mod
-from migrator import hooks, registry, sides
+from migrator import hooks, registry, roleswap, sides
 from migrator.compat.identify import identify
 from migrator.connect import client_kwargs
 from migrator.durations import format_duration
@@ -234,6 +234,10 @@ def _interrupted_note(store: StateStore, state: State) -> str | None:
         return (f"a revert to {last_event.get('restoring')} (generation {last_event.get('generation')}) was interrupted: "
                 "the phase changed and was put back; check with `migrator status` that every shim applied it")
     last = _dangling_start(entries, state)
+    if last and roleswap.begun_after(entries, last):
+        return (f"an attempt to {last['direction']} from {last['from']} to {last['to']} at {last['time']} was interrupted "
+                f"while the servers swapped roles: run `migrator {last['direction']}` again; it reads their roles and "
+                "finishes the swap, or says what to do")
     if last:
         return (f"an attempt to {last['direction']} from {last['from']} to {last['to']} at {last['time']} "
                 "stopped before the phase changed; nothing was applied")
@@ -318,7 +322,9 @@ def _move(pb: Playbook, direction: str, overrides: dict[str, str], dry_run: bool
         if pending and not dry_run:
             store.journal("transition-superseded", id=pending.id, by=direction, operator=operator())
         elif (dangling := _dangling_start(entries, state)) is not None and not dry_run:
-            store.journal("transition-aborted", id=dangling.get("id"), reason="stopped before the phase changed; nothing was applied")
+            why = ("stopped during the role swap, before the phase changed: this run reads the servers' roles"
+                   if roleswap.begun_after(entries, dangling) else "stopped before the phase changed; nothing was applied")
+            store.journal("transition-aborted", id=dangling.get("id"), reason=why)
         step, why_not = _next_step(state, direction)
         if step is None:
             raise RefusedError(why_not or "no step")

@@ -29,8 +29,9 @@ in between is finished (or undone) by running the command again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -172,7 +173,7 @@ def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: Mirr
     if s.replicates(th, tp) and not t.is_replica:
         # A run killed after the source's REPLICAOF: the swap is done on the servers; verify it.
         data["found"] = "source already replicates the target (an interrupted run swapped the roles)"
-        return _verify_or_fall_back(pb, source, target, None, deadline, data, resumed=True)
+        return _verify_or_fall_back(pb, source, target, None, deadline, data)
     if not s.is_replica and not t.is_replica:
         return _reattach(pb, target, sh, sp, data)
     if not t.replicates(sh, sp) or s.is_replica:
@@ -214,7 +215,7 @@ def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: Mirr
 
 
 def _verify_or_fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis, before: ReplStatus | None,
-                         deadline: float, data: dict[str, Any], resumed: bool = False) -> Swap:
+                         deadline: float, data: dict[str, Any]) -> Swap:
     """Wait for the source's partial resync from the target; on any sign of a full sync, fall back at once."""
     t0 = time.monotonic()
     streak = 0
@@ -263,7 +264,8 @@ def _fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis, why: str,
         total = sum(src_keys.values())
         note = f"; the source still holds its data ({total:,} keys, as the target)"
     return Swap(True, f"role swap fell back to dual-write: {why}; the target is the primary, the source a primary "
-                      f"kept in step by the shims for the rollback window{note}",
+                      f"kept in step by the shims for the rollback window (writers that bypass the shims are not "
+                      f"mirrored: point them at the shims){note}",
                 moved=True, reverse="dual-write", data=data)
 
 
@@ -282,7 +284,7 @@ def _reattach(pb: Playbook, target: redis.Redis, sh: str, sp: int, data: dict[st
 
 
 def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirror: MirrorMode,
-             budget_s: float, pause_ms: int, target_down: str | None = None) -> Swap:
+             budget_s: float, pause_ms: int, target_down: str | None = None, accept_source: bool = False) -> Swap:
     """Make the source the primary again and the target its replica (or promote the source alone)."""
     from migrator.command import crashpoint
 
@@ -313,18 +315,29 @@ def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirr
             how = "the source is already a primary"
         note = restore(source, mirror)
         return Swap(True, f"the target is unreachable ({target_down}): {how}; {note}. When the target is back it is a "
-                          "stale primary: roll back to mirroring (its reads go to the source) and advance again, which "
-                          "re-attaches it", moved=True, data=data)
+                          f"stale primary: before it answers reads, make it a replica again (REPLICAOF {sh} {sp} on it: "
+                          "a full sync), or first roll back to mirroring, where reads are served by the source",
+                    moved=True, data=data)
     t = read(target)
     data["target_role"] = t.role
+    broken = None
     if not s.is_replica and not t.is_replica:
-        return Swap(False, "both servers are primaries while the target holds write authority: the source may lack the "
-                           "writes made since it stopped replicating; run `migrator check --full --repair` (it copies "
-                           "from the target) and roll back again", data=data)
+        broken = "both servers are primaries while the target holds write authority"
+    elif s.replicates(th, tp) and not t.is_replica and not s.link_up:
+        broken = (f"the source's link to the target is down (for {s.link_down_since} s; a full sync it cannot load "
+                  "loops once the replication backlog was exceeded: see its log)")
+    if broken and not accept_source:
+        return Swap(False, f"{broken}: the source may lack the writes made since. Run REPLICAOF NO ONE on the source, "
+                           "`migrator check --full --repair` (it copies from the target), then `migrator rollback "
+                           "--override source_keys --reason ...` (the source's data, as it is, becomes the truth)", data=data)
+    if broken:
+        data["accepted_source"] = broken
+        if s.is_replica:
+            source.execute_command("REPLICAOF", "NO", "ONE")
+        # The target follows the source's data (a full sync Valkey loads), as the operator accepted.
+        target.execute_command("REPLICAOF", sh, str(sp))
+        s = read(source)
     if s.replicates(th, tp) and not t.is_replica:
-        if not s.link_up:
-            return Swap(False, f"the source's link to the target is down (for {s.link_down_since} s): it may lack the "
-                               "latest writes; wait for it (or stop the target for good and roll back again)", data=data)
         data["paused_at"] = time.time()
         target.execute_command("CLIENT", "PAUSE", str(pause_ms), "WRITE")
         data["pause_limit_ms"] = pause_ms
@@ -391,6 +404,7 @@ def detach(pb: Playbook, source: redis.Redis, mirror: MirrorMode | None) -> str:
 # --- what the phase machine runs (thin wrappers in migrator.actions) ------------------------------
 
 SWAP_EVENT = "role-swap"
+BEGUN_EVENT = "role-swap-begun"
 SWAP_MARGIN = 0.25  # of max_pause, kept free before the hold's deadline (command.SWITCH_MARGIN is 0.2)
 
 
@@ -421,6 +435,7 @@ def run_swap(ctx: Any) -> Any:
     if budget <= 0:
         return ActionResult(name, False, "no time left in the hold for the role swap: raise steps.write_cutover.max_pause", {})
     timeout = min(1.0, max(0.05, budget))
+    ctx.store.journal(BEGUN_EVENT, direction=ctx.direction)  # a run killed from here on changed the servers' roles
     source, target = client(pb.source, timeout), client(pb.target, timeout)
     try:
         if (down := reachable(source)) is not None:
@@ -433,7 +448,8 @@ def run_swap(ctx: Any) -> Any:
                                                      "nothing was changed", {})
                 swap = forward(pb, source, target, mirror, lambda: ctx.store.save(ctx.state), budget, pause_ms)
             else:
-                swap = backward(pb, source, None if target_down else target, mirror, budget, pause_ms, target_down)
+                swap = backward(pb, source, None if target_down else target, mirror, budget, pause_ms, target_down,
+                                accept_source="source_keys" in ctx.overrides)
         except (redis.exceptions.RedisError, OSError) as e:
             return ActionResult(name, False, f"the role swap stopped on a server error ({e}); running the command again "
                                              "reads the servers' roles and finishes or undoes it", {"authority_moved": False})
@@ -476,11 +492,22 @@ def release(ctx: Any) -> Any:
     if paused_at:
         data["server_pause_ms"] = round((time.time() - float(paused_at)) * 1000, 1)
         ev = f"server writes paused {data['server_pause_ms']:.1f} ms (CLIENT PAUSE WRITE until UNPAUSE)"
-    else:  # finished what a killed run had swapped: a pause it left (if any) is lifted now
-        ev = "no pause in this run (the roles were already swapped); CLIENT UNPAUSE sent to both servers"
+    else:  # no pause in this run (already swapped by a killed run, or dual-write): lift any a killed run left
+        ev = "no server was paused in this run; CLIENT UNPAUSE sent to both servers"
     if down:
         ev += f"; not reached: {'; '.join(down)} (its pause expires by itself)"
     return ActionResult("release_pause", True, ev, data)
+
+
+def begun_after(entries: list[dict[str, Any]], start: dict[str, Any]) -> bool:
+    """Whether a role swap began after the journal entry ``start`` (a step's ``transition-started``)."""
+    seen = False
+    for e in entries:
+        if e is start or (e.get("event") == start.get("event") and e.get("id") == start.get("id")):
+            seen = True
+        elif seen and e.get("event") == BEGUN_EVENT:
+            return True
+    return False
 
 
 def _swap_of_this_step(ctx: Any) -> dict[str, Any] | None:

@@ -70,9 +70,11 @@ def replicating(server_factory, make_playbook):
     (with a stand-in shim that acknowledges phases and holds)."""
     shims: list[AckingShim] = []
 
-    def make(src_label="redis-7.0", tgt_label="valkey-9.1", tgt_conf=None, max_pause="2s", **sections) -> Env:
-        src = server_factory(src_label, config=FAST)
-        tgt = server_factory(tgt_label, config=FAST, conf_lines=tgt_conf)
+    def make(src_label="redis-7.0", tgt_label="valkey-9.1", tgt_conf=None, max_pause="2s", passwords=(None, None),
+             **sections) -> Env:
+        src = server_factory(src_label, config=FAST, password=passwords[0])
+        tgt = server_factory(tgt_label, config={**FAST, **({"masterauth": passwords[0]} if passwords[0] else {})},
+                             conf_lines=tgt_conf, password=passwords[1])
         c = src.client()
         pipe = c.pipeline()
         for i in range(KEYS):
@@ -206,10 +208,11 @@ def test_fallback_when_the_source_cannot_reach_the_target(replicating, server_fa
     assert took < 10
 
 
-def test_rollback_reverses_the_roles_and_a_second_cutover_swaps_again(replicating):
+@pytest.mark.parametrize("pair", [("redis-7.0", "valkey-9.1"), ("redis-6.2", "valkey-9.1")], ids=lambda p: f"{p[0]}->{p[1]}")
+def test_rollback_reverses_the_roles_and_a_second_cutover_swaps_again(replicating, pair):
     """Rolling back makes the source the primary and the target its replica again (with the data written
     on the target meanwhile), the evidence says how the target resumed, and advancing again swaps again."""
-    env = replicating()
+    env = replicating(*pair)
     env.advance()
     tc = env.tgt.client()
     for i in range(50):
@@ -252,6 +255,41 @@ def test_rollback_with_the_target_killed_promotes_the_source(replicating):
     sc.set("after", "1")  # it takes writes again
 
 
+def test_a_broken_reverse_link_is_detected_and_the_rollback_says_what_to_do(replicating):
+    """When the source's link breaks for longer than the target's replication backlog (a full sync it cannot
+    load then loops), the rollback is refused with what to do; after REPLICAOF NO ONE on the source and a
+    check --full --repair (copying the writes it missed from the target), rolling back with
+    --override source_keys makes the source the primary, and no write is lost."""
+    import signal
+
+    env = replicating()
+    env.advance()
+    tc, sc = env.tgt.client(), env.src.client()
+    tc.config_set("repl-backlog-size", 16384)
+    tc.set("x", "y" * 40000)  # the backlog holds just this
+    wait_for(lambda: in_step(env.tgt, env.src), what="the source in step")
+    env.src.proc.send_signal(signal.SIGSTOP)
+    try:
+        tc.client_kill_filter(_type="replica")
+        for i in range(40):
+            tc.set(f"k:{i}", "z" * 1000)  # 40 kB of updates while the source is away: past the backlog, same key count
+    finally:
+        env.src.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: replication.read(tc, with_stats=True).sync_full >= 1, what="the source asking for a full sync")
+    assert sc.get("k:1") == b"1"  # swapdb: the failed load kept its data
+    with pytest.raises(RefusedError, match="the source's link to the target is down"):
+        env.rollback()
+    assert env.state.phase == Phase.WRITES_ON_TARGET
+    sc.execute_command("REPLICAOF", "NO", "ONE")
+    out = run_cli("check", "--full", "--repair", playbook=env.pb_path)
+    assert sc.get("k:39") == b"z" * 1000, out.stdout + out.stderr
+    env.rollback(source_keys="repaired from the target")
+    s, t = env.roles()
+    assert s.role == "master" and t.replicates(env.src.host, env.src.port)
+    wait_for(lambda: in_step(env.src, env.tgt), timeout=20, what="the target following the source")
+    assert tc.get("k:39") == b"z" * 1000 and tc.dbsize() == sc.dbsize() == KEYS + EXTRA + 1
+
+
 def test_complete_detaches_the_source_and_restores_its_settings(replicating):
     """``complete`` stops the source replicating the target (REPLICAOF NO ONE) and puts back the
     repl-diskless-load the swap changed; the evidence says so."""
@@ -267,6 +305,22 @@ def test_complete_detaches_the_source_and_restores_its_settings(replicating):
     assert s.role == "master"
     assert env.src.client().config_get("repl-diskless-load")["repl-diskless-load"] == before
     assert env.src.client().dbsize() == env.tgt.client().dbsize() == KEYS + EXTRA
+
+
+def test_the_swap_authenticates_to_a_target_with_a_password_and_stores_no_secret(replicating):
+    """With passwords on both servers the source authenticates to the target (masterauth from the target's
+    endpoint) and resumes by partial resync; complete puts masterauth back, and no password reaches the
+    state or the journal."""
+    env = replicating(passwords=("src-secret-1", "tgt-secret-2"))
+    env.advance()
+    assert env.state.mirror.reverse == "replication", env.state.mirror.reverse_why
+    assert env.roles()[0].link_up
+    result = env.advance()
+    assert "masterauth (empty)" in env.action(result, "detach_source").evidence
+    assert env.src.client().config_get("masterauth")["masterauth"] == ""
+    for f in (env.store.state_path, env.store.journal_path):
+        text = f.read_text()
+        assert "src-secret-1" not in text and "tgt-secret-2" not in text
 
 
 # --- kill -9 at each point of the swap, then the same command again --------------------------------
@@ -292,6 +346,11 @@ def test_kill_9_during_the_swap_then_advance_again_finishes(replicating, point):
     env = replicating()
     _killed(env, "advance", point)
     assert env.state.phase == Phase.READS_ON_TARGET
+    assert "while the servers swapped roles: run `migrator advance` again" in command.status(env.pb)["note"]
+    if point == "swap-after-pause":
+        t0 = time.monotonic()
+        env.src.client().delete("no-such-key")  # a write: waits for the killed run's pause to expire
+        assert time.monotonic() - t0 < 2.5  # max_pause is 2 s: the pause expired by itself
     if point == "swap-after-promote":
         with pytest.raises(RefusedError, match="both servers are primaries"):
             _again(env, "advance")
@@ -304,8 +363,7 @@ def test_kill_9_during_the_swap_then_advance_again_finishes(replicating, point):
     assert env.src.client().dbsize() == env.tgt.client().dbsize() == KEYS + EXTRA
 
 
-@pytest.mark.parametrize("point", ["back-after-pause", "back-after-target-replicaof", "back-after-source-promote",
-                                   "after-prepare"])
+@pytest.mark.parametrize("point", ["back-after-pause", "back-after-target-replicaof", "back-after-source-promote"])
 def test_kill_9_during_the_swap_back_then_rollback_again_finishes(replicating, point):
     """rollback killed -9 at each point of the swap back (both servers replicas for a moment, never both
     primaries) leaves a valid state; running it again finishes with the source the primary."""
