@@ -27,7 +27,6 @@ from migrator.shim.routing import Plan
 from migrator.shim.scripts import is_script_flush
 from migrator.shim.sequencer import GRANTED
 
-
 # What counts as a write for read-your-writes, besides the write classes (Entry.write).
 _RYW_WRITES = frozenset({Cls.TX, Cls.SCRIPT, Cls.BLOCKING})
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # pragma: no cover
     from migrator.shim.commands import Cls, CommandTable
     from migrator.shim.dirty import DirtyRecorder
-    from migrator.shim.lag import Mismatch, OffsetTracker
     from migrator.shim.divergence import DivergenceRecorder
+    from migrator.shim.lag import Mismatch, OffsetTracker
     from migrator.shim.metrics import Stats
     from migrator.shim.routing import Plan
     from migrator.shim.sequencer import Sequencer

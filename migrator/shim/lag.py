@@ -66,8 +66,7 @@ class OffsetTracker:
 
     def demand(self, now: float, for_s: float = 1.0) -> None:
         """Something waits for the offsets: poll quickly for a while."""
-        if now + for_s > self.demand_until:
-            self.demand_until = now + for_s
+        self.demand_until = max(self.demand_until, now + for_s)
 
     def caught_up(self, offset: int) -> bool:
         """The replica has applied the primary's stream up to ``offset``."""

@@ -263,13 +263,14 @@ class StatsCollector:
             mode.add_metric([repl["mode"]], 1)
             yield mode
             for name, key, doc in (("migrator_shim_replication_primary_offset", "primary_offset",
-                                    "The primary's replication offset, as last read"),
+                                    "The primary's replication offset, as last read (NaN: no replica tracked)"),
                                    ("migrator_shim_replication_replica_offset", "replica_offset",
-                                    "The replica's replication offset, as last read"),
+                                    "The replica's replication offset, as last read (NaN: no replica tracked)"),
                                    ("migrator_shim_replication_lag_bytes", "lag_bytes",
-                                    "How far the replica is behind the primary, in bytes of its stream")):
-                if repl.get(key) is not None:
-                    yield GaugeMetricFamily(name, doc, value=repl[key])
+                                    "How far the replica is behind the primary, in bytes of its stream (NaN: "
+                                    "no replica tracked)")):
+                value = repl.get(key)
+                yield GaugeMetricFamily(name, doc, value=float("nan") if value is None else value)
             yield GaugeMetricFamily("migrator_shim_replica_ready", "1 if the replica is compared against (link up, "
                                     "not loading, replicating this primary)", value=1 if repl.get("replica_ready") else 0)
         g = GaugeMetricFamily("migrator_shim_applied_generation", "Phase generation the shim applies", labels=["phase"])

@@ -69,7 +69,7 @@ class Replies:
             else:  # a compared read: its keys (a keyless read names no data to repair)
                 classify = shim.table.classify
                 keys = [k for args in (e.args if e.batch else e.tx or [e.args]) for k in classify(args).keys(args)]
-            if keys or e.write:
+            if e.write or (keys and not shim.lag_aware):  # (a replica's data is the server's to keep in step)
                 self._mark_dirty(keys, self._db(e.shadow if e.shadow is not None else other),
                                  "reply-not-compared" if expected else "shim-error", e.name)
         self._finish_side(e, side)

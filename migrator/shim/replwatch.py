@@ -26,14 +26,15 @@ import time
 from collections import deque
 from typing import Any
 
+from migrator.replication import parse as parse_replication
 from migrator.shim import compare as cmp
 from migrator.shim import lag
 from migrator.shim.commands import SOURCE, TARGET
 from migrator.shim.resp import Framer, ProtocolError, encode, parse
-from migrator.replication import parse as parse_replication
 
 FAST_POLL = 0.002
 SLOW_POLL = 0.5
+TICK = 0.01  # how often an idle watch looks whether something started waiting on an offset
 RETRY_PAUSE = 0.002  # between two reads of a replica that has not reached the primary's offset
 
 
@@ -110,11 +111,16 @@ class ReplicaWatch:
         self.wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.last_error: str | None = None
+        # Checked by the loops too: a cancellation that lands as asyncio.wait_for's inner call
+        # completes can be swallowed (Python < 3.12), and a loop must end anyway.
+        self.stopped = False
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._confirm_loop())]
 
     async def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:
@@ -134,11 +140,14 @@ class ReplicaWatch:
 
     async def _poll_loop(self) -> None:
         tracker = self.shim.tracker
-        while True:
+        last = 0.0
+        while not self.stopped:
             fast = time.monotonic() < tracker.demand_until
-            await asyncio.sleep(FAST_POLL if fast else SLOW_POLL)
-            if tracker.replica is None:
+            await asyncio.sleep(FAST_POLL if fast else TICK)
+            t = time.monotonic()
+            if tracker.replica is None or not (fast or t < tracker.demand_until or t - last >= SLOW_POLL):
                 continue
+            last = t
             try:
                 await self.poll_once()
                 self.last_error = None
@@ -183,7 +192,7 @@ class ReplicaWatch:
 
     async def _confirm_loop(self) -> None:
         stats = self.shim.stats
-        while True:
+        while not self.stopped:
             if not self.queue:
                 self.wake.clear()
                 await self.wake.wait()

@@ -89,14 +89,16 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         generation any read, a side up only if every worker reaches it, the sum of their queue bounds."""
         statuses = [s["status"] for s in _read_snapshots(playbook, ids)]
         if len(statuses) < workers:  # a worker that has not reported has applied nothing yet
-            return {"mirror_queue_limit": playbook.shim.mirror_queue_size * workers}
+            return {"mirror_queue_limit": playbook.shim.mirror_queue_size * workers,
+                    "replication": {"mode": "unknown"}}
         low = min(statuses, key=lambda x: x.get("applied_generation", -1))
         high = max(statuses, key=lambda x: x.get("generation", -1))
         sides = {name: all(x.get("sides", {}).get(name, {}).get("up", True) for x in statuses)
                  for name in ("source", "target")}
         return {"phase": low.get("applied_phase", ""), "generation": low.get("applied_generation", -1),
                 "state_phase": high.get("phase", ""), "state_generation": high.get("generation", -1),
-                "sides_up": sides, "mirror_queue_limit": playbook.shim.mirror_queue_size * workers}
+                "sides_up": sides, "mirror_queue_limit": playbook.shim.mirror_queue_size * workers,
+                "replication": low.get("replication")}  # (the laggard's mode and offsets)
 
     def status() -> dict:
         snaps = _read_snapshots(playbook, ids)
@@ -108,6 +110,10 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
             "connections": st.connections, "commands": sum(st.commands.values()), "compared": st.compared,
             "divergences": dict(st.divergences), "dirty_keys": st.dirty_keys, "mirror_queue": st.mirror_queue,
             "backpressure": st.backpressure, "side_restarts": dict(st.side_restarts),
+            "replication": {"modes": sorted({s["status"].get("replication", {}).get("mode", "dual-write") for s in snaps}),
+                            "skipped": st.lag_skipped, "lag_resolved": st.lag_resolved,
+                            "unconfirmed": dict(st.lag_unconfirmed), "pending": st.lag_pending,
+                            "read_your_writes_redirects": st.ryw_redirects},
             "worker_status": [s["status"] for s in snaps],
         }
 
