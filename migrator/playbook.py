@@ -352,7 +352,7 @@ class EtcdConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _checks(self) -> "EtcdConfig":
+    def _checks(self) -> EtcdConfig:
         if self.password_env and not self.username:
             raise ValueError("password_env needs username")
         if self.lease_ttl.total_seconds() < 1:

@@ -11,8 +11,9 @@ acknowledgement, since they may still route by the old phase.
 
 With the etcd control plane (docs/control.md) the records are etcd keys instead of files, with
 the same functions (they take the state folder; ``migrator.control.bound`` finds its backend),
-and liveness is a lease: a shim whose lease expired (``lease_ttl`` without renewing it: killed,
-frozen, or cut off from etcd) is *dead*, wherever it ran, and counts as lost like a crash.
+and liveness is a lease (etcd's clock, not the hosts'): a shim is *live* while its lease is, and
+*dead* once it expired (``lease_ttl`` without renewing it: killed, frozen, or cut off from
+etcd), wherever it ran; it then counts as lost like a crash.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class ShimRecord:
         age = self.age()
         if self.lease_alive is False:
             return "dead"  # its lease expired: it stopped renewing it lease_ttl ago, wherever it ran
+        if self.lease_alive:
+            # It renewed its lease within lease_ttl (etcd's clock): live, whatever the hosts'
+            # clocks say about the age of its heartbeat.
+            return "live"
         # A missing pid means dead only once the heartbeat has stopped too: a shim in another
         # pid namespace (a container on the host network) shares the host name, not the pids.
         if age > DEAD_AFTER and self.lease_alive is None and self.host == socket.gethostname() and not _pid_alive(self.pid):

@@ -288,7 +288,8 @@ def test_shims_on_two_hosts_follow_one_migration_and_a_killed_one_is_lost_after_
     result = command.advance(pb)
     took = time.monotonic() - t0
     assert result.to_phase == Phase.MIRRORING and "2 of 2 shim(s) applied" in result.actions[0].evidence
-    assert took < 3, f"the acknowledgement took {took:.1f}s"
+    # The safety-net re-read comes every 2 s here (lease_ttl): faster than that is the watch.
+    assert took < 1.5, f"the acknowledgement took {took:.1f}s"
     assert a.status()["phase"] == b.status()["phase"] == "mirroring"
     assert not (tmp_path / "a" / "state" / "state.json").exists()  # the state lives in etcd only
     r = redis.Redis(port=a.port)

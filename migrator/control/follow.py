@@ -76,6 +76,7 @@ class StateFollower:
                 start = self._rev + 1 if got is not None else self.store.control.revision() + 1
                 for raw, rev in self.store.control.watch("state", start, self._stop, self.idle):
                     self._offer(raw, rev)
+                self._stop.wait(0.05)  # a watch that ends at once (canceled, compacted) does not become a busy poll
             except (UnreachableError, StateError) as e:
                 if self.reachable:
                     self.unreachable_since = time.monotonic()

@@ -287,10 +287,11 @@ class StatsCollector:
         for side, ok in sorted(extra.get("sides_up", {}).items()):
             up.add_metric([side], 1 if ok else 0)
         yield up
+        cu = GaugeMetricFamily("migrator_shim_control_up", "1 if the shim reaches the control plane (state folder "
+                               "or etcd), 0 while it keeps routing its last applied phase without it", labels=[])
         if "control_up" in extra:
-            yield GaugeMetricFamily("migrator_shim_control_up", "1 if the shim reaches the control plane (state folder "
-                                    "or etcd), 0 while it keeps routing its last applied phase without it",
-                                    value=1 if extra["control_up"] else 0)
+            cu.add_metric([], 1 if extra["control_up"] else 0)
+        yield cu
         if "mirror_queue_limit" in extra:
             yield GaugeMetricFamily("migrator_shim_mirror_queue_limit", "Bound of the mirror queue "
                                     "(shim.mirror_queue_size): at it, clients that mirror are no longer read",

@@ -98,7 +98,8 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
         return {"phase": low.get("applied_phase", ""), "generation": low.get("applied_generation", -1),
                 "state_phase": high.get("phase", ""), "state_generation": high.get("generation", -1),
                 "sides_up": sides, "mirror_queue_limit": playbook.shim.mirror_queue_size * workers,
-                "replication": low.get("replication")}  # (the laggard's mode and offsets)
+                "replication": low.get("replication"),  # (the laggard's mode and offsets)
+                "control_up": all(x.get("control", {}).get("reachable", True) for x in statuses)}
 
     def status() -> dict:
         snaps = _read_snapshots(playbook, ids)
