@@ -289,3 +289,21 @@ def test_fleet_dual_write_fallback_says_so_and_loses_nothing(server_factory, etc
     assert first["reverse"] == "dual-write", first
     assert "fell back to dual-write" in first["reverse_why"] and "the source still holds its data" in first["reverse_why"]
     assert evidence["mirror"][1]["strategy"] == "dual-write"  # the rollback kept mirroring by dual-write
+
+
+def test_workers_warn_of_unordered_writes_only_in_dual_write(server_factory, tmp_path):
+    """`migrator shim --workers 2` warns that workers do not order each other's writes in dual-write, and not when the playbook uses the replication strategy (the source server orders them)."""
+    src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    outputs = {}
+    for strategy in ("dual-write", "replication"):
+        d = tmp_path / strategy
+        d.mkdir()
+        path = write_playbook(d / "migrator.yaml", src.url, tgt.url, mirror={"strategy": strategy})
+        fleet = ShimFleet([path], d, workers=[2])
+        try:
+            wait_for(lambda: live_shims(path) >= 2, timeout=30, interval=0.3, what="2 workers registered")
+        finally:
+            assert fleet.stop() == [0]
+        outputs[strategy] = (d / "shim1.log").read_text()
+    assert "shim.workers_unordered" in outputs["dual-write"]
+    assert "shim.workers_unordered" not in outputs["replication"], outputs["replication"][-2000:]
