@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -39,13 +40,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis  # noqa: E402
+import redis
 
-from bench._common import load_mixed, native_full_sync  # noqa: E402
-from bench.cutover import Writers, worst_during  # noqa: E402
-from bench.shim import proc_cpu  # noqa: E402
-from migrator import command, playbook, registry, replication, servers  # noqa: E402
-from migrator.data import check  # noqa: E402
+from bench._common import load_mixed, native_full_sync
+from bench.cutover import Writers, worst_during
+from bench.shim import proc_cpu
+from migrator import command, playbook, registry, replication, servers
+from migrator.data import check
 
 SOURCE, TARGET = "redis-7.0", "valkey-9.1"
 RUNS = {"unpipelined": 1, "pipelined": 16}
@@ -133,9 +134,9 @@ def wait_in_sync(src: redis.Redis, tgt: redis.Redis, timeout: float = 600) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         t = replication.read(tgt)
-        if t.is_replica and t.link_up and not t.sync_in_progress:
-            if t.replica_offset == replication.read(src).master_repl_offset:
-                return
+        if (t.is_replica and t.link_up and not t.sync_in_progress
+                and t.replica_offset == replication.read(src).master_repl_offset):
+            return
         time.sleep(0.005)
     raise RuntimeError("the target did not get in sync")
 
@@ -336,7 +337,7 @@ class Prober:
                 time.sleep(0.05)
             time.sleep(0.002)
 
-    def start(self) -> "Prober":
+    def start(self) -> Prober:
         self._thread.start()
         return self
 
@@ -351,7 +352,7 @@ class Prober:
         errors = [what for _ts, what in later if what != "ok"]
         oks = [max((ts for ts, what in self.events if ts < t and what == "ok"), default=t)]
         oks += [ts for ts, what in later if what == "ok"]
-        gaps = [b - a for a, b in zip(oks, oks[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(oks)]
         return {"errors": len(errors), "first_error": errors[0] if errors else None,
                 "gap_ms": max(gaps) * 1000 if gaps else None}
 

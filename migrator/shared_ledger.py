@@ -96,7 +96,7 @@ class SharedWorkload:
         self._threads = [threading.Thread(target=self._run, args=(led, seed + i), daemon=True, name=f"fleet-{led.name}")
                          for i, led in enumerate(self.ledgers)]
 
-    def start(self) -> "SharedWorkload":
+    def start(self) -> SharedWorkload:
         for t in self._threads:
             t.start()
         return self
@@ -143,7 +143,7 @@ class SharedWorkload:
         op = rng.choice(self.mix)
         if op == "counter":
             keys = [self.key("counter", rng.randrange(self.keys))]
-            send = lambda: c.incr(keys[0])  # noqa: E731
+            send = lambda: c.incr(keys[0])
         elif op == "multi":
             keys = [self.key("set", rng.randrange(self.keys)), self.key("counter", rng.randrange(self.keys))]
 

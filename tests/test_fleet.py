@@ -301,7 +301,7 @@ def test_workers_warn_of_unordered_writes_only_in_dual_write(server_factory, tmp
         path = write_playbook(d / "migrator.yaml", src.url, tgt.url, mirror={"strategy": strategy})
         fleet = ShimFleet([path], d, workers=[2])
         try:
-            wait_for(lambda: live_shims(path) >= 2, timeout=30, interval=0.3, what="2 workers registered")
+            wait_for(lambda p=path: live_shims(p) >= 2, timeout=30, interval=0.3, what="2 workers registered")
         finally:
             assert fleet.stop() == [0]
         outputs[strategy] = (d / "shim1.log").read_text()
