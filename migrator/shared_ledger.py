@@ -75,7 +75,8 @@ class SharedAudit:
     ops: int
 
     def summary(self) -> str:
-        return (f"{self.ops} acknowledged operations, {self.acked} acknowledged elements audited: {len(self.lost)} lost, {len(self.phantoms)} phantom, "
+        return (f"{self.ops} acknowledged operations, {self.acked} acknowledged elements audited: "
+                f"{len(self.lost)} lost, {len(self.phantoms)} phantom, "
                 f"{len(self.problems)} other problem(s); {len(self.errors)} client error(s), refused "
                 f"{dict(self.refused) or 'none'}, {len(self.ryw_violations)} read-your-writes violation(s)")
 
@@ -102,7 +103,7 @@ class SharedWorkload:
         return self
 
     def stop(self, *names: str) -> None:
-        """Stop every writer, or only those whose name starts with one of ``names`` (``"direct"``)."""
+        """Stop every writer, or only those on the addresses named ``names`` (e.g. ``"direct"``)."""
         if not names:
             self._stop.set()
         for led, t in zip(self.ledgers, self._threads):
@@ -116,9 +117,6 @@ class SharedWorkload:
 
     def key(self, kind: str, k: int) -> str:
         return f"{self.prefix}{kind}:{k}"
-
-    def all_keys(self) -> list[str]:
-        return [self.key(kind, k) for kind in (*KINDS, "counter") for k in range(self.keys)]
 
     def _run(self, led: WriterLedger, seed: int) -> None:
         rng = random.Random(seed)
