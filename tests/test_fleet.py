@@ -1,6 +1,8 @@
-"""The ledger at fleet scale: three shim processes (one with ``--workers 2``), writers that share keys
-through different shims, and one writer straight to the source, while the whole migration is walked
-through the CLI with rollbacks from reads-on-target and from writes-on-target.
+"""The ledger at fleet scale: three shim processes (one with ``--workers 2``) on separate state folders
+sharing a 3-member etcd cluster, writers that share keys through different shims, and writers straight
+to the source, while the whole migration is walked through the CLI in the replication strategy with
+rollbacks from reads-on-target and from writes-on-target; for Redis 7.0 → Valkey 9.1 / 8.1 and Redis
+6.2 → Valkey 9.1, and once with the write cutover forced into its dual-write fallback.
 
 The ledger (``migrator.shared_ledger``) makes "lost" well defined for shared keys: every
 acknowledged write adds a unique element, so after the walk each one must be on the final side,
@@ -113,16 +115,12 @@ def rollback(path: Path, to: str) -> dict:
     return out
 
 
-def walk(path: Path, fleet: ShimFleet, work: SharedWorkload, strategy: str, stop_direct_before_cutover: bool) -> dict:
+def walk(path: Path, work: SharedWorkload, stop_direct_before_cutover: bool) -> dict:
     """The whole migration with a rollback from reads-on-target and one from writes-on-target."""
     evidence: dict = {}
     advance(path, "compatible")  # the real pre-flight (it decides the strategy under `auto`)
     advance(path, "mirroring")
-    if strategy == "dual-write":
-        cli(path, "sync")
-        cli(path, "sync", "--dirty")
-    else:
-        cli(path, "sync", "--wait")  # the server's own full sync: follows it, exit 0 once in sync
+    cli(path, "sync", "--wait")  # the server's own full sync: follows it, exit 0 once in sync
     check_clean(path, "the read cutover")
     advance(path, "reads-on-target")
     rollback(path, "mirroring")
@@ -174,12 +172,10 @@ def run_fleet(tmp_path: Path, src, tgt, strategy: str, control: dict | None = No
         if direct:
             urls["direct"] = src.url
         # Two writers per shim (the kernel spreads the --workers shim's connections), two straight to
-        # the source; every one of them writes the same few keys. Dual-writing shims do not agree on
-        # the order of writes to a shared key, so only order-independent writes suit them.
-        ops = ORDER_FREE if strategy == "dual-write" else ops
+        # the source; every one of them writes the same few keys.
         work = SharedWorkload(urls, per_url=2, keys=4, rate=60.0, seed=7, ops=ops).start()
         time.sleep(0.5)
-        evidence = walk(path, fleet, work, strategy, stop_direct_before_cutover)
+        evidence = walk(path, work, stop_direct_before_cutover)
         audit = work.audit(tgt.client())
         evidence["audit"], evidence["ledgers"] = audit, work.ledgers
         assert audit.ops > 500, audit.summary()
