@@ -169,7 +169,12 @@ def start_mirror(ctx: ActionContext) -> ActionResult:
         d = replication.decide("dual-write", replication.SyncAllowed(None, ""), None, "")
         ctx.state.mirror = MirrorMode(d.strategy, d.why)
         return ActionResult("start_mirror", True, f"mirror strategy dual-write: {d.why}", d.to_json())
-    source, target = connect(pb.source, "source"), connect(pb.target, "target")
+    source = connect(pb.source, "source")
+    try:
+        target = connect(pb.target, "target")
+    except BaseException:
+        source.close()
+        raise
     try:
         d = replication.fresh_decision(pb, source)
         data = {"decision": d.to_json()}

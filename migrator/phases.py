@@ -52,7 +52,9 @@ STEPS: tuple[Step, ...] = (
         description="run the compatibility checks and the test suite against Valkey",
         gates=("compatibility",),
         actions=("await_shim_ack",),
-        rollback_actions=("await_shim_ack",),
+        # stop_mirror: a target left attached (a mirror step reverted after its attach) is not
+        # left replicating the source of an abandoned migration.
+        rollback_actions=("await_shim_ack", "stop_mirror"),
         rollback_description="forget the compatibility result; nothing is routed differently",
     ),
     Step(

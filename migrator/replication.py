@@ -189,10 +189,32 @@ class Decision:
                 "unconfirmed": self.unconfirmed}
 
 
-def decide(requested: str, allowed: SyncAllowed, loads_rdb: bool | None, rdb_why: str) -> Decision:
-    """The strategy from the evidence: the source allows PSYNC, and the target loads its RDB."""
+def subset_selected(pb: Any, client: Any) -> str | None:
+    """Why the playbook migrates only part of the source (``sync.include``/``exclude``/``databases``
+    leaving keys out), which replication cannot honour: a replica receives every key of every database."""
+    sel = pb.sync
+    if sel.include != ["*"] or sel.exclude:
+        return "sync.include/exclude select a subset of the keys, and a replica receives every key"
+    if sel.databases is not None:
+        held = {int(k[2:]) for k, v in client.info("keyspace").items() if k.startswith("db") and isinstance(v, dict)}
+        left = sorted(held - set(sel.databases))
+        if left:
+            return (f"sync.databases leaves out database(s) {', '.join(map(str, left))} that hold keys, and a replica "
+                    "receives every database")
+    return None
+
+
+def decide(requested: str, allowed: SyncAllowed, loads_rdb: bool | None, rdb_why: str,
+           subset: str | None = None) -> Decision:
+    """The strategy from the evidence: the source allows PSYNC, the target loads its RDB, and the
+    whole keyspace is migrated (``subset``: why not)."""
     if requested == "dual-write":
         return Decision(requested, "dual-write", "mirror.strategy is dual-write: each shim writes to both servers")
+    if subset:
+        if requested == "replication":
+            return Decision(requested, "replication", f"mirror.strategy is replication but it cannot work: {subset}",
+                            ok=False)
+        return Decision(requested, "dual-write", f"auto chose dual-write: {subset}")
     problems = []
     if allowed.allowed is not True:
         problems.append(allowed.why if allowed.allowed is False else f"could not confirm the source allows PSYNC: {allowed.why}")
@@ -453,6 +475,9 @@ def fresh_decision(pb: Any, source: Any) -> Decision:
     requested = pb.mirror.strategy
     if requested == "dual-write":
         return decide(requested, SyncAllowed(None, ""), None, "")
+    subset = subset_selected(pb, source)
+    if subset:
+        return decide(requested, SyncAllowed(None, ""), None, "", subset)
     allowed = source_allows_sync(source, pb.source.user)
     report = reports.latest(pb.state_path, "compat", lambda r: r.get("endpoints_hash") == pb.endpoints_hash())
     if report is None:

@@ -27,8 +27,8 @@ def _source(server_factory, label, **kw):
     return src
 
 
-def _pb(make_playbook, src, tgt, strategy="auto", steps=None, **replication_cfg):
-    return playbook.load(make_playbook(src, tgt, shim={"ack_timeout": "5s"}, steps=steps or {},
+def _pb(make_playbook, src, tgt, strategy="auto", steps=None, sync=None, **replication_cfg):
+    return playbook.load(make_playbook(src, tgt, shim={"ack_timeout": "5s"}, steps=steps or {}, sync=sync or {},
                                        mirror={"strategy": strategy, "replication": replication_cfg}))
 
 
@@ -472,3 +472,75 @@ def test_a_target_that_restarted_empty_is_reported_and_reattached_by_rollback_an
         assert "already detached" in r.actions[-1].evidence
         command.advance(pb)
     assert _wait_gate(pb, "replica_in_sync").passed and tgt.client().dbsize() == 360
+
+
+def test_a_subset_of_the_keys_is_never_mirrored_by_replication(server_factory, make_playbook):
+    """sync.exclude (or sync.databases leaving a database with keys out) selects part of the keyspace, which a
+    replica cannot honour: auto picks dual-write saying so, and an explicit replication fails the pre-flight."""
+    src = server_factory("redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    src.client().set("keep", "1")
+    src.client(db=3).set("other", "1")
+    chk = compat.run(_pb(make_playbook, src, tgt, sync={"exclude": ["tmp:*"]}), write_report=False).check("mirror.strategy")
+    assert chk.data["strategy"] == "dual-write" and "sync.include/exclude select a subset" in chk.evidence, chk.evidence
+    res = compat.run(_pb(make_playbook, src, tgt, "replication", sync={"databases": [0]}), write_report=False)
+    chk = res.check("mirror.strategy")
+    assert chk.status == compat.FAIL and "sync.databases leaves out database(s) 3" in chk.evidence, chk.evidence
+
+
+def test_a_full_sync_that_keeps_restarting_is_reported_looping(server_factory, make_playbook):
+    """Writes outgrow the source's replica output buffer during every full sync (256 kB limit, 10 MB/s of
+    writes, a slowed RDB child), so each sync is cut and starts over: replica_in_sync names it looping,
+    counting the source's full syncs since the attach."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 10)
+    pb = _pb(make_playbook, src, tgt)
+    _to_compatible(pb)
+    src.client().config_set("client-output-buffer-limit", "replica 256kb 256kb 0")
+    src.client().config_set("rdb-key-save-delay", "50000")
+    stop = threading.Event()
+
+    def flood():
+        c = src.client()
+        i = 0
+        while not stop.is_set():
+            c.set(f"big:{i % 10}", "y" * 100_000)
+            i += 1
+            time.sleep(0.01)
+
+    w = threading.Thread(target=flood)
+    w.start()
+    try:
+        with AckingShim(pb.state_path, pb.name):
+            command.advance(pb)
+        deadline = time.monotonic() + 15
+        while (g := _gate(pb, "replica_in_sync")).data.get("problem") != "looping" and time.monotonic() < deadline:
+            time.sleep(0.25)
+    finally:
+        stop.set()
+        w.join()
+    assert not g.passed and g.data["problem"] == "looping", g.evidence
+    assert g.data["full_syncs_since_attach"] >= 3 and "the full sync keeps restarting" in g.evidence, g.evidence
+
+
+def test_a_reverted_mirror_step_leaves_the_target_attached_until_rollback_to_planned(server_factory, make_playbook):
+    """A shim that never acknowledges mirroring makes the step revert to compatible after the target was
+    attached: the target stays a replica (harmless, the source alone takes writes; advancing again reuses it),
+    and rolling back to planned detaches it."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    _fill(src.client(), 50)
+    pb = playbook.load(make_playbook(src, tgt, shim={"ack_timeout": "1s"}, mirror={"strategy": "auto"}))
+    store = StateStore(pb.state_path, pb.name)
+    with AckingShim(pb.state_path, pb.name) as shim:
+        command.advance(pb)
+        shim.stuck = True
+        with pytest.raises(command.RefusedError, match="reverted to compatible"):
+            command.advance(pb)
+        shim.stuck = False
+        assert store.load().phase == Phase.COMPATIBLE
+        assert tgt.client().info("replication")["role"] == "slave"
+        r = command.rollback(pb)
+    assert r.to_phase == Phase.PLANNED and "stopped replicating" in r.actions[-1].evidence
+    assert tgt.client().info("replication")["role"] == "master" and store.load().mirror is None

@@ -18,11 +18,12 @@ TITLE = "Mirror strategy"
 
 def decision(probe: Probe) -> replication.Decision:
     requested = probe.playbook.mirror.strategy
+    subset = probe.source.guard("INFO keyspace", lambda: replication.subset_selected(probe.playbook, probe.source.client))
     allowed = probe.source.guard("COMMAND INFO", lambda: replication.source_allows_sync(
         probe.source.client, probe.playbook.source.user))
     loads, rdb_why = replication.rdb_loadable(probe.facts.get("copy_method"),
                                               (probe.facts.get("replication") or {}).get("target_replicates_source"))
-    d = replication.decide(requested, allowed, loads, rdb_why)
+    d = replication.decide(requested, allowed, loads, rdb_why, subset)
     probe.facts["mirror"] = d.to_json()
     return d
 
@@ -34,7 +35,7 @@ def strategy_check(probe: Probe) -> Check:
     if not d.ok:
         return Check("mirror.strategy", TITLE, FAIL, evidence,
                      "allow PSYNC and REPLCONF for migrator's source user (and use a target that loads the source's "
-                     "RDB), or set mirror.strategy: dual-write (or auto)", data)
+                     "RDB; migrate the whole keyspace), or set mirror.strategy: dual-write (or auto)", data)
     if d.unconfirmed:
         return Check("mirror.strategy", TITLE, WARN, evidence,
                      "let migrator's source user run ACL DRYRUN (or ACL GETUSER) so the pre-flight can confirm the "
