@@ -359,19 +359,38 @@ class SyncState:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+SETTLE_S = 1.0  # how long a replica that is only catching up is read again before it is called behind
+
+
 def sync_progress(source: Any, target: Any, host: str, port: int, *, attached_at: float | None = None,
                   sync_full_at_attach: int | None = None, sync_timeout: float = 3600.0, stall_timeout: float = 60.0,
-                  now: float | None = None) -> SyncState:
+                  settle: float = SETTLE_S) -> SyncState:
     """Where the target's replication of the source stands, read fresh from both servers.
 
     In sync: the link is up, no full sync is loading, the replica applied the same replication
     history (its primary's replid is the source's) up to at least the source's offset read just
     before it. Offsets are read source, target, source: the lag reported is the second
-    source reading minus the target's.
+    source reading minus the target's. Under a steady stream of writes a healthy replica trails
+    by a moment: one only catching up is read again every 50 ms for up to ``settle`` seconds.
     """
     import time
 
-    now = time.time() if now is None else now
+    deadline = time.monotonic() + settle
+    while True:
+        st = _progress_once(source, target, host, port, attached_at, sync_full_at_attach, sync_timeout, stall_timeout)
+        catching_up = st.data.get("link") == "up" and st.data.get("lag_bytes") is not None
+        if st.in_sync or st.problem or not catching_up or time.monotonic() >= deadline:
+            if catching_up and not st.in_sync:
+                st.evidence += f" (read for {settle:.0f} s)"
+            return st
+        time.sleep(0.05)
+
+
+def _progress_once(source: Any, target: Any, host: str, port: int, attached_at: float | None,
+                   sync_full_at_attach: int | None, sync_timeout: float, stall_timeout: float) -> SyncState:
+    import time
+
+    now = time.time()
     s1 = read(source, with_stats=True)
     t = read(target)
     s2 = read(source)

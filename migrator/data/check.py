@@ -156,6 +156,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     phase = state.phase
     if repair:
         _refuse_repair_from_a_loss(playbook, store, state)
+        _refuse_repair_of_a_replica(playbook, state)
     from migrator.compat import ownstats
 
     pub = progress_mod.Publisher(playbook.state_path, "check", "full" if full else "sample")
@@ -398,6 +399,18 @@ def _recheck(r: _Run, d: _Db, found: dict[bytes, tuple]) -> list[Mismatch]:
                 still[k] = (diff, s, t)
         found = still
     return [Mismatch(d.db, k, diff.kind, diff.detail, s, t) for k, (diff, s, t) in found.items()]
+
+
+def _refuse_repair_of_a_replica(pb: Playbook, state) -> None:
+    """In the replication strategy the target is a read-only replica of the source: nothing may copy onto it."""
+    from migrator import replication
+
+    if replication.strategy_of(state) == "replication" and state.phase in (Phase.MIRRORING, Phase.READS_ON_TARGET):
+        raise RefusedError(
+            "the target replicates the source (mirror strategy replication): it cannot be written, and a key that "
+            "still differs once replication lag is waited out means the replica diverged; run the check without "
+            f"--repair, then re-copy everything by rolling back to compatible and advancing again (`migrator rollback "
+            f"-p {pb.path}` until compatible, then `migrator advance`, with mirror.replication.replace_target_data)")
 
 
 def _refuse_repair_from_a_loss(pb: Playbook, store: StateStore, state) -> None:
