@@ -35,12 +35,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import redis  # noqa: E402
+import redis
 
-from bench.shim import redis_benchmark  # noqa: E402
-from migrator import playbook, registry, servers  # noqa: E402
-from migrator.phases import Phase  # noqa: E402
-from migrator.state import MirrorMode, StateStore  # noqa: E402
+from bench.shim import redis_benchmark
+from migrator import playbook, registry, servers
+from migrator.phases import Phase
+from migrator.state import MirrorMode, StateStore
 
 
 async def _client(port: int, idx: int, stop_at: float, lat: list[float], counts: list[int]) -> None:

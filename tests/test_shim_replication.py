@@ -32,6 +32,7 @@ from migrator.shim.routing import (
 )
 from migrator.state import MirrorMode, StateStore, now
 from tests.helpers import DelayingForwarder, start_cli
+from tests.test_shim_core import resp
 from tests.test_shim_e2e import wait_for
 
 MIRROR_REPLICATION = {"strategy": "replication"}
@@ -85,9 +86,10 @@ def shim_stats(env):
 
 
 def wait_confirmed(env, timeout: float = 10.0) -> None:
-    """Every differing read has been confirmed or not (the shim's confirmation queue is empty)."""
-    wait_for(lambda: env.thread.call(lambda: len(env.thread.shim.watch.queue)) == 0, timeout,
-             what="confirmations settled")
+    """Every compared read's two replies are in, and every differing one has been confirmed or not."""
+    shim = env.thread.shim
+    wait_for(lambda: env.thread.call(lambda: shim.mirror_depth == 0 and not shim.watch.queue), timeout,
+             what="comparisons and confirmations settled")
 
 
 @pytest.fixture
@@ -138,15 +140,18 @@ def test_mirroring_sends_writes_to_the_source_only_and_the_replica_gets_them(mir
     c.incrbyfloat("float", 1.5)
     c.expire("s:0", 100)
     c.publish("chan", "m")
+    sha = c.script_load("return 7")  # not replicated by the servers: the shim loads it on both
     assert c.get("counter") == b"100" and c.get("s:1") == b"1"
     in_step(src, tgt)
+    assert tgt.client().script_exists(sha) == [True]
     t = tgt.client()
     assert t.get("counter") == b"100" and t.scard("set") == 9 and t.lrange("list", 0, -1) == [b"b"]
     assert t.get("script") == b"x" and t.get("tx") == b"1" and t.hget("h", "f") == b"v" and 99 <= t.ttl("s:0") <= 100
     assert readonly_errors(tgt) == 0
+    wait_confirmed(env)
     st = shim_stats(env)
     sent_to_target = {cls for (cls, side), n in st.commands.items() if side == "target" and n}
-    assert sent_to_target <= {"read", "connection", "server-both", "pubsub-count"}, sent_to_target
+    assert sent_to_target <= {"read", "connection", "server-both", "pubsub-count", "script-admin"}, sent_to_target
     assert st.compared > 0 and sum(st.divergences.values()) == 0
     status = json.loads(env.admin("/status"))["replication"]
     assert status["mode"] == "replication" and status["replica"] == "target" and status["replica_ready"]
@@ -164,11 +169,46 @@ def test_replication_lag_never_counts_as_a_divergence(lagging):
         assert reader.get(f"k:{i}") == f"v{i}".encode()  # answered by the source
     wait_confirmed(env)
     st = shim_stats(env)
-    assert st.compared >= 40, {k: v for k, v in json.loads(env.admin("/status")).items()
-                               if k in ("replication", "commands", "shadow_failures", "sides", "phase")}
+    assert st.compared >= 40, json.dumps(json.loads(env.admin("/status"))["replication"])
     assert sum(st.divergences.values()) == 0, dict(st.divergences)
     assert st.lag_resolved >= 10, (st.lag_resolved, dict(st.lag_unconfirmed))
     assert not list_dirty(env.pb.state_path)
+
+
+def test_a_stopped_replica_makes_no_divergence_and_loses_no_write(mirroring):
+    """The replica SIGSTOPped for 0.8 s under a writer and a reader: every write acknowledged is on both sides after, 0 divergences, 0 dirty keys."""
+    import os
+
+    env = mirroring
+    writer, reader = env.client(), env.client()
+    stop = threading.Event()
+    acked: list[int] = []
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            writer.rpush("log", i)
+            acked.append(i)
+            reader.lrange("log", -3, -1)
+            i += 1
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        time.sleep(0.2)
+        os.kill(env.target.proc.pid, signal.SIGSTOP)
+        time.sleep(0.8)
+    finally:
+        os.kill(env.target.proc.pid, signal.SIGCONT)
+    time.sleep(0.3)
+    stop.set()
+    t.join(10)
+    in_step(env.source, env.target)
+    assert [int(x) for x in env.target.client().lrange("log", 0, -1)] == acked
+    wait_confirmed(env)
+    st = shim_stats(env)
+    assert sum(st.divergences.values()) == 0, dict(st.divergences)
+    assert not list_dirty(env.pb.state_path) and readonly_errors(env.target) == 0
 
 
 def test_a_real_divergence_on_the_replica_is_found(mirroring):
@@ -270,7 +310,11 @@ def test_writes_on_target_with_reverse_replication_routes_to_the_target_only(mir
     st = shim_stats(env)
     new = {k: n - before.get(k, 0) for k, n in st.commands.items() if n - before.get(k, 0)}
     assert all(side == "target" for (_cls, side) in new), new
+    sha = c.script_load("return 9")  # not replicated: loaded on the source too, for a rollback
+    assert src.client().script_exists(sha) == [True]
     assert readonly_errors(src) == 0
+    status = json.loads(env.admin("/status"))["replication"]
+    assert (status["mode"], status["primary"], status["replica"]) == ("reverse-replication", "target", "source")
     in_step(tgt, src)
     assert src.client().get("w:49") == b"49" and src.client().get("before") == b"1"
     # With the dual-write fallback for the rollback window, writes reach both again (today's routing).
@@ -445,3 +489,89 @@ def test_judge_and_tracker():
     assert not t.ready and "history" in t.why_unready
     t.set_replica(0, "abc", link_up=False, loading=True, is_replica=True, at=10.3)
     assert not t.ready and "loading" in t.why_unready
+
+
+# --- the core in the replication modes (sans-IO: a recording host, no server) ---------------
+
+
+def _repl_core(tmp_path, phase: Phase, mode: str, ready: bool = True):
+    from tests.test_shim_core import Core
+
+    c = Core(tmp_path, Phase.PLANNED)
+    h = c.host
+    h.routes = ROUTES_BY_MODE[mode][phase]
+    h.mode, h.lag_aware, h.sequence_keys = mode, mode == REPLICATION, False
+    h.ryw = mode == REPLICATION and phase == Phase.READS_ON_TARGET
+    replica = replica_side(phase, mode)
+    h.tracker.reset(1 - replica, replica)
+    if ready:
+        h.tracker.set_primary(100, "id", at=time.monotonic())
+        h.tracker.set_replica(100, "id", link_up=True, loading=False, is_replica=True, at=time.monotonic())
+    c.session.on_phase(phase)
+    c.accept()
+    return c
+
+
+def test_core_differing_read_against_a_replica_is_handed_over_not_counted(tmp_path):
+    """Mirroring by replication: a write goes to the source only; a read whose replies differ becomes a Mismatch to confirm, not a divergence or a dirty key."""
+    c = _repl_core(tmp_path, Phase.MIRRORING, REPLICATION)
+    c.send(["SET", "a", "1"])
+    assert c.sent(SOURCE) == resp(["SET", "a", "1"]) and c.sent(TARGET) == b""
+    c.reply(SOURCE, b"+OK\r\n")
+    c.send(["GET", "a"])
+    c.accept()
+    assert c.sent(SOURCE) == c.sent(TARGET) == resp(["GET", "a"])
+    c.reply(SOURCE, b"$1\r\n1\r\n")
+    c.reply(TARGET, b"$-1\r\n")  # the replica has not applied the SET yet
+    assert c.answered() == b"+OK\r\n$1\r\n1\r\n"
+    st = c.host.stats
+    assert st.compared == 1 and not st.divergences and not c.dirty()
+    (m,) = c.host.mismatches
+    assert (m.name, m.keys, m.kind) == (b"get", [b"a"], "missing-on-target")
+
+
+def test_core_replica_not_ready_is_not_compared(tmp_path):
+    """While the tracker says the replica is not ready (loading, link down), reads go to the source alone and count as skipped."""
+    c = _repl_core(tmp_path, Phase.MIRRORING, REPLICATION, ready=False)
+    c.send(["GET", "a"])
+    c.accept()
+    assert c.sent(SOURCE) == resp(["GET", "a"]) and c.sent(TARGET) == b""
+    assert c.host.stats.lag_skipped == 1
+
+
+def test_core_read_your_writes_redirects_until_the_replica_has_the_write(tmp_path):
+    """Reads-on-target: after the connection's write, its reads go to the source until the replica's offset reaches the source's offset read after the acknowledgement."""
+    c = _repl_core(tmp_path, Phase.READS_ON_TARGET, REPLICATION)
+    tr = c.host.tracker
+    c.send(["GET", "a"])
+    c.accept()
+    assert c.sent(TARGET) == resp(["GET", "a"])  # no write yet: the replica answers
+    assert c.sent(SOURCE) == resp(["GET", "a"])  # (compared against the source)
+    c.reply(TARGET, b"$-1\r\n")
+    c.reply(SOURCE, b"$-1\r\n")
+    c.answered()
+    c.send(["SET", "a", "1"], ["GET", "a"])  # the read pipelined behind the unacknowledged write
+    assert c.sent(SOURCE) == resp(["SET", "a", "1"], ["GET", "a"]) and c.sent(TARGET) == b""
+    c.reply(SOURCE, b"+OK\r\n$1\r\n1\r\n")
+    assert c.answered() == b"+OK\r\n$1\r\n1\r\n"
+    c.send(["GET", "a"])  # acknowledged, but no offset read since: still the source
+    assert c.sent(SOURCE) == resp(["GET", "a"])
+    c.reply(SOURCE, b"$1\r\n1\r\n")
+    tr.set_primary(150, "id", at=time.monotonic())  # the source's offset, read after the write
+    tr.set_replica(120, "id", link_up=True, loading=False, is_replica=True, at=time.monotonic())
+    c.send(["GET", "a"])
+    assert c.sent(SOURCE) == resp(["GET", "a"])  # the replica is behind it
+    c.reply(SOURCE, b"$1\r\n1\r\n")
+    tr.set_replica(150, "id", link_up=True, loading=False, is_replica=True, at=time.monotonic())
+    c.send(["GET", "a"])
+    assert c.sent(TARGET) == resp(["GET", "a"]) and c.sent(SOURCE) == resp(["GET", "a"])  # back on the replica
+    assert c.host.stats.ryw_redirects == 3
+
+
+def test_core_reverse_replication_sends_nothing_to_the_source(tmp_path):
+    """Writes-on-target with the source replicating the target: writes, reads and connection state go to the target only."""
+    c = _repl_core(tmp_path, Phase.WRITES_ON_TARGET, REVERSE_REPLICATION)
+    c.send(["SELECT", "0"], ["SET", "a", "1"], ["GET", "a"], ["PUBLISH", "ch", "m"])
+    c.accept()
+    assert c.sent(SOURCE) == b""
+    assert c.sent(TARGET) == resp(["SELECT", "0"], ["SET", "a", "1"], ["GET", "a"], ["PUBLISH", "ch", "m"])

@@ -72,6 +72,13 @@ class Dispatch:
             stats.ryw_redirects += 1
         if shadow is not None and plan.sampled and not shim.sample():
             shadow = None
+        replica = shim.tracker.replica
+        if (cls is Cls.SCRIPT_ADMIN and name == b"script" and shadow is None and tx is None and self.tx is None
+                and replica is not None and answer != replica):
+            # SCRIPT LOAD / FLUSH are not replicated, and a replica accepts them: the replica gets
+            # them too, so an EVALSHA finds its script there once it answers (FUNCTION ... is
+            # replicated, and refused by a replica: the primary only).
+            shadow = replica
         if shadow is not None and shim.lag_aware and plan.compare and cls is Cls.READ and not shim.tracker.ready:
             # The replica is loading its initial sync, or its link is down: nothing to compare.
             shadow = None
@@ -148,11 +155,11 @@ class Dispatch:
             shim.note_script(args, name)
         if name == b"restore" and shadow is not None and tx is None:
             self._restore_by_effect(e)
-        # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
-        # still have in flight to the shadow must not run there after the flush, nor before it.
         if shim.ryw and answer == shim.tracker.primary and (e.write or cls in _RYW_WRITES):
             e.ryw = True
             self.ryw_pending += 1
+        # SCRIPT FLUSH is ordered like a keyless write (a barrier): a script other connections
+        # still have in flight to the shadow must not run there after the flush, nor before it.
         if (shadow is not None and (e.write or e.compare) and shim.sequence_keys
                 and (cls is not Cls.SCRIPT_ADMIN or is_script_flush(args))):
             if cls is Cls.BLOCKING:

@@ -82,6 +82,8 @@ class FastPath:
                     continue
             if cls not in _RAW_CLASSES or (cls is Cls.ADMIN and args[0].lower() == b"client"):
                 return False  # (CLIENT KILL's filters are checked on the entry path, in every phase)
+            if cls is Cls.SCRIPT_ADMIN and shim.tracker.replica is not None:
+                return False  # SCRIPT LOAD/FLUSH reach the replica too (see Dispatch._dispatch)
             if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:
                 special.append((c, args))
             counts[cls] = counts.get(cls, 0) + 1
@@ -330,7 +332,7 @@ class FastPath:
                 continue
             c = shim.table.classify(args)
             if shim.lag_aware and c.cls is not Cls.WRITE:
-                self._lag_mismatch(args, name, kind, a, b)
+                self._lag_mismatch(args, name, kind)
                 continue
             self._diverged(e, kind, name, c.keys(args), a, b, c.cls is Cls.WRITE)
         shim.stats.compared += compared

@@ -129,9 +129,7 @@ class Mismatch:
     name: bytes
     keys: list[bytes]
     dbs: tuple[int, int]  # the database on each side (SOURCE, TARGET)
-    kind: str  # what the first comparison found
-    source_raw: bytes
-    target_raw: bytes
+    kind: str  # what the first comparison found (the replies themselves are not kept: they are read again)
     queued_at: float = 0.0
     tries: int = field(default=0)
 

@@ -289,16 +289,15 @@ class Replies:
         if kind is None:
             return
         if shim.lag_aware and not e.write and e.tx is None:
-            self._lag_mismatch(e.args, e.name, kind, src, tgt)
+            self._lag_mismatch(e.args, e.name, kind)
             return
         self._diverged(e, kind, e.name, self._entry_keys(e), src, tgt, e.write)
 
-    def _lag_mismatch(self, args: list[bytes], name: bytes, kind: str, src: bytes, tgt: bytes) -> None:
+    def _lag_mismatch(self, args: list[bytes], name: bytes, kind: str) -> None:
         """A read differing from the replica's: maybe only lag. Confirmed against offsets by the shim
         (``shim.lag``, ``shim.replwatch``): a divergence only if it holds with the replica at the primary's offset."""
         c = self.shim.table.classify(args)
-        self.shim.confirm_mismatch(lag.Mismatch(args, name, c.keys(args), (self._db(SOURCE), self._db(TARGET)), kind,
-                                                src, tgt))
+        self.shim.confirm_mismatch(lag.Mismatch(args, name, c.keys(args), (self._db(SOURCE), self._db(TARGET)), kind))
 
     def _diverged(self, e: Entry, kind: str, name: bytes, keys: list[bytes], src: bytes | None, tgt: bytes | None,
                   write: bool) -> None:

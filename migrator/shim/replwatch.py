@@ -29,7 +29,7 @@ from typing import Any
 from migrator.replication import parse as parse_replication
 from migrator.shim import compare as cmp
 from migrator.shim import lag
-from migrator.shim.commands import SOURCE, TARGET
+from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET
 from migrator.shim.resp import Framer, ProtocolError, encode, parse
 
 FAST_POLL = 0.002
@@ -114,6 +114,7 @@ class ReplicaWatch:
         # Checked by the loops too: a cancellation that lands as asyncio.wait_for's inner call
         # completes can be swallowed (Python < 3.12), and a loop must end anyway.
         self.stopped = False
+        self._was_ready: bool | None = None  # for logging the replica's readiness when it changes
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._poll_loop()), asyncio.create_task(self._confirm_loop())]
@@ -157,7 +158,25 @@ class ReplicaWatch:
                 self.last_error = f"{type(e).__name__}: {e}"
                 tracker.set_replica(None, "", False, False, False, time.monotonic())
                 tracker.why_unready = f"offsets not readable ({self.last_error})"
+                self._note_readiness()
                 await asyncio.sleep(SLOW_POLL)
+                continue
+            self._note_readiness()
+
+    def _note_readiness(self) -> None:
+        """Log the replica becoming ready or not (a replica that is not one means writes reach one side only)."""
+        tracker = self.shim.tracker
+        ready = tracker.ready
+        if ready == self._was_ready or tracker.replica is None:
+            return
+        self._was_ready = ready
+        if ready:
+            self.shim.log.info("shim.replica_ready", replica=SIDE_NAMES[tracker.replica], offset=tracker.replica_offset,
+                               lag_bytes=tracker.lag_bytes)
+        else:
+            self.shim.log.warning("shim.replica_not_ready", replica=SIDE_NAMES[tracker.replica], why=tracker.why_unready,
+                                  hint="reads are not compared against it until it is; the replication control "
+                                       "(migrator status) says whether it is attached")
 
     async def poll_once(self) -> None:
         """One reading of both offsets: the primary's first (a replica reading after it is comparable)."""
@@ -261,9 +280,8 @@ class ReplicaWatch:
             stats.lag_skipped += 1
         elif outcome == "divergent":
             stats.divergences[what] += 1
-            shim.divergence.record(kind=what, command=m.name, keys=m.keys, db=m.dbs[TARGET],
-                                   source_raw=src if src is not None else m.source_raw,
-                                   target_raw=tgt if tgt is not None else m.target_raw)
+            shim.divergence.record(kind=what, command=m.name, keys=m.keys, db=m.dbs[TARGET], source_raw=src,
+                                   target_raw=tgt)
         else:
             stats.lag_unconfirmed[what] += 1
             shim.log.warning("shim.mismatch_unconfirmed", command=m.name.decode(errors="replace").upper(),
