@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
-from bench._common import load_mixed, native_full_sync
+from bench._common import load_mixed
 from bench.cutover import Writers, worst_during
 from bench.shim import proc_cpu
 from migrator import command, playbook, registry, replication, servers
@@ -198,37 +198,65 @@ def throughput(args) -> list[dict]:
 
 
 # --- initial copy ------------------------------------------------------------------------------------
+def follow_copy(src: redis.Redis, tgt: redis.Redis, t0: float, full_before: int, timeout: float = 600) -> tuple[float, float]:
+    """(seconds from ``t0``, seconds from the source starting the full sync) until the target is in
+    sync. A replica connects to its primary on its next replication tick, up to a second after
+    REPLICAOF, whichever path sent it: the second figure leaves that out."""
+    began = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        s = replication.read(src, with_stats=True)
+        if began is None and (s.sync_full or 0) > full_before:
+            began = now
+        t = replication.read(tgt)
+        if t.is_replica and t.link_up and not t.sync_in_progress and t.replica_offset == s.master_repl_offset:
+            return now - t0, now - (began if began is not None else t0)
+        time.sleep(0.002)
+    raise RuntimeError("the target did not get in sync")
+
+
 def copy(args) -> list[dict]:
     rows = []
     with servers.running(SOURCE, config={"repl-diskless-sync-delay": "0"}) as src:
         load_mixed(src.client(), args.keys)
-        used = src.client().info("memory")["used_memory_human"]
+        sc = src.client()
+        used = sc.info("memory")["used_memory_human"]
         for i in range(args.repeat):
             # Alternate which goes first: the source's state after one full sync (its fork's
             # memory, its backlog) must not favour either.
             for which in (("native", "strategy") if i % 2 == 0 else ("strategy", "native")):
+                full_before = replication.read(sc, with_stats=True).sync_full or 0
                 if which == "native":
                     with servers.running(TARGET) as native_dst:
-                        native_s = native_full_sync(src, native_dst)
+                        nc = native_dst.client()
+                        t0 = time.monotonic()
+                        nc.replicaof(src.host, src.port)
+                        native_s, native_copy_s = follow_copy(sc, nc, t0, full_before)
+                        nc.replicaof("no", "one")
                     continue
                 with fleet("replication", 1, keep_source=src) as f:
                     command.advance(f.pb)  # the pre-flight, not part of the copy
                     t0 = time.monotonic()
                     command.advance(f.pb)  # attach: REPLICAOF, then the server's own full sync
                     attached = time.monotonic() - t0
-                    wait_in_sync(src.client(), f.tgt.client())
-                    strategy_s = time.monotonic() - t0
+                    strategy_s, strategy_copy_s = follow_copy(sc, f.tgt.client(), t0, full_before)
                     keys = f.tgt.client().dbsize()
                     command.rollback(f.pb)  # detach the target, so that the source serves the next copy alone
             row = {"run": i + 1, "keys": args.keys, "native_s": native_s, "strategy_s": strategy_s,
-                   "advance_s": attached, "ratio": native_s / strategy_s, "target_keys": keys}
+                   "native_copy_s": native_copy_s, "strategy_copy_s": strategy_copy_s, "advance_s": attached,
+                   "ratio": native_copy_s / strategy_copy_s, "ratio_from_command": native_s / strategy_s,
+                   "target_keys": keys}
             rows.append(row)
-            print(f"copy run {i + 1}: {args.keys:,} keys ({used}): native REPLICAOF {native_s:.2f} s, "
-                  f"strategy {strategy_s:.2f} s (advance returned after {attached:.2f} s), "
-                  f"ratio {row['ratio']:.0%}, target holds {keys:,} keys", flush=True)
+            print(f"copy run {i + 1}: {args.keys:,} keys ({used}): from the source starting the sync to in sync: "
+                  f"native {native_copy_s:.2f} s, strategy {strategy_copy_s:.2f} s, ratio {row['ratio']:.0%}; from "
+                  f"REPLICAOF / advance: native {native_s:.2f} s, strategy {strategy_s:.2f} s (advance returned after "
+                  f"{attached:.2f} s); target holds {keys:,} keys", flush=True)
     med = statistics.median(r["ratio"] for r in rows)
+    med_cmd = statistics.median(r["ratio_from_command"] for r in rows)
     print(f"\n# initial copy: median {med:.0%} of native over {len(rows)} run(s) (target >= 90%): "
-          + ("met" if med >= 0.9 else "MISSED") + f"; load average {os.getloadavg()[0]:.1f}")
+          + ("met" if med >= 0.9 else "MISSED") + f"; from the command: {med_cmd:.0%}; load average "
+          f"{os.getloadavg()[0]:.1f}")
     return rows
 
 
