@@ -8,7 +8,8 @@
   spent per command (``/proc``) is the machine-independent figure to size a fleet with.
 - ``copy``: the initial copy of ``--keys`` mixed keys: the strategy's (``advance`` to mirroring,
   which attaches the target with REPLICAOF, until the replica is in sync) against a native
-  ``REPLICAOF`` into a fresh Valkey, interleaved ``--repeat`` times. Target: ≥ 90% of native.
+  ``REPLICAOF`` into a fresh Valkey, interleaved ``--repeat`` times, each timed from the source
+  starting the full sync (and from the command). Target: ≥ 90% of native.
 - ``cutover``: the write cutover with the role swap, ``--rounds`` times forth (``advance`` to
   writes-on-target) and back (``rollback``), with writers through a shim: the pause the shims
   report, the time the step took, what the step's evidence says about the swap, and the slowest
