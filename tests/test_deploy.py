@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "deploy" / "systemd" / "migrator-shim.service"
 ENV_EXAMPLE = ROOT / "deploy" / "systemd" / "migrator-shim.env.example"
 K8S = {"deployment": ROOT / "deploy" / "k8s" / "shim-deployment.yaml",
-       "sidecar": ROOT / "deploy" / "k8s" / "shim-sidecar.yaml"}
+       "sidecar": ROOT / "deploy" / "k8s" / "shim-sidecar.yaml",
+       "daemonset": ROOT / "deploy" / "k8s" / "shim-daemonset.yaml"}
 PASSWORD_VARS = {"REDIS_PASSWORD", "VALKEY_PASSWORD", "SHIM_PASSWORD"}
 
 
@@ -72,6 +73,12 @@ def load_docs(path: Path) -> list[dict]:
 
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
+
+
+def pod_owner(docs: list[dict]) -> dict:
+    """The one Deployment or DaemonSet of a manifest."""
+    (owner,) = [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    return owner
 
 
 def shim_container(pod_spec: dict) -> dict:
@@ -281,7 +288,7 @@ def test_k8s_manifest_fields(name):
     docs = load_docs(K8S[name])
     for d in docs:
         assert d.get("apiVersion") and d.get("kind") and d.get("metadata", {}).get("name"), d
-    (dep,) = by_kind(docs, "Deployment")
+    dep = pod_owner(docs)
     pod = dep["spec"]["template"]["spec"]
     c = shim_container(pod)
     assert c["image"] and ":" in c["image"].rsplit("/", 1)[-1], "the image carries a version tag"
@@ -324,6 +331,19 @@ def test_k8s_manifest_fields(name):
         targets = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
         assert named_port(c, targets["redis"]) == listen_port and named_port(c, targets["admin"]) == admin_port
         assert not pb.shim.listen_is_loopback and pb.shim.password_env in env
+    elif name == "daemonset":
+        # A shim per node, each client sent to its own node's; many shims write the source at
+        # once, which only the replication strategy orders; no rolling update under the clients.
+        assert dep["kind"] == "DaemonSet" and dep["spec"]["updateStrategy"]["type"] == "OnDelete"
+        assert pb.mirror.strategy == "replication"
+        (svc,) = by_kind(docs, "Service")
+        assert svc["spec"]["internalTrafficPolicy"] == "Local"
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"] and svc["spec"]["selector"].items() <= labels.items()
+        targets = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
+        assert named_port(c, targets["redis"]) == listen_port and named_port(c, targets["admin"]) == admin_port
+        assert not pb.shim.listen_is_loopback and pb.shim.password_env in env
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     else:
         # A native sidecar: started (and probed) before the app, stopped after it.
         assert c in pod["initContainers"] and c["restartPolicy"] == "Always"
@@ -341,7 +361,7 @@ def test_k8s_manifest_schema(name):
     docs = load_docs(K8S[name])
     for d in docs:
         kv.validate(d, "1.30", strict=True)
-    (dep,) = by_kind(docs, "Deployment")
+    dep = pod_owner(docs)
     shim_container(dep["spec"]["template"]["spec"])["readinesProbe"] = {"httpGet": {"path": "/status", "port": "admin"}}
     with pytest.raises(kv.ValidationError):
         kv.validate(dep, "1.30", strict=True)
@@ -351,7 +371,7 @@ def test_k8s_manifest_schema(name):
 def test_k8s_container_command_serves_probes_and_drains(name, server_factory, tmp_path, shim_runs):
     """The shim container's command, with the ConfigMap's playbook (servers and ports swapped for local ones) and its Secret variables, answers the probe path on the admin port, serves the address applications are given (AUTH required off loopback), and drains on SIGTERM within the grace period."""
     docs = load_docs(K8S[name])
-    (dep,) = by_kind(docs, "Deployment")
+    dep = pod_owner(docs)
     pod = dep["spec"]["template"]["spec"]
     c = shim_container(pod)
     text, pb_path = configmap_playbook(docs, c, pod)
@@ -381,7 +401,7 @@ def test_k8s_container_command_serves_probes_and_drains(name, server_factory, tm
     wait_ready(run)
     status, body = get_status(f"127.0.0.1:{admin_port}", c["readinessProbe"]["httpGet"]["path"])
     assert status == 200 and body["phase"] == "planned"
-    if name == "deployment":
+    if name in ("deployment", "daemonset"):
         # Through the Service, without the shim password, every command is refused.
         with socket.create_connection(("127.0.0.1", listen_port), timeout=5) as anon:
             anon.sendall(b"*3\r\n$3\r\nSET\r\n$8\r\ndeploy:k\r\n$1\r\nv\r\n")

@@ -66,11 +66,13 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
     ids = [f"{base}-w{i}" for i in range(workers)]
     _check_listen(listen)
     log = get_logger("migrator.shim", shim=base)
-    if workers > 1:
-        # Each worker sequences only its own connections' writes (docs/shim.md, "Ordering").
+    if workers > 1 and playbook.mirror.strategy != "replication":
+        # Each worker sequences only its own connections' writes (docs/shim.md, "Ordering"); in the
+        # replication strategy the source server orders them all, so there is nothing to warn of.
         log.warning("shim.workers_unordered", workers=workers,
-                    hint="writes to one key from connections on different workers can be applied in different "
-                         "orders on source and target; run a single shim process per migration for exact ordering")
+                    hint="in dual-write, writes to one key from connections on different workers can be applied in "
+                         "different orders on source and target; run a single shim process per migration for exact "
+                         "ordering, or use mirror.strategy: replication")
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker_main, args=(playbook, listen, ids[i], i), name=ids[i]) for i in range(workers)]
     for p in procs:
