@@ -378,7 +378,12 @@ def _await_target(source: redis.Redis, target: redis.Redis, before: ReplStatus |
             if before is None:
                 return f"in step at offset {ss.master_repl_offset}"
             ok = (ss.sync_partial_ok or 0) - (before.sync_partial_ok or 0)
-            return f"partial resync, source sync_partial_ok +{ok}, in step at offset {ss.master_repl_offset}"
+            if ok > 0:
+                return f"partial resync, source sync_partial_ok +{ok}, in step at offset {ss.master_repl_offset}"
+            # (The target reconnected before ``before`` was read, or kept its stream through the
+            # source's promotion: no resync of either kind was counted, and none was needed.)
+            return (f"in step at offset {ss.master_repl_offset}, link up, no full sync (no resync counted on the "
+                    "source since the swap began)")
         if time.monotonic() >= until:
             return (f"link {'up' if tt.link_up else 'not up yet'}, target at {tt.replica_offset} of "
                     f"{ss.master_repl_offset}: it catches up in the background")
