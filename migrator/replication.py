@@ -254,20 +254,33 @@ class Outcome:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def source_address(pb: Any) -> tuple[str, int]:
-    """host:port the target uses to reach the source: ``mirror.replication.source_address`` or the source URL's."""
-    addr = pb.mirror.replication.source_address
-    if addr:
+def address(ep: Any, override: str | None) -> tuple[str, int]:
+    """host:port a *server* uses to reach ``ep``: the override (``mirror.replication.*_address``) or its URL's."""
+    if override:
         from migrator.playbook import split_hostport
 
-        host, port = split_hostport(addr)
-        return host, int(port)
-    return pb.source.host, pb.source.port
+        return split_hostport(override)
+    return ep.host, ep.port
+
+
+def source_address(pb: Any) -> tuple[str, int]:
+    """Where the target reaches the source: ``mirror.replication.source_address`` or the source URL's."""
+    return address(pb.source, pb.mirror.replication.source_address)
+
+
+def target_address(pb: Any) -> tuple[str, int]:
+    """Where the source reaches the target (the rollback window): ``mirror.replication.target_address`` or the target URL's."""
+    return address(pb.target, pb.mirror.replication.target_address)
+
+
+def keys_by_db(client: Any) -> dict[str, int]:
+    """Keys per database of a server (INFO keyspace), e.g. ``{"db0": 12}``."""
+    return {k: int(v.get("keys", 0)) for k, v in client.info("keyspace").items() if k.startswith("db") and isinstance(v, dict)}
 
 
 def keys_held(client: Any) -> int:
     """Keys in every database of a server (INFO keyspace)."""
-    return sum(int(v.get("keys", 0)) for k, v in client.info("keyspace").items() if k.startswith("db") and isinstance(v, dict))
+    return sum(keys_by_db(client).values())
 
 
 def _config_for_source(pb: Any) -> list[tuple[str, str]]:

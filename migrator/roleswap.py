@@ -39,8 +39,8 @@ from redis.retry import Retry
 
 from migrator.action_types import ActionResult
 from migrator.connect import client_kwargs
-from migrator.playbook import Endpoint, Playbook, split_hostport
-from migrator.replication import ReplStatus, read
+from migrator.playbook import Endpoint, Playbook
+from migrator.replication import ReplStatus, keys_by_db, read, source_address, target_address
 from migrator.state import MirrorMode
 
 POLL_S = 0.002
@@ -60,22 +60,6 @@ class Swap:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def address(ep: Endpoint, override: str | None) -> tuple[str, int]:
-    if override:
-        return split_hostport(override)
-    return ep.host, ep.port
-
-
-def source_address(pb: Playbook) -> tuple[str, int]:
-    """Where the target reaches the source (``mirror.replication.source_address`` or the source URL)."""
-    return address(pb.source, pb.mirror.replication.source_address)
-
-
-def target_address(pb: Playbook) -> tuple[str, int]:
-    """Where the source reaches the target (``mirror.replication.target_address`` or the target URL)."""
-    return address(pb.target, pb.mirror.replication.target_address)
-
-
 def client(ep: Endpoint, timeout: float) -> redis.Redis:
     """A client that gives up after one ``timeout`` (no retries): the swap works against a clock."""
     kw = {**client_kwargs(ep), "socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
@@ -89,10 +73,6 @@ def reachable(c: redis.Redis) -> str | None:
         return None
     except (redis.exceptions.RedisError, OSError) as e:
         return str(e) or type(e).__name__
-
-
-def keys_by_db(c: redis.Redis) -> dict[str, int]:
-    return {k: int(v.get("keys", 0)) for k, v in c.info("keyspace").items() if k.startswith("db") and isinstance(v, dict)}
 
 
 def _offsets_equal(primary: redis.Redis, replica: redis.Redis, until: float) -> tuple[bool, int, int]:
