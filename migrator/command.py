@@ -83,6 +83,7 @@ class PlanResult:
     step: Step | None
     gates: list[gates_mod.GateResult] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
+    prepare: list[str] = field(default_factory=list)  # run before the new phase is recorded
     servers: list[ServerInfo] = field(default_factory=list)
     pending: Transition | None = None
     note: str | None = None
@@ -109,6 +110,7 @@ class PlanResult:
             "to_phase": self.to_phase.value if self.to_phase else None,
             "allowed": self.allowed,
             "gates": [g.to_json() for g in self.gates],
+            "prepare": [{"action": a, "description": actions_mod.describe(a)} for a in self.prepare],
             "actions": [{"action": a, "description": actions_mod.describe(a)} for a in self.actions],
             "servers": [vars(s) for s in self.servers],
             "pending_transition": vars(self.pending) if self.pending else None,
@@ -260,6 +262,7 @@ def plan(pb: Playbook, direction: str = "advance", evaluate: GateEvaluator | Non
         ctx = gates_mod.make_context(pb, store, state, read_only=True)
         result.gates = (evaluate or gates_mod.evaluate)(names, ctx)
         result.actions = list(step.actions if direction == "advance" else step.rollback_actions)
+        result.prepare = list(step.prepare if direction == "advance" else step.rollback_prepare)
     return result
 
 

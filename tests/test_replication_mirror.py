@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 
@@ -549,3 +550,19 @@ def test_a_reverted_mirror_step_leaves_the_target_attached_until_rollback_to_pla
         r = command.rollback(pb)
     assert r.to_phase == Phase.PLANNED and "stopped replicating" in r.actions[-1].evidence
     assert tgt.client().info("replication")["role"] == "master" and store.load().mirror is None
+
+
+def test_plan_names_the_attach_it_would_run_before_recording_mirroring(server_factory, make_playbook):
+    """`plan` before the mirror step lists start_mirror (the REPLICAOF) among the actions run before the
+    phase is recorded, in text and JSON."""
+    src = _source(server_factory, "redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    pb = _pb(make_playbook, src, tgt)
+    _to_compatible(pb)
+    out = run_cli("plan", playbook=pb.path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "would take before recording mirroring" in out.stdout
+    assert "start_mirror: Decide the mirror strategy on fresh evidence" in out.stdout
+    data = json.loads(run_cli("plan", "--output", "json", playbook=pb.path).stdout)
+    assert [a["action"] for a in data["prepare"]] == ["start_mirror"]
+    assert command.plan(pb, probe=False).prepare == ["start_mirror"]

@@ -65,6 +65,10 @@ def render_plan(con: Console, p: command.PlanResult) -> None:
     con.print(f"Next {p.direction}: [bold]{p.phase} → {p.to_phase}[/] ({p.step.name}): {escape(desc)}")
     con.print("Gates:")
     render_gates(con, p.gates)
+    if p.prepare:
+        con.print(f"Actions {p.direction} would take before recording {p.to_phase} (the step is abandoned if one fails):")
+        for a in p.prepare:
+            con.print(f"  - {a}: {command.actions_mod.describe(a)}")
     if p.actions:
         con.print(f"Actions {p.direction} would take after recording {p.to_phase}:")
         for a in p.actions:
