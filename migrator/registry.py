@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.control import bound
+from migrator.procs import pid_alive
 from migrator.state import atomic_write_json, iso, now, parse_iso
 
 SHIMS_DIR = "shims"
@@ -71,21 +71,11 @@ class ShimRecord:
             return "live"
         # A missing pid means dead only once the heartbeat has stopped too: a shim in another
         # pid namespace (a container on the host network) shares the host name, not the pids.
-        if age > DEAD_AFTER and self.lease_alive is None and self.host == socket.gethostname() and not _pid_alive(self.pid):
+        if age > DEAD_AFTER and self.lease_alive is None and self.host == socket.gethostname() and not pid_alive(self.pid):
             return "dead"
         if age <= stale_after:
             return "live"
         return "unresponsive"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def shims_dir(state_dir: Path | str) -> Path:

@@ -46,6 +46,7 @@ from etcd3gw.exceptions import (
 
 from migrator.errors import LockedError, StateError, UnreachableError
 from migrator.logs import get_logger
+from migrator.procs import pid_alive
 from migrator.redact import redact
 
 T = TypeVar("T")
@@ -81,16 +82,6 @@ def _detail(e: Exception) -> str:
         d = json.loads(text)
         text = d.get("error") or d.get("message") or text
     return " ".join(str(text).split())[:200]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class EtcdControl:
@@ -375,7 +366,7 @@ class EtcdControl:
         value = json.dumps({"owner": owner, "token": token, "host": socket.gethostname(), "pid": os.getpid()})
         taken, held, rev = self._take_lock(key, value, lease)
         if not taken and held.get("token") != token and held.get("host") == socket.gethostname() \
-                and isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+                and isinstance(held.get("pid"), int) and not pid_alive(held["pid"]):
             self.txn("take over a dead run's lock", {
                 "compare": [{"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": rev}],
                 "success": [{"request_delete_range": {"key": key}}], "failure": []})

@@ -16,6 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from migrator.procs import pid_alive
 from migrator.state import atomic_write_json, iso, now
 
 FILE = "progress.json"
@@ -78,16 +79,6 @@ class Publisher:
             pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
 def read(state_dir: Path | str, kind: str) -> dict[str, Any] | None:
     """The last published progress of ``kind``, with ``state``: running, stalled, interrupted,
     or the outcome it ended with (complete, incomplete, failed); None if it never ran."""
@@ -101,7 +92,7 @@ def read(state_dir: Path | str, kind: str) -> dict[str, Any] | None:
     age = max(0.0, time.time() - float(data.get("ts", 0)))
     state = outcome
     if outcome == "running":
-        if data.get("host") == socket.gethostname() and not _alive(int(data.get("pid", 0))):
+        if data.get("host") == socket.gethostname() and not pid_alive(int(data.get("pid", 0))):
             state = "interrupted"
         elif age > STALE_S:
             state = "stalled"
