@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from migrator import registry
 from migrator.action_types import ActionContext, ActionResult
+from migrator.crash import crashpoint
 from migrator.state import Barrier, iso, now, operator
 
 ActionFn = Callable[[ActionContext], ActionResult]
@@ -140,7 +141,6 @@ def start_mirror(ctx: ActionContext) -> ActionResult:
     """Decide the mirror strategy on fresh evidence and, in replication, make the target a replica of the source."""
     from migrator import replication
     from migrator.connect import connect
-    from migrator.crash import crashpoint
     from migrator.state import MirrorMode
 
     pb = ctx.playbook

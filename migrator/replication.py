@@ -115,7 +115,9 @@ def source_allows_sync(client: Any, user: str | None) -> SyncAllowed:
     import redis
 
     name = user or "default"
-    from migrator.compat.rpc import _raw  # unparsed: redis-py's COMMAND parser fails on the nil of a missing command
+    from migrator.compat.rpc import (
+        _raw,  # unparsed: redis-py's COMMAND parser fails on the nil of a missing command
+    )
 
     try:
         infos = _raw(client, ("COMMAND", "INFO", *REPLICA_COMMANDS))
@@ -283,15 +285,14 @@ def keys_held(client: Any) -> int:
     return sum(keys_by_db(client).values())
 
 
-def _config_for_source(pb: Any) -> list[tuple[str, str]]:
-    """The target's settings for authenticating (and TLS) to the source, from the source endpoint."""
-    src = pb.source
+def replica_settings(primary: Any) -> list[tuple[str, str]]:
+    """A replica's settings for authenticating (and TLS) to ``primary``, from that endpoint of the playbook."""
     out = []
-    if src.password:
-        out.append(("masterauth", src.password))
-    if src.user:
-        out.append(("masteruser", src.user))
-    if src.use_tls:
+    if primary.password:
+        out.append(("masterauth", primary.password))
+    if primary.user:
+        out.append(("masteruser", primary.user))
+    if primary.use_tls:
         out.append(("tls-replication", "yes"))
     return out
 
@@ -327,7 +328,7 @@ def attach(pb: Any, source: Any, target: Any, dry_run: bool = False) -> Outcome:
     if held and not replace:
         return Outcome(False, f"the target holds {held:,} key(s) and REPLICAOF would discard them: empty it (FLUSHALL) "
                               "or set mirror.replication.replace_target_data: true", data)
-    settings = _config_for_source(pb)
+    settings = replica_settings(pb.source)
     if dry_run:
         what = f"{held:,} key(s) on it would be discarded (replace_target_data)" if held else "it is empty"
         return Outcome(True, f"the target can become a replica of the source at {where}: {what}", data)

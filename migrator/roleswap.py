@@ -39,8 +39,16 @@ from redis.retry import Retry
 
 from migrator.action_types import ActionResult
 from migrator.connect import client_kwargs
+from migrator.crash import crashpoint
 from migrator.playbook import Endpoint, Playbook
-from migrator.replication import ReplStatus, keys_by_db, read, source_address, target_address
+from migrator.replication import (
+    ReplStatus,
+    keys_by_db,
+    read,
+    replica_settings,
+    source_address,
+    target_address,
+)
 from migrator.state import MirrorMode
 
 POLL_S = 0.002
@@ -91,16 +99,24 @@ def _offsets_equal(primary: redis.Redis, replica: redis.Redis, until: float) -> 
         time.sleep(POLL_S)
 
 
+def _pause_until_in_step(primary: redis.Redis, replica: redis.Redis, pause_ms: int, until: float,
+                         data: dict[str, Any], crash: str) -> tuple[bool, int, int]:
+    """Pause the primary's writes (every client's: those bypassing the shims too) for at most
+    ``pause_ms`` and wait until the replica has its whole stream; unpause at once if it does not
+    get there by ``until``. Returns (in step, primary offset, replica offset)."""
+    data["paused_at"] = time.time()
+    primary.execute_command("CLIENT", "PAUSE", str(pause_ms), "WRITE")
+    data["pause_limit_ms"] = pause_ms
+    crashpoint(crash)
+    equal, p, r = _offsets_equal(primary, replica, until)
+    if not equal:
+        primary.execute_command("CLIENT", "UNPAUSE")
+    return equal, p, r
+
+
 def _settings_for_target(pb: Playbook) -> list[tuple[str, str]]:
     """How the source protects its data and authenticates to the target while it replicates it."""
-    out = [("repl-diskless-load", "swapdb")]
-    if pb.target.password:
-        out.append(("masterauth", pb.target.password))
-    if pb.target.user:
-        out.append(("masteruser", pb.target.user))
-    if pb.target.use_tls:
-        out.append(("tls-replication", "yes"))
-    return out
+    return [("repl-diskless-load", "swapdb"), *replica_settings(pb.target)]
 
 
 def protect(pb: Playbook, source: redis.Redis, mirror: MirrorMode, save: Callable[[], None]) -> str | None:
@@ -143,7 +159,6 @@ def restore(source: redis.Redis, mirror: MirrorMode) -> str:
 def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: MirrorMode, save: Callable[[], None],
             budget_s: float, pause_ms: int) -> Swap:
     """Make the target the primary and the source its replica (or fall back to dual-write)."""
-    from migrator.crash import crashpoint
 
     start = time.monotonic()
     deadline = start + budget_s
@@ -169,14 +184,10 @@ def forward(pb: Playbook, source: redis.Redis, target: redis.Redis, mirror: Mirr
     cannot = protect(pb, source, mirror, save)
     data["protected"] = cannot is None
     paused_at = time.monotonic()
-    data["paused_at"] = time.time()
-    source.execute_command("CLIENT", "PAUSE", str(pause_ms), "WRITE")
-    data["pause_limit_ms"] = pause_ms
-    crashpoint("swap-after-pause")
-    equal, so, to = _offsets_equal(source, target, start + OFFSETS_SHARE * budget_s)
+    equal, so, to = _pause_until_in_step(source, target, pause_ms, start + OFFSETS_SHARE * budget_s, data,
+                                         "swap-after-pause")
     data.update(source_offset=so, target_offset=to)
     if not equal:
-        source.execute_command("CLIENT", "UNPAUSE")
         return Swap(False, f"the target did not reach the source's offset while writes were paused (source {so}, target "
                            f"{to}); nothing was changed: run advance again", data=data)
     target.execute_command("REPLICAOF", "NO", "ONE")
@@ -228,7 +239,6 @@ def _verify_or_fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis,
 def _fall_back(pb: Playbook, source: redis.Redis, target: redis.Redis, why: str, data: dict[str, Any],
                before: ReplStatus | None) -> Swap:
     """Detach the source again and check it still holds the data: the shims dual-write for the rollback window."""
-    from migrator.crash import crashpoint
 
     if read(source).is_replica:
         source.execute_command("REPLICAOF", "NO", "ONE")
@@ -267,7 +277,6 @@ def _reattach(pb: Playbook, target: redis.Redis, sh: str, sp: int, data: dict[st
 def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirror: MirrorMode,
              budget_s: float, pause_ms: int, target_down: str | None = None, accept_source: bool = False) -> Swap:
     """Make the source the primary again and the target its replica (or promote the source alone)."""
-    from migrator.crash import crashpoint
 
     start = time.monotonic()
     deadline = start + budget_s
@@ -319,14 +328,10 @@ def backward(pb: Playbook, source: redis.Redis, target: redis.Redis | None, mirr
         target.execute_command("REPLICAOF", sh, str(sp))
         s = read(source)
     if s.replicates(th, tp) and not t.is_replica:
-        data["paused_at"] = time.time()
-        target.execute_command("CLIENT", "PAUSE", str(pause_ms), "WRITE")
-        data["pause_limit_ms"] = pause_ms
-        crashpoint("back-after-pause")
-        equal, to, so = _offsets_equal(target, source, start + OFFSETS_SHARE * budget_s)
+        equal, to, so = _pause_until_in_step(target, source, pause_ms, start + OFFSETS_SHARE * budget_s, data,
+                                             "back-after-pause")
         data.update(source_offset=so, target_offset=to)
         if not equal:
-            target.execute_command("CLIENT", "UNPAUSE")
             return Swap(False, f"the source did not reach the target's offset while writes were paused (target {to}, "
                                f"source {so}); nothing was changed: run rollback again", data=data)
         # The target follows the source before the source is promoted: for a moment both are
