@@ -201,8 +201,19 @@ def test_shim_on_a_port_in_use_exits_2_with_one_line(server_factory, make_playbo
     src, dst = server_factory("redis-7.0"), server_factory("valkey-9.1")
     path = make_playbook(src, dst, **FAST)
     pb = load(path)
-    with socket.socket() as holder:
+    # The playbook's own ports were free when it was written, not reserved: the kernel may hand
+    # one of them to the holder, and then the shim fails on the other flag's port first.
+    own = {_addr(pb.shim.listen)[1], _addr(pb.shim.admin)[1]}
+    spares = []
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    while holder.getsockname()[1] in own:
+        spares.append(holder)
+        holder = socket.socket()
         holder.bind(("127.0.0.1", 0))
+    for spare in spares:
+        spare.close()
+    with holder:
         holder.listen()
         busy = f"127.0.0.1:{holder.getsockname()[1]}"
         env = {"PYTHONPATH": str(REPO)}
