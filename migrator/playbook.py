@@ -46,10 +46,67 @@ class TLSConfig(_Strict):
     server_name: str | None = None
 
 
-class Endpoint(_Strict):
-    """A Redis or Valkey server: ``redis://[user[:password]@]host[:port][/db]`` or ``rediss://``."""
+def _host_port(v: str) -> str:
+    """``host:port`` (IPv6 in brackets), the port in range; returned as given."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ValueError(f"{v!r} is not host:port")
+    return v
 
-    url: str
+
+class SentinelConfig(_Strict):
+    """A primary managed by Redis Sentinel: the sentinels to ask and the name they know it by.
+
+    ``password_env`` names the variable holding the *data nodes'* password (as the endpoint's
+    own ``password_env`` does); ``sentinel_password_env`` the sentinels' own, when they have one.
+    """
+
+    addresses: list[str] = Field(min_length=1)
+    master_name: str = Field(min_length=1)
+    username: str | None = None  # the data nodes' ACL user (the endpoint's username also works)
+    password_env: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password_env: str | None = None
+    # The sentinels themselves speak TLS (the data nodes' TLS is the endpoint's ``tls``).
+    sentinel_tls: bool = False
+
+    _password: str | None = PrivateAttr(default=None)
+    _sentinel_password: str | None = PrivateAttr(default=None)
+
+    @field_validator("addresses")
+    @classmethod
+    def _check_addresses(cls, v: list[str]) -> list[str]:
+        for a in v:
+            _host_port(a)
+        if len(set(v)) != len(v):
+            raise ValueError("an address is listed twice")
+        return v
+
+    @property
+    def password(self) -> str | None:
+        return self._password
+
+    @property
+    def sentinel_password(self) -> str | None:
+        return self._sentinel_password
+
+
+class Endpoint(_Strict):
+    """A Redis or Valkey deployment.
+
+    - standalone: ``url: redis://[user[:password]@]host[:port][/db]`` (or ``rediss://``);
+    - Redis Cluster: the same ``url`` naming any node, plus optional ``seeds: [host:port, ...]``
+      (the topology is read from the servers: ``cluster_enabled``);
+    - Sentinel-managed: no ``url`` but ``sentinel: {addresses, master_name, ...}``, with ``db``
+      and ``tls`` beside it (``tls`` present means the data nodes speak TLS).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+    url: str | None = None
+    sentinel: SentinelConfig | None = None
+    seeds: list[str] = Field(default_factory=list)
+    database: int | None = Field(None, alias="db", ge=0)
     username: str | None = None
     password_env: str | None = None
     tls: TLSConfig | None = None
@@ -60,7 +117,9 @@ class Endpoint(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _check_url(cls, v: str) -> str:
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             parts = urlsplit(v)
             port = parts.port
@@ -79,38 +138,80 @@ class Endpoint(_Strict):
             register_secret(unquote(parts.password))
         return v
 
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, v: list[str]) -> list[str]:
+        for a in v:
+            _host_port(a)
+        return v
+
     @model_validator(mode="after")
-    def _tls_only_with_rediss(self) -> "Endpoint":
-        if self.tls is not None and not self.use_tls:
-            raise ValueError("tls options given but the URL is not rediss://")
+    def _one_kind(self) -> "Endpoint":
+        if self.url is None and self.sentinel is None:
+            raise ValueError("give url (a server or any cluster node) or sentinel (a Sentinel-managed primary)")
+        if self.url is not None and self.sentinel is not None:
+            raise ValueError("give url or sentinel, not both: with sentinel, the sentinels say where the primary is")
+        if self.seeds and self.url is None:
+            raise ValueError("seeds go with url (cluster nodes), not with sentinel")
+        if self.url is not None:
+            if self.tls is not None and not self.use_tls:
+                raise ValueError("tls options given but the URL is not rediss://")
+            path = self._parts.path.strip("/")
+            if self.database is not None and path and int(path) != self.database:
+                raise ValueError(f"db {self.database} differs from the database in the URL ({path})")
         return self
 
     # Derived, password-free views -------------------------------------------------------
     @property
+    def kind(self) -> str:
+        """What the playbook says: "sentinel", or "server" (standalone or cluster: read from the server)."""
+        return "sentinel" if self.sentinel is not None else "server"
+
+    @property
     def _parts(self):
-        return urlsplit(self.url)
+        return urlsplit(self.url or "")
 
     @property
     def host(self) -> str:
+        """The URL's host. For a Sentinel endpoint, the primary as last resolved by
+        ``migrator.sentinel`` (``set_resolved``); before that, the first sentinel's host."""
+        if self.sentinel is not None:
+            return (self._resolved or _split(self.sentinel.addresses[0]))[0]
         return self._parts.hostname or "127.0.0.1"
 
     @property
     def port(self) -> int:
+        if self.sentinel is not None:
+            return (self._resolved or _split(self.sentinel.addresses[0]))[1]
         return self._parts.port or 6379
 
     @property
+    def _resolved(self) -> tuple[str, int] | None:
+        return getattr(self, "_resolved_primary", None)
+
+    def set_resolved(self, host: str, port: int) -> None:
+        """Record where a Sentinel endpoint's primary is now (``migrator.sentinel`` calls this)."""
+        object.__setattr__(self, "_resolved_primary", (host, int(port)))
+
+    @property
     def db(self) -> int:
+        if self.database is not None:
+            return self.database
         path = self._parts.path.strip("/")
         return int(path) if path else 0
 
     @property
     def use_tls(self) -> bool:
+        if self.sentinel is not None:
+            return self.tls is not None
         return self._parts.scheme == "rediss"
 
     @property
     def user(self) -> str | None:
         if self.username:
             return self.username
+        if self.sentinel is not None:
+            return self.sentinel.username
         u = self._parts.username
         return unquote(u) if u else None
 
@@ -118,17 +219,30 @@ class Endpoint(_Strict):
     def password(self) -> str | None:
         if self._password is not None:
             return self._password
+        if self.sentinel is not None:
+            return self.sentinel.password
         p = self._parts.password
         return unquote(p) if p else None
 
     @property
     def display(self) -> str:
-        """The URL with any password masked: safe to print, log and store."""
-        return redact_url(self.url)
+        """The URL with any password masked (for Sentinel: the sentinels and the master name)."""
+        if self.sentinel is not None:
+            scheme = "sentinel+tls" if self.use_tls else "sentinel"
+            return f"{scheme}://{','.join(self.sentinel.addresses)}/{self.sentinel.master_name}/{self.db}"
+        return redact_url(self.url or "")
 
     def identity(self) -> dict[str, Any]:
-        """What identifies the server (no secrets): used to notice endpoints changing mid-migration."""
+        """What identifies the deployment (no secrets): used to notice endpoints changing mid-migration."""
+        if self.sentinel is not None:
+            return {"sentinel": sorted(self.sentinel.addresses), "master_name": self.sentinel.master_name,
+                    "db": self.db, "tls": self.use_tls, "user": self.user}
         return {"host": self.host, "port": self.port, "db": self.db, "tls": self.use_tls, "user": self.user}
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 class ShimConfig(_Strict):
@@ -516,6 +630,18 @@ def loads(text: str, path: Path | str = "<playbook>", env: dict[str, str] | None
                 else:
                     register_secret(value)
                     ep._password = value
+            sen = ep.sentinel
+            for field, attr in (("password_env", "_password"), ("sentinel_password_env", "_sentinel_password")):
+                name = getattr(sen, field) if sen is not None else None
+                if not name:
+                    continue
+                value = env.get(name)
+                if value is None:
+                    line, col = _position(root, (section, "sentinel", field))
+                    problems.append((line, col, f"{section}.sentinel.{field}: environment variable {name} is not set"))
+                else:
+                    register_secret(value)
+                    setattr(sen, attr, value)
         if model.shim.password_env:
             value = env.get(model.shim.password_env)
             if value is None:

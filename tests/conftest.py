@@ -46,6 +46,44 @@ def server_factory():
         s.stop()
 
 
+@pytest.fixture
+def sentinel_factory():
+    """Start Sentinel groups (tests/topologies.py); every process is stopped afterwards."""
+    from tests import topologies
+
+    started: list[topologies.SentinelGroup] = []
+
+    def start(label: str, **kw) -> topologies.SentinelGroup:
+        if servers.find(label) is None:
+            pytest.skip(f"no {label} binary here")
+        g = topologies.start_sentinel_group(label, **kw)
+        started.append(g)
+        return g
+
+    yield start
+    for g in reversed(started):
+        g.stop()
+
+
+@pytest.fixture
+def cluster_factory():
+    """Start local clusters (tests/topologies.py); every node is stopped afterwards."""
+    from tests import topologies
+
+    started: list[topologies.LocalCluster] = []
+
+    def start(label: str, **kw) -> topologies.LocalCluster:
+        if servers.find(label) is None:
+            pytest.skip(f"no {label} binary here")
+        c = topologies.start_cluster(label, **kw)
+        started.append(c)
+        return c
+
+    yield start
+    for c in reversed(started):
+        c.stop()
+
+
 def _pair_ids(p):
     return f"{p[0]}->{p[1]}"
 

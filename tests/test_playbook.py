@@ -56,7 +56,11 @@ def test_every_error_is_reported_with_file_line_and_column(tmp_path):
 def test_missing_required_field_points_at_its_parent(tmp_path):
     """A missing field is reported where it should have been (its parent mapping)."""
     out = problems(tmp_path, "version: 1\nname: x\nsource: {url: 'redis://a:1'}\ntarget:\n  username: bob\n")
-    assert any(p.endswith(":4:1: target.url: Field required") for p in out), out
+    assert any(p.endswith(":4:1: target: give url (a server or any cluster node) or sentinel "
+                          "(a Sentinel-managed primary)") for p in out), out
+    out = problems(tmp_path, "version: 1\nname: x\nsource: {url: 'redis://a:1'}\ntarget:\n"
+                             "  sentinel:\n    addresses: ['h:26379']\n")
+    assert any(p.endswith(":5:3: target.sentinel.master_name: Field required") for p in out), out
 
 
 def test_yaml_syntax_error_has_position(tmp_path):
