@@ -35,3 +35,44 @@ def test_cluster_covers_every_slot_and_follows_a_migration_and_a_failover(cluste
     assert all(rc2.get(f"k{i}") == str(i).encode() for i in range(100))
     rc.close()
     rc2.close()
+
+
+def test_cluster_module_reads_the_topology_and_notices_a_migration(cluster_factory, tmp_path):
+    """migrator.cluster discovers every node from one seed, maps all slots and names the slots a reshard moved."""
+    from migrator import cluster
+    from migrator.playbook import Endpoint
+
+    c = cluster_factory("redis-7.0", primaries=3, replicas=1)
+    ep = Endpoint(url=c.url, seeds=c.seeds[1:3])
+    before = cluster.discover(ep)
+    assert len(before.primaries()) == 3 and not before.uncovered()
+    assert all(len(before.replicas_of(p)) == 1 for p in before.primaries())
+    slot = cluster.key_slot("k1")
+    owner = before.owner(slot)
+    assert (owner.host, owner.port) == (c.owner(slot).host, c.owner(slot).port)
+    dest = next(p for p in c.primaries() if p is not c.owner(slot))
+    c.migrate_slot(slot, dest)
+    c.wait_ok()
+    after = cluster.discover(ep)
+    assert after.signature() != before.signature()
+    assert before.moved_slots(after) == [(slot, slot)]
+    rc = cluster.cluster_client(ep)
+    try:
+        rc.set("k1", "v")
+        assert rc.get("k1") == b"v"
+    finally:
+        rc.close()
+
+
+def test_parse_nodes_reads_migrating_and_importing_markers():
+    """A slot in flight shows in both nodes' views, and a node without its own IP takes the one connected to."""
+    from migrator.cluster import parse_nodes
+
+    text = ("a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-100 [101->-b2]\n"
+            "b2 127.0.0.1:7001@17001 master - 0 0 2 connected 101-16383 [101-<-a1]\n"
+            "c3 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n")
+    t = parse_nodes(text)
+    assert t.migrating == {101: ("a1", "b2")} and t.importing == {101: ("a1", "b2")}
+    assert t.owner(101).id == "b2" and t.replicas_of("a1")[0].port == 7002 and not t.uncovered()
+    fresh = parse_nodes("z9 :0@0 myself,master - 0 0 0 connected\n", connected_to=("10.0.0.1", 6379))
+    assert fresh.nodes[0].address == "10.0.0.1:6379" and fresh.uncovered() == [(0, 16383)]
