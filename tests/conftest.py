@@ -116,7 +116,9 @@ def write_playbook(path: Path, source_url: str, target_url: str, /, **sections) 
         "mirror": {"strategy": "dual-write"},
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(doc.get(key), dict):
+        if key in ("source", "target"):  # a whole endpoint (a Sentinel or cluster mapping)
+            doc[key] = value
+        elif isinstance(value, dict) and isinstance(doc.get(key), dict):
             doc[key] = {**doc[key], **value}
         else:
             doc[key] = value
@@ -127,8 +129,12 @@ def write_playbook(path: Path, source_url: str, target_url: str, /, **sections) 
 @pytest.fixture
 def make_playbook(tmp_path):
     def make(source, target, /, **sections) -> Path:
-        s = source.url if hasattr(source, "url") else source
-        t = target.url if hasattr(target, "url") else target
+        # A SentinelGroup or LocalCluster (tests/topologies.py) gives its own endpoint mapping.
+        for role, side in (("source", source), ("target", target)):
+            if hasattr(side, "endpoint") and role not in sections:
+                sections[role] = side.endpoint()
+        s = source.url if hasattr(source, "url") else source if isinstance(source, str) else ""
+        t = target.url if hasattr(target, "url") else target if isinstance(target, str) else ""
         return write_playbook(tmp_path / "migrator.yaml", s, t, **sections)
 
     return make

@@ -76,3 +76,15 @@ def test_parse_nodes_reads_migrating_and_importing_markers():
     assert t.owner(101).id == "b2" and t.replicas_of("a1")[0].port == 7002 and not t.uncovered()
     fresh = parse_nodes("z9 :0@0 myself,master - 0 0 0 connected\n", connected_to=("10.0.0.1", 6379))
     assert fresh.nodes[0].address == "10.0.0.1:6379" and fresh.uncovered() == [(0, 16383)]
+
+
+def test_make_playbook_takes_topologies(sentinel_factory, cluster_factory, make_playbook):
+    """A SentinelGroup and a LocalCluster give make_playbook their own endpoint mappings, and they load."""
+    from migrator.playbook import load
+
+    g = sentinel_factory("redis-7.0", replicas=1, sentinels=3)
+    c = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    pb = load(make_playbook(g, c))
+    assert pb.source.kind == "sentinel" and pb.source.sentinel.addresses == g.addresses
+    assert pb.source.display == f"sentinel://{','.join(g.addresses)}/mymaster/0"
+    assert pb.target.url == c.url and pb.target.seeds == c.seeds[1:3]

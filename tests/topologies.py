@@ -53,6 +53,17 @@ class SentinelGroup:
         """The sentinels' ``host:port`` addresses, for the playbook's ``sentinel.addresses``."""
         return [f"{s.host}:{s.port}" for s in self.sentinels]
 
+    def endpoint(self, *, db: int = 0, password_env: str | None = None,
+                 sentinel_password_env: str | None = None) -> dict:
+        """The playbook's endpoint mapping for this group (passwords only by environment variable:
+        set them in the environment of whatever loads the playbook)."""
+        sen: dict = {"addresses": self.addresses, "master_name": self.master_name}
+        if password_env:
+            sen["password_env"] = password_env
+        if sentinel_password_env:
+            sen["sentinel_password_env"] = sentinel_password_env
+        return {"sentinel": sen, "db": db}
+
     def sentinel_client(self, i: int = 0) -> redis.Redis:
         s = self.sentinels[i]
         return redis.Redis(host=s.host, port=s.port, password=self.sentinel_password, decode_responses=True,
@@ -223,6 +234,10 @@ class LocalCluster:
         n = self.nodes[0]
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}{n.host}:{n.port}/0"
+
+    def endpoint(self) -> dict:
+        """The playbook's endpoint mapping: one node's URL and two more seeds."""
+        return {"url": self.url, "seeds": self.seeds[1:3]}
 
     def node_client(self, node: servers.RunningServer, **kw) -> redis.Redis:
         return redis.Redis(host=node.host, port=node.port, password=self.password, **kw)
@@ -407,6 +422,18 @@ def start_cluster(label: str, *, primaries: int = 3, replicas: int = 1, password
             return True
 
         _wait(replicas_online, timeout, "cluster replicas online", interval=0.1)
+
+        def every_view_has_the_replicas():  # gossip spreads the roles a moment after REPLICATE
+            for n in cl.nodes:
+                with contextlib.closing(cl.node_client(n, decode_responses=True)) as c:
+                    txt = c.execute_command("CLUSTER", "NODES")
+                    txt = txt if isinstance(txt, str) else txt.decode()
+                if sum(" slave " in f" {ln.split()[2].replace(',', ' ')} " for ln in txt.strip().splitlines()) \
+                        < primaries * replicas:
+                    return False
+            return True
+
+        _wait(every_view_has_the_replicas, timeout, "every node knows the replicas", interval=0.1)
         return cl
     except BaseException:
         cl.stop()
