@@ -549,7 +549,7 @@ def commands_check(probe) -> Check:
                          "on the target too",
                          "find the commands (the application's error logs) and give their keys one hash tag"))
     if unsafe and target_cluster:
-        listed = "; ".join(f"{n} ({executed[n]:,} calls): {why}" for n, why in sorted(unsafe.items()))
+        listed = "; ".join(f"{_calls([n], executed)}: {why}" for n, why in sorted(unsafe.items()))
         if source_cluster:
             passed.append(f"commands that act on one node, as on the source cluster: {listed}")
         else:
