@@ -147,7 +147,7 @@ class ClusterView:
 
 def _read_node(role: str, ep: Endpoint, node: ClusterNode) -> tuple[NodeProbe, ClusterTopology | None]:
     label = f"{role} node {node.address}"
-    if node.failed or not node.connected and "myself" not in node.flags:
+    if node.failed:  # the cluster itself gave up on it (a node that is only "disconnected" is still tried)
         return NodeProbe(node, None, error=f"marked {','.join(sorted(node.flags))} by the cluster"), None
     client = redis.Redis(**topo.node_kwargs(ep, node.host, node.port))
     side = Side(label, ep, client)
@@ -231,13 +231,14 @@ def nodes_check(probe) -> Check:
     described = []
     for role, view in sorted(probe.clusters.items(), reverse=True):
         prim = view.primaries()
+        primary_ids = {n.node.id for n in prim}
         replicas = [n for n in view.nodes if n.node.role == "replica"]
         versions: dict[str, list[str]] = {}
         rdb: dict[str, list[str]] = {}
         mods: dict[str, list[str]] = {}
         for n in view.nodes:
             if n.identity is None:
-                is_primary = n in prim
+                is_primary = n.node.id in primary_ids
                 problems.append((FAIL if is_primary else WARN,
                                  f"{role} {n.label} could not be read: {n.error}",
                                  f"bring {n.address} back or remove it from the cluster (CLUSTER FORGET)"

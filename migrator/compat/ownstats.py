@@ -119,8 +119,10 @@ def read_stats(client: Any) -> tuple[str, dict[str, int]]:
 
 
 @contextlib.contextmanager
-def recording(state_dir: Path | str, client: Any, names: frozenset[str] | None = DATA_COMMANDS) -> Iterator[None]:
-    """Around a sync or check: what it sends to the source (``names``) goes into the ledger.
+def recording(state_dir: Path | str, client: Any, names: frozenset[str] | None = DATA_COMMANDS,
+              node: str = "") -> Iterator[None]:
+    """Around a sync or check: what it sends to the source (``names``) goes into the ledger (of
+    cluster node ``node``, for a client of one node of a cluster source).
 
     A source that refuses INFO is left out silently: the pre-flight cannot read its statistics either.
     """
@@ -140,4 +142,4 @@ def recording(state_dir: Path | str, client: Any, names: frozenset[str] | None =
             pass
         else:
             if run_id_after == run_id:
-                record(state_dir, run_id, before, after, names)
+                record(state_dir, run_id, before, after, names, node)
