@@ -467,9 +467,9 @@ NOT_CLUSTER_SAFE: dict[str, str] = {
     "randomkey": "picks from one node only",
     "flushdb": "empties only the node it reaches",
     "flushall": "empties only the node it reaches",
-    "select": "a cluster has database 0 only",
-    "move": "a cluster has database 0 only",
-    "swapdb": "a cluster has database 0 only",
+    "select": "a cluster has database 0 only (Valkey 9.0+: as many as cluster-databases)",
+    "move": "a cluster has database 0 only (Valkey 9.0+: as many as cluster-databases)",
+    "swapdb": "a cluster has database 0 only (Valkey 9.0+: as many as cluster-databases)",
     "script|load": "loads the script on one node only: EVALSHA answers NOSCRIPT on the others",
     "function|load": "loads the library on one node only",
     "wait": "waits for the replicas of one shard only",
@@ -539,11 +539,6 @@ def commands_check(probe) -> Check:
                              "unless all its keys hash to one slot",
                              "give keys used together one hash tag ({user42}:cart, {user42}:profile) before the "
                              "cutover; during mirroring the shim counts the commands that would fail with CROSSSLOT"))
-        db_keys = sorted(d.db for d in probe.source_keys.dbs.values() if d.user_keys and d.db != 0)
-        if db_keys:
-            problems.append((FAIL, f"the source has keys in database{'s' if len(db_keys) != 1 else ''} "
-                             f"{', '.join(map(str, db_keys))}; a cluster target has database 0 only",
-                             "move the data into database 0 (under distinct key prefixes) before migrating"))
     if crossslot:
         problems.append((WARN, f"the source answered CROSSSLOT {crossslot:,} time{'s' if crossslot != 1 else ''} "
                          "(INFO errorstats): the application already sends commands across slots, and they fail "

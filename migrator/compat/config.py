@@ -212,8 +212,15 @@ def config_check(probe: Probe) -> Check:
                      "compare maxmemory, maxmemory-policy, databases, notify-keyspace-events, timeout, persistence, "
                      "output buffer limits and proto-max-bulk-len in the provider's console", {"unavailable": str(e)})
     s, t = _aliases(s), _aliases(t)
+    # In cluster mode only database 0 exists, or cluster-databases of them (Valkey 9.0+).
+    s, t = (({**conf, "databases": conf.get("cluster-databases", "1")} if role in probe.clusters else conf)
+            for role, conf in (("source", s), ("target", t)))
     highest = max(probe.source_keys.dbs, default=0)
     findings = [cmp(s, t, probe.source_keys.used_memory, highest) for cmp in COMPARISONS]
+    if "target" in probe.clusters and findings[2].status != PASS:
+        findings[2].note += " (in cluster mode: cluster-databases, which only Valkey 9.0+ has)"
+        findings[2].fix = (f"set cluster-databases {max(int(s['databases'] or 1), highest + 1)} on every target node "
+                           "(Valkey 9.0+; needs a restart), or move the data into database 0 first")
     if "target" in probe.clusters:  # each target shard holds a share: compared per shard in cluster.memory
         findings[0] = Finding("maxmemory", s.get("maxmemory", "?"), t.get("maxmemory", "?"), PASS,
                               "compared per target shard (Memory per target shard)")

@@ -112,7 +112,8 @@ def cluster_topology_check(source: Identity, target: Identity, modes: dict) -> C
     if target.mode == "cluster":
         return Check("topology", "Topology", WARN, "the source is one server and the target a cluster: after "
                      "the cutover the application needs a cluster-aware client, keys used together in one command "
-                     "must share a hash slot, and only database 0 exists (see Multi-key commands and slots)",
+                     "must share a hash slot, and only database 0 exists unless the target sets cluster-databases (Valkey 9.0+) "
+                     "(see Multi-key commands and slots)",
                      "switch the application to a cluster client and give keys used together one hash tag "
                      "({user42}:cart) before the read cutover; mirroring counts the commands that would fail "
                      "with CROSSSLOT on the target", modes)
