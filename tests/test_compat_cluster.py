@@ -86,6 +86,13 @@ def test_redis70_cluster_to_valkey91_cluster_with_more_shards_passes_from_the_cl
     assert "## Cluster nodes" in md and "## Memory per target shard" in md and md.count("| redis 7.0.15 |") == 6
     assert "<h2>Cluster nodes</h2>" in page and page.count("<td>valkey 9.1.2</td>") == 8
 
+    # A second run does not take the first run's own calls (MEMORY USAGE, DUMP, SCAN...) for the application's.
+    again = compat.run(playbook.load(path), write_report=False)
+    assert "memory|usage" not in again.check("commands.behaviour").data["differences"]
+    left_out = again.check("commands.missing").data["migrator_calls_left_out"]
+    assert left_out.get("memory|usage", 0) > 0 and left_out.get("cluster|countkeysinslot", 0) >= 16384
+    assert again.check("commands.missing").data["executed"]["mget"] == 3
+
     plan = run_cli("plan", playbook=path)
     assert plan.returncode == 0, plan.stderr
     assert "compatibility report" in plan.stdout
@@ -234,3 +241,25 @@ def test_cluster_node_with_no_slots_fails_coverage_and_skips_writes(server_facto
     slots = result.check("cluster.slots")
     assert slots.status == FAIL and "16384 slots no live primary owns: 0-16383" in slots.evidence
     assert result.check("data.format").status == UNKNOWN and "skipped" in result.check("data.format").evidence
+
+
+def test_nodes_check_names_mixed_versions_and_a_primary_that_cannot_be_read():
+    """Nodes of one side on different versions warn naming each node; a primary that does not answer fails naming it."""
+    from types import SimpleNamespace
+
+    from migrator.compat.cluster import nodes_check
+    from migrator.compat.identify import Identity
+
+    t = parse_nodes("a 10.0.0.1:7000@17000 master - 0 0 1 connected 0-8191\n"
+                    "b 10.0.0.2:7000@17000 master - 0 0 2 connected 8192-16383\n"
+                    "c 10.0.0.3:7000@17000 slave a 0 0 1 connected\n")
+    ident = {v: Identity("redis", v, "cluster", "master", v) for v in ("7.0.15", "7.2.4")}
+    nodes = [NodeProbe(t.nodes[0], None, ident["7.0.15"], modules=[]),
+             NodeProbe(t.nodes[1], None, error="connection refused"),
+             NodeProbe(t.nodes[2], None, ident["7.2.4"], modules=[])]
+    probe = SimpleNamespace(clusters={"source": ClusterView("source", None, t, nodes)}, facts={})
+    check = nodes_check(probe)
+    assert check.status == FAIL
+    assert "source 10.0.0.2:7000 (primary) could not be read: connection refused" in check.evidence
+    assert "the source's nodes run different versions: redis 7.0.15 on 10.0.0.1:7000; redis 7.2.4 on 10.0.0.3:7000" \
+        in check.evidence
