@@ -195,7 +195,18 @@ def gather(role: str, side: Side) -> ClusterView:
             seen.importing.setdefault(slot, move)
         if _owners(view) != mine:
             disagreeing.append(node.address)
-    return ClusterView(role, side.endpoint, seen, nodes, disagreeing)
+    return ClusterView(role, side.endpoint, seen, _in_shard_order(nodes), disagreeing)
+
+
+def _in_shard_order(nodes: list[NodeProbe]) -> list[NodeProbe]:
+    """Primaries in slot order, each followed by its replicas; then any node that fits nowhere."""
+    primaries = sorted((n for n in nodes if n.node.role == "primary" and n.node.slots), key=lambda n: n.node.slots[0])
+    out: list[NodeProbe] = []
+    for p in primaries:
+        out.append(p)
+        out += [n for n in nodes if n.node.primary_id == p.node.id]
+    placed = {id(n) for n in out}
+    return out + [n for n in nodes if id(n) not in placed]
 
 
 def _owners(t: ClusterTopology) -> tuple:
