@@ -263,3 +263,15 @@ def test_nodes_check_names_mixed_versions_and_a_primary_that_cannot_be_read():
     assert "source 10.0.0.2:7000 (primary) could not be read: connection refused" in check.evidence
     assert "the source's nodes run different versions: redis 7.0.15 on 10.0.0.1:7000; redis 7.2.4 on 10.0.0.3:7000" \
         in check.evidence
+
+
+def test_no_cluster_node_or_seed_answering_exits_3_naming_them(make_playbook):
+    """When neither the playbook's node nor any seed answers, migrator compat exits 3 with one line naming the seeds tried."""
+    dead = [servers.free_port() for _ in range(4)]
+    path = make_playbook(f"redis://127.0.0.1:{dead[0]}/0", f"redis://127.0.0.1:{dead[3]}/0",
+                         source={"url": f"redis://127.0.0.1:{dead[0]}/0",
+                                 "seeds": [f"127.0.0.1:{dead[1]}", f"127.0.0.1:{dead[2]}"]})
+    out = run_cli("compat", playbook=path)
+    assert out.returncode == 3 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith(f"FAILED: source redis://127.0.0.1:{dead[0]}/0: cannot connect")
+    assert f"no seed answered either (127.0.0.1:{dead[1]}, 127.0.0.1:{dead[2]})" in out.stderr

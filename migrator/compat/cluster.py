@@ -52,14 +52,16 @@ def open_side(role: str, endpoint: Endpoint) -> Side:
     except UnreachableError as first:
         if not endpoint.seeds or endpoint.kind == "sentinel":
             raise
-        for host, port in topo.seed_addresses(endpoint)[1:]:
+        seeds = topo.seed_addresses(endpoint)[1:]
+        for host, port in seeds:
             c = redis.Redis(**topo.node_kwargs(endpoint, host, port))
             try:
                 c.ping()
-                return Side(role, endpoint, c)
+                return NodeSide(role, endpoint, c)
             except (redis.exceptions.RedisError, OSError):
                 c.close()
-        raise first from None
+        tried = ", ".join(f"{h}:{p}" for h, p in seeds)
+        raise UnreachableError(f"{first}; no seed answered either ({tried})") from None
 
 
 def side_is_cluster(side: Side) -> bool:
@@ -68,6 +70,18 @@ def side_is_cluster(side: Side) -> bool:
         return side.guard("INFO cluster", lambda: topo.is_cluster(side.client))
     except Unavailable:
         return False
+
+
+class NodeSide(Side):
+    """A Side on one node of a cluster: other databases (Valkey 9 ``cluster-databases``) on that same node."""
+
+    def on_db(self, db: int) -> redis.Redis:
+        if db == 0:
+            return self.client
+        if db not in self._by_db:
+            kw = self.client.connection_pool.connection_kwargs
+            self._by_db[db] = redis.Redis(**{**topo.node_kwargs(self.endpoint, kw["host"], kw["port"]), "db": db})
+        return self._by_db[db]
 
 
 @dataclass
@@ -150,7 +164,7 @@ def _read_node(role: str, ep: Endpoint, node: ClusterNode) -> tuple[NodeProbe, C
     if node.failed:  # the cluster itself gave up on it (a node that is only "disconnected" is still tried)
         return NodeProbe(node, None, error=f"marked {','.join(sorted(node.flags))} by the cluster"), None
     client = redis.Redis(**topo.node_kwargs(ep, node.host, node.port))
-    side = Side(label, ep, client)
+    side = NodeSide(label, ep, client)
     probe = NodeProbe(node, side)
     try:
         server = side.call("INFO", "server")
@@ -170,7 +184,7 @@ def _read_node(role: str, ep: Endpoint, node: ClusterNode) -> tuple[NodeProbe, C
         with contextlib.suppress(Unavailable, redis.exceptions.ResponseError):
             view = side.guard("CLUSTER NODES", lambda: topo.read_topology(client, connected_to=(node.host, node.port)))
         return probe, view
-    except UnreachableError as e:
+    except (UnreachableError, redis.exceptions.ResponseError) as e:  # down, or e.g. LOADING
         side.close()
         return NodeProbe(node, None, error=str(e).split(": ", 1)[-1]), None
 
