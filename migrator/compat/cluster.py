@@ -278,8 +278,8 @@ def nodes_check(probe) -> Check:
         if len(versions) > 1:
             problems.append((WARN, f"the {role}'s nodes run different versions: "
                              + "; ".join(f"{v} on {', '.join(a)}" for v, a in sorted(versions.items())),
-                             f"finish upgrading the {role} cluster so every node runs one version (the checks use "
-                             "the playbook's node's version for the whole side)"))
+                             f"finish upgrading the {role} cluster so every node runs one version (the command, "
+                             "configuration and data-format checks ran against one node of it)"))
         known = {k: v for k, v in mods.items() if k != "?"}
         if len(known) > 1:
             problems.append((WARN, f"the {role}'s nodes load different modules: "
@@ -387,6 +387,9 @@ def source_bytes_per_slot(probe) -> tuple[dict[int, float], str]:
     sampled = [k for d in keys.dbs.values() for k in d.sampled]
     total = sum(d.estimated_memory or 0 for d in keys.dbs.values()) or _dataset(keys.used_memory, {})
     if not sampled:
+        if keys.user_keys:  # keys exist but SCAN was refused: nothing to spread over the slots
+            raise Unavailable("source", "SCAN", next((d.unsampled for d in keys.dbs.values() if d.unsampled),
+                                                     "no key could be sampled"))
         return out, "the source is empty"
     share = total / len(sampled)
     for k in sampled:
