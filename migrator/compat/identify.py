@@ -83,7 +83,8 @@ def topology_check(source: Identity, target: Identity, source_address: str | Non
     for role, ident in (("source", source), ("target", target)):
         if ident.mode not in ("standalone", "cluster"):  # a cluster is read node by node (compat.cluster)
             problems.append(f"the {role} runs in {ident.mode} mode")
-            fixes.append(f"point the {role} URL at the data node, not at sentinel")
+            fixes.append(f"migrate the {role}'s shards one standalone node at a time, or use a cluster-aware tool"
+                         if ident.mode == "cluster" else f"point the {role} URL at the data node, not at sentinel")
     if target.role != "master" and not own_mirror and target.mode != "cluster":
         problems.append("the target is a replica (read-only), so nothing can be written to it")
         fixes.append("run REPLICAOF NO ONE on the target, or point the target URL at its primary")

@@ -13,10 +13,10 @@ from typing import Callable
 import redis
 
 from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
-from migrator.compat import cluster as cluster_checks
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
 from migrator.compat import report as report_files
+from migrator.compat import cluster as cluster_checks
 from migrator.compat.rpc import Unavailable, first_line
 from migrator import replication
 from migrator.errors import RefusedError
