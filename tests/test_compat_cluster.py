@@ -275,3 +275,18 @@ def test_no_cluster_node_or_seed_answering_exits_3_naming_them(make_playbook):
     assert out.returncode == 3 and out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.startswith(f"FAILED: source redis://127.0.0.1:{dead[0]}/0: cannot connect")
     assert f"no seed answered either (127.0.0.1:{dead[1]}, 127.0.0.1:{dead[2]})" in out.stderr
+
+
+def test_topology_check_allows_cluster_pairs_and_still_refuses_a_replica_target():
+    """Cluster↔cluster passes (even from a replica seed), standalone↔cluster warns, a read-only standalone target of a cluster fails."""
+    from migrator.compat.identify import Identity, topology_check
+
+    def ident(mode: str, role: str = "master") -> Identity:
+        return Identity("valkey", "9.1.2", mode, role, "7.2.4")
+
+    assert topology_check(ident("cluster"), ident("cluster", "slave")).status == PASS
+    assert topology_check(ident("standalone"), ident("cluster")).status == WARN
+    assert topology_check(ident("cluster"), ident("standalone")).status == WARN
+    replica = topology_check(ident("cluster"), ident("standalone", "slave"))
+    assert replica.status == FAIL and "replica (read-only)" in replica.evidence
+    assert topology_check(ident("sentinel"), ident("cluster")).status == FAIL
