@@ -51,8 +51,9 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("tests", suite.TITLE, suite.tests_check, "run the application's tests against a Valkey of the target's version"),
 )
 
-# Checks that write (canaries, test data) are skipped when the topology is wrong: a cluster
-# answers MOVED and a replica refuses writes, which would only add noise.
+# Checks that write (canaries, test data) are skipped when the topology is wrong: a replica
+# refuses writes and a cluster slot nobody owns answers CLUSTERDOWN, which would only add noise.
+# (On a healthy cluster they write to the primary owning their slot.)
 _WRITES = frozenset({"data.format", "tests"})
 
 
