@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import redis
@@ -13,6 +14,7 @@ from migrator.compat.canary import CANARY_PREFIX
 from migrator.compat.cluster import ClusterView, NodeProbe, project
 from migrator.compat.model import FAIL, PASS, UNKNOWN, WARN
 from tests.helpers import run_cli
+from tests.test_compat import APP_TEST
 
 
 def load(cluster, n: int, *, size: int = 100, tag: str = "") -> None:
@@ -98,16 +100,25 @@ def test_redis70_cluster_to_valkey91_cluster_with_more_shards_passes_from_the_cl
     assert "compatibility report" in plan.stdout
 
 
-def test_redis70_cluster_to_valkey81_cluster_with_more_shards_passes(cluster_factory, make_playbook):
+def test_redis70_cluster_to_valkey81_cluster_with_more_shards_passes(cluster_factory, make_playbook, tmp_path):
     """Redis 7.0 3x1 → Valkey 8.1 4x1 with passwords passes when the playbook's node is down but a seed answers;
-    canaries are routed to the slot owners on both sides and removed."""
+    canaries are routed to the slot owners on both sides and removed; the app's tests run on a local scratch Valkey
+    seeded from every source primary."""
     source = cluster_factory("redis-7.0", password="src-secret")
     target = cluster_factory("valkey-8.1", primaries=4, password="src-secret")
     load(source, 100)
     down = f"redis://:src-secret@127.0.0.1:{servers.free_port()}/0"  # nothing listens there
-    _pb, result = run(make_playbook, source, target, source={"url": down, "seeds": source.seeds[:2]})
+    script = tmp_path / "app_test.py"
+    script.write_text(APP_TEST)
+    _pb, result = run(make_playbook, source, target, source={"url": down, "seeds": source.seeds[:2]},
+                      steps={"compatibility": {"test_command": [sys.executable, str(script)], "scratch": "local",
+                                               "scratch_seed": 30}})
     assert result.verdict != "fail", not_passed(result)
     assert len(result.check("cluster.nodes").data["source"]["nodes"]) == 6
+    # The scratch Valkey was seeded with keys read from whichever source primary holds each one.
+    tests = result.check("tests")
+    assert tests.status == PASS and tests.data["seed"]["copied"] == 30, tests.evidence
+    assert "dbsize 31" in tests.data["run"]["tail"]  # the 30 seeded keys and the test's own
     assert all(result.check(n).status == PASS for n in (
         "cluster.nodes", "cluster.slots", "cluster.replicas", "cluster.memory", "data.format")), not_passed(result)
     fmt = result.check("data.format")
@@ -181,7 +192,9 @@ def test_standalone_source_to_cluster_target_names_cross_slot_commands(server_fa
     c.mget("k1", "k2")
     c.keys("k*")
     source.client(db=1).set("other", "1")
-    _pb, result = run(make_playbook, source, target)
+    _pb, result = run(make_playbook, source, target, steps={"compatibility": {"test_command": "true"}})
+    tests = result.check("tests")
+    assert tests.status == UNKNOWN and "the target is a cluster" in tests.evidence and "scratch" in tests.remediation
     topology = result.check("topology")
     assert topology.status == WARN and "cluster-aware client" in topology.evidence
     cmds = result.check("cluster.commands")
