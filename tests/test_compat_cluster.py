@@ -129,8 +129,9 @@ def test_redis70_cluster_to_valkey81_cluster_with_more_shards_passes(cluster_fac
 
 def test_cluster_faults_are_named(cluster_factory, make_playbook):
     """An uncovered target slot and a slot left MIGRATING on a source primary fail by number, shards without a
-    replica warn by address, a small maxmemory on one target shard fails naming it, and the multi-key command
-    and the CROSSSLOT errors the application caused are named."""
+    replica warn by address, a small maxmemory on one target shard fails naming it, the multi-key command
+    and the CROSSSLOT errors the application caused are named, and a function library missing on some target
+    primaries fails naming them."""
     source = cluster_factory("redis-7.0", primaries=3, replicas=0)
     target = cluster_factory("valkey-9.1", primaries=4, replicas=1)
     load(source, 6000, size=1000)
@@ -152,6 +153,12 @@ def test_cluster_faults_are_named(cluster_factory, make_playbook):
     # Slot 100 unassigned on every target node.
     for n in target.nodes:
         target.node_client(n).execute_command("CLUSTER", "DELSLOTS", 100)
+    # A function library on every source primary, loaded on only two of the four target primaries.
+    lib = "#!lua name=applib\nredis.register_function('one', function() return 1 end)"
+    for p in source.primaries():
+        source.node_client(p).function_load(lib)
+    for p in target.primaries()[:2]:
+        target.node_client(p).function_load(lib)
     # One target shard with room for less than its share of the source's data.
     small = target.primaries()[1]
     used = int(target.node_client(small).info("memory")["used_memory"])
@@ -175,6 +182,9 @@ def test_cluster_faults_are_named(cluster_factory, make_playbook):
     cmds = result.check("cluster.commands")
     assert cmds.status == WARN and "mset (1 call)" in cmds.evidence
     assert "CROSSSLOT 1 time" in cmds.evidence and cmds.data["crossslot_errors"] == 1
+    functions = result.check("functions")
+    lacking = [f"127.0.0.1:{p.port}" for p in target.primaries()[2:]]
+    assert functions.status == FAIL and f"applib is missing or different on {', '.join(lacking)}" in functions.evidence
     # A write could meet the unowned slot: the writing checks are skipped, saying why.
     fmt = result.check("data.format")
     assert fmt.status == UNKNOWN and "cluster slot coverage check failed" in fmt.evidence
