@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from migrator.connect import client_kwargs
+from migrator.connect import make_client
 from migrator.playbook import Endpoint, Playbook
 from migrator.state import iso, now, parse_iso
 
@@ -76,8 +76,7 @@ def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
     not the client library's default of ten.
     """
     t = timeout if timeout is not None else ep.connect_timeout.total_seconds()
-    kw = {**client_kwargs(ep), "socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
-    c = redis.Redis(**kw)
+    c = make_client(ep, socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0))
     try:
         info = c.info("server")
         keyspace = c.info("keyspace")

@@ -84,7 +84,8 @@ def topology_check(source: Identity, target: Identity, source_address: str | Non
         if ident.mode != "standalone":
             problems.append(f"the {role} runs in {ident.mode} mode")
             fixes.append(f"migrate the {role}'s shards one standalone node at a time, or use a cluster-aware tool"
-                         if ident.mode == "cluster" else f"point the {role} URL at the data node, not at sentinel")
+                         if ident.mode == "cluster" else f"the {role} URL points at a sentinel: use `sentinel:` in the playbook "
+                         "(addresses and master_name, docs/topologies.md) so the primary is found and followed")
     if target.role != "master" and not own_mirror:
         problems.append("the target is a replica (read-only), so nothing can be written to it")
         fixes.append("run REPLICAOF NO ONE on the target, or point the target URL at its primary")
