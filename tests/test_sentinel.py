@@ -139,3 +139,142 @@ def test_make_client_is_lazy_and_fails_as_unreachable(tmp_path):
     with pytest.raises(redis.exceptions.ConnectionError):
         c.ping()
     c.close()
+
+
+# --- the shim ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shim_env(make_playbook):
+    """Like ``make_env``, but the source/target endpoint mappings may be given (Sentinel endpoints with passwords)."""
+    from tests.test_shim_e2e import ShimEnv
+
+    made: list = []
+
+    def make(source, target, /, **sections):
+        env = ShimEnv(source, target, make_playbook(source, target, **sections))
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()
+
+
+def test_shim_follows_a_source_failover_during_mirroring(sentinel_factory, server_factory, shim_env, monkeypatch):
+    """Through the shim in mirroring, SENTINEL FAILOVER of the source: writes go to the new primary, connections to the old one are closed, never a wrong answer."""
+    g = sentinel_factory("redis-7.0", password=PASSWORD, config={"min-replicas-to-write": "1", "min-replicas-max-lag": "10"})
+    tgt = server_factory("valkey-9.1")
+    monkeypatch.setenv("S14_DATA_PW", PASSWORD)
+    env = shim_env(g, tgt, source=g.endpoint(password_env="S14_DATA_PW"))
+    env.walk_to(Phase.MIRRORING)
+    c = env.client(retry=None)
+    assert c.set("pre", "x")
+    old = g.primary_address()
+    acked: list[int] = []
+    wrong: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        w = env.client()
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                w.set(f"w:{i}", i)
+                got = w.get(f"w:{i}")
+                if got != str(i).encode():
+                    wrong.append(f"w:{i} read back {got!r}")
+                acked.append(i)
+            except redis.exceptions.RedisError as e:
+                errors.append(type(e).__name__ + ": " + str(e)[:60])
+            time.sleep(0.005)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        new = g.failover()
+        switched = wait_for(lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]["switches"],
+                            timeout=15, what="the shim to see the switch")
+        followed = time.monotonic() - started
+        n = len(acked)
+        wait_for(lambda: len(acked) > n + 20, timeout=30, what="writes through the shim after the failover")
+    finally:
+        stop.set()
+        t.join(30)
+    assert new != old and switched[0]["new"] == f"{new[0]}:{new[1]}"
+    assert wrong == []
+    # Every error is one a client of a failing-over Redis sees itself (no primary with a replica, closed connection).
+    assert all("NOREPLICAS" in e or "ConnectionError" in e or "READONLY" in e for e in errors), errors[:5]
+    with contextlib.closing(g.node(new).client()) as nc, contextlib.closing(tgt.client()) as tc:
+        missing_src = [i for i in acked if nc.get(f"w:{i}") != str(i).encode()]
+        missing_tgt = [i for i in acked if tc.get(f"w:{i}") != str(i).encode()]
+    assert missing_src == [] and missing_tgt == [], (missing_src[:5], missing_tgt[:5])
+    st = env.thread.call(lambda: env.thread.shim.status())
+    assert st["sentinel"]["source"]["primary"] == f"{new[0]}:{new[1]}"
+    # What could differ is on record: the new primary's run_id marks the source's databases dirty
+    # (a full sync is due), and writes the source refused while the target applied them are divergences.
+    assert st["dirty_marked"].get("source-restarted", 0) >= 1, st["dirty_marked"]
+    assert st["sides"]["source"]["restarts"], st["sides"]["source"]
+    assert followed < 15
+    print(f"acked={len(acked)} errors={len(errors)} followed_in={followed:.2f}s")
+
+
+# --- sync and check ---------------------------------------------------------------------------
+
+
+def _seed(client: redis.Redis, n: int, prefix: str = "seed:") -> None:
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        pipe.hset(f"{prefix}{i}", mapping={"a": i, "b": "x" * 64})
+        if i % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+
+
+def _failover_during(g, cmd_args: list[str], path: Path, env: dict, after: float = 0.4):
+    """Run a CLI command, fail the group over ``after`` seconds in; (its result, the new primary)."""
+    from tests.helpers import start_cli
+
+    proc = start_cli(*cmd_args, playbook=path, env=env)
+    time.sleep(after)
+    assert proc.poll() is None, "finished before the failover: seed more keys"
+    new = g.failover()
+    switched_at = time.time()
+    assert proc.poll() is None, "finished before the failover completed: seed more keys or lower the rate"
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), new, switched_at
+
+
+def test_sync_and_check_follow_a_source_failover_mid_copy(sentinel_factory, server_factory, make_playbook):
+    """sync and check running while the source fails over finish against the new primary (no crash), and the target then equals the source."""
+    g = sentinel_factory("redis-7.0", password=PASSWORD)
+    tgt = server_factory("valkey-9.1")
+    with contextlib.closing(g.client()) as c:
+        _seed(c, 15000)
+    env = {"S14_DATA_PW": PASSWORD}
+    # 6000 keys/s: the copy takes about 2.5 s, and the failover (about 1 s) happens in its middle.
+    path = make_playbook(g, tgt, source=g.endpoint(password_env="S14_DATA_PW"), sync={"rate": 6000})
+    old = g.primary_address()
+    t = time.monotonic()
+    res, new, _ = _failover_during(g, ["sync", "--output", "json"], path, env, after=1.0)
+    sync_s = time.monotonic() - t
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["complete"] is True and new != old
+    assert "sync.source_changed" in res.stderr
+    assert PASSWORD not in res.stdout + res.stderr
+    with contextlib.closing(tgt.client()) as tc:
+        assert tc.dbsize() == 15000
+    res, newer, _ = _failover_during(g, ["check", "--full", "--rate", "6000", "--output", "json"], path, env, after=1.0)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert PASSWORD not in res.stdout + res.stderr
+    assert newer != new
+    checked = json.loads(res.stdout)
+    # Every key walked on the primary of now (a SCAN cursor is not carried to another server).
+    assert checked["checked"] == 15000 and checked["mismatches"] == [], {k: checked[k] for k in ("checked", "summary")}
+    assert "check.source_changed" in res.stderr
+    print(f"sync across a failover: {sync_s:.1f}s", {k: v for k, v in out.items() if "at" in k or k in ("keys", "resumed", "duration_s")})
