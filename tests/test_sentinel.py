@@ -278,3 +278,122 @@ def test_sync_and_check_follow_a_source_failover_mid_copy(sentinel_factory, serv
     assert checked["checked"] == 15000 and checked["mismatches"] == [], {k: checked[k] for k in ("checked", "summary")}
     assert "check.source_changed" in res.stderr
     print(f"sync across a failover: {sync_s:.1f}s", {k: v for k, v in out.items() if "at" in k or k in ("keys", "resumed", "duration_s")})
+
+
+# --- the playbook -----------------------------------------------------------------------------
+
+
+def _problems(tmp_path, text: str, env: dict | None = None) -> list[str]:
+    p = tmp_path / "pb.yaml"
+    p.write_text(text)
+    with pytest.raises(PlaybookError) as e:
+        playbook.load(p, env=env or {})
+    assert e.value.exit_code == 2
+    return e.value.problems
+
+
+HEAD = "version: 1\nname: x\ntarget: {url: 'redis://t:1'}\n"
+
+
+def test_playbook_sentinel_endpoint_loads_with_passwords_from_the_environment(tmp_path):
+    """A sentinel: endpoint loads with db, tls and both passwords from the environment, and its display names no secret."""
+    p = tmp_path / "pb.yaml"
+    p.write_text(HEAD + "source:\n  sentinel:\n    addresses: ['10.0.0.1:26379', '[::1]:26380']\n"
+                 "    master_name: orders\n    password_env: DATA_PW\n    sentinel_password_env: SEN_PW\n"
+                 "  db: 3\n")
+    pb = playbook.load(p, env={"DATA_PW": "data-secret-1", "SEN_PW": "sentinel-secret-2"})
+    ep = pb.source
+    assert ep.kind == "sentinel" and ep.db == 3 and ep.password == "data-secret-1"
+    assert ep.sentinel.sentinel_password == "sentinel-secret-2"
+    assert ep.display == "sentinel://10.0.0.1:26379,[::1]:26380/orders/3"
+    from migrator.redact import redact
+
+    assert redact("x data-secret-1 y sentinel-secret-2") == "x *** y ***"
+
+
+def test_playbook_sentinel_validation_errors_have_file_and_line(tmp_path):
+    """Bad sentinel addresses, url with sentinel, seeds with sentinel and unset password variables are each one file:line problem."""
+    path = str(tmp_path / "pb.yaml")
+    out = _problems(tmp_path, HEAD + "source:\n  sentinel:\n    addresses: ['nohost', 'h:99999']\n"
+                                     "    master_name: m\n")
+    assert any(p.startswith(f"{path}:6:17: source.sentinel.addresses[0]: ") and "'nohost' is not host:port" in p
+               for p in out), out
+    assert any(p.startswith(f"{path}:6:27: source.sentinel.addresses[1]: ") and "'h:99999' is not host:port" in p
+               for p in out), out
+    out = _problems(tmp_path, HEAD + "source:\n  url: redis://a:1\n  sentinel: {addresses: ['h:1'], master_name: m}\n")
+    assert any(p.startswith(f"{path}:4:1: source: ") and "give url or sentinel, not both" in p for p in out), out
+    out = _problems(tmp_path, HEAD + "source:\n  sentinel: {addresses: ['h:1'], master_name: m}\n  seeds: ['h:2']\n")
+    assert any(p.startswith(f"{path}:4:1: source: ") and "seeds go with url" in p for p in out), out
+    out = _problems(tmp_path, HEAD + "source:\n  sentinel:\n    addresses: ['h:1']\n    master_name: m\n"
+                                     "    password_env: NOPE_DATA\n    sentinel_password_env: NOPE_SEN\n")
+    assert f"{path}:8:19: source.sentinel.password_env: environment variable NOPE_DATA is not set" in out, out
+    assert f"{path}:9:28: source.sentinel.sentinel_password_env: environment variable NOPE_SEN is not set" in out, out
+    out = _problems(tmp_path, HEAD + "source:\n  sentinel: {addresses: ['h:1', 'h:1'], master_name: m}\n")
+    assert any("source.sentinel.addresses: " in p and "listed twice" in p for p in out), out
+
+
+# --- the pre-flight ---------------------------------------------------------------------------
+
+
+def _compat(path: Path, env: dict) -> tuple[subprocess.CompletedProcess, dict]:
+    out = run_cli("compat", "--output", "json", playbook=path, env=env, timeout=300)
+    assert out.returncode in (0, 1), out.stdout[-2000:] + out.stderr[-2000:]
+    return out, json.loads(out.stdout)
+
+
+def _check(report: dict, name: str) -> dict:
+    return next(c for c in report["checks"] if c["name"] == name)
+
+
+def test_compat_reports_quorum_replicas_and_min_replicas(sentinel_factory, make_playbook, tmp_path):
+    """The pre-flight of Sentinel source and target reports sentinels, quorum, replicas with lag and min-replicas-to-write, and passes identification."""
+    src = sentinel_factory("redis-7.0", password=PASSWORD, config={"min-replicas-to-write": "1", "min-replicas-max-lag": "10"})
+    tgt = sentinel_factory("valkey-9.1", master_name="valkeymaster", config={"min-replicas-to-write": "1"})
+    env = {"S14_DATA_PW": PASSWORD}
+    path = make_playbook(src, tgt, source=src.endpoint(password_env="S14_DATA_PW"))
+    out, rep = _compat(path, env)
+    assert PASSWORD not in out.stdout + out.stderr
+    s = _check(rep, "sentinel")
+    assert s["status"] == "pass", s
+    assert s["data"]["source"]["quorum"] == 2 and len(s["data"]["source"]["reachable"]) == 3
+    assert s["data"]["source"]["ckquorum"].startswith("OK")
+    assert s["data"]["source"]["min_replicas"]["min-replicas-to-write"] == 1
+    (replica,) = s["data"]["source"]["replicas"]
+    assert replica["connected"] and replica["lag_s"] is not None and replica["lag_s"] <= 1
+    assert "both sides are Sentinel-managed" in s["evidence"]
+    assert _check(rep, "topology")["status"] == "pass" and _check(rep, "identity")["status"] == "pass"
+    p = src.primary_address()
+    assert s["data"]["source"]["primary"] == f"{p[0]}:{p[1]}"
+
+
+def test_compat_warns_with_a_sentinel_down_and_a_standalone_target(sentinel_factory, server_factory, make_playbook):
+    """One sentinel of three down, min-replicas-to-write 0 and a target without Sentinel: the check warns and says each."""
+    src = sentinel_factory("redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    src.sentinels[2].stop()
+    path = make_playbook(src, tgt)
+    out, rep = _compat(path, {})
+    s = _check(rep, "sentinel")
+    assert s["status"] == "warn", s
+    assert "1 of 3 sentinels do not answer" in s["evidence"] and src.addresses[2] in s["evidence"]
+    assert "min-replicas-to-write is 0" in s["evidence"]
+    assert "the target is not Sentinel-managed" in s["evidence"]
+    assert "min-replicas-to-write 1" in s["remediation"] and "bring the sentinels back" in s["remediation"]
+    assert s["data"]["source"]["ckquorum"].startswith("OK")  # 2 of 3 still reach the quorum and a majority
+
+
+def test_compat_fails_a_url_that_points_at_a_sentinel(sentinel_factory, server_factory, make_playbook):
+    """A url naming a sentinel process (not sentinel:) fails the topology check, which says to use sentinel: in the playbook."""
+    src = sentinel_factory("redis-7.0", sentinels=1)
+    tgt = server_factory("valkey-9.1")
+    s0 = src.sentinels[0]
+    path = make_playbook(f"redis://{s0.host}:{s0.port}/0", tgt)
+    out = run_cli("compat", "--output", "json", playbook=path, timeout=300)
+    rep = json.loads(out.stdout) if out.stdout.strip().startswith("{") else None
+    text = out.stdout + out.stderr
+    if rep is not None:
+        topo = _check(rep, "topology")
+        assert topo["status"] == "fail" and "use `sentinel:` in the playbook" in topo["remediation"], topo
+    else:
+        assert "sentinel" in text, text
+    assert out.returncode != 0
