@@ -397,3 +397,108 @@ def test_compat_fails_a_url_that_points_at_a_sentinel(sentinel_factory, server_f
     else:
         assert "sentinel" in text, text
     assert out.returncode != 0
+
+
+# --- the whole walk, with a ledger ----------------------------------------------------------------
+
+
+FAILOVER_ERRORS = ("NOREPLICAS", "ConnectionError", "READONLY", "Connection closed", "Error while reading")
+
+
+def _shim_status(pb) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{pb.shim.admin}/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _step(path, env, *args) -> dict:
+    out = run_cli(*args, playbook=path, env=env, timeout=300)
+    assert out.returncode == 0, f"migrator {' '.join(args)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert PASSWORD not in out.stdout + out.stderr and SENTINEL_PASSWORD not in out.stdout + out.stderr
+    return json.loads(out.stdout) if "--output" in args else {}
+
+
+def _fail_over_under_the_shim(group, pb, side: str, workload) -> dict:
+    """SENTINEL FAILOVER of ``group`` with the ledger running; wait until the shim switched and writes flow again."""
+    before = group.primary_address()
+    new = group.failover()
+    switch = wait_for(lambda: _shim_status(pb)["sentinel"][side]["switches"], timeout=20,
+                      what=f"the shim to follow the {side}'s failover")[-1]
+    assert switch["old"] == f"{before[0]}:{before[1]}" and switch["new"] == f"{new[0]}:{new[1]}"
+    ops = workload.ops
+    # The new primary refuses writes (NOREPLICAS) until the old one rejoined as its replica.
+    wait_for(lambda: workload.ops > ops + 100, timeout=60, interval=0.2, what="the ledger writing again")
+    return switch
+
+
+@pytest.mark.slow
+def test_ledger_survives_source_and_target_failovers_through_the_whole_walk(sentinel_factory, make_playbook,
+                                                                             monkeypatch, tmp_path):
+    """Redis 7.0 → Valkey 9.1, both Sentinel-managed: the source fails over in mirroring and the target in writes-on-target while a ledger writes through the shim; the walk completes and no acknowledged write is lost."""
+    from migrator import demo
+    from migrator.workload import Workload
+
+    mrw = {"min-replicas-to-write": "1", "min-replicas-max-lag": "10"}
+    src = sentinel_factory("redis-7.0", password=PASSWORD, config=mrw)
+    tgt = sentinel_factory("valkey-9.1", master_name="valkeymaster", password=PASSWORD,
+                           sentinel_password=SENTINEL_PASSWORD, config=mrw)
+    with contextlib.closing(src.client()) as c:
+        demo.seed(c, 600)
+    monkeypatch.setenv("S14_DATA_PW", PASSWORD)
+    monkeypatch.setenv("S14_SENTINEL_PW", SENTINEL_PASSWORD)
+    env = {"S14_DATA_PW": PASSWORD, "S14_SENTINEL_PW": SENTINEL_PASSWORD}
+    path = make_playbook(src, tgt, source=src.endpoint(password_env="S14_DATA_PW"),
+                         target=tgt.endpoint(password_env="S14_DATA_PW", sentinel_password_env="S14_SENTINEL_PW"),
+                         # While the target's new primary refuses writes (NOREPLICAS, a few seconds) the
+                         # source applies them: hundreds of new ledger keys against a keyspace of ~1,000,
+                         # far more than the 1% drift under which a repair from the target is trusted.
+                         check={"max_key_count_drift": 0.6})
+    pb = playbook.load(path)
+    shim = demo.ShimProcess(path, tmp_path / "shim.log")
+    workload = None
+    try:
+        shim.wait_registered(pb.state_path)
+        workload = Workload(f"redis://{pb.shim.listen}/0", clients=3, rate=100.0, seed=14).start()
+        _step(path, env, "advance", "--yes")  # → compatible (the real pre-flight, Sentinel check included)
+        _step(path, env, "advance", "--yes")  # → mirroring
+        assert _step(path, env, "sync", "--output", "json")["complete"] is True
+
+        # The source fails over during mirroring.
+        switch = _fail_over_under_the_shim(src, pb, "source", workload)
+        # The new primary's run_id marked the source's databases dirty: a full sync is due, then the dirty keys.
+        assert _shim_status(pb)["sides"]["source"]["restarts"]
+        assert _step(path, env, "sync", "--output", "json")["complete"] is True
+        _step(path, env, "sync", "--dirty")
+        _step(path, env, "check", "--full")
+        _step(path, env, "advance", "--yes")  # → reads-on-target
+        _step(path, env, "check", "--full")
+        cut = _step(path, env, "advance", "--yes", "--output", "json")  # → writes-on-target
+        assert cut["to_phase"] == "writes-on-target"
+
+        # The target fails over while it is authoritative.
+        _fail_over_under_the_shim(tgt, pb, "target", workload)
+        workload.stop()
+        # The target is authoritative: what the source missed (or the failover lost) is repaired from it.
+        _step(path, env, "check", "--full", "--repair")
+        _step(path, env, "check", "--full")
+        src_client = make_client(pb.source, decode_responses=True)
+        audit_source = workload.audit(src_client)  # the source, kept in sync for a rollback
+        src_client.close()
+        _step(path, env, "advance", "--yes")  # → completed
+        tgt_client = make_client(pb.target, decode_responses=True)
+        audit = workload.audit(tgt_client)
+        tgt_client.close()
+        assert audit.ops > 300, audit.summary()
+        unexpected = [e for e in audit.errors if not any(k in e for k in FAILOVER_ERRORS)]
+        assert unexpected == [], unexpected[:5]
+        assert audit.ok, audit.problems[:10]
+        assert audit_source.ok, audit_source.problems[:10]
+        log = (tmp_path / "shim.log").read_text()
+        assert PASSWORD not in log and SENTINEL_PASSWORD not in log
+        print(f"ledger: {audit.ops} acknowledged ops, {len(audit.errors)} errors during failovers, "
+              f"{audit.checked} keys audited; source switch: {switch}")
+    finally:
+        if workload is not None:
+            workload.stop()
+        shim.stop()

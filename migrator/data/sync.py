@@ -266,6 +266,7 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
             if not cp.db(db).done:
                 _sync_db_on_one_source(r, cp, db, src0)
         _retry_unsettled(r, cp)
+        _repair_marked(r, cp, dbs)
     finally:
         if cp.notify_before is not None:
             watchmod.restore(src0, cp.notify_before)
@@ -291,6 +292,21 @@ def _copy_functions(src: redis.Redis, dst: redis.Redis) -> str:
     except redis.exceptions.ResponseError as e:
         return f"function libraries NOT copied: {e}"
     return f"{n} function librar{'y' if n == 1 else 'ies'} copied ({how})" if n else how
+
+
+def _repair_marked(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> None:
+    """Compare and copy the keys marked dirty, as ``sync --dirty`` does, before the pass clears their marks.
+
+    A walk of the source never meets a key the source does not have: a write only the target
+    applied (the source refused it, e.g. ``NOREPLICAS`` while a Sentinel failover left its
+    primary without a replica) would keep its key on the target once the complete pass cleared
+    the mark. Copying from the source deletes it there.
+    """
+    dirty = dirtymod.list_dirty(r.pb.state_path)
+    for db, keys in sorted(dirty.keys.items()):
+        wanted = sorted(k for k in keys if r.selection.wants(k))
+        if db in dbs and wanted:
+            _copy_and_verify(r, db, wanted, cp.method, compare_first=True)
 
 
 MAX_SOURCE_CHANGES = 5  # failovers of the source during one database's scan before sync gives up
