@@ -223,6 +223,58 @@ def test_shim_follows_a_source_failover_during_mirroring(sentinel_factory, serve
     print(f"acked={len(acked)} errors={len(errors)} followed_in={followed:.2f}s")
 
 
+def test_shim_moves_to_another_sentinel_when_its_sentinel_dies(sentinel_factory, server_factory, shim_env):
+    """The sentinel the shim listens to dies: it subscribes on another within seconds and still follows the next failover."""
+    g = sentinel_factory("redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    env = shim_env(g, tgt)
+    status = lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]  # noqa: E731
+    first = wait_for(lambda: status()["subscribed_to"], what="the shim's subscription")
+    c = env.client()
+    assert c.set("k", "before")
+    dead = g.sentinels[g.addresses.index(first)]
+    dead.stop()
+    g.sentinels.remove(dead)  # (stopped; the group's failover() asks the others)
+    t = time.monotonic()
+    second = wait_for(lambda: (status()["subscribed_to"] or first) != first and status()["subscribed_to"], timeout=15,
+                      what="a subscription on another sentinel")
+    moved_in = time.monotonic() - t
+    assert second in g.addresses
+    new = g.failover()
+    wait_for(lambda: status()["switches"], timeout=15, what="the shim to follow the failover")
+    assert status()["primary"] == f"{new[0]}:{new[1]}"
+    c2 = env.client()
+    assert c2.set("k", "after") and c2.get("k") == b"after"
+    with contextlib.closing(g.node(new).client()) as nc:
+        assert nc.get("k") == b"after"
+    assert moved_in < 10
+
+
+def test_shim_leaves_a_frozen_sentinel(sentinel_factory, server_factory, shim_env):
+    """A sentinel that stops answering (SIGSTOP) without closing its socket is left after DEAD_AFTER seconds for another."""
+    import signal
+
+    from migrator.shim import sentinelwatch
+
+    g = sentinel_factory("redis-7.0")
+    tgt = server_factory("valkey-9.1")
+    env = shim_env(g, tgt)
+    status = lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]  # noqa: E731
+    first = wait_for(lambda: status()["subscribed_to"], what="the shim's subscription")
+    frozen = g.sentinels[g.addresses.index(first)]
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        wait_for(lambda: status()["subscribed_to"] not in (None, first), timeout=20,
+                 what="a subscription on another sentinel")
+        moved_in = time.monotonic() - t
+        c = env.client()
+        assert c.set("k", "v") and c.get("k") == b"v"  # new connections still find the primary
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+    assert sentinelwatch.DEAD_AFTER <= moved_in < sentinelwatch.DEAD_AFTER + 5
+
+
 # --- sync and check ---------------------------------------------------------------------------
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 
 from migrator import sentinel
 from migrator.errors import UnreachableError
@@ -127,7 +129,8 @@ class SentinelWatch:
             i += 1
             host, port = sentinel._split(address)
             kw = {k: v for k, v in sentinel.sentinel_kwargs(ep).items() if k not in ("retry", "health_check_interval")}
-            client = redis.asyncio.Redis(host=host, port=port, **kw)
+            # No retry of its own: a sentinel that fails is left for the next one at once.
+            client = redis.asyncio.Redis(host=host, port=port, retry=AsyncRetry(NoBackoff(), 0), **kw)
             ps = client.pubsub()
             try:
                 await ps.subscribe("+switch-master")
