@@ -228,7 +228,7 @@ def test_shim_moves_to_another_sentinel_when_its_sentinel_dies(sentinel_factory,
     g = sentinel_factory("redis-7.0")
     tgt = server_factory("valkey-9.1")
     env = shim_env(g, tgt)
-    status = lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]  # noqa: E731
+    status = lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]
     first = wait_for(lambda: status()["subscribed_to"], what="the shim's subscription")
     c = env.client()
     assert c.set("k", "before")
@@ -259,7 +259,7 @@ def test_shim_leaves_a_frozen_sentinel(sentinel_factory, server_factory, shim_en
     g = sentinel_factory("redis-7.0")
     tgt = server_factory("valkey-9.1")
     env = shim_env(g, tgt)
-    status = lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]  # noqa: E731
+    status = lambda: env.thread.call(lambda: env.thread.shim.sentinels.status())["source"]
     first = wait_for(lambda: status()["subscribed_to"], what="the shim's subscription")
     frozen = g.sentinels[g.addresses.index(first)]
     frozen.proc.send_signal(signal.SIGSTOP)
@@ -424,7 +424,7 @@ def test_compat_warns_with_a_sentinel_down_and_a_standalone_target(sentinel_fact
     tgt = server_factory("valkey-9.1")
     src.sentinels[2].stop()
     path = make_playbook(src, tgt)
-    out, rep = _compat(path, {})
+    _out, rep = _compat(path, {})
     s = _check(rep, "sentinel")
     assert s["status"] == "warn", s
     assert "1 of 3 sentinels do not answer" in s["evidence"] and src.addresses[2] in s["evidence"]
