@@ -554,3 +554,45 @@ def test_ledger_survives_source_and_target_failovers_through_the_whole_walk(sent
         if workload is not None:
             workload.stop()
         shim.stop()
+
+
+def test_a_write_in_flight_on_a_closed_primary_connection_is_dirty(server_factory, shim_env):
+    """A write whose source connection the shim closes (as on +switch-master) before the source answered, while the target applied it, is marked dirty."""
+    import signal
+
+    from migrator.shim import sentinelwatch
+    from migrator.shim.commands import SOURCE
+
+    src, tgt = server_factory("redis-7.0"), server_factory("valkey-9.1")
+    env = shim_env(src, tgt)
+    env.walk_to(Phase.MIRRORING)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    c = env.client(retry=Retry(NoBackoff(), 0))  # the command is not sent again: its own outcome is seen
+    assert c.set("warm", "1")
+    result: list = []
+    src.proc.send_signal(signal.SIGSTOP)  # the source holds the write unanswered
+    try:
+        t = threading.Thread(target=lambda: result.append(_try(lambda: c.set("inflight", "v"))))
+        t.start()
+        with contextlib.closing(tgt.client()) as tc:
+            wait_for(lambda: tc.get("inflight") == b"v", what="the target to apply the mirrored write")
+        closed = env.thread.call(lambda: sentinelwatch.close_upstreams(env.thread.shim, SOURCE, ("0.0.0.0", 0)))
+        t.join(10)
+    finally:
+        src.proc.send_signal(signal.SIGCONT)
+    assert closed >= 1
+    assert result and isinstance(result[0], redis.exceptions.ConnectionError), result  # as a killed connection
+    env.flush()
+    from migrator.shim.dirty import list_dirty
+
+    marks = [m for m in list_dirty(env.pb.state_path) if m.key == b"inflight"]
+    assert marks and marks[0].reason == "answer-lost", marks
+
+
+def _try(fn):
+    try:
+        return fn()
+    except redis.exceptions.RedisError as e:
+        return e
