@@ -236,15 +236,11 @@ class Replies:
         self._diverged(e, kind, e.name, self._entry_keys(e), src, tgt, True)
 
     def _answer_lost(self, e: Entry) -> None:
-        """The answering side's reply will never come: a shadow refusal already in stays on record,
-        and a write is dirty whatever the shadow did — whether the answering side applied it is
-        unknown (its connection was lost or closed, e.g. to a primary a failover demoted)."""
+        """The answering side's reply will never come: a shadow refusal already in stays on record."""
         other = e.shadow
         if other is not None and e.write and complete(e, other) and has_error(e.rep[other]):
             self.shim.stats.shadow_failures[(SIDE_NAMES[other], "error")] += 1
             self._mark_dirty(self._entry_keys(e), self._db(other), "shadow-error", e.name)
-        elif other is not None and e.write:
-            self._mark_dirty(self._entry_keys(e), self._db(e.answer), "answer-lost", e.name)
 
     def _resolve_deferred(self, e: Entry, other: int, raw: bytes) -> None:
         """The answer is in: compute what the shadow side runs (possibly nothing)."""
