@@ -222,4 +222,6 @@ def follow_pool(ep, db: int | None = None, **kw: Any) -> SentinelConnectionPool:
 
 def follow_client(ep, db: int | None = None, **kw: Any) -> redis.Redis:
     """A ``redis.Redis`` that follows ``ep``'s primary through failovers (``kw``: client_kwargs)."""
-    return redis.Redis(connection_pool=follow_pool(ep, db, **kw))
+    client = redis.Redis(connection_pool=follow_pool(ep, db, **kw))
+    client.auto_close_connection_pool = True  # the pool is this client's own: close() closes its sockets
+    return client
