@@ -31,7 +31,7 @@ from migrator import actions as actions_mod
 from migrator import gates as gates_mod
 from migrator import hooks, registry, roleswap, sides
 from migrator.compat.identify import identify
-from migrator.connect import client_kwargs
+from migrator.connect import make_client
 from migrator.crash import crashpoint
 from migrator.durations import format_duration
 from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
@@ -164,7 +164,7 @@ def store_for(pb: Playbook) -> StateStore:
 
 def probe_server(ep: Endpoint, role: str) -> ServerInfo:
     """Identify a server read-only (INFO server); never raises for an unreachable server."""
-    c = redis.Redis(**{**client_kwargs(ep), "socket_timeout": ep.connect_timeout.total_seconds(), "retry": Retry(NoBackoff(), 0)})
+    c = make_client(ep, socket_timeout=ep.connect_timeout.total_seconds(), retry=Retry(NoBackoff(), 0))
     try:
         info = c.info("server")
     except (redis.exceptions.RedisError, OSError) as e:

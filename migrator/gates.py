@@ -341,7 +341,8 @@ def authority_lost(ctx: GateContext) -> str | None:
     """
     role = "target" if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED) else "source"
     cur = ctx.current_sides()
-    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, ctx.phase_start_sides())
+    # A Sentinel failover to a replica is not a loss of the data (a restart is); far fewer keys still is.
+    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, ctx.phase_start_sides(), failover_ok=True)
     sel = ctx.playbook.sync
     comparable = not sel.exclude and sel.include == ["*"]
     short = comparable and sides.compare_sizes(cur, ctx.playbook.check.max_key_count_drift, sel.databases, short=role)

@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from migrator.connect import client_kwargs
+from migrator.connect import make_client
 from migrator.playbook import Endpoint, Playbook
 from migrator.state import iso, now, parse_iso
 
@@ -47,6 +47,10 @@ class Side:
     keys: int | None = None  # every database
     dbs: dict[str, int] = field(default_factory=dict)
     probed_at: str = field(default_factory=lambda: iso(now()))
+    # INFO replication's master_replid / master_replid2: a replica promoted by a failover has the
+    # old primary's replication id as its replid2 (it continued that primary's history).
+    replid: str | None = None
+    replid2: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,11 +80,11 @@ def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
     not the client library's default of ten.
     """
     t = timeout if timeout is not None else ep.connect_timeout.total_seconds()
-    kw = {**client_kwargs(ep), "socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
-    c = redis.Redis(**kw)
+    c = make_client(ep, socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0))
     try:
         info = c.info("server")
         keyspace = c.info("keyspace")
+        repl = c.info("replication")
     except (redis.exceptions.RedisError, OSError) as e:
         return Side(role, ep.display, False, error=_why(e))
     finally:
@@ -88,7 +92,18 @@ def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
     uptime = int(info.get("uptime_in_seconds", 0))
     dbs = {k[2:]: int(v.get("keys", 0)) for k, v in keyspace.items() if k.startswith("db") and isinstance(v, dict)}
     return Side(role, ep.display, True, run_id=str(info.get("run_id", "")) or None,
-                started_at=iso(now() - timedelta(seconds=uptime)), uptime_s=uptime, keys=sum(dbs.values()), dbs=dbs)
+                started_at=iso(now() - timedelta(seconds=uptime)), uptime_s=uptime, keys=sum(dbs.values()), dbs=dbs,
+                replid=str(repl.get("master_replid") or "") or None, replid2=_replid2(repl))
+
+
+def _replid2(repl: dict[str, Any]) -> str | None:
+    v = str(repl.get("master_replid2") or "")
+    return None if not v or set(v) == {"0"} else v
+
+
+def failed_over(old: Side, cur: Side) -> bool:
+    """``cur`` is a replica of ``old`` promoted by a failover (it continued old's replication history)."""
+    return bool(old.replid and cur.replid2 and cur.replid2 == old.replid)
 
 
 def _why(e: BaseException) -> str:
@@ -115,11 +130,13 @@ def recorded(evidence: dict[str, Any] | None) -> dict[str, Side]:
 
 
 def restarted_since(current: dict[str, Side], began: str | datetime | None,
-                    then: dict[str, Side] | None = None) -> list[str]:
+                    then: dict[str, Side] | None = None, failover_ok: bool = False) -> list[str]:
     """Why each side that restarted after ``began`` (the evidence's start) voids it; [] if none did.
 
     With the ``run_id`` the evidence recorded, a different one now is a restart, whenever it
-    happened. Without one (older evidence), a server that started after ``began`` restarted.
+    happened — except, with ``failover_ok``, a replica of the recorded server promoted by a
+    failover (``failed_over``: it holds that server's data up to what asynchronous replication
+    had sent; the key counts are still compared by the callers). Without one (older evidence), a server that started after ``began`` restarted.
     An unreachable side is not judged here: the gates that need it live say so themselves.
     """
     if began is None:
@@ -132,7 +149,7 @@ def restarted_since(current: dict[str, Side], began: str | datetime | None,
             continue
         old = (then or {}).get(role)
         if old is not None and old.reachable and old.run_id and cur.run_id:
-            if old.run_id != cur.run_id:
+            if old.run_id != cur.run_id and not (failover_ok and failed_over(old, cur)):
                 then_keys = f", {old.keys:,} then" if isinstance(old.keys, int) else ""
                 why.append(f"the {role} restarted (run_id {old.run_id[:8]} → {cur.run_id[:8]}, up {_uptime(cur.uptime_s)}, "
                            f"{cur.keys:,} keys now{then_keys})")

@@ -72,7 +72,8 @@ def identity_check(source: Identity, target: Identity) -> Check:
 
 
 def topology_check(source: Identity, target: Identity, source_address: str | None = None) -> Check:
-    """Cluster or sentinel mode on either side, or a read-only replica as the target, fails.
+    """A URL pointing at a sentinel process, or a read-only replica as the target, fails; a
+    cluster on either side is judged by ``cluster_topology_check``.
 
     ``source_address`` (host:port as the target reaches the source) is given where the mirror
     strategy may be replication: a target replicating exactly that source is then the
@@ -85,16 +86,16 @@ def topology_check(source: Identity, target: Identity, source_address: str | Non
     for role, ident in (("source", source), ("target", target)):
         if ident.mode not in ("standalone", "cluster"):  # a cluster is read node by node (compat.cluster)
             problems.append(f"the {role} runs in {ident.mode} mode")
-            fixes.append(f"migrate the {role}'s shards one standalone node at a time, or use a cluster-aware tool"
-                         if ident.mode == "cluster" else f"point the {role} URL at the data node, not at sentinel")
+            fixes.append(f"the {role} URL points at a sentinel: use `sentinel:` in the playbook "
+                         "(addresses and master_name, docs/topologies.md) so the primary is found and followed")
     if target.role != "master" and not own_mirror:
         problems.append("the target is a replica (read-only), so nothing can be written to it")
         fixes.append("run REPLICAOF NO ONE on the target, or point the target URL at its primary")
     modes = {"source": {"mode": source.mode, "role": source.role}, "target": {"mode": target.mode, "role": target.role}}
     if problems:
         return Check("topology", "Standalone servers", FAIL,
-                     "; ".join(problems) + ": migrator moves one standalone primary to another "
-                     "(the shim, sync and cutover address one keyspace, not hash slots across nodes)",
+                     "; ".join(problems) + ": migrator reads and writes the data nodes (a primary, a cluster's "
+                     "nodes, or the primary a `sentinel:` endpoint resolves to), not a sentinel or a replica",
                      "; ".join(fixes), modes)
     if own_mirror:
         return Check("topology", "Standalone servers", PASS, f"both servers are standalone; the target replicates this "

@@ -13,6 +13,7 @@ from typing import Callable
 import redis
 
 from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
+from migrator.compat import sentinel as sentinel_checks
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
 from migrator.compat import report as report_files
@@ -22,7 +23,7 @@ from migrator import replication
 from migrator.errors import RefusedError
 from migrator.playbook import Playbook
 
-CheckFn = Callable[[Probe], Check]
+CheckFn = Callable[[Probe], Check | None]  # None: the check does not apply to these endpoints
 
 # (name, title, function, what to verify by hand when it cannot run); in the order they run.
 CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
@@ -31,6 +32,8 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("topology", "Standalone servers", lambda p: identify.topology_check(p.source_id, p.target_id, _replicating(p)),
      "confirm both servers run standalone"),
     ("keyspace", "Keyspace", keyspace.keyspace_check, "run INFO keyspace on the target and confirm it is empty"),
+    ("sentinel", sentinel_checks.TITLE, sentinel_checks.sentinel_check,
+     "run SENTINEL CKQUORUM and SENTINEL REPLICAS on a sentinel, and CONFIG GET min-replicas-to-write on the primary"),
     ("data.format", "Data format and copy method", dataformat.data_format_check,
      "DUMP a key on the source and RESTORE it on the target under a test name"),
     ("mirror.strategy", strategy.TITLE, strategy.strategy_check,
@@ -65,7 +68,7 @@ def _replicating(probe: Probe) -> str | None:
     return f"{host}:{port}"
 
 
-def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> Check:
+def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> Check | None:
     try:
         return fn(probe)
     except Unavailable as e:
@@ -97,7 +100,9 @@ def run_checks(probe: Probe) -> list[Check]:
             checks.append(Check(name, title, UNKNOWN, f"skipped: {blocked[0]}",
                                 "fix the topology, then run migrator compat again"))
             continue
-        checks.append(run_check(name, title, fn, manual, probe))
+        check = run_check(name, title, fn, manual, probe)
+        if check is not None:
+            checks.append(check)
     return checks
 
 

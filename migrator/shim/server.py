@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from migrator import registry
-from migrator.connect import client_kwargs, ssl_context
+from migrator.connect import make_client, ssl_context
 from migrator.errors import UnreachableError, UsageError
 from migrator.logs import get_logger
 from migrator.phases import Phase
@@ -60,6 +60,7 @@ from migrator.shim.sequencer import Sequencer
 from migrator.shim.resp import run_id_of
 from migrator.shim.io import ClientProtocol, bind_errors, connect_shared, connect_upstream, new_loop, tls_server_context
 from migrator.shim.scripts import sha1_hex
+from migrator.shim.sentinelwatch import SentinelWatch
 from migrator.shim.session import Session
 from migrator.state import (
     StateError,
@@ -90,11 +91,10 @@ class SideHealth:
 
 
 def _one_shot_client(ep, timeout: float | None = None) -> redis.Redis:
-    kw = client_kwargs(ep)
+    extra: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
     if timeout is not None:
-        kw["socket_timeout"] = max(kw.get("socket_timeout") or 0, timeout)
-    kw["retry"] = Retry(NoBackoff(), 0)
-    return redis.Redis(**kw)
+        extra["socket_timeout"] = max(ep.socket_timeout.total_seconds(), timeout)
+    return make_client(ep, **extra)  # (a Sentinel endpoint's: to the primary of the moment)
 
 
 def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "") -> list:
@@ -186,6 +186,7 @@ class Shim:
         self.sequence_keys = True
         self.tracker = OffsetTracker()
         self.watch: ReplicaWatch | None = None  # started with the loop (start)
+        self.sentinels = SentinelWatch(self)  # Sentinel-managed sides: +switch-master (shim.sentinelwatch)
         self.applied_generation = -1
         self.applied_phase = self.phase
         self._ack: tuple[int, float] | None = None  # (generation, deadline) awaiting the drain
@@ -276,6 +277,7 @@ class Shim:
         self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
         self.watch = ReplicaWatch(self)
         self.watch.start()
+        self.sentinels.start()
         try:
             self._apply_state(state, initial=True)
             host, port = split_hostport(self.listen)
@@ -303,6 +305,7 @@ class Shim:
         except BaseException:
             # Not listening after all (the port is taken, a bad TLS file): nothing may outlive it.
             await self.watch.stop()
+            await self.sentinels.stop()
             if self.follower is not None:
                 self.follower.stop()
             raise
@@ -342,6 +345,7 @@ class Shim:
         self.pool.stop()
         if self.watch is not None:
             await self.watch.stop()
+        await self.sentinels.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -937,6 +941,7 @@ class Shim:
                                       "command_table": self.table.loaded(i),
                                       "run_id": self.run_ids[i].decode(errors="replace") if self.run_ids[i] else None,
                                       "restarts": list(self.restarts[i])} for i in (SOURCE, TARGET)},
+            "sentinel": self.sentinels.status(),
         }
 
 
