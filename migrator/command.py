@@ -709,6 +709,7 @@ def _alerts(ctx: gates_mod.GateContext) -> list[str]:
     if ctx.state.phase not in TWO_SIDED:
         return out
     out += gates_mod.restart_notes(ctx)
+    out += [f"topology: {c.text}" for c in gates_mod.topology_since_recorded(ctx)]
     names = ("no_lost_shims", "key_counts") if ctx.state.phase != Phase.MIRRORING or _synced(ctx) else ("no_lost_shims",)
     out += [f"{r.name}: {r.evidence}" for r in gates_mod.evaluate(names, ctx) if not r.passed]
     return out

@@ -9,7 +9,7 @@ one entry in the table.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
@@ -18,7 +18,7 @@ from migrator.durations import format_duration
 from migrator.errors import UnreachableError
 from migrator.phases import Phase
 from migrator.playbook import Playbook
-from migrator.state import State, StateStore, now, parse_iso
+from migrator.state import State, StateStore, now, operator, parse_iso
 
 
 @dataclass
@@ -229,19 +229,21 @@ def mirror_strategy(ctx: GateContext):
     extra = {"socket_connect_timeout": t, "socket_timeout": t} if t else {}
     source = connect(pb.source, "source", **extra)
     try:
-        d = replication.fresh_decision(pb, source)
+        target = connect(pb.target, "target", **extra)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        d = replication.fresh_decision(pb, source, target)
         data = d.to_json()
         if not d.ok or d.strategy == "dual-write":
             return d.ok, f"{d.strategy}: {d.why}", data
-        target = connect(pb.target, "target", **extra)
-        try:
-            out = replication.attach(pb, source, target, dry_run=True)
-        finally:
-            target.close()
+        out = replication.attach(pb, source, target, dry_run=True)
         data["attach"] = out.data
         return out.ok, f"replication: {d.why}; {out.evidence}", data
     finally:
         source.close()
+        target.close()
 
 
 @gate("shim_ack")
@@ -280,9 +282,42 @@ def sides_live(ctx: GateContext):
     cur = ctx.current_sides()
     down = [s for s in cur.values() if not s.reachable]
     data = {role: s.to_json() for role, s in cur.items()}
+    changes = topology_since_recorded(ctx)
+    if changes:
+        data["topology_changes"] = [c.to_json() for c in changes]
+    moved = f"; topology changed since the last evidence: {'; '.join(c.text for c in changes)}" if changes else ""
     if down:
-        return False, "; ".join(s.describe() for s in down), data
-    return True, "; ".join(s.describe() for s in cur.values()), data
+        return False, "; ".join(s.describe() for s in down) + moved, data
+    return True, "; ".join(s.describe() for s in cur.values()) + moved, data
+
+
+def topology_since_recorded(ctx: GateContext) -> list:
+    """What changed in each cluster side's topology since the journal last recorded it (the
+    transition that began this phase, or the last change seen); journaled now unless read-only,
+    so a later gate can tell which evidence is older than the change (``migrator.topology_watch``)."""
+    from migrator import topology_watch
+
+    cur = ctx.current_sides()
+    if not any(s.cluster is not None for s in cur.values()):
+        return []
+    entries = ctx.store.read_journal() if ctx.store.exists() else []
+    changes, dated, views, since = [], [], {}, {}
+    for role, side in cur.items():
+        if side.cluster is None:
+            continue
+        old, at = topology_watch.last_recorded(entries, role)
+        found = topology_watch.diff(role, old, side.cluster.get("view"))
+        if found:
+            when = f" (seen at {side.probed_at[11:19]}; not at {at[11:19]})" if at else f" (seen at {side.probed_at[11:19]})"
+            changes += found
+            dated += [replace(c, text=c.text + when) for c in found]
+            views[role], since[role] = side.cluster["view"], at
+    if changes and not ctx.read_only and ctx.store.exists():
+        seen = min(cur[r].probed_at for r in views)
+        ctx.store.journal(topology_watch.EVENT, seen_at=seen, since=since, views=views, phase=ctx.state.phase.value,
+                          changes=[c.to_json() for c in changes],
+                          slots=topology_watch.changed_slots(changes), operator=operator())
+    return dated
 
 
 @gate("key_counts")
