@@ -287,6 +287,7 @@ class ClusterLedger:
 
     def __init__(self, host: str, port: int, writers: int = 3, lists: int = 24) -> None:
         self.host, self.port, self.lists = host, port, lists
+        self.seen_nodes: set[str] = set()  # every node address the clients were pointed at
         self.acked: dict[str, list[int]] = defaultdict(list)
         self.errors: list[str] = []
         self.ops = 0
@@ -305,7 +306,11 @@ class ClusterLedger:
             t.join(30)
 
     def _run(self, w: int) -> None:
-        rc = redis.RedisCluster(host=self.host, port=self.port, socket_timeout=10, cluster_error_retry_attempts=5)
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        rc = redis.RedisCluster(host=self.host, port=self.port, socket_timeout=10,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 5))
         n = 0
         try:
             while not self._stop.is_set():
@@ -321,6 +326,7 @@ class ClusterLedger:
                 with self._lock:
                     self.acked[key].append(n)
                     self.ops += 1
+                    self.seen_nodes.update(node.name for node in rc.get_nodes())
                 time.sleep(0.005)
         finally:
             rc.close()
@@ -359,6 +365,8 @@ def test_whole_walk_through_the_shim_between_clusters_loses_no_acknowledged_writ
         host, _, port = pb.shim.listen.rpartition(":")
         ledger = ClusterLedger(host, int(port)).start()
         wait_for(lambda: ledger.ops > 50, 30, what="ledger writes through the shim")
+        servers_addr = {f"{n.host}:{n.port}" for n in src.nodes + tgt.nodes}
+        assert not ledger.seen_nodes & servers_addr, f"the clients bypass the shim: {sorted(ledger.seen_nodes)}"
 
         cli(path, "advance", "--yes")  # → compatible (the cluster pre-flight)
         cli(path, "advance", "--yes")  # → mirroring (auto: dual-write)
@@ -394,6 +402,9 @@ def test_whole_walk_through_the_shim_between_clusters_loses_no_acknowledged_writ
         cli(path, "check", "--full")
         cli(path, "advance", "--yes")  # → completed
         assert StateStore(pb.state_path, pb.name).load().phase.value == "completed"
+        # The facade's CLUSTER SLOTS names shim addresses only: a client sent to the servers
+        # themselves would bypass the mirror, and this test would prove nothing.
+        assert ledger.seen_nodes and not ledger.seen_nodes & servers_addr, ledger.seen_nodes
         rc = tgt.cluster_client()
         try:
             assert ledger.ops > 200
