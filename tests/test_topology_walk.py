@@ -265,7 +265,13 @@ def test_the_walk_between_clusters_from_the_cli_records_each_topology_change(clu
         assert failover in gates["consistency"]["evidence"] and "migrator check --full" in gates["consistency"]["evidence"]
         cli(path, "check", "--full")
         cli(path, "advance", "--yes", *shim_gates)  # → writes-on-target
+        # A reshard just before a rollback, whose gates do not include sides_live, is journaled too.
+        tgt.migrate_slot(200, next(p for p in tgt.primaries() if p is not tgt.owner(200)))
+        tgt.wait_ok()
         cli(path, "rollback", "--yes")  # → reads-on-target
+        entries = StateStore(pb.state_path, pb.name).read_journal()
+        last = [e for e in entries if e["event"] == topology_watch.EVENT][-1]
+        assert last["phase"] == "writes-on-target" and last["slots"] == [[200, 200]]
         cli(path, "check", "--full")
         cli(path, "advance", "--yes", *shim_gates)  # → writes-on-target
         cli(path, "check", "--full")
