@@ -193,9 +193,15 @@ def evidence_reports(state_dir) -> dict[str, Any]:
 
 def topology_changes_from_journal(entries: list[dict]) -> list[dict[str, Any]]:
     """Each reshard or failover seen on a cluster side (``topology-changed``), when and in which phase."""
-    return [{"time": e.get("seen_at") or e.get("time"), "not_before": ", ".join(f"{r} {t}" for r, t in (e.get("since") or {}).items() if t),
-             "phase": e.get("phase"), "role": c.get("role"), "kind": c.get("kind"), "slots": c.get("slots"), "text": c.get("text")}
-            for e in entries if e.get("event") == "topology-changed" for c in e.get("changes") or []]
+    out = []
+    for e in entries:
+        if e.get("event") != "topology-changed":
+            continue
+        not_seen = ", ".join(f"{role} {t}" for role, t in (e.get("since") or {}).items() if t)
+        out += [{"time": e.get("seen_at") or e.get("time"), "not_before": not_seen, "phase": e.get("phase"),
+                 "role": c.get("role"), "kind": c.get("kind"), "slots": c.get("slots"), "text": c.get("text")}
+                for c in e.get("changes") or []]
+    return out
 
 
 _TOPO_HEADERS = ["seen at", "not seen at", "phase", "change"]

@@ -230,18 +230,25 @@ def _nodes_restarted(role: str, cur: Side, old: Side | None, began: datetime) ->
     judged by ``migrator.topology_watch``; with evidence that recorded no nodes at all (older
     reports), a primary whose process started after the evidence began restarted.
     """
-    then_nodes = ((old.cluster or {}).get("nodes") or {}) if old is not None and old.reachable else {}
+    then_nodes = ((old.cluster or {}).get("nodes") or {}) if old is not None else {}
     why = []
-    for nid, n in sorted((cur.cluster or {}).get("nodes", {}).items(), key=lambda kv: kv[1].get("slots", "")):
+    for nid, n in sorted((cur.cluster or {}).get("nodes", {}).items(), key=lambda kv: first_slot(kv[1].get("slots"))):
         was = then_nodes.get(nid)
         name = f"the {role} node {nid[:8]} at {n['address']} (slots {n.get('slots', '?')})"
+        up, keys = _uptime(n.get("uptime_s")), n.get("keys", 0)
         if was and was.get("run_id") and n.get("run_id"):
             if was["run_id"] != n["run_id"]:
-                why.append(f"{name} restarted (run_id {was['run_id'][:8]} → {n['run_id'][:8]}, up {_uptime(n.get('uptime_s'))}, "
-                           f"{n.get('keys', 0):,} keys now, {was.get('keys', 0):,} then)")
+                why.append(f"{name} restarted (run_id {was['run_id'][:8]} → {n['run_id'][:8]}, up {up}, "
+                           f"{keys:,} keys now, {was.get('keys', 0):,} then)")
         elif not then_nodes and n.get("started_at") and parse_iso(n["started_at"]) > began + UPTIME_SLACK:
-            why.append(f"{name} restarted at {n['started_at'][11:19]} (up {_uptime(n.get('uptime_s'))}, {n.get('keys', 0):,} keys)")
+            why.append(f"{name} restarted at {n['started_at'][11:19]} (up {up}, {keys:,} keys)")
     return why
+
+
+def first_slot(ranges: str | None) -> int:
+    """The first slot of ``0-5460,5462`` (for ordering nodes by their slots)."""
+    head = (ranges or "").split(",")[0].split("-")[0]
+    return int(head) if head.isdigit() else 1 << 20
 
 
 def topology_changes(current: dict[str, Side], then: dict[str, Side] | None) -> list:

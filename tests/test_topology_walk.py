@@ -208,7 +208,8 @@ def test_the_walk_between_clusters_from_the_cli_records_each_topology_change(clu
                   "--reason", "no cluster shim in this test"]
     plan = cli(path, "plan")
     assert "planned → compatible" in plan
-    assert re.search(r"source \S+: redis 7\.0\.\d+ \(cluster\)", plan) and re.search(r"target \S+: valkey 9\.1\.\d+ \(cluster\)", plan)
+    assert re.search(r"source \S+: redis 7\.0\.\d+ \(cluster\)", plan)
+    assert re.search(r"target \S+: valkey 9\.1\.\d+ \(cluster\)", plan)
     cli(path, "advance", "--yes", "--override", "compatibility", "--reason", "the cluster pre-flight is tested apart")
     cli(path, "rollback", "--yes")
     cli(path, "advance", "--yes", "--override", "compatibility", "--reason", "the cluster pre-flight is tested apart")
@@ -303,7 +304,7 @@ class ClusterLedger:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(w,), daemon=True) for w in range(writers)]
 
-    def start(self) -> "ClusterLedger":
+    def start(self) -> ClusterLedger:
         for t in self._threads:
             t.start()
         return self

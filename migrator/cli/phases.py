@@ -199,11 +199,6 @@ def _cluster_line(role: str, side: dict) -> str:
     return f"{role}: cluster, {summary(side['cluster'].get('view'))}{keys}{down}"
 
 
-def _slot_key(node: dict) -> int:
-    first = (node.get("slots") or "").split(",")[0].split("-")[0]
-    return int(first) if first.isdigit() else 1 << 20
-
-
 def status_view(st: dict, history: int = 10) -> list[RenderableType]:
     """``command.status`` as lines and tables, for ``status`` and each redraw of ``status --watch``."""
     out: list[RenderableType] = []
@@ -227,7 +222,9 @@ def status_view(st: dict, history: int = 10) -> list[RenderableType]:
     for role, side in st.get("sides", {}).items():
         if side.get("cluster"):
             line(f"  {escape(_cluster_line(role, side))}")
-            for nid, n in sorted(side["cluster"].get("nodes", {}).items(), key=lambda kv: _slot_key(kv[1])):
+            from migrator.sides import first_slot
+
+            for nid, n in sorted(side["cluster"].get("nodes", {}).items(), key=lambda kv: first_slot(kv[1].get("slots"))):
                 line(f"    {escape(n['address'])} {nid[:8]} slots {escape(n.get('slots') or '-')}: {n['keys']:,} keys, "
                      f"run_id {(n['run_id'] or '?')[:8]}, up {n['uptime_s']}s")
         elif side["reachable"]:
