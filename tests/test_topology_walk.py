@@ -137,6 +137,32 @@ def test_a_cluster_side_is_read_over_every_primary_and_decides_dual_write(cluste
     assert "PSYNC" not in check.remediation  # the fix for a topology is dual-write, not permissions
 
 
+def test_a_sentinel_source_enters_mirroring_by_dual_write_and_refuses_replication(sentinel_factory, server_factory,
+                                                                                     tmp_path):
+    """Entering mirroring from a Sentinel-managed source: auto journals dual-write with the Sentinel reason; an explicit replication is refused by the mirror_strategy gate with it."""
+    g = sentinel_factory("redis-7.0", replicas=1, sentinels=3)
+    tgt = server_factory("valkey-9.1")
+    for sub in ("r", "a"):
+        (tmp_path / sub).mkdir()
+    forced = write_playbook(tmp_path / "r" / "m.yaml", "", tgt.url, source=g.endpoint(), mirror={"strategy": "replication"})
+    auto = write_playbook(tmp_path / "a" / "m.yaml", "", tgt.url, source=g.endpoint(), mirror={"strategy": "auto"})
+    why = "the source is Sentinel-managed: a failover would leave the target replicating a demoted primary"
+    for path in (forced, auto):
+        cli(path, "advance", "--yes", "--override", "compatibility", "--reason", "the Sentinel pre-flight is tested apart")
+    pb = playbook.load(forced)
+    with AckingShim(pb.state_path, pb.name):
+        out = run_cli("advance", "--yes", "--output", "json", playbook=forced)
+        assert out.returncode == 1, out.stdout + out.stderr
+        gate = next(x for x in json.loads(out.stdout)["gates"] if x["gate"] == "mirror_strategy")
+        assert not gate["passed"] and f"cannot work: {why}" in gate["evidence"]
+    pb = playbook.load(auto)
+    with AckingShim(pb.state_path, pb.name):
+        cli(auto, "advance", "--yes")
+    chosen = [e for e in StateStore(pb.state_path, pb.name).read_journal() if e["event"] == "mirror-strategy"]
+    assert [(e["strategy"], e["topology"]) for e in chosen] == [("dual-write", why)]
+    assert StateStore(pb.state_path, pb.name).load().mirror.strategy == "dual-write"
+
+
 def restart_node_empty(node) -> None:
     """kill -9 one cluster node and start it again at once on the same port and folder: it keeps
     its node id (nodes.conf) and comes back with no data (no persistence), still owning its slots."""
