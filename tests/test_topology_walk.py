@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from migrator import playbook, replication, sides, topology_watch
+from migrator import command, playbook, replication, sides, topology_watch
 from migrator.cluster import format_ranges, key_slot, parse_nodes
+from migrator.data import check, sync
 from migrator.state import StateStore
 from tests.conftest import write_playbook
 from tests.helpers import AckingShim, run_cli, wait_for
@@ -148,7 +149,7 @@ def test_a_sentinel_source_enters_mirroring_by_dual_write_and_refuses_replicatio
     auto = write_playbook(tmp_path / "a" / "m.yaml", "", tgt.url, source=g.endpoint(), mirror={"strategy": "auto"})
     why = "the source is Sentinel-managed: a failover would leave the target replicating a demoted primary"
     for path in (forced, auto):
-        cli(path, "advance", "--yes", "--override", "compatibility", "--reason", "the Sentinel pre-flight is tested apart")
+        command.advance(playbook.load(path), overrides={"compatibility": "the Sentinel pre-flight is tested apart"})
     pb = playbook.load(forced)
     with AckingShim(pb.state_path, pb.name):
         out = run_cli("advance", "--yes", "--output", "json", playbook=forced)
@@ -192,11 +193,11 @@ def test_a_target_node_restarted_empty_is_named_and_voids_the_evidence(server_fa
     tgt = cluster_factory("valkey-8.1", primaries=3, replicas=0)
     path = write_playbook(tmp_path / "m.yaml", src.url, "", target=tgt.endpoint())
     pb = playbook.load(path)
-    cli(path, "advance", "--yes", "--override", "compatibility", "--reason", "the cluster pre-flight is tested apart")
+    command.advance(pb, overrides={"compatibility": "the cluster pre-flight is tested apart"})
     with AckingShim(pb.state_path, pb.name):
-        cli(path, "advance", "--yes")  # → mirroring
-        cli(path, "sync")
-        cli(path, "check", "--full")  # both empty: the evidence is taken on these run_ids
+        command.advance(pb)  # → mirroring
+        assert sync.run(pb).complete
+        assert check.run(pb, full=True).mismatches == []  # both empty: the evidence is taken on these run_ids
         sc, rc = src.client(), tgt.cluster_client()
         for i in range(600):  # what the mirror would have written to both sides
             sc.set(f"k{i}", i)
@@ -206,16 +207,15 @@ def test_a_target_node_restarted_empty_is_named_and_voids_the_evidence(server_fa
         restart_node_empty(victim)
         tgt.wait_ok()
         rc.close()
-        refused = run_cli("advance", "--yes", "--override", "divergence", "--override", "latency", "--override",
-                          "error_rate", "--reason", "no shim proxies this pair here", "--output", "json", playbook=path)
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        gates = {g["gate"]: g for g in json.loads(refused.stdout)["gates"]}
+        with pytest.raises(command.GatesFailed) as refused:
+            command.advance(pb, overrides=dict.fromkeys(("divergence", "latency", "error_rate"), "no shim proxies it"))
+        gates = {g.name: g.to_json() for g in refused.value.results}
         slots = format_ranges(next(sh["slots"] for sh in tgt.shards() if sh["primary"] is victim))
         named = f"the target node {vid[:8]} at {victim.host}:{victim.port} (slots {slots}) restarted"
         for name in ("sync_complete", "consistency"):
             assert not gates[name]["passed"] and named in gates[name]["evidence"], gates[name]
         assert not gates["key_counts"]["passed"] and "target" in gates["key_counts"]["evidence"]
-        status = json.loads(cli(path, "status", "--output", "json"))
+        status = command.status(pb)
         assert any(named in a for a in status["alerts"]), status["alerts"]
         assert status["sides"]["target"]["cluster"]["nodes"][vid]["keys"] == 0
 
