@@ -266,6 +266,21 @@ def source_reachable(ctx: GateContext):
         return False, src.describe(), data
     then = ctx.phase_start_sides()
     why = sides.restarted_since({"source": src}, ctx.state.phase_started, then)
+    # A replica promoted on a cluster source may lack writes its old primary acknowledged: like a
+    # restart, only a clean full check that began after the failover vouches for the source.
+    lossy = _lossy_changes(ctx, "source", {"sides": {r: s.to_json() for r, s in then.items()}}, ctx.state.phase_since)
+    covered = None
+    if lossy:
+        data["topology_changes"] = lossy
+        covered = _clean_full_check_after(ctx, "source")
+        if covered is not None and _lossy_changes(ctx, "source", _latest_check(ctx), _latest_check(ctx).get("started_at")):
+            covered = None
+        if covered is None:
+            return False, (f"{'; '.join(c['text'] for c in lossy)} since {ctx.state.phase} began: the promoted replica may "
+                           "lack writes its old primary had acknowledged; repair the source from the target with "
+                           f"`migrator check --full --repair -p {ctx.playbook.path}`, then a clean `migrator check --full`"), data
+    if lossy and not why:
+        return True, f"{'; '.join(c['text'] for c in lossy)}; the full check {covered} since then found both sides equal", data
     if why:
         check = _clean_full_check_after(ctx, "source")
         if check is None:
@@ -274,6 +289,20 @@ def source_reachable(ctx: GateContext):
                            "then a clean `migrator check --full`"), data
         return True, f"{why[0]}; the full check {check} since then found both sides equal", data
     return True, f"source answers ({src.describe()}), no restart since {ctx.state.phase} began", data
+
+
+def _lossy_changes(ctx: GateContext, role: str, evidence: dict | None, began: str | None) -> list[dict]:
+    """Failovers (and primaries lost) on ``role``'s cluster since ``evidence`` began (``migrator.data.gates.topology_since``)."""
+    from migrator.data.gates import topology_since
+
+    changes, _ = topology_since(ctx, evidence, began)
+    return [c for c in changes if c.get("role") == role and c.get("kind") in ("failover", "lost")]
+
+
+def _latest_check(ctx: GateContext) -> dict:
+    from migrator import reports
+
+    return reports.latest(ctx.playbook.state_path, "check") or {}
 
 
 @gate("sides_live")

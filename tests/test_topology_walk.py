@@ -292,13 +292,23 @@ def test_the_walk_between_clusters_from_the_cli_records_each_topology_change(clu
         assert failover in gates["consistency"]["evidence"] and "migrator check --full" in gates["consistency"]["evidence"]
         cli(path, "check", "--full")
         cli(path, "advance", "--yes", *shim_gates)  # → writes-on-target
-        # A reshard just before a rollback, whose gates do not include sides_live, is journaled too.
-        tgt.migrate_slot(200, next(p for p in tgt.primaries() if p is not tgt.owner(200)))
-        tgt.wait_ok()
+        # A source failover while the target is authoritative: the promoted replica may lack
+        # mirrored writes, so the rollback onto the source waits for a full check after it.
+        second = src.owner(16383)
+        shard2 = format_ranges(next(sh["slots"] for sh in src.shards() if sh["primary"] is second))
+        src.failover(second)
+        src.wait_ok()
+        refused = run_cli("rollback", "--yes", "--output", "json", playbook=path)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        gate = next(g for g in json.loads(refused.stdout)["gates"] if g["gate"] == "source_reachable")
+        assert not gate["passed"] and f"source: failover of shard {shard2}" in gate["evidence"]
+        assert "check --full --repair" in gate["evidence"]
+        cli(path, "check", "--full")
         cli(path, "rollback", "--yes")  # → reads-on-target
+        # Journaled although a rollback's gates do not include sides_live.
         entries = StateStore(pb.state_path, pb.name).read_journal()
         last = [e for e in entries if e["event"] == topology_watch.EVENT][-1]
-        assert last["phase"] == "writes-on-target" and last["slots"] == [[200, 200]]
+        assert last["phase"] == "writes-on-target" and last["changes"][0]["kind"] == "failover"
         cli(path, "check", "--full")
         cli(path, "advance", "--yes", *shim_gates)  # → writes-on-target
         cli(path, "check", "--full")
