@@ -378,10 +378,21 @@ def _key_counts(ctx: GateContext, short: str | None):
     problem = sides.compare_sizes(cur, drift, sel.databases, short=short)
     if problem:
         lost = f"the {short} may have lost its data" if short else "a side may have lost its data"
-        return False, (f"key counts disagree: {problem} (check.max_key_count_drift {drift:.1%}); {lost} "
+        return False, (f"key counts disagree: {problem} (check.max_key_count_drift {drift:.1%}){_per_node(cur)}; {lost} "
                        f"(restarted empty?): {repair_advice(ctx)}"), data
     s, t = cur["source"], cur["target"]
     return True, f"source {s.keys:,} keys, target {t.keys:,} keys (within {drift:.1%})", data
+
+
+def _per_node(cur: dict[str, sides.Side]) -> str:
+    """``; target by primary: 10.0.2.1:7000 (0-5460) 0 keys, …`` for each cluster side: which node is short."""
+    out = []
+    for role, side in cur.items():
+        nodes = (side.cluster or {}).get("nodes") or {}
+        if nodes:
+            each = sorted(nodes.values(), key=lambda n: sides.first_slot(n.get("slots")))
+            out.append(f"{role} by primary: " + ", ".join(f"{n['address']} ({n.get('slots')}) {n['keys']:,} keys" for n in each))
+    return "".join(f"; {x}" for x in out)
 
 
 def repair_advice(ctx: GateContext) -> str:

@@ -214,7 +214,9 @@ def test_a_target_node_restarted_empty_is_named_and_voids_the_evidence(server_fa
         named = f"the target node {vid[:8]} at {victim.host}:{victim.port} (slots {slots}) restarted"
         for name in ("sync_complete", "consistency"):
             assert not gates[name]["passed"] and named in gates[name]["evidence"], gates[name]
-        assert not gates["key_counts"]["passed"] and "target" in gates["key_counts"]["evidence"]
+        assert not gates["key_counts"]["passed"]
+        assert "target by primary: " in gates["key_counts"]["evidence"]
+        assert f"{victim.host}:{victim.port} ({slots}) 0 keys" in gates["key_counts"]["evidence"]
         status = command.status(pb)
         assert any(named in a for a in status["alerts"]), status["alerts"]
         assert status["sides"]["target"]["cluster"]["nodes"][vid]["keys"] == 0
