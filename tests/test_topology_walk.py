@@ -379,10 +379,15 @@ class ClusterLedger:
             rc.close()
 
     def lost(self, client: redis.RedisCluster) -> list[str]:
+        """Acknowledged pushes missing from ``client``'s cluster, and lists whose pushes are out of
+        order (one writer per key pushes increasing numbers: mirrored writes keep their order)."""
         out = []
         for key, ns in self.acked.items():
-            held = {int(v) for v in client.lrange(key, 0, -1)}
-            out += [f"{key}: {n}" for n in ns if n not in held]
+            held = [int(v) for v in client.lrange(key, 0, -1)]
+            have = set(held)
+            out += [f"{key}: {n} lost" for n in ns if n not in have]
+            if held != sorted(held):
+                out.append(f"{key}: out of order {held}")
         return out
 
 
