@@ -77,6 +77,65 @@ def test_diff_names_a_slot_in_flight_and_the_union_of_changed_slots():
     assert topology_watch.changed_slots([c.to_json() for c in both]) == [(5, 5), (10, 8191)]
 
 
+def cluster_side(role: str, text: str, run_ids: dict[str, str], keys: int = 10, at: str = "2026-01-01T00:00:00.000Z"):
+    """A probed cluster side as ``migrator.sides`` records it, from CLUSTER NODES text."""
+    topo = parse_nodes(text)
+    nodes = {n.id: {"address": n.address, "run_id": run_ids[n.id], "started_at": "2025-12-01T00:00:00.000Z",
+                    "uptime_s": 100, "keys": keys, "slots": format_ranges(n.slots)} for n in topo.primaries()}
+    total = keys * len(nodes)
+    return sides.Side(role, "redis://x", True, keys=total, dbs={"0": total}, probed_at=at,
+                      cluster={"view": topology_watch.view(topo), "nodes": nodes})
+
+
+FAILED_OVER = nodes_text(line(C, 7003, "primary", slots="0-8191"), line(B, 7002, "primary", slots="8192-16383"),
+                         line(A, 7001, "replica", C), line(D, 7004, "replica", B))
+
+
+def test_restarts_are_judged_per_cluster_node_and_a_promoted_replica_is_not_one():
+    """Same node id with another run_id is a restart naming the node; a replica promoted by a failover is not a restart."""
+    ids = {A: "r-a-1", B: "r-b-1", C: "r-c-1"}
+    then = cluster_side("target", BEFORE, ids)
+    again = cluster_side("target", BEFORE, {**ids, B: "r-b-2"}, keys=0)
+    [why] = sides.restarted_since({"target": again}, then.probed_at, {"target": then})
+    assert why.startswith("the target node bbbbbbbb at 127.0.0.1:7002 (slots 8192-16383) restarted (run_id r-b-1 → r-b-2")
+    assert "0 keys now, 10 then" in why
+    promoted = cluster_side("target", FAILED_OVER, ids)
+    assert sides.restarted_since({"target": promoted}, then.probed_at, {"target": then}) == []
+    assert [c.kind for c in sides.topology_changes({"target": promoted}, {"target": then})] == ["failover"]
+
+
+def test_a_check_is_voided_by_a_change_after_it_began_even_when_undone_but_not_by_one_it_already_saw(tmp_path):
+    """consistency's topology rule: a failover and failback journaled after the check began void it; a change journaled late, on the layout the check already ran on, does not."""
+    from migrator.data.gates import topology_since
+    from migrator.gates import GateContext
+    from migrator.state import State, now
+
+    pb = playbook.load(write_playbook(tmp_path / "m.yaml", "redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0"))
+    store = StateStore(pb.state_path, pb.name)
+    store.save(State(pb.name))
+    ids = {A: "ra", B: "rb", C: "rc"}
+    before, after = cluster_side("source", BEFORE, ids), cluster_side("source", FAILED_OVER, ids)
+    report = {"sides": {"source": before.to_json()}, "started_at": "2026-01-01T00:00:10.000Z"}
+
+    def ctx_now(side):
+        return GateContext(pb, store, store.load(), now(), _sides={"source": side})
+
+    assert topology_since(ctx_now(before), report, report["started_at"]) == ([], [])
+    for t, old, new in (("2026-01-01T00:00:20.000Z", before, after), ("2026-01-01T00:00:30.000Z", after, before)):
+        store.journal(topology_watch.EVENT, seen_at=t, views={"source": new.cluster["view"]},
+                      changes=[c.to_json() for c in sides.topology_changes({"source": new}, {"source": old})])
+    changes, slots = topology_since(ctx_now(before), report, report["started_at"])
+    assert [c["kind"] for c in changes] == ["failover"] and slots == [(0, 8191)]
+    # A check that began after the failover (recording it) is not voided by the journal's late record of it.
+    later = {"sides": {"source": after.to_json()}, "started_at": "2026-01-01T00:00:15.000Z"}
+    store2 = StateStore(tmp_path / "s2", pb.name)
+    store2.save(State(pb.name))
+    store2.journal(topology_watch.EVENT, seen_at="2026-01-01T00:00:20.000Z", views={"source": after.cluster["view"]},
+                   changes=[c.to_json() for c in sides.topology_changes({"source": after}, {"source": before})])
+    ctx2 = GateContext(pb, store2, store2.load(), now(), _sides={"source": after})
+    assert topology_since(ctx2, later, later["started_at"]) == ([], [])
+
+
 def test_replication_is_refused_for_sentinel_and_cluster_sides_with_the_reason(tmp_path):
     """auto decides dual-write for a Sentinel or cluster side, saying why; an explicit replication is refused (not ok)."""
     pb_path = write_playbook(tmp_path / "m.yaml", "redis://127.0.0.1:1/0", "", mirror={"strategy": "auto"},
