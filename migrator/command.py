@@ -166,16 +166,7 @@ def store_for(pb: Playbook) -> StateStore:
 
 def probe_server(ep: Endpoint, role: str) -> ServerInfo:
     """Identify a server read-only (INFO server); never raises for an unreachable server."""
-    quick = {"socket_timeout": ep.connect_timeout.total_seconds(), "retry": Retry(NoBackoff(), 0)}
-    if ep.kind == "sentinel":  # the primary the sentinels name now, not an address resolved earlier
-        from migrator.connect import connect
-
-        try:
-            c = connect(ep, role, **quick)
-        except UnreachableError as e:
-            return ServerInfo(role, ep.display, False, error=e.message)
-    else:
-        c = redis.Redis(**{**client_kwargs(ep), **quick})
+    c = redis.Redis(**{**client_kwargs(ep), "socket_timeout": ep.connect_timeout.total_seconds(), "retry": Retry(NoBackoff(), 0)})
     try:
         info = c.info("server")
     except (redis.exceptions.RedisError, OSError) as e:

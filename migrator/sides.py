@@ -46,10 +46,10 @@ class Side:
     uptime_s: int | None = None
     keys: int | None = None  # every database
     dbs: dict[str, int] = field(default_factory=dict)
-    probed_at: str = field(default_factory=lambda: iso(now()))
     # A cluster side: {"view": migrator.topology_watch.view(...), "nodes": {node id: {address,
     # run_id, started_at, uptime_s, keys, slots}}} for each live primary; keys/dbs are their sums.
     cluster: dict[str, Any] | None = None
+    probed_at: str = field(default_factory=lambda: iso(now()))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,23 +83,11 @@ def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
     not the client library's default of ten.
     """
     t = timeout if timeout is not None else ep.connect_timeout.total_seconds()
-    quick = {"socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
-    if getattr(ep, "kind", "server") == "sentinel":
-        # Through ``migrator.connect``, which asks the sentinels where the primary is now: an
-        # address resolved before a failover would probe the demoted primary.
-        from migrator.connect import connect
-        from migrator.errors import UnreachableError
-
-        try:
-            c = connect(ep, role, **quick)
-        except UnreachableError as e:
-            msg = e.message
-            return Side(role, ep.display, False, error=("authentication failed: " + msg) if "authentication" in msg else msg)
-    else:
-        c = redis.Redis(**{**client_kwargs(ep), **quick})
+    kw = {**client_kwargs(ep), "socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
+    c = redis.Redis(**kw)
     try:
         info = c.info("server")
-        keyspace = c.info("keyspace") if _mode(info) != "cluster" else {}
+        keyspace = c.info("keyspace")
     except (redis.exceptions.RedisError, OSError) as e:
         if ep.seeds and not isinstance(e, redis.exceptions.AuthenticationError):
             return _probe_cluster(ep, role, t)  # the URL's node is down: another seed may answer
@@ -109,8 +97,7 @@ def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
     if _mode(info) == "cluster":
         return _probe_cluster(ep, role, t)
     if _mode(info) == "sentinel":  # its keyspace is empty: counting it would look like a side that lost its data
-        return Side(role, ep.display, False, error=f"{c.connection_pool.connection_kwargs.get('host')}:"
-                    f"{c.connection_pool.connection_kwargs.get('port')} is a sentinel, not a data node")
+        return Side(role, ep.display, False, error="it answers as a sentinel, not as a data node")
     uptime = int(info.get("uptime_in_seconds", 0))
     dbs = {k[2:]: int(v.get("keys", 0)) for k, v in keyspace.items() if k.startswith("db") and isinstance(v, dict)}
     return Side(role, ep.display, True, run_id=str(info.get("run_id", "")) or None,
