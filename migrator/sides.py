@@ -128,13 +128,17 @@ def _probe_cluster(ep: Endpoint, role: str, t: float) -> Side:
             c.close()
     if topo is None:
         return Side(role, ep.display, False, error=f"no cluster node answered ({'; '.join(errors)})")
-    view = topology_watch.view(topo)
     nodes: dict[str, dict[str, Any]] = {}
     down = []
     for n in topo.primaries():
         c = redis.Redis(**{**cluster.node_kwargs(ep, n.host, n.port), **quick})
         try:
             info, keyspace = c.info("server"), c.info("keyspace")
+            if n.id != topo.seen_from:
+                # A slot's MIGRATING/IMPORTING marks show only in the views of the two nodes involved.
+                own = cluster.read_topology(c, connected_to=(n.host, n.port))
+                topo.migrating.update(own.migrating)
+                topo.importing.update(own.importing)
         except (redis.exceptions.RedisError, OSError) as e:
             down.append(f"primary {n.address} (node {n.id[:8]}, slots {cluster.format_ranges(n.slots)}): {_why(e)}")
             continue
@@ -145,6 +149,7 @@ def _probe_cluster(ep: Endpoint, role: str, t: float) -> Side:
         nodes[n.id] = {"address": n.address, "run_id": str(info.get("run_id", "")) or None,
                        "started_at": iso(now() - timedelta(seconds=uptime)), "uptime_s": uptime, "keys": keys,
                        "slots": cluster.format_ranges(n.slots)}
+    view = topology_watch.view(topo)
     detail = {"view": view, "nodes": nodes}
     if view["uncovered"]:
         down.append(f"slots {cluster.format_ranges(tuple(r) for r in view['uncovered'])} have no live primary "

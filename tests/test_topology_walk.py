@@ -189,6 +189,17 @@ def test_a_cluster_side_is_read_over_every_primary_and_decides_dual_write(cluste
         src.close()
         tgt.close()
 
+    # A reshard in flight between two nodes other than the URL's: only their own views mark the slot.
+    a, b = cl.owner(6000), cl.owner(12000)
+    assert cl.nodes[0] not in (a, b)
+    with contextlib.closing(cl.node_client(a)) as ac, contextlib.closing(cl.node_client(b)) as bc:
+        bc.execute_command("CLUSTER", "SETSLOT", 6000, "IMPORTING", cl.node_id(a))
+        ac.execute_command("CLUSTER", "SETSLOT", 6000, "MIGRATING", cl.node_id(b))
+    moving = sides.probe(pb.source, "source")
+    assert moving.cluster["view"]["migrating"] == [[6000, cl.node_id(a), cl.node_id(b)]]
+    [change] = sides.topology_changes({"source": moving}, {"source": side})
+    assert change.kind == "migrating" and change.slots == ((6000, 6000),)
+
     refused = playbook.load(write_playbook(tmp_path / "r.yaml", "", other.url, source=cl.endpoint(),
                                            mirror={"strategy": "replication"}))
     result = compat_run(refused)
