@@ -477,7 +477,9 @@ def test_whole_walk_through_the_shim_between_clusters_loses_no_acknowledged_writ
     seed.close()
     path = write_playbook(tmp_path / "m.yaml", "", "", source=src.endpoint(), target=tgt.endpoint(),
                           mirror={"strategy": "auto"},
-                          steps={"mirror": {"min_duration": "1s"}, "read_cutover": {"min_duration": "1s"},
+                          # (sections replace write_playbook's whole step: its test-load latency floor is kept)
+                          steps={"mirror": {"min_duration": "1s", "min_compared": 0, "latency_floor_ms": 1000},
+                                 "read_cutover": {"min_duration": "1s", "min_compared": 0, "latency_floor_ms": 1000},
                                  "write_cutover": {"rollback_window": "1s"}})
     pb = playbook.load(path)
     shim = demo.ShimProcess(path, tmp_path / "shim.log")
