@@ -531,6 +531,7 @@ def test_whole_walk_through_the_shim_between_clusters_loses_no_acknowledged_writ
         assert ledger.seen_nodes and not ledger.seen_nodes & servers_addr, ledger.seen_nodes
         rc = tgt.cluster_client()
         try:
+            print(f"ledger: {ledger.ops} acknowledged pushes, {len(ledger.errors)} errors, via {sorted(ledger.seen_nodes)}")
             assert ledger.ops > 200
             assert ledger.lost(rc) == []
             assert all(rc.get(f"seed:{i}") == str(i).encode() for i in range(500))
