@@ -56,3 +56,56 @@ def test_redis_cluster_client_works_through_the_shim_in_every_phase(cluster_fact
                 assert c.get(f"{p}:ctr49") == b"1"
                 assert c.mget(f"{{{p}}}:t1", f"{{{p}}}:t2") == [b"x", b"1"]
     assert env.stats().topology_changes == {} or sum(env.stats().topology_changes.values()) == 0
+
+
+def test_crossslot_is_answered_as_a_cluster_node_answers_it(cluster_factory, make_env):
+    """A multi-key command or script across slots gets exactly the error a real node gives, and changes neither side."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
+    target = cluster_factory("valkey-8.1", primaries=3, replicas=0)
+    env = make_env(source, target)
+    env.set_phase(Phase.MIRRORING)
+    assert key_slot("a") != key_slot("b")
+    shim = env.client()
+    node = source.node_client(source.primaries()[0])
+    try:
+        for cmd in (("MSET", "a", "1", "b", "2"), ("MGET", "a", "b"), ("EVAL", "return 1", "2", "a", "b")):
+            with pytest.raises(redis.ResponseError) as direct:
+                node.execute_command(*cmd)
+            with pytest.raises(redis.ResponseError) as through:
+                shim.execute_command(*cmd)
+            assert str(through.value) == str(direct.value) == "Keys in request don't hash to the same slot"
+        with pytest.raises(redis.ResponseError, match="SELECT is not allowed in cluster mode"):
+            shim.execute_command("SELECT", "1")
+    finally:
+        node.close()
+    for cl in (source, target):
+        with cl.cluster_client() as c:
+            assert c.exists("a", "b") == 0
+    assert env.stats().crossslot["source"] >= 3
+
+
+def test_standalone_source_to_cluster_target_counts_what_would_fail(server_factory, cluster_factory, make_env):
+    """A standalone source with a cluster target: plain clients keep working, every single-slot write reaches the target, and commands the target refuses with CROSSSLOT are counted and their keys dirty."""
+    source = server_factory("redis-7.0")
+    target = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    env = make_env(source, target)
+    env.set_phase(Phase.MIRRORING)
+    c = env.client()
+    for i in range(300):
+        c.set(f"k{i}", i)
+    assert c.mset({"a": 1, "b": 2})  # the source takes it; the target would refuse it
+    assert c.get("a") == b"1"
+    assert c.dbsize() == 302
+    env.flush()
+    with target.cluster_client() as tc:
+        assert all(tc.get(f"k{i}") == str(i).encode() for i in range(300))
+    assert env.stats().crossslot["target"] == 1
+    dirty = env.thread.call(lambda: env.thread.shim.dirty.is_dirty(0, [b"a"]))
+    assert dirty
+    env.set_phase(Phase.READS_ON_TARGET)
+    assert c.get("k5") == b"5"
+    env.set_phase(Phase.WRITES_ON_TARGET)
+    assert c.dbsize() == 300  # the target answers: DBSIZE summed over its primaries (MSET a b never reached it)
+    # SCAN walks every primary of the target with one composite cursor: each key once.
+    scanned = list(c.scan_iter("k1*", count=7))
+    assert sorted(scanned) == sorted(f"k{i}".encode() for i in range(300) if str(i).startswith("1"))
