@@ -109,3 +109,105 @@ def test_standalone_source_to_cluster_target_counts_what_would_fail(server_facto
     # SCAN walks every primary of the target with one composite cursor: each key once.
     scanned = list(c.scan_iter("k1*", count=7))
     assert sorted(scanned) == sorted(f"k{i}".encode() for i in range(300) if str(i).startswith("1"))
+
+
+class Ledger:
+    """A writer through the shim's facade (RedisCluster): every acknowledged write recorded."""
+
+    def __init__(self, env, prefix: str) -> None:
+        self.rc = _cluster_client(env)
+        self.prefix = prefix
+        self.acked: dict[str, int] = {}
+        self.errors = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            key = f"{self.prefix}:{i % 400}"
+            try:
+                self.rc.set(key, i)
+                self.acked[key] = i
+            except redis.RedisError:
+                self.errors += 1
+            i += 1
+
+    def __enter__(self) -> "Ledger":
+        self.thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+    def lost_on(self, cluster, dirty) -> list[str]:
+        """Acknowledged writes whose last value the cluster lacks (dirty keys excepted: repaired by sync)."""
+        with cluster.cluster_client() as c:
+            values = dict(zip(self.acked, c.mget_nonatomic(list(self.acked))))
+        return [k for k, v in self.acked.items()
+                if values[k] != str(v).encode() and not dirty(k)]
+
+
+def _dirty(env):
+    return lambda k: env.thread.call(lambda: env.thread.shim.dirty.is_dirty(0, [k.encode()]))
+
+
+@pytest.mark.parametrize("target_label", ["valkey-9.1", "valkey-8.1"])
+def test_a_slot_migrated_on_the_target_during_mirroring_loses_no_write(cluster_factory, make_env, target_label):
+    """A slot moved between target primaries while a writer runs through the shim: every acknowledged write is on both sides (or its key dirty) and the change is recorded."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=1)
+    target = cluster_factory(target_label, primaries=4, replicas=1)
+    env = make_env(source, target)
+    env.set_phase(Phase.MIRRORING)
+    with Ledger(env, "mig") as ledger:
+        slot = key_slot("mig:1")
+        owner = target.owner(slot)
+        dest = next(n for n in target.primaries() if n is not owner)
+        target.migrate_slot(slot, dest, batch=5)
+        time.sleep(1.5)
+    env.flush()
+    assert len(ledger.acked) >= 400
+    assert ledger.lost_on(source, lambda k: False) == []
+    assert ledger.lost_on(target, _dirty(env)) == []
+    status = env.thread.call(env.thread.shim.status)
+    assert status["topology_changes"]["target"] >= 1 and status["topology_changes"]["last"]
+    assert status["cluster"]["target"]["redirects"]["moved"] + status["cluster"]["target"]["redirects"]["ask"] >= 1
+
+
+def test_a_source_failover_during_reads_on_target_loses_no_write(cluster_factory, make_env):
+    """A source primary failed over (CLUSTER FAILOVER) while a writer runs in reads-on-target: 0 acknowledged writes lost on either side."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=1)
+    target = cluster_factory("valkey-9.1", primaries=4, replicas=1)
+    env = make_env(source, target)
+    env.walk_to(Phase.READS_ON_TARGET)
+    with Ledger(env, "fo") as ledger:
+        source.failover(source.owner(key_slot("fo:1")))
+        time.sleep(1.5)
+    env.flush()
+    assert len(ledger.acked) >= 400
+    assert ledger.lost_on(source, _dirty(env)) == []
+    assert ledger.lost_on(target, _dirty(env)) == []
+    assert env.thread.call(env.thread.shim.status)["topology_changes"]["source"] >= 1
+
+
+def test_the_core_answers_cluster_and_readonly_itself_when_a_side_is_a_cluster(tmp_path):
+    """With a cluster side, CLUSTER SLOTS/MYID/KEYSLOT and READONLY are answered by the shim (one node owning every slot) and sent to no side; COUNTKEYSINSLOT is forwarded."""
+    from migrator.shim.commands import SOURCE, TARGET
+    from migrator.shim.facade import Facade
+    from tests.test_shim_core import Core, resp
+
+    c = Core(tmp_path, Phase.MIRRORING)
+    c.host.facade = Facade("shim-1", ("127.0.0.1", 6380))
+    c.send(["CLUSTER", "SLOTS"], ["READONLY"], ["CLUSTER", "KEYSLOT", "foo"], ["CLUSTER", "MYID"])
+    out = c.answered()
+    node_id = c.host.facade.node_id
+    assert out == (b"*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:6380\r\n$40\r\n" + node_id + b"\r\n"
+                   + b"+OK\r\n" + b":%d\r\n" % key_slot("foo") + b"$40\r\n" + node_id + b"\r\n")
+    assert c.sent(SOURCE) == c.sent(TARGET) == b""
+    c.send(["CLUSTER", "COUNTKEYSINSLOT", "12182"])
+    assert c.sent(SOURCE) == resp(["CLUSTER", "COUNTKEYSINSLOT", "12182"])
+    c.send(["CLUSTER", "RESET"])
+    c.reply(SOURCE, b":0\r\n")
+    assert b"CLUSTER RESET is not supported through the shim" in c.answered()

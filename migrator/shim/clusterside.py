@@ -291,7 +291,7 @@ class RouterConn(asyncio.Protocol):
         self.authed = False
         self.nodes: dict[tuple[str, int], NodeConn] = {}
         self.connecting: dict[tuple[str, int], asyncio.Future] = {}
-        self.state: list[list[bytes]] = []  # HELLO / CLIENT SETNAME replayed on each node connection
+        self.state: dict[str, list[bytes]] = {}  # HELLO / CLIENT SETNAME replayed on each node connection
         self.inq: deque[list[bytes]] = deque()
         self.outq: asyncio.Queue = asyncio.Queue()
         self.wake = asyncio.Event()
@@ -388,7 +388,7 @@ class RouterConn(asyncio.Protocol):
         hs: list[list[bytes]] = []
         if ep.password:
             hs.append([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()])
-        hs.extend(self.state)
+        hs.extend(self.state.values())
         if hs:
             futs = [self.loop.create_future() for _ in hs]
             n.send(b"".join(encode(a) for a in hs), futs)
@@ -472,6 +472,9 @@ class RouterConn(asyncio.Protocol):
         if name in (b"auth", b"readonly", b"readwrite", b"asking"):
             self._answer(OK)  # reads go to the primaries: READONLY changes nothing here
             return
+        if name == b"reset":
+            await self._reset()
+            return
         if name == b"quit":
             self._answer(OK)
             self._put(("close", None))
@@ -539,12 +542,35 @@ class RouterConn(asyncio.Protocol):
         if replay and not is_error(raw):
             cmd = list(args)
             if cmd[0].lower() == b"hello":
+                if len(cmd) < 2:
+                    return raw  # HELLO alone changes nothing
+                if len(cmd) > 2 and b"setname" in (a.lower() for a in cmd):
+                    i = [a.lower() for a in cmd].index(b"setname")
+                    self.state["name"] = [b"CLIENT", b"SETNAME", cmd[i + 1]]
                 cmd = cmd[:2]  # AUTH / SETNAME options: the login is the playbook's
-            self.state.append(cmd)
+                self.state = {"hello": cmd, **{k: v for k, v in self.state.items() if k != "hello"}}
+            else:
+                self.state["name"] = cmd
             for addr, n in list(self.nodes.items()):
                 if addr != self._default() and n.lost is None:
                     n.send(encode(cmd), [None])
         return raw
+
+    async def _reset(self) -> None:
+        """RESET (the shim's connection pool): every node connection reset and logged in again."""
+        while self.owed:
+            await asyncio.sleep(0.001)
+        ep = self.side.ep
+        again = encode([b"RESET"])
+        if ep.password:
+            again += encode([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()])
+        for n in self.nodes.values():
+            n.send(again, [None, None] if ep.password else [None])
+        self.state.clear()
+        self.tx_node = self.tx_slot = self.tx_buffer = None
+        self.tx_abort = False
+        self.authed = False
+        self._answer(b"+RESET\r\n")
 
     async def _info(self, args: list[bytes]) -> bytes:
         """INFO from the owner of slot 0, with the router's own run_id (a failover must not look
