@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shim import redis_benchmark, set_phase  # noqa: E402
-from migrator import playbook, registry, servers  # noqa: E402
-from migrator.phases import Phase  # noqa: E402
-from tests import topologies  # noqa: E402
+from bench.shim import redis_benchmark, set_phase
+from migrator import playbook, registry, servers
+from migrator.phases import Phase
+from tests import topologies
 
 RUNS = {"pipelined": (16, 50), "unpipelined": (1, 50)}
 
@@ -90,7 +90,7 @@ def main() -> int:
             d = results["standalone"][run]["direct"][test]
             s = results["standalone"][run]["shim"][test]
             c = results["cluster"][run]["shim"][test]
-            cell = lambda r: f"{r['rps']:>9.0f} ({r['p50_ms']:.2f} / {r['p99_ms']:.2f})"  # noqa: E731
+            cell = lambda r: f"{r['rps']:>9.0f} ({r['p50_ms']:.2f} / {r['p99_ms']:.2f})"
             print(f"{run:<12} {test:<5} {cell(d):>24} {cell(s):>24} {cell(c):>24} {c['rps'] / s['rps']:>18.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

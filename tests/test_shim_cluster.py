@@ -133,7 +133,7 @@ class Ledger:
                 self.errors += 1
             i += 1
 
-    def __enter__(self) -> "Ledger":
+    def __enter__(self) -> Ledger:
         self.thread.start()
         time.sleep(0.3)
         return self

@@ -33,7 +33,8 @@ import hashlib
 import secrets
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -41,7 +42,16 @@ from migrator import cluster
 from migrator.connect import ssl_context
 from migrator.playbook import Endpoint
 from migrator.shim.entry import WRITE_LIKE
-from migrator.shim.resp import OK, Framer, ProtocolError, RequestParser, encode, error_reply, is_error, parse
+from migrator.shim.resp import (
+    OK,
+    Framer,
+    ProtocolError,
+    RequestParser,
+    encode,
+    error_reply,
+    is_error,
+    parse,
+)
 from migrator.state import iso, now
 
 REFRESH_INTERVAL = 1.0  # seconds between reads of the slot map with no redirect
@@ -234,17 +244,76 @@ class ClusterSide:
                 "crossslot_refused": self.crossslot}
 
 
-class NodeConn(asyncio.Protocol):
-    """One connection from a RouterConn to one node: replies are matched to futures in order."""
+LOST = b""  # a reply that will never come: the node connection was lost with it in flight
 
-    def __init__(self, owner: "RouterConn", addr: tuple[str, int]) -> None:
+
+class Reply:
+    """One command's place in a router connection's reply order."""
+
+    __slots__ = ("args", "combine", "followed", "on_reply", "parts", "raw", "releases")
+
+    def __init__(self, args: list[bytes] | None = None, raw: bytes | None = None) -> None:
+        self.args = args  # None: not to be retried on a redirect (answered here, or a combined reply)
+        self.raw = raw
+        self.parts: list[bytes | None] | None = None
+        self.combine: Callable | None = None  # parts (or the one reply) -> the reply
+        self.on_reply: Callable | None = None
+        self.releases = False  # a blocking command: later commands wait for it
+        self.followed = False
+
+    def set(self, frame: bytes) -> None:
+        if self.on_reply is not None:
+            self.on_reply(frame)
+        self.raw = self.combine([frame]) if self.combine is not None and frame is not LOST else frame
+
+    def part(self, i: int, frame: bytes) -> None:
+        self.parts[i] = frame
+        if all(p is not None for p in self.parts):
+            self.raw = LOST if any(p is LOST for p in self.parts) else self.combine(self.parts)
+
+
+class _Part:
+    __slots__ = ("i", "reply")
+
+    def __init__(self, reply: Reply, i: int) -> None:
+        self.reply, self.i = reply, i
+
+    def set(self, frame: bytes) -> None:
+        self.reply.part(self.i, frame)
+
+
+class _Fut:
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future) -> None:
+        self.fut = fut
+
+    def set(self, frame: bytes) -> None:
+        if not self.fut.done():
+            if frame is LOST:
+                self.fut.set_exception(NodeLost("connection lost"))
+            else:
+                self.fut.set_result(frame)
+
+
+class _NeedConnect(Exception):
+    def __init__(self, addrs: list[tuple[str, int]]) -> None:
+        super().__init__()
+        self.addrs = addrs
+
+
+class NodeConn(asyncio.Protocol):
+    """One connection from a RouterConn to one node: replies are matched to their waiters in order."""
+
+    def __init__(self, owner: RouterConn, addr: tuple[str, int]) -> None:
         self.owner = owner
         self.addr = addr
         self.transport: asyncio.Transport | None = None
         self.framer = Framer()
-        self.waiting: deque[asyncio.Future | None] = deque()  # None: a reply to drop (handshake, ASKING)
+        self.waiting: deque = deque()  # Reply / _Part / _Fut, or None: a reply to drop (handshake, ASKING)
         self.lost: str | None = None
         self.passthrough = False
+        self.out: list[bytes] = []
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -253,35 +322,51 @@ class NodeConn(asyncio.Protocol):
         if self.passthrough:
             self.owner.write(data)
             return
+        waiting = self.waiting
         for frame in self.framer.feed(data):
-            if frame[:1] == b">" and not self.waiting:
+            if not waiting:
                 continue  # a RESP3 push nobody asked for (invalidation...): not a reply
-            if not self.waiting:
-                continue
-            fut = self.waiting.popleft()
-            if fut is not None and not fut.done():
-                fut.set_result(frame)
+            w = waiting.popleft()
+            if w is not None:
+                w.set(frame)
+        self.owner.flush()
 
     def connection_lost(self, exc) -> None:
         self.lost = f"connection to {self.addr[0]}:{self.addr[1]} lost ({exc or 'closed by the node'})"
-        while self.waiting:
-            fut = self.waiting.popleft()
-            if fut is not None and not fut.done():
-                fut.set_exception(NodeLost(self.lost))
+        waiting, self.waiting = self.waiting, deque()
+        for w in waiting:
+            if w is not None:
+                w.set(LOST)
         self.owner.node_lost(self)
 
-    def send(self, payload: bytes, replies: list[asyncio.Future | None]) -> None:
-        if self.lost is not None or self.transport is None or self.transport.is_closing():
-            for f in replies:
-                if f is not None and not f.done():
-                    f.set_exception(NodeLost(self.lost or "connection closed"))
+    def usable(self) -> bool:
+        return self.lost is None and self.transport is not None and not self.transport.is_closing()
+
+    def queue(self, payload: bytes, waiter) -> None:
+        """Send ``payload`` at the end of this round (``RouterConn.send_batched``); ``waiter`` gets its reply."""
+        if not self.out:
+            self.owner.dirty_nodes.append(self)
+        self.out.append(payload)
+        self.waiting.append(waiter)
+
+    def send_now(self, payload: bytes, waiters: list) -> None:
+        if not self.usable():
+            for w in waiters:
+                if w is not None:
+                    w.set(LOST)
             return
-        self.waiting.extend(replies)
+        self.waiting.extend(waiters)
         self.transport.write(payload)
 
 
 class RouterConn(asyncio.Protocol):
-    """One connection from the shim to a cluster side."""
+    """One connection from the shim to a cluster side.
+
+    Commands are routed as they arrive, in order, without a round trip (``route``); each gets a
+    ``Reply`` in ``pending``, written back in order as soon as it and those before it are in
+    (``flush``). ``hold`` stops routing (later commands wait in ``held``) while something must
+    happen first: a node connection opening, a redirect followed, a blocking command, subscribing.
+    """
 
     def __init__(self, side: ClusterSide) -> None:
         self.side = side
@@ -292,25 +377,23 @@ class RouterConn(asyncio.Protocol):
         self.nodes: dict[tuple[str, int], NodeConn] = {}
         self.connecting: dict[tuple[str, int], asyncio.Future] = {}
         self.state: dict[str, list[bytes]] = {}  # HELLO / CLIENT SETNAME replayed on each node connection
-        self.inq: deque[list[bytes]] = deque()
-        self.outq: asyncio.Queue = asyncio.Queue()
-        self.wake = asyncio.Event()
-        self.unblocked = asyncio.Event()
-        self.unblocked.set()
+        self.pending: deque[Reply] = deque()
+        self.held: deque[list[bytes]] = deque()
+        self.hold = 0
+        self.dirty_nodes: list[NodeConn] = []
         self.tx_node: tuple[str, int] | None = None  # WATCH / MULTI pinned here
         self.tx_slot: int | None = None
         self.tx_buffer: list[list[bytes]] | None = None  # MULTI and keyless commands before its node is known
         self.tx_abort = False
         self.passthrough: NodeConn | None = None
         self.closed = False
-        self.tasks: list[asyncio.Task] = []
-        self.owed = 0  # commands taken whose reply is not written yet
+        self.tasks: set[asyncio.Task] = set()
+        self.connect_deadline: float | None = None
 
     # --- the shim's side -------------------------------------------------------------
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.side.conns.add(self)
-        self.tasks = [self.loop.create_task(self._dispatch_loop()), self.loop.create_task(self._reply_loop())]
 
     def data_received(self, data: bytes) -> None:
         if self.passthrough is not None:
@@ -319,12 +402,13 @@ class RouterConn(asyncio.Protocol):
         try:
             cmds = self.parser.feed(data)
         except ProtocolError as e:
+            self.flush()
             self.write(error_reply(f"ERR Protocol error: {e}"))
             self.close()
             return
         if cmds:
-            self.inq.extend(cmds)
-            self.wake.set()
+            self.held.extend(cmds)
+            self.resume()
 
     def connection_lost(self, exc) -> None:
         self.close()
@@ -338,9 +422,9 @@ class RouterConn(asyncio.Protocol):
             return
         self.closed = True
         self.side.conns.discard(self)
-        for t in self.tasks:
+        for t in list(self.tasks):
             t.cancel()
-        for n in self.nodes.values():
+        for n in list(self.nodes.values()):
             if n.transport is not None:
                 n.transport.close()
         if self.transport is not None:
@@ -351,13 +435,119 @@ class RouterConn(asyncio.Protocol):
             del self.nodes[n.addr]
         if n.passthrough:
             self.close()
+            return
+        self.flush()
         if not self.closed and not self.side.stopping:
-            self.loop.create_task(self.side.refresh("node connection lost"))
+            self._task(self.side.refresh("node connection lost"))
+
+    def _task(self, coro) -> None:
+        t = self.loop.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+
+    # --- the loop of a connection: route what can go, send, answer in order --------
+    def resume(self) -> None:
+        held = self.held
+        while held and not self.hold and not self.closed and self.passthrough is None:
+            args = held.popleft()
+            try:
+                self.route(args)
+            except _NeedConnect as e:
+                held.appendleft(args)  # nothing of it was sent: routed again once connected
+                self.hold += 1
+                self._task(self._connect(e.addrs))
+                break
+            except NodeLost as e:  # a slot no primary owns
+                self._local(b"-CLUSTERDOWN Hash slot not served (" + str(e).encode() + b")\r\n")
+            self.connect_deadline = None
+        self.send_batched()
+        self.flush()
+
+    def send_batched(self) -> None:
+        for n in self.dirty_nodes:
+            out, n.out = n.out, []
+            if n.usable():
+                n.transport.write(b"".join(out))
+            # (lost meanwhile: its waiters were failed by connection_lost)
+        self.dirty_nodes.clear()
+
+    def flush(self) -> None:
+        pending = self.pending
+        out: list[bytes] = []
+        while pending and pending[0].raw is not None:
+            r = pending[0]
+            raw = r.raw
+            if raw is LOST:
+                # What the shim would see from a server that went away: the connection drops
+                # (it marks the writes in flight dirty and reconnects).
+                self.write(b"".join(out))
+                self.side.log.warning("shim.cluster_node_lost", side=self.side.side_name,
+                                      error="a node connection was lost with commands in flight")
+                if not self.side.stopping:
+                    self._task(self.side.refresh("node lost"))
+                self.close()
+                return
+            if r.args is not None and not r.followed and raw[:1] == b"-" and _redirect(raw)[0]:
+                r.followed = True
+                r.raw = None
+                self.hold += 1  # nothing more is sent until the retries are done
+                self._task(self._follow(r, raw))
+                break
+            pending.popleft()
+            out.append(raw)
+            if r.releases:
+                self.hold -= 1
+        if out:
+            self.write(b"".join(out))
+        if not self.hold and self.held:
+            self.resume_soon()  # a blocking command returned: what waited behind it goes now
+
+    def resume_soon(self) -> None:
+        if not getattr(self, "_resume_scheduled", False):
+            self._resume_scheduled = True
+
+            def go():
+                self._resume_scheduled = False
+                self.resume()
+            self.loop.call_soon(go)
 
     # --- node connections -------------------------------------------------------------
+    def conn(self, addr: tuple[str, int]) -> NodeConn:
+        n = self.nodes.get(addr)
+        if n is None or not n.usable():
+            raise _NeedConnect([addr])
+        return n
+
+    def conns(self, addrs: list[tuple[str, int]]) -> list[NodeConn]:
+        missing = [a for a in addrs if a not in self.nodes or not self.nodes[a].usable()]
+        if missing:
+            raise _NeedConnect(missing)
+        return [self.nodes[a] for a in addrs]
+
+    async def _connect(self, addrs: list[tuple[str, int]]) -> None:
+        """Open the node connections the next command needs, then go on; a node that cannot be
+        reached is retried on the slot's owner as read again, within the budget."""
+        if self.connect_deadline is None:
+            self.connect_deadline = time.monotonic() + REDIRECT_BUDGET
+        try:
+            for a in addrs:
+                await self.node(a)
+        except CannotConnect as e:
+            if time.monotonic() > self.connect_deadline:
+                args = self.held.popleft()
+                self.connect_deadline = None
+                self._dirty_if_write(args, {"clusterdown"})
+                self._local(b"-CLUSTERDOWN " + str(e).encode() + b"\r\n")
+            else:
+                await asyncio.sleep(RETRY_SLEEP)
+                await self.side.refresh("node unreachable")
+        finally:
+            self.hold -= 1
+        self.resume()
+
     async def node(self, addr: tuple[str, int]) -> NodeConn:
         n = self.nodes.get(addr)
-        if n is not None and n.lost is None:
+        if n is not None and n.usable():
             return n
         fut = self.connecting.get(addr)
         if fut is None:
@@ -391,22 +581,25 @@ class RouterConn(asyncio.Protocol):
         hs.extend(self.state.values())
         if hs:
             futs = [self.loop.create_future() for _ in hs]
-            n.send(b"".join(encode(a) for a in hs), futs)
+            n.send_now(b"".join(encode(a) for a in hs), [_Fut(f) for f in futs])
             for a, f in zip(hs, futs):
-                raw = await f
+                try:
+                    raw = await f
+                except NodeLost:
+                    raise CannotConnect(f"{addr[0]}:{addr[1]} closed the connection during the handshake") from None
                 if is_error(raw) and a[0].upper() == b"AUTH":
                     n.transport.close()
                     raise CannotConnect(f"{addr[0]}:{addr[1]} refused the playbook's credentials: "
-                                   f"{raw[1:].strip().decode(errors='replace')}")
+                                        f"{raw[1:].strip().decode(errors='replace')}")
         return n
 
     async def call(self, addr: tuple[str, int], args: list[bytes], asking: bool = False) -> bytes:
         n = await self.node(addr)
         fut = self.loop.create_future()
         if asking:
-            n.send(encode([b"ASKING"]) + encode(args), [None, fut])
+            n.send_now(encode([b"ASKING"]) + encode(args), [None, _Fut(fut)])
         else:
-            n.send(encode(args), [fut])
+            n.send_now(encode(args), [_Fut(fut)])
         return await fut
 
     # --- routing ----------------------------------------------------------------------
@@ -424,36 +617,28 @@ class RouterConn(asyncio.Protocol):
             keys = self.side.classify(args).keys(args)
         if not keys:
             return None, True
-        slots = {cluster.key_slot(k) for k in keys}
-        return next(iter(slots)), len(slots) == 1
+        first = cluster.key_slot(keys[0])
+        for k in keys[1:]:
+            if cluster.key_slot(k) != first:
+                return first, False
+        return first, True
 
     def _default(self) -> tuple[str, int]:
         return self.side.owner(0)
 
-    async def _dispatch_loop(self) -> None:
-        while True:
-            while not self.inq:
-                self.wake.clear()
-                await self.wake.wait()
-            args = self.inq.popleft()
-            await self.unblocked.wait()
-            try:
-                await self._dispatch(args)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - one command's failure is its reply
-                self._answer(error_reply(f"ERR migrator shim: {e}"))
+    def _local(self, raw: bytes) -> None:
+        self.pending.append(Reply(None, raw))
 
-    def _put(self, item) -> None:
-        self.owed += 1
-        self.outq.put_nowait(item)
+    def _emit(self, n: NodeConn, args: list[bytes], r: Reply | None = None) -> Reply:
+        if r is None:
+            r = Reply(args)
+        self.pending.append(r)
+        n.queue(encode(args), r)
+        return r
 
-    def _answer(self, raw: bytes) -> None:
-        fut = self.loop.create_future()
-        fut.set_result(raw)
-        self._put((None, fut))
-
-    async def _dispatch(self, args: list[bytes]) -> None:
+    def route(self, args: list[bytes]) -> None:
+        """Send one command where it goes (or answer it here); raises _NeedConnect before sending
+        anything when a node connection it needs is not open yet."""
         name = args[0].lower()
         if name == b"hello":
             low = [a.lower() for a in args]
@@ -465,305 +650,291 @@ class RouterConn(asyncio.Protocol):
         if not self.authed:
             if name == b"auth" and args[-1].decode(errors="replace") == self.side.token:
                 self.authed = True
-                self._answer(OK)
+                self._local(OK)
             else:
-                self._answer(b"-NOAUTH Authentication required.\r\n")
+                self._local(b"-NOAUTH Authentication required.\r\n")
             return
         if name in (b"auth", b"readonly", b"readwrite", b"asking"):
-            self._answer(OK)  # reads go to the primaries: READONLY changes nothing here
+            self._local(OK)  # reads go to the primaries: READONLY changes nothing here
             return
         if name == b"reset":
-            await self._reset()
+            self._reset()
             return
         if name == b"quit":
-            self._answer(OK)
-            self._put(("close", None))
+            self._local(OK)
+            self.flush()
+            self.close()
             return
         if name == b"select":
-            self._answer(OK if len(args) == 2 and args[1] == b"0" else
-                         b"-ERR SELECT is not allowed in cluster mode\r\n")
+            self._local(OK if len(args) == 2 and args[1] == b"0" else b"-ERR SELECT is not allowed in cluster mode\r\n")
             return
         if name == b"hello" or (name == b"client" and len(args) == 3 and args[1].lower() == b"setname"):
-            raw = await self._on_every_node(args, replay=True)
-            self._put((None, _done(self.loop, raw)))
+            self._setting(args)
             return
         if name in _SUBSCRIBE:
-            await self._subscribe(args, name)
+            self._subscribe(args, name)
             return
         if self.tx_buffer is not None or name == b"multi":
-            await self._tx(args, name)
+            self._tx(args, name)
             return
         slot, one = self._slot_of(args)
         if not one:
             self.side.count_crossslot()
-            self._answer(CROSSSLOT)
+            self._local(CROSSSLOT)
             return
         if name == b"watch":
             if self.tx_slot is not None and slot != self.tx_slot:
                 self.side.count_crossslot()
-                self._answer(CROSSSLOT)
+                self._local(CROSSSLOT)
                 return
-            self.tx_slot, self.tx_node = slot, self.side.owner(slot)
-        elif name == b"unwatch" and self.tx_node is not None:
-            node = self.tx_node
+            node = self.conn(self.side.owner(slot))
+            self.tx_slot, self.tx_node = slot, node.addr
+            self._emit(node, args)
+            return
+        if name == b"unwatch" and self.tx_node is not None:
+            node = self.conn(self.tx_node)
             self.tx_slot = self.tx_node = None
-            self._put((args, self._send(node, args)))
+            self._emit(node, args)
             return
         if slot is None:
-            if name == b"dbsize" or name == b"keys" or name == b"scan" or name in _ALL_PRIMARIES or (
+            if name in (b"dbsize", b"keys") or name in _ALL_PRIMARIES or (
                     len(args) > 1 and (name, args[1].lower()) in _ALL_PRIMARIES_SUB):
-                self._put((None, self.loop.create_task(self._fan_out(args, name))))
+                self._fan_out(args, name)
                 return
+            if name == b"scan":
+                self._scan(args)
+                return
+            node = self.conn(self.tx_node or self._default())
+            r = Reply(None if self.tx_node else args)
             if name == b"info":
-                self._put((None, self.loop.create_task(self._info(args))))
-                return
-            node = self.tx_node or self._default()
-        else:
-            node = self.tx_node if self.tx_node is not None else self.side.owner(slot)
-        fut = self._send(node, args)
-        self._put((args, fut))
+                r.combine = lambda frames: self._info(frames[0])
+            self._emit(node, args, r)
+            return
+        r = self._emit(self.conn(self.tx_node if self.tx_node is not None else self.side.owner(slot)), args)
         if name in _BLOCKING or (name in (b"xread", b"xreadgroup") and any(a.lower() == b"block" for a in args)):
             # A server serves nothing else on a connection while a command blocks it.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(fut)
+            r.releases = True
+            self.hold += 1
 
-    def _send(self, node: tuple[str, int], args: list[bytes]) -> asyncio.Future:
-        n = self.nodes.get(node)
-        if n is not None and n.lost is None:
-            fut = self.loop.create_future()
-            n.send(encode(args), [fut])
-            return fut
-        return self.loop.create_task(self.call(node, args))
-
-    async def _on_every_node(self, args: list[bytes], replay: bool) -> bytes:
+    def _setting(self, args: list[bytes]) -> None:
         """A connection setting (HELLO, CLIENT SETNAME): on every node connection open, and
         replayed on those opened later; the reply is the default node's."""
-        raw = await self.call(self._default(), args)
-        if replay and not is_error(raw):
-            cmd = list(args)
-            if cmd[0].lower() == b"hello":
-                if len(cmd) < 2:
-                    return raw  # HELLO alone changes nothing
-                if len(cmd) > 2 and b"setname" in (a.lower() for a in cmd):
-                    i = [a.lower() for a in cmd].index(b"setname")
-                    self.state["name"] = [b"CLIENT", b"SETNAME", cmd[i + 1]]
-                cmd = cmd[:2]  # AUTH / SETNAME options: the login is the playbook's
-                self.state = {"hello": cmd, **{k: v for k, v in self.state.items() if k != "hello"}}
+        default = self.conn(self._default())
+        cmd = list(args)
+        name = cmd[0].lower()
+
+        def accepted(frame: bytes) -> None:
+            if frame is LOST or is_error(frame):
+                return
+            if name == b"hello":
+                low = [a.lower() for a in cmd]
+                if b"setname" in low:
+                    self.state["name"] = [b"CLIENT", b"SETNAME", cmd[low.index(b"setname") + 1]]
+                if len(cmd) >= 2:
+                    self.state = {"hello": cmd[:2], **{k: v for k, v in self.state.items() if k != "hello"}}
             else:
                 self.state["name"] = cmd
-            for addr, n in list(self.nodes.items()):
-                if addr != self._default() and n.lost is None:
-                    n.send(encode(cmd), [None])
-        return raw
 
-    async def _reset(self) -> None:
-        """RESET (the shim's connection pool): every node connection reset and logged in again."""
-        while self.owed:
-            await asyncio.sleep(0.001)
-        ep = self.side.ep
-        again = encode([b"RESET"])
-        if ep.password:
-            again += encode([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()])
+        r = Reply(None)
+        r.on_reply = accepted
+        self._emit(default, args, r)
         for n in self.nodes.values():
-            n.send(again, [None, None] if ep.password else [None])
+            if n is not default and n.usable():
+                n.queue(encode(args), None)
+
+    def _reset(self) -> None:
+        """RESET (the shim's connection pool): every node connection reset and logged in again."""
+        ep = self.side.ep
+        auth = [b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()] if ep.password else None
+        for n in self.nodes.values():
+            if n.usable():
+                n.queue(encode([b"RESET"]), None)
+                if auth:
+                    n.queue(encode(auth), None)
         self.state.clear()
         self.tx_node = self.tx_slot = self.tx_buffer = None
         self.tx_abort = False
         self.authed = False
-        self._answer(b"+RESET\r\n")
+        self._local(b"+RESET\r\n")
 
-    async def _info(self, args: list[bytes]) -> bytes:
+    def _info(self, raw: bytes) -> bytes:
         """INFO from the owner of slot 0, with the router's own run_id (a failover must not look
         like a restart of the whole side; see docs/shim.md)."""
-        raw = await self.call(self._default(), args)
-        if raw.find(b"run_id:") < 0 or is_error(raw):
+        if is_error(raw) or raw.find(b"run_id:") < 0:
             return raw
         text = _bulk_text(raw)
         j = text.find(b"run_id:")
         end = text.find(b"\r\n", j)
-        text = text[:j] + b"run_id:" + self.side.run_id + text[end:]
-        return _as_reply(raw, text)
+        return _as_reply(raw, text[:j] + b"run_id:" + self.side.run_id + text[end:])
 
-    async def _fan_out(self, args: list[bytes], name: bytes) -> bytes:
-        primaries = self.side.primaries()
-        if name == b"scan":
-            return await self._scan(args, primaries)
-        replies = await asyncio.gather(*(self.call(a, args) for a in primaries))
-        errors = [r for r in replies if is_error(r)]
-        if errors:
-            return errors[0]
-        if name == b"dbsize":
-            return b":%d\r\n" % sum(parse(r) for r in replies)
-        if name == b"keys":
-            keys = [k for r in replies for k in parse(r)]
-            return b"*%d\r\n" % len(keys) + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys)
-        return replies[0]
+    def _fan_out(self, args: list[bytes], name: bytes) -> None:
+        nodes = self.conns(self.side.primaries())
+        r = Reply(None)
+        r.parts = [None] * len(nodes)
 
-    async def _scan(self, args: list[bytes], primaries: list[tuple[str, int]]) -> bytes:
+        def combine(replies: list[bytes]) -> bytes:
+            errors = [x for x in replies if is_error(x)]
+            if errors:
+                return errors[0]
+            if name == b"dbsize":
+                return b":%d\r\n" % sum(parse(x) for x in replies)
+            if name == b"keys":
+                keys = [k for x in replies for k in parse(x)]
+                return b"*%d\r\n" % len(keys) + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys)
+            return replies[0]
+
+        r.combine = combine
+        self.pending.append(r)
+        payload = encode(args)
+        for i, n in enumerate(nodes):
+            n.queue(payload, _Part(r, i))
+
+    def _scan(self, args: list[bytes]) -> None:
         """SCAN over the primaries in slot order: cursor = node cursor * 1024 + node index."""
+        primaries = self.side.primaries()
         try:
             composite = int(args[1])
         except (IndexError, ValueError):
-            return b"-ERR invalid cursor\r\n"
+            self._local(b"-ERR invalid cursor\r\n")
+            return
         index, cursor = composite % 1024, composite // 1024
         if index >= len(primaries):
-            return b"*2\r\n$1\r\n0\r\n*0\r\n"
-        raw = await self.call(primaries[index], [args[0], str(cursor).encode(), *args[2:]])
-        if is_error(raw):
-            return raw
-        nxt, keys = parse(raw)
-        nxt = int(nxt)
-        if nxt == 0:
-            index, nxt = index + 1, 0
-            if index >= len(primaries):
-                index = 0
-                out = b"0"
+            self._local(b"*2\r\n$1\r\n0\r\n*0\r\n")
+            return
+        node = self.conn(primaries[index])
+        r = Reply(None)
+
+        def combine(frames: list[bytes]) -> bytes:
+            raw = frames[0]
+            if is_error(raw):
+                return raw
+            nxt, keys = parse(raw)
+            nxt = int(nxt)
+            if nxt:
+                out = str(nxt * 1024 + index).encode()
             else:
-                out = str(index).encode()
-        else:
-            out = str(nxt * 1024 + index).encode()
-        return (b"*2\r\n$%d\r\n%s\r\n" % (len(out), out) + b"*%d\r\n" % len(keys)
-                + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys))
+                out = b"0" if index + 1 >= len(primaries) else str(index + 1).encode()
+            return (b"*2\r\n$%d\r\n%s\r\n" % (len(out), out) + b"*%d\r\n" % len(keys)
+                    + b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in keys))
 
-    async def _subscribe(self, args: list[bytes], name: bytes) -> None:
-        """Pub/sub: wait for the replies before it, then pass this connection's bytes through to
-        one node (the channel's slot owner for SSUBSCRIBE; the owner of slot 0 otherwise)."""
-        while self.owed:
-            await asyncio.sleep(0.001)
+        r.combine = combine
+        self._emit(node, [args[0], str(cursor).encode(), *args[2:]], r)
+
+    def _subscribe(self, args: list[bytes], name: bytes) -> None:
+        """Pub/sub: once the replies before it are written, pass this connection's bytes through
+        to one node (the channel's slot owner for SSUBSCRIBE; the owner of slot 0 otherwise)."""
         addr = self.side.owner(cluster.key_slot(args[1])) if name == b"ssubscribe" and len(args) > 1 else self._default()
-        n = await self.node(addr)
-        self.passthrough = n
-        n.passthrough = True
-        rest = [args, *self.inq]
-        self.inq.clear()
-        n.transport.write(b"".join(encode(a) for a in rest))
+        n = self.conn(addr)
+        self.hold += 1  # for good: the connection is the node's from now on
+        rest = [args, *self.held]
+        self.held.clear()
 
-    async def _tx(self, args: list[bytes], name: bytes) -> None:
+        async def switch() -> None:
+            while self.pending:
+                await asyncio.sleep(0.001)
+            self.passthrough = n
+            n.passthrough = True
+            n.transport.write(b"".join(encode(a) for a in rest))
+
+        self._task(switch())
+
+    def _tx(self, args: list[bytes], name: bytes) -> None:
         """MULTI ... EXEC on the node of the transaction's first key (or the WATCHed key's)."""
         if name == b"multi":
             if self.tx_buffer is not None:
-                self._answer(b"-ERR MULTI calls can not be nested\r\n")
+                self._local(b"-ERR MULTI calls can not be nested\r\n")
+                return
+            if self.tx_node is not None:
+                n = self.conn(self.tx_node)
+                self._local(OK)
+                n.queue(encode(args), None)
+                self.tx_buffer, self.tx_abort = [], False
                 return
             self.tx_buffer, self.tx_abort = [args], False
-            self._answer(OK)
-            if self.tx_node is not None:
-                self._send(self.tx_node, args).add_done_callback(_ignore)
-                self.tx_buffer = []
+            self._local(OK)
             return
         if name in (b"exec", b"discard"):
+            node = self.conn(self.tx_node or self._default())
             buffered, self.tx_buffer = self.tx_buffer, None
-            node, abort = self.tx_node, self.tx_abort
+            pinned, abort = self.tx_node, self.tx_abort
             self.tx_node = self.tx_slot = None
             self.tx_abort = False
-            if node is None:
-                node = self._default()
+            if pinned is None:
                 for a in buffered:
-                    self._send(node, a).add_done_callback(_ignore)
+                    node.queue(encode(a), None)
             if abort:
-                self._send(node, [b"DISCARD"]).add_done_callback(_ignore)
-                self._answer(b"-EXECABORT Transaction discarded because of previous errors.\r\n"
-                             if name == b"exec" else OK)
+                node.queue(encode([b"DISCARD"]), None)
+                self._local(b"-EXECABORT Transaction discarded because of previous errors.\r\n" if name == b"exec" else OK)
                 return
-            self._put((None, self._send(node, args)))
+            self._emit(node, args, Reply(None))
             return
         slot, one = self._slot_of(args)
         if not one or (slot is not None and self.tx_slot is not None and slot != self.tx_slot):
             self.side.count_crossslot()
             self.tx_abort = True
-            self._answer(CROSSSLOT)
+            self._local(CROSSSLOT)
             return
         if slot is not None and self.tx_node is None:
-            self.tx_slot, self.tx_node = slot, self.side.owner(slot)
+            n = self.conn(self.side.owner(slot))
+            self.tx_slot, self.tx_node = slot, n.addr
             for a in self.tx_buffer:
-                self._send(self.tx_node, a).add_done_callback(_ignore)
+                n.queue(encode(a), None)
             self.tx_buffer = []
         if self.tx_node is None:
             self.tx_buffer.append(args)
-            self._answer(_QUEUED)
+            self._local(_QUEUED)
             return
-        self._put((None, self._send(self.tx_node, args)))
+        self._emit(self.conn(self.tx_node), args, Reply(None))
 
-    # --- replies, in order ----------------------------------------------------------
-    async def _reply_loop(self) -> None:
-        while True:
-            args, fut = await self.outq.get()
-            if args == "close":
-                self.close()
-                return
-            try:
-                try:
-                    raw = await fut
-                except CannotConnect as e:
-                    if args is None:
-                        raise
-                    self.unblocked.clear()  # nothing was sent: retried on the slot's owner as read again
-                    raw = await self._follow(args, b"-CLUSTERDOWN " + str(e).encode() + b"\r\n")
-                else:
-                    if args is not None and _redirect(raw)[0]:
-                        self.unblocked.clear()  # nothing more is sent until the retries are done
-                        raw = await self._follow(args, raw)
-            except NodeLost as e:
-                # What the shim would see from a server that went away: the connection drops
-                # (it marks the writes in flight dirty and reconnects).
-                self.side.log.warning("shim.cluster_node_lost", side=self.side.side_name, error=str(e))
-                if not self.side.stopping:
-                    self.loop.create_task(self.side.refresh("node lost"))
-                self.close()
-                return
-            self.write(raw)
-            self.owed -= 1
-            if self.owed == 0:
-                self.unblocked.set()
-
-    async def _follow(self, args: list[bytes], raw: bytes) -> bytes:
+    # --- redirects -------------------------------------------------------------------
+    async def _follow(self, r: Reply, raw: bytes) -> None:
         """Follow MOVED/ASK/TRYAGAIN/CLUSTERDOWN within the budget; the command's keys are dirty."""
         side = self.side
+        args = r.args
         deadline = time.monotonic() + REDIRECT_BUDGET
-        kinds = set()
-        for _ in range(MAX_REDIRECTS):
-            kind, addr = _redirect(raw)
-            if not kind:
-                break
-            kinds.add(kind)
-            side.redirects[kind] += 1
-            if side.stats is not None:
-                side.stats.cluster_redirects[(side.side_name, kind)] += 1
-            if time.monotonic() > deadline:
-                break
-            try:
-                if kind == "moved":
-                    await side.refresh("MOVED")
-                    raw = await self.call(addr, args)
-                elif kind == "ask":
-                    raw = await self.call(addr, args, asking=True)
-                else:
-                    await asyncio.sleep(RETRY_SLEEP)
-                    await side.refresh(kind.upper())
-                    slot, _one = self._slot_of(args)
-                    raw = await self.call(side.owner(slot) if slot is not None else self._default(), args)
-            except CannotConnect as e:
-                raw = b"-CLUSTERDOWN " + str(e).encode() + b"\r\n"
-        c = side.classify(args)
+        kinds: set[str] = set()
+        try:
+            for _ in range(MAX_REDIRECTS):
+                kind, addr = _redirect(raw)
+                if not kind:
+                    break
+                kinds.add(kind)
+                side.redirects[kind] += 1
+                if side.stats is not None:
+                    side.stats.cluster_redirects[(side.side_name, kind)] += 1
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    if kind == "moved":
+                        await side.refresh("MOVED")
+                        raw = await self.call(addr, args)
+                    elif kind == "ask":
+                        raw = await self.call(addr, args, asking=True)
+                    else:
+                        await asyncio.sleep(RETRY_SLEEP)
+                        await side.refresh(kind.upper())
+                        slot, _one = self._slot_of(args)
+                        raw = await self.call(side.owner(slot) if slot is not None else self._default(), args)
+                except CannotConnect as e:
+                    raw = b"-CLUSTERDOWN " + str(e).encode() + b"\r\n"
+            self._dirty_if_write(args, kinds)
+            if _redirect(raw)[0] in ("moved", "ask"):
+                # Never hand a node's address to the client: it would bypass the shim.
+                raw = b"-TRYAGAIN migrator shim: the slot is moving in the " + side.side_name.encode() + b"; retry\r\n"
+        except NodeLost:
+            raw = LOST
+        r.raw = raw
+        self.hold -= 1
+        self.flush()
+        self.resume()
+
+    def _dirty_if_write(self, args: list[bytes], kinds: set[str]) -> None:
+        c = self.side.classify(args)
         if c.cls in WRITE_LIKE:
             keys = c.keys(args)
             if keys:
-                side.on_dirty(keys, f"{side.side_name}-slot-in-flight ({'/'.join(sorted(kinds))})", args[0].lower())
-        kind, _ = _redirect(raw)
-        if kind in ("moved", "ask"):
-            # Never hand a node's address to the client: it would bypass the shim.
-            return b"-TRYAGAIN migrator shim: the slot is moving in the " + side.side_name.encode() + b"; retry\r\n"
-        return raw
-
-
-def _done(loop, raw: bytes) -> asyncio.Future:
-    f = loop.create_future()
-    f.set_result(raw)
-    return f
-
-
-def _ignore(f: asyncio.Future) -> None:
-    if not f.cancelled():
-        f.exception()
+                self.side.on_dirty(keys, f"{self.side.side_name}-slot-in-flight ({'/'.join(sorted(kinds))})",
+                                   args[0].lower())
 
 
 def _bulk_text(raw: bytes) -> bytes:
@@ -775,5 +946,6 @@ def _bulk_text(raw: bytes) -> bytes:
 
 def _as_reply(raw: bytes, text: bytes) -> bytes:
     if raw[:1] == b"=":
-        return b"=%d\r\n%s%s\r\n" % (len(text) + 4, raw[raw.find(b"\r\n") + 2 : raw.find(b"\r\n") + 6], text)
+        eol = raw.find(b"\r\n")
+        return b"=%d\r\n%s%s\r\n" % (len(text) + 4, raw[eol + 2 : eol + 6], text)
     return b"$%d\r\n%s\r\n" % (len(text), text)
