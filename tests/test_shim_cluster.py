@@ -161,16 +161,41 @@ def test_a_slot_migrated_on_the_target_during_mirroring_loses_no_write(cluster_f
     target = cluster_factory(target_label, primaries=4, replicas=1)
     env = make_env(source, target)
     env.set_phase(Phase.MIRRORING)
+    slot = key_slot("mig:1")
+    counter = "{mig:1}:counter"  # in the slot that moves: pipelined INCRs, none lost, none applied twice
+    incrs = {"acked": 0}
+    stop = threading.Event()
+
+    def incr() -> None:
+        rc = _cluster_client(env)
+        while not stop.is_set():
+            pipe = rc.pipeline(transaction=False)
+            for _ in range(10):
+                pipe.incr(counter)
+            try:
+                pipe.execute()
+                incrs["acked"] += 10
+            except redis.RedisError:
+                pass
+
+    t = threading.Thread(target=incr, daemon=True)
     with Ledger(env, "mig") as ledger:
-        slot = key_slot("mig:1")
+        t.start()
         owner = target.owner(slot)
         dest = next(n for n in target.primaries() if n is not owner)
         target.migrate_slot(slot, dest, batch=5)
+        counter_slot = key_slot(counter)
+        target.migrate_slot(counter_slot, next(n for n in target.primaries() if n is not target.owner(counter_slot)))
         time.sleep(1.5)
+        stop.set()
+        t.join(30)
     env.flush()
-    assert len(ledger.acked) >= 400
+    assert len(ledger.acked) >= 400 and incrs["acked"] >= 100
     assert ledger.lost_on(source, lambda k: False) == []
     assert ledger.lost_on(target, _dirty(env)) == []
+    with source.cluster_client() as sc, target.cluster_client() as tc:
+        assert int(sc.get(counter)) == incrs["acked"]
+        assert int(tc.get(counter)) == incrs["acked"] or _dirty(env)(counter)
     status = env.thread.call(env.thread.shim.status)
     assert status["topology_changes"]["target"] >= 1 and status["topology_changes"]["last"]
     assert status["cluster"]["target"]["redirects"]["moved"] + status["cluster"]["target"]["redirects"]["ask"] >= 1
@@ -211,3 +236,41 @@ def test_the_core_answers_cluster_and_readonly_itself_when_a_side_is_a_cluster(t
     c.send(["CLUSTER", "RESET"])
     c.reply(SOURCE, b":0\r\n")
     assert b"CLUSTER RESET is not supported through the shim" in c.answered()
+
+
+def test_blocking_pubsub_watch_and_scripts_in_one_slot_work_through_the_facade(cluster_factory, make_env):
+    """BLPOP woken by a push, WATCH/MULTI/EXEC, EVAL with keys in one slot, SCRIPT LOAD + EVALSHA and SUBSCRIBE/PUBLISH work through the shim with clusters on both sides."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
+    target = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    env = make_env(source, target)
+    env.set_phase(Phase.MIRRORING)
+    c = env.client()
+    popped: list = []
+    t = threading.Thread(target=lambda: popped.append(env.client().blpop(["{q}:list"], timeout=10)))
+    t.start()
+    time.sleep(0.3)
+    c.rpush("{q}:list", "job")
+    t.join(15)
+    assert popped == [(b"{q}:list", b"job")]
+    w = env.client()
+    with w.pipeline() as p:
+        p.watch("{w}:a")
+        p.multi()
+        p.set("{w}:a", "1").incr("{w}:b")
+        assert p.execute() == [True, 1]
+    assert c.eval("redis.call('SET', KEYS[1], ARGV[1]); return redis.call('GET', KEYS[2])", 2, "{s}:x", "{s}:y", "v") is None
+    sha = c.script_load("return redis.call('INCR', KEYS[1])")
+    assert c.evalsha(sha, 1, "{s}:n") == 1
+    sub = env.client().pubsub()
+    sub.subscribe("news")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    assert c.publish("news", "hello") >= 1
+    msg = sub.get_message(timeout=5)
+    assert msg is not None and msg["data"] == b"hello"
+    sub.close()
+    env.flush()
+    for cl in (source, target):
+        with cl.cluster_client() as cc:
+            assert cc.llen("{q}:list") == 0
+            assert cc.mget("{w}:a", "{w}:b") == [b"1", b"1"]
+            assert cc.mget("{s}:x", "{s}:n") == [b"v", b"1"]
