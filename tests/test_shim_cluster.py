@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Self
 
 import pytest
 import redis
@@ -138,7 +139,7 @@ class Ledger:
                 self.errors += 1
             i += 1
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         self.thread.start()
         time.sleep(0.3)
         return self

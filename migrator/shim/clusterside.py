@@ -100,7 +100,7 @@ def _redirect(raw: bytes) -> tuple[str, tuple[str, int] | None]:
     if not raw or raw[0] != 45:  # '-'
         return "", None
     head = raw[1:12].upper()
-    if head.startswith(b"MOVED ") or head.startswith(b"ASK "):
+    if head.startswith((b"MOVED ", b"ASK ")):
         parts = raw[1:].split()
         host, _, port = parts[2].decode().rpartition(":")
         return ("moved" if head.startswith(b"MOVED") else "ask"), (host, int(port))
@@ -244,7 +244,7 @@ class ClusterSide:
                 "crossslot_refused": self.crossslot}
 
 
-LOST = b""  # a reply that will never come: the node connection was lost with it in flight
+LOST = b"\x00lost"  # (compared by identity) a reply that will never come: its node connection was lost
 
 
 class Reply:

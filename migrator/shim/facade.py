@@ -29,9 +29,9 @@ def _arr(items: list[bytes]) -> bytes:
 
 
 class Facade:
-    def __init__(self, shim_id: str, address: tuple[str, int]) -> None:
-        self.node_id = hashlib.sha1(f"migrator-shim:{shim_id}".encode()).hexdigest().encode()
-        self.shard_id = hashlib.sha1(f"migrator-shard:{shim_id}".encode()).hexdigest().encode()
+    def __init__(self, name: str, address: tuple[str, int]) -> None:
+        self.node_id = hashlib.sha1(f"migrator-shim:{name}".encode()).hexdigest().encode()
+        self.shard_id = hashlib.sha1(f"migrator-shard:{name}".encode()).hexdigest().encode()
         self.address = address
 
     def answer(self, args: list[bytes], addr: tuple[str, int] | None = None) -> bytes | None:

@@ -304,7 +304,8 @@ class Shim:
                     reuse_port=self.reuse_port or None, reuse_address=True)
             self.address = self._server.sockets[0].getsockname()[:2]
             if any(self.clusters):
-                self.facade = Facade(self.id, self.address)
+                # One id for every worker and restart of this shim address (clients compare ids).
+                self.facade = Facade(f"{self.playbook.name}@{self.listen}", self.address)
             # Loading the command tables took a while: a phase change or a write-switch barrier
             # written meanwhile applies before the first client is served.
             self._apply_state(self._read_state(force=True))
