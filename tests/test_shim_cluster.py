@@ -280,3 +280,26 @@ def test_blocking_pubsub_watch_and_scripts_in_one_slot_work_through_the_facade(c
             assert cc.llen("{q}:list") == 0
             assert cc.mget("{w}:a", "{w}:b") == [b"1", b"1"]
             assert cc.mget("{s}:x", "{s}:n") == [b"v", b"1"]
+
+
+def test_a_target_node_killed_during_mirroring_leaves_the_application_served_and_its_writes_dirty(
+        cluster_factory, make_env):
+    """A target primary killed (no replica to take over) while a writer runs in mirroring: the application keeps getting the source's answers, and the writes the target could not take are dirty, not lost."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=0, password="s3cret")
+    target = cluster_factory("valkey-9.1", primaries=3, replicas=0, password="s3cret")
+    env = make_env(source, target)
+    env.set_phase(Phase.MIRRORING)
+    victim = target.owner(key_slot("dead:1"))
+    (lo, hi), = next(s["slots"] for s in target.shards() if s["primary"] is victim)
+    with Ledger(env, "dead") as ledger:
+        victim.proc.kill()
+        victim.proc.wait(10)
+        time.sleep(1.2)
+    env.flush()
+    assert ledger.errors == 0  # the source answers in mirroring
+    assert ledger.lost_on(source, lambda k: False) == []
+    dirty = _dirty(env)
+    orphaned = [k for k in ledger.acked if lo <= key_slot(k) <= hi]
+    assert orphaned and all(dirty(k) for k in orphaned)
+    assert env.thread.call(env.thread.shim.status)["sides"]["source"]["up"]
+
