@@ -32,9 +32,13 @@ def test_redis_cluster_client_works_through_the_shim_in_every_phase(cluster_fact
     source = cluster_factory("redis-7.0", primaries=3, replicas=1)
     target = cluster_factory("valkey-9.1", primaries=4, replicas=1)
     env = make_env(source, target)
-    env.set_phase(Phase.MIRRORING)
     rc = _cluster_client(env)
     assert [(n.host, n.port) for n in rc.get_nodes()] == [("127.0.0.1", env.port)]
+    # planned: the source alone, on the shim's shared connections to its router
+    assert rc.set("planned:k", "p") and rc.get("planned:k") == b"p"
+    with source.cluster_client() as c:
+        assert c.get("planned:k") == b"p"
+    env.set_phase(Phase.MIRRORING)
     for phase in (Phase.MIRRORING, Phase.READS_ON_TARGET, Phase.WRITES_ON_TARGET):
         if phase is not Phase.MIRRORING:
             env.set_phase(phase)
@@ -56,6 +60,10 @@ def test_redis_cluster_client_works_through_the_shim_in_every_phase(cluster_fact
                 assert c.get(f"{p}:k199") == b"199"
                 assert c.get(f"{p}:ctr49") == b"1"
                 assert c.mget(f"{{{p}}}:t1", f"{{{p}}}:t2") == [b"x", b"1"]
+    env.set_phase(Phase.COMPLETED)
+    assert rc.set("completed:k", "c") and rc.get("completed:k") == b"c"
+    with target.cluster_client() as c:
+        assert c.get("completed:k") == b"c"
     assert env.stats().topology_changes == {} or sum(env.stats().topology_changes.values()) == 0
 
 
