@@ -282,12 +282,23 @@ def test_blocking_pubsub_watch_and_scripts_in_one_slot_work_through_the_facade(c
     msg = sub.get_message(timeout=5)
     assert msg is not None and msg["data"] == b"hello"
     sub.close()
+    # The same connection subscribes, unsubscribes, then reads and writes keys in every slot.
+    conn = env.client(protocol=2).connection_pool.get_connection()
+    conn.send_command("SUBSCRIBE", "news")
+    assert conn.read_response()[0] == b"subscribe"
+    conn.send_command("UNSUBSCRIBE", "news")
+    assert conn.read_response() == [b"unsubscribe", b"news", 0]
+    for i in range(30):
+        conn.send_command("SET", f"after-sub:{i}", i)
+        assert conn.read_response() == b"OK"
+    conn.disconnect()
     env.flush()
     for cl in (source, target):
         with cl.cluster_client() as cc:
             assert cc.llen("{q}:list") == 0
             assert cc.mget("{w}:a", "{w}:b") == [b"1", b"1"]
             assert cc.mget("{s}:x", "{s}:n") == [b"v", b"1"]
+            assert cc.get("after-sub:29") == b"29"
 
 
 def test_a_target_node_killed_during_mirroring_leaves_the_application_served_and_its_writes_dirty(

@@ -16,7 +16,7 @@ connections of its own, and returns the replies in command order:
   composite cursor, ``FLUSHALL``/``FLUSHDB``/``SCRIPT``/``FUNCTION``/``CONFIG SET`` on every
   primary, everything else (PING, INFO, COMMAND, CLIENT ...) on the owner of slot 0;
 - ``MULTI``/``EXEC`` and ``WATCH`` run on the node of their first key's slot;
-- pub/sub pins the connection to one node and passes its bytes through.
+- pub/sub runs on one node; its confirmations and messages are passed on as they come.
 
 The slot map is read at start, every ``REFRESH_INTERVAL`` and at once on a redirect or a
 lost node connection; a change of its signature (an owner moved, a slot started or stopped
@@ -66,7 +66,30 @@ _ALL_PRIMARIES = frozenset({b"flushall", b"flushdb"})
 _ALL_PRIMARIES_SUB = frozenset({(b"script", b"load"), (b"script", b"flush"), (b"function", b"load"),
                                 (b"function", b"flush"), (b"function", b"delete"), (b"function", b"restore"),
                                 (b"config", b"set"), (b"config", b"resetstat")})
-_SUBSCRIBE = frozenset({b"subscribe", b"psubscribe", b"ssubscribe"})
+_SUBSCRIBE = frozenset({b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"})
+# The kinds of frame a subscribed connection receives besides replies (RESP2 arrays, RESP3 pushes).
+_PUBSUB_KINDS = (b"message", b"pmessage", b"smessage", b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe",
+                 b"punsubscribe", b"sunsubscribe")
+
+
+def _pubsub_frame(frame: bytes) -> tuple[bool, int | None]:
+    """(whether ``frame`` is a pub/sub message or (un)subscribe confirmation, the subscription
+    count it reports: an (un)subscribe confirmation's last element)."""
+    if frame[:1] not in (b"*", b">"):
+        return False, None
+    head = frame[:40]
+    i = head.find(b"\r\n$")
+    if i < 0:
+        return False, None
+    j = head.find(b"\r\n", i + 2)
+    kind = head[j + 2 : head.find(b"\r\n", j + 2)] if j >= 0 else b""
+    if kind not in _PUBSUB_KINDS:
+        return False, None
+    if kind.endswith(b"subscribe") and frame.endswith(b"\r\n"):
+        k = frame.rfind(b":", 0, len(frame) - 2)
+        if k >= 0 and frame[k + 1 : -2].isdigit():
+            return True, int(frame[k + 1 : -2])
+    return True, None
 
 
 class NodeLost(Exception):
@@ -312,18 +335,22 @@ class NodeConn(asyncio.Protocol):
         self.framer = Framer()
         self.waiting: deque = deque()  # Reply / _Part / _Fut, or None: a reply to drop (handshake, ASKING)
         self.lost: str | None = None
-        self.passthrough = False
+        self.subscribed = False  # (un)subscribe commands went here: messages and confirmations pass straight on
         self.out: list[bytes] = []
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self.passthrough:
-            self.owner.write(data)
-            return
         waiting = self.waiting
         for frame in self.framer.feed(data):
+            if self.subscribed:
+                is_pubsub, count = _pubsub_frame(frame)
+                if is_pubsub:
+                    self.owner.write(frame)  # nothing else is pending: see RouterConn._subscribe
+                    if count == 0:
+                        self.subscribed = False
+                    continue
             if not waiting:
                 continue  # a RESP3 push nobody asked for (invalidation...): not a reply
             w = waiting.popleft()
@@ -385,7 +412,7 @@ class RouterConn(asyncio.Protocol):
         self.tx_slot: int | None = None
         self.tx_buffer: list[list[bytes]] | None = None  # MULTI and keyless commands before its node is known
         self.tx_abort = False
-        self.passthrough: NodeConn | None = None
+        self._resume_scheduled = False
         self.closed = False
         self.tasks: set[asyncio.Task] = set()
         self.connect_deadline: float | None = None
@@ -396,9 +423,6 @@ class RouterConn(asyncio.Protocol):
         self.side.conns.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.passthrough is not None:
-            self.passthrough.transport.write(data)
-            return
         try:
             cmds = self.parser.feed(data)
         except ProtocolError as e:
@@ -433,8 +457,8 @@ class RouterConn(asyncio.Protocol):
     def node_lost(self, n: NodeConn) -> None:
         if self.nodes.get(n.addr) is n:
             del self.nodes[n.addr]
-        if n.passthrough:
-            self.close()
+        if n.subscribed:
+            self.close()  # as a server going away: the subscriber reconnects and subscribes again
             return
         self.flush()
         if not self.closed and not self.side.stopping:
@@ -448,7 +472,7 @@ class RouterConn(asyncio.Protocol):
     # --- the loop of a connection: route what can go, send, answer in order --------
     def resume(self) -> None:
         held = self.held
-        while held and not self.hold and not self.closed and self.passthrough is None:
+        while held and not self.hold and not self.closed:
             args = held.popleft()
             try:
                 self.route(args)
@@ -503,7 +527,7 @@ class RouterConn(asyncio.Protocol):
             self.resume_soon()  # a blocking command returned: what waited behind it goes now
 
     def resume_soon(self) -> None:
-        if not getattr(self, "_resume_scheduled", False):
+        if not self._resume_scheduled:
             self._resume_scheduled = True
 
             def go():
@@ -821,22 +845,28 @@ class RouterConn(asyncio.Protocol):
         self._emit(node, [args[0], str(cursor).encode(), *args[2:]], r)
 
     def _subscribe(self, args: list[bytes], name: bytes) -> None:
-        """Pub/sub: once the replies before it are written, pass this connection's bytes through
-        to one node (the channel's slot owner for SSUBSCRIBE; the owner of slot 0 otherwise)."""
-        addr = self.side.owner(cluster.key_slot(args[1])) if name == b"ssubscribe" and len(args) > 1 else self._default()
+        """Pub/sub on one node (the channel's slot owner for SSUBSCRIBE, the owner of slot 0
+        otherwise: a cluster delivers every PUBLISH to every node). Sent once every reply before
+        it is written, so that its confirmations and messages, passed straight on as they come,
+        cannot overtake a reply."""
+        addr = self.side.owner(cluster.key_slot(args[1])) if name in (b"ssubscribe", b"sunsubscribe") and len(args) > 1 \
+            else self._default()
         n = self.conn(addr)
-        self.hold += 1  # for good: the connection is the node's from now on
-        rest = [args, *self.held]
-        self.held.clear()
+        if self.pending:
+            self.held.appendleft(args)
+            self.hold += 1
 
-        async def switch() -> None:
-            while self.pending:
-                await asyncio.sleep(0.001)
-            self.passthrough = n
-            n.passthrough = True
-            n.transport.write(b"".join(encode(a) for a in rest))
+            async def later() -> None:
+                while self.pending:
+                    await asyncio.sleep(0.001)
+                self.hold -= 1
+                self.resume()
 
-        self._task(switch())
+            self._task(later())
+            return
+        n.subscribed = True
+        n.queue(encode(args), None)
+        n.waiting.pop()  # no reply to match: its confirmations pass straight on
 
     def _tx(self, args: list[bytes], name: bytes) -> None:
         """MULTI ... EXEC on the node of the transaction's first key (or the WATCHed key's)."""
