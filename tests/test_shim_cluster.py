@@ -322,3 +322,31 @@ def test_a_target_node_killed_during_mirroring_leaves_the_application_served_and
     assert orphaned and all(dirty(k) for k in orphaned)
     assert env.thread.call(env.thread.shim.status)["sides"]["source"]["up"]
 
+
+
+def test_a_transaction_whose_slot_moves_fails_without_revealing_a_node(cluster_factory, make_env):
+    """WATCH, then the key's slot migrates on the answering side, then MULTI/SET/EXEC: the client gets TRYAGAIN and EXECABORT (as a cluster client expects, to retry), never a MOVED naming a real node, and nothing is applied."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
+    target = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    env = make_env(source, target)
+    env.set_phase(Phase.MIRRORING)
+    conn = env.client(protocol=2).connection_pool.get_connection()
+    conn.send_command("WATCH", "{t}k")
+    assert conn.read_response() == b"OK"
+    slot = key_slot("{t}k")
+    source.migrate_slot(slot, next(n for n in source.primaries() if n is not source.owner(slot)))
+    replies = []
+    for cmd in (("MULTI",), ("SET", "{t}k", "1"), ("EXEC",)):
+        conn.send_command(*cmd)
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as e:
+            replies.append((type(e).__name__, str(e)))
+    conn.disconnect()
+    assert replies[0] == b"OK"
+    assert replies[1][0] == "TryAgainError" and "migrator shim: the slot is moving" in replies[1][1], replies
+    assert replies[2][0] == "ExecAbortError", replies
+    assert not any("127.0.0.1" in str(r) for r in replies), replies
+    for cl in (source, target):
+        with cl.cluster_client() as c:
+            assert c.get("{t}k") is None

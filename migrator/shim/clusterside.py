@@ -517,6 +517,9 @@ class RouterConn(asyncio.Protocol):
                 self.hold += 1  # nothing more is sent until the retries are done
                 self._task(self._follow(r, raw))
                 break
+            if raw[:1] == b"-" and raw.startswith((b"-MOVED ", b"-ASK ")):
+                # Not followed (a command queued in MULTI): never hand a node's address to the client.
+                raw = b"-TRYAGAIN migrator shim: the slot is moving in the " + self.side.side_name.encode() + b"; retry\r\n"
             pending.popleft()
             out.append(raw)
             if r.releases:
