@@ -21,10 +21,26 @@ def _cluster_client(env, **kw) -> redis.RedisCluster:
     return c
 
 
-def _value(cluster, key: str):
-    """``key``'s value read from the node that owns its slot (no shim in between)."""
-    with cluster.cluster_client() as c:
-        return c.get(key)
+@pytest.fixture(scope="module")
+def small_pair():
+    """A Redis 7.0 cluster and a Valkey 8.1 cluster (3 primaries each, no replicas) shared by the
+    tests that write keys of their own and need no particular layout (starting clusters is most
+    of a test's time); each test has a shim of its own."""
+    from migrator import servers
+    from tests import topologies
+
+    for label in ("redis-7.0", "valkey-8.1"):
+        if servers.find(label) is None:
+            pytest.skip(f"no {label} binary here")
+    source = topologies.start_cluster("redis-7.0", primaries=3, replicas=0)
+    try:
+        target = topologies.start_cluster("valkey-8.1", primaries=3, replicas=0)
+    except BaseException:
+        source.stop()
+        raise
+    yield source, target
+    target.stop()
+    source.stop()
 
 
 def test_redis_cluster_client_works_through_the_shim_in_every_phase(cluster_factory, make_env):
@@ -67,10 +83,9 @@ def test_redis_cluster_client_works_through_the_shim_in_every_phase(cluster_fact
     assert env.stats().topology_changes == {} or sum(env.stats().topology_changes.values()) == 0
 
 
-def test_crossslot_is_answered_as_a_cluster_node_answers_it(cluster_factory, make_env):
+def test_crossslot_is_answered_as_a_cluster_node_answers_it(small_pair, make_env):
     """A multi-key command or script across slots gets exactly the error a real node gives, and changes neither side."""
-    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
-    target = cluster_factory("valkey-8.1", primaries=3, replicas=0)
+    source, target = small_pair
     env = make_env(source, target)
     env.set_phase(Phase.MIRRORING)
     assert key_slot("a") != key_slot("b")
@@ -252,10 +267,9 @@ def test_the_core_answers_cluster_and_readonly_itself_when_a_side_is_a_cluster(t
     assert b"CLUSTER RESET is not supported through the shim" in c.answered()
 
 
-def test_blocking_pubsub_watch_and_scripts_in_one_slot_work_through_the_facade(cluster_factory, make_env):
+def test_blocking_pubsub_watch_and_scripts_in_one_slot_work_through_the_facade(small_pair, make_env):
     """BLPOP woken by a push, WATCH/MULTI/EXEC, EVAL with keys in one slot, SCRIPT LOAD + EVALSHA and SUBSCRIBE/PUBLISH work through the shim with clusters on both sides."""
-    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
-    target = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    source, target = small_pair
     env = make_env(source, target)
     env.set_phase(Phase.MIRRORING)
     c = env.client()
@@ -324,10 +338,9 @@ def test_a_target_node_killed_during_mirroring_leaves_the_application_served_and
 
 
 
-def test_a_transaction_whose_slot_moves_fails_without_revealing_a_node(cluster_factory, make_env):
+def test_a_transaction_whose_slot_moves_fails_without_revealing_a_node(small_pair, make_env):
     """WATCH, then the key's slot migrates on the answering side, then MULTI/SET/EXEC: the client gets TRYAGAIN and EXECABORT (as a cluster client expects, to retry), never a MOVED naming a real node, and nothing is applied."""
-    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
-    target = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    source, target = small_pair
     env = make_env(source, target)
     env.set_phase(Phase.MIRRORING)
     conn = env.client(protocol=2).connection_pool.get_connection()
