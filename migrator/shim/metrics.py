@@ -173,7 +173,8 @@ class Stats:
                 out.shadow_failures[(side, r)] += n
             out.refused.update(s.get("refused", {}))
             out.side_restarts.update(s.get("side_restarts", {}))
-            out.topology_changes.update(s.get("topology_changes", {}))
+            for side, n in s.get("topology_changes", {}).items():  # each process notices the same change
+                out.topology_changes[side] = max(out.topology_changes[side], n)
             out.crossslot.update(s.get("crossslot", {}))
             for side, k, n in s.get("cluster_redirects", []):
                 out.cluster_redirects[(side, k)] += n
