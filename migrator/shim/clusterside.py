@@ -939,7 +939,12 @@ class RouterConn(asyncio.Protocol):
                     break
                 try:
                     if kind == "moved":
-                        await side.refresh("MOVED")
+                        try:
+                            known = side.slot_owner[int(raw.split(None, 2)[1]) % cluster.SLOTS] == addr
+                        except (IndexError, ValueError):
+                            known = False
+                        if not known:  # (a command whose keys the table does not name went to slot 0's owner)
+                            await side.refresh("MOVED")
                         raw = await self.call(addr, args)
                     elif kind == "ask":
                         raw = await self.call(addr, args, asking=True)
