@@ -363,3 +363,20 @@ def test_a_transaction_whose_slot_moves_fails_without_revealing_a_node(small_pai
     for cl in (source, target):
         with cl.cluster_client() as c:
             assert c.get("{t}k") is None
+
+
+def test_a_cluster_side_none_of_whose_nodes_answers_stops_the_start_up(small_pair, make_playbook):
+    """A cluster endpoint (seeds given) none of whose nodes answers stops the shim's start-up with an error (exit code 3) naming every seed tried, and leaves no thread behind."""
+    from migrator import playbook, servers
+    from migrator.errors import UnreachableError
+    from migrator.shim import ShimThread
+
+    source, _target = small_pair
+    dead = [servers.free_port(), servers.free_port()]
+    pb = playbook.load(make_playbook(source, "", target={"url": f"redis://127.0.0.1:{dead[0]}/0",
+                                                          "seeds": [f"127.0.0.1:{dead[1]}"]}))
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(UnreachableError, match=f"127.0.0.1:{dead[0]}.*127.0.0.1:{dead[1]}"):
+        ShimThread(pb).start()
+    time.sleep(0.2)
+    assert {t.name for t in threading.enumerate()} - before == set()

@@ -282,7 +282,15 @@ class Shim:
 
             self.follower = StateFollower(self.store, idle=min(5.0, self.store.control.lease_ttl))
             self.follower.start(state, self.store._rev)
-        await self._start_clusters()
+        try:
+            await self._start_clusters()
+        except BaseException:
+            for c in self.clusters:  # (one side's router started, the other side's cluster unreachable)
+                if c is not None:
+                    await c.stop()
+            if self.follower is not None:
+                self.follower.stop()
+            raise
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
         await self._watch_run_ids()  # the baseline a restart is told from
         # Only what the source has and the target lacks can fail an application's command once
