@@ -382,7 +382,7 @@ def _classify(r: _Run, d: _Db, keys: list[bytes], fs, fd, differing: dict[bytes,
         if expiring and len(deltas) < 100_000:
             deltas.append(t.pttl - s.pttl)
         # The common case, decided here: same type and digest, same expiry (within tolerance).
-        if s.digest and s.digest == t.digest and s.type == t.type and (
+        if s.digest and s.digest == t.digest and s.type == t.type and s.field_ttls == t.field_ttls is not None and (
                 (s.pttl < 0 and t.pttl < 0) or (expiring and abs(t.pttl - s.pttl) <= tol)):
             continue
         diff = compare.difference(d.src, d.dst, k, s, t, tol, r.chunk, CHUNK_BYTES)

@@ -2,7 +2,10 @@
 payloads, a type-aware copy otherwise, and big keys in chunks through a temporary key.
 
 Expiry travels as an absolute time (RESTORE ... ABSTTL, PEXPIREAT), taken from the source's
-clock in the same Lua call that reads the key, so a slow copy does not stretch TTLs. A key
+clock in the same Lua call that reads the key, so a slow copy does not stretch TTLs. Hash
+field TTLs travel inside a DUMP payload where the target reads it (Valkey 9 → Valkey 9), and
+as ``HPEXPIREAT`` in the type-aware copy (``fieldttl``); a target without field expiry gets
+such a hash refused with a per-key error, never a copy without its field TTLs. A key
 missing on the source is deleted on the target: copying "nothing" is part of copying.
 
 Nothing here decides whether a copy is *right*: under live mirrored writes a copy can race a
@@ -19,7 +22,7 @@ from typing import Any, Iterator
 import hiredis
 import redis
 
-from migrator.data import fastcall, streams, values
+from migrator.data import fastcall, fieldttl, streams, values
 from migrator.data.keyspace import TMP_PREFIX, prefetch
 
 DUMP, STRUCT = "dump", "struct"
@@ -199,6 +202,13 @@ class Copier:
         self._scan_read = src.register_script(_SCAN_READ_LUA)
         self._restore = dst.register_script(_RESTORE_LUA)
         self.lua = True
+        self._field_ttls: dict[str, bool] = {}  # "src"/"dst" → has hash field expiry (asked once)
+
+    def field_ttls(self, side: str) -> bool:
+        """Whether the source (``"src"``) or target (``"dst"``) has hash field expiry."""
+        if side not in self._field_ttls:
+            self._field_ttls[side] = fieldttl.supported(self.src if side == "src" else self.dst)
+        return self._field_ttls[side]
 
     # --- reading -------------------------------------------------------------------------
     def read(self, keys: list[bytes]) -> list[Snap]:
@@ -320,6 +330,10 @@ class Copier:
     def _write_struct(self, snaps: list[Snap], result: CopyResult) -> None:
         """Small keys, each in one MULTI/EXEC so a reader never sees it half written."""
         readable = [s for s in snaps if s.type in values.CONTAINERS or s.type == "string"]
+        # Hashes on a source with field expiry: values and field TTLs in one script per batch.
+        with_ttls = [s for s in readable if s.type == "hash"] if readable and self.field_ttls("src") else []
+        hashes = fieldttl.read_hashes(self.src, [s.key for s in with_ttls])
+        readable = [s for s in readable if s.key not in hashes]
         p = self.src.pipeline(transaction=False)
         for s in readable:
             _queue_small_read(p, s)
@@ -328,6 +342,13 @@ class Copier:
             if s.type == "none":
                 self.dst.delete(s.key)
                 result.deleted += 1
+            elif s.key in hashes:
+                value, expiry = hashes[s.key]
+                if expiry and not self.field_ttls("dst"):
+                    result.errors[s.key] = fieldttl.refusal(len(expiry))
+                    continue
+                result.bytes += _write_small(self.dst, s, value, expiry)
+                result.copied += 1
             elif s.key in read:
                 result.bytes += _write_small(self.dst, s, read[s.key])
                 result.copied += 1
@@ -338,12 +359,16 @@ class Copier:
 
     def _copy_big(self, s: Snap, result: CopyResult) -> None:
         try:
-            written = copy_big(self.src, self.dst, s, self.chunk, self.chunk_bytes)
+            field_ttls = s.type == "hash" and self.field_ttls("src")
+            written = copy_big(self.src, self.dst, s, self.chunk, self.chunk_bytes,
+                               field_ttls=(field_ttls, field_ttls and self.field_ttls("dst")))
             result.bytes += written or 0
             result.copied += 1
             result.big += 1
         except redis.exceptions.ResponseError as e:
             result.errors[s.key] = str(e)
+            if isinstance(e, fieldttl.TargetLacksFieldTTLs):
+                self.dst.delete(tmp_key(s.key))  # the partial copy is not renamed over anything
 
 
 _RESTORE = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n"
@@ -411,11 +436,15 @@ def _queue_small_read(p, s: Snap) -> None:
         p.lrange(s.key, 0, -1)
 
 
-def _write_small(dst: redis.Redis, s: Snap, value: Any) -> int:
-    """Replace the key with ``value`` atomically; returns bytes written. An emptied key is deleted."""
+def _write_small(dst: redis.Redis, s: Snap, value: Any, field_expiry: dict[bytes, int] | None = None) -> int:
+    """Replace the key with ``value`` atomically (hash fields with their absolute expiries); returns
+    bytes written. An emptied key is deleted."""
     p = dst.pipeline(transaction=True)
     p.delete(s.key)
     size = _queue_write(p, s.key, s.type, value)
+    if size is not None:
+        for command in fieldttl.expire_commands(s.key, field_expiry or {}):
+            p.execute_command(*command)
     if size is not None and s.expire_at:
         p.pexpireat(s.key, s.expire_at)
     p.execute()
@@ -450,19 +479,22 @@ def _queue_write(p, key: bytes, type_: str, value: Any) -> int | None:
 # --- big keys: chunks into a temporary key, renamed over the real one --------------------------
 
 
-def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> int | None:
+def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_bytes: int,
+             field_ttls: tuple[bool, bool] = (False, False)) -> int | None:
     """Copy one key of any size with memory bounded by ``chunk``; bytes written, None if it was gone.
 
     The value is built in a temporary key and RENAMEd over the real key at the end, so readers
     of the target never see a half-copied key. The chunks are read at different moments, so a
     key written meanwhile may be copied inconsistently: the caller verifies it afterwards.
+    ``field_ttls``: whether (the source, the target) has hash field expiry; a hash's chunks then
+    carry their fields' expiries, and a target without it refuses a hash that has any.
     """
     tmp = tmp_key(s.key)
     dst.delete(tmp)
     if s.type == "stream":
         written = streams.copy_stream(src, dst, s.key, tmp, chunk)
     else:
-        written = _copy_chunks(src, dst, s, tmp, chunk, chunk_bytes)
+        written = _copy_chunks(src, dst, s, tmp, chunk, chunk_bytes, field_ttls)
     if not dst.exists(tmp):  # the source key vanished or emptied while we read it
         dst.delete(s.key)
         return None
@@ -472,9 +504,11 @@ def copy_big(src: redis.Redis, dst: redis.Redis, s: Snap, chunk: int, chunk_byte
     return written
 
 
-def _parts(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> Iterator[tuple[bytes, list]]:
+def _parts(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int,
+           field_ttls: tuple[bool, bool] = (False, False)) -> Iterator[tuple[bytes, list]]:
     """(write command, arguments) per chunk of a big key, from raw replies: the elements are
-    passed through as the server sent them (scores too), with no per-element parsing."""
+    passed through as the server sent them (scores too), with no per-element parsing. A hash's
+    chunk on a source with field expiry is followed by its fields' ``HPEXPIREAT``s."""
     k = s.key
     if s.type == "string":
         for part in values.range_string(src, k, chunk_bytes):
@@ -484,7 +518,9 @@ def _parts(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> Iterator[
         cursor = b"0"
         while True:
             cursor, part = fastcall.call(src, scan, k, cursor, b"COUNT", chunk)
-            if part:
+            if part and s.type == "hash" and field_ttls[0]:
+                yield from _hash_chunk_with_ttls(src, k, part, field_ttls[1])
+            elif part:
                 yield write, part
             if cursor == b"0":
                 return
@@ -510,13 +546,26 @@ def _parts(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int) -> Iterator[
         raise redis.exceptions.ResponseError(f"type {s.type} is too big to DUMP and has no type-aware copy")
 
 
-def _copy_chunks(src, dst, s: Snap, tmp: bytes, chunk: int, chunk_bytes: int) -> int:
+def _hash_chunk_with_ttls(src: redis.Redis, key: bytes, part: list, target_has_them: bool) -> Iterator[tuple[bytes, list]]:
+    """An HSCAN chunk as HSET, then HPEXPIREAT per expiry time; a field that expired since the
+    HSCAN (-2) is left out, and a field TTL the target cannot hold stops the copy of the key."""
+    vals, expiry = fieldttl._split(part, fieldttl.expiry_times(src, key, part[0::2]))
+    if expiry and not target_has_them:
+        raise fieldttl.TargetLacksFieldTTLs(fieldttl.refusal(len(expiry)) + " (at least; big hash read in chunks)")
+    if vals:
+        yield b"HSET", [x for pair in vals.items() for x in pair]
+    for command in fieldttl.expire_commands(key, expiry):
+        yield command[0], command[2:]  # the key is the temporary one, added by the writer
+
+
+def _copy_chunks(src, dst, s: Snap, tmp: bytes, chunk: int, chunk_bytes: int,
+                 field_ttls: tuple[bool, bool] = (False, False)) -> int:
     """Write each chunk while the next ones are read and packed (a reader thread, two chunks
     ahead at most); the writes are pipelined (a chunk is sent before the previous one's reply is
     read), so the target does not wait for this process between chunks."""
 
     def packed() -> Iterator[tuple[bytes, int]]:
-        for command, args in _parts(src, s, chunk, chunk_bytes):
+        for command, args in _parts(src, s, chunk, chunk_bytes, field_ttls):
             try:
                 size = sum(map(len, args))
             except TypeError:  # RESP3 sends scores as doubles

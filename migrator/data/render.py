@@ -156,7 +156,8 @@ def check_report_data(pb, res) -> dict[str, Any]:
         source=pb.source.display, target=pb.target.display)
 
 
-_KIND_LABELS = {"missing": "missing on target", "extra": "extra on target", "type": "type", "value": "value", "ttl": "TTL"}
+_KIND_LABELS = {"missing": "missing on target", "extra": "extra on target", "type": "type", "value": "value", "ttl": "TTL",
+                "field-ttl": "hash field TTL"}
 
 
 def _mismatch_rows(ms: list[dict]) -> list[tuple]:

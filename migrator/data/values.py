@@ -24,7 +24,7 @@ SIZE_COMMAND = {"string": "STRLEN", "hash": "HLEN", "list": "LLEN", "set": "SCAR
 CONTAINERS = ("hash", "list", "set", "zset")
 
 _PROBE_LUA = r"""
-local maxn, maxb = tonumber(ARGV[1]), tonumber(ARGV[2])
+local maxn, maxb, fttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1'
 local function enc(s) return #s .. ':' .. s end
 local function score(s) local n = tonumber(s); if n then return string.format('%.17g', n) end; return s end
 -- A HyperLogLog caches its cardinality in header bytes 9-16, rewritten by PFCOUNT (a read).
@@ -36,7 +36,7 @@ local out = {}
 for i, k in ipairs(KEYS) do
   local ty = redis.call('TYPE', k)['ok']
   local ttl = redis.call('PTTL', k)
-  local n, d = 0, ''
+  local n, d, ft = 0, '', {}
   if ty == 'string' then
     n = redis.call('STRLEN', k)
     if n <= maxb then d = redis.sha1hex(hll(redis.call('GET', k))) end
@@ -46,6 +46,14 @@ for i, k in ipairs(KEYS) do
       local a, p = redis.call('HGETALL', k), {}
       for j = 1, #a, 2 do p[#p + 1] = enc(a[j]) .. '=' .. enc(a[j + 1]) end
       table.sort(p); d = redis.sha1hex(table.concat(p, ','))
+      -- Field TTLs: {field, absolute ms, ...} for the fields that have one.
+      for j = 1, fttl and #a or 0, 2000 do
+        local f = {}
+        for m = j, math.min(#a, j + 1999), 2 do f[#f + 1] = a[m] end
+        local r = redis.call('HPEXPIRETIME', k, 'FIELDS', #f, unpack(f))
+        for m = 1, #r do if r[m] > 0 then ft[#ft + 1] = f[m]; ft[#ft + 1] = r[m] end end
+      end
+    elseif fttl then ft = -1
     end
   elseif ty == 'set' then
     n = redis.call('SCARD', k)
@@ -71,7 +79,7 @@ for i, k in ipairs(KEYS) do
   elseif ty == 'stream' then
     n = redis.call('XLEN', k)
   end
-  out[i] = {ty, ttl, n, d}
+  out[i] = {ty, ttl, n, d, ft}
 end
 return out
 """
@@ -84,6 +92,9 @@ class KeyState(NamedTuple):
     pttl: int  # -1 no expiry, -2 missing
     size: int
     digest: bytes = b""
+    # Hash field TTLs: ((field, absolute expiry ms), ...) sorted by field, for the fields that have
+    # one; None when not read (a hash too big for the probe, on a server with field expiry).
+    field_ttls: tuple | None = ()
 
     @property
     def exists(self) -> bool:
@@ -91,8 +102,9 @@ class KeyState(NamedTuple):
 
     @property
     def fingerprint(self) -> tuple:
-        """What changes when the value changes (the TTL counts down, so it is left out)."""
-        return (self.type, self.size, self.digest)
+        """What changes when the value changes (the TTL counts down, so it is left out; field
+        TTLs are absolute times, so they are in)."""
+        return (self.type, self.size, self.digest, self.field_ttls)
 
 
 MISSING = KeyState("none", -2, 0, b"")
@@ -111,22 +123,35 @@ class Prober:
         self.chunk = chunk
         self.max_bytes = max_bytes
         self.lua: bool | None = None  # unknown until the first call
+        self.field_ttls: bool | None = None  # the server has hash field expiry (asked on first use)
         self._script = client.register_script(_PROBE_LUA)
 
     def probe(self, keys: list[bytes]) -> list[KeyState]:
         if not keys:
             return []
+        if self.field_ttls is None:
+            from migrator.data import fieldttl
+
+            self.field_ttls = fieldttl.supported(self.client)
         if self.lua is not False:
             try:
-                rows = fastcall.evalsha(self.client, self._script, keys, [self.chunk, self.max_bytes])
+                rows = fastcall.evalsha(self.client, self._script, keys,
+                                        [self.chunk, self.max_bytes, 1 if self.field_ttls else 0])
                 self.lua = True
                 types = _TYPE_NAMES
-                return [KeyState(types.get(t) or _s(t), ttl, n, d) for t, ttl, n, d in rows]
+                return [KeyState(types.get(t) or _s(t), ttl, n, d, _field_ttls(ft)) for t, ttl, n, d, ft in rows]
             except redis.exceptions.ResponseError as e:
                 if self.lua or not _scripting_denied(e):
                     raise
                 self.lua = False
-        return probe_by_reads(self.client, keys, self.chunk, self.max_bytes)
+        return probe_by_reads(self.client, keys, self.chunk, self.max_bytes, self.field_ttls)
+
+
+def _field_ttls(ft: Any) -> tuple | None:
+    """The probe's flat {field, ms, ...} as sorted pairs; -1 (not read) as None."""
+    if not isinstance(ft, list):
+        return None
+    return tuple(sorted(zip(ft[0::2], ft[1::2])))
 
 
 def _scripting_denied(e: Exception) -> bool:
@@ -134,7 +159,8 @@ def _scripting_denied(e: Exception) -> bool:
     return any(s in text for s in ("unknown command", "noperm", "no permissions", "disabled", "not allowed"))
 
 
-def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes: int) -> list[KeyState]:
+def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes: int,
+                   field_ttls: bool = False) -> list[KeyState]:
     """The Lua probe's result computed with ordinary pipelined commands."""
     p = client.pipeline(transaction=False)
     for k in keys:
@@ -150,9 +176,21 @@ def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes
     out = []
     for k, t, ttl, n in zip(keys, types, ttls, sizes):
         small = (t == "string" and n <= max_bytes) or (t in CONTAINERS and n <= chunk)
-        d = canonical_digest(t, read_small(client, k, t)).encode() if small else b""
-        out.append(KeyState(t, ttl, n if t != "none" else 0, d))
+        value = read_small(client, k, t) if small else None
+        d = canonical_digest(t, value).encode() if small else b""
+        ft: tuple | None = ()
+        if field_ttls and t == "hash":
+            ft = _field_ttls_read(client, k, value) if small else None
+        out.append(KeyState(t, ttl, n if t != "none" else 0, d, ft))
     return out
+
+
+def _field_ttls_read(client: redis.Redis, key: bytes, value: Any) -> tuple:
+    from migrator.data import fieldttl
+
+    fields = list(value) if isinstance(value, dict) else list(value[0::2])
+    times = fieldttl.expiry_times(client, key, fields)
+    return tuple(sorted((f, t) for f, t in zip(fields, times) if t > 0))
 
 
 def read_small(client: redis.Redis, key: bytes, type_: str) -> Any:

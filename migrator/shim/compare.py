@@ -29,6 +29,9 @@ EXCLUDED = frozenset({
 # Compared with a tolerance (in milliseconds; TTL and EXPIRETIME are in seconds).
 TTL_MS = frozenset({b"pttl", b"pexpiretime"})
 TTL_S = frozenset({b"ttl", b"expiretime"})
+# Hash field TTLs: one integer per field asked, each compared like a key's TTL.
+FIELD_TTL_MS = frozenset({b"hpttl", b"hpexpiretime"})
+FIELD_TTL_S = frozenset({b"httl", b"hexpiretime"})
 # Order not specified by the server.
 UNORDERED = frozenset({b"smembers", b"sinter", b"sunion", b"sdiff", b"keys", b"hkeys", b"hvals", b"hgetall"})
 # Flat RESP2 [field, value, ...] lists whose pairs are unordered.
@@ -136,6 +139,10 @@ def compare(name: bytes, source: Any, target: Any, ttl_tolerance_ms: int = 2000)
         return TYPE if str(err).startswith("WRONGTYPE") else ERROR_ONLY_ON_ONE_SIDE
     if name in TTL_MS or name in TTL_S:
         return _compare_ttl(source, target, ttl_tolerance_ms if name in TTL_MS else -(-ttl_tolerance_ms // 1000))
+    if (name in FIELD_TTL_MS or name in FIELD_TTL_S) and isinstance(source, list) and isinstance(target, list) \
+            and len(source) == len(target):
+        tol = ttl_tolerance_ms if name in FIELD_TTL_MS else -(-ttl_tolerance_ms // 1000)
+        return next((k for k in map(_compare_ttl, source, target, [tol] * len(source)) if k), None)
     a, b = canonical(name, source), canonical(name, target)
     if a == b:
         return None

@@ -4,8 +4,9 @@ Sending ``SPOP s`` to both sides would pop different members; sending ``EXPIRE k
 milliseconds apart leaves different deadlines. So the shadow side gets the *effect* instead:
 
 - computed before sending, from the command alone (``rewrite_now``): relative expiries become
-  absolute ones (``PEXPIREAT``, ``SET ... PXAT``, ``RESTORE ... ABSTTL``), taken at the moment
-  the shim forwards the command;
+  absolute ones (``PEXPIREAT``, ``SET ... PXAT``, ``RESTORE ... ABSTTL``; for hash fields
+  ``HPEXPIREAT`` and ``HSETEX``/``HGETEX ... PXAT``), taken at the moment the shim forwards the
+  command;
 - computed from the authoritative side's reply (``effect``): pops become removals of exactly
   what was popped, blocking commands become their non-blocking form, ``INCRBYFLOAT`` becomes a
   ``SET`` of the result (``KEEPTTL``), ``XADD *`` gets the ID the authoritative side chose.
@@ -71,11 +72,37 @@ def rewrite_now(args: Command, now_ms: int) -> Command | None:
                 ms = v * 1000 if opt == b"ex" else v
                 return [*args[:i], b"PXAT", b"%d" % (now_ms + ms), *args[i + 2 :]]
         return None
+    if name in (b"hexpire", b"hpexpire") and n >= 3:
+        v = _int(args[2])
+        if v is None or abs(v) > 10**13:
+            return None  # let both sides reject it the same way
+        ms = v * 1000 if name == b"hexpire" else v
+        return [b"HPEXPIREAT", args[1], b"%d" % (now_ms + ms), *args[3:]]
+    if name in (b"hsetex", b"hgetex"):
+        return _field_expiry_option(args, now_ms)
     if name == b"restore" and n >= 4:
         ttl = _int(args[2])
         if ttl is None or ttl <= 0 or any(a.lower() == b"absttl" for a in args[4:]):
             return None
         return [args[0], args[1], b"%d" % (now_ms + ttl), *args[3:], b"ABSTTL"]
+    return None
+
+
+def _field_expiry_option(args: Command, now_ms: int) -> Command | None:
+    """``HSETEX``/``HGETEX key ... EX s|PX ms ... FIELDS n ...`` with the expiry as ``PXAT``.
+
+    Options come before ``FIELDS``; what follows it are field names (and values), never options.
+    """
+    for i in range(2, len(args) - 1):
+        opt = args[i].lower()
+        if opt == b"fields":
+            return None
+        if opt in (b"ex", b"px"):
+            v = _int(args[i + 1])
+            if v is None or v <= 0 or v > 10**13:
+                return None  # let both sides reject it the same way
+            ms = v * 1000 if opt == b"ex" else v
+            return [*args[:i], b"PXAT", b"%d" % (now_ms + ms), *args[i + 2:]]
     return None
 
 

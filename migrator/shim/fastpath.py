@@ -25,6 +25,7 @@ FAST_PATH_MAX_PARTIAL = 64 * 1024  # a command bigger than this: that connection
 _RAW_CLASSES = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.SCRIPT_ADMIN, Cls.PUBLISH, Cls.UNKNOWN})
 # Commands whose shadow version differs from what the client sent (see effects): never batched.
 _NOT_PLAIN = frozenset(effects.NEEDS_REPLY | {b"expire", b"pexpire", b"setex", b"psetex", b"getex", b"restore", b"xadd",
+                                             b"hexpire", b"hpexpire", b"hsetex", b"hgetex",
                                              b"select", b"hello", b"client", b"readonly", b"readwrite",
                                              b"evalsha_ro"})  # (healed like EVALSHA: see _heal_script)
 

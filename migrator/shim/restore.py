@@ -8,6 +8,8 @@ of it would fail on Redis. So such a RESTORE runs on the side that can read it, 
 ``MULTI``/``EXEC`` together with a read of the key it made (``READER``), and the other side gets
 the key's *effect*: ``DEL``, the type's own write commands, and the expiry as an absolute time
 (``PEXPIREAT``), in one ``MULTI``/``EXEC`` — the type-aware copy ``migrator.data.copy`` uses.
+A hash's field TTLs go along as ``HPEXPIREAT``s (a side without field expiry then refuses the
+whole transaction: a visible divergence, never a copy without them).
 
 Pure functions: the server's own RDB version is asked by ``server.load_rdb_version``.
 """
@@ -19,7 +21,8 @@ from typing import Any
 Command = list[bytes]
 
 # Run right after the RESTORE, in the same transaction: the key's type, the server's clock (ms),
-# its PTTL and its value. Streams and module types are not read (see ``effect``).
+# its PTTL, its value and, for a hash on a server with field expiry, each field's HPEXPIRETIME.
+# Streams and module types are not read (see ``effect``).
 READER = b"""local k = KEYS[1]
 local t = redis.call('TYPE', k)['ok']
 local now = redis.call('TIME')
@@ -27,6 +30,15 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local v = {}
 if t == 'string' then v = {redis.call('GET', k)}
 elseif t == 'hash' then v = redis.call('HGETALL', k)
+  local ft = {}
+  for i = 1, #v, 2000 do
+    local f = {}
+    for j = i, math.min(#v, i + 1999), 2 do f[#f + 1] = v[j] end
+    local r = redis.pcall('HPEXPIRETIME', k, 'FIELDS', #f, unpack(f))
+    if type(r) ~= 'table' or r.err then ft = {} break end
+    for j = 1, #r do ft[#ft + 1] = r[j] end
+  end
+  return {t, ms, redis.call('PTTL', k), v, ft}
 elseif t == 'list' then v = redis.call('LRANGE', k, 0, -1)
 elseif t == 'set' then v = redis.call('SMEMBERS', k)
 elseif t == 'zset' then v = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
@@ -90,7 +102,7 @@ def effect(key: bytes, read: Any) -> list[Command] | None:
     None: a type the shim does not copy (stream, module type); the caller marks the key dirty
     so that ``sync --dirty`` copies it.
     """
-    if not isinstance(read, list) or len(read) != 4:
+    if not isinstance(read, list) or len(read) not in (4, 5):
         return None
     type_, now_ms, pttl, value = _text(read[0]), read[1], read[2], read[3]
     out: list[Command] = [[b"DEL", key]]
@@ -115,6 +127,15 @@ def effect(key: bytes, read: Any) -> list[Command] | None:
             out.append([b"RPUSH" if type_ == b"list" else b"SADD", key, *(_text(x) for x in value[i : i + CHUNK])])
     else:
         return None
+    if type_ == b"hash" and len(read) == 5 and isinstance(read[4], list):
+        by_time: dict[int, list[bytes]] = {}
+        for f, at in zip(value[0::2], read[4]):
+            if isinstance(at, int) and at > 0:
+                by_time.setdefault(at, []).append(_text(f))
+        for at, fields in sorted(by_time.items()):
+            for i in range(0, len(fields), CHUNK):
+                part = fields[i : i + CHUNK]
+                out.append([b"HPEXPIREAT", key, b"%d" % at, b"FIELDS", b"%d" % len(part), *part])
     if isinstance(pttl, int) and pttl > 0 and isinstance(now_ms, int):
         out.append([b"PEXPIREAT", key, b"%d" % (now_ms + pttl)])
     return out

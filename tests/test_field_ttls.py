@@ -1,0 +1,126 @@
+"""Hash field TTLs (Redis 7.4+, Valkey 9.0+): sync carries them, check compares them, a target
+without them refuses those hashes. Valkey 9.1 stands in for a Redis 7.4/8.x source."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from migrator import reports
+from migrator.data import check, checkpoint, compare, copy, fieldttl, sync
+from migrator.data.keyspace import TMP_PREFIX
+from tests.test_data_helpers import FAST, load
+
+BIG = 2500  # fields of the big hash (copied in chunks of 500 below)
+
+
+def _field_data(c) -> dict[str, list[str]]:
+    """Hashes with and without field TTLs on ``c``; returns key → fields (in a fixed order)."""
+    c.hset("h:ttl", mapping={"a": "1", "b": "2", "c": "3"})
+    c.execute_command("HPEXPIRE", "h:ttl", 600_000, "FIELDS", 1, "a")
+    c.execute_command("HPEXPIRE", "h:ttl", 300_000, "FIELDS", 1, "c")
+    c.pexpire("h:ttl", 900_000)  # a key TTL as well
+    c.hset("h:plain", mapping={"x": "1"})
+    c.execute_command("HSETEX", "h:setex", "PX", 400_000, "FIELDS", 2, "p", "1", "q", "2")
+    fields = [f"f{i}" for i in range(BIG)]
+    c.hset("h:big", mapping={f: "v" for f in fields})
+    c.execute_command("HPEXPIRE", "h:big", 700_000, "FIELDS", 100, *fields[:100])
+    c.execute_command("HPEXPIRE", "h:big", 800_000, "FIELDS", 1, fields[-1])
+    c.set("s", "v")
+    return {"h:ttl": ["a", "b", "c"], "h:plain": ["x"], "h:setex": ["p", "q"], "h:big": fields}
+
+
+def _times(c, key: str, fields: list[str]) -> list[int]:
+    return fieldttl.expiry_times(c, key.encode(), [f.encode() for f in fields])
+
+
+@pytest.mark.parametrize("method", [copy.DUMP, copy.STRUCT])
+def test_field_ttls_arrive_as_the_same_absolute_times(server_factory, make_playbook, method):
+    """Each field's expiry reaches the target as the source's absolute time, by DUMP/RESTORE and type-aware, big hashes too."""
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-9.1")
+    s = src.client()
+    keys = _field_data(s)
+    pb = load(make_playbook(src, dst, **FAST))
+    if method == copy.STRUCT:
+        reports.write(pb.state_path, reports.common("compat", pb.name, "pass", "compatible", copy_method="struct"),
+                      "# compat\n", "<p>compat</p>")
+    res = sync.run(pb, chunk=500)
+    assert res.complete and not res.errors and res.method == method, res
+    t = dst.client()
+    for key, fields in keys.items():
+        assert _times(t, key, fields) == _times(s, key, fields), key  # exact: absolute, never stretched
+    assert sum(x > 0 for x in _times(t, "h:big", keys["h:big"])) == 101
+    assert t.hlen("h:big") == BIG and abs(t.pttl("h:ttl") - s.pttl("h:ttl")) < 2000
+    res = check.run(pb, full=True, interval=0.05)
+    assert res.clean and res.verdict == "pass", [(m.key, m.detail) for m in res.mismatches]
+
+
+@pytest.mark.parametrize("relaxed", [False, True])
+def test_a_target_without_field_ttls_refuses_those_hashes_by_name(server_factory, make_playbook, relaxed):
+    """Valkey 8.1 cannot hold field TTLs: those hashes are refused per key (strict or relaxed RDB check), the rest is copied."""
+    src = server_factory("valkey-9.1")
+    dst = server_factory("valkey-8.1", config={"rdb-version-check": "relaxed"} if relaxed else {})
+    _field_data(src.client())
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb, chunk=500)
+    assert not res.complete
+    refused = {checkpoint.decode_key(key): err for _db, key, err in res.errors}
+    assert set(refused) == {b"h:ttl", b"h:setex", b"h:big"}, refused
+    assert "2 field(s) with a TTL" in refused[b"h:ttl"] and "HPEXPIREAT" in refused[b"h:ttl"]
+    t = dst.client()
+    assert not t.exists("h:ttl", "h:setex", "h:big")  # never written without their TTLs
+    assert t.hgetall("h:plain") == {b"x": b"1"} and t.get("s") == b"v"
+    assert not t.keys(TMP_PREFIX.decode() + "*")  # the big hash's partial copy is gone
+
+
+def test_check_names_a_missing_or_different_field_ttl(server_factory, make_playbook):
+    """A field TTL missing, added or moved beyond the tolerance on the target is a field-ttl mismatch naming the field."""
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-9.1")
+    keys = _field_data(src.client())
+    pb = load(make_playbook(src, dst, check={"interval": "50ms", "rounds": 2, "ttl_tolerance": "2s"},
+                            shim={"shadow_timeout": "50ms"}))
+    assert sync.run(pb, chunk=500).complete
+    t = dst.client()
+    t.execute_command("HPERSIST", "h:ttl", "FIELDS", 1, "a")  # missing on the target
+    t.execute_command("HPEXPIRE", "h:setex", 600_000, "FIELDS", 1, "q")  # different (+200 s)
+    t.execute_command("HPEXPIRE", "h:plain", 600_000, "FIELDS", 1, "x")  # only on the target
+    t.execute_command("HPERSIST", "h:big", "FIELDS", 1, keys["h:big"][-1])  # big hash: compared in chunks
+    at = _times(src.client(), "h:big", ["f0"])[0]
+    t.execute_command("HPEXPIREAT", "h:big", at + 500, "FIELDS", 1, "f0")  # within 2 s: equal
+    res = check.run(pb, full=True, interval=0.05)
+    got = {m.key: (m.kind, m.detail) for m in res.mismatches}
+    assert {k: kind for k, (kind, _) in got.items()} == {
+        b"h:ttl": compare.FIELD_TTL, b"h:setex": compare.FIELD_TTL, b"h:plain": compare.FIELD_TTL,
+        b"h:big": compare.FIELD_TTL}, got
+    assert got[b"h:ttl"][1] == "field 'a': expires only on the source"
+    assert got[b"h:setex"][1].startswith("field 'q': expiry differs by +")
+    assert got[b"h:plain"][1] == "field 'x': expires only on the target"
+    assert got[b"h:big"][1] == f"field '{keys['h:big'][-1]}': expires only on the source"
+    assert res.verdict == "fail"
+
+
+def test_check_against_a_target_without_field_ttls_finds_them_missing(server_factory, make_playbook):
+    """Values copied by hand to Valkey 8.1 are equal, but each field TTL the source has is reported missing there."""
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-8.1")
+    s, t = src.client(), dst.client()
+    s.hset("h", mapping={"a": "1", "b": "2"})
+    s.execute_command("HPEXPIRE", "h", 600_000, "FIELDS", 1, "b")
+    t.hset("h", mapping={"a": "1", "b": "2"})
+    pb = load(make_playbook(src, dst, **FAST))
+    res = check.run(pb, full=True, interval=0.05)
+    assert [(m.key, m.kind, m.detail) for m in res.mismatches] == [
+        (b"h", compare.FIELD_TTL, "field 'b': expires only on the source")]
+
+
+def test_slow_second_copy_keeps_the_first_absolute_time(server_factory, make_playbook):
+    """A type-aware copy made seconds after the field TTL was set lands on the same absolute expiry."""
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-9.1")
+    s = src.client()
+    s.hset("h", mapping={"a": "1"})
+    s.execute_command("HPEXPIRE", "h", 60_000, "FIELDS", 1, "a")
+    before = _times(s, "h", ["a"])[0]
+    time.sleep(1.2)  # a relative copy (HPEXPIRE with the remaining TTL read earlier) would drift
+    c = copy.Copier(s, dst.client(), copy.STRUCT)
+    assert c.copy([b"h"]).copied == 1
+    assert _times(dst.client(), "h", ["a"]) == [before]
