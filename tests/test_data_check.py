@@ -55,7 +55,7 @@ def test_each_mismatch_kind_is_detected(pair, make_playbook):
                      b"k:3": "value", b"k:5": "ttl", b"k:10": "ttl"}
     assert res.verdict == "fail" and not res.clean
     data = reports.load(pb.state_path, res.report_id)
-    assert data["by_kind"] == {"missing": 1, "extra": 1, "type": 1, "value": 2, "ttl": 2}
+    assert data["by_kind"] == {"missing": 1, "extra": 1, "type": 1, "value": 2, "ttl": 2, "field-ttl": 0}
     assert data["by_db"]["0"]["value"] == 2
 
 

@@ -107,8 +107,8 @@ def test_write_to_a_big_key_during_its_chunked_copy_is_repaired(server_factory, 
     real_parts = copy._parts
     removed = []
 
-    def racing_parts(src_client, snap, chunk, chunk_bytes):
-        for i, (command, args) in enumerate(real_parts(src_client, snap, chunk, chunk_bytes)):
+    def racing_parts(src_client, snap, chunk, chunk_bytes, *field_ttls):
+        for i, (command, args) in enumerate(real_parts(src_client, snap, chunk, chunk_bytes, *field_ttls)):
             yield command, args
             if i == 0 and not removed:
                 removed.append(args[0])

@@ -124,3 +124,73 @@ def test_slow_second_copy_keeps_the_first_absolute_time(server_factory, make_pla
     c = copy.Copier(s, dst.client(), copy.STRUCT)
     assert c.copy([b"h"]).copied == 1
     assert _times(dst.client(), "h", ["a"]) == [before]
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([b"HEXPIRE", b"h", b"10", b"FIELDS", b"1", b"a"], [b"HPEXPIREAT", b"h", b"1010000", b"FIELDS", b"1", b"a"]),
+    ([b"hpexpire", b"h", b"5", b"NX", b"FIELDS", b"2", b"a", b"b"],
+     [b"HPEXPIREAT", b"h", b"1000005", b"NX", b"FIELDS", b"2", b"a", b"b"]),
+    ([b"HSETEX", b"h", b"FNX", b"EX", b"3", b"FIELDS", b"1", b"f", b"v"],
+     [b"HSETEX", b"h", b"FNX", b"PXAT", b"1003000", b"FIELDS", b"1", b"f", b"v"]),
+    ([b"HGETEX", b"h", b"PX", b"7", b"FIELDS", b"1", b"f"], [b"HGETEX", b"h", b"PXAT", b"1000007", b"FIELDS", b"1", b"f"]),
+    # After FIELDS come names and values, never options: a field called "EX" stays as it is.
+    ([b"HSETEX", b"h", b"KEEPTTL", b"FIELDS", b"1", b"EX", b"5"], None),
+    ([b"HGETEX", b"h", b"PERSIST", b"FIELDS", b"1", b"px"], None),
+    ([b"HEXPIREAT", b"h", b"2000", b"FIELDS", b"1", b"a"], None),  # already absolute
+    ([b"HPERSIST", b"h", b"FIELDS", b"1", b"a"], None),
+    ([b"HEXPIRE", b"h", b"soon", b"FIELDS", b"1", b"a"], None),  # both sides reject it alike
+    ([b"HSETEX", b"h", b"EX", b"0", b"FIELDS", b"1", b"f", b"v"], None),
+])
+def test_relative_field_expiries_become_absolute(args, expected):
+    """The shim sends HEXPIRE/HPEXPIRE as HPEXPIREAT and HSETEX/HGETEX EX|PX as PXAT, from its own clock."""
+    from migrator.shim import effects
+
+    assert effects.rewrite_now(args, 1_000_000) == expected
+
+
+def test_field_ttl_replies_are_compared_with_the_ttl_tolerance():
+    """HTTL/HPTTL/HEXPIRETIME/HPEXPIRETIME replies agree within the tolerance, field by field; -1/-2 exactly."""
+    from migrator.shim import compare as cmp
+
+    assert cmp.compare(b"hpttl", [5000, -1], [4200, -1], 2000) is None
+    assert cmp.compare(b"hpttl", [5000, -1], [1000, -1], 2000) == cmp.DIFFERENT_VALUE
+    assert cmp.compare(b"httl", [-1], [10], 2000) == cmp.DIFFERENT_VALUE
+    assert cmp.compare(b"hexpiretime", [100, -2], [101, -2], 2000) is None
+
+
+@pytest.fixture
+def delayed():
+    """Delaying forwarders (tests.helpers) in front of servers; closed after the shims that use them."""
+    from tests.helpers import DelayingForwarder
+
+    made: list = []
+
+    def make(server, delay: float):
+        made.append(DelayingForwarder(server.port, delay))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_a_slow_second_side_does_not_stretch_field_ttls(server_factory, delayed, make_env):
+    """Mirrored through a target 200 ms away, HPEXPIRE, HEXPIRE, HSETEX EX and HGETEX PX land on the same absolute field expiry."""
+    from migrator.phases import Phase
+
+    src, tgt = server_factory("valkey-9.1"), server_factory("valkey-9.1")
+    env = make_env(src, delayed(tgt, 0.2))
+    env.set_phase(Phase.MIRRORING)
+    c = env.client()
+    c.hset("h", mapping={"a": "1", "b": "2", "c": "3"})
+    c.execute_command("HPEXPIRE", "h", 60_000, "FIELDS", 1, "a")
+    c.execute_command("HEXPIRE", "h", 60, "FIELDS", 1, "b")
+    c.execute_command("HSETEX", "h2", "EX", 60, "FIELDS", 1, "x", "1")
+    c.execute_command("HGETEX", "h", "PX", 60_000, "FIELDS", 1, "c")
+    env.flush()
+    s, t = src.client(), tgt.client()
+    for key, fields in (("h", ["a", "b", "c"]), ("h2", ["x"])):
+        a, b = _times(s, key, fields), _times(t, key, fields)
+        assert all(x > 0 for x in a + b), (a, b)
+        # Relative expiries would land 200 ms or more later on the target.
+        assert max(abs(x - y) for x, y in zip(a, b)) < 120, (key, a, b)
