@@ -367,7 +367,7 @@ def test_reset_command_statistics_warn_and_field_ttls_pass_on_valkey9(server_fac
     _pb, result = run(make_playbook, source, target, write_report=False)
     assert result.check("commands.missing").status == WARN
     types = result.check("data.types")
-    assert types.status == PASS and "1 hash(es) use field TTLs" in types.evidence
+    assert types.status == PASS and "1 hash(es) use field TTLs (1 hash(es) (INFO keyspace) with 1 field TTL(s) in all)" in types.evidence
 
 
 def test_a_key_deleted_between_scan_and_type_is_not_a_type_the_target_cannot_hold(server_factory, make_playbook, monkeypatch):

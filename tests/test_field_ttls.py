@@ -194,3 +194,53 @@ def test_a_slow_second_side_does_not_stretch_field_ttls(server_factory, delayed,
         assert all(x > 0 for x in a + b), (a, b)
         # Relative expiries would land 200 ms or more later on the target.
         assert max(abs(x - y) for x, y in zip(a, b)) < 120, (key, a, b)
+
+
+def _compat(make_playbook, source, target):
+    from migrator import compat, playbook
+
+    return compat.run(playbook.load(make_playbook(source, target)), write_report=False)
+
+
+def test_compat_fails_a_target_without_field_ttls_with_hash_and_field_counts(server_factory, make_playbook):
+    """Valkey 9.1 → 8.1: data.types fails, saying exactly how many hashes and fields would lose their expiry."""
+    from migrator.compat.model import FAIL
+
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-8.1")
+    c = src.client()
+    for i in range(3):
+        c.hset(f"h{i}", mapping={"a": "1", "b": "2", "c": "3"})
+        c.execute_command("HPEXPIRE", f"h{i}", 600_000, "FIELDS", i + 1, *["a", "b", "c"][:i + 1])
+    c.hset("plain", mapping={"a": "1"})
+    types = _compat(make_playbook, src, dst).check("data.types")
+    assert types.status == FAIL, types.evidence
+    assert "3 hash(es) (INFO keyspace) with 6 field TTL(s) in all would lose their expiry" in types.evidence
+    assert "valkey 8.1" in types.evidence.lower() and "HPERSIST" in types.remediation
+    assert types.data["field_ttls"] == {"hashes": 3, "hashes_how": "INFO keyspace", "fields": 6,
+                                        "sampled_hashes": 4, "exact": True}
+
+
+def test_compat_says_at_least_when_it_read_only_part_of_the_field_ttls(server_factory, make_playbook, monkeypatch):
+    """A hash larger than the per-hash bound is counted in part, and the count says "at least" over the sample."""
+    from migrator.compat import modules
+
+    monkeypatch.setattr(modules, "FIELDS_PER_HASH", 1000)
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-8.1")
+    c = src.client()
+    fields = [f"f{i}" for i in range(BIG)]
+    c.hset("big", mapping={f: "v" for f in fields})
+    c.execute_command("HPEXPIRE", "big", 600_000, "FIELDS", BIG, *fields)
+    types = _compat(make_playbook, src, dst).check("data.types")
+    got = types.data["field_ttls"]
+    assert not got["exact"] and 1000 <= got["fields"] < BIG and got["hashes"] == 1, got
+    assert f"at least {got['fields']:,} field TTL(s) in a sample of 1 hash(es)" in types.evidence
+
+
+def test_restore_effect_carries_field_ttls():
+    """A RESTORE mirrored by effect rebuilds a hash with each field's absolute expiry (HPEXPIREAT), then the key's."""
+    from migrator.shim import restore
+
+    read = [b"hash", 1000, 500, [b"a", b"1", b"b", b"2", b"c", b"3"], [7000, -1, 7000]]
+    assert restore.effect(b"k", read) == [
+        [b"DEL", b"k"], [b"HSET", b"k", b"a", b"1", b"b", b"2", b"c", b"3"],
+        [b"HPEXPIREAT", b"k", b"7000", b"FIELDS", b"2", b"a", b"c"], [b"PEXPIREAT", b"k", b"1500"]]

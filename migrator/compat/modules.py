@@ -3,8 +3,9 @@
 ``MODULE LIST`` on both sides says which modules the application may rely on; each Redis
 module maps to the Valkey module that replaces it, if one exists. Sampled ``TYPE``s outside
 the core types reveal module data even when MODULE LIST is disabled. Hash field expiration
-(Redis 7.4+, Valkey 9.0+) is counted from INFO keyspace where the server reports it, else by
-sampling HTTL.
+(Redis 7.4+, Valkey 9.0+): hashes counted from INFO keyspace where the server reports it
+(``subexpiry``/``keys_with_volatile_items``), fields by reading HPEXPIRETIME over the sampled
+hashes (exact when the sample is the whole keyspace, else "at least N in a sample of M").
 """
 
 from __future__ import annotations
@@ -126,33 +127,72 @@ def odd_types(types: dict[str, int], target_modules: set[str] | None) -> list[Fi
     return out
 
 
-def _field_ttl_keys(probe: Probe) -> tuple[int, str]:
-    """Hashes with field TTLs on the source: (count, how it was measured)."""
+FIELDS_PER_HASH = 10_000  # fields whose TTLs are read per sampled hash (a bigger hash is counted in part)
+
+
+@dataclass(frozen=True)
+class FieldTTLCount:
+    """Hashes with field TTLs on the source, and their fields that have one."""
+
+    hashes: int  # from INFO keyspace where the server counts them, else the sampled hashes that have any
+    hashes_how: str  # "INFO keyspace" or "sample"
+    fields: int  # field TTLs found in the sampled hashes
+    sampled_hashes: int
+    exact: bool  # every hash of the source sampled, every field read
+
+    def describe(self) -> str:
+        hashes = f"{self.hashes:,} hash(es)" + (" (INFO keyspace)" if self.hashes_how == "INFO keyspace" else "")
+        if self.exact:
+            return f"{hashes} with {self.fields:,} field TTL(s) in all"
+        return (f"{hashes}; at least {self.fields:,} field TTL(s) in a sample of {self.sampled_hashes:,} "
+                "hash(es) (the rest were not read)")
+
+    def to_json(self) -> dict:
+        return {"hashes": self.hashes, "hashes_how": self.hashes_how, "fields": self.fields,
+                "sampled_hashes": self.sampled_hashes, "exact": self.exact}
+
+
+def count_field_ttls(probe: Probe) -> FieldTTLCount:
+    """Field TTLs in the sampled hashes (all of them in a small keyspace), read with HPEXPIRETIME."""
+    from migrator.data import fieldttl
+
+    hashes_with = fields = 0
+    exact = all(d.complete for d in probe.source_keys.dbs.values())
+    sampled = probe.source_keys.keys_of_type("hash")
+    for db, key in sampled:
+        client = probe.key_client("source", db, key)
+        read = found = cursor = 0
+        while True:
+            cursor, part = probe.source.guard("HSCAN", partial(client.hscan, key, cursor, count=1000))
+            times = probe.source.guard("HPEXPIRETIME", partial(fieldttl.expiry_times, client, key, list(part)))
+            found += sum(1 for t in times if t > 0)
+            read += len(part)
+            if cursor == 0:
+                break
+            if read >= FIELDS_PER_HASH:
+                exact = False
+                break
+        hashes_with += found > 0
+        fields += found
     counted = [d.field_ttl_keys for d in probe.source_keys.dbs.values()]
     if counted and all(c is not None for c in counted):
-        return sum(counted), "INFO keyspace"
-    hits = 0
-    for db, key in probe.source_keys.keys_of_type("hash")[:200]:
-        client = probe.key_client("source", db, key)
-        fields = probe.source.guard("HRANDFIELD", partial(client.hrandfield, key, 16)) or []
-        if fields:
-            ttls = probe.source.guard("HTTL", partial(client.execute_command, "HTTL", key, "FIELDS", len(fields), *fields))
-            hits += any(int(t) >= 0 for t in ttls)
-    return hits, "sampled HTTL"
+        return FieldTTLCount(sum(counted), "INFO keyspace", fields, len(sampled), exact)
+    return FieldTTLCount(hashes_with, "sample", fields, len(sampled), exact)
 
 
 def hash_ttl(probe: Probe) -> Finding | None:
     """Hash field TTLs (Redis 7.4+, Valkey 9.0+) on the source; None when the source cannot have them."""
     if not (probe.source_id.at_least("redis", 7, 4) or probe.source_id.at_least("valkey", 9, 0)):
         return None
-    count, how = _field_ttl_keys(probe)
-    if count == 0:
-        return Finding("hash field TTLs", PASS, f"no hash uses field TTLs ({how})")
-    if lookup(target_table(probe), "hexpire") is not None:
-        return Finding("hash field TTLs", PASS, f"{count} hash(es) use field TTLs ({how}); the target supports them")
-    return Finding("hash field TTLs", FAIL, f"{count} hash(es) use field TTLs ({how}), which the target "
-                   f"{probe.target_id.label} cannot hold",
-                   "use Valkey 9.0+ as the target, or remove the field TTLs (HPERSIST) first")
+    count = probe.memo("field_ttls", lambda: count_field_ttls(probe))
+    if count.hashes == 0 and count.fields == 0:
+        return Finding("hash field TTLs", PASS, f"no hash uses field TTLs ({count.describe()})")
+    if lookup(target_table(probe), "hpexpireat") is not None:
+        return Finding("hash field TTLs", PASS, f"{count.hashes:,} hash(es) use field TTLs ({count.describe()}); "
+                       "the target supports them and sync copies them")
+    return Finding("hash field TTLs", FAIL, f"{count.describe()} would lose their expiry: the target "
+                   f"{probe.target_id.label} has no hash field expiry, so sync refuses these hashes",
+                   "use Valkey 9.0+ as the target, or remove the field TTLs (HPERSIST) on the source first")
 
 
 def data_types_check(probe: Probe) -> Check:
@@ -167,8 +207,10 @@ def data_types_check(probe: Probe) -> Check:
     sampled = sum(len(d.sampled) for d in probe.source_keys.dbs.values())
     listed = ", ".join(f"{k} {n}" for k, n in sorted(types.items())) or "none"
     passed = f"{sampled} keys sampled; types: {listed}; all core types" + (f"; {ttl.note}" if ttl else "")
-    check = _findings_check("data.types", "Data the target cannot hold", findings, passed,
-                            {"sampled_keys": sampled, "types": types})
+    data = {"sampled_keys": sampled, "types": types}
+    if ttl is not None:
+        data["field_ttls"] = probe.memo("field_ttls", lambda: count_field_ttls(probe)).to_json()
+    check = _findings_check("data.types", "Data the target cannot hold", findings, passed, data)
     if check.status != PASS:
         check.evidence = f"{sampled} keys sampled; {check.evidence}"
     return check
