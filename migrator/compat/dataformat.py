@@ -16,6 +16,7 @@ from migrator.compat.commands import command_table, lookup
 from migrator.compat.config import read_config
 from migrator.compat.model import FAIL, PASS, UNKNOWN, WARN, Check
 from migrator.compat.probe import Probe
+from migrator.compat import rdb
 from migrator.compat.rdb import accepts, written_version
 from migrator.compat.rpc import Unavailable
 from migrator.compat.typecopy import CORE_TYPES
@@ -148,7 +149,60 @@ def data_format_check(probe: Probe) -> Check:
                 f"sync copies {method or 'nothing: no method works'}, rollback copies {rollback or 'nothing: no method works'}; "
                 f"replication target←source {replication['target_replicates_source']}")
     status, fix = _status(fwd, back, method, rollback)
+    evidence, fix, blocked = _pair_plans(probe, relaxed, data, evidence, fix)
+    if blocked and status == PASS:  # the data.types check fails on that data; here the method has exceptions
+        status, fix = WARN, (f"{', '.join(blocked)} cannot reach this target by any method: see the data.types "
+                             "check for what to do")
     return Check("data.format", "Data format and copy method", status, evidence, fix, data)
+
+
+def _in_use(probe: Probe) -> set[str]:
+    """Data in use on the source that some RDB loaders cannot read (see ``rdb.unreadable``)."""
+    from migrator.compat.modules import count_field_ttls
+
+    types = {t.lower() for t in probe.source_keys.types()}
+    out = {rdb.VECTOR_SETS} if "vectorset" in types else set()
+    if types - set(CORE_TYPES) - {"vectorset"}:
+        out.add(rdb.MODULE_DATA)
+    if probe.source_id.at_least("redis", 7, 4) or probe.source_id.at_least("valkey", 9, 0):
+        try:
+            count = probe.memo("field_ttls", lambda: count_field_ttls(probe))
+            if count.hashes or count.fields:
+                out.add(rdb.FIELD_TTL_HASHES)
+        except Unavailable:
+            pass
+    return out
+
+
+def _pair_plans(probe: Probe, relaxed: bool, data: dict, evidence: str, fix: str) -> tuple[str, str, tuple]:
+    """The RDB decision table's view of the pair (``rdb.plan_pair``), each way: what
+    ``rdb-version-check relaxed`` would change, and replication that the canaries (core types
+    only) cannot show failing on data of a type the other side's loader lacks."""
+    in_use = _in_use(probe)
+    fwd = rdb.plan_pair(probe.source_id, probe.target_id, relaxed, in_use)
+    back = rdb.plan_pair(probe.target_id, probe.source_id, False, in_use)
+    data["pair_plan"] = {"in_use": sorted(in_use), "forward": fwd.to_json(), "rollback": back.to_json()}
+    replication = data["replication"]
+    for direction, key, other in (("forward", "target_replicates_source", probe.target_id),
+                                  ("rollback", "source_replicates_target", probe.source_id)):
+        src, dst = (probe.source_id, probe.target_id) if direction == "forward" else (probe.target_id, probe.source_id)
+        foreign = rdb.unreadable(src, dst, in_use)
+        if foreign and replication[key].startswith("works"):
+            was = replication[key]
+            replication[key] = (f"does not work: {', '.join(foreign)} in use cannot be loaded by {other.label}'s "
+                                "RDB reader (a full sync would fail on them)")
+            evidence = evidence.replace(f"replication target←source {was}", f"replication target←source {replication[key]}")
+    probe.facts.update(replication=replication)
+    if fwd.relaxed:
+        evidence += f"; rdb-version-check relaxed on the target {fwd.relaxed}"
+        if fwd.relaxed.startswith("would help") and data["copy_method"] != DUMP_RESTORE:
+            fix = (fix + "; " if fix else "") + ("for DUMP/RESTORE and native replication, set rdb-version-check "
+                                                 "relaxed on the target (CONFIG SET rdb-version-check relaxed)")
+    if fwd.blocked:
+        evidence += f"; {', '.join(fwd.blocked)} in use: no copy method carries them to this target (see data.types)"
+    elif in_use & {rdb.FIELD_TTL_HASHES, rdb.VECTOR_SETS}:
+        evidence += f"; {', '.join(sorted(in_use))} in use: copied {fwd.copy_method}"
+    return evidence, fix, fwd.blocked
 
 
 def _status(fwd: Direction, back: Direction, method: str | None, rollback: str | None) -> tuple[str, str]:
