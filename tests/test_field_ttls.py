@@ -244,3 +244,18 @@ def test_restore_effect_carries_field_ttls():
     assert restore.effect(b"k", read) == [
         [b"DEL", b"k"], [b"HSET", b"k", b"a", b"1", b"b", b"2", b"c", b"3"],
         [b"HPEXPIREAT", b"k", b"7000", b"FIELDS", b"2", b"a", b"c"], [b"PEXPIREAT", b"k", b"1500"]]
+
+
+def test_sync_cli_exits_1_naming_the_refused_hash(server_factory, make_playbook):
+    """`migrator sync` to Valkey 8.1 exits 1, and its summary line names the refused hash and why."""
+    from tests.helpers import run_cli
+
+    src, dst = server_factory("valkey-9.1"), server_factory("valkey-8.1")
+    c = src.client()
+    c.hset("sessions", mapping={"a": "1", "b": "2"})
+    c.execute_command("HPEXPIRE", "sessions", 600_000, "FIELDS", 1, "b")
+    c.set("s", "v")
+    r = run_cli("sync", playbook=make_playbook(src, dst))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "first error: db0 key sessions: hash has 1 field(s) with a TTL and the target has no hash field expiry" in r.stdout
+    assert dst.client().get("s") == b"v" and not dst.client().exists("sessions")

@@ -50,6 +50,9 @@ def sync_report_data(pb, res, phase: str) -> dict[str, Any]:
     summary = (f"{equal}{res.keys:,} {what} ({human_bytes(res.bytes)}) {how} by {res.method or 'n/a'}{held}; "
                f"{res.recopied} re-copied after verify, "
                f"{len(res.unsettled)} unsettled, {len(res.errors)} errors" + ("" if res.complete else "; NOT complete"))
+    if res.errors:  # the first one in the summary line, so the terminal names a key and why
+        db, k, err = res.errors[0]
+        summary += f"; first error: db{db} key {key_text(_b64(k))}: {err}"
     return reports.common(
         "sync", pb.name, verdict, summary, mode=res.mode, complete=res.complete, phase=phase,
         method=res.method, method_reason=res.method_reason, pass_started_at=res.pass_started_at,
