@@ -58,17 +58,25 @@ def refusal(n_fields: int) -> str:
 def supported(client: redis.Redis) -> bool:
     """Whether the server has hash field expiry: it knows ``HPEXPIRETIME``.
 
-    An unknown command says no; a cluster redirect says yes (a server checks the command before
-    the slot). Any other error (a denied command) is raised: guessing could drop TTLs silently.
+    ``COMMAND INFO`` says so without touching a key; where COMMAND is refused (a managed
+    service), ``HPEXPIRETIME`` itself is tried on a key nobody uses: an unknown command says no;
+    a cluster redirect or an ACL refusal says yes (a server looks the command up first). Any
+    other error is raised: guessing could drop field TTLs silently.
     """
+    try:
+        reply = fastcall.call(client, b"COMMAND", b"INFO", b"HPEXPIRETIME")
+        if isinstance(reply, list) and len(reply) == 1:
+            return bool(reply[0])
+    except redis.exceptions.ResponseError:
+        pass  # COMMAND refused or renamed: ask the command itself
     try:
         fastcall.call(client, b"HPEXPIRETIME", _PROBE_KEY, b"FIELDS", 1, b"f")
         return True
     except redis.exceptions.ResponseError as e:
         text = str(e).lower()
-        if "unknown command" in text or "unknown subcommand" in text:
+        if "unknown command" in text:
             return False
-        if text.startswith(("moved", "ask", "crossslot")):
+        if text.startswith(("moved", "ask", "crossslot", "noperm")) or "no permissions" in text:
             return True
         raise
 
