@@ -169,8 +169,23 @@ class CopyResult:
 
 
 def tmp_key(key: bytes) -> bytes:
-    """Where a big key is built before it is renamed over the real one; unique per process."""
-    return TMP_PREFIX + hashlib.sha1(key).hexdigest().encode() + b":" + str(os.getpid()).encode()
+    """Where a big key is built before it is renamed over the real one; unique per process.
+
+    It carries the key's hash tag (``{...}``), so that on a cluster it lies in the key's slot
+    and the final RENAME is not cross-slot."""
+    tag = hash_tag(key)
+    braced = b"{" + tag + b"}" if b"}" not in tag else b""
+    return TMP_PREFIX + braced + hashlib.sha1(key).hexdigest().encode() + b":" + str(os.getpid()).encode()
+
+
+def hash_tag(key: bytes) -> bytes:
+    """The part of ``key`` a cluster hashes to find its slot: the first ``{...}`` if not empty, else all of it."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
 
 
 def rdb_version(payload: bytes) -> int:
