@@ -122,6 +122,8 @@ def _mismatch(m) -> dict[str, Any]:
          "detail": m.detail, "source": _state(m.source), "target": _state(m.target)}
     if m.source_value is not None or m.target_value is not None:
         d["source_value"], d["target_value"] = m.source_value, m.target_value
+    if getattr(m, "slot", None) is not None:
+        d["slot"] = m.slot
     return d
 
 
@@ -153,7 +155,9 @@ def check_report_data(pb, res) -> dict[str, Any]:
         counts={str(k): v for k, v in res.counts.items()}, ttl_histogram=ttl_histogram(res.ttl_deltas_ms),
         mismatches=[_mismatch(m) for m in res.mismatches[:MAX_LISTED]],
         repaired=[_mismatch(m) for m in res.repaired[:MAX_LISTED]],
-        source=pb.source.display, target=pb.target.display)
+        source=pb.source.display, target=pb.target.display,
+        **({"shards": res.shards, "recovered_slots": res.recovered, "still_moving_slots": res.still_moving}
+           if res.shards else {}))
 
 
 _KIND_LABELS = {"missing": "missing on target", "extra": "extra on target", "type": "type", "value": "value", "ttl": "TTL"}
@@ -163,7 +167,7 @@ def _mismatch_rows(ms: list[dict]) -> list[tuple]:
     rows = []
     for m in ms:
         s, t = m["source"], m["target"]
-        row = (m["db"], m["key"], _KIND_LABELS[m["kind"]], m["detail"], f"{s['type']} / {s['size']} / {s['pttl']}",
+        row = (m["db"], *((m.get("slot", ""),) if any("slot" in x for x in ms) else ()), m["key"], _KIND_LABELS[m["kind"]], m["detail"], f"{s['type']} / {s['size']} / {s['pttl']}",
                f"{t['type']} / {t['size']} / {t['pttl']}", f"{s['digest'][:12]} / {t['digest'][:12]}")
         if "source_value" in m:
             row += (m["source_value"], m["target_value"])
@@ -172,7 +176,7 @@ def _mismatch_rows(ms: list[dict]) -> list[tuple]:
 
 
 def _mismatch_headers(ms: list[dict]) -> list[str]:
-    h = ["db", "key", "kind", "detail", "source type/size/pttl", "target type/size/pttl", "digests"]
+    h = ["db", *(["slot"] if any("slot" in m for m in ms) else []), "key", "kind", "detail", "source type/size/pttl", "target type/size/pttl", "digests"]
     return h + (["source value", "target value"] if any("source_value" in m for m in ms) else [])
 
 
@@ -194,10 +198,24 @@ def check_markdown(data: dict) -> str:
            reports.md_table(["kind", "keys"], [(_KIND_LABELS[k], v) for k, v in data["by_kind"].items()]), "",
            "## By database", "", reports.md_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in compare.KINDS)],
                                                   _db_rows(data))]
+    if data.get("shards"):
+        out += ["", "## By shard (cluster)", "", reports.md_table(_SHARD_HEADERS, _shard_rows(data))]
+        if data.get("recovered_slots"):
+            out += ["", f"Slots that moved during the check and were compared again: {data['recovered_slots']}"]
+        if data.get("still_moving_slots"):
+            out += ["", f"Slots still moving when the check ended: {data['still_moving_slots']}"]
     for title, ms in (("Mismatched keys", data["mismatches"]), ("Repaired keys", data["repaired"])):
         if ms:
             out += ["", f"## {title}", "", reports.md_table(_mismatch_headers(ms), _mismatch_rows(ms))]
     return "\n".join(out) + "\n"
+
+
+_SHARD_HEADERS = ["side", "node", "slots", "keys", "drawn", "compared", "only on target", "mismatches in its slots"]
+
+
+def _shard_rows(data: dict) -> list[tuple]:
+    return [(s["side"], s["address"], s["slots"], f"{s['keys']:,}", f"{s['drawn']:,}", f"{s['compared']:,}",
+             s["missing_elsewhere"] if s["side"] == "target" else "", s["mismatches"]) for s in data.get("shards", [])]
 
 
 def _db_rows(data: dict) -> list[tuple]:
@@ -216,6 +234,8 @@ def check_html(data: dict, state_dir: Path | str | None = None) -> str:
             reports.html_table(["kind", "keys"], [(_KIND_LABELS[k], v) for k, v in data["by_kind"].items()]),
             "<h2>By database</h2>",
             reports.html_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in compare.KINDS)], _db_rows(data)),
+            *(["<h2>By shard (cluster)</h2>", reports.html_table(_SHARD_HEADERS, _shard_rows(data))]
+              if data.get("shards") else []),
             "<h2>Expiry deltas (target − source)</h2>", svg_bars([(_bin_label(b), b["count"]) for b in data["ttl_histogram"]]),
             "<h2>Mismatches over successive checks</h2>",
             svg_bars([(h["created_at"][11:19], h.get("mismatch_count", 0)) for h in history])]
