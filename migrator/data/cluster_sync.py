@@ -127,6 +127,16 @@ class Side:
         host, _, port = addr.rpartition(":")
         return addr, self.client(host, int(port))
 
+    def primaries(self) -> list[redis.Redis]:
+        """A client of each primary that claims slots (the one server of a standalone side), in address order."""
+        if not self.is_cluster:
+            return [self.single]
+        out = []
+        for addr in sorted(a for a, _s in self.claims.values()):
+            host, _, port = addr.rpartition(":")
+            out.append(self.client(host, int(port)))
+        return out
+
     def close(self) -> None:
         for c in self._clients.values():
             c.close()
@@ -512,11 +522,7 @@ def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | N
 
 
 def _source_keys(src: Side) -> int:
-    total = 0
-    for addr, _slots in src.claims.values():
-        host, _, port = addr.rpartition(":")
-        total += int(src.client(host, int(port)).dbsize())
-    return total
+    return sum(int(c.dbsize()) for c in src.primaries())
 
 
 def _method(r, cp: cpmod.Checkpoint, src: Side, dst: Side) -> tuple[str, str]:
@@ -527,21 +533,15 @@ def _method(r, cp: cpmod.Checkpoint, src: Side, dst: Side) -> tuple[str, str]:
 
     probe = TMP_PREFIX + b"probe:" + str(os.getpid()).encode()
     _addr, target = dst.route(cluster.key_slot(probe))
-    for _nid, (addr, _slots) in sorted(src.claims.items(), key=lambda kv: kv[1][0]):
-        host, _, port = addr.rpartition(":")
-        c = src.client(host, int(port))
-        if c.dbsize():
-            return detect_method(c, target, reports.latest(r.pb.state_path, "compat"))
-    host, _, port = next(iter(src.claims.values()))[0].rpartition(":")
-    return detect_method(src.client(host, int(port)), target, reports.latest(r.pb.state_path, "compat"))
+    nodes = src.primaries()
+    c = next((c for c in nodes if c.dbsize()), nodes[0])
+    return detect_method(c, target, reports.latest(r.pb.state_path, "compat"))
 
 
 def _copy_functions(src: Side, dst: Side) -> str:
     """Function libraries from one source primary onto every target primary (each node keeps its own)."""
-    host, _, port = next(iter(src.claims.values()))[0].rpartition(":")
-    s = src.client(host, int(port))
-    targets = [dst.single] if not dst.is_cluster else [
-        dst.client(addr.rpartition(":")[0], int(addr.rpartition(":")[2])) for addr, _s in dst.claims.values()]
+    s = src.primaries()[0]
+    targets = dst.primaries()
     outcomes = []
     for t in targets:
         try:

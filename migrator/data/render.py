@@ -60,7 +60,8 @@ def sync_report_data(pb, res, phase: str) -> dict[str, Any]:
         dbs={str(k): v for k, v in res.dbs.items()},
         unsettled=[{"db": db, "key": key_text(_b64(k)), "key_b64": k} for db, k in res.unsettled[:MAX_LISTED]],
         errors=[{"db": db, "key": key_text(_b64(k)), "key_b64": k, "error": e} for db, k, e in res.errors[:MAX_LISTED]],
-        source=pb.source.display, target=pb.target.display)
+        source=pb.source.display, target=pb.target.display,
+        **({"shards": res.shards, "replanned": res.replanned} if getattr(res, "shards", None) else {}))
 
 
 def _b64(text: str) -> bytes:
@@ -87,6 +88,10 @@ def sync_markdown(data: dict) -> str:
            reports.md_table(["", ""], _sync_rows(data)), "", "## Databases", "",
            reports.md_table(["db", "keys", "bytes", "done"],
                             [(db, v.get("keys", ""), human_bytes(v.get("bytes", 0)), v.get("done", "")) for db, v in data["dbs"].items()])]
+    if data.get("shards"):
+        out += ["", "## Source shards (cluster)", "", reports.md_table(_SYNC_SHARD_HEADERS, _sync_shard_rows(data))]
+        if data.get("replanned"):
+            out += ["", "Rounds re-planned (failover, reshard or redirect):", "", *(f"- {x}" for x in data["replanned"])]
     if data["unsettled"]:
         out += ["", "## Unsettled keys (still differing after every re-copy)", "",
                 reports.md_table(["db", "key"], [(u["db"], u["key"]) for u in data["unsettled"]])]
@@ -95,10 +100,21 @@ def sync_markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+_SYNC_SHARD_HEADERS = ["primary", "slots", "read from", "slots done", "keys (pass)", "keys (this run)", "bytes", "state"]
+
+
+def _sync_shard_rows(data: dict) -> list[tuple]:
+    return [(s["address"], s["slots"], s["reader"], f"{s['slots_done']:,}/{s['slots_total']:,}", f"{s['keys']:,}",
+             f"{s['run_keys']:,}", human_bytes(s["bytes"]), s["state"] + (f" ({s['note']})" if s["note"] else ""))
+            for s in data.get("shards", [])]
+
+
 def sync_html(data: dict) -> str:
     body = ["<h2>Run</h2>", reports.html_table(["", ""], _sync_rows(data)), "<h2>Databases</h2>",
             reports.html_table(["db", "keys", "bytes", "done"],
                                [(db, v.get("keys", ""), human_bytes(v.get("bytes", 0)), v.get("done", "")) for db, v in data["dbs"].items()])]
+    if data.get("shards"):
+        body += ["<h2>Source shards (cluster)</h2>", reports.html_table(_SYNC_SHARD_HEADERS, _sync_shard_rows(data))]
     if data["unsettled"]:
         body += ["<h2>Unsettled keys</h2>", reports.html_table(["db", "key"], [(u["db"], u["key"]) for u in data["unsettled"]])]
     if data["errors"]:
