@@ -15,11 +15,38 @@ import time
 import pytest
 
 from migrator import cluster, reports
-from migrator.data import check, checkpoint, sync
+from migrator.data import check, checkpoint, cluster_sync, sync
 from tests.helpers import run_cli
 from tests.test_data_helpers import FAST, bulk, load, populate, wait_for
 
 N = 3000
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """Local clusters shared by this module's tests (starting 14 nodes takes seconds): ``get(label, primaries)``
+    returns one emptied (FLUSHALL on every primary) and healthy; all are stopped at the end. The test that moves
+    slots and fails a primary over runs last."""
+    from migrator import servers
+    from tests import topologies
+
+    started: dict[tuple[str, int], topologies.LocalCluster] = {}
+
+    def get(label: str, primaries: int):
+        if servers.find(label) is None:
+            pytest.skip(f"no {label} binary here")
+        cl = started.get((label, primaries))
+        if cl is None:
+            cl = started[(label, primaries)] = topologies.start_cluster(label, primaries=primaries, replicas=1)
+        for p in cl.primaries():
+            with contextlib.closing(cl.node_client(p)) as c:
+                c.flushall()
+        cl.wait_ok()
+        return cl
+
+    yield get
+    for cl in started.values():
+        cl.stop()
 
 
 def keys_on(cl) -> int:
@@ -47,12 +74,11 @@ def fill(cl, n: int = N) -> int:
 
 @pytest.mark.parametrize("target_label,replicas", [("valkey-9.1", False), ("valkey-8.1", True)],
                          ids=["to-valkey-9.1", "to-valkey-8.1-from-replicas"])
-def test_cluster_sync_copies_every_key_and_check_names_mismatches_by_slot(cluster_factory, make_playbook, target_label,
-                                                                           replicas):
+def test_cluster_sync_copies_every_key_and_check_names_mismatches_by_slot(clusters, make_playbook, target_label, replicas):
     """Redis 7.0 3x1 -> Valkey 4x1: sync copies every key (one reader per source shard), a full check finds 0
     mismatches, then a changed and a deleted key on one target shard and a key only on the target are named with their slots."""
-    src = cluster_factory("redis-7.0", primaries=3, replicas=1)
-    dst = cluster_factory(target_label, primaries=4, replicas=1)
+    src = clusters("redis-7.0", 3)
+    dst = clusters(target_label, 4)
     total = fill(src)
     path = make_playbook(src, dst, sync={"read_from_replicas": replicas}, **FAST)
     out = run_cli("sync", "--output", "json", playbook=path, timeout=180)
@@ -89,11 +115,11 @@ def test_cluster_sync_copies_every_key_and_check_names_mismatches_by_slot(cluste
     assert owner["missing_elsewhere"] == 1 and owner["mismatches"] >= 1
 
 
-def test_killed_cluster_sync_resumes_by_slot(cluster_factory, make_playbook):
+def test_killed_cluster_sync_resumes_by_slot(clusters, make_playbook):
     """A cluster sync killed with SIGKILL mid-copy resumes from the verified slots of each shard: every key
     lands, and the second run copies only what the first had not confirmed."""
-    src = cluster_factory("redis-7.0", primaries=3, replicas=1)
-    dst = cluster_factory("valkey-9.1", primaries=4, replicas=1)
+    src = clusters("redis-7.0", 3)
+    dst = clusters("valkey-9.1", 4)
     total = fill(src, 4000)
     path = make_playbook(src, dst, **FAST)
     pb = load(path)
@@ -123,60 +149,11 @@ def test_killed_cluster_sync_resumes_by_slot(cluster_factory, make_playbook):
     assert check.run(pb, full=True).clean
 
 
-def test_cluster_sync_follows_failover_and_slot_migrations(cluster_factory, make_playbook):
-    """During a throttled sync a source primary fails over, a slot with keys migrates on the source and another on
-    the target: every key is still copied (the moved slots re-planned, MOVED/ASK followed), and a full check is clean."""
-    src = cluster_factory("redis-7.0", primaries=3, replicas=1)
-    dst = cluster_factory("valkey-9.1", primaries=4, replicas=1)
-    total = fill(src, 4000)
-    path = make_playbook(src, dst, **FAST)
-    pb = load(path)
-    shards = src.shards()
-    # Slots near the end of their shards (each reader goes through its slots in order), holding keys.
-    hot = [cluster.key_slot(f"k:{i}") for i in range(4000)]
-    moved_src = max(s for s in hot if s <= shards[1]["slots"][0][1])  # shard 2's last slot with keys
-    moved_dst = max(s for s in hot if s <= 4095)  # the target's first shard's last slot with keys
-    events: list[str] = []
-    failed: list[BaseException] = []
-
-    def disturb():
-        try:
-            time.sleep(0.8)
-            src.failover(shards[0]["primary"])
-            events.append("source failover")
-            src.migrate_slot(moved_src, shards[2]["primary"])
-            events.append(f"source slot {moved_src} migrated")
-            dst.migrate_slot(moved_dst, dst.primaries()[1])
-            events.append(f"target slot {moved_dst} migrated")
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            failed.append(e)
-
-    t = threading.Thread(target=disturb)
-    t0 = time.monotonic()
-    t.start()
-    try:
-        res = sync.run(pb, rate=1000, batch=20)
-    finally:
-        t.join(60)
-    assert not failed, failed
-    assert len(events) == 3
-    took = time.monotonic() - t0
-    assert res.complete, (res.errors[:5], res.unsettled[:5])
-    # The events happened while the sync ran, and it re-planned around them.
-    assert took > 2.0 and res.replanned or any(s["state"] == "stopped" for s in res.shards), (took, res.replanned)
-    assert keys_on(dst) == total
-    src.wait_ok()
-    dst.wait_ok()
-    assert check.run(pb, full=True).clean
-    assert reports.load(pb.state_path, res.report_id)["keys"] == total
-
-
-def test_sync_between_a_standalone_server_and_a_cluster_both_ways(server_factory, cluster_factory, make_playbook,
-                                                                  tmp_path):
+def test_sync_between_a_standalone_server_and_a_cluster_both_ways(server_factory, clusters, make_playbook, tmp_path):
     """A standalone source syncs onto a cluster target (each SCAN step routed by slot), and a cluster source onto a
     standalone target; each check is clean and every key is there."""
     single = server_factory("redis-7.0")
-    cl = cluster_factory("valkey-9.1", primaries=3, replicas=0)
+    cl = clusters("valkey-9.1", 4)
     c = single.client()
     bulk(c, 1500)
     populate(c, "t:")
@@ -192,3 +169,52 @@ def test_sync_between_a_standalone_server_and_a_cluster_both_ways(server_factory
     res = sync.run(load(path))
     assert res.complete and res.keys == total and back.client().dbsize() == total
     assert check.run(load(path), full=True).clean
+
+
+def test_cluster_sync_follows_failover_and_slot_migrations(clusters, make_playbook, monkeypatch):
+    """During a throttled sync a source primary fails over, a slot with keys migrates on the source and another on
+    the target: every key is still copied (the moved slots re-planned, MOVED/ASK followed), and a full check is clean."""
+    src = clusters("redis-7.0", 3)
+    dst = clusters("valkey-9.1", 4)
+    total = fill(src, 4000)
+    path = make_playbook(src, dst, **FAST)
+    pb = load(path)
+    monkeypatch.setattr(cluster_sync, "MIGRATION_WAIT_S", 30.0)  # a slot left unowned fails the test in time
+    shards = src.shards()
+    # Slots near the end of their shards (each reader goes through its slots in order), holding keys.
+    hot = [cluster.key_slot(f"k:{i}") for i in range(4000)]
+    moved_src = max(s for s in hot if s <= shards[1]["slots"][0][1])  # shard 2's last slot with keys
+    moved_dst = max(s for s in hot if s <= 4095)  # the target's first shard's last slot with keys
+    events: list[tuple[str, float]] = []
+    failed: list[BaseException] = []
+
+    def disturb():
+        try:
+            time.sleep(0.8)
+            src.failover(shards[0]["primary"])
+            events.append(("source failover", time.monotonic()))
+            src.migrate_slot(moved_src, shards[2]["primary"])
+            events.append((f"source slot {moved_src} migrated", time.monotonic()))
+            dst.migrate_slot(moved_dst, dst.primaries()[1])
+            events.append((f"target slot {moved_dst} migrated", time.monotonic()))
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            failed.append(e)
+
+    t = threading.Thread(target=disturb)
+    t0 = time.monotonic()
+    t.start()
+    try:
+        res = sync.run(pb, rate=1000, batch=20)
+        ended = time.monotonic()
+    finally:
+        t.join(60)
+    assert not failed, failed
+    assert res.complete, (res.errors[:5], res.unsettled[:5])
+    # Every event happened while the sync ran, and it re-planned the shard whose primary failed over.
+    assert len(events) == 3 and all(t0 < at < ended for _what, at in events), (events, t0, ended)
+    assert res.replanned or any(s["state"] == "stopped" for s in res.shards), res.shards
+    assert keys_on(dst) == total
+    src.wait_ok()
+    dst.wait_ok()
+    assert check.run(pb, full=True).clean
+    assert reports.load(pb.state_path, res.report_id)["keys"] == total

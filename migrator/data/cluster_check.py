@@ -26,7 +26,13 @@ import redis
 
 from migrator import cluster
 from migrator.data import values
-from migrator.data.cluster_sync import Side, ranges_text, slots_set
+from migrator.data.cluster_sync import (
+    COUNT_AHEAD,
+    Side,
+    count_keys,
+    ranges_text,
+    slots_set,
+)
 from migrator.data.keyspace import Selection, scan_batches
 
 BATCH = 1000
@@ -68,8 +74,12 @@ def _nodes(side: Side) -> list[tuple[str, redis.Redis, frozenset[int] | None]]:
 
 def _slot_keys(client: redis.Redis, slots, selection: Selection):
     """Batches of one slot: every key of every slot in ``slots`` on ``client`` (a cluster node)."""
-    for slot in sorted(slots):
-        n = int(client.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+    slots = sorted(slots)
+    counts: dict[int, int] = {}
+    for i, slot in enumerate(slots):
+        if slot not in counts:
+            counts = count_keys(client, slots[i:i + COUNT_AHEAD])
+        n = counts[slot]
         if not n:
             continue
         keys = selection.filter(client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n))
@@ -162,12 +172,10 @@ def run(chk, r, selection: Selection, sample: int | None, src: Side, dst: Side) 
             keys = _draw(client, want, selection)
             for i in range(0, len(keys), BATCH):
                 yield keys[i:i + BATCH]
-        elif slots is None:
+        else:  # every key the node holds (a cluster node's SCAN covers its own slots)
             for _cursor, keys in scan_batches(client, selection, 0, BATCH):
                 if keys:
                     yield keys
-        else:
-            yield from _slot_keys(client, slots, selection)
 
     def shard(side: str, addr: str, client, slots) -> list:
         comparer = _Comparer(chk, r, src, dst)
@@ -209,9 +217,13 @@ def _merge(r, part) -> None:
 
 
 def _missing_on_source(src: Side, keys: list[bytes]) -> list[bytes]:
-    out = []
+    """The keys that the source node owning their slot does not have (one pipeline per node)."""
+    by_node: dict[str, tuple[redis.Redis, list[bytes]]] = {}
     for slot, part in _by_slot(keys).items():
-        _addr, c = src.route(slot)
+        addr, c = src.route(slot)
+        by_node.setdefault(addr, (c, []))[1].extend(part)
+    out = []
+    for c, part in by_node.values():
         p = c.pipeline(transaction=False)
         for k in part:
             p.exists(k)

@@ -229,7 +229,8 @@ class _ShardJob(threading.Thread):
         seq = 0
         self.stat.state = "copying"
         last_fresh = time.monotonic()
-        for slot in self.slots:
+        counts: dict[int, int] = {}
+        for i, slot in enumerate(self.slots):
             if self.stop_flag.is_set() or co.stopping.is_set():
                 break
             if replica and time.monotonic() - last_fresh > 0.1:
@@ -238,7 +239,9 @@ class _ShardJob(threading.Thread):
                     reader, replica = primary, False
                     self.stat.reader, self.stat.note = self.node.address, "replica fell behind: read from the primary"
                 last_fresh = time.monotonic()
-            n = int(reader.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+            if slot not in counts:  # the key counts of the next slots, in one round trip (most slots are small)
+                counts = count_keys(reader, self.slots[i:i + COUNT_AHEAD])
+            n = counts[slot]
             keys = r.selection.filter(reader.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)) if n else []
             addr, dst = co.dst.route(slot)
             if addr not in pairs:
@@ -281,6 +284,17 @@ class _ShardJob(threading.Thread):
             with self.lock:
                 self.verified += ready
         return rest
+
+
+COUNT_AHEAD = 256  # slots whose key counts are asked in one pipeline
+
+
+def count_keys(client: redis.Redis, slots: list[int]) -> dict[int, int]:
+    """``CLUSTER COUNTKEYSINSLOT`` of each of ``slots``, pipelined."""
+    p = client.pipeline(transaction=False)
+    for slot in slots:
+        p.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
+    return {slot: int(n) for slot, n in zip(slots, p.execute())}
 
 
 def _caught_up(primary: redis.Redis, replica: redis.Redis, timeout: float) -> bool:
@@ -352,8 +366,8 @@ class _Coordinator:
                 if time.monotonic() - waited_since > MIGRATION_WAIT_S:
                     raise RefusedError(
                         f"sync incomplete: slots {ranges_text(todo)} stayed in migration (or without a stable owner) "
-                        f"for {MIGRATION_WAIT_S:.0f}s; finish or abort the reshard, then run `migrator sync` again "
-                        "(it resumes)")
+                        f"for {MIGRATION_WAIT_S:.0f}s ({self._unstable(todo)}); finish or abort the reshard, then run "
+                        "`migrator sync` again (it resumes)")
                 time.sleep(0.2)
                 continue
             waited_since = None
@@ -368,6 +382,18 @@ class _Coordinator:
                 time.sleep(min(2.0, 0.1 * stalled))
             else:
                 stalled = 0
+
+    def _unstable(self, todo: set[int]) -> str:
+        """Why slots cannot be planned: moving on a side, or no primary of the source claims them."""
+        parts = []
+        if todo & self.src.moving:
+            parts.append(f"migrating on the source: {ranges_text(todo & self.src.moving)}")
+        if todo & self.dst.moving:
+            parts.append(f"migrating on the target: {ranges_text(todo & self.dst.moving)}")
+        owned = set().union(*(slots for _a, slots in self.src.claims.values())) if self.src.claims else set()
+        if todo - owned - self.src.moving:
+            parts.append(f"no source primary claims {ranges_text(todo - owned - self.src.moving)}")
+        return "; ".join(parts)
 
     def _round(self, plannable: set[int]) -> list[str]:
         baseline = dict(self.src.claims)
