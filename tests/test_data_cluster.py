@@ -91,6 +91,10 @@ def test_cluster_sync_copies_every_key_and_check_names_mismatches_by_slot(cluste
     assert sum(s["keys"] for s in shards) == total and all(s["slots_done"] == s["slots_total"] for s in shards)
     assert all(s["reader"].endswith("(replica)") == replicas for s in shards), shards
     assert all(s["keys"] > 0 for s in shards)
+    status = run_cli("status", playbook=path)  # per-shard progress, from the progress file the sync left
+    for s in shards:
+        assert f"shard {s['address']} slots {s['slots']}: {s['slots_total']:,}/{s['slots_total']:,} slots done" \
+            in status.stdout, status.stdout
 
     pb = load(path)
     res = check.run(pb, full=True)

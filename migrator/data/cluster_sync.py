@@ -515,9 +515,9 @@ def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | N
         co = _Coordinator(r, cp, src, dst, cp.method, lambda: None)
 
         def tick() -> None:
-            r.tick(0)
             if progress_shards:
                 progress_shards(co.shard_rows())
+            r.tick(0)
 
         co.on_tick = tick
         co.run()
