@@ -153,6 +153,36 @@ def test_killed_cluster_sync_resumes_by_slot(clusters, make_playbook):
     assert check.run(pb, full=True).clean
 
 
+def test_cluster_dirty_keys_are_recopied_by_slot(clusters, make_playbook):
+    """``sync --dirty`` on clusters re-copies the shim's dirty keys, each read from and written to its slot's owners."""
+    from migrator.data import dirty
+    from tests.test_data_sync import _mark_dirty
+
+    src = clusters("redis-7.0", 3)
+    dst = clusters("valkey-9.1", 4)
+    fill(src, 300)
+    pb = load(make_playbook(src, dst, **FAST))
+    assert sync.run(pb).complete
+    changed = [f"k:{i}".encode() for i in (0, 5, 10, 15)]  # strings, in slots of different shards on both sides
+    assert len({src.owner(cluster.key_slot(k)).port for k in changed}) > 1
+    rc = src.cluster_client()
+    try:
+        for k in changed:
+            rc.set(k, b"changed while the shim could not mirror")
+        rc.delete("k:20")
+    finally:
+        rc.close()
+    _mark_dirty(pb, [(0, k) for k in changed] + [(0, b"k:20")])
+    res = sync.run(pb, dirty=True)
+    assert res.complete and res.keys == 5 and res.deleted == 1
+    tc = dst.cluster_client()
+    try:
+        assert all(tc.get(k) == b"changed while the shim could not mirror" for k in changed) and not tc.exists("k:20")
+    finally:
+        tc.close()
+    assert dirty.list_dirty(pb.state_path).count == 0
+
+
 def test_sync_between_a_standalone_server_and_a_cluster_both_ways(server_factory, clusters, make_playbook, tmp_path):
     """A standalone source syncs onto a cluster target (each SCAN step routed by slot), and a cluster source onto a
     standalone target; each check is clean and every key is there."""
