@@ -28,6 +28,7 @@ from migrator import cluster
 from migrator.data import values
 from migrator.data.cluster_sync import (
     COUNT_AHEAD,
+    TOPOLOGY_ERRORS,
     Side,
     count_keys,
     ranges_text,
@@ -113,27 +114,44 @@ class _Comparer:
         self.r = replace(r, pool=self.pool, checked=0, ttl_deltas=[], transient=0, in_flux=0, progress=None)
         self.dbs: dict[tuple[str, str], object] = {}
         self.differing: dict[tuple[str, str], dict] = {}
-        self.slots_seen: dict[bytes, int] = {}
+        self.unsure: set[int] = set()  # slots a redirect kept from being compared: re-covered at the end
 
     def _db(self, slot: int):
         saddr, s = self.src.route(slot)
         daddr, d = self.dst.route(slot)
         pair = (saddr, daddr)
         if pair not in self.dbs:
-            r = self.r
-            self.dbs[pair] = self.chk._Db(0, s, d, values.Prober(s, r.chunk, self.chk.CHUNK_BYTES),
-                                          values.Prober(d, r.chunk, self.chk.CHUNK_BYTES))
+            r, cb = self.r, self.chk.CHUNK_BYTES
+            self.dbs[pair] = self.chk._Db(0, s, d, values.Prober(s, r.chunk, cb, undeclared=self.src.is_cluster),
+                                          values.Prober(d, r.chunk, cb, undeclared=self.dst.is_cluster))
             self.differing[pair] = {}
         return pair, self.dbs[pair]
 
     def compare(self, keys: list[bytes]) -> int:
-        """Compare ``keys`` (one slot or many); returns how many were compared."""
+        """Compare ``keys`` (any slots: one probe per node pair, the keys passed undeclared); returns how
+        many were compared. A batch whose slot moved meanwhile (a redirect, a key no longer local) is left
+        to the re-cover pass: its slots are added to ``self.unsure``."""
         n = 0
+        groups: dict[tuple[str, str], tuple[object, list[bytes], set[int]]] = {}
         for slot, part in _by_slot(list(dict.fromkeys(keys))).items():
-            pair, d = self._db(slot)
+            try:
+                pair, d = self._db(slot)
+            except redis.exceptions.TryAgainError:  # no stable owner now
+                self.unsure.add(slot)
+                continue
+            g = groups.setdefault(pair, (d, [], set()))
+            g[1].extend(part)
+            g[2].add(slot)
+        for pair, (d, part, slots) in groups.items():
             self.r.limiter.wait(len(part))
-            self.chk._classify(self.r, d, part, self.pool.submit(d.src_probe.probe, part),
-                               self.pool.submit(d.dst_probe.probe, part), self.differing[pair])
+            try:
+                self.chk._classify(self.r, d, part, self.pool.submit(d.src_probe.probe, part),
+                                   self.pool.submit(d.dst_probe.probe, part), self.differing[pair])
+            except (*TOPOLOGY_ERRORS, redis.exceptions.ResponseError) as e:
+                if not isinstance(e, TOPOLOGY_ERRORS) and not _moved_error(e):
+                    raise
+                self.unsure |= slots
+                continue
             n += len(part)
         return n
 
@@ -141,7 +159,12 @@ class _Comparer:
         out = []
         for pair, found in self.differing.items():
             if found:
-                out += self.chk._recheck(self.r, self.dbs[pair], found)
+                try:
+                    out += self.chk._recheck(self.r, self.dbs[pair], found)
+                except (*TOPOLOGY_ERRORS, redis.exceptions.ResponseError) as e:
+                    if not isinstance(e, TOPOLOGY_ERRORS) and not _moved_error(e):
+                        raise
+                    self.unsure |= {cluster.key_slot(k) for k in found}
         self.pool.shutdown(wait=True)
         for m in out:
             m.slot = cluster.key_slot(m.key)
@@ -155,6 +178,7 @@ def run(chk, r, selection: Selection, sample: int | None, src: Side, dst: Side) 
     before = (dict(src.claims), dict(dst.claims), set(src.moving) | set(dst.moving))
     out = ClusterCheck()
     lock = threading.Lock()
+    unsure: set[int] = set()  # slots a redirect kept from being compared
     s_nodes, d_nodes = _nodes(src), _nodes(dst)
     sizes = {addr: int(c.dbsize()) for addr, c, _s in s_nodes + d_nodes}
     out.source_keys = sum(sizes[a] for a, _c, _s in s_nodes)
@@ -194,6 +218,7 @@ def run(chk, r, selection: Selection, sample: int | None, src: Side, dst: Side) 
         ms = comparer.finish()
         with lock:
             _merge(r, comparer.r)
+            unsure.update(comparer.unsure)
         return ms
 
     with ThreadPoolExecutor(max_workers=len(s_nodes) + len(d_nodes)) as pool:
@@ -201,12 +226,19 @@ def run(chk, r, selection: Selection, sample: int | None, src: Side, dst: Side) 
         futures += [pool.submit(shard, "target", a, c, s) for a, c, s in d_nodes]
         for f in futures:
             out.mismatches += f.result()
-    out.mismatches, out.recovered, out.still_moving = _recover(chk, r, selection, src, dst, before, out.mismatches)
+    out.mismatches, out.recovered, out.still_moving = _recover(chk, r, selection, src, dst, before, out.mismatches,
+                                                               unsure)
     for row in rows.values():
         mine = None if row.slots == "all" else slots_set(row.slots)
         row.mismatches = sum(1 for m in out.mismatches if mine is None or m.slot in mine)
     out.shards = list(rows.values())
     return out
+
+
+def _moved_error(e: Exception) -> bool:
+    """A reply saying a key is not (or no longer) served by this node."""
+    text = str(e).lower()
+    return "non local key" in text or text.startswith(("moved", "ask", "tryagain", "clusterdown"))
 
 
 def _merge(r, part) -> None:
@@ -243,15 +275,17 @@ def _changed(before, src: Side, dst: Side) -> set[int]:
     return changed
 
 
-def _recover(chk, r, selection: Selection, src: Side, dst: Side, before, mismatches: list) -> tuple[list, str, str]:
-    """Compare again, every key, the slots that moved during the check (their earlier verdicts dropped)."""
+def _recover(chk, r, selection: Selection, src: Side, dst: Side, before, mismatches: list,
+             unsure: set[int]) -> tuple[list, str, str]:
+    """Compare again, every key, the slots that moved during the check (and those ``unsure``: a redirect
+    kept them from being compared); their earlier verdicts are dropped."""
     import time
 
     recovered: set[int] = set()
     for _ in range(MAX_RECOVER_PASSES):
         src.refresh()
         dst.refresh()
-        moved = _changed(before, src, dst)
+        moved = _changed(before, src, dst) | unsure
         if not moved:
             return mismatches, ranges_text(recovered), ""
         recovered |= moved
@@ -276,9 +310,10 @@ def _recover(chk, r, selection: Selection, src: Side, dst: Side, before, mismatc
         comparer.compare(list(dict.fromkeys(keys)))
         mismatches += comparer.finish()
         _merge(r, comparer.r)
+        unsure = comparer.unsure
     src.refresh()
     dst.refresh()
-    return mismatches, ranges_text(recovered), ranges_text(_changed(before, src, dst))
+    return mismatches, ranges_text(recovered), ranges_text(_changed(before, src, dst) | unsure)
 
 
 def side_keys(side: Side) -> int:
