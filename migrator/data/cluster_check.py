@@ -31,6 +31,7 @@ from migrator.data.cluster_sync import (
     TOPOLOGY_ERRORS,
     Side,
     count_keys,
+    is_topology_error,
     ranges_text,
     slots_set,
 )
@@ -148,7 +149,7 @@ class _Comparer:
                 self.chk._classify(self.r, d, part, self.pool.submit(d.src_probe.probe, part),
                                    self.pool.submit(d.dst_probe.probe, part), self.differing[pair])
             except (*TOPOLOGY_ERRORS, redis.exceptions.ResponseError) as e:
-                if not isinstance(e, TOPOLOGY_ERRORS) and not _moved_error(e):
+                if not is_topology_error(e):
                     raise
                 self.unsure |= slots
                 continue
@@ -162,7 +163,7 @@ class _Comparer:
                 try:
                     out += self.chk._recheck(self.r, self.dbs[pair], found)
                 except (*TOPOLOGY_ERRORS, redis.exceptions.ResponseError) as e:
-                    if not isinstance(e, TOPOLOGY_ERRORS) and not _moved_error(e):
+                    if not is_topology_error(e):
                         raise
                     self.unsure |= {cluster.key_slot(k) for k in found}
         self.pool.shutdown(wait=True)
@@ -233,12 +234,6 @@ def run(chk, r, selection: Selection, sample: int | None, src: Side, dst: Side) 
         row.mismatches = sum(1 for m in out.mismatches if mine is None or m.slot in mine)
     out.shards = list(rows.values())
     return out
-
-
-def _moved_error(e: Exception) -> bool:
-    """A reply saying a key is not (or no longer) served by this node."""
-    text = str(e).lower()
-    return "non local key" in text or text.startswith(("moved", "ask", "tryagain", "clusterdown"))
 
 
 def _merge(r, part) -> None:

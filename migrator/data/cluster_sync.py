@@ -54,6 +54,16 @@ TOPOLOGY_ERRORS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis
                    redis.exceptions.ReadOnlyError, OSError)
 
 
+def is_topology_error(e: BaseException) -> bool:
+    """A redirect, a lost node, or a key no longer served by the node asked (a script's "non local key")."""
+    if isinstance(e, TOPOLOGY_ERRORS):
+        return True
+    if isinstance(e, redis.exceptions.ResponseError):
+        text = str(e).lower()
+        return "non local key" in text or text.startswith(("moved", "ask", "tryagain", "clusterdown"))
+    return False
+
+
 def is_cluster_endpoint(ep: Endpoint, role: str) -> bool:
     """Whether the server behind ``ep`` runs with cluster mode on (a Sentinel endpoint never does)."""
     if ep.kind == "sentinel":
@@ -195,12 +205,13 @@ class _ShardJob(threading.Thread):
         try:
             self._run()
             self.stat.state = "stopped" if self.stop_flag.is_set() else "round done"
-        except TOPOLOGY_ERRORS as e:
-            self.error = f"{type(e).__name__}: {e}"
-            self.stat.state, self.stat.note = "re-planned", self.error
         except BaseException as e:  # noqa: BLE001 - handed to the coordinator, raised there
-            self.crash = e
-            self.stat.state = "failed"
+            if is_topology_error(e):
+                self.error = f"{type(e).__name__}: {e}"
+                self.stat.state, self.stat.note = "re-planned", self.error
+            else:
+                self.crash = e
+                self.stat.state = "failed"
 
     def _reader(self, primary: redis.Redis) -> redis.Redis:
         """The primary, or a replica caught up with it when the playbook allows reading replicas."""
@@ -220,36 +231,33 @@ class _ShardJob(threading.Thread):
         return primary
 
     def _run(self) -> None:
+        pairs: dict[str, tuple[Copier, Verifier]] = {}
+        try:
+            self._copy(pairs)
+        finally:
+            for _c, v in pairs.values():  # a stopped or failed round: its slots not handed over are read again
+                v.close()
+
+    def _copy(self, pairs: dict[str, tuple[Copier, Verifier]]) -> None:
         co, r = self.co, self.co.r
         primary = co.src.client(self.node.host, self.node.port)
         reader = self._reader(primary)
         replica = reader is not primary
-        pairs: dict[str, tuple[Copier, Verifier]] = {}
         open_slots: list[_SlotDone] = []
+        # Per target node: keys read and not yet copied, and their slots. A batch holds keys of several
+        # slots of one source node bound for one target node, passed to the scripts undeclared.
+        buffers: dict[str, tuple[list[bytes], list[_SlotDone]]] = {}
         seq = 0
-        self.stat.state = "copying"
-        last_fresh = time.monotonic()
-        counts: dict[int, int] = {}
-        for i, slot in enumerate(self.slots):
-            if self.stop_flag.is_set() or co.stopping.is_set():
-                break
-            if replica and time.monotonic() - last_fresh > 0.1:
-                # Everything the primary had a moment ago is on the replica before it is read.
-                if not _caught_up(primary, reader, REPLICA_CATCH_UP_S):
-                    reader, replica = primary, False
-                    self.stat.reader, self.stat.note = self.node.address, "replica fell behind: read from the primary"
-                last_fresh = time.monotonic()
-            if slot not in counts:  # the key counts of the next slots, in one round trip (most slots are small)
-                counts = count_keys(reader, self.slots[i:i + COUNT_AHEAD])
-            n = counts[slot]
-            keys = r.selection.filter(reader.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)) if n else []
-            addr, dst = co.dst.route(slot)
+
+        def flush(addr: str) -> None:
+            nonlocal seq
+            keys, slots = buffers.pop(addr)
             if addr not in pairs:
-                copier = r.copier(reader, dst, co.method, sign=True)
-                verifier = r.verifier(primary, dst, copier)
-                pairs[addr] = (copier, verifier)
+                _a, dst = co.dst.route(slots[0].slot)
+                copier = r.copier(reader, dst, co.method, sign=True, undeclared=(True, co.dst.is_cluster))
+                pairs[addr] = (copier, r.verifier(primary, dst, copier))
             copier, verifier = pairs[addr]
-            done = _SlotDone(slot, -1, addr)
+            nbytes = 0
             for i in range(0, len(keys), r.batch):
                 part = keys[i:i + r.batch]
                 r.limiter.wait(len(part))
@@ -258,14 +266,52 @@ class _ShardJob(threading.Thread):
                 co.count(res, self.stat)
                 co.add_errors(res.errors)
                 verifier.add(seq, part, time.monotonic(), res, marked_at)
-                done.last_seq = seq
-                done.keys += res.copied + res.deleted
-                done.bytes += res.bytes
+                nbytes += res.bytes
                 seq += 1
-            open_slots.append(done)
+            for d in slots:  # done once every batch of this flush is verified
+                d.last_seq = seq - 1
+                d.bytes = nbytes * d.keys // max(1, len(keys))
+            open_slots.extend(slots)
+
+        self.stat.state = "copying"
+        last_fresh = time.monotonic()
+        counts: dict[int, int] = {}
+        for i, slot in enumerate(self.slots):
+            if self.stop_flag.is_set() or co.stopping.is_set():
+                return  # slots read but not copied, or not verified, are not handed over: read again later
+            if replica and time.monotonic() - last_fresh > 0.1:
+                # Everything the primary had a moment ago is on the replica before it is read.
+                if not _caught_up(primary, reader, REPLICA_CATCH_UP_S):
+                    for addr in list(buffers):  # what the replica gave so far is copied from it first
+                        flush(addr)
+                    reader, replica = primary, False
+                    self.stat.reader, self.stat.note = self.node.address, "replica fell behind: read from the primary"
+                    for c, v in pairs.values():
+                        v.drain()
+                        v.close()
+                        co.absorb(v, c)
+                    open_slots = self._release(open_slots, {})
+                    pairs.clear()
+                last_fresh = time.monotonic()
+            if slot not in counts:  # the key counts of the next slots, in one round trip (most slots are small)
+                counts = count_keys(reader, self.slots[i:i + COUNT_AHEAD])
+            n = counts[slot]
+            keys = r.selection.filter(reader.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)) if n else []
+            addr, _dst = co.dst.route(slot)
+            done = _SlotDone(slot, -1, addr, keys=len(keys))
+            if not keys:
+                open_slots.append(done)
+            else:
+                buf = buffers.setdefault(addr, ([], []))
+                buf[0].extend(keys)
+                buf[1].append(done)
+                if len(buf[0]) >= r.batch:
+                    flush(addr)
             for _c, v in pairs.values():
                 v.poll()
             open_slots = self._release(open_slots, pairs)
+        for addr in list(buffers):
+            flush(addr)
         for _c, v in pairs.values():
             v.drain()
         self._release(open_slots, pairs)
@@ -598,8 +644,8 @@ def copy_and_verify_routed(r, keys: list[bytes], method: str, *, compare_first: 
                     method, reason = _method(r, cpmod.Checkpoint(), src, dst)
                 _copy_routed(r, keys, method, src, dst, compare_first)
                 return method, reason
-            except TOPOLOGY_ERRORS:
-                if attempt == attempts - 1:
+            except Exception as e:
+                if attempt == attempts - 1 or not is_topology_error(e):
                     raise
                 time.sleep(0.2 * (attempt + 1))
     finally:
@@ -619,20 +665,22 @@ class RoutedCopy:
         self.seq = 0
 
     def add(self, keys: list[bytes], compare_first: bool = False) -> int:
-        """Copy ``keys`` (any slots); returns the seq the next batch will get."""
+        """Copy ``keys`` (any slots); returns the seq the next batch will get. A batch holds the keys of
+        one (source node, target node) pair, passed to the scripts undeclared (``fastcall.register``)."""
         r = self.r
-        by_slot: dict[int, list[bytes]] = {}
+        by_pair: dict[tuple[str, str], list[bytes]] = {}
         for k in keys:
-            by_slot.setdefault(cluster.key_slot(k), []).append(k)
-        for slot, slot_keys in sorted(by_slot.items()):
+            slot = cluster.key_slot(k)
             saddr, s = self.src.route(slot)
             daddr, d = self.dst.route(slot)
             if (saddr, daddr) not in self.pairs:
-                copier = r.copier(s, d, self.method)
+                copier = r.copier(s, d, self.method, undeclared=(self.src.is_cluster, self.dst.is_cluster))
                 self.pairs[(saddr, daddr)] = (copier, r.verifier(s, d, copier), {})
-            copier, verifier, errors = self.pairs[(saddr, daddr)]
-            for i in range(0, len(slot_keys), r.batch):
-                part = slot_keys[i:i + r.batch]
+            by_pair.setdefault((saddr, daddr), []).append(k)
+        for pair, pair_keys in by_pair.items():
+            copier, verifier, errors = self.pairs[pair]
+            for i in range(0, len(pair_keys), r.batch):
+                part = pair_keys[i:i + r.batch]
                 r.limiter.wait(len(part))
                 if compare_first:
                     differ = verifier.differing(part)
@@ -758,7 +806,9 @@ def _scan_routed(r, cp: cpmod.Checkpoint, src: Side, dst: Side, scan_batches) ->
             cp.method = rc.method
             cpmod.save(r.pb.state_path, cp)
             return
-        except TOPOLOGY_ERRORS:
+        except Exception as e:
+            if not is_topology_error(e):
+                raise
             # The target's slots moved (MOVED/ASK) or a node went away: resume from the cursor
             # saved (every step before it verified) with the target's topology read afresh.
             prog.keys, prog.bytes = max(prog.keys, base_keys), max(prog.bytes, base_bytes)

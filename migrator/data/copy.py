@@ -205,14 +205,17 @@ class Copier:
     """
 
     def __init__(self, src: redis.Redis, dst: redis.Redis, method: str, chunk: int = 1000,
-                 chunk_bytes: int = 1 << 20, sign: bool = True) -> None:
+                 chunk_bytes: int = 1 << 20, sign: bool = True, undeclared: tuple[bool, bool] = (False, False)) -> None:
         self.src, self.dst = src, dst
         self.sign = sign  # return Signatures (for a verifier without a WriteWatch)
         self.method = method
         self.chunk, self.chunk_bytes = chunk, chunk_bytes
-        self._read = src.register_script(_READ_LUA)
+        # (source, target) is a cluster node: a batch may hold keys of several of its slots, passed
+        # to the scripts as arguments (``fastcall.register``).
+        self.undeclared = undeclared
+        self._read = fastcall.register(src, _READ_LUA, undeclared[0])
         self._scan_read = src.register_script(_SCAN_READ_LUA)
-        self._restore = dst.register_script(_RESTORE_LUA)
+        self._restore = fastcall.register(dst, _RESTORE_LUA, undeclared[1])
         self.lua = True
 
     # --- reading -------------------------------------------------------------------------

@@ -143,8 +143,9 @@ class _Run:
         self.unsettled += [(db, cpmod.encode_key(k)) for k in verifier.stats.unsettled]
         self.errors += [(db, cpmod.encode_key(k), e) for k, e in copy_errors.items()]
 
-    def copier(self, src, dst, method: str, sign: bool = True) -> Copier:
-        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES, sign=sign)
+    def copier(self, src, dst, method: str, sign: bool = True, undeclared: tuple[bool, bool] = (False, False)) -> Copier:
+        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES, sign=sign,
+                      undeclared=undeclared)
 
     def verifier(self, src, dst, copier: Copier, watch: WriteWatch | None = None) -> Verifier:
         return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms, watch=watch)
