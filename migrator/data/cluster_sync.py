@@ -419,9 +419,9 @@ class _Coordinator:
             waited_since = None
             before = len(self.done)
             errors = self._round(plannable)
-            if len(self.done) == before and errors:
+            if len(self.done) == before:  # a round that confirmed no slot (redirects, or slots kept moving)
                 stalled += 1
-                last_error = errors[0]
+                last_error = errors[0] if errors else "the source's slots kept moving while they were read"
                 if stalled >= STALLED_ROUNDS:
                     raise UnreachableError(f"sync stalled: {STALLED_ROUNDS} rounds in a row copied no slot; last: "
                                            f"{last_error}")
