@@ -234,6 +234,13 @@ def _run_cluster(r: _Run, pb: Playbook, selection: Selection, clustered: tuple[b
         raise RefusedError(f"a cluster has only database 0, but sync.databases is {selection.databases}")
     cfg = pb.check
     src, dst = Side(pb.source, "source", clustered[0]), Side(pb.target, "target", clustered[1])
+    for side in (src, dst):
+        other = [db for db in keyspace_sizes(side.single) if db != 0] if side.single is not None else []
+        if other and selection.databases is None:
+            src.close()
+            dst.close()
+            raise RefusedError(f"the {'target' if side is src else 'source'} is a cluster (database 0 only) but the "
+                               f"{side.role} has keys in databases {other}: set sync.databases: [0] to check database 0")
     try:
         src.refresh()
         dst.refresh()
