@@ -529,8 +529,6 @@ class _Coordinator:
 
 def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | None = None):
     """A full pass from a cluster source (``sync._run_full`` for clusters); returns a SyncResult."""
-    from migrator.data import sync as syncmod
-
     pb = r.pb
     if r.selection.databases not in (None, [0]):
         raise RefusedError(f"source {pb.source.display} is a cluster: it has only database 0, but sync.databases is "
@@ -580,7 +578,7 @@ def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | N
     cpmod.save(pb.state_path, cp)
     if complete:
         dirtymod.clear_walked(pb.state_path, parse_iso(cp.started_at).timestamp(), [0], r.selection)
-    res = syncmod._result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
+    res = r.result("full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
                           {0: {"keys": sum(e.get("keys", 0) for e in cp.shards.values()),
                                "bytes": sum(e.get("bytes", 0) for e in cp.shards.values()),
                                "done": len(co.done) == cluster.SLOTS}})
@@ -727,7 +725,6 @@ def run_full_to_cluster(r, restart: bool):
     """A full pass from a standalone source to a cluster target: SCAN database 0 of the source from
     the checkpoint's cursor; each SCAN step's keys are routed by slot (``RoutedCopy``); the cursor
     saved is the one after the last step whose every batch is verified."""
-    from migrator.data import sync as syncmod
     from migrator.data.keyspace import keyspace_sizes, scan_batches
 
     pb = r.pb
@@ -776,7 +773,7 @@ def run_full_to_cluster(r, restart: bool):
     cpmod.save(pb.state_path, cp)
     if complete:
         dirtymod.clear_walked(pb.state_path, parse_iso(cp.started_at).timestamp(), [0], r.selection)
-    res = syncmod._result(r, "full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
+    res = r.result("full", cp.method, cp.method_reason, cp.started_at, resumed, complete, functions,
                           {0: {"keys": prog.keys, "bytes": prog.bytes, "done": prog.done}})
     res.sides, res.restarted = cp.sides, start_over
     res.keys, res.bytes, res.runs = prog.keys, prog.bytes, cp.runs

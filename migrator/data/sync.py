@@ -129,6 +129,10 @@ class _Run:
         self.errors: list[tuple[int, str, str]] = []
         self.clustered = (False, False)  # (source, target) run with cluster mode on
 
+    def result(self, *args) -> SyncResult:
+        """``_result`` for this run (for ``cluster_sync``, which does not import this module)."""
+        return _result(self, *args)
+
     def clients(self, db: int) -> tuple[redis.Redis, redis.Redis]:
         return connect(self.pb.source, "source", db=db), connect(self.pb.target, "target", db=db)
 
