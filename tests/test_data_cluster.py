@@ -274,3 +274,15 @@ def test_cluster_sync_follows_failover_and_slot_migrations(clusters, make_playbo
     dst.wait_ok()
     assert check.run(pb, full=True).clean
     assert reports.load(pb.state_path, res.report_id)["keys"] == total
+
+    # A slot migrated on the target while a (throttled) check runs is compared again, and the report says so.
+    again = min(s for s in hot if s >= 8192)
+    mover = threading.Thread(target=lambda: (time.sleep(0.5), dst.migrate_slot(again, dst.primaries()[0])))
+    mover.start()
+    try:
+        chk = check.run(pb, full=True, rate=2000)
+    finally:
+        mover.join(60)
+    assert chk.clean, [(m.key, m.detail) for m in chk.mismatches]
+    assert again in cluster_sync.slots_set(chk.recovered), chk.recovered
+    assert f"slots {chk.recovered} moved during the check and were compared again" in chk.summary
