@@ -276,6 +276,7 @@ class _ShardJob(threading.Thread):
         self.stat.state = "copying"
         last_fresh = time.monotonic()
         counts: dict[int, int] = {}
+        listed: dict[int, list[bytes]] = {}
         for i, slot in enumerate(self.slots):
             if self.stop_flag.is_set() or co.stopping.is_set():
                 return  # slots read but not copied, or not verified, are not handed over: read again later
@@ -295,8 +296,12 @@ class _ShardJob(threading.Thread):
                 last_fresh = time.monotonic()
             if slot not in counts:  # the key counts of the next slots, in one round trip (most slots are small)
                 counts = count_keys(reader, self.slots[i:i + COUNT_AHEAD])
+                listed = list_keys(reader, counts, 4 * r.batch)
             n = counts[slot]
-            keys = r.selection.filter(reader.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)) if n else []
+            if slot in listed:
+                keys = r.selection.filter(listed.pop(slot))
+            else:
+                keys = r.selection.filter(reader.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)) if n else []
             addr, _dst = co.dst.route(slot)
             done = _SlotDone(slot, -1, addr, keys=len(keys))
             if not keys:
@@ -341,6 +346,25 @@ def count_keys(client: redis.Redis, slots: list[int]) -> dict[int, int]:
     for slot in slots:
         p.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)
     return {slot: int(n) for slot, n in zip(slots, p.execute())}
+
+
+def list_keys(client: redis.Redis, counts: dict[int, int], most: int) -> dict[int, list[bytes]]:
+    """The keys of the first slots of ``counts`` (slot → key count, in order) that hold keys, up to about
+    ``most`` keys in all, with one pipeline of ``CLUSTER GETKEYSINSLOT``; the rest are listed one by one."""
+    wanted, total = [], 0
+    for slot, n in counts.items():
+        if not n:
+            continue
+        if wanted and total + n > most:
+            break
+        wanted.append((slot, n))
+        total += n
+    if not wanted:
+        return {}
+    p = client.pipeline(transaction=False)
+    for slot, n in wanted:
+        p.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)
+    return {slot: keys for (slot, _n), keys in zip(wanted, p.execute())}
 
 
 def _caught_up(primary: redis.Redis, replica: redis.Redis, timeout: float) -> bool:
