@@ -5,7 +5,8 @@ lists each slot's keys (``CLUSTER GETKEYSINSLOT``) on its owner, a sample draws 
 each primary in proportion to its keys. Keys drawn from the source are compared with the target
 node that owns their slot; keys drawn from the target that the source lacks are compared too
 (so keys only on the target are found). A standalone side is walked with SCAN (or sampled) as
-before. Every comparison batch holds keys of one slot, probed on the owning node of each side
+before. Every comparison batch holds keys bound for one (source node, target node) pair (passed
+to the probe as arguments), probed on the owning node of each side
 with the standalone check's probe, exact comparison and rounds (``check._classify``,
 ``check._recheck``), so a cluster is judged exactly as a server is.
 

@@ -1,9 +1,10 @@
 """``migrator sync`` when the source is a Redis Cluster: one reader per source shard, by slot.
 
 Each source primary's slots are read by their own thread (``_ShardJob``): per slot, ``CLUSTER
-COUNTKEYSINSLOT`` and ``CLUSTER GETKEYSINSLOT`` list its keys, which are copied in batches of
-one slot (so every script call names keys of one slot, as a cluster requires) to the node that
-owns the slot on the target (or to the one target server), and verified there as in the
+COUNTKEYSINSLOT`` and ``CLUSTER GETKEYSINSLOT`` list its keys, which are copied to the node that
+owns the slot on the target (or to the one target server) in batches of keys of several slots
+bound for one target node (passed to the scripts as arguments: a cluster node runs a script
+without a shebang over undeclared keys of any of its slots), and verified there as in the
 standalone sync (``verify``; by DUMP CRC64 signatures, keyspace events being per node).
 
 Progress is per slot, not per SCAN cursor (a cursor is only valid on its node): a slot is *done*
@@ -650,8 +651,9 @@ def _copy_functions(src: Side, dst: Side) -> str:
 
 def copy_and_verify_routed(r, keys: list[bytes], method: str, *, compare_first: bool = False,
                            sides_: tuple[Side, Side] | None = None, attempts: int = 5) -> tuple[str, str]:
-    """``sync._copy_and_verify`` for keys of a cluster (either side): batches of one slot, each
-    read from the source node that owns it and written to the target node that owns it. A redirect
+    """``sync._copy_and_verify`` for keys of a cluster (either side): batches per (source node, target
+    node) pair, read from the source node that owns their slots and written to the target node that
+    owns them. A redirect
     or a lost node re-reads both topologies and starts the (idempotent) copy over, up to
     ``attempts`` times. Returns the copy method (detected if ``method`` is empty) and why."""
     own = sides_ is None
@@ -678,8 +680,8 @@ def copy_and_verify_routed(r, keys: list[bytes], method: str, *, compare_first: 
 
 
 class RoutedCopy:
-    """Copy-and-verify of keys routed per slot: a Copier and a Verifier per (source node, target
-    node) pair, every batch of one slot; ``seq`` numbers the batches in the order added."""
+    """Copy-and-verify of keys routed by slot: a Copier and a Verifier per (source node, target node)
+    pair, every batch bound for one pair; ``seq`` numbers the batches in the order added."""
 
     def __init__(self, r, method: str, src: Side, dst: Side) -> None:
         self.r, self.method, self.src, self.dst = r, method, src, dst
