@@ -429,6 +429,8 @@ class _Coordinator:
                 owned |= slots
             todo = set(range(cluster.SLOTS)) - self.done
             plannable = (todo & owned) - self.dst.moving
+            if self.dst.is_cluster:  # a target slot without a stable owner (a failover there in progress) waits too
+                plannable = {s for s in plannable if self.dst.owner_of[s] is not None}
             if not todo:
                 return
             if not plannable:
@@ -464,6 +466,10 @@ class _Coordinator:
         owned = set().union(*(slots for _a, slots in self.src.claims.values())) if self.src.claims else set()
         if todo - owned - self.src.moving:
             parts.append(f"no source primary claims {ranges_text(todo - owned - self.src.moving)}")
+        if self.dst.is_cluster:
+            orphans = {s for s in todo - self.dst.moving if self.dst.owner_of[s] is None}
+            if orphans:
+                parts.append(f"no target primary claims {ranges_text(orphans)}")
         return "; ".join(parts)
 
     def _round(self, plannable: set[int]) -> list[str]:
