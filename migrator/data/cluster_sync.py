@@ -65,6 +65,15 @@ def is_topology_error(e: BaseException) -> bool:
     return False
 
 
+def redirected(errors: dict[bytes, str]) -> None:
+    """Raise TryAgainError when a copy's per-key errors include a redirect (the RESTORE script reports
+    each key's error instead of raising): the slot moved on the target, and its round is re-planned."""
+    for key, text in errors.items():
+        low = text.lower()
+        if "non local key" in low or low.startswith(("moved", "ask", "tryagain", "clusterdown")):
+            raise redis.exceptions.TryAgainError(f"the target redirected key {key[:100]!r}: {text}")
+
+
 def is_cluster_endpoint(ep: Endpoint, role: str) -> bool:
     """Whether the server behind ``ep`` runs with cluster mode on (a Sentinel endpoint never does)."""
     if ep.kind == "sentinel":
@@ -264,6 +273,7 @@ class _ShardJob(threading.Thread):
                 r.limiter.wait(len(part))
                 marked_at = time.monotonic()
                 res = copier.copy(part)
+                redirected(res.errors)
                 co.count(res, self.stat)
                 co.add_errors(res.errors)
                 verifier.add(seq, part, time.monotonic(), res, marked_at)
@@ -720,6 +730,7 @@ class RoutedCopy:
                         continue
                 marked_at = time.monotonic()
                 res = copier.copy(part)
+                redirected(res.errors)
                 errors.update(res.errors)
                 r.total.add(res)
                 verifier.add(self.seq, part, time.monotonic(), res, marked_at)
