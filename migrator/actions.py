@@ -155,7 +155,7 @@ def start_mirror(ctx: ActionContext) -> ActionResult:
         source.close()
         raise
     try:
-        d = replication.fresh_decision(pb, source)
+        d = replication.fresh_decision(pb, source, target)
         data = {"decision": d.to_json()}
         if not d.ok:
             return ActionResult("start_mirror", False, d.why, data)

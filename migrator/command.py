@@ -31,7 +31,7 @@ from migrator import actions as actions_mod
 from migrator import gates as gates_mod
 from migrator import hooks, registry, roleswap, sides
 from migrator.compat.identify import identify
-from migrator.connect import client_kwargs
+from migrator.connect import make_client
 from migrator.crash import crashpoint
 from migrator.durations import format_duration
 from migrator.errors import RefusedError, StateError, UnreachableError, UsageError
@@ -64,11 +64,13 @@ class ServerInfo:
     server: str | None = None
     version: str | None = None
     error: str | None = None
+    mode: str | None = None  # standalone, cluster (the node the URL names), sentinel
 
     def describe(self) -> str:
         if not self.reachable:
             return f"{self.role} {self.url}: unreachable ({self.error})"
-        return f"{self.role} {self.url}: {self.server} {self.version}"
+        mode = f" ({self.mode})" if self.mode and self.mode != "standalone" else ""
+        return f"{self.role} {self.url}: {self.server} {self.version}{mode}"
 
 
 @dataclass
@@ -164,7 +166,7 @@ def store_for(pb: Playbook) -> StateStore:
 
 def probe_server(ep: Endpoint, role: str) -> ServerInfo:
     """Identify a server read-only (INFO server); never raises for an unreachable server."""
-    c = redis.Redis(**{**client_kwargs(ep), "socket_timeout": ep.connect_timeout.total_seconds(), "retry": Retry(NoBackoff(), 0)})
+    c = make_client(ep, socket_timeout=ep.connect_timeout.total_seconds(), retry=Retry(NoBackoff(), 0))
     try:
         info = c.info("server")
     except (redis.exceptions.RedisError, OSError) as e:
@@ -172,7 +174,7 @@ def probe_server(ep: Endpoint, role: str) -> ServerInfo:
     finally:
         c.close()
     ident = identify(info)
-    return ServerInfo(role, ep.display, True, ident.kind, ident.version)
+    return ServerInfo(role, ep.display, True, ident.kind, ident.version, mode=ident.mode)
 
 
 def check_endpoints(pb: Playbook, state: State) -> None:
@@ -425,6 +427,10 @@ def _transition(pb: Playbook, store: StateStore, state: State, step: Step, direc
     # Each side's identity as the step is taken: a later restart (a new run_id) voids what was
     # known then (``migrator.sides``).
     seen = (ctx.current_sides() if ctx is not None else sides.snapshot(pb))
+    if ctx is not None and not ctx.read_only:
+        # A reshard or failover since the last record is journaled before the sides this step
+        # records become the new baseline, whether or not one of its gates looked.
+        gates_mod.topology_since_recorded(ctx)
     clock = _mirror_clock_kept(pb, store, state) if (step.name, direction) == ("read_cutover", "rollback") else None
     store.journal(
         "transition-started", id=tid, step=step.name, direction=direction, **{"from": from_phase.value},
@@ -709,6 +715,7 @@ def _alerts(ctx: gates_mod.GateContext) -> list[str]:
     if ctx.state.phase not in TWO_SIDED:
         return out
     out += gates_mod.restart_notes(ctx)
+    out += [f"topology: {c.text}" for c in gates_mod.topology_since_recorded(ctx)]
     names = ("no_lost_shims", "key_counts") if ctx.state.phase != Phase.MIRRORING or _synced(ctx) else ("no_lost_shims",)
     out += [f"{r.name}: {r.evidence}" for r in gates_mod.evaluate(names, ctx) if not r.passed]
     return out

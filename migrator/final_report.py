@@ -191,6 +191,28 @@ def evidence_reports(state_dir) -> dict[str, Any]:
     }
 
 
+def topology_changes_from_journal(entries: list[dict]) -> list[dict[str, Any]]:
+    """Each reshard or failover seen on a cluster side (``topology-changed``), when and in which phase."""
+    out = []
+    for e in entries:
+        if e.get("event") != "topology-changed":
+            continue
+        not_seen = ", ".join(f"{role} {t}" for role, t in (e.get("since") or {}).items() if t)
+        out += [{"time": e.get("seen_at") or e.get("time"), "not_before": not_seen, "phase": e.get("phase"),
+                 "role": c.get("role"), "kind": c.get("kind"), "slots": c.get("slots"), "text": c.get("text")}
+                for c in e.get("changes") or []]
+    return out
+
+
+_TOPO_HEADERS = ["seen at", "not seen at", "phase", "change"]
+_TOPO_NOTE = ("Reshards and failovers on a cluster side, as the gates saw them between two pieces of evidence; a "
+              "consistency check that began before a change did not count for the step after it.")
+
+
+def _topo_rows(d: dict) -> list[tuple]:
+    return [(c["time"], c["not_before"], c["phase"], c["text"]) for c in d.get("topology_changes") or []]
+
+
 def build(pb: Playbook, store: StateStore, state: State) -> tuple[dict[str, Any], str, str]:
     """The final report's JSON data, Markdown and HTML."""
     entries = store.read_journal()
@@ -216,10 +238,12 @@ def build(pb: Playbook, store: StateStore, state: State) -> tuple[dict[str, Any]
     if concerns:
         summary += "; read before signing off: " + ", ".join(concerns)
     operators = sorted({s["operator"] for s in steps if s.get("operator")})
+    topology = topology_changes_from_journal(entries)
     data = reports.common(
         "migration", pb.name, "warn" if concerns else "pass", summary, source=pb.source.display, target=pb.target.display,
         started_at=started, completed_at=completed, duration=duration, operators=operators, steps=steps,
         refusals=refusals, overrides=overrides, rollbacks=rollbacks, write_pauses=pauses, divergences=div, **ev,
+        topology_changes=topology,
         history=state.history, latest_reports={"compat": (ev["compat"] or {}).get("id"),
                                                "sync": (ev["full_sync"] or {}).get("id"),
                                                "check": (ev["last_check"] or {}).get("id")})
@@ -331,6 +355,8 @@ def render_markdown(d: dict) -> str:
                  [(p["time"], f"{p['from']} → {p['to']}", _pause(p["max_pause_ms"]),
                    ", ".join(f"{k}: {v:.1f} ms" for k, v in p["pause_ms"].items())) for p in d["write_pauses"]])
                if d["write_pauses"] else "None recorded.")
+    out += ["", "## Topology changes", ""]
+    out.append(f"{_TOPO_NOTE}\n\n" + t(_TOPO_HEADERS, _topo_rows(d)) if _topo_rows(d) else "None seen.")
     out += ["", "## Divergences", "", _DIV_NOTE, "", t(_DIV_HEADERS, _div_rows(d["divergences"])), "",
             f"{d['divergences']['logged']:,} divergence(s) in the log {d['divergences']['log']}.", "", "## Full sync", ""]
     out.append(t(["", ""], _sync_rows(d["full_sync"])) if d["full_sync"] else "No complete full sync on record.")
@@ -375,6 +401,8 @@ def render_html(d: dict) -> str:
                    [(p["time"], f"{p['from']} → {p['to']}", _pause(p["max_pause_ms"]),
                      ", ".join(f"{k}: {v:.1f} ms" for k, v in p["pause_ms"].items())) for p in d["write_pauses"]])
                 if d["write_pauses"] else "<p>None recorded.</p>")
+    body.append("<h2>Topology changes</h2>")
+    body.append(f"<p>{_h(_TOPO_NOTE)}</p>" + tb(_TOPO_HEADERS, _topo_rows(d)) if _topo_rows(d) else "<p>None seen.</p>")
     body += ["<h2>Divergences</h2>", f"<p>{_h(_DIV_NOTE)}</p>", tb(_DIV_HEADERS, _div_rows(d["divergences"])),
              f"<p class=muted>{d['divergences']['logged']:,} divergence(s) in the log {_h(d['divergences']['log'])}.</p>",
              "<h2>Full sync</h2>"]

@@ -9,7 +9,7 @@ one entry in the table.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
@@ -18,7 +18,7 @@ from migrator.durations import format_duration
 from migrator.errors import UnreachableError
 from migrator.phases import Phase
 from migrator.playbook import Playbook
-from migrator.state import State, StateStore, now, parse_iso
+from migrator.state import State, StateStore, now, operator, parse_iso
 
 
 @dataclass
@@ -229,19 +229,21 @@ def mirror_strategy(ctx: GateContext):
     extra = {"socket_connect_timeout": t, "socket_timeout": t} if t else {}
     source = connect(pb.source, "source", **extra)
     try:
-        d = replication.fresh_decision(pb, source)
+        target = connect(pb.target, "target", **extra)
+    except BaseException:
+        source.close()
+        raise
+    try:
+        d = replication.fresh_decision(pb, source, target)
         data = d.to_json()
         if not d.ok or d.strategy == "dual-write":
             return d.ok, f"{d.strategy}: {d.why}", data
-        target = connect(pb.target, "target", **extra)
-        try:
-            out = replication.attach(pb, source, target, dry_run=True)
-        finally:
-            target.close()
+        out = replication.attach(pb, source, target, dry_run=True)
         data["attach"] = out.data
         return out.ok, f"replication: {d.why}; {out.evidence}", data
     finally:
         source.close()
+        target.close()
 
 
 @gate("shim_ack")
@@ -264,6 +266,21 @@ def source_reachable(ctx: GateContext):
         return False, src.describe(), data
     then = ctx.phase_start_sides()
     why = sides.restarted_since({"source": src}, ctx.state.phase_started, then)
+    # A replica promoted on a cluster source may lack writes its old primary acknowledged: like a
+    # restart, only a clean full check that began after the failover vouches for the source.
+    lossy = _lossy_changes(ctx, "source", {"sides": {r: s.to_json() for r, s in then.items()}}, ctx.state.phase_since)
+    covered = None
+    if lossy:
+        data["topology_changes"] = lossy
+        covered = _clean_full_check_after(ctx, "source")
+        if covered is not None and _lossy_changes(ctx, "source", _latest_check(ctx), _latest_check(ctx).get("started_at")):
+            covered = None
+        if covered is None:
+            return False, (f"{'; '.join(c['text'] for c in lossy)} since {ctx.state.phase} began: the promoted replica may "
+                           "lack writes its old primary had acknowledged; repair the source from the target with "
+                           f"`migrator check --full --repair -p {ctx.playbook.path}`, then a clean `migrator check --full`"), data
+    if lossy and not why:
+        return True, f"{'; '.join(c['text'] for c in lossy)}; the full check {covered} since then found both sides equal", data
     if why:
         check = _clean_full_check_after(ctx, "source")
         if check is None:
@@ -274,15 +291,62 @@ def source_reachable(ctx: GateContext):
     return True, f"source answers ({src.describe()}), no restart since {ctx.state.phase} began", data
 
 
+def _lossy_changes(ctx: GateContext, role: str, evidence: dict | None, began: str | None) -> list[dict]:
+    """Failovers (and primaries lost) on ``role``'s cluster since ``evidence`` began (``migrator.data.gates.topology_since``)."""
+    from migrator.data.gates import topology_since
+
+    changes, _ = topology_since(ctx, evidence, began)
+    return [c for c in changes if c.get("role") == role and c.get("kind") in ("failover", "lost")]
+
+
+def _latest_check(ctx: GateContext) -> dict:
+    from migrator import reports
+
+    return reports.latest(ctx.playbook.state_path, "check") or {}
+
+
 @gate("sides_live")
 def sides_live(ctx: GateContext):
     """Both servers answer now: authority (reads or writes) never moves onto, or away from, a dead side."""
     cur = ctx.current_sides()
     down = [s for s in cur.values() if not s.reachable]
     data = {role: s.to_json() for role, s in cur.items()}
+    changes = topology_since_recorded(ctx)
+    if changes:
+        data["topology_changes"] = [c.to_json() for c in changes]
+    moved = f"; topology changed since the last evidence: {'; '.join(c.text for c in changes)}" if changes else ""
     if down:
-        return False, "; ".join(s.describe() for s in down), data
-    return True, "; ".join(s.describe() for s in cur.values()), data
+        return False, "; ".join(s.describe() for s in down) + moved, data
+    return True, "; ".join(s.describe() for s in cur.values()) + moved, data
+
+
+def topology_since_recorded(ctx: GateContext) -> list:
+    """What changed in each cluster side's topology since the journal last recorded it (the
+    transition that began this phase, or the last change seen); journaled now unless read-only,
+    so a later gate can tell which evidence is older than the change (``migrator.topology_watch``)."""
+    from migrator import topology_watch
+
+    cur = ctx.current_sides()
+    if not any(s.cluster is not None for s in cur.values()):
+        return []
+    entries = ctx.store.read_journal() if ctx.store.exists() else []
+    changes, dated, views, since = [], [], {}, {}
+    for role, side in cur.items():
+        if side.cluster is None:
+            continue
+        old, at = topology_watch.last_recorded(entries, role)
+        found = topology_watch.diff(role, old, side.cluster.get("view"))
+        if found:
+            when = f" (seen at {side.probed_at[11:19]}; not at {at[11:19]})" if at else f" (seen at {side.probed_at[11:19]})"
+            changes += found
+            dated += [replace(c, text=c.text + when) for c in found]
+            views[role], since[role] = side.cluster["view"], at
+    if changes and not ctx.read_only and ctx.store.exists():
+        seen = min(cur[r].probed_at for r in views)
+        ctx.store.journal(topology_watch.EVENT, seen_at=seen, since=since, views=views, phase=ctx.state.phase.value,
+                          changes=[c.to_json() for c in changes],
+                          slots=topology_watch.changed_slots(changes), operator=operator())
+    return dated
 
 
 @gate("key_counts")
@@ -314,10 +378,21 @@ def _key_counts(ctx: GateContext, short: str | None):
     problem = sides.compare_sizes(cur, drift, sel.databases, short=short)
     if problem:
         lost = f"the {short} may have lost its data" if short else "a side may have lost its data"
-        return False, (f"key counts disagree: {problem} (check.max_key_count_drift {drift:.1%}); {lost} "
+        return False, (f"key counts disagree: {problem} (check.max_key_count_drift {drift:.1%}){_per_node(cur)}; {lost} "
                        f"(restarted empty?): {repair_advice(ctx)}"), data
     s, t = cur["source"], cur["target"]
     return True, f"source {s.keys:,} keys, target {t.keys:,} keys (within {drift:.1%})", data
+
+
+def _per_node(cur: dict[str, sides.Side]) -> str:
+    """``; target by primary: 10.0.2.1:7000 (0-5460) 0 keys, …`` for each cluster side: which node is short."""
+    out = []
+    for role, side in cur.items():
+        nodes = (side.cluster or {}).get("nodes") or {}
+        if nodes:
+            each = sorted(nodes.values(), key=lambda n: sides.first_slot(n.get("slots")))
+            out.append(f"{role} by primary: " + ", ".join(f"{n['address']} ({n.get('slots')}) {n['keys']:,} keys" for n in each))
+    return "".join(f"; {x}" for x in out)
 
 
 def repair_advice(ctx: GateContext) -> str:
@@ -341,7 +416,8 @@ def authority_lost(ctx: GateContext) -> str | None:
     """
     role = "target" if ctx.state.phase in (Phase.WRITES_ON_TARGET, Phase.COMPLETED) else "source"
     cur = ctx.current_sides()
-    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, ctx.phase_start_sides())
+    # A Sentinel failover to a replica is not a loss of the data (a restart is); far fewer keys still is.
+    why = sides.restarted_since({role: cur[role]}, ctx.state.phase_started, ctx.phase_start_sides(), failover_ok=True)
     sel = ctx.playbook.sync
     comparable = not sel.exclude and sel.include == ["*"]
     short = comparable and sides.compare_sizes(cur, ctx.playbook.check.max_key_count_drift, sel.databases, short=role)

@@ -15,10 +15,10 @@ import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -54,6 +54,10 @@ def _host_port(v: str) -> str:
     return v
 
 
+# One ``host:port`` entry: a bad one is reported at its own line and column.
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
 class SentinelConfig(_Strict):
     """A primary managed by Redis Sentinel: the sentinels to ask and the name they know it by.
 
@@ -61,7 +65,7 @@ class SentinelConfig(_Strict):
     own ``password_env`` does); ``sentinel_password_env`` the sentinels' own, when they have one.
     """
 
-    addresses: list[str] = Field(min_length=1)
+    addresses: list[HostPort] = Field(min_length=1)
     master_name: str = Field(min_length=1)
     username: str | None = None  # the data nodes' ACL user (the endpoint's username also works)
     password_env: str | None = None
@@ -76,8 +80,6 @@ class SentinelConfig(_Strict):
     @field_validator("addresses")
     @classmethod
     def _check_addresses(cls, v: list[str]) -> list[str]:
-        for a in v:
-            _host_port(a)
         if len(set(v)) != len(v):
             raise ValueError("an address is listed twice")
         return v

@@ -185,10 +185,11 @@ class Decision:
     why: str
     ok: bool = True
     unconfirmed: bool = False  # replication asked for, the source's permission could not be read
+    topology: str | None = None  # why a side's topology (Sentinel, cluster) rules replication out
 
     def to_json(self) -> dict[str, Any]:
         return {"requested": self.requested, "strategy": self.strategy, "why": self.why, "ok": self.ok,
-                "unconfirmed": self.unconfirmed}
+                "unconfirmed": self.unconfirmed, "topology": self.topology}
 
 
 def subset_selected(pb: Any, client: Any) -> str | None:
@@ -206,17 +207,51 @@ def subset_selected(pb: Any, client: Any) -> str | None:
     return None
 
 
+# Why the target cannot be made a replica of the source, by the topology of each side.
+TOPOLOGY_WHY = {
+    ("source", "cluster"): "the source is a Redis Cluster: a replica of one node would get one shard",
+    ("target", "cluster"): ("the target is a Redis Cluster: a cluster node replicates only a primary of its own cluster "
+                            "(REPLICAOF is refused in cluster mode)"),
+    ("source", "sentinel"): ("the source is Sentinel-managed: a failover would leave the target replicating a demoted "
+                             "primary"),
+    ("target", "sentinel"): ("the target is Sentinel-managed: its sentinels watch the target's primary and would "
+                             "fight (or fail over) a primary turned into a replica of the source"),
+}
+
+
+def topology_of(ep: Any, client: Any | None) -> str:
+    """``sentinel``, ``cluster`` or ``standalone``: the playbook names a Sentinel endpoint; a cluster
+    is what the server says it is (``cluster_enabled``), or the playbook's ``seeds`` when it cannot be asked."""
+    if getattr(ep, "kind", "server") == "sentinel":
+        return "sentinel"
+    if client is not None:
+        from migrator.cluster import is_cluster
+
+        return "cluster" if is_cluster(client) else "standalone"
+    return "cluster" if getattr(ep, "seeds", None) else "standalone"
+
+
+def topology_why(pb: Any, source: Any | None, target: Any | None) -> str | None:
+    """Why replication cannot mirror this pair's topology (a Sentinel or cluster side), or None."""
+    why = [TOPOLOGY_WHY[(role, kind)] for role, ep, client in (("source", pb.source, source), ("target", pb.target, target))
+           if (kind := topology_of(ep, client)) != "standalone"]
+    return "; ".join(why) or None
+
+
 def decide(requested: str, allowed: SyncAllowed, loads_rdb: bool | None, rdb_why: str,
-           subset: str | None = None) -> Decision:
-    """The strategy from the evidence: the source allows PSYNC, the target loads its RDB, and the
-    whole keyspace is migrated (``subset``: why not)."""
+           subset: str | None = None, topology: str | None = None) -> Decision:
+    """The strategy from the evidence: neither side is a Sentinel or cluster deployment
+    (``topology``: why one is), the source allows PSYNC, the target loads its RDB, and the whole
+    keyspace is migrated (``subset``: why not)."""
     if requested == "dual-write":
         return Decision(requested, "dual-write", "mirror.strategy is dual-write: each shim writes to both servers")
-    if subset:
+    for why_not in (topology, subset):
+        if not why_not:
+            continue
         if requested == "replication":
-            return Decision(requested, "replication", f"mirror.strategy is replication but it cannot work: {subset}",
-                            ok=False)
-        return Decision(requested, "dual-write", f"auto chose dual-write: {subset}")
+            return Decision(requested, "replication", f"mirror.strategy is replication but it cannot work: {why_not}",
+                            ok=False, topology=topology)
+        return Decision(requested, "dual-write", f"auto chose dual-write: {why_not}", topology=topology)
     problems = []
     if allowed.allowed is not True:
         problems.append(allowed.why if allowed.allowed is False else f"could not confirm the source allows PSYNC: {allowed.why}")
@@ -498,16 +533,19 @@ def attachment(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return next((e for e in reversed(entries) if e.get("event") == ATTACHED_EVENT), None)
 
 
-def fresh_decision(pb: Any, source: Any) -> Decision:
-    """Decide the strategy again on fresh evidence: the source's PSYNC/ACL read now, the RDB format
-    from the newest compatibility report for these servers (not trusted if the source's version
-    changed since)."""
+def fresh_decision(pb: Any, source: Any, target: Any | None = None) -> Decision:
+    """Decide the strategy again on fresh evidence: each side's topology, the source's PSYNC/ACL
+    read now, the RDB format from the newest compatibility report for these servers (not trusted
+    if the source's version changed since)."""
     from migrator import reports
     from migrator.compat.identify import identify
 
     requested = pb.mirror.strategy
     if requested == "dual-write":
         return decide(requested, SyncAllowed(None, ""), None, "")
+    topology = topology_why(pb, source, target)
+    if topology:
+        return decide(requested, SyncAllowed(None, ""), None, "", topology=topology)
     subset = subset_selected(pb, source)
     if subset:
         return decide(requested, SyncAllowed(None, ""), None, "", subset)

@@ -38,7 +38,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from migrator.action_types import ActionResult
-from migrator.connect import client_kwargs
+from migrator.connect import make_client
 from migrator.crash import crashpoint
 from migrator.playbook import Endpoint, Playbook
 from migrator.replication import (
@@ -70,8 +70,7 @@ class Swap:
 
 def client(ep: Endpoint, timeout: float) -> redis.Redis:
     """A client that gives up after one ``timeout`` (no retries): the swap works against a clock."""
-    kw = {**client_kwargs(ep), "socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
-    return redis.Redis(**kw)
+    return make_client(ep, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
 
 def reachable(c: redis.Redis) -> str | None:

@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from migrator.connect import client_kwargs
+from migrator.connect import make_client
 from migrator.playbook import Endpoint, Playbook
 from migrator.state import iso, now, parse_iso
 
@@ -46,7 +46,14 @@ class Side:
     uptime_s: int | None = None
     keys: int | None = None  # every database
     dbs: dict[str, int] = field(default_factory=dict)
+    # A cluster side: {"view": migrator.topology_watch.view(...), "nodes": {node id: {address,
+    # run_id, started_at, uptime_s, keys, slots}}} for each live primary; keys/dbs are their sums.
+    cluster: dict[str, Any] | None = None
     probed_at: str = field(default_factory=lambda: iso(now()))
+    # INFO replication's master_replid / master_replid2: a replica promoted by a failover has the
+    # old primary's replication id as its replid2 (it continued that primary's history).
+    replid: str | None = None
+    replid2: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +66,10 @@ class Side:
     def describe(self) -> str:
         if not self.reachable:
             return f"{self.role} {self.url}: unreachable ({self.error})"
+        if self.cluster is not None:
+            from migrator.topology_watch import summary
+
+            return f"{self.role}: cluster of {summary(self.cluster.get('view'))}, {self.keys:,} keys"
         return f"{self.role}: run_id {(self.run_id or '?')[:8]}, up {_uptime(self.uptime_s)}, {self.keys:,} keys"
 
 
@@ -76,19 +87,92 @@ def probe(ep: Endpoint, role: str, timeout: float | None = None) -> Side:
     not the client library's default of ten.
     """
     t = timeout if timeout is not None else ep.connect_timeout.total_seconds()
-    kw = {**client_kwargs(ep), "socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
-    c = redis.Redis(**kw)
+    c = make_client(ep, socket_timeout=t, socket_connect_timeout=t, retry=Retry(NoBackoff(), 0))
     try:
         info = c.info("server")
         keyspace = c.info("keyspace")
+        repl = c.info("replication")
     except (redis.exceptions.RedisError, OSError) as e:
+        if ep.seeds and not isinstance(e, redis.exceptions.AuthenticationError):
+            return _probe_cluster(ep, role, t)  # the URL's node is down: another seed may answer
         return Side(role, ep.display, False, error=_why(e))
     finally:
         c.close()
+    if _mode(info) == "cluster":
+        return _probe_cluster(ep, role, t)
+    if _mode(info) == "sentinel":  # its keyspace is empty: counting it would look like a side that lost its data
+        return Side(role, ep.display, False, error="it answers as a sentinel, not as a data node")
     uptime = int(info.get("uptime_in_seconds", 0))
     dbs = {k[2:]: int(v.get("keys", 0)) for k, v in keyspace.items() if k.startswith("db") and isinstance(v, dict)}
     return Side(role, ep.display, True, run_id=str(info.get("run_id", "")) or None,
-                started_at=iso(now() - timedelta(seconds=uptime)), uptime_s=uptime, keys=sum(dbs.values()), dbs=dbs)
+                started_at=iso(now() - timedelta(seconds=uptime)), uptime_s=uptime, keys=sum(dbs.values()), dbs=dbs,
+                replid=str(repl.get("master_replid") or "") or None, replid2=_replid2(repl))
+
+
+def _replid2(repl: dict[str, Any]) -> str | None:
+    v = str(repl.get("master_replid2") or "")
+    return None if not v or set(v) == {"0"} else v
+
+
+def failed_over(old: Side, cur: Side) -> bool:
+    """``cur`` is a replica of ``old`` promoted by a failover (it continued old's replication history)."""
+    return bool(old.replid and cur.replid2 and cur.replid2 == old.replid)
+
+
+def _mode(info: dict[str, Any]) -> str:
+    """standalone, cluster or sentinel (Redis says ``redis_mode``, Valkey 8+ ``server_mode``)."""
+    return str(info.get("server_mode") or info.get("redis_mode") or "standalone")
+
+
+def _probe_cluster(ep: Endpoint, role: str, t: float) -> Side:
+    """A cluster side: the topology from the first seed that answers, then each live primary's
+    identity and keys. Unreachable if no seed answers, a primary does not, or a slot has no live
+    primary (a failover in progress): the side cannot then serve every key."""
+    from migrator import cluster, topology_watch
+
+    quick = {"socket_timeout": t, "socket_connect_timeout": t, "retry": Retry(NoBackoff(), 0)}
+    topo, errors = None, []
+    for host, port in cluster.seed_addresses(ep):
+        c = redis.Redis(**{**cluster.node_kwargs(ep, host, port), **quick})
+        try:
+            topo = cluster.read_topology(c, connected_to=(host, port))
+            break
+        except (redis.exceptions.RedisError, OSError) as e:
+            errors.append(f"{host}:{port}: {_why(e)}")
+        finally:
+            c.close()
+    if topo is None:
+        return Side(role, ep.display, False, error=f"no cluster node answered ({'; '.join(errors)})")
+    nodes: dict[str, dict[str, Any]] = {}
+    down = []
+    for n in topo.primaries():
+        c = redis.Redis(**{**cluster.node_kwargs(ep, n.host, n.port), **quick})
+        try:
+            info, keyspace = c.info("server"), c.info("keyspace")
+            if n.id != topo.seen_from:
+                # A slot's MIGRATING/IMPORTING marks show only in the views of the two nodes involved.
+                own = cluster.read_topology(c, connected_to=(n.host, n.port))
+                topo.migrating.update(own.migrating)
+                topo.importing.update(own.importing)
+        except (redis.exceptions.RedisError, OSError) as e:
+            down.append(f"primary {n.address} (node {n.id[:8]}, slots {cluster.format_ranges(n.slots)}): {_why(e)}")
+            continue
+        finally:
+            c.close()
+        uptime = int(info.get("uptime_in_seconds", 0))
+        keys = sum(int(v.get("keys", 0)) for k, v in keyspace.items() if k.startswith("db") and isinstance(v, dict))
+        nodes[n.id] = {"address": n.address, "run_id": str(info.get("run_id", "")) or None,
+                       "started_at": iso(now() - timedelta(seconds=uptime)), "uptime_s": uptime, "keys": keys,
+                       "slots": cluster.format_ranges(n.slots)}
+    view = topology_watch.view(topo)
+    detail = {"view": view, "nodes": nodes}
+    if view["uncovered"]:
+        down.append(f"slots {cluster.format_ranges(tuple(r) for r in view['uncovered'])} have no live primary "
+                    "(a failover in progress?)")
+    if down:
+        return Side(role, ep.display, False, error="; ".join(down), cluster=detail)
+    keys = sum(n["keys"] for n in nodes.values())
+    return Side(role, ep.display, True, keys=keys, dbs={"0": keys} if keys else {}, cluster=detail)
 
 
 def _why(e: BaseException) -> str:
@@ -115,11 +199,13 @@ def recorded(evidence: dict[str, Any] | None) -> dict[str, Side]:
 
 
 def restarted_since(current: dict[str, Side], began: str | datetime | None,
-                    then: dict[str, Side] | None = None) -> list[str]:
+                    then: dict[str, Side] | None = None, failover_ok: bool = False) -> list[str]:
     """Why each side that restarted after ``began`` (the evidence's start) voids it; [] if none did.
 
     With the ``run_id`` the evidence recorded, a different one now is a restart, whenever it
-    happened. Without one (older evidence), a server that started after ``began`` restarted.
+    happened — except, with ``failover_ok``, a replica of the recorded server promoted by a
+    failover (``failed_over``: it holds that server's data up to what asynchronous replication
+    had sent; the key counts are still compared by the callers). Without one (older evidence), a server that started after ``began`` restarted.
     An unreachable side is not judged here: the gates that need it live say so themselves.
     """
     if began is None:
@@ -131,8 +217,11 @@ def restarted_since(current: dict[str, Side], began: str | datetime | None,
         if cur is None or not cur.reachable:
             continue
         old = (then or {}).get(role)
+        if cur.cluster is not None:
+            why += _nodes_restarted(role, cur, old, began_dt)
+            continue
         if old is not None and old.reachable and old.run_id and cur.run_id:
-            if old.run_id != cur.run_id:
+            if old.run_id != cur.run_id and not (failover_ok and failed_over(old, cur)):
                 then_keys = f", {old.keys:,} then" if isinstance(old.keys, int) else ""
                 why.append(f"the {role} restarted (run_id {old.run_id[:8]} → {cur.run_id[:8]}, up {_uptime(cur.uptime_s)}, "
                            f"{cur.keys:,} keys now{then_keys})")
@@ -140,6 +229,51 @@ def restarted_since(current: dict[str, Side], began: str | datetime | None,
         if cur.started_at and parse_iso(cur.started_at) > began_dt + UPTIME_SLACK:
             why.append(f"the {role} restarted at {cur.started_at[11:19]} (up {_uptime(cur.uptime_s)}, {cur.keys:,} keys)")
     return why
+
+
+def _nodes_restarted(role: str, cur: Side, old: Side | None, began: datetime) -> list[str]:
+    """Each primary of a cluster side that restarted after the evidence began, named by node id and address.
+
+    A node keeps its id across a restart (nodes.conf), so its run_id tells. A primary the
+    evidence did not know (a promoted replica, a node added by a reshard) is a topology change,
+    judged by ``migrator.topology_watch``; with evidence that recorded no nodes at all (older
+    reports), a primary whose process started after the evidence began restarted.
+    """
+    then_nodes = ((old.cluster or {}).get("nodes") or {}) if old is not None else {}
+    why = []
+    for nid, n in sorted((cur.cluster or {}).get("nodes", {}).items(), key=lambda kv: first_slot(kv[1].get("slots"))):
+        was = then_nodes.get(nid)
+        name = f"the {role} node {nid[:8]} at {n['address']} (slots {n.get('slots', '?')})"
+        up, keys = _uptime(n.get("uptime_s")), n.get("keys", 0)
+        if was and was.get("run_id") and n.get("run_id"):
+            if was["run_id"] != n["run_id"]:
+                why.append(f"{name} restarted (run_id {was['run_id'][:8]} → {n['run_id'][:8]}, up {up}, "
+                           f"{keys:,} keys now, {was.get('keys', 0):,} then)")
+        elif not then_nodes and n.get("started_at") and parse_iso(n["started_at"]) > began + UPTIME_SLACK:
+            why.append(f"{name} restarted at {n['started_at'][11:19]} (up {up}, {keys:,} keys)")
+    return why
+
+
+def first_slot(ranges: str | None) -> int:
+    """The first slot of ``0-5460,5462`` (for ordering nodes by their slots)."""
+    head = (ranges or "").split(",")[0].split("-")[0]
+    return int(head) if head.isdigit() else 1 << 20
+
+
+def topology_changes(current: dict[str, Side], then: dict[str, Side] | None) -> list:
+    """What changed in each cluster side's topology since ``then`` (``migrator.topology_watch.Change``s).
+
+    Unreachable sides are compared too when their topology was read (a primary lost is a change).
+    """
+    from migrator import topology_watch
+
+    out = []
+    for role in ROLES:
+        cur, old = current.get(role), (then or {}).get(role)
+        if cur is None or old is None or cur.cluster is None or old.cluster is None:
+            continue
+        out += topology_watch.diff(role, old.cluster.get("view"), cur.cluster.get("view"))
+    return out
 
 
 def compare_sizes(current: dict[str, Side], max_drift: float, dbs: list[int] | None = None,

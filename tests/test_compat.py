@@ -221,16 +221,6 @@ def test_functions_missing_and_scripts_warned(server_factory, make_playbook):
     assert result.check("commands.behaviour").status == WARN and "eval" in result.check("commands.behaviour").data["differences"]
 
 
-def test_cluster_mode_fails_and_skips_writing_checks(server_factory, make_playbook):
-    """A cluster-mode source fails the topology check, and the checks that would write are skipped, not run."""
-    source = server_factory("redis-7.0", config={"cluster-enabled": "yes"})
-    target = server_factory("valkey-9.1")
-    _pb, result = run(make_playbook, source, target, write_report=False)
-    topology = result.check("topology")
-    assert topology.status == FAIL and "cluster mode" in topology.evidence
-    assert result.check("data.format").status == UNKNOWN and "skipped" in result.check("data.format").evidence
-
-
 def test_docker_scratch_without_engine_gives_one_clear_error(server_factory, make_playbook, monkeypatch):
     """scratch: docker with no reachable Docker engine fails the tests check with a message that says so."""
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")

@@ -125,6 +125,7 @@ class Host:
         self.stalled_until = 0.0
         self.rdb_versions = [None, None]
         self.table = CommandTable(TABLE, TABLE)
+        self.facade = None  # set to a shim.facade.Facade to play a shim with a cluster side
         self.seq = Sequencer()
         self.stats = metrics.Stats()
         self.dirty = DirtyRecorder(folder, "core")
@@ -176,6 +177,9 @@ class Host:
 
     def warn_noscript(self, side: int, sha: bytes) -> None:
         pass
+
+    def facade_reply(self, args: list[bytes], client) -> bytes | None:
+        return self.facade.answer(args)
 
     def note_script(self, args: list[bytes], name: bytes) -> None:
         if name == b"eval" and len(args) > 1:

@@ -190,6 +190,15 @@ def status(ctx: Ctx, output: str, watch: bool, interval: float | None) -> None:
         con.print(part)
 
 
+def _cluster_line(role: str, side: dict) -> str:
+    """``target: cluster, 4 primaries (4 replicas), all 16384 slots, 1,234 keys`` (or why it is unreachable)."""
+    from migrator.topology_watch import summary
+
+    keys = f", {side['keys']:,} keys" if side.get("reachable") and side.get("keys") is not None else ""
+    down = "" if side.get("reachable") else f" — UNREACHABLE: {side.get('error')}"
+    return f"{role}: cluster, {summary(side['cluster'].get('view'))}{keys}{down}"
+
+
 def status_view(st: dict, history: int = 10) -> list[RenderableType]:
     """``command.status`` as lines and tables, for ``status`` and each redraw of ``status --watch``."""
     out: list[RenderableType] = []
@@ -211,7 +220,14 @@ def status_view(st: dict, history: int = 10) -> list[RenderableType]:
     for a in st.get("alerts", []):
         line(f"  [red]![/] {escape(a)}")
     for role, side in st.get("sides", {}).items():
-        if side["reachable"]:
+        if side.get("cluster"):
+            line(f"  {escape(_cluster_line(role, side))}")
+            from migrator.sides import first_slot
+
+            for nid, n in sorted(side["cluster"].get("nodes", {}).items(), key=lambda kv: first_slot(kv[1].get("slots"))):
+                line(f"    {escape(n['address'])} {nid[:8]} slots {escape(n.get('slots') or '-')}: {n['keys']:,} keys, "
+                     f"run_id {(n['run_id'] or '?')[:8]}, up {n['uptime_s']}s")
+        elif side["reachable"]:
             line(f"  {role}: run_id {(side['run_id'] or '?')[:8]}, up {side['uptime_s']}s, {side['keys']:,} keys")
     if st["shims"]:
         table = Table("shim", "listen", "liveness", "applied", "current", "queued", "dirty", box=None, header_style="bold")
@@ -358,3 +374,5 @@ def history(ctx: Ctx, output: str, limit: int) -> None:
             con.print(f"    reason: {escape(e['reason'])}")
         if isinstance(e.get("evidence"), str):  # replica-attached, mirror-strategy
             con.print(f"    {escape(e['evidence'])}")
+        for c in e.get("changes", []) if e["event"] == "topology-changed" else []:
+            con.print(f"    {escape(c['text'])} (seen in {e.get('phase', '?')})")

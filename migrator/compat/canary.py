@@ -1,8 +1,9 @@
 """Canary keys: small values of each data type, copied between the servers to prove a copy method.
 
-Every canary lives under ``__migrator:canary:<random>:``, carries a TTL (so a crash cannot
+Every canary lives under ``__migrator:canary:{<random>}:``, carries a TTL (so a crash cannot
 leave one for long) and is deleted when the ``Canaries`` block ends, even on error. Canary
-keys are the only writes a compatibility run makes to the source.
+keys are the only writes a compatibility run makes to the source. The random part is a hash
+tag, so all of a run's canaries share one cluster slot and go to the node that owns it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 import redis
+
+from migrator.cluster import key_slot
 
 from migrator.compat import typecopy
 from migrator.compat.rdb import payload_version
@@ -61,9 +65,13 @@ class Transfer:
 class Canaries:
     """Creates canaries on either server and copies them; deletes them all on exit."""
 
-    def __init__(self, source: Side, target: Side) -> None:
-        self.prefix = f"{CANARY_PREFIX}{secrets.token_hex(6)}:"
+    def __init__(self, source: Side, target: Side, route: Callable[[str, int], Side] | None = None) -> None:
+        """``route(role, slot)``, where a side is a cluster: the Side of the node owning the canaries' slot."""
+        self.prefix = f"{CANARY_PREFIX}{{{secrets.token_hex(6)}}}:"
+        self.slot = key_slot(self.prefix)
         self._sides = {"source": source, "target": target}
+        if route is not None:
+            self._sides = {role: route(role, self.slot) for role in self._sides}
         self._made: dict[str, list[str]] = {"source": [], "target": []}
 
     def __enter__(self) -> "Canaries":

@@ -174,6 +174,36 @@ def _aliases(conf: dict[str, str]) -> dict[str, str]:
     return conf
 
 
+# Settings every node of a cluster should share (maxmemory may differ per shard on purpose).
+NODE_SETTINGS = ("maxmemory-policy", "notify-keyspace-events", "timeout", "appendonly", "save",
+                 "client-output-buffer-limit", "proto-max-bulk-len", "busy-reply-threshold", "lua-time-limit",
+                 "repl-backlog-size", "cluster-require-full-coverage", "cluster-allow-reads-when-down")
+
+
+def _across_nodes(probe: Probe) -> list[Finding]:
+    """On a cluster side the settings above are read on every primary: one differing is a warning by name
+    (the comparison with the other side used the playbook's node only)."""
+    out = []
+    for role, view in sorted(probe.clusters.items(), reverse=True):
+        values: dict[str, dict[str, list[str]]] = {}
+        for n in view.readable_primaries():
+            try:
+                conf = dict(n.side.call("CONFIG", "GET", "*"))
+            except Unavailable:
+                continue
+            for k, v in conf.items():
+                k, v = text(k), text(v)
+                if k in NODE_SETTINGS:
+                    values.setdefault(k, {}).setdefault(v, []).append(n.address)
+        for k, by_value in sorted(values.items()):
+            if len(by_value) > 1:
+                where = "; ".join(f"{v!r} on {', '.join(a)}" for v, a in sorted(by_value.items()))
+                out.append(Finding(k, where if role == "source" else "", where if role == "target" else "", WARN,
+                                   f"differs across the {role}'s primaries",
+                                   f"set {k} alike on every {role} primary"))
+    return out
+
+
 def config_check(probe: Probe) -> Check:
     try:
         s, t = read_config(probe, "source"), read_config(probe, "target")
@@ -182,10 +212,21 @@ def config_check(probe: Probe) -> Check:
                      "compare maxmemory, maxmemory-policy, databases, notify-keyspace-events, timeout, persistence, "
                      "output buffer limits and proto-max-bulk-len in the provider's console", {"unavailable": str(e)})
     s, t = _aliases(s), _aliases(t)
+    # In cluster mode only database 0 exists, or cluster-databases of them (Valkey 9.0+).
+    s, t = (({**conf, "databases": conf.get("cluster-databases", "1")} if role in probe.clusters else conf)
+            for role, conf in (("source", s), ("target", t)))
     highest = max(probe.source_keys.dbs, default=0)
     findings = [cmp(s, t, probe.source_keys.used_memory, highest) for cmp in COMPARISONS]
+    if "target" in probe.clusters and findings[2].status != PASS:
+        findings[2].note += " (in cluster mode: cluster-databases, which only Valkey 9.0+ has)"
+        findings[2].fix = (f"set cluster-databases {max(int(s['databases'] or 1), highest + 1)} on every target node "
+                           "(Valkey 9.0+; needs a restart), or move the data into database 0 first")
+    if "target" in probe.clusters:  # each target shard holds a share: compared per shard in cluster.memory
+        findings[0] = Finding("maxmemory", s.get("maxmemory", "?"), t.get("maxmemory", "?"), PASS,
+                              "compared per target shard (Memory per target shard)")
     if (lack := _lacking(s, t)) is not None:
         findings.append(lack)
+    findings += _across_nodes(probe)
     worst = min((f.status for f in findings), key=STATUSES.index)
     bad = [f for f in findings if f.status != PASS]
     data = {"settings": [f.to_json() for f in findings]}

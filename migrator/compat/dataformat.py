@@ -129,7 +129,7 @@ def _replication(probe: Probe, method: str | None, rollback: str | None, predict
 
 def data_format_check(probe: Probe) -> Check:
     kinds = types_to_test(probe)
-    with Canaries(probe.source, probe.target) as can:
+    with Canaries(probe.source, probe.target, route=probe.side_for_slot) as can:
         fwd = copy(can, "source", "target", kinds)
         back = copy(can, "target", "source", kinds)
     relaxed = _relaxed(probe)

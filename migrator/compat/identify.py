@@ -72,7 +72,8 @@ def identity_check(source: Identity, target: Identity) -> Check:
 
 
 def topology_check(source: Identity, target: Identity, source_address: str | None = None) -> Check:
-    """Cluster or sentinel mode on either side, or a read-only replica as the target, fails.
+    """A URL pointing at a sentinel process, or a read-only replica as the target, fails; a
+    cluster on either side is judged by ``cluster_topology_check``.
 
     ``source_address`` (host:port as the target reaches the source) is given where the mirror
     strategy may be replication: a target replicating exactly that source is then the
@@ -80,21 +81,51 @@ def topology_check(source: Identity, target: Identity, source_address: str | Non
     """
     problems, fixes = [], []
     own_mirror = bool(source_address) and target.role != "master" and target.master == source_address
+    if "cluster" in (source.mode, target.mode) and "sentinel" not in (source.mode, target.mode):
+        return cluster_topology_check(source, target)  # a replica node of a cluster is fine: its primaries are found
     for role, ident in (("source", source), ("target", target)):
-        if ident.mode != "standalone":
+        if ident.mode not in ("standalone", "cluster"):  # a cluster is read node by node (compat.cluster)
             problems.append(f"the {role} runs in {ident.mode} mode")
-            fixes.append(f"migrate the {role}'s shards one standalone node at a time, or use a cluster-aware tool"
-                         if ident.mode == "cluster" else f"point the {role} URL at the data node, not at sentinel")
+            fixes.append(f"the {role} URL points at a sentinel: use `sentinel:` in the playbook "
+                         "(addresses and master_name, docs/topologies.md) so the primary is found and followed")
     if target.role != "master" and not own_mirror:
         problems.append("the target is a replica (read-only), so nothing can be written to it")
         fixes.append("run REPLICAOF NO ONE on the target, or point the target URL at its primary")
     modes = {"source": {"mode": source.mode, "role": source.role}, "target": {"mode": target.mode, "role": target.role}}
     if problems:
         return Check("topology", "Standalone servers", FAIL,
-                     "; ".join(problems) + ": migrator moves one standalone primary to another "
-                     "(the shim, sync and cutover address one keyspace, not hash slots across nodes)",
+                     "; ".join(problems) + ": migrator reads and writes the data nodes (a primary, a cluster's "
+                     "nodes, or the primary a `sentinel:` endpoint resolves to), not a sentinel or a replica",
                      "; ".join(fixes), modes)
     if own_mirror:
         return Check("topology", "Standalone servers", PASS, f"both servers are standalone; the target replicates this "
                      f"source ({source_address}), as the replication mirror strategy makes it", "", modes)
     return Check("topology", "Standalone servers", PASS, "both servers are standalone; the target is a primary", "", modes)
+
+
+def cluster_topology_check(source: Identity, target: Identity) -> Check:
+    """A cluster on either side: both clusters pass (the slot layouts may differ); a standalone server on
+    one side and a cluster on the other is a legitimate migration (the data moves key by key), which
+    warns what the application must change at the cutover."""
+    modes = {"source": {"mode": source.mode, "role": source.role}, "target": {"mode": target.mode, "role": target.role}}
+    if source.mode == target.mode == "cluster":
+        return Check("topology", "Topology", PASS, "source and target are clusters: keys move slot by slot to "
+                     "whichever target shard owns them, so the shard counts and slot layouts may differ "
+                     "(every node is checked below)", "", modes)
+    if target.mode == "cluster":
+        return Check("topology", "Topology", WARN, "the source is one server and the target a cluster: after "
+                     "the cutover the application needs a cluster-aware client, keys used together in one command "
+                     "must share a hash slot, and only database 0 exists unless the target sets cluster-databases (Valkey 9.0+) "
+                     "(see Multi-key commands and slots)",
+                     "switch the application to a cluster client and give keys used together one hash tag "
+                     "({user42}:cart) before the read cutover; mirroring counts the commands that would fail "
+                     "with CROSSSLOT on the target", modes)
+    if target.role != "master":
+        return Check("topology", "Topology", FAIL, "the source is a cluster and the target a replica (read-only), "
+                     "so nothing can be written to it", "run REPLICAOF NO ONE on the target, or point the target URL "
+                     "at its primary", modes)
+    return Check("topology", "Topology", WARN, "the source is a cluster and the target one server: after the "
+                 "cutover the application must use a standalone client (the target refuses CLUSTER commands "
+                 "and sends no MOVED); all slots land in the target's one keyspace",
+                 "plan the client change for the cutover: a cluster client configured with the target's address "
+                 "fails on CLUSTER SLOTS", modes)

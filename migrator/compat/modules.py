@@ -49,6 +49,13 @@ MODULE_TYPES: dict[str, str] = {
 
 
 def module_names(probe: Probe, role: str) -> set[str]:
+    """The modules loaded; on a cluster source those of any node (any may hold module data), on a
+    cluster target those loaded on every node (a module missing on one shard fails its keys)."""
+    view = probe.clusters.get(role)
+    per_node = [set(n.modules) for n in view.nodes if n.modules is not None] if view else []
+    if view and per_node and all(n.modules is not None for n in view.nodes if n.identity is not None):
+        names = set.union(*per_node) if role == "source" else set.intersection(*per_node)
+        return names - BUILTIN_MODULES
     reply = probe.side(role).call("MODULE", "LIST")
     names = {text(m.get(b"name", m.get("name", b""))).lower() for m in reply}
     return names - BUILTIN_MODULES
@@ -126,7 +133,7 @@ def _field_ttl_keys(probe: Probe) -> tuple[int, str]:
         return sum(counted), "INFO keyspace"
     hits = 0
     for db, key in probe.source_keys.keys_of_type("hash")[:200]:
-        client = probe.source.on_db(db)
+        client = probe.key_client("source", db, key)
         fields = probe.source.guard("HRANDFIELD", partial(client.hrandfield, key, 16)) or []
         if fields:
             ttls = probe.source.guard("HTTL", partial(client.execute_command, "HTTL", key, "FIELDS", len(fields), *fields))

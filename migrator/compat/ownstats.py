@@ -49,22 +49,26 @@ class Ledger:
         return bool(self.run_id) and run_id == self.run_id and all(stats.get(n, 0) >= c for n, c in self.last.items())
 
 
-def path(state_dir: Path | str) -> Path:
+def path(state_dir: Path | str, node: str = "") -> Path:
+    """The ledger of a standalone source, or of one cluster node (``node``: its cluster node id)."""
+    if node:
+        return Path(state_dir) / LEDGER.parent / "nodes" / f"{node}.json"
     return Path(state_dir) / LEDGER
 
 
-def load(state_dir: Path | str) -> Ledger:
+def load(state_dir: Path | str, node: str = "") -> Ledger:
     try:
-        d = json.loads(path(state_dir).read_text(encoding="utf-8"))
+        d = json.loads(path(state_dir, node).read_text(encoding="utf-8"))
         return Ledger(str(d["run_id"]), {str(k): int(v) for k, v in d["counts"].items()},
                       {str(k): int(v) for k, v in d["last"].items()})
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return Ledger()
 
 
-def application_calls(state_dir: Path | str, run_id: str, stats: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+def application_calls(state_dir: Path | str, run_id: str, stats: dict[str, int],
+                      node: str = "") -> tuple[dict[str, int], dict[str, int]]:
     """``stats`` without migrator's own calls: (the application's calls, the calls subtracted)."""
-    ledger = load(state_dir)
+    ledger = load(state_dir, node)
     if not ledger.holds_for(run_id, stats):
         return dict(stats), {}
     app: dict[str, int] = {}
@@ -79,12 +83,13 @@ def application_calls(state_dir: Path | str, run_id: str, stats: dict[str, int])
 
 
 def record(state_dir: Path | str, run_id: str, before: dict[str, int], after: dict[str, int],
-           names: frozenset[str] | None = None) -> None:
-    """Add the calls made between ``before`` and ``after`` (of ``names``, or all) to the ledger."""
-    p = path(state_dir)
+           names: frozenset[str] | None = None, node: str = "") -> None:
+    """Add the calls made between ``before`` and ``after`` (of ``names``, or all) to the ledger
+    (of cluster node ``node``, when given)."""
+    p = path(state_dir, node)
     p.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(p) + ".lock", timeout=30):
-        ledger = load(state_dir)
+        ledger = load(state_dir, node)
         if not ledger.holds_for(run_id, before):
             ledger = Ledger(run_id)
         if any(after.get(n, 0) < c for n, c in before.items()):  # reset during the run: start over
@@ -114,8 +119,10 @@ def read_stats(client: Any) -> tuple[str, dict[str, int]]:
 
 
 @contextlib.contextmanager
-def recording(state_dir: Path | str, client: Any, names: frozenset[str] | None = DATA_COMMANDS) -> Iterator[None]:
-    """Around a sync or check: what it sends to the source (``names``) goes into the ledger.
+def recording(state_dir: Path | str, client: Any, names: frozenset[str] | None = DATA_COMMANDS,
+              node: str = "") -> Iterator[None]:
+    """Around a sync or check: what it sends to the source (``names``) goes into the ledger (of
+    cluster node ``node``, for a client of one node of a cluster source).
 
     A source that refuses INFO is left out silently: the pre-flight cannot read its statistics either.
     """
@@ -135,4 +142,4 @@ def recording(state_dir: Path | str, client: Any, names: frozenset[str] | None =
             pass
         else:
             if run_id_after == run_id:
-                record(state_dir, run_id, before, after, names)
+                record(state_dir, run_id, before, after, names, node)

@@ -99,6 +99,28 @@ def _config_rows(data: dict) -> list[tuple]:
     return [(s["setting"], s["source"], s["target"], _LABEL[s["status"]], s["note"]) for s in settings]
 
 
+_NODES_HEAD = ["side", "node", "role", "slots", "server", "RDB", "modules", "used_memory", "maxmemory", "problem"]
+_SHARDS_HEAD = ["target primary", "slots", "source data (est. bytes)", "used now", "projected", "maxmemory", "status"]
+
+
+def _node_rows(data: dict) -> list[tuple]:
+    """Every node of each cluster side (``clusters`` in the JSON)."""
+    rows = []
+    for role in ("source", "target"):
+        for n in (data.get("clusters") or {}).get(role, {}).get("nodes", []):
+            mods = "?" if n["modules"] is None else ", ".join(n["modules"]) or "none"
+            rows.append((role, n["address"], n["role"], n["slots"] or "—", n["server"] or "?",
+                         n["rdb_version"] or "?", mods, n["used_memory"] if n["used_memory"] is not None else "?",
+                         n["maxmemory"] if n["maxmemory"] is not None else "?", n["error"]))
+    return rows
+
+
+def _shard_rows(data: dict) -> list[tuple]:
+    check = next((c for c in data["checks"] if c["name"] == "cluster.memory"), None)
+    return [(s["address"], s["slots"], s["share"], s["used"], s["projected"], s["maxmemory"] or "none",
+             _LABEL[s["status"]]) for s in (check or {}).get("data", {}).get("shards", [])]
+
+
 def _test(data: dict) -> dict:
     check = next((c for c in data["checks"] if c["name"] == "tests"), None)
     return (check or {}).get("data", {})
@@ -107,6 +129,10 @@ def _test(data: dict) -> dict:
 def _md_details(data: dict) -> list[str]:
     out = ["## Copy methods and replication", "", reports.md_table(["", ""], _copy_rows(data)), "",
            "## Keyspace", "", reports.md_table(_KEYSPACE_HEAD, _keyspace_rows(data)), ""]
+    if rows := _node_rows(data):
+        out += ["## Cluster nodes", "", reports.md_table(_NODES_HEAD, rows), ""]
+    if rows := _shard_rows(data):
+        out += ["## Memory per target shard", "", reports.md_table(_SHARDS_HEAD, rows), ""]
     if rows := _config_rows(data):
         out += ["## Configuration", "", reports.md_table(_CONFIG_HEAD, rows), ""]
     test = _test(data)
@@ -141,6 +167,11 @@ def html_report(data: dict) -> str:
         classes=[c["status"] if c["status"] != UNKNOWN else WARN for c in checks]))
     body.append("<h2>Copy methods and replication</h2>" + reports.html_table(["", ""], _copy_rows(data)))
     body.append("<h2>Keyspace</h2>" + reports.html_table(_KEYSPACE_HEAD, _keyspace_rows(data)))
+    if rows := _node_rows(data):
+        body.append("<h2>Cluster nodes</h2>" + reports.html_table(_NODES_HEAD, rows))
+    if rows := _shard_rows(data):
+        body.append("<h2>Memory per target shard</h2>" + reports.html_table(
+            _SHARDS_HEAD, rows, classes=[{"COULD NOT CHECK": WARN}.get(r[6], r[6].lower()) for r in rows]))
     if rows := _config_rows(data):
         body.append("<h2>Configuration</h2>" + reports.html_table(_CONFIG_HEAD, rows,
                     classes=[{"COULD NOT CHECK": WARN}.get(r[3], r[3].lower()) for r in rows]))

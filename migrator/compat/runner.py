@@ -13,15 +13,17 @@ from typing import Callable
 import redis
 
 from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
+from migrator.compat import sentinel as sentinel_checks
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
 from migrator.compat import report as report_files
-from migrator.compat.rpc import Side, Unavailable, first_line
+from migrator.compat import cluster as cluster_checks
+from migrator.compat.rpc import Unavailable, first_line
 from migrator import replication
 from migrator.errors import RefusedError
 from migrator.playbook import Playbook
 
-CheckFn = Callable[[Probe], Check]
+CheckFn = Callable[[Probe], Check | None]  # None: the check does not apply to these endpoints
 
 # (name, title, function, what to verify by hand when it cannot run); in the order they run.
 CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
@@ -30,6 +32,8 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("topology", "Standalone servers", lambda p: identify.topology_check(p.source_id, p.target_id, _replicating(p)),
      "confirm both servers run standalone"),
     ("keyspace", "Keyspace", keyspace.keyspace_check, "run INFO keyspace on the target and confirm it is empty"),
+    ("sentinel", sentinel_checks.TITLE, sentinel_checks.sentinel_check,
+     "run SENTINEL CKQUORUM and SENTINEL REPLICAS on a sentinel, and CONFIG GET min-replicas-to-write on the primary"),
     ("data.format", "Data format and copy method", dataformat.data_format_check,
      "DUMP a key on the source and RESTORE it on the target under a test name"),
     ("mirror.strategy", strategy.TITLE, strategy.strategy_check,
@@ -50,8 +54,9 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("tests", suite.TITLE, suite.tests_check, "run the application's tests against a Valkey of the target's version"),
 )
 
-# Checks that write (canaries, test data) are skipped when the topology is wrong: a cluster
-# answers MOVED and a replica refuses writes, which would only add noise.
+# Checks that write (canaries, test data) are skipped when the topology is wrong: a replica
+# refuses writes and a cluster slot nobody owns answers CLUSTERDOWN, which would only add noise.
+# (On a healthy cluster they write to the primary owning their slot.)
 _WRITES = frozenset({"data.format", "tests"})
 
 
@@ -63,7 +68,7 @@ def _replicating(probe: Probe) -> str | None:
     return f"{host}:{port}"
 
 
-def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> Check:
+def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> Check | None:
     try:
         return fn(probe)
     except Unavailable as e:
@@ -74,23 +79,39 @@ def run_check(name: str, title: str, fn: CheckFn, manual: str, probe: Probe) -> 
                      manual, {"error": str(e)})
 
 
+def checks_for(probe: Probe) -> tuple[tuple[str, str, CheckFn, str], ...]:
+    """Every check in order; with a cluster on either side, the cluster checks follow the topology check."""
+    if not probe.clusters:
+        return CHECKS
+    at = next(i for i, c in enumerate(CHECKS) if c[0] == "topology") + 1
+    return CHECKS[:at] + cluster_checks.CHECKS + CHECKS[at:]
+
+
+# A failure of one of these means a write would meet the wrong server (a replica, a cluster
+# slot nobody owns or one being moved): the writing checks are skipped, saying which.
+_BLOCKS_WRITES = {"topology": "the topology check failed", "cluster.slots": "the cluster slot coverage check failed"}
+
+
 def run_checks(probe: Probe) -> list[Check]:
     checks: list[Check] = []
-    for name, title, fn, manual in CHECKS:
-        if name in _WRITES and any(c.name == "topology" and c.status == FAIL for c in checks):
-            checks.append(Check(name, title, UNKNOWN, "skipped: the topology check failed",
+    for name, title, fn, manual in checks_for(probe):
+        blocked = [why for c in checks if c.status == FAIL and (why := _BLOCKS_WRITES.get(c.name))]
+        if name in _WRITES and blocked:
+            checks.append(Check(name, title, UNKNOWN, f"skipped: {blocked[0]}",
                                 "fix the topology, then run migrator compat again"))
             continue
-        checks.append(run_check(name, title, fn, manual, probe))
+        check = run_check(name, title, fn, manual, probe)
+        if check is not None:
+            checks.append(check)
     return checks
 
 
 def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
     """Run the whole pre-flight against the playbook's servers; raises UnreachableError if one is down."""
     started = time.monotonic()
-    source = Side.open("source", playbook.source)
+    source = cluster_checks.open_side("source", playbook.source)
     try:
-        target = Side.open("target", playbook.target)
+        target = cluster_checks.open_side("target", playbook.target)
     except BaseException:
         source.close()
         raise
@@ -100,8 +121,11 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
         except Unavailable as e:
             raise RefusedError(f"cannot run the compatibility checks: {e}; "
                                "grant INFO, SCAN and TYPE to migrator's user") from None
-        checks = run_checks(probe)
-        probe.record_own_calls()
+        try:
+            checks = run_checks(probe)
+            probe.record_own_calls()
+        finally:
+            probe.close()
     finally:
         source.close()
         target.close()
@@ -111,6 +135,7 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
         "target": {"url": playbook.target.display, **probe.target_id.to_json()},
         **facts,
         "keyspace": {"source": probe.source_keys.to_json(), "target": probe.target_keys.to_json()},
+        "clusters": {role: view.to_json() for role, view in probe.clusters.items()},
         "duration_s": round(time.monotonic() - started, 3),
     }
     result = CompatResult(verdict(checks), checks, None, data)

@@ -139,3 +139,24 @@ def _memory(side: Side, client, keys: list[bytes]) -> int:
     for key in keys:
         pipe.memory_usage(key, samples=0)
     return sum(int(v or 0) for v in side.guard("MEMORY USAGE", pipe.execute))
+
+
+def merge(samples: list[KeyspaceSample]) -> KeyspaceSample:
+    """The samples of a cluster's primaries as one keyspace: counts, keys and memory summed per database."""
+    dbs: dict[int, DbSample] = {}
+    for s in samples:
+        for d in s.dbs.values():
+            m = dbs.get(d.db)
+            if m is None:
+                m = dbs[d.db] = DbSample(d.db, 0, 0, 0, memory_sampled=0)
+            m.keys += d.keys
+            m.expires += d.expires
+            m.field_ttl_keys = None if m.field_ttl_keys is None or d.field_ttl_keys is None \
+                else m.field_ttl_keys + d.field_ttl_keys
+            m.sampled.extend(d.sampled)
+            m.types.update(d.types)
+            mem = 0 if d.memory_sampled is None and not d.sampled else d.memory_sampled  # nothing to measure
+            m.memory_sampled = None if m.memory_sampled is None or mem is None else m.memory_sampled + mem
+            m.reserved += d.reserved
+            m.unsampled = "; ".join(x for x in (m.unsampled, d.unsampled) if x)
+    return KeyspaceSample(dict(sorted(dbs.items())), sum(s.used_memory for s in samples))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from migrator.compat.model import FAIL, PASS, WARN, Check
+from migrator.compat.model import FAIL, PASS, UNKNOWN, WARN, Check
 from migrator.compat.probe import Probe
 from migrator.compat.scratch import ScratchError, provide
 from migrator.compat.testrun import describe, run_command, seed
@@ -16,6 +16,12 @@ def tests_check(probe: Probe) -> Check:
         return Check("tests", TITLE, WARN, "steps.compatibility.test_command is not set: no application test ran "
                      "against Valkey", "set steps.compatibility.test_command to a command that runs your "
                      "application's tests against $REDIS_URL", {"configured": False})
+    if "target" in probe.clusters and step.scratch not in ("local", "docker"):
+        return Check("tests", TITLE, UNKNOWN, "skipped: the target is a cluster, and the scratch mode "
+                     f"{step.scratch or 'unset'} would run the tests against one of its nodes (MOVED for the keys "
+                     "of every other shard)", "set steps.compatibility.scratch: local or docker (a standalone Valkey "
+                     "of the target's version; the tests then do not exercise cluster routing)",
+                     {"configured": True, "skipped": "cluster target"})
     try:
         with provide(step.scratch, probe.target, probe.target_id) as scratch:
             seeded = seed(probe, scratch, step.scratch_seed) if step.scratch_seed else None

@@ -89,7 +89,7 @@ def seed(probe: Probe, scratch: Scratch, n: int) -> dict:
         if db not in clients:
             clients[db] = _scratch_db(scratch, db)
         try:
-            _copy_key(probe.source.on_db(db), clients[db], key, method)
+            _copy_key(probe.key_client("source", db, key), clients[db], key, method)
             copied += 1
         except (redis.exceptions.ResponseError, ValueError) as e:
             reason = first_line(e)

@@ -44,7 +44,8 @@ from migrator.data.keyspace import (
     scan_batches,
 )
 from migrator.data.throttle import RateLimiter
-from migrator.errors import RefusedError
+from migrator.errors import RefusedError, UnreachableError
+from migrator.logs import get_logger
 from migrator.phases import Phase
 from migrator.playbook import Playbook
 from migrator.state import StateStore, iso, now, parse_iso
@@ -142,6 +143,37 @@ class _Run:
         return _Db(db, src, dst, values.Prober(src, self.chunk, CHUNK_BYTES), values.Prober(dst, self.chunk, CHUNK_BYTES))
 
 
+MAX_SOURCE_CHANGES = 5  # failovers of the source during one database's walk before check gives up
+
+
+def _run_id(client: redis.Redis) -> str | None:
+    try:
+        return str(client.info("server").get("run_id") or "") or None
+    except redis.exceptions.RedisError:
+        return None
+
+
+def _check_db_on_one_source(r: _Run, selection: Selection, plan, db: int, src0: redis.Redis) -> list[Mismatch]:
+    """``_check_db``, walked again from the start if the source's primary changed meanwhile.
+
+    A SCAN cursor means something on one server only: after a Sentinel failover (followed by the
+    source's client) or a restart mid-walk, keys may have been skipped; a check must never
+    under-check silently, so that database is walked again on the primary of now.
+    """
+    for _ in range(MAX_SOURCE_CHANGES + 1):
+        before, checked, ttl_deltas = _run_id(src0), r.checked, len(r.ttl_deltas)
+        found = _check_db(r, r.open(db), _keys(r.open(db), selection, plan))
+        after = _run_id(src0)
+        if before is None or before == after:
+            return found
+        r.checked = checked
+        del r.ttl_deltas[ttl_deltas:]
+        get_logger("migrator.check").warning("check.source_changed", db=db, old_run_id=before[:8],
+                                             new_run_id=(after or "?")[:8], action="walking the database again")
+    raise UnreachableError(f"the source {r.pb.source.display} changed primary {MAX_SOURCE_CHANGES + 1} times during "
+                           f"the walk of db {db}; run migrator check again once it is stable")
+
+
 def _both(r: _Run, d: _Db, keys: list[bytes]) -> tuple[list[values.KeyState], list[values.KeyState]]:
     """Probe both servers at once: each probe runs on its own connection, in parallel."""
     fs = r.pool.submit(d.src_probe.probe, keys)
@@ -186,7 +218,7 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
                           for db in dbs), force=True)
         mismatches: list[Mismatch] = []
         for db in dbs:
-            mismatches += _check_db(r, r.open(db), _keys(r.open(db), selection, plan[db]))
+            mismatches += _check_db_on_one_source(r, selection, plan[db], db, src0)
         repaired = _repair(r, mismatches, phase) if repair and mismatches else []
         remaining = [m for m in mismatches if not m.repaired]
         if show_values:

@@ -36,7 +36,8 @@ from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetc
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
 from migrator.data.watch import WriteWatch
-from migrator.errors import LockedError, RefusedError
+from migrator.errors import LockedError, RefusedError, UnreachableError
+from migrator.logs import get_logger
 from migrator.phases import Phase
 from migrator.playbook import Playbook
 from migrator.state import StateStore, iso, now, parse_iso
@@ -281,8 +282,9 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     try:
         for db in dbs:
             if not cp.db(db).done:
-                _sync_db(r, cp, db)
+                _sync_db_on_one_source(r, cp, db, src0)
         _retry_unsettled(r, cp)
+        _repair_marked(r, cp, dbs)
     finally:
         if cp.notify_before is not None:
             watchmod.restore(src0, cp.notify_before)
@@ -308,6 +310,55 @@ def _copy_functions(src: redis.Redis, dst: redis.Redis) -> str:
     except redis.exceptions.ResponseError as e:
         return f"function libraries NOT copied: {e}"
     return f"{n} function librar{'y' if n == 1 else 'ies'} copied ({how})" if n else how
+
+
+def _repair_marked(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> None:
+    """Compare and copy the keys marked dirty, as ``sync --dirty`` does, before the pass clears their marks.
+
+    A walk of the source never meets a key the source does not have: a write only the target
+    applied (the source refused it, e.g. ``NOREPLICAS`` while a Sentinel failover left its
+    primary without a replica) would keep its key on the target once the complete pass cleared
+    the mark. Copying from the source deletes it there.
+    """
+    dirty = dirtymod.list_dirty(r.pb.state_path)
+    for db, keys in sorted(dirty.keys.items()):
+        wanted = sorted(k for k in keys if r.selection.wants(k))
+        if db in dbs and wanted:
+            _copy_and_verify(r, db, wanted, cp.method, compare_first=True)
+
+
+MAX_SOURCE_CHANGES = 5  # failovers of the source during one database's scan before sync gives up
+
+
+def _run_id(src: redis.Redis) -> str | None:
+    try:
+        return str(src.info("server").get("run_id") or "") or None
+    except redis.exceptions.RedisError:
+        return None
+
+
+def _sync_db_on_one_source(r: _Run, cp: cpmod.Checkpoint, db: int, src0: redis.Redis) -> None:
+    """``_sync_db``, scanning the database again from the start if the source changed meanwhile.
+
+    A SCAN cursor means something on one server only: when the source's primary changed during
+    the scan (a Sentinel failover, followed by the source's client; or a restart), keys may have
+    been skipped, so the database is scanned again (with a fresh keyspace watch on the server
+    that is the primary now).
+    """
+    for _ in range(MAX_SOURCE_CHANGES + 1):
+        before = _run_id(src0)
+        _sync_db(r, cp, db)
+        after = _run_id(src0)
+        if before is None or before == after:
+            return
+        prog = cp.db(db)
+        prog.cursor, prog.done, prog.keys, prog.bytes = 0, False, 0, 0
+        cpmod.save(r.pb.state_path, cp)
+        get_logger("migrator.sync").warning("sync.source_changed", db=db, old_run_id=before[:8],
+                                            new_run_id=(after or "?")[:8],
+                                            action="scanning the database again from the start")
+    raise UnreachableError(f"the source {r.pb.source.display} changed primary {MAX_SOURCE_CHANGES + 1} times during "
+                           f"the scan of db {db}; run migrator sync again once it is stable (it resumes)")
 
 
 def _sync_db(r: _Run, cp: cpmod.Checkpoint, db: int) -> None:

@@ -84,13 +84,21 @@ class WriteWatch:
         self._fences[token] = ev
         try:
             self.client.publish(self.fence_channel, token)
-            if not ev.wait(timeout):
+            if self._moved():
+                self.broken = True  # the source's primary changed (Sentinel): the events are another server's
+            elif not ev.wait(timeout):
                 self.broken = True
         except redis.exceptions.RedisError:
             self.broken = True  # PUBLISH not allowed, or the connection broke: no fence, no watch
         finally:
             self._fences.pop(token, None)
         return not self.broken
+
+    def _moved(self) -> bool:
+        """The client follows a Sentinel primary that is no longer the server this watch listens to."""
+        addr = getattr(self.client.connection_pool, "master_address", None)
+        conn = getattr(self._pubsub, "connection", None)
+        return bool(addr and conn is not None and conn.host and (conn.host, int(conn.port)) != tuple(addr))
 
     def written_since(self, keys: list[bytes], since: float) -> set[bytes]:
         """Keys among ``keys`` with an event that arrived at or after ``since`` (call after a fence)."""

@@ -73,6 +73,10 @@ class Failures:
                     continue
                 lost_answer = True
                 self._answer_lost(e)
+                if e.write and e.shadow is not None:
+                    # Whether the answering side applied it is unknown (its connection was lost,
+                    # or closed: a primary a failover demoted); the shadow may have.
+                    self._mark_dirty(self._entry_keys(e), self._db(side), "answer-lost", e.name)
                 self._finish_side(e, side)
             else:
                 shim.stats.shadow_failures[(SIDE_NAMES[side], _reason_label(reason))] += 1

@@ -80,8 +80,8 @@ class FastPath:
                 if cls is Cls.READ:
                     reads += 1
                     continue
-            if cls not in _RAW_CLASSES or (cls is Cls.ADMIN and args[0].lower() == b"client"):
-                return False  # (CLIENT KILL's filters are checked on the entry path, in every phase)
+            if cls not in _RAW_CLASSES or (cls is Cls.ADMIN and args[0].lower() in (b"client", b"cluster")):
+                return False  # (CLIENT KILL's filters are checked on the entry path, in every phase; CLUSTER: shim.facade)
             if cls is Cls.SCRIPT_ADMIN and shim.tracker.replica is not None:
                 return False  # SCRIPT LOAD/FLUSH reach the replica too (see Dispatch._dispatch)
             if cls is Cls.SCRIPT or cls is Cls.SCRIPT_ADMIN or not c.known[side]:

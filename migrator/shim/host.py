@@ -77,6 +77,7 @@ class ShimHost(Protocol):
     stalled_until: float
     rdb_versions: list[int | None]
     table: CommandTable
+    facade: Any  # shim.facade.Facade when a side is a cluster: the shim answers CLUSTER as one node; else None
     # Shared by every session of the process.
     seq: Sequencer
     stats: Stats
@@ -123,5 +124,8 @@ class ShimHost(Protocol):
     def warn_noscript(self, side: int, sha: bytes) -> None: ...
 
     def note_script(self, args: list[bytes], name: bytes) -> None: ...
+
+    def facade_reply(self, args: list[bytes], client: Any) -> bytes | None:
+        """A CLUSTER command answered as a one-node cluster at the address ``client`` reached (None: forwarded)."""
 
     def script_result(self, side: int, args: list[bytes], name: bytes, raw: bytes) -> None: ...

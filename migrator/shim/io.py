@@ -24,6 +24,7 @@ from typing import Any
 
 from migrator.errors import UsageError
 from migrator.shim.mux import SharedLink
+from migrator.shim.sentinelwatch import resolve_for_connection
 from migrator.shim.session import Session
 
 
@@ -127,6 +128,9 @@ class UpstreamProtocol(asyncio.Protocol):
 async def _open(loop: asyncio.AbstractEventLoop, factory, ep: Any, ctx: ssl.SSLContext | None):
     """A connection to endpoint ``ep`` (TLS with ``ctx``), within its connect timeout: (transport, None),
     or (None, why not)."""
+    why = await resolve_for_connection(loop, ep)  # a Sentinel endpoint: its primary of the moment
+    if why is not None:
+        return None, why
     try:
         transport, _ = await asyncio.wait_for(
             loop.create_connection(factory, ep.host, ep.port, ssl=ctx,

@@ -104,6 +104,10 @@ class Stats:
         self.script_heals = 0
         self.backpressure = 0  # times a client was no longer read (too much of it in flight)
         self.side_restarts: Counter = Counter()  # side name -> restarts seen (a new run_id)
+        # A cluster side (shim.clusterside): slot-map changes noticed, redirects followed, CROSSSLOT refusals.
+        self.topology_changes: Counter = Counter()  # side name -> n
+        self.cluster_redirects: Counter = Counter()  # (side name, moved|ask|tryagain|clusterdown) -> n
+        self.crossslot: Counter = Counter()  # side name -> n
         self.shared_clients = 0  # clients on the shared upstream connections now (multiplexed, or sessions' shares)
         self.pinned: Counter = Counter()  # command (or reason) -> clients it moved to connections of their own
         self.pool_reused = 0  # upstream connections taken from the pool instead of connecting
@@ -136,6 +140,9 @@ class Stats:
             "script_heals": self.script_heals,
             "backpressure": self.backpressure,
             "side_restarts": dict(self.side_restarts),
+            "topology_changes": dict(self.topology_changes),
+            "cluster_redirects": [[s, k, n] for (s, k), n in self.cluster_redirects.items()],
+            "crossslot": dict(self.crossslot),
             "shared_clients": self.shared_clients,
             "pinned": dict(self.pinned),
             "pool_reused": self.pool_reused,
@@ -166,6 +173,11 @@ class Stats:
                 out.shadow_failures[(side, r)] += n
             out.refused.update(s.get("refused", {}))
             out.side_restarts.update(s.get("side_restarts", {}))
+            for side, n in s.get("topology_changes", {}).items():  # each process notices the same change
+                out.topology_changes[side] = max(out.topology_changes[side], n)
+            out.crossslot.update(s.get("crossslot", {}))
+            for side, k, n in s.get("cluster_redirects", []):
+                out.cluster_redirects[(side, k)] += n
             out.pinned.update(s.get("pinned", {}))
             out.lag_unconfirmed.update(s.get("lag_unconfirmed", {}))
             for g in ("connections", "connections_total", "mirror_queue", "script_heals", "backpressure",
@@ -235,6 +247,21 @@ class StatsCollector:
         for side, n in sorted(st.side_restarts.items()):
             sr.add_metric([side], n)
         yield sr
+        tc = CounterMetricFamily("migrator_shim_cluster_topology_changes", "Changes of a cluster side's slot map "
+                                 "noticed (a reshard or a failover)", labels=["side"])
+        for side, n in sorted(st.topology_changes.items()):
+            tc.add_metric([side], n)
+        yield tc
+        cr = CounterMetricFamily("migrator_shim_cluster_redirects", "MOVED/ASK/TRYAGAIN/CLUSTERDOWN replies from a "
+                                 "cluster side's nodes followed by the shim", labels=["side", "kind"])
+        for (side, kind), n in sorted(st.cluster_redirects.items()):
+            cr.add_metric([side, kind], n)
+        yield cr
+        cx = CounterMetricFamily("migrator_shim_crossslot", "Commands refused with CROSSSLOT by a cluster side "
+                                 "(keys in several slots)", labels=["side"])
+        for side, n in sorted(st.crossslot.items()):
+            cx.add_metric([side], n)
+        yield cx
         yield GaugeMetricFamily("migrator_shim_shared_clients", "Clients on the shared upstream connections now "
                                 "(multiplexed, or sessions riding on shares)", value=st.shared_clients)
         pn = CounterMetricFamily("migrator_shim_pinned", "Clients moved from the shared upstream connections to "

@@ -46,7 +46,7 @@ IDLE, CONNECTING, UP, DOWN = "idle", "connecting", "up", "down"
 _PLAIN = frozenset({Cls.READ, Cls.WRITE, Cls.ADMIN, Cls.SCRIPT, Cls.PUBLISH})
 # Admin commands that are about the connection (CLIENT ...) or hold it (WAIT blocks until
 # replicas acknowledge: on a shared connection it would stall every client behind it).
-_ADMIN_PINNED = frozenset({b"client", b"wait", b"waitaof"})
+_ADMIN_PINNED = frozenset({b"client", b"wait", b"waitaof", b"cluster"})  # CLUSTER: the facade (shim.facade) answers it
 
 
 def one_sided(routes) -> int | None:

@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from migrator import registry
-from migrator.connect import client_kwargs, ssl_context
+from migrator.connect import make_client, ssl_context
 from migrator.errors import UnreachableError, UsageError
 from migrator.logs import get_logger
 from migrator.phases import Phase
@@ -49,7 +49,10 @@ from migrator.shim.commands import (
     CommandTable,
     parse_command_reply,
 )
+from migrator.cluster import is_cluster
+from migrator.shim.clusterside import ClusterSide
 from migrator.shim.dirty import DirtyRecorder
+from migrator.shim.facade import Facade
 from migrator.shim.divergence import DivergenceRecorder, latest_complete_sync
 from migrator.shim.mux import Mux, SharedLink
 from migrator.shim.pool import Pool
@@ -60,6 +63,7 @@ from migrator.shim.sequencer import Sequencer
 from migrator.shim.resp import run_id_of
 from migrator.shim.io import ClientProtocol, bind_errors, connect_shared, connect_upstream, new_loop, tls_server_context
 from migrator.shim.scripts import sha1_hex
+from migrator.shim.sentinelwatch import SentinelWatch
 from migrator.shim.session import Session
 from migrator.state import (
     StateError,
@@ -90,11 +94,10 @@ class SideHealth:
 
 
 def _one_shot_client(ep, timeout: float | None = None) -> redis.Redis:
-    kw = client_kwargs(ep)
+    extra: dict[str, Any] = {"retry": Retry(NoBackoff(), 0)}
     if timeout is not None:
-        kw["socket_timeout"] = max(kw.get("socket_timeout") or 0, timeout)
-    kw["retry"] = Retry(NoBackoff(), 0)
-    return redis.Redis(**kw)
+        extra["socket_timeout"] = max(ep.socket_timeout.total_seconds(), timeout)
+    return make_client(ep, **extra)  # (a Sentinel endpoint's: to the primary of the moment)
 
 
 def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "") -> list:
@@ -115,6 +118,17 @@ def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str =
             client.connection_pool.release(conn)
     except (redis.exceptions.RedisError, OSError) as e:
         raise UnreachableError(f"{ep.display}: cannot read {what or commands[0][0]} ({e})") from None
+    finally:
+        client.close()
+
+
+def _probe_cluster(ep) -> bool:
+    """Whether ``ep`` runs with cluster mode on (blocking; run off the loop)."""
+    client = _one_shot_client(ep)
+    try:
+        return is_cluster(client)
+    except (redis.exceptions.RedisError, OSError) as e:
+        raise UnreachableError(f"{ep.display}: cannot read INFO cluster ({e})") from None
     finally:
         client.close()
 
@@ -186,6 +200,7 @@ class Shim:
         self.sequence_keys = True
         self.tracker = OffsetTracker()
         self.watch: ReplicaWatch | None = None  # started with the loop (start)
+        self.sentinels = SentinelWatch(self)  # Sentinel-managed sides: +switch-master (shim.sentinelwatch)
         self.applied_generation = -1
         self.applied_phase = self.phase
         self._ack: tuple[int, float] | None = None  # (generation, deadline) awaiting the drain
@@ -242,6 +257,10 @@ class Shim:
         self.mux = Mux(self, self.cfg.shared_connections, lambda cb: self.loop.call_soon(cb), self._open_shared)
         # Upstream connections of ended sessions, reset for the next one (shim.pool).
         self.pool = Pool(self, self.cfg.pool_size)
+        # A side that is a Redis Cluster is reached through its slot router (shim.clusterside),
+        # and clients then see the shim as a one-node cluster (shim.facade); set in start().
+        self.clusters: list[ClusterSide | None] = [None, None]
+        self.facade: Facade | None = None
 
     # --- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -264,6 +283,15 @@ class Shim:
 
             self.follower = StateFollower(self.store, idle=min(5.0, self.store.control.lease_ttl))
             self.follower.start(state, self.store._rev)
+        try:
+            await self._start_clusters()
+        except BaseException:
+            for c in self.clusters:  # (one side's router started, the other side's cluster unreachable)
+                if c is not None:
+                    await c.stop()
+            if self.follower is not None:
+                self.follower.stop()
+            raise
         await asyncio.gather(self._load_table(SOURCE), self._load_table(TARGET))
         await self._watch_run_ids()  # the baseline a restart is told from
         # Only what the source has and the target lacks can fail an application's command once
@@ -276,6 +304,7 @@ class Shim:
         self._note_sync(latest_complete_sync(self.state_dir), state.phase_started)
         self.watch = ReplicaWatch(self)
         self.watch.start()
+        self.sentinels.start()
         try:
             self._apply_state(state, initial=True)
             host, port = split_hostport(self.listen)
@@ -284,6 +313,9 @@ class Shim:
                     lambda: ClientProtocol(self), host, port, ssl=tls_server_context(self.cfg), backlog=1024,
                     reuse_port=self.reuse_port or None, reuse_address=True)
             self.address = self._server.sockets[0].getsockname()[:2]
+            if any(self.clusters):
+                # One id for every worker and restart of this shim address (clients compare ids).
+                self.facade = Facade(f"{self.playbook.name}@{self.listen}", self.address)
             # Loading the command tables took a while: a phase change or a write-switch barrier
             # written meanwhile applies before the first client is served.
             self._apply_state(self._read_state(force=True))
@@ -302,7 +334,11 @@ class Shim:
                 self.admin_address = self._admin.sockets[0].getsockname()[:2]
         except BaseException:
             # Not listening after all (the port is taken, a bad TLS file): nothing may outlive it.
+            for c in self.clusters:
+                if c is not None:
+                    await c.stop()
             await self.watch.stop()
+            await self.sentinels.stop()
             if self.follower is not None:
                 self.follower.stop()
             raise
@@ -311,6 +347,58 @@ class Shim:
             self._tasks.append(asyncio.create_task(coro))
         self.log.info("shim.started", listen=self.listen, admin=self.admin_addr, phase=str(self.phase),
                       generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display)
+
+    async def _start_clusters(self) -> None:
+        """Route each side that is a Redis Cluster through a slot router of its own (shim.clusterside)."""
+        for side in (SOURCE, TARGET):
+            ep = self.endpoints[side]
+            if ep.kind != "server":
+                continue
+            try:
+                is_cl = bool(ep.seeds) or await self.loop.run_in_executor(None, _probe_cluster, ep)
+            except UnreachableError as e:
+                self.log.warning("shim.cluster_probe_failed", side=SIDE_NAMES[side], error=str(e))
+                continue  # down: served as a standalone server, as before
+            if not is_cl:
+                continue
+            cs = ClusterSide(ep, SIDE_NAMES[side], log=self.log, classify=lambda a: self.table.classify(a),
+                             on_dirty=self._slot_in_flight, stats=self.stats)
+            await cs.start()
+            self.clusters[side] = cs
+            eps = list(self.endpoints)
+            eps[side] = cs.endpoint
+            self.endpoints = (eps[0], eps[1])
+            ctxs = list(self.ssl_contexts)
+            ctxs[side] = None  # the router speaks TLS to the nodes; the loopback hop is plain
+            self.ssl_contexts = (ctxs[0], ctxs[1])
+            self.log.info("shim.cluster_side", side=SIDE_NAMES[side], primaries=len(cs.primaries()),
+                          nodes=len(cs.topo.nodes))
+
+    def _slot_in_flight(self, keys: list[bytes], reason: str, command: bytes) -> None:
+        """A write met a redirect on a cluster side: its keys are dirty, as for a one-side failure."""
+        if not self.two_sided():
+            return
+        self.dirty.add(0, keys, reason, command)
+        self.stats.dirty_marked["slot-in-flight"] += 1
+
+    def facade_reply(self, args: list[bytes], client) -> bytes | None:
+        """A CLUSTER command answered by the shim as a one-node cluster (None: not answered here)."""
+        addr = None
+        transport = getattr(client, "transport", None)
+        if transport is not None:
+            sock = transport.get_extra_info("sockname")
+            if isinstance(sock, tuple):
+                addr = (sock[0], sock[1])
+        return self.facade.answer(args, addr)
+
+    def topology_changes(self) -> dict[str, Any] | None:
+        """Topology changes the cluster sides' routers noticed (gate evidence); None without a cluster side."""
+        if not any(self.clusters):
+            return None
+        out: dict[str, Any] = {SIDE_NAMES[i]: (c.changes if c else 0) for i, c in enumerate(self.clusters)}
+        lasts = [c.last_change for c in self.clusters if c and c.last_change]
+        out["last"] = max(lasts) if lasts else None
+        return out
 
     async def _load_table(self, side: int) -> bool:
         try:
@@ -340,8 +428,12 @@ class Shim:
             s.close("shim stopping")
         self.mux.stop()
         self.pool.stop()
+        for c in self.clusters:
+            if c is not None:
+                await c.stop()
         if self.watch is not None:
             await self.watch.stop()
+        await self.sentinels.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -893,6 +985,7 @@ class Shim:
             "connections": len(self.sessions),
             "mirror_queue": self.mirror_depth,
             "side_restarts": [e for r in self.restarts for e in r],
+            **({"topology_changes": self.topology_changes()} if any(self.clusters) else {}),
         }
 
     def status(self) -> dict[str, Any]:
@@ -932,11 +1025,14 @@ class Shim:
                             "sessions_sharing": sum(1 for x in self.sessions
                                                     if isinstance(x, Session) and any(u.virtual for u in x.up))},
             "latency": lat,
+            "topology_changes": self.topology_changes(),
+            "cluster": {SIDE_NAMES[i]: c.status() for i, c in enumerate(self.clusters) if c is not None},
             "sides": {SIDE_NAMES[i]: {"url": self.endpoints[i].display, **self.health[i].to_json(),
                                       "reachable": self.side_reachable[i], "up": self.side_up(i),
                                       "command_table": self.table.loaded(i),
                                       "run_id": self.run_ids[i].decode(errors="replace") if self.run_ids[i] else None,
                                       "restarts": list(self.restarts[i])} for i in (SOURCE, TARGET)},
+            "sentinel": self.sentinels.status(),
         }
 
 

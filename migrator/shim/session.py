@@ -62,6 +62,7 @@ from migrator.shim.fastpath import FastPath
 from migrator.shim.ordering import Ordering
 from migrator.shim.replies import Replies
 from migrator.shim.resp import (
+    OK,
     ProtocolError,
     RequestParser,
     error_reply,
@@ -250,6 +251,14 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
         if not self.authed and name not in (b"auth", b"hello", b"quit"):
             self._local(args, c, b"-NOAUTH Authentication required.\r\n")
             return
+        if (name == b"cluster" or name == b"readonly" or name == b"readwrite") and self.tx is None \
+                and getattr(shim, "facade", None) is not None:
+            # The shim as a one-node cluster (shim.facade); READONLY changes nothing: reads go to
+            # each side's primaries.
+            reply = OK if name != b"cluster" else shim.facade_reply(args, self.client)
+            if reply is not None:
+                self._local(args, c, reply)
+                return
         if cls is Cls.LOCAL:
             if self.tx is not None and name != b"quit":
                 # Redis would queue AUTH and run it at EXEC; the shim answers it itself, which

@@ -113,6 +113,7 @@ def run_workers(playbook: Playbook, workers: int, *, listen: str | None = None, 
             "connections": st.connections, "commands": sum(st.commands.values()), "compared": st.compared,
             "divergences": dict(st.divergences), "dirty_keys": st.dirty_keys, "mirror_queue": st.mirror_queue,
             "backpressure": st.backpressure, "side_restarts": dict(st.side_restarts),
+            "topology_changes": dict(st.topology_changes),  # cluster sides: the most any worker noticed
             "replication": {"modes": sorted({s["status"].get("replication", {}).get("mode", "dual-write") for s in snaps}),
                             "skipped": st.lag_skipped, "lag_resolved": st.lag_resolved,
                             "unconfirmed": dict(st.lag_unconfirmed), "pending": st.lag_pending,
