@@ -207,6 +207,15 @@ def test_sync_between_a_standalone_server_and_a_cluster_both_ways(server_factory
     assert res.complete and res.keys == total and back.client().dbsize() == total
     assert check.run(load(path), full=True).clean
 
+    # A cluster has database 0 only: selecting another is a usage error (exit 2) for sync and check alike.
+    from migrator.errors import UsageError
+
+    path = make_playbook(cl, back, sync={"databases": [0, 2]}, **FAST)
+    with pytest.raises(UsageError, match="only database 0"):
+        sync.run(load(path))
+    with pytest.raises(UsageError, match="only database 0"):
+        check.run(load(path), full=True)
+
 
 def test_cluster_sync_verifies_batches_against_mirrored_writes(clusters, make_playbook, monkeypatch):
     """A mirrored update landing between a batch's read and its write (batches of several slots per node pair) is

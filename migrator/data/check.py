@@ -44,7 +44,7 @@ from migrator.data.keyspace import (
     scan_batches,
 )
 from migrator.data.throttle import RateLimiter
-from migrator.errors import RefusedError, UnreachableError
+from migrator.errors import RefusedError, UnreachableError, UsageError
 from migrator.logs import get_logger
 from migrator.phases import Phase
 from migrator.playbook import Playbook
@@ -263,7 +263,7 @@ def _run_cluster(r: _Run, pb: Playbook, selection: Selection, clustered: tuple[b
     from migrator.data.cluster_sync import Side
 
     if selection.databases not in (None, [0]):
-        raise RefusedError(f"a cluster has only database 0, but sync.databases is {selection.databases}")
+        raise UsageError(f"a cluster has only database 0, but sync.databases is {selection.databases}")
     cfg = pb.check
     src, dst = Side(pb.source, "source", clustered[0]), Side(pb.target, "target", clustered[1])
     for side in (src, dst):
@@ -271,7 +271,7 @@ def _run_cluster(r: _Run, pb: Playbook, selection: Selection, clustered: tuple[b
         if other and selection.databases is None:
             src.close()
             dst.close()
-            raise RefusedError(f"the {'target' if side is src else 'source'} is a cluster (database 0 only) but the "
+            raise UsageError(f"the {'target' if side is src else 'source'} is a cluster (database 0 only) but the "
                                f"{side.role} has keys in databases {other}: set sync.databases: [0] to check database 0")
     try:
         src.refresh()

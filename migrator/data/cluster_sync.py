@@ -41,7 +41,7 @@ from migrator.data.copy import Copier, CopyResult, detect_method
 from migrator.data.functions import copy_functions
 from migrator.data.keyspace import TMP_PREFIX
 from migrator.data.verify import Verifier
-from migrator.errors import RefusedError, UnreachableError
+from migrator.errors import RefusedError, UnreachableError, UsageError
 from migrator.playbook import Endpoint
 from migrator.state import iso, now, parse_iso
 
@@ -572,7 +572,7 @@ def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | N
     """A full pass from a cluster source (``sync._run_full`` for clusters); returns a SyncResult."""
     pb = r.pb
     if r.selection.databases not in (None, [0]):
-        raise RefusedError(f"source {pb.source.display} is a cluster: it has only database 0, but sync.databases is "
+        raise UsageError(f"source {pb.source.display} is a cluster: it has only database 0, but sync.databases is "
                            f"{r.selection.databases}")
     saved = cpmod.load(pb.state_path)
     resumed = not restart and saved is not None and not saved.finished and bool(saved.shards or not saved.dbs)
@@ -776,7 +776,7 @@ def run_full_to_cluster(r, restart: bool):
     wanted = r.selection.databases if r.selection.databases is not None else sorted(sizes)
     if [d for d in wanted if d != 0 and (r.selection.databases is not None or sizes.get(d))]:
         src.close()
-        raise RefusedError(f"target {pb.target.display} is a cluster: it has only database 0, but the source's "
+        raise UsageError(f"target {pb.target.display} is a cluster: it has only database 0, but the source's "
                            f"databases {wanted} are selected; migrate the others to another target, or select "
                            "databases: [0]")
     saved = cpmod.load(pb.state_path)
