@@ -123,6 +123,9 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
         emit_json(report)
     else:
         click.echo(f"{report['verdict'].upper()}: {redact(report['summary'])}")
+        for sh in report.get("shards") or []:  # a cluster source: one line per source shard
+            click.echo(f"  shard {sh['address']} slots {sh['slots']}: {sh['slots_done']:,}/{sh['slots_total']:,} slots, "
+                       f"{sh['keys']:,} keys ({sh['run_keys']:,} this run), read from {sh['reader'] or '-'}")
         click.echo(f"report: {res.report_id} ({reports.reports_dir(pb.state_path)})")
     if not res.complete:
         cctx.exit(1)

@@ -96,13 +96,15 @@ def _split(flat: list, times: list) -> tuple[dict[bytes, bytes], dict[bytes, int
     return values, expiry
 
 
-def read_hashes(client: redis.Redis, keys: list[bytes]) -> dict[bytes, tuple[dict[bytes, bytes], dict[bytes, int]]]:
+def read_hashes(client: redis.Redis, keys: list[bytes],
+                undeclared: bool = False) -> dict[bytes, tuple[dict[bytes, bytes], dict[bytes, int]]]:
     """Each hash's values and its fields' absolute expiries, read in one script (pipelined reads
-    where scripting is refused)."""
+    where scripting is refused). ``undeclared``: a cluster node's batch of keys of several slots,
+    passed as arguments (``fastcall.register``)."""
     if not keys:
         return {}
     try:
-        rows = client.eval(_READ_LUA, len(keys), *keys, PER_CALL)
+        rows = fastcall.evalsha(client, fastcall.register(client, _READ_LUA, undeclared), keys, [PER_CALL])
     except redis.exceptions.ResponseError as e:
         from migrator.data.values import _scripting_denied
 
