@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from migrator.compat import rdb
 from migrator.compat.canary import Canaries, Transfer
 from migrator.compat.commands import command_table, lookup
 from migrator.compat.config import read_config
 from migrator.compat.model import FAIL, PASS, UNKNOWN, WARN, Check
 from migrator.compat.probe import Probe
-from migrator.compat import rdb
 from migrator.compat.rdb import accepts, written_version
 from migrator.compat.rpc import Unavailable
 from migrator.compat.typecopy import CORE_TYPES

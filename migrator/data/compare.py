@@ -14,8 +14,20 @@ from dataclasses import dataclass
 import redis
 
 from migrator.data import fieldttl
-from migrator.data.values import (SIZE_COMMAND, KeyState, _s, hll_masked, range_list, range_stream, range_string,
-                                  range_zset, scan_hash, scan_set, stream_meta, stream_meta_for_compare)
+from migrator.data.values import (
+    SIZE_COMMAND,
+    KeyState,
+    _s,
+    hll_masked,
+    range_list,
+    range_stream,
+    range_string,
+    range_zset,
+    scan_hash,
+    scan_set,
+    stream_meta,
+    stream_meta_for_compare,
+)
 
 
 def compare(src: redis.Redis, dst: redis.Redis, key: bytes, type_: str, chunk: int, chunk_bytes: int) -> str | None:
@@ -162,10 +174,10 @@ def _field_ttl_difference(src: redis.Redis, dst: redis.Redis, key: bytes, s: Key
         diffs = fieldttl.differences(dict(s.field_ttls), dict(d.field_ttls), tolerance_ms)
     else:
         diffs = []
-        dst_has = fieldttl.supported(dst)
+        src_has, dst_has = fieldttl.supported(src), fieldttl.supported(dst)  # a side without: no field TTLs
         for part in scan_hash(src, key, chunk):
             fields = list(part)
-            a = fieldttl.expiry_times(src, key, fields)
+            a = fieldttl.expiry_times(src, key, fields) if src_has else [-1] * len(fields)
             b = fieldttl.expiry_times(dst, key, fields) if dst_has else [-1] * len(fields)
             diffs = fieldttl.differences({f: t for f, t in zip(fields, a) if t > 0},
                                          {f: t for f, t in zip(fields, b) if t > 0}, tolerance_ms)

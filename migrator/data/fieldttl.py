@@ -14,7 +14,8 @@ change between the reads is a write, which the verification after the copy catch
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import redis
 
