@@ -139,6 +139,7 @@ def test_slow_second_copy_keeps_the_first_absolute_time(server_factory, make_pla
     ([b"HGETEX", b"h", b"PERSIST", b"FIELDS", b"1", b"px"], None),
     ([b"HEXPIREAT", b"h", b"2000", b"FIELDS", b"1", b"a"], None),  # already absolute
     ([b"HPERSIST", b"h", b"FIELDS", b"1", b"a"], None),
+    ([b"HGETDEL", b"h", b"FIELDS", b"1", b"a"], None),
     ([b"HEXPIRE", b"h", b"soon", b"FIELDS", b"1", b"a"], None),  # both sides reject it alike
     ([b"HSETEX", b"h", b"EX", b"0", b"FIELDS", b"1", b"f", b"v"], None),
 ])
@@ -176,7 +177,8 @@ def delayed():
 
 
 def test_a_slow_second_side_does_not_stretch_field_ttls(server_factory, delayed, make_env):
-    """Mirrored through a target 200 ms away, HPEXPIRE, HEXPIRE, HSETEX EX and HGETEX PX land on the same absolute field expiry."""
+    """Mirrored through a target 200 ms away, HPEXPIRE, HEXPIRE, HSETEX EX and HGETEX PX land on the same absolute
+    field expiry; HGETDEL and HPERSIST leave the same hash."""
     from migrator.phases import Phase
 
     src, tgt = server_factory("valkey-9.1"), server_factory("valkey-9.1")
@@ -188,8 +190,12 @@ def test_a_slow_second_side_does_not_stretch_field_ttls(server_factory, delayed,
     c.execute_command("HEXPIRE", "h", 60, "FIELDS", 1, "b")
     c.execute_command("HSETEX", "h2", "EX", 60, "FIELDS", 1, "x", "1")
     c.execute_command("HGETEX", "h", "PX", 60_000, "FIELDS", 1, "c")
+    c.execute_command("HSETEX", "h3", "PX", 60_000, "FIELDS", 2, "p", "1", "q", "2")
+    assert c.execute_command("HGETDEL", "h3", "FIELDS", 1, "p") == [b"1"]
+    c.execute_command("HPERSIST", "h3", "FIELDS", 1, "q")
     env.flush()
     s, t = src.client(), tgt.client()
+    assert t.hgetall("h3") == s.hgetall("h3") == {b"q": b"2"} and _times(t, "h3", ["q"]) == [-1]
     for key, fields in (("h", ["a", "b", "c"]), ("h2", ["x"])):
         a, b = _times(s, key, fields), _times(t, key, fields)
         assert all(x > 0 for x in a + b), (a, b)
