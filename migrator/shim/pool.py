@@ -12,11 +12,12 @@ handshake on it as on a new connection. A connection that answers anything else,
 dropped. At most ``shim.pool_size`` connections per side are kept; a side without RESET is not
 pooled.
 
-With ``shim.auth: passthrough`` a connection is logged in as its session's user: it is logged in
-again as that user after RESET (not with the playbook's credentials) and handed only to a
-session with the same login (user and password), so one user's connection never carries
-another's commands. A session not logged in gets a connection RESET left as the server's
-``default`` user.
+With ``shim.auth: passthrough`` a connection is logged in as its session's user. RESET logs it
+out (back to the server's ``default`` user, which needs AUTH when it has a password), and nothing
+else is sent, the playbook's credentials least of all: the next session logs in on it as its own
+user before anything else (``Session._connect``), so one user's connection never carries another
+user's commands. A connection whose session set a client name is not kept then (clearing the
+name may need a login).
 
 No socket here: the IO layer gives back transports and takes them.
 """
@@ -34,11 +35,10 @@ RESET_REPLY = b"+RESET\r\n"
 class Pooled:
     """One upstream connection between two sessions: it stands in for the session on its protocol."""
 
-    __slots__ = ("expected", "framer", "login", "pool", "ready", "side", "transport")
+    __slots__ = ("expected", "framer", "pool", "ready", "side", "transport")
 
-    def __init__(self, pool: Pool, side: int, transport, expected: list[bytes], login=None) -> None:
+    def __init__(self, pool: Pool, side: int, transport, expected: list[bytes]) -> None:
         self.pool = pool
-        self.login = login  # (user, password) it is logged in as (shim.auth: passthrough), or None
         self.side = side
         self.transport = transport
         self.expected = deque(expected)
@@ -89,9 +89,6 @@ class Pool:
 
     def give_back(self, side: int, transport, named: bool) -> bool:
         """Keep ``transport`` for a later session (True), or let the caller close it (False)."""
-        if (self.shim.passthrough and self.idle[side] and not self.stopped
-                and len(self.idle[side]) + len(self.resetting[side]) >= self.size):
-            self.drop(self.idle[side][0])  # full, perhaps of another user's: the oldest makes room
         if (self.stopped or not self.supported(side) or transport is None or transport.is_closing()
                 or len(self.idle[side]) + len(self.resetting[side]) >= self.size):
             return False
@@ -100,19 +97,21 @@ class Pool:
             return False
         ep = self.shim.endpoints[side]
         cmds: list[tuple[list[bytes], bytes]] = [([b"RESET"], RESET_REPLY)]
-        login = None
         if self.shim.passthrough:
-            login = getattr(protocol.session, "login", None)
-            if login is not None:
-                cmds.append(([b"AUTH", *([login[0]] if login[0] is not None else []), login[1]], b"+OK\r\n"))
-        elif ep.password:
+            if named:
+                return False
+            return self._keep(side, transport, protocol, cmds)
+        if ep.password:
             cmds.append(([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()], b"+OK\r\n"))
         db = self.shim.endpoint_dbs[side]
         if db:
             cmds.append(([b"SELECT", b"%d" % db], b"+OK\r\n"))
         if named:
             cmds.append(([b"CLIENT", b"SETNAME", b""], b"+OK\r\n"))
-        p = Pooled(self, side, transport, [reply for _args, reply in cmds], login)
+        return self._keep(side, transport, protocol, cmds)
+
+    def _keep(self, side: int, transport, protocol, cmds: list[tuple[list[bytes], bytes]]) -> bool:
+        p = Pooled(self, side, transport, [reply for _args, reply in cmds])
         protocol.session = p
         self.resetting[side].add(p)
         self.given_back += 1
@@ -136,16 +135,11 @@ class Pool:
         if not p.transport.is_closing():
             p.transport.abort()
 
-    def take(self, side: int, login=None) -> Any:
-        """A clean, open transport for ``side`` logged in as ``login`` (passthrough; else None), or None.
-
-        Its protocol still points at the pool. Only a connection of the same login is taken.
-        """
+    def take(self, side: int) -> Any:
+        """A clean, open transport for ``side`` (its protocol still pointing at the pool), or None."""
         idle = self.idle[side]
-        for p in reversed(list(idle)):  # the most recently used first: the likeliest to be alive
-            if p.login != login:
-                continue
-            idle.remove(p)
+        while idle:
+            p = idle.pop()  # the most recently used: the likeliest to be alive
             if not p.transport.is_closing():
                 self.shim.stats.pool_reused += 1
                 return p.transport

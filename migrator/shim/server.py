@@ -854,7 +854,7 @@ class Shim:
         return False
 
     def open_upstream(self, session: Session, side: int, attempt: int) -> None:
-        transport = self.pool.take(side, session.login)
+        transport = self.pool.take(side)
         if transport is not None:
             protocol = transport.get_protocol()
             protocol.session = session
