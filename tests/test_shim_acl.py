@@ -229,6 +229,7 @@ def test_no_credential_in_any_output(server_factory, make_playbook, tmp_path):
     """A walk with ACL users through a passthrough shim (CLI shim, compat, sync, check, advance, report,
     status, /status and /metrics) writes none of the passwords anywhere: every CLI call's stdout and
     stderr, the shim's log, its admin endpoints and every file in the state folder have zero hits."""
+    import hashlib
     import json
     import urllib.request
 
@@ -242,7 +243,9 @@ def test_no_credential_in_any_output(server_factory, make_playbook, tmp_path):
     drift_src, drift_tgt, wrong = "drift-src-pw-Ee77", "drift-tgt-pw-Ff88", "wrong-pw-Gg99"
     add_users(src, only={"drift": ("on", f">{drift_src}", "~*", "+@all")})
     add_users(tgt, only={"drift": ("on", f">{drift_tgt}", "~*", "+@all")})
-    secrets = [ADMIN, APP_PW, RO_PW, drift_src, drift_tgt, wrong]
+    add_users(src, only={"legacy": ("on", ">legacy-pw-Hh00", "~*", "+@all")})
+    secrets = [ADMIN, APP_PW, RO_PW, drift_src, drift_tgt, wrong, "legacy-pw-Hh00"]
+    secrets += [hashlib.sha256(s.encode()).hexdigest() for s in secrets]  # nor their hashes (ACL LIST shows those)
     path = make_playbook(src, tgt, shim={"auth": "passthrough"})
     pb = playbook.load(path)
     outputs: list[str] = []
@@ -274,7 +277,8 @@ def test_no_credential_in_any_output(server_factory, make_playbook, tmp_path):
     shim = ShimProcess(path, tmp_path / "shim.log")
     try:
         shim.wait_registered(pb.state_path)
-        cli("compat", ok=(0, 1))  # (drift's passwords differ: the acl check fails, saying so without them)
+        out = cli("compat", ok=(1,))  # the acl check fails: names and what differs, never a password or hash
+        assert "missing on the target: legacy" in out.stdout and "drift: passwords differ" in out.stdout, out.stdout
         clients("planned")
         cli("advance", "--yes", "--override", "compatibility", "--reason", "credential test")
         cli("sync")
