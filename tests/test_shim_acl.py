@@ -303,3 +303,17 @@ def test_no_credential_in_any_output(server_factory, make_playbook, tmp_path):
     outputs += [p.read_bytes().decode(errors="replace") for p in files]
     hits = {s: sum(o.count(s) for o in outputs) for s in secrets}
     assert hits == dict.fromkeys(secrets, 0), hits
+
+
+def test_passthrough_with_a_cluster_side_is_refused_at_start_up(server_factory, cluster_factory, make_playbook):
+    """A passthrough shim whose target is a Redis Cluster does not start: one usage error naming the side
+    and what to use instead (logins through the slot router are not per user)."""
+    from migrator import playbook
+    from migrator.errors import UsageError
+    from migrator.shim.server import ShimThread
+
+    src = server_factory("redis-7.0")
+    tgt = cluster_factory("valkey-9.1", primaries=1, replicas=0)
+    pb = playbook.load(make_playbook(src, tgt, shim={"auth": "passthrough"}))
+    with pytest.raises(UsageError, match=r"shim.auth: passthrough is not supported with a cluster target .*shim.auth: password"):
+        ShimThread(pb).start()

@@ -6,8 +6,8 @@ replayed before anything else (``_connect``). AUTH and QUIT are answered by the 
 except with ``shim.auth: passthrough``: then the client's own AUTH / HELLO AUTH goes to the
 servers as that user (``_forward_login``), is replayed on every upstream connection opened later
 in place of the playbook's credentials, and a login only one side accepts is refused with a
-clear error and closes the connection (``_login_settled``). Passwords seen are registered as
-secrets (``migrator.redact``); only user names are ever logged.
+clear error and closes the connection (``_login_settled``). Passwords a server accepted are
+registered as secrets (``migrator.redact``); only user names are ever logged.
 """
 
 from __future__ import annotations
@@ -51,6 +51,18 @@ def tx_state_changes(tx: list[list[bytes]], result: list | None = None) -> dict[
             continue
         changes.update(_state_changes(args, name))
     return changes
+
+
+def login_in(args: list[bytes]) -> tuple[bytes | None, bytes] | None:
+    """The (user, password) an AUTH or HELLO ... AUTH carries (user None: ``AUTH password``), or None."""
+    name = args[0].lower()
+    if name == b"auth":
+        return (args[1] if len(args) == 3 else None, args[-1]) if len(args) in (2, 3) else None
+    if name == b"hello":
+        for i in range(2, len(args) - 2):
+            if args[i].lower() == b"auth":
+                return args[i + 1], args[i + 2]
+    return None
 
 
 class ConnState:
@@ -155,13 +167,26 @@ class ConnState:
         upstream connection opened later (``_connect``), the other side's included when a phase
         starts using it.
         """
-        register_secret(login[1].decode(errors="replace"))
         e = self._dispatch(args, name, c, self.shim.routes[Cls.CONNECTION])
         if e.shadow is not None:
             e.wait_shadow = True
         self._state_change(e, {**changes, "login": login})
 
-    def _login_settled(self, e: Entry) -> bool:
+    def _login_reply(self, e: Entry, side: int) -> bool:
+        """``side`` answered a forwarded login: an accepted password becomes a secret to mask
+        (only accepted ones: a client trying passwords must not grow the list every log line is
+        checked against); with both answers in, ``_login_settled``. True: the client is refused."""
+        raw = e.rep[side]
+        login = login_in(e.args)
+        if login is None:
+            return False
+        if type(raw) is bytes and not is_error(raw):
+            register_secret(login[1].decode(errors="replace"))
+        if e.shadow is None or e.rep[e.shadow] is None or e.rep[e.answer] is None:
+            return False
+        return self._login_settled(e, login[0] or b"default")
+
+    def _login_settled(self, e: Entry, user: bytes) -> bool:
         """Both sides answered a forwarded login: if only one accepted it, the client is refused.
 
         One server has the connection logged in as the user and the other does not, so nothing
@@ -169,18 +194,11 @@ class ConnState:
         the side that refused (never the password), and the connection is closed after it.
         True if so (the entry's reply is replaced).
         """
-        if e.name == b"hello" and not any(a.lower() == b"auth" for a in e.args[2:]):
-            return False
         ans, sh = e.rep[e.answer], e.rep[e.shadow]
         if type(ans) is not bytes or type(sh) is not bytes or is_error(ans) == is_error(sh):
             return False
         refused = e.shadow if is_error(sh) else e.answer
         raw = e.rep[refused]
-        if e.name == b"auth":
-            user = e.args[1] if len(e.args) == 3 else b"default"
-        else:
-            i = next(i for i in range(2, len(e.args)) if e.args[i].lower() == b"auth")
-            user = e.args[i + 1]
         uname = user.decode(errors="replace")
         err = raw[1:].split(b"\r\n", 1)[0].decode(errors="replace")[:200]
         code = err.split(" ", 1)[0] if err[:1].isupper() else "WRONGPASS"

@@ -130,8 +130,7 @@ class Replies:
             self._shadow_refusal(e)
         if e.compare and complete(e, 1 - side):
             self._compare(e)
-        if (e.name in LOGIN_NAMES and e.shadow is not None and shim.passthrough and complete(e, 1 - side)
-                and self._login_settled(e)):
+        if e.name in LOGIN_NAMES and shim.passthrough and self._login_reply(e, side):
             self._finish_side(e, side)
             return
         self._finish_side(e, side)
