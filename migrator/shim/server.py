@@ -350,7 +350,8 @@ class Shim:
         for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop(), self._run_id_loop()):
             self._tasks.append(asyncio.create_task(coro))
         self.log.info("shim.started", listen=self.listen, admin=self.admin_addr, phase=str(self.phase),
-                      generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display)
+                      generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display,
+                      auth=self.cfg.auth_mode)
 
     async def _start_clusters(self) -> None:
         """Route each side that is a Redis Cluster through a slot router of its own (shim.clusterside)."""
