@@ -307,7 +307,7 @@ class ShimConfig(_Strict):
         return "password" if (self.password or self.password_env) else "none"
 
     @model_validator(mode="after")
-    def _check_auth(self) -> "ShimConfig":
+    def _check_auth(self) -> ShimConfig:
         has_password = bool(self.password or self.password_env)
         if self.auth == "password" and not has_password:
             raise ValueError("shim.auth is password but neither shim.password nor shim.password_env is set")

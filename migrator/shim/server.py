@@ -184,7 +184,7 @@ class Shim:
                               + (f"-w{worker}" if worker is not None else ""))
         pw = self.cfg.client_password
         self.password: bytes | None = pw.encode() if pw else None
-        # shim.auth: passthrough: each client's own login goes to the servers (connstate.Login).
+        # shim.auth: passthrough: each client's own login goes to the servers (connstate._forward_login).
         self.passthrough = self.cfg.auth_mode == "passthrough"
         self.shadow_timeout = self.cfg.shadow_timeout.total_seconds()
         self.ttl_tolerance_ms = int(playbook.check.ttl_tolerance.total_seconds() * 1000)
