@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from migrator.phases import Phase
+from tests.helpers import wait_for
 
 ADMIN = "adm1n-Zq7-secret"
 APP_PW = "app-pw-Kx93-unique"
@@ -164,10 +165,14 @@ def test_user_missing_on_target_refused_where_the_target_is_used(acl_env):
             reply = raw(env.port, login, resp("PING"))
             assert reply.startswith(b"-WRONGPASS migrator shim: user '%s' was refused by the target" % user.encode()), reply
             assert b"PONG" not in reply  # closed after the refusal
+    # A write pipelined behind the refused login ran on the side that accepted it: its key is dirty.
+    reply = raw(env.port, resp("AUTH", "drift", "drift-pw-src-Aa11"), resp("SET", "drift:k", "1"))
+    assert reply.startswith(b"-WRONGPASS migrator shim:") and b"+OK" not in reply
+    wait_for(lambda: env.thread.call(lambda: env.thread.shim.dirty.is_dirty(0, [b"drift:k"])), what="drift:k dirty")
     # The app user (on both) is unaffected; nothing was mirrored as the refused users.
     assert shim_client(env, "app", APP_PW).set("app:after", "1") is True
     assert env.target.client().get("legacy:k") is None
-    assert env.thread.call(lambda: env.thread.shim.stats.refused["login-one-side"]) == 5
+    assert env.thread.call(lambda: env.thread.shim.stats.refused["login-one-side"]) == 6
 
 
 def test_users_never_share_upstream_connections(acl_env):
