@@ -201,6 +201,8 @@ def test_users_never_share_upstream_connections(acl_env):
             c.close()
     pool = env.thread.call(lambda: env.thread.shim.pool.status())
     assert pool["reused"] > 0, pool  # the test did exercise reuse
+    # A client not logged in, on one of those pooled connections, is nobody: NOAUTH, as from a server.
+    assert raw(env.port, resp("GET", "app:0:1"), resp("ACL", "WHOAMI")).startswith(b"-NOAUTH")
     for s in (env.source, env.target):
         c = s.client()
         entries = c.acl_log(128)
