@@ -76,7 +76,7 @@ def test_a_target_without_field_ttls_refuses_those_hashes_by_name(server_factory
 
 
 def test_check_names_a_missing_or_different_field_ttl(server_factory, make_playbook):
-    """A field TTL missing, added or moved beyond the tolerance on the target is a field-ttl mismatch naming the field."""
+    """A field TTL missing, added or moved beyond the tolerance on the target is a field-ttl mismatch naming the field, and repair fixes it."""
     src, dst = server_factory("valkey-9.1"), server_factory("valkey-9.1")
     keys = _field_data(src.client())
     pb = load(make_playbook(src, dst, check={"interval": "50ms", "rounds": 2, "ttl_tolerance": "2s"},
@@ -99,6 +99,9 @@ def test_check_names_a_missing_or_different_field_ttl(server_factory, make_playb
     assert got[b"h:plain"][1] == "field 'x': expires only on the target"
     assert got[b"h:big"][1] == f"field '{keys['h:big'][-1]}': expires only on the source"
     assert res.verdict == "fail"
+    res = check.run(pb, full=True, repair=True, interval=0.05)  # re-copied from the source, field TTLs included
+    assert {m.key for m in res.repaired} == set(got) and not res.mismatches
+    assert check.run(pb, full=True, interval=0.05).clean
 
 
 def test_check_against_a_target_without_field_ttls_finds_them_missing(server_factory, make_playbook):
