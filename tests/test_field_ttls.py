@@ -313,3 +313,18 @@ def test_big_hashes_check_clean_when_only_one_side_has_field_expiry(server_facto
     pb = load(make_playbook(src, dst, **FAST))
     assert sync.run(pb, chunk=500).complete
     assert check.run(pb, full=True, interval=0.05, chunk=500).clean
+
+
+def test_a_source_without_scripting_still_copies_field_ttls(server_factory, make_playbook):
+    """EVAL/EVALSHA/SCRIPT renamed away on a Valkey 9.1 source: the type-aware copy reads field TTLs with plain commands."""
+    src = server_factory("valkey-9.1", conf_lines=['rename-command EVAL ""', 'rename-command EVALSHA ""',
+                                                   'rename-command SCRIPT ""'])
+    dst = server_factory("valkey-9.1")
+    keys = _field_data(src.client())
+    pb = load(make_playbook(src, dst, **FAST))
+    reports.write(pb.state_path, reports.common("compat", pb.name, "pass", "compatible", copy_method="struct"),
+                  "# compat\n", "<p>compat</p>")
+    res = sync.run(pb, chunk=500)
+    assert res.complete and not res.errors, res
+    for key, fields in keys.items():
+        assert _times(dst.client(), key, fields) == _times(src.client(), key, fields), key

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import redis
 
-from migrator.data import fastcall
+from migrator.data import fastcall, fieldttl
 
 SIZE_COMMAND = {"string": "STRLEN", "hash": "HLEN", "list": "LLEN", "set": "SCARD", "zset": "ZCARD", "stream": "XLEN"}
 CONTAINERS = ("hash", "list", "set", "zset")
@@ -137,8 +137,6 @@ class Prober:
         if not keys:
             return []
         if self.field_ttls is None:
-            from migrator.data import fieldttl
-
             self.field_ttls = fieldttl.supported(self.client)
         if self.lua is not False:
             try:
@@ -196,8 +194,6 @@ def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes
 
 
 def _field_ttls_read(client: redis.Redis, key: bytes, value: Any) -> tuple:
-    from migrator.data import fieldttl
-
     fields = list(value) if isinstance(value, dict) else list(value[0::2])
     times = fieldttl.expiry_times(client, key, fields)
     return tuple(sorted((f, t) for f, t in zip(fields, times) if t > 0))
