@@ -567,7 +567,7 @@ def _parts(src: redis.Redis, s: Snap, chunk: int, chunk_bytes: int,
 def _hash_chunk_with_ttls(src: redis.Redis, key: bytes, part: list, target_has_them: bool) -> Iterator[tuple[bytes, list]]:
     """An HSCAN chunk as HSET, then HPEXPIREAT per expiry time; a field that expired since the
     HSCAN (-2) is left out, and a field TTL the target cannot hold stops the copy of the key."""
-    vals, expiry = fieldttl._split(part, fieldttl.expiry_times(src, key, part[0::2]))
+    vals, expiry = fieldttl.split(part, fieldttl.expiry_times(src, key, part[0::2]))
     if expiry and not target_has_them:
         raise fieldttl.TargetLacksFieldTTLs(fieldttl.refusal(len(expiry)) + " (at least; big hash read in chunks)")
     if vals:

@@ -82,7 +82,7 @@ def supported(client: redis.Redis) -> bool:
         raise
 
 
-def _split(flat: list, times: list) -> tuple[dict[bytes, bytes], dict[bytes, int]]:
+def split(flat: list, times: list) -> tuple[dict[bytes, bytes], dict[bytes, int]]:
     """(values, {field: absolute expiry ms}) from HGETALL's flat reply and HPEXPIRETIME's; a field
     that answered -2 (expired meanwhile) is left out of both."""
     values: dict[bytes, bytes] = {}
@@ -111,7 +111,7 @@ def read_hashes(client: redis.Redis, keys: list[bytes],
         if not any(s in text for s in ("unknown command", "noperm", "no permissions", "disabled", "not allowed")):
             raise
         return _read_pipelined(client, keys)
-    return {k: _split(flat, times) for k, (flat, times) in zip(keys, rows)}
+    return {k: split(flat, times) for k, (flat, times) in zip(keys, rows)}
 
 
 def _read_pipelined(client: redis.Redis, keys: list[bytes]) -> dict:
@@ -122,7 +122,7 @@ def _read_pipelined(client: redis.Redis, keys: list[bytes]) -> dict:
     out = {}
     for k, flat in zip(keys, flats):
         flat = [x for pair in flat.items() for x in pair] if isinstance(flat, dict) else list(flat)
-        out[k] = _split(flat, expiry_times(client, k, flat[0::2]))
+        out[k] = split(flat, expiry_times(client, k, flat[0::2]))
     return out
 
 
