@@ -9,7 +9,10 @@ canonical comparison, not valkey-json's behaviour.
 from __future__ import annotations
 
 import json
+import shlex
 
+from migrator import compat
+from migrator.compat.model import FAIL, PASS, WARN
 from migrator.data import check, copy, modtypes, sync
 from tests.helpers import run_cli
 from tests.moddata import with_modules
@@ -23,8 +26,8 @@ DOCS = {
 }
 
 
-def _json_source(server_factory, label="redis-7.0"):
-    src = server_factory(label, **with_modules("rejson"))
+def _json_source(server_factory, label="redis-7.0", *more):
+    src = server_factory(label, **with_modules("rejson", *more))
     c = src.client()
     for key, doc in DOCS.items():
         c.execute_command("JSON.SET", key, "$", json.dumps(doc))
@@ -101,3 +104,97 @@ def test_check_compares_json_canonically_and_names_the_path(server_factory, make
     result = check.run(pb, full=True, interval=0.05)
     assert [(m.key, m.kind) for m in result.mismatches] == [(b"doc:obj", "value")]
     assert result.mismatches[0].detail == "JSON mismatch at $.nested.deep[2].k: string values differ"
+
+
+# --- compat: module data and indexes --------------------------------------------------------------
+
+
+def _compat(make_playbook, src, dst):
+    pb = load(make_playbook(src, dst))
+    return compat.run(pb, write_report=False)
+
+
+def test_compat_counts_module_types_and_fails_a_target_without_their_module(server_factory, make_playbook):
+    """Module keys on the source and a target without the module: FAIL with each type's count and the module that would hold it."""
+    src = _json_source(server_factory, "redis-7.0", "redisbloom")  # 4 JSON documents
+    c = src.client()
+    for i in range(3):
+        c.execute_command("BF.ADD", f"bloom:{i}", "x")
+    c.execute_command("CF.ADD", "cuckoo", "x")
+    c.execute_command("TOPK.RESERVE", "topk", 3)
+    result = _compat(make_playbook, src, server_factory("valkey-9.1"))
+    types = result.check("data.types")
+    assert types.status == FAIL
+    rows = {f["what"]: f for f in types.data["findings"]}
+    assert rows["type ReJSON-RL (4 keys)"]["status"] == FAIL and rows["type ReJSON-RL (4 keys)"]["fix"] == \
+        "load valkey-json on the target"
+    assert "no JSON.SET" in rows["type ReJSON-RL (4 keys)"]["note"]
+    assert rows["type MBbloom-- (3 keys)"]["fix"] == "load valkey-bloom on the target"
+    assert "no Valkey module holds them" in rows["type MBbloomCF (1 key)"]["note"]
+    assert "no Valkey module holds them" in rows["type TopK-TYPE (1 key)"]["note"]
+    assert "valkey-json" in types.remediation and "valkey-bloom" in types.remediation
+    assert result.check("modules").status == FAIL and result.verdict == "fail"
+
+
+def test_compat_passes_json_data_when_the_target_has_the_json_commands(server_factory, make_playbook):
+    """A target whose command table has JSON.SET holds JSON keys: the finding passes and says how they are copied."""
+    src = _json_source(server_factory)
+    result = _compat(make_playbook, src, server_factory("valkey-9.1", **with_modules("rejson")))
+    types = result.check("data.types")
+    assert types.status == PASS, types.evidence
+    assert "type ReJSON-RL (4 keys): JSON documents: the target has JSON.SET" in types.evidence
+    assert result.check("modules").status == PASS
+
+
+def _search_source(server_factory):
+    src = server_factory("valkey-9.1", **with_modules("redisearch", "rejson"))
+    c = src.client()
+    c.execute_command("FT.CREATE", "idx:users", "ON", "HASH", "PREFIX", "2", "user:", "member:", "FILTER", "@age>0",
+                      "LANGUAGE", "german", "SCORE", "0.5", "STOPWORDS", "2", "foo", "bar", "SCHEMA",
+                      "name", "TEXT", "NOSTEM", "WEIGHT", "2.0", "SORTABLE", "age", "NUMERIC", "SORTABLE",
+                      "tags", "TAG", "SEPARATOR", ";", "CASESENSITIVE", "loc", "GEO",
+                      "vec", "VECTOR", "HNSW", "6", "TYPE", "FLOAT32", "DIM", "4", "DISTANCE_METRIC", "COSINE")
+    c.execute_command("FT.CREATE", "idx:docs", "ON", "JSON", "PREFIX", "1", "doc:", "SCHEMA",
+                      "$.title", "AS", "title", "TEXT", "$.n", "AS", "n", "NUMERIC", "$.tags[*]", "AS", "tags", "TAG")
+    c.hset("user:1", mapping={"name": "ada", "age": 3})
+    return src
+
+
+def _definition(client, name):
+    """FT.INFO's definition of an index: what FT.CREATE set, without statistics."""
+    info = _map(client.execute_command("FT.INFO", name))
+    return {k: info.get(k) for k in ("index_options", "index_definition", "attributes", "stopwords_list")}
+
+
+def _map(reply):
+    if isinstance(reply, dict):
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in reply.items()}
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in zip(reply[::2], reply[1::2])}
+
+
+def test_compat_prints_ft_create_that_recreates_each_index(server_factory, make_playbook):
+    """Each source index is listed as not data, with an FT.CREATE that, run on the target, makes an identical index."""
+    src = _search_source(server_factory)
+    dst = server_factory("valkey-8.1", **with_modules("redisearch", "rejson"))
+    check = _compat(make_playbook, src, dst).check("search.indexes")
+    assert check.status == WARN and "2 RediSearch index(es)" in check.evidence and "not data" in check.evidence
+    made = {i["name"]: i["ft_create"] for i in check.data["indexes"]}
+    assert set(made) == {"idx:users", "idx:docs"} and all(c in check.remediation for c in made.values())
+    t = dst.client()
+    for name, line in made.items():
+        t.execute_command(*shlex.split(line))
+        assert _definition(t, name) == _definition(src.client(), name), name
+
+
+def test_compat_fails_indexes_when_the_target_has_no_search_module(server_factory, make_playbook):
+    """Indexes on the source and no FT.CREATE on the target: FAIL saying to load valkey-search, with the commands."""
+    src = _search_source(server_factory)
+    check = _compat(make_playbook, src, server_factory("valkey-9.1")).check("search.indexes")
+    assert check.status == FAIL and "no FT.CREATE" in check.evidence
+    assert check.remediation.startswith("load valkey-search on the target") and "FT.CREATE idx:users ON HASH" in check.remediation
+
+
+def test_compat_skips_the_index_check_without_a_search_module(server_factory, make_playbook):
+    """A source without RediSearch (FT._LIST unknown) has no index check in the report."""
+    result = _compat(make_playbook, server_factory("valkey-9.1"), server_factory("valkey-9.1"))
+    assert all(c.name != "search.indexes" for c in result.checks)

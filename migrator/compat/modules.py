@@ -48,6 +48,37 @@ MODULE_TYPES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class ModuleType:
+    """What a module data type is, which Valkey module holds it, and a command that creates it
+    (the target's command table tells whether some loaded module provides it)."""
+
+    what: str
+    carrier: str  # the Valkey module that holds this type; "" if none does
+    command: str
+
+
+# TYPE name (lower case) → what it is. valkey-bloom holds bloom filters only; RediSearch 1.x kept
+# its indexes in keys of its own types (2.x keeps none in the keyspace).
+TYPE_INFO: dict[str, ModuleType] = {
+    "rejson-rl": ModuleType("JSON documents", "valkey-json", "json.set"),
+    "mbbloom--": ModuleType("Bloom filters", "valkey-bloom", "bf.add"),
+    "mbbloomcf": ModuleType("cuckoo filters", "", "cf.add"),
+    "topk-type": ModuleType("top-k sketches", "", "topk.add"),
+    "cmsk-type": ModuleType("count-min sketches", "", "cms.incrby"),
+    "tdis-type": ModuleType("t-digest sketches", "", "tdigest.add"),
+    "tsdb-type": ModuleType("time series", "", "ts.add"),
+    "vectorset": ModuleType("vector sets", "", "vadd"),
+    "graphdata": ModuleType("graphs", "", "graph.query"),
+    "ft_index0": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+    "ft_invidx": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+    "numericdx": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+    "ft_tagidx": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+}
+MODULE_TYPES.update({"ft_index0": "search", "ft_invidx": "search", "numericdx": "search", "ft_tagidx": "search"})
+JSON_KIND = "rejson-rl"  # copied and compared type-aware by sync and check (migrator/data/modtypes.py)
+
+
 def module_names(probe: Probe, role: str) -> set[str]:
     """The modules loaded; on a cluster source those of any node (any may hold module data), on a
     cluster target those loaded on every node (a module missing on one shard fails its keys)."""
@@ -107,22 +138,63 @@ def modules_check(probe: Probe) -> Check:
     return _findings_check("modules", "Modules", findings, passed, {"source": sorted(source), "target": sorted(target)})
 
 
-def odd_types(types: dict[str, int], target_modules: set[str] | None) -> list[Finding]:
-    """A finding for each sampled type outside the core types (module data, vector sets)."""
+def _carried(kind: str, target_modules: set[str] | None, target_commands: dict | None) -> bool | None:
+    """Whether the target can hold data of module type ``kind``: its command table has the
+    command that creates it, else MODULE LIST shows a module that holds it; None: cannot tell."""
+    info, module = TYPE_INFO.get(kind), MODULES.get(MODULE_TYPES.get(kind, ""))
+    if info and target_commands is not None:
+        return lookup(target_commands, info.command) is not None
+    if module is None or target_modules is None:
+        return None
+    if MODULE_TYPES[kind] in target_modules:
+        return True  # the very module the source uses
+    if set(module.valkey_modules) & target_modules:
+        return True if info and info.carrier else None  # e.g. valkey-bloom ("bf") has no cuckoo filters
+    return False
+
+
+def odd_types(types: dict[str, int], target_modules: set[str] | None, target_commands: dict | None = None,
+              scope: str = "sampled") -> list[Finding]:
+    """A finding for each sampled type outside the core types (module data, vector sets): how many
+    keys, what holds them on Valkey, and whether the target can (``scope`` says what was counted)."""
     out = []
     for kind, n in sorted(types.items()):
         if kind in CORE_TYPES:
             continue
-        rep = MODULES.get(MODULE_TYPES.get(kind.lower(), ""))
-        what = f"type {kind} ({n} sampled key{'s' if n != 1 else ''})"
-        if rep and target_modules is not None and set(rep.valkey_modules) & target_modules:
-            out.append(Finding(what, WARN, f"{rep.what} data; the target has a module for it, but migrator "
-                                           "cannot verify the copy", "cover this data in steps.compatibility.test_command"))
-        elif rep:
-            out.append(Finding(what, FAIL, f"{rep.what} data the target cannot hold", rep.advice))
-        else:
+        low = kind.lower()
+        info, rep = TYPE_INFO.get(low), MODULES.get(MODULE_TYPES.get(low, ""))
+        what = f"type {kind} ({n}{' ' + scope if scope else ''} key{'s' if n != 1 else ''})"
+        if info is None or rep is None:
             out.append(Finding(what, FAIL, "a module type with no known Valkey counterpart",
                                f"load a module on the target that defines {kind}, or move this data elsewhere first"))
+            continue
+        holder = f"{info.carrier} holds them" if info.carrier else "no Valkey module holds them"
+        if info.what.startswith("RediSearch 1.x"):
+            out.append(Finding(what, FAIL, f"{info.what}: an index, not data, and no copy carries them",
+                               "recreate the index on the target with FT.CREATE (valkey-search) and leave these keys "
+                               "out; better, upgrade RediSearch on the source first"))
+            continue
+        carried = _carried(low, target_modules, target_commands)
+        if carried and low == JSON_KIND:
+            out.append(Finding(what, PASS, f"{info.what}: the target has {info.command.upper()}; sync copies them "
+                                           "with JSON.GET/JSON.SET and check compares them as JSON"))
+        elif carried:
+            out.append(Finding(what, WARN, f"{info.what}: the target has {info.command.upper()}, but migrator copies "
+                                           "them by DUMP/RESTORE and cannot verify the copy",
+                               "cover this data in steps.compatibility.test_command"))
+        elif carried is None:
+            out.append(Finding(what, WARN, f"{info.what} ({holder}): could not tell whether the target holds them "
+                                           "(neither COMMAND nor MODULE LIST answered)",
+                               f"check that the target runs {info.command.upper()}; {rep.advice}"))
+        else:
+            if info.carrier:
+                fix = f"load {info.carrier} on the target"
+            elif MODULE_TYPES[low] == "bf":
+                fix = f"valkey-bloom holds Bloom filters only: move the {info.what} elsewhere first"
+            else:
+                fix = rep.advice
+            out.append(Finding(what, FAIL, f"{info.what} the target cannot hold: it has no {info.command.upper()} "
+                                           f"({holder})", fix))
     return out
 
 
@@ -160,13 +232,20 @@ def data_types_check(probe: Probe) -> Check:
         target_modules = module_names(probe, "target")
     except Unavailable:
         target_modules = None
+    try:
+        target_commands = target_table(probe)
+    except Unavailable:
+        target_commands = None
     types = dict(probe.source_keys.types())
-    findings = odd_types(types, target_modules)
+    whole = all(d.complete for d in probe.source_keys.dbs.values())
+    findings = odd_types(types, target_modules, target_commands, "" if whole else "sampled")
     if (ttl := hash_ttl(probe)) is not None:
         findings.append(ttl)
     sampled = sum(len(d.sampled) for d in probe.source_keys.dbs.values())
     listed = ", ".join(f"{k} {n}" for k, n in sorted(types.items())) or "none"
-    passed = f"{sampled} keys sampled; types: {listed}; all core types" + (f"; {ttl.note}" if ttl else "")
+    held = [f"{f.what}: {f.note}" for f in findings if f.status == PASS and f.what.startswith("type ")]
+    passed = (f"{sampled} keys sampled; types: {listed}; " + ("; ".join(held) if held else "all core types")
+              + (f"; {ttl.note}" if ttl else ""))
     check = _findings_check("data.types", "Data the target cannot hold", findings, passed,
                             {"sampled_keys": sampled, "types": types})
     if check.status != PASS:
