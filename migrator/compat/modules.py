@@ -138,19 +138,19 @@ def modules_check(probe: Probe) -> Check:
     return _findings_check("modules", "Modules", findings, passed, {"source": sorted(source), "target": sorted(target)})
 
 
-def _carried(kind: str, target_modules: set[str] | None, target_commands: dict | None) -> bool | None:
-    """Whether the target can hold data of module type ``kind``: its command table has the
-    command that creates it, else MODULE LIST shows a module that holds it; None: cannot tell."""
+def _carried(kind: str, target_modules: set[str] | None, target_commands: dict | None) -> tuple[bool | None, str]:
+    """Whether the target can hold data of module type ``kind``, and how that is known: its
+    command table has the command that creates it, else MODULE LIST shows a module that holds
+    it; None: cannot tell (valkey-bloom and RedisBloom are both listed as "bf")."""
     info, module = TYPE_INFO.get(kind), MODULES.get(MODULE_TYPES.get(kind, ""))
     if info and target_commands is not None:
-        return lookup(target_commands, info.command) is not None
-    if module is None or target_modules is None:
-        return None
-    if MODULE_TYPES[kind] in target_modules:
-        return True  # the very module the source uses
-    if set(module.valkey_modules) & target_modules:
-        return True if info and info.carrier else None  # e.g. valkey-bloom ("bf") has no cuckoo filters
-    return False
+        return lookup(target_commands, info.command) is not None, f"the target has {info.command.upper()}"
+    if module is None or info is None or target_modules is None:
+        return None, ""
+    listed = sorted(({MODULE_TYPES[kind]} | set(module.valkey_modules)) & target_modules)
+    if not listed:
+        return False, ""
+    return (True if info.carrier else None), f"MODULE LIST on the target shows {', '.join(listed)}"
 
 
 def odd_types(types: dict[str, int], target_modules: set[str] | None, target_commands: dict | None = None,
@@ -174,17 +174,16 @@ def odd_types(types: dict[str, int], target_modules: set[str] | None, target_com
                                "recreate the index on the target with FT.CREATE (valkey-search) and leave these keys "
                                "out; better, upgrade RediSearch on the source first"))
             continue
-        carried = _carried(low, target_modules, target_commands)
+        carried, how = _carried(low, target_modules, target_commands)
         if carried and low == JSON_KIND:
-            out.append(Finding(what, PASS, f"{info.what}: the target has {info.command.upper()}; sync copies them "
-                                           "with JSON.GET/JSON.SET and check compares them as JSON"))
+            out.append(Finding(what, PASS, f"{info.what}: {how}; sync copies them with JSON.GET/JSON.SET and check "
+                                           "compares them as JSON"))
         elif carried:
-            out.append(Finding(what, WARN, f"{info.what}: the target has {info.command.upper()}, but migrator copies "
-                                           "them by DUMP/RESTORE and cannot verify the copy",
-                               "cover this data in steps.compatibility.test_command"))
+            out.append(Finding(what, WARN, f"{info.what}: {how}, but migrator copies them by DUMP/RESTORE and "
+                                           "cannot verify the copy", "cover this data in steps.compatibility.test_command"))
         elif carried is None:
             out.append(Finding(what, WARN, f"{info.what} ({holder}): could not tell whether the target holds them "
-                                           "(neither COMMAND nor MODULE LIST answered)",
+                                           f"({how or 'neither COMMAND nor MODULE LIST answered'})",
                                f"check that the target runs {info.command.upper()}; {rep.advice}"))
         else:
             if info.carrier:
