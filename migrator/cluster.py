@@ -231,3 +231,43 @@ def cluster_client(ep: Endpoint, **extra: Any) -> redis.RedisCluster:
     kw.update(extra)
     nodes = [redis.cluster.ClusterNode(h, p) for h, p in seed_addresses(ep)]
     return redis.RedisCluster(startup_nodes=nodes, **kw)
+
+
+def own_views(ep: Endpoint, topo: ClusterTopology) -> dict[str, ClusterTopology]:
+    """Each live primary's own view (``CLUSTER NODES`` asked of that node), by node id.
+
+    A node's ``myself`` line is the authority on what *it* serves now: the slots it owns and the
+    ``[slot->-id]``/``[slot-<-id]`` markers of a migration, which only its own view shows.
+    A primary that cannot be asked is left out (its slots then count as unclaimed)."""
+    out: dict[str, ClusterTopology] = {}
+    for n in topo.primaries():
+        c = redis.Redis(**node_kwargs(ep, n.host, n.port))
+        try:
+            out[n.id] = read_topology(c, connected_to=(n.host, n.port))
+        except (redis.exceptions.RedisError, OSError):
+            continue
+        finally:
+            c.close()
+    return out
+
+
+def stable_claims(views: dict[str, ClusterTopology]) -> dict[str, tuple[str, frozenset[int]]]:
+    """Per node id: (its address, the slots it says it owns as a primary with no migration of them
+    in or out), from ``own_views``. A slot absent here is unowned, moving, or its node is silent."""
+    out: dict[str, tuple[str, frozenset[int]]] = {}
+    for nid, view in views.items():
+        me = view.by_id(view.seen_from or nid)
+        if me is None or me.role != "primary" or me.failed:
+            continue
+        moving = set(view.migrating) | set(view.importing)
+        slots = {s for lo, hi in me.slots for s in range(lo, hi + 1)} - moving
+        out[nid] = (me.address, frozenset(slots))
+    return out
+
+
+def moving_slots(views: dict[str, ClusterTopology]) -> set[int]:
+    """Slots some primary marks as migrating or importing (a reshard in flight)."""
+    out: set[int] = set()
+    for view in views.values():
+        out |= set(view.migrating) | set(view.importing)
+    return out

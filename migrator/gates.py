@@ -19,6 +19,7 @@ from migrator.errors import UnreachableError
 from migrator.phases import Phase
 from migrator.playbook import Playbook
 from migrator.state import State, StateStore, now, operator, parse_iso
+from migrator.topology_evidence import topology_since
 
 
 @dataclass
@@ -292,9 +293,7 @@ def source_reachable(ctx: GateContext):
 
 
 def _lossy_changes(ctx: GateContext, role: str, evidence: dict | None, began: str | None) -> list[dict]:
-    """Failovers (and primaries lost) on ``role``'s cluster since ``evidence`` began (``migrator.data.gates.topology_since``)."""
-    from migrator.data.gates import topology_since
-
+    """Failovers (and primaries lost) on ``role``'s cluster since ``evidence`` began (``migrator.topology_evidence``)."""
     changes, _ = topology_since(ctx, evidence, began)
     return [c for c in changes if c.get("role") == role and c.get("kind") in ("failover", "lost")]
 

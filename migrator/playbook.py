@@ -344,6 +344,9 @@ class SyncConfig(_Strict):
     databases: list[int] | None = None
     batch: int = Field(500, gt=0)
     rate: float | None = Field(None, gt=0)
+    # Cluster source: read each shard from one of its replicas (verified against the primary;
+    # see docs/data.md "Cluster"). Standalone and Sentinel sources are always read from the primary.
+    read_from_replicas: bool = False
 
 
 class CheckConfig(_Strict):

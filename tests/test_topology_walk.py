@@ -462,7 +462,6 @@ class ClusterLedger:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs the cluster shim/sync branches")
 @pytest.mark.parametrize("target_label", ["valkey-9.1", "valkey-8.1"])
 def test_whole_walk_through_the_shim_between_clusters_loses_no_acknowledged_write(cluster_factory, tmp_path,
                                                                                     target_label):

@@ -123,6 +123,9 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
         emit_json(report)
     else:
         click.echo(f"{report['verdict'].upper()}: {redact(report['summary'])}")
+        for sh in report.get("shards") or []:  # a cluster source: one line per source shard
+            click.echo(f"  shard {sh['address']} slots {sh['slots']}: {sh['slots_done']:,}/{sh['slots_total']:,} slots, "
+                       f"{sh['keys']:,} keys ({sh['run_keys']:,} this run), read from {sh['reader'] or '-'}")
         for e in report.get("errors", [])[:SHOWN_ERRORS]:
             click.echo(f"error: db {e['db']} key {e['key']}: {redact(e['error'])}")
         if len(res.errors) > SHOWN_ERRORS:

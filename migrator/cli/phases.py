@@ -258,6 +258,9 @@ def status_view(st: dict, history: int = 10) -> list[RenderableType]:
     for kind, job in (st.get("jobs") or {}).items():
         if job:
             line(f"{kind.capitalize()}: {_job_line(job)}")
+            for sh in job.get("shards") or []:  # a cluster source: one line per source shard
+                line(f"  shard {escape(sh['address'])} slots {sh['slots']}: {sh['slots_done']:,}/{sh['slots_total']:,} "
+                     f"slots done, {sh['keys']:,} keys, read from {escape(sh['reader'] or '-')} ({escape(sh['state'])})")
     if nxt is not None:
         if nxt["step"] is None:
             line(f"Next: {escape(nxt.get('note') or 'no further step')}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,7 +44,7 @@ from migrator.data.keyspace import (
     scan_batches,
 )
 from migrator.data.throttle import RateLimiter
-from migrator.errors import RefusedError, UnreachableError
+from migrator.errors import RefusedError, UnreachableError, UsageError
 from migrator.logs import get_logger
 from migrator.phases import Phase
 from migrator.playbook import Playbook
@@ -69,6 +70,7 @@ class Mismatch:
     source_value: str | None = None
     target_value: str | None = None
     repaired: bool = False
+    slot: int | None = None  # a cluster side: the key's hash slot
 
 
 @dataclass
@@ -92,6 +94,9 @@ class CheckResult:
     authoritative: str
     started_at: str
     report_id: str = ""
+    shards: list[dict] = field(default_factory=list)  # a cluster side: per shard (``cluster_check``)
+    recovered: str = ""  # slot ranges compared again because they moved during the check
+    still_moving: str = ""  # slot ranges still moving when the check ended (not re-covered)
 
     @property
     def clean(self) -> bool:
@@ -199,6 +204,10 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
                  int(cfg.ttl_tolerance.total_seconds() * 1000), chunk, RateLimiter(rate), pool, progress=pub)
         selection = Selection.from_config(playbook.sync)
         src0, dst0 = connect(playbook.source, "source"), connect(playbook.target, "target")
+        clustered = _clustered(playbook)
+        if any(clustered):
+            return _run_cluster(r, playbook, selection, clustered, sample, full, repair, show_values, started, t0,
+                                seen, phase)
         dbs = databases(selection, src0, dst0)
         r.catch_up = _lag_waiter(src0, dst0, max(5.0, r.interval * 10))
         src_sizes, dst_sizes = keyspace_sizes(src0), keyspace_sizes(dst0)
@@ -237,6 +246,71 @@ def run(playbook: Playbook, *, sample: int | None = None, full: bool = False, ro
     data = render.check_report_data(playbook, result)
     data["sides"] = seen
     ref = reports.write(playbook.state_path, data, render.check_markdown(data), render.check_html(data, playbook.state_path))
+    result.report_id = ref.id
+    return result
+
+
+def _clustered(pb: Playbook) -> tuple[bool, bool]:
+    from migrator.data import cluster_sync
+
+    return (cluster_sync.is_cluster_endpoint(pb.source, "source"), cluster_sync.is_cluster_endpoint(pb.target, "target"))
+
+
+def _run_cluster(r: _Run, pb: Playbook, selection: Selection, clustered: tuple[bool, bool], sample: int | None,
+                 full: bool, repair: bool, show_values: bool, started: str, t0: float, seen, phase: Phase) -> CheckResult:
+    """``run`` when either side is a cluster: per shard and slot range, both ways (``cluster_check``)."""
+    from migrator.data import cluster_check
+    from migrator.data.cluster_sync import Side
+
+    if selection.databases not in (None, [0]):
+        raise UsageError(f"a cluster has only database 0, but sync.databases is {selection.databases}")
+    cfg = pb.check
+    src, dst = Side(pb.source, "source", clustered[0]), Side(pb.target, "target", clustered[1])
+    for side in (src, dst):
+        other = [db for db in keyspace_sizes(side.single) if db != 0] if side.single is not None else []
+        if other and selection.databases is None:
+            src.close()
+            dst.close()
+            raise UsageError(f"the {'target' if side is src else 'source'} is a cluster (database 0 only) but the "
+                               f"{side.role} has keys in databases {other}: set sync.databases: [0] to check database 0")
+    try:
+        src.refresh()
+        dst.refresh()
+        n = sample or cfg.sample
+        total = max(cluster_check.side_keys(src), cluster_check.side_keys(dst))
+        draw = None if full or total <= n else n
+        if r.progress:
+            r.progress.update(0, total if draw is None else draw, force=True)
+        cc = cluster_check.run(sys.modules[__name__], r, selection, draw, src, dst)
+        mismatches = cc.mismatches
+        repaired = cluster_check.repair(sys.modules[__name__], r, mismatches, phase, src, dst) if repair and mismatches else []
+        remaining = [m for m in mismatches if not m.repaired]
+        if show_values:
+            cluster_check.attach_values(remaining + repaired, src, dst)
+    finally:
+        src.close()
+        dst.close()
+    exhaustive = draw is None
+    bound = (len(remaining) / r.checked if r.checked else 0.0) if exhaustive else stats.upper_bound(len(remaining), r.checked)
+    result = CheckResult(
+        verdict="", summary="", mode="full" if full else "sample", exhaustive=exhaustive, checked=r.checked,
+        mismatches=remaining, repaired=repaired, in_flux=r.in_flux, transient=r.transient, bound=bound,
+        max_rate=cfg.max_mismatch_rate, rounds=r.rounds, counts={0: {"source": cc.source_keys, "target": cc.target_keys}},
+        ttl_deltas_ms=r.ttl_deltas, duration_s=time.monotonic() - t0, phase=str(phase),
+        authoritative=_authoritative(phase), started_at=started,
+        shards=[vars(row) for row in cc.shards], recovered=cc.recovered, still_moving=cc.still_moving)
+    result.verdict, result.summary = verdict(result)
+    if cc.recovered:
+        result.summary += f"; slots {cc.recovered} moved during the check and were compared again"
+    if cc.still_moving:
+        result.summary += f"; slots {cc.still_moving} were still moving at the end (run the check again)"
+        if result.verdict == "pass":
+            result.verdict = "warn"
+    if exhaustive and not remaining and not r.in_flux and not cc.still_moving:
+        dirtymod.clear_walked(pb.state_path, parse_iso(started).timestamp(), [0], selection)
+    data = render.check_report_data(pb, result)
+    data["sides"] = seen
+    ref = reports.write(pb.state_path, data, render.check_markdown(data), render.check_html(data, pb.state_path))
     result.report_id = ref.id
     return result
 

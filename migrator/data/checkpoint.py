@@ -42,6 +42,9 @@ class Checkpoint:
     notify_before: str | None = None  # the target's notify-keyspace-events before the sync changed it
     sides: dict | None = None  # both servers as the pass began: a resume onto a restarted target starts over
     format: int = FORMAT
+    # A cluster source: per source node id, {"address", "done": slot ranges verified, "keys", "bytes"}
+    # (a SCAN cursor is only valid on its node, so a cluster's progress is kept by slot).
+    shards: dict[str, dict] = field(default_factory=dict)
 
     def db(self, n: int) -> DbProgress:
         return self.dbs.setdefault(n, DbProgress())

@@ -171,8 +171,23 @@ class CopyResult:
 
 
 def tmp_key(key: bytes) -> bytes:
-    """Where a big key is built before it is renamed over the real one; unique per process."""
-    return TMP_PREFIX + hashlib.sha1(key).hexdigest().encode() + b":" + str(os.getpid()).encode()
+    """Where a big key is built before it is renamed over the real one; unique per process.
+
+    It carries the key's hash tag (``{...}``), so that on a cluster it lies in the key's slot
+    and the final RENAME is not cross-slot."""
+    tag = hash_tag(key)
+    braced = b"{" + tag + b"}" if b"}" not in tag else b""
+    return TMP_PREFIX + braced + hashlib.sha1(key).hexdigest().encode() + b":" + str(os.getpid()).encode()
+
+
+def hash_tag(key: bytes) -> bytes:
+    """The part of ``key`` a cluster hashes to find its slot: the first ``{...}`` if not empty, else all of it."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1:end]
+    return key
 
 
 def rdb_version(payload: bytes) -> int:
@@ -192,14 +207,17 @@ class Copier:
     """
 
     def __init__(self, src: redis.Redis, dst: redis.Redis, method: str, chunk: int = 1000,
-                 chunk_bytes: int = 1 << 20, sign: bool = True) -> None:
+                 chunk_bytes: int = 1 << 20, sign: bool = True, undeclared: tuple[bool, bool] = (False, False)) -> None:
         self.src, self.dst = src, dst
         self.sign = sign  # return Signatures (for a verifier without a WriteWatch)
         self.method = method
         self.chunk, self.chunk_bytes = chunk, chunk_bytes
-        self._read = src.register_script(_READ_LUA)
+        # (source, target) is a cluster node: a batch may hold keys of several of its slots, passed
+        # to the scripts as arguments (``fastcall.register``).
+        self.undeclared = undeclared
+        self._read = fastcall.register(src, _READ_LUA, undeclared[0])
         self._scan_read = src.register_script(_SCAN_READ_LUA)
-        self._restore = dst.register_script(_RESTORE_LUA)
+        self._restore = fastcall.register(dst, _RESTORE_LUA, undeclared[1])
         self.lua = True
         self.json = modtypes.JsonCopier(src, dst)
 

@@ -21,8 +21,31 @@ except ImportError:  # another redis-py layout: replies are read one by one thro
     NOT_ENOUGH_DATA = None
 
 
+# Makes a script callable with its keys as arguments (``register(..., undeclared=True)``): ARGV is
+# [n, key 1 … key n, the script's own arguments …] and the script sees the KEYS and ARGV it expects.
+# A cluster node runs a script without a shebang over keys of several of its slots when none are
+# declared (declared keys must share one slot): one call per node instead of one per slot.
+_UNDECLARED = """local n, K, A = tonumber(ARGV[1]), {}, {}
+for i = 2, n + 1 do K[#K + 1] = ARGV[i] end
+for i = n + 2, #ARGV do A[#A + 1] = ARGV[i] end
+local KEYS, ARGV = K, A
+"""
+
+
+def register(client: redis.Redis, text: str, undeclared: bool = False) -> Script:
+    """``client.register_script(text)``; with ``undeclared`` the keys are passed as arguments (``evalsha``
+    does it), for a batch of keys of several slots of one cluster node."""
+    if not undeclared:
+        return client.register_script(text)
+    script = client.register_script(_UNDECLARED + text)
+    script.undeclared = True
+    return script
+
+
 def evalsha(client: redis.Redis, script: Script, keys: list, args: list) -> Any:
     """Run ``script`` like ``script(keys=keys, args=args)``, loading it if the server lost it."""
+    if getattr(script, "undeclared", False):
+        keys, args = [], [len(keys), *keys, *args]
     packed = hiredis.pack_command((b"EVALSHA", script.sha, len(keys), *keys, *args))
     try:
         return _send(client, packed)

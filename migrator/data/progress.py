@@ -40,6 +40,10 @@ class Publisher:
         self.done = self.total = 0
         self.samples: deque[tuple[float, int]] = deque()
         self.last_write = 0.0
+        self.shards: list[dict] | None = None  # a cluster sync: per source shard (``cluster_sync``)
+
+    def set_shards(self, rows: list[dict]) -> None:
+        self.shards = rows
 
     def update(self, done: int, total: int | None = None, force: bool = False) -> None:
         self.done = done
@@ -73,7 +77,7 @@ class Publisher:
                 "started_at": self.started_at, "updated_at": iso(now()), "ts": time.time(),
                 "elapsed_s": round(time.monotonic() - self.t0, 1), "done": self.done, "total": self.total,
                 "rate": round(rate, 1), "eta_s": round(left / rate, 1) if rate > 0 and outcome == "running" else None,
-                "outcome": outcome,
+                "outcome": outcome, **({"shards": self.shards} if self.shards is not None else {}),
             })
         except OSError:  # progress is for the operator's eyes: never fail the job over it
             pass

@@ -60,7 +60,8 @@ def sync_report_data(pb, res, phase: str) -> dict[str, Any]:
         dbs={str(k): v for k, v in res.dbs.items()},
         unsettled=[{"db": db, "key": key_text(_b64(k)), "key_b64": k} for db, k in res.unsettled[:MAX_LISTED]],
         errors=[{"db": db, "key": key_text(_b64(k)), "key_b64": k, "error": e} for db, k, e in res.errors[:MAX_LISTED]],
-        source=pb.source.display, target=pb.target.display)
+        source=pb.source.display, target=pb.target.display,
+        **({"shards": res.shards, "replanned": res.replanned} if getattr(res, "shards", None) else {}))
 
 
 def _b64(text: str) -> bytes:
@@ -87,6 +88,10 @@ def sync_markdown(data: dict) -> str:
            reports.md_table(["", ""], _sync_rows(data)), "", "## Databases", "",
            reports.md_table(["db", "keys", "bytes", "done"],
                             [(db, v.get("keys", ""), human_bytes(v.get("bytes", 0)), v.get("done", "")) for db, v in data["dbs"].items()])]
+    if data.get("shards"):
+        out += ["", "## Source shards (cluster)", "", reports.md_table(_SYNC_SHARD_HEADERS, _sync_shard_rows(data))]
+        if data.get("replanned"):
+            out += ["", "Rounds re-planned (failover, reshard or redirect):", "", *(f"- {x}" for x in data["replanned"])]
     if data["unsettled"]:
         out += ["", "## Unsettled keys (still differing after every re-copy)", "",
                 reports.md_table(["db", "key"], [(u["db"], u["key"]) for u in data["unsettled"]])]
@@ -95,10 +100,21 @@ def sync_markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+_SYNC_SHARD_HEADERS = ["primary", "slots", "read from", "slots done", "keys (pass)", "keys (this run)", "bytes", "state"]
+
+
+def _sync_shard_rows(data: dict) -> list[tuple]:
+    return [(s["address"], s["slots"], s["reader"], f"{s['slots_done']:,}/{s['slots_total']:,}", f"{s['keys']:,}",
+             f"{s['run_keys']:,}", human_bytes(s["bytes"]), s["state"] + (f" ({s['note']})" if s["note"] else ""))
+            for s in data.get("shards", [])]
+
+
 def sync_html(data: dict) -> str:
     body = ["<h2>Run</h2>", reports.html_table(["", ""], _sync_rows(data)), "<h2>Databases</h2>",
             reports.html_table(["db", "keys", "bytes", "done"],
                                [(db, v.get("keys", ""), human_bytes(v.get("bytes", 0)), v.get("done", "")) for db, v in data["dbs"].items()])]
+    if data.get("shards"):
+        body += ["<h2>Source shards (cluster)</h2>", reports.html_table(_SYNC_SHARD_HEADERS, _sync_shard_rows(data))]
     if data["unsettled"]:
         body += ["<h2>Unsettled keys</h2>", reports.html_table(["db", "key"], [(u["db"], u["key"]) for u in data["unsettled"]])]
     if data["errors"]:
@@ -122,6 +138,8 @@ def _mismatch(m) -> dict[str, Any]:
          "detail": m.detail, "source": _state(m.source), "target": _state(m.target)}
     if m.source_value is not None or m.target_value is not None:
         d["source_value"], d["target_value"] = m.source_value, m.target_value
+    if getattr(m, "slot", None) is not None:
+        d["slot"] = m.slot
     return d
 
 
@@ -153,7 +171,9 @@ def check_report_data(pb, res) -> dict[str, Any]:
         counts={str(k): v for k, v in res.counts.items()}, ttl_histogram=ttl_histogram(res.ttl_deltas_ms),
         mismatches=[_mismatch(m) for m in res.mismatches[:MAX_LISTED]],
         repaired=[_mismatch(m) for m in res.repaired[:MAX_LISTED]],
-        source=pb.source.display, target=pb.target.display)
+        source=pb.source.display, target=pb.target.display,
+        **({"shards": res.shards, "recovered_slots": res.recovered, "still_moving_slots": res.still_moving}
+           if res.shards else {}))
 
 
 _KIND_LABELS = {"missing": "missing on target", "extra": "extra on target", "type": "type", "value": "value", "ttl": "TTL"}
@@ -163,7 +183,7 @@ def _mismatch_rows(ms: list[dict]) -> list[tuple]:
     rows = []
     for m in ms:
         s, t = m["source"], m["target"]
-        row = (m["db"], m["key"], _KIND_LABELS[m["kind"]], m["detail"], f"{s['type']} / {s['size']} / {s['pttl']}",
+        row = (m["db"], *((m.get("slot", ""),) if any("slot" in x for x in ms) else ()), m["key"], _KIND_LABELS[m["kind"]], m["detail"], f"{s['type']} / {s['size']} / {s['pttl']}",
                f"{t['type']} / {t['size']} / {t['pttl']}", f"{s['digest'][:12]} / {t['digest'][:12]}")
         if "source_value" in m:
             row += (m["source_value"], m["target_value"])
@@ -172,7 +192,7 @@ def _mismatch_rows(ms: list[dict]) -> list[tuple]:
 
 
 def _mismatch_headers(ms: list[dict]) -> list[str]:
-    h = ["db", "key", "kind", "detail", "source type/size/pttl", "target type/size/pttl", "digests"]
+    h = ["db", *(["slot"] if any("slot" in m for m in ms) else []), "key", "kind", "detail", "source type/size/pttl", "target type/size/pttl", "digests"]
     return h + (["source value", "target value"] if any("source_value" in m for m in ms) else [])
 
 
@@ -194,10 +214,24 @@ def check_markdown(data: dict) -> str:
            reports.md_table(["kind", "keys"], [(_KIND_LABELS[k], v) for k, v in data["by_kind"].items()]), "",
            "## By database", "", reports.md_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in compare.KINDS)],
                                                   _db_rows(data))]
+    if data.get("shards"):
+        out += ["", "## By shard (cluster)", "", reports.md_table(_SHARD_HEADERS, _shard_rows(data))]
+        if data.get("recovered_slots"):
+            out += ["", f"Slots that moved during the check and were compared again: {data['recovered_slots']}"]
+        if data.get("still_moving_slots"):
+            out += ["", f"Slots still moving when the check ended: {data['still_moving_slots']}"]
     for title, ms in (("Mismatched keys", data["mismatches"]), ("Repaired keys", data["repaired"])):
         if ms:
             out += ["", f"## {title}", "", reports.md_table(_mismatch_headers(ms), _mismatch_rows(ms))]
     return "\n".join(out) + "\n"
+
+
+_SHARD_HEADERS = ["side", "node", "slots", "keys", "drawn", "compared", "only on target", "mismatches in its slots"]
+
+
+def _shard_rows(data: dict) -> list[tuple]:
+    return [(s["side"], s["address"], s["slots"], f"{s['keys']:,}", f"{s['drawn']:,}", f"{s['compared']:,}",
+             s["missing_elsewhere"] if s["side"] == "target" else "", s["mismatches"]) for s in data.get("shards", [])]
 
 
 def _db_rows(data: dict) -> list[tuple]:
@@ -216,6 +250,8 @@ def check_html(data: dict, state_dir: Path | str | None = None) -> str:
             reports.html_table(["kind", "keys"], [(_KIND_LABELS[k], v) for k, v in data["by_kind"].items()]),
             "<h2>By database</h2>",
             reports.html_table(["db", "source keys", "target keys", *(_KIND_LABELS[k] for k in compare.KINDS)], _db_rows(data)),
+            *(["<h2>By shard (cluster)</h2>", reports.html_table(_SHARD_HEADERS, _shard_rows(data))]
+              if data.get("shards") else []),
             "<h2>Expiry deltas (target − source)</h2>", svg_bars([(_bin_label(b), b["count"]) for b in data["ttl_histogram"]]),
             "<h2>Mismatches over successive checks</h2>",
             svg_bars([(h["created_at"][11:19], h.get("mismatch_count", 0)) for h in history])]

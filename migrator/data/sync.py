@@ -96,6 +96,8 @@ class SyncResult:
     report_id: str = ""
     sides: dict = field(default_factory=dict)  # both servers as the pass began (``migrator.sides``)
     restarted: str = ""  # why an interrupted pass was started over instead of resumed
+    shards: list[dict] = field(default_factory=list)  # a cluster source: per shard (``cluster_sync``)
+    replanned: list[str] = field(default_factory=list)  # a cluster source: why rounds were re-planned
 
     @property
     def keys_per_s(self) -> float:
@@ -126,6 +128,11 @@ class _Run:
         self.unsettled: list[tuple[int, str]] = []
         self.keyspace_events = True  # may turn on the source's keyspace events to watch writes
         self.errors: list[tuple[int, str, str]] = []
+        self.clustered = (False, False)  # (source, target) run with cluster mode on
+
+    def result(self, *args) -> SyncResult:
+        """``_result`` for this run (for ``cluster_sync``, which does not import this module)."""
+        return _result(self, *args)
 
     def clients(self, db: int) -> tuple[redis.Redis, redis.Redis]:
         return connect(self.pb.source, "source", db=db), connect(self.pb.target, "target", db=db)
@@ -141,8 +148,9 @@ class _Run:
         self.unsettled += [(db, cpmod.encode_key(k)) for k in verifier.stats.unsettled]
         self.errors += [(db, cpmod.encode_key(k), e) for k, e in copy_errors.items()]
 
-    def copier(self, src, dst, method: str, sign: bool = True) -> Copier:
-        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES, sign=sign)
+    def copier(self, src, dst, method: str, sign: bool = True, undeclared: tuple[bool, bool] = (False, False)) -> Copier:
+        return Copier(src, dst, method, chunk=self.chunk, chunk_bytes=DEFAULT_CHUNK_BYTES, sign=sign,
+                      undeclared=undeclared)
 
     def verifier(self, src, dst, copier: Copier, watch: WriteWatch | None = None) -> Verifier:
         return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms, watch=watch)
@@ -212,9 +220,19 @@ def run(playbook: Playbook, *, restart: bool = False, dirty: bool = False, rate:
         r = _Run(playbook, rate, batch, publish, chunk, settle)
         r.keyspace_events = keyspace_events
         from migrator.compat import ownstats
+        from migrator.data import cluster_sync
 
         with server_errors("sync"), ownstats.recording(state_dir, connect(playbook.source, "source")):
-            result = _run_dirty(r) if dirty else _run_full(r, restart)
+            r.clustered = (cluster_sync.is_cluster_endpoint(playbook.source, "source"),
+                           cluster_sync.is_cluster_endpoint(playbook.target, "target"))
+            if dirty:
+                result = _run_dirty(r)
+            elif r.clustered[0]:
+                result = cluster_sync.run_full(r, restart, pub.set_shards)
+            elif r.clustered[1]:
+                result = cluster_sync.run_full_to_cluster(r, restart)
+            else:
+                result = _run_full(r, restart)
         result.report_id = _write_report(playbook, result)
         pub.update(result.keys, max(pub.total, result.keys), force=True)
         outcome = "complete" if result.complete else "incomplete"
@@ -500,7 +518,16 @@ def _run_dirty(r: _Run) -> SyncResult:
     method = cp.method if cp and cp.method else ""
     reason = cp.method_reason if cp and cp.method else ""
     r.total_keys = dirty.count
-    for db, keys in sorted(dirty.keys.items()):
+    if any(r.clustered):  # keys routed by slot on each side (a cluster has database 0 only)
+        from migrator.data import cluster_sync
+
+        keys = sorted(k for ks in dirty.keys.values() for k in ks)
+        if keys:
+            method, reason = cluster_sync.copy_and_verify_routed(r, keys, method, compare_first=True)
+        dirty_keys: dict[int, set] = {}
+    else:
+        dirty_keys = dirty.keys
+    for db, keys in sorted(dirty_keys.items()):
         if not method:
             src, dst = r.clients(db)
             method, reason = detect_method(src, dst, reports.latest(r.pb.state_path, "compat"))

@@ -77,6 +77,12 @@ return out
 """
 
 
+# The same probe with the keys in ARGV (after the two limits) instead of KEYS: a cluster node runs
+# a script without a shebang that reads keys of several of its slots when none are declared
+# (declared keys must share one slot), so a batch is one call per node, not one per slot.
+_PROBE_ARGV_LUA = "local KEYS = {}\nfor i = 3, #ARGV do KEYS[i - 2] = ARGV[i] end\n" + _PROBE_LUA
+
+
 class KeyState(NamedTuple):
     """One key on one server at one moment. ``digest`` (hex bytes) is empty when none was computed."""
 
@@ -106,19 +112,23 @@ def _s(v: Any) -> str:
 class Prober:
     """Reads KeyStates for batches of keys, by Lua script where allowed, else by pipelined reads."""
 
-    def __init__(self, client: redis.Redis, chunk: int, max_bytes: int) -> None:
+    def __init__(self, client: redis.Redis, chunk: int, max_bytes: int, undeclared: bool = False) -> None:
         self.client = client
         self.chunk = chunk
         self.max_bytes = max_bytes
         self.lua: bool | None = None  # unknown until the first call
-        self._script = client.register_script(_PROBE_LUA)
+        self.undeclared = undeclared  # keys passed as arguments (a cluster node's batch of several slots)
+        self._script = client.register_script(_PROBE_ARGV_LUA if undeclared else _PROBE_LUA)
 
     def probe(self, keys: list[bytes]) -> list[KeyState]:
         if not keys:
             return []
         if self.lua is not False:
             try:
-                rows = fastcall.evalsha(self.client, self._script, keys, [self.chunk, self.max_bytes])
+                if self.undeclared:
+                    rows = fastcall.evalsha(self.client, self._script, [], [self.chunk, self.max_bytes, *keys])
+                else:
+                    rows = fastcall.evalsha(self.client, self._script, keys, [self.chunk, self.max_bytes])
                 self.lua = True
                 types = _TYPE_NAMES
                 return [KeyState(types.get(t) or _s(t), ttl, n, d) for t, ttl, n, d in rows]

@@ -73,13 +73,14 @@ class Verifier:
         self.settle = settle
         self.ttl_tolerance_ms = ttl_tolerance_ms
         self.max_attempts = max_attempts
-        self.src_probe = values.Prober(src, copier.chunk, copier.chunk_bytes)
-        self.dst_probe = values.Prober(dst, copier.chunk, copier.chunk_bytes)
+        undeclared = getattr(copier, "undeclared", (False, False))  # cluster nodes: batches of several slots
+        self.src_probe = values.Prober(src, copier.chunk, copier.chunk_bytes, undeclared=undeclared[0])
+        self.dst_probe = values.Prober(dst, copier.chunk, copier.chunk_bytes, undeclared=undeclared[1])
         self.queue: deque[Pending] = deque()
         self.stats = VerifyStats()
         self.last_seq = -1
-        self._src_changed = src.register_script(_CHANGED_LUA)
-        self._dst_changed = dst.register_script(_CHANGED_LUA)
+        self._src_changed = fastcall.register(src, _CHANGED_LUA, undeclared[0])
+        self._dst_changed = fastcall.register(dst, _CHANGED_LUA, undeclared[1])
         self.pool = ThreadPoolExecutor(max_workers=1)  # the target's half of each comparison
         self._last_poll = 0.0
 
