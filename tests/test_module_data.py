@@ -15,7 +15,7 @@ from migrator import compat
 from migrator.compat.model import FAIL, PASS, WARN
 from migrator.data import check, copy, modtypes, sync
 from tests.helpers import run_cli
-from tests.moddata import with_modules
+from tests.moddata import module_path, with_modules
 from tests.test_data_helpers import FAST, load
 
 DOCS = {
@@ -198,3 +198,24 @@ def test_compat_skips_the_index_check_without_a_search_module(server_factory, ma
     """A source without RediSearch (FT._LIST unknown) has no index check in the report."""
     result = _compat(make_playbook, server_factory("valkey-9.1"), server_factory("valkey-9.1"))
     assert all(c.name != "search.indexes" for c in result.checks)
+
+
+def test_cluster_sync_copies_json_per_node_and_check_is_clean(cluster_factory, make_playbook):
+    """Between clusters, JSON keys of every slot are read from and written to their slot's owners, and check compares them."""
+    rejson = str(module_path("rejson"))
+    src = cluster_factory("redis-7.0", primaries=3, replicas=0, config={"loadmodule": rejson})
+    dst = cluster_factory("valkey-9.1", primaries=3, replicas=0, config={"loadmodule": rejson})
+    c = src.cluster_client()
+    docs = {f"doc:{i}": {"i": i, "tags": ["a", i]} for i in range(60)}
+    for key, doc in docs.items():
+        c.execute_command("JSON.SET", key, "$", json.dumps(doc))
+    c.pexpire("doc:7", 600_000)
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb)
+    assert res.complete and not res.errors, res.errors
+    t = dst.cluster_client()
+    assert all(_doc(t, k) == d for k, d in docs.items())
+    assert 590_000 < t.pttl("doc:7") <= 600_000
+    t.execute_command("JSON.SET", "doc:3", "$.tags[1]", "4")
+    result = check.run(pb, full=True, interval=0.05)
+    assert [(m.key, m.detail) for m in result.mismatches] == [(b"doc:3", "JSON mismatch at $.tags[1]: number values differ")]

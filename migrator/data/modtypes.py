@@ -88,6 +88,7 @@ class JsonCopier:
             return
         reads = fastcall.pipeline(self.src, b"".join(hiredis.pack_command((b"JSON.GET", s.key, b"$")) for s in snaps),
                                   len(snaps))
+        _raise_redirects(reads)
         writes, shapes = [], []
         for s, reply in zip(snaps, reads):
             if isinstance(reply, Exception):
@@ -111,6 +112,7 @@ class JsonCopier:
         if not writes:
             return
         replies = fastcall.pipeline(self.dst, b"".join(writes), sum(n for _, n, _ in shapes))
+        _raise_redirects(replies)
         at = 0
         for s, n, doc in shapes:
             mine, at = replies[at:at + n], at + n
@@ -122,6 +124,19 @@ class JsonCopier:
             else:
                 result.copied += 1
                 result.bytes += len(doc)
+
+
+# Replies that mean "ask another node": raised, so a cluster sync re-plans its round (cluster_sync)
+# rather than recording the key as failed.
+_REDIRECTS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
+              redis.exceptions.ClusterDownError)
+
+
+def _raise_redirects(replies: list) -> None:
+    for r in replies:
+        for x in (r if isinstance(r, list) else [r]):
+            if isinstance(x, _REDIRECTS):
+                raise x
 
 
 def _first_error(replies: list) -> Exception | None:
