@@ -200,8 +200,9 @@ def test_compat_skips_the_index_check_without_a_search_module(server_factory, ma
     assert all(c.name != "search.indexes" for c in result.checks)
 
 
-def test_cluster_sync_copies_json_per_node_and_check_is_clean(cluster_factory, make_playbook):
-    """Between clusters, JSON keys of every slot are read from and written to their slot's owners, and check compares them."""
+def test_cluster_sync_copies_json_per_node_and_check_is_clean(cluster_factory, server_factory, make_playbook, tmp_path):
+    """Between clusters, JSON keys of every slot are read from and written to their slot's owners, and check compares
+    them; onto a server without JSON each key fails, in every run of the pass."""
     rejson = str(module_path("rejson"))
     src = cluster_factory("redis-7.0", primaries=3, replicas=0, config={"loadmodule": rejson})
     dst = cluster_factory("valkey-9.1", primaries=3, replicas=0, config={"loadmodule": rejson})
@@ -219,3 +220,13 @@ def test_cluster_sync_copies_json_per_node_and_check_is_clean(cluster_factory, m
     t.execute_command("JSON.SET", "doc:3", "$.tags[1]", "4")
     result = check.run(pb, full=True, interval=0.05)
     assert [(m.key, m.detail) for m in result.mismatches] == [(b"doc:3", "JSON mismatch at $.tags[1]: number values differ")]
+    # The same cluster source onto a target without JSON: every document is an error, again when resumed.
+    bare = server_factory("valkey-9.1")
+    from tests.conftest import write_playbook
+
+    (tmp_path / "bare").mkdir()
+    pb2 = load(write_playbook(tmp_path / "bare" / "migrator.yaml", "", bare.url, source=src.endpoint(), **FAST))
+    for _run in range(2):
+        res = sync.run(pb2)
+        assert not res.complete and len(res.errors) == len(docs)
+        assert all("no JSON.GET or JSON.SET" in e for _db, _k, e in res.errors)
