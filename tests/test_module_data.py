@@ -90,7 +90,8 @@ def test_sync_refuses_json_keys_on_a_target_without_json_commands(server_factory
 
 
 def test_check_compares_json_canonically_and_names_the_path(server_factory, make_playbook):
-    """Member order and number formatting are not differences; a changed leaf is a JSON mismatch at its path."""
+    """Member order and number formatting are not differences; a changed leaf is a JSON mismatch at its path
+    (with --show-values, both documents' beginnings)."""
     src = _json_source(server_factory)
     dst = server_factory("valkey-8.1", **with_modules("rejson"))
     pb = load(make_playbook(src, dst, **FAST))
@@ -101,9 +102,10 @@ def test_check_compares_json_canonically_and_names_the_path(server_factory, make
                                                   '"n":1.0,"tags":["a","b"],"name":"ada"}')
     assert check.run(pb, full=True, interval=0.05).clean
     t.execute_command("JSON.SET", "doc:obj", "$.nested.deep[2].k", '"w"')
-    result = check.run(pb, full=True, interval=0.05)
+    result = check.run(pb, full=True, interval=0.05, show_values=True)
     assert [(m.key, m.kind) for m in result.mismatches] == [(b"doc:obj", "value")]
     assert result.mismatches[0].detail == "JSON mismatch at $.nested.deep[2].k: string values differ"
+    assert '"k":"v"' in result.mismatches[0].source_value and '"k":"w"' in result.mismatches[0].target_value
 
 
 # --- compat: module data and indexes --------------------------------------------------------------
