@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
+
 from migrator import compat
 from migrator.compat.model import FAIL, PASS, WARN
 from migrator.data import check, copy, modtypes, sync
@@ -87,6 +89,41 @@ def test_sync_refuses_json_keys_on_a_target_without_json_commands(server_factory
     assert human.returncode == 1, human.stdout + human.stderr
     assert "4 errors" in human.stdout and "error: db 0 key doc:" in human.stdout and "valkey-json" in human.stdout
     assert "0 unsettled" in human.stdout
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["keyspace-events", "signatures"])
+def test_json_writes_landing_between_read_and_write_are_repaired(server_factory, make_playbook, monkeypatch, events):
+    """A mirrored JSON update landing between a document's JSON.GET and its JSON.SET is caught by the
+    verification (JSON keyspace events, or a comparison: JSON keys have no DUMP signature) and re-copied."""
+    src = server_factory("redis-7.0", **with_modules("rejson"))
+    dst = server_factory("valkey-9.1", **with_modules("rejson"))
+    n = 200
+    for side in (src, dst):  # a second pass over equal data: the mirrored update applies on both sides
+        p = side.client().pipeline(transaction=False)
+        for i in range(n):
+            p.execute_command("JSON.SET", f"j:{i}", "$", json.dumps({"n": i, "tags": []}))
+        p.execute()
+    s, t = src.client(), dst.client()
+    raced: list[bytes] = []
+    original = modtypes.document
+
+    def read_then_race(reply):
+        doc = original(reply)
+        key = f"j:{json.loads(doc)['n']}".encode() if doc else None
+        if key and len(raced) < 5 and key not in raced:
+            raced.append(key)
+            for server in (s, t):  # the shim's order: source first, then target
+                server.execute_command("JSON.ARRAPPEND", key, "$.tags", '"late"')
+        return doc  # read before the update: the copy writes it over the target's updated document
+
+    monkeypatch.setattr(modtypes, "document", read_then_race)
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb, batch=50, keyspace_events=events)
+    assert len(raced) == 5 and res.complete and not res.errors, res
+    assert res.recopied >= 5
+    assert all(_doc(t, k.decode())["tags"] == ["late"] for k in raced)
+    result = check.run(pb, full=True, interval=0.05)
+    assert result.clean and result.checked == n, [(m.key, m.detail) for m in result.mismatches]
 
 
 def test_check_compares_json_canonically_and_names_the_path(server_factory, make_playbook):
