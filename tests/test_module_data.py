@@ -128,7 +128,7 @@ def test_json_writes_landing_between_read_and_write_are_repaired(server_factory,
 
 def test_check_compares_json_canonically_and_names_the_path(server_factory, make_playbook):
     """Member order and number formatting are not differences; a changed leaf is a JSON mismatch at its path
-    (with --show-values, both documents' beginnings)."""
+    (with --show-values, both documents' beginnings), and --repair copies the document again."""
     src = _json_source(server_factory)
     dst = server_factory("valkey-8.1", **with_modules("rejson"))
     pb = load(make_playbook(src, dst, **FAST))
@@ -143,6 +143,9 @@ def test_check_compares_json_canonically_and_names_the_path(server_factory, make
     assert [(m.key, m.kind) for m in result.mismatches] == [(b"doc:obj", "value")]
     assert result.mismatches[0].detail == "JSON mismatch at $.nested.deep[2].k: string values differ"
     assert '"k":"v"' in result.mismatches[0].source_value and '"k":"w"' in result.mismatches[0].target_value
+    repaired = check.run(pb, full=True, interval=0.05, repair=True)
+    assert repaired.clean and [m.key for m in repaired.repaired] == [b"doc:obj"]
+    assert _doc(t, "doc:obj") == DOCS["doc:obj"]
 
 
 # --- compat: module data and indexes --------------------------------------------------------------
