@@ -69,6 +69,19 @@ def test_json_is_never_restored_from_a_dump(server_factory):
     assert isinstance(flat[5], bytes)  # the string is DUMPed as usual
 
 
+@pytest.mark.parametrize("method", [copy.DUMP, copy.STRUCT])
+def test_json_copy_without_scripting(server_factory, method):
+    """Where EVAL is denied (pipelined reads), JSON keys are copied with JSON.GET/JSON.SET and their expiry all the same."""
+    src = _json_source(server_factory)
+    dst = server_factory("valkey-9.1", **with_modules("rejson"))
+    copier = copy.Copier(src.client(), dst.client(), method)
+    copier.lua = False
+    res = copier.copy([k.encode() for k in DOCS] + [b"plain"])
+    assert res.copied == len(DOCS) + 1 and not res.errors
+    t = dst.client()
+    assert all(_doc(t, k) == d for k, d in DOCS.items()) and 590_000 < t.pttl("doc:arr") <= 600_000
+
+
 def test_sync_refuses_json_keys_on_a_target_without_json_commands(server_factory, make_playbook):
     """Each JSON key is named with the reason and the fix, the sync exits 1, and the other keys are copied."""
     src = _json_source(server_factory)
