@@ -304,3 +304,15 @@ def test_shim_mirrors_json_writes_and_compares_json_reads(server_factory, make_e
     assert _doc(dst.client(), "doc") == {"a": 3, "l": ["x"]}
     stats = env.thread.call(lambda: env.thread.shim.stats)
     assert stats.commands[("write", "target")] == 3 and stats.compared >= 1 and not stats.divergences
+
+
+def test_compat_fails_json_when_one_target_shard_lacks_the_module(server_factory, cluster_factory, make_playbook):
+    """On a cluster target, every node must load the JSON module: one node without it fails the JSON keys."""
+    src = _json_source(server_factory)
+    dst = cluster_factory("valkey-9.1", primaries=3, replicas=0, config={"enable-module-command": "yes"})
+    for n in dst.nodes[:-1]:  # the last shard gets no JSON module (compat talks to the first one)
+        with dst.node_client(n) as node:
+            node.execute_command("MODULE", "LOAD", str(module_path("rejson")))
+    rows = {f["what"]: f for f in _compat(make_playbook, src, dst).check("data.types").data["findings"]}
+    assert rows["type ReJSON-RL (4 keys)"]["status"] == FAIL
+    assert rows["type ReJSON-RL (4 keys)"]["fix"] == "load valkey-json on the target"

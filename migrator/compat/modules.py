@@ -232,7 +232,9 @@ def data_types_check(probe: Probe) -> Check:
     except Unavailable:
         target_modules = None
     try:
-        target_commands = target_table(probe)
+        # On a cluster target, one node's command table cannot vouch for every shard: MODULE LIST
+        # of every node decides there (module_names: the modules loaded on all of them).
+        target_commands = None if probe.clusters.get("target") else target_table(probe)
     except Unavailable:
         target_commands = None
     types = dict(probe.source_keys.types())
