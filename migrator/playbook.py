@@ -275,6 +275,11 @@ class ShimConfig(_Strict):
     # In reads-on-target with the replication strategy: a connection's reads after its own write
     # are answered by the source until the replica has that write (false: always the replica).
     read_your_writes: bool = True
+    # How clients log in (docs/shim.md, "Client authentication"): "password" (the shim checks
+    # shim.password; upstream connections use the playbook's credentials), "none" (no check), or
+    # "passthrough" (the client's own AUTH / HELLO AUTH is forwarded as that user to the servers,
+    # which decide). Unset: "password" when shim.password(_env) is set, else "none".
+    auth: Literal["password", "none", "passthrough"] | None = None
 
     _resolved_password: str | None = PrivateAttr(default=None)
 
@@ -293,6 +298,23 @@ class ShimConfig(_Strict):
     @property
     def client_password(self) -> str | None:
         return self._resolved_password or self.password
+
+    @property
+    def auth_mode(self) -> str:
+        """``auth`` as it applies: set, or "password" with a shim password, else "none"."""
+        if self.auth is not None:
+            return self.auth
+        return "password" if (self.password or self.password_env) else "none"
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> ShimConfig:
+        has_password = bool(self.password or self.password_env)
+        if self.auth == "password" and not has_password:
+            raise ValueError("shim.auth is password but neither shim.password nor shim.password_env is set")
+        if self.auth in ("none", "passthrough") and has_password:
+            raise ValueError(f"shim.auth is {self.auth} but shim.password (or password_env) is set: "
+                             "remove the password, or use shim.auth: password")
+        return self
 
     @property
     def listen_is_loopback(self) -> bool:
@@ -518,8 +540,9 @@ class Playbook(_Strict):
     def _cross_checks(self) -> "Playbook":
         if self.source.identity() == self.target.identity():
             raise ValueError("source and target are the same server")
-        if not self.shim.listen_is_loopback and not (self.shim.password or self.shim.password_env):
-            raise ValueError("shim.password (or shim.password_env) is required when shim.listen is not a loopback address")
+        if not self.shim.listen_is_loopback and self.shim.auth_mode == "none":
+            raise ValueError("shim.password (or shim.password_env, or shim.auth: passthrough) is required when "
+                             "shim.listen is not a loopback address")
         return self
 
     @property

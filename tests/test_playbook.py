@@ -117,6 +117,24 @@ def test_same_server_and_exposed_shim_are_refused(tmp_path):
     assert any("shim.password" in p for p in out)
 
 
+def test_shim_auth_modes_are_checked_against_the_password(tmp_path):
+    """shim.auth defaults from the password, contradictions with it are errors naming both fields, and a
+    passthrough shim may listen beyond loopback (the servers check every login)."""
+    head = "version: 1\nname: x\nsource: {url: 'redis://a:1'}\ntarget: {url: 'redis://a:2'}\n"
+    assert load_text(tmp_path, head).shim.auth_mode == "none"
+    assert load_text(tmp_path, head + "shim: {password: pw-123}\n").shim.auth_mode == "password"
+    pb = load_text(tmp_path, head + "shim: {auth: passthrough, listen: '0.0.0.0:6380'}\n")
+    assert pb.shim.auth_mode == "passthrough"
+    out = problems(tmp_path, head + "shim: {auth: password}\n")
+    assert any("shim.auth is password but neither shim.password nor shim.password_env is set" in p for p in out), out
+    out = problems(tmp_path, head + "shim: {auth: passthrough, password: pw-123}\n")
+    assert any("shim.auth is passthrough but shim.password" in p for p in out), out
+    out = problems(tmp_path, head + "shim: {auth: none, listen: '0.0.0.0:6380'}\n")
+    assert any("is required when shim.listen is not a loopback address" in p for p in out), out
+    out = problems(tmp_path, head + "shim: {auth: users}\n")
+    assert any("shim.auth" in p for p in out), out
+
+
 def test_tls_requires_rediss(tmp_path):
     """TLS options on a plain redis:// URL are a mistake worth naming."""
     out = problems(tmp_path, "version: 1\nname: x\nsource: {url: 'redis://a:1', tls: {verify: false}}\ntarget: {url: 'rediss://a:2'}\n")

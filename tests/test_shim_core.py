@@ -110,6 +110,7 @@ class Host:
         self.endpoints = (pb.source, pb.target)
         self.endpoint_dbs = (0, 0)
         self.password = password
+        self.passthrough = False
         self.shadow_timeout = 0.5
         self.ttl_tolerance_ms = 1000
         self.client_window = max(64, self.cfg.mirror_queue_size // 8)

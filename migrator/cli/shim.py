@@ -29,8 +29,9 @@ def shim(ctx: Ctx, listen: str | None, admin: str | None, workers: int, shim_id:
             host, _port = split_hostport(listen)
         except ValueError as e:
             raise UsageError(f"--listen: {e}") from None
-        if not is_loopback(host) and not pb.shim.client_password:
-            raise UsageError("--listen on a non-loopback address needs shim.password (or shim.password_env) in the playbook")
+        if not is_loopback(host) and pb.shim.auth_mode == "none":
+            raise UsageError("--listen on a non-loopback address needs shim.password (or shim.password_env, "
+                             "or shim.auth: passthrough) in the playbook")
     if admin:
         try:
             split_hostport(admin)

@@ -143,6 +143,11 @@ def acl_check(probe: Probe) -> Check:
              "password hash: copy it from the source's ACL LIST)" for n in missing]
     if differ:
         fixes.append("make the target's users match the source's (ACL SETUSER ... reset, then the source's rules)")
+    refused = missing + [n for n, d in differ.items() if any(x.startswith(("passwords differ", "enabled on")) for x in d)]
+    if refused:
+        # (shim.auth: passthrough logs each client in on both servers: see docs/shim.md.)
+        fixes.append(f"until then, with shim.auth: passthrough the shim refuses the login of {', '.join(refused)} "
+                     "in mirroring, reads-on-target and writes-on-target")
     return Check("acl", "ACL users", FAIL, "; ".join(parts), "; ".join(fixes), data)
 
 

@@ -2,7 +2,12 @@
 
 What the client sets is applied at once and undone if the server's answer says it was not
 (``_state_change`` / ``_state_settled``); each new upstream connection is opened with it
-replayed before anything else (``_connect``). AUTH and QUIT are answered by the shim itself.
+replayed before anything else (``_connect``). AUTH and QUIT are answered by the shim itself,
+except with ``shim.auth: passthrough``: then the client's own AUTH / HELLO AUTH goes to the
+servers as that user (``_forward_login``), is replayed on every upstream connection opened later
+in place of the playbook's credentials, and a login only one side accepts is refused with a
+clear error and closes the connection (``_login_settled``). Passwords a server accepted are
+registered as secrets (``migrator.redact``); only user names are ever logged.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from typing import Any
 
 import hiredis
 
-from migrator.shim.commands import Classified, Cls
+from migrator.redact import register_secret
+from migrator.shim.commands import SIDE_NAMES, Classified, Cls
 from migrator.shim.entry import CONNECTING, Entry, internal_entry
 from migrator.shim.resp import OK, Framer, error_reply, is_error, parse
 
 PER_SIDE_STATE = frozenset({b"readonly", b"readwrite"})  # kept per side (see _readonly_settled)
+LOGIN_NAMES = frozenset({b"auth", b"hello"})  # what may carry a client's login (shim.auth: passthrough)
 _QUEUED = b"+QUEUED\r\n"
 
 
@@ -46,6 +53,18 @@ def tx_state_changes(tx: list[list[bytes]], result: list | None = None) -> dict[
     return changes
 
 
+def login_in(args: list[bytes]) -> tuple[bytes | None, bytes] | None:
+    """The (user, password) an AUTH or HELLO ... AUTH carries (user None: ``AUTH password``), or None."""
+    name = args[0].lower()
+    if name == b"auth":
+        return (args[1] if len(args) == 3 else None, args[-1]) if len(args) in (2, 3) else None
+    if name == b"hello":
+        for i in range(2, len(args) - 2):
+            if args[i].lower() == b"auth":
+                return args[i + 1], args[i + 2]
+    return None
+
+
 class ConnState:
     """The session's connection state: AUTH/QUIT answered here, SELECT/HELLO/CLIENT SETNAME/READONLY tracked and replayed."""
 
@@ -68,6 +87,9 @@ class ConnState:
         # with the playbook's credentials, so it is never forwarded.
         if len(args) not in (2, 3):
             self._local(args, c, error_reply("ERR wrong number of arguments for 'auth' command"))
+            return
+        if self.shim.passthrough:
+            self._forward_login(args, name, c, {}, (args[1] if len(args) == 3 else None, args[-1]))
             return
         if self.shim.password is None:
             self._local(args, c, OK)
@@ -93,11 +115,12 @@ class ConnState:
                     self._local(args, c, b"-NOPROTO unsupported protocol version\r\n")
                     return
                 forward.append(args[1])
-                i, setname, auth_ok = 2, None, None
+                i, setname, auth_ok, login = 2, None, None, None
                 while i < len(args):
                     opt = args[i].lower()
                     if opt == b"auth" and i + 2 < len(args):
                         auth_ok = self.shim.password is None or self._check_password(args[i + 2])
+                        login = (args[i + 1], args[i + 2])
                         i += 3
                     elif opt == b"setname" and i + 1 < len(args):
                         setname = args[i + 1]
@@ -120,6 +143,9 @@ class ConnState:
                 if setname is not None:
                     forward += [b"SETNAME", setname]
                     changes["name"] = setname
+                if login is not None and self.shim.passthrough:
+                    self._forward_login([*forward, b"AUTH", *login], name, c, changes, login)
+                    return
                 self._state_change(self._dispatch(forward, name, c, plan), changes)
                 return
             elif not self.authed:
@@ -131,6 +157,74 @@ class ConnState:
         changes = _state_changes(args, name)
         if changes:
             self._state_change(e, changes)
+
+    def _forward_login(self, args: list[bytes], name: bytes, c: Classified, changes: dict[str, Any],
+                       login: tuple[bytes | None, bytes]) -> None:
+        """``shim.auth: passthrough``: the client's AUTH / HELLO AUTH goes to the sides the phase uses.
+
+        In a two-sided phase the client's reply waits for both (``wait_shadow``): a login one side
+        refuses is settled by ``_login_settled``. The login is connection state: replayed on every
+        upstream connection opened later (``_connect``), the other side's included when a phase
+        starts using it.
+        """
+        e = self._dispatch(args, name, c, self.shim.routes[Cls.CONNECTION])
+        if e.shadow is not None:
+            e.wait_shadow = True
+        self._state_change(e, {**changes, "login": login})
+
+    def _login_reply(self, e: Entry, side: int) -> bool:
+        """``side`` answered a forwarded login: an accepted password becomes a secret to mask
+        (only accepted ones: a client trying passwords must not grow the list every log line is
+        checked against); with both answers in, ``_login_settled``. True: the client is refused."""
+        raw = e.rep[side]
+        login = login_in(e.args)
+        if login is None:
+            return False
+        if type(raw) is bytes and not is_error(raw):
+            register_secret(login[1].decode(errors="replace"))
+        if e.shadow is None or e.rep[e.shadow] is None or e.rep[e.answer] is None:
+            return False
+        return self._login_settled(e, login[0] or b"default")
+
+    def _login_settled(self, e: Entry, user: bytes) -> bool:
+        """Both sides answered a forwarded login: if only one accepted it, the client is refused.
+
+        One server has the connection logged in as the user and the other does not, so nothing
+        after it could run as one user on both: the client gets a WRONGPASS naming the user and
+        the side that refused (never the password), and the connection is closed after it.
+        True if so (the entry's reply is replaced).
+        """
+        ans, sh = e.rep[e.answer], e.rep[e.shadow]
+        if type(ans) is not bytes or type(sh) is not bytes or is_error(ans) == is_error(sh):
+            return False
+        refused = e.shadow if is_error(sh) else e.answer
+        raw = e.rep[refused]
+        uname = user.decode(errors="replace")
+        err = raw[1:].split(b"\r\n", 1)[0].decode(errors="replace")[:200]
+        code = err.split(" ", 1)[0] if err[:1].isupper() else "WRONGPASS"
+        self.login = None  # the client is not logged in as the user anywhere it could use it
+        shim = self.shim
+        shim.stats.refused["login-one-side"] += 1
+        shim.log.warning("shim.login_refused", user=uname, refused_by=SIDE_NAMES[refused],
+                         accepted_by=SIDE_NAMES[1 - refused], phase=str(getattr(shim, "applied_phase", "")),
+                         error=err, peer=self.client.peer)
+        e.local = error_reply(
+            f"{code} migrator shim: user '{uname}' was refused by the {SIDE_NAMES[refused]} ({err}) and accepted "
+            f"by the {SIDE_NAMES[1 - refused]}; in this phase the shim logs in to both servers, so the user must "
+            "exist with the same password on both (see the acl check of migrator compat); connection closed")
+        e.close_after = f"login of user '{uname}' refused by the {SIDE_NAMES[refused]}"
+        return True
+
+    def _login_lost(self, side: int, raw: bytes) -> None:
+        """A replayed login (a new upstream connection, or a phase that starts using a side) was
+        refused: the client cannot go on as its user on both sides; it is disconnected (logged)."""
+        uname = (self.login[0] or b"default").decode(errors="replace") if self.login else "default"
+        err = raw[1:].split(b"\r\n", 1)[0].decode(errors="replace")[:200]
+        self.shim.stats.refused["login-one-side"] += 1
+        self.shim.log.warning("shim.login_refused", user=uname, refused_by=SIDE_NAMES[side], error=err,
+                              peer=self.client.peer, replayed=True)
+        self.login = None
+        self.close(f"login of user '{uname}' refused by the {SIDE_NAMES[side]} ({err})")
 
     def _state_change(self, e: Entry, changes: dict[str, Any]) -> None:
         """``e`` changes the connection state: applied now, undone if its answer says it did not.
@@ -202,7 +296,10 @@ class ConnState:
         u.virtual = False
         ep = self.shim.endpoints[side]
         hs: list[list[bytes]] = []
-        if ep.password:
+        if self.shim.passthrough:
+            if self.login is not None:  # the client's own login (not logged in: the server's default user)
+                hs.append([b"AUTH", *([self.login[0]] if self.login[0] is not None else []), self.login[1]])
+        elif ep.password:
             hs.append([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()])
         if self.proto == 3:
             hs.append([b"HELLO", b"3"])

@@ -63,6 +63,7 @@ class ShimHost(Protocol):
     endpoints: tuple[Any, Any]  # playbook.Endpoint per side (AUTH replayed on each new connection)
     endpoint_dbs: tuple[int, int]
     password: bytes | None
+    passthrough: bool  # shim.auth: passthrough (clients' own logins go to the servers, see connstate)
     shadow_timeout: float
     ttl_tolerance_ms: int
     client_window: int

@@ -12,6 +12,13 @@ handshake on it as on a new connection. A connection that answers anything else,
 dropped. At most ``shim.pool_size`` connections per side are kept; a side without RESET is not
 pooled.
 
+With ``shim.auth: passthrough`` a connection is logged in as its session's user. RESET logs it
+out (back to the server's ``default`` user, which needs AUTH when it has a password), and nothing
+else is sent, the playbook's credentials least of all: the next session logs in on it as its own
+user before anything else (``Session._connect``), so one user's connection never carries another
+user's commands. A connection whose session set a client name is not kept then (clearing the
+name may need a login).
+
 No socket here: the IO layer gives back transports and takes them.
 """
 
@@ -90,6 +97,10 @@ class Pool:
             return False
         ep = self.shim.endpoints[side]
         cmds: list[tuple[list[bytes], bytes]] = [([b"RESET"], RESET_REPLY)]
+        if self.shim.passthrough:
+            if named:
+                return False
+            return self._keep(side, transport, protocol, cmds)
         if ep.password:
             cmds.append(([b"AUTH", *([ep.user.encode()] if ep.user else []), ep.password.encode()], b"+OK\r\n"))
         db = self.shim.endpoint_dbs[side]
@@ -97,6 +108,9 @@ class Pool:
             cmds.append(([b"SELECT", b"%d" % db], b"+OK\r\n"))
         if named:
             cmds.append(([b"CLIENT", b"SETNAME", b""], b"+OK\r\n"))
+        return self._keep(side, transport, protocol, cmds)
+
+    def _keep(self, side: int, transport, protocol, cmds: list[tuple[list[bytes], bytes]]) -> bool:
         p = Pooled(self, side, transport, [reply for _args, reply in cmds])
         protocol.session = p
         self.resetting[side].add(p)

@@ -13,7 +13,7 @@ import time
 from migrator.shim import compare as cmp
 from migrator.shim import effects, lag, server_cmds
 from migrator.shim.commands import SIDE_NAMES, SOURCE, TARGET, Cls
-from migrator.shim.connstate import PER_SIDE_STATE
+from migrator.shim.connstate import LOGIN_NAMES, PER_SIDE_STATE
 from migrator.shim.entry import (
     DEFERRED,
     EVALSHA_NAMES,
@@ -96,6 +96,8 @@ class Replies:
             if e.heal_sha is not None:
                 if not is_error(raw):
                     shim.scripts_loaded[side].add(e.heal_sha)
+            elif is_error(raw) and e.name == b"auth" and shim.passthrough and self.login is not None:
+                self._login_lost(side, raw)  # the client's own login, replayed (shim.auth: passthrough)
             elif is_error(raw):
                 # This connection's state (a command it replays) was refused: the side is fine.
                 self.fail(side, f"{SIDE_NAMES[side]} refused {e.name.decode().upper()} while connecting: "
@@ -128,6 +130,9 @@ class Replies:
             self._shadow_refusal(e)
         if e.compare and complete(e, 1 - side):
             self._compare(e)
+        if e.name in LOGIN_NAMES and shim.passthrough and self._login_reply(e, side):
+            self._finish_side(e, side)
+            return
         self._finish_side(e, side)
         if (e.cls is Cls.CONNECTION and e.shadow is not None and e.rep[SOURCE] is not None
                 and e.rep[TARGET] is not None and is_error(e.rep[SOURCE]) != is_error(e.rep[TARGET])

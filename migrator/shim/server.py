@@ -184,6 +184,8 @@ class Shim:
                               + (f"-w{worker}" if worker is not None else ""))
         pw = self.cfg.client_password
         self.password: bytes | None = pw.encode() if pw else None
+        # shim.auth: passthrough: each client's own login goes to the servers (connstate._forward_login).
+        self.passthrough = self.cfg.auth_mode == "passthrough"
         self.shadow_timeout = self.cfg.shadow_timeout.total_seconds()
         self.ttl_tolerance_ms = int(playbook.check.ttl_tolerance.total_seconds() * 1000)
         self.stats = metrics.Stats()
@@ -254,7 +256,9 @@ class Shim:
         self._info_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="migrator-shim-info")
         self._run_id_task: asyncio.Task | None = None
         # Stateless clients share upstream connections in the one-sided phases (shim.mux).
-        self.mux = Mux(self, self.cfg.shared_connections, lambda cb: self.loop.call_soon(cb), self._open_shared)
+        # (Not with passthrough logins: a shared connection is logged in as one user.)
+        self.mux = Mux(self, 0 if self.passthrough else self.cfg.shared_connections, lambda cb: self.loop.call_soon(cb),
+                       self._open_shared)
         # Upstream connections of ended sessions, reset for the next one (shim.pool).
         self.pool = Pool(self, self.cfg.pool_size)
         # A side that is a Redis Cluster is reached through its slot router (shim.clusterside),
@@ -346,7 +350,8 @@ class Shim:
         for coro in (self._poll_loop(), self._heartbeat_loop(), self._sweep_loop(), self._run_id_loop()):
             self._tasks.append(asyncio.create_task(coro))
         self.log.info("shim.started", listen=self.listen, admin=self.admin_addr, phase=str(self.phase),
-                      generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display)
+                      generation=self.generation, source=self.endpoints[0].display, target=self.endpoints[1].display,
+                      auth=self.cfg.auth_mode)
 
     async def _start_clusters(self) -> None:
         """Route each side that is a Redis Cluster through a slot router of its own (shim.clusterside)."""
@@ -361,6 +366,9 @@ class Shim:
                 continue  # down: served as a standalone server, as before
             if not is_cl:
                 continue
+            if self.passthrough:
+                raise UsageError(f"shim.auth: passthrough is not supported with a cluster {SIDE_NAMES[side]} "
+                                 f"({ep.display}): use shim.auth: password")
             cs = ClusterSide(ep, SIDE_NAMES[side], log=self.log, classify=lambda a: self.table.classify(a),
                              on_dirty=self._slot_in_flight, stats=self.stats)
             await cs.start()

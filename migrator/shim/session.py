@@ -101,6 +101,7 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
         self.name: bytes | None = None
         self.readonly = [False, False]  # READONLY accepted by each side: replayed only there
         self.authed = shim.password is None
+        self.login: tuple[bytes | None, bytes] | None = None  # (user, password) forwarded (shim.auth: passthrough)
         self.tx: list[list[bytes]] | None = None
         self.tx_plan: Plan | None = None
         self.tx_gen = 0
@@ -549,7 +550,7 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
                 inflight.popleft()
                 self.inflight_n -= 1
                 if e.close_after:
-                    close = True
+                    close = e.close_after  # (a str: the reason)
                     break
                 continue
             raw = e.rep[e.answer]
@@ -580,7 +581,8 @@ class Session(Dispatch, FastPath, ConnState, Transactions, Subscriptions, Blocki
                 return
         out.clear()
         if close:
-            self.close("protocol error" if self.parser.error is not None else "client sent QUIT")
+            self.close(close if type(close) is str else "protocol error" if self.parser.error is not None
+                       else "client sent QUIT")
 
     # --- closing -------------------------------------------------------------------------
     def close(self, reason: str) -> None:
