@@ -228,7 +228,8 @@ def _map(reply):
 
 
 def test_compat_prints_ft_create_that_recreates_each_index(server_factory, make_playbook):
-    """Each source index is listed as not data, with an FT.CREATE that, run on the target, makes an identical index."""
+    """Each source index is listed as not data, with an FT.CREATE that, run on the target, makes an identical
+    index; once every index is there alike the check passes, and one that differs is named."""
     src = _search_source(server_factory)
     dst = server_factory("valkey-8.1", **with_modules("redisearch", "rejson"))
     check = _compat(make_playbook, src, dst).check("search.indexes")
@@ -239,6 +240,13 @@ def test_compat_prints_ft_create_that_recreates_each_index(server_factory, make_
     for name, line in made.items():
         t.execute_command(*shlex.split(line))
         assert _definition(t, name) == _definition(src.client(), name), name
+    # Recreated: the check passes; an index of the same name but another definition is named.
+    assert _compat(make_playbook, src, dst).check("search.indexes").status == PASS
+    t.execute_command("FT.DROPINDEX", "idx:docs")
+    t.execute_command("FT.CREATE", "idx:docs", "ON", "JSON", "PREFIX", "1", "doc:", "SCHEMA", "$.title", "AS", "title", "TEXT")
+    again = _compat(make_playbook, src, dst).check("search.indexes")
+    assert again.status == WARN and "another definition: idx:docs" in again.evidence
+    assert made["idx:docs"] in again.remediation and made["idx:users"] not in again.remediation
 
 
 def test_compat_fails_indexes_when_the_target_has_no_search_module(server_factory, make_playbook):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
+
 from migrator.compat.commands import lookup, target_table
-from migrator.compat.model import FAIL, WARN, Check
+from migrator.compat.model import FAIL, PASS, WARN, Check
 from migrator.compat.modules import module_names
 from migrator.compat.probe import Probe
 from migrator.compat.rpc import Unavailable, text
@@ -158,8 +160,18 @@ def index_names(probe: Probe) -> list[str] | None:
     return sorted(text(n) for n in (reply or []))
 
 
+def _target_indexes(probe: Probe, names: list[str]) -> dict[str, str]:
+    """The FT.CREATE of each of ``names`` already on the target (none where it cannot tell)."""
+    try:
+        present = {text(n) for n in probe.target.call("FT._LIST", raw=True) or []}
+        return {n: quote(ft_create(n, probe.target.call("FT.INFO", n, raw=True))) for n in names if n in present}
+    except (Unavailable, redis.exceptions.ResponseError):  # e.g. a search module whose FT.INFO differs
+        return {}
+
+
 def search_indexes_check(probe: Probe) -> Check | None:
-    """Each index on the source, with the FT.CREATE that recreates it on the target."""
+    """Each index on the source, with the FT.CREATE that recreates it on the target; passes once the
+    target has every one with the same definition."""
     names = index_names(probe)
     if not names:
         return None
@@ -168,12 +180,23 @@ def search_indexes_check(probe: Probe) -> Check | None:
         target_has = lookup(target_table(probe), "ft.create") is not None
     except Unavailable:
         target_has = None
+    on_target = _target_indexes(probe, names) if target_has is not False else {}
+    same = [n for n in names if on_target.get(n) == commands[n]]
+    differ = [n for n in names if n in on_target and n not in same]
+    todo = [n for n in names if n not in same]
+    data = {"indexes": [{"name": n, "ft_create": c, "on_target": "same" if n in same else "differs" if n in differ
+                         else "missing"} for n, c in commands.items()]}
     listed = ", ".join(names)
+    if not todo:
+        return Check("search.indexes", TITLE, PASS, f"{len(names)} RediSearch index(es) on the source ({listed}): "
+                     "each is on the target with the same definition", "", data)
     evidence = (f"{len(names)} RediSearch index(es) on the source ({listed}): an index is not data, and no copy "
-                "carries it; it must be recreated on the target, which then indexes the copied keys")
-    fix = ("run on the target, before it serves reads: " + " ; ".join(commands.values()) +
-           " (aliases, synonyms and dictionaries are not included: recreate those too)")
-    data = {"indexes": [{"name": n, "ft_create": c} for n, c in commands.items()]}
+                f"carries it; {len(todo)} must be recreated on the target, which then indexes the copied keys")
+    if differ:
+        evidence += f"; on the target with another definition: {', '.join(differ)}"
+    fix = ("run on the target, before it serves reads" + (" (after FT.DROPINDEX of those that differ)" if differ else "")
+           + ": " + " ; ".join(commands[n] for n in todo)
+           + " (aliases, synonyms and dictionaries are not included: recreate those too)")
     if target_has is False:
         return Check("search.indexes", TITLE, FAIL, evidence + "; the target has no FT.CREATE",
                      "load valkey-search on the target (check that it supports these field types), then " + fix, data)
