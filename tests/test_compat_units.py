@@ -57,12 +57,12 @@ def test_module_mapping_passes_replacements_and_fails_the_rest():
     assert rows["custom"].status == FAIL and rows["custom"].fix
 
 
-def test_module_types_fail_without_a_module_and_warn_with_one():
-    """Sampled ReJSON-RL data warns when the target loads json and fails when it does not; vector sets always fail."""
+def test_module_types_fail_without_a_module_and_pass_json_with_one():
+    """Sampled ReJSON-RL data passes when the target loads json (copied type-aware) and fails when it does not; vector sets always fail."""
     types = {"string": 5, "ReJSON-RL": 2, "vectorset": 1}
     with_json = {f.what.split()[1]: f.status for f in odd_types(types, {"json"})}
     without = {f.what.split()[1]: f.status for f in odd_types(types, set())}
-    assert with_json == {"ReJSON-RL": WARN, "vectorset": FAIL}
+    assert with_json == {"ReJSON-RL": PASS, "vectorset": FAIL}
     assert without == {"ReJSON-RL": FAIL, "vectorset": FAIL}
 
 

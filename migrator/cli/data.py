@@ -126,9 +126,16 @@ def sync(cctx: click.Context, ctx: Ctx, restart: bool, dirty: bool, rate, batch,
         for sh in report.get("shards") or []:  # a cluster source: one line per source shard
             click.echo(f"  shard {sh['address']} slots {sh['slots']}: {sh['slots_done']:,}/{sh['slots_total']:,} slots, "
                        f"{sh['keys']:,} keys ({sh['run_keys']:,} this run), read from {sh['reader'] or '-'}")
+        for e in report.get("errors", [])[:SHOWN_ERRORS]:
+            click.echo(f"error: db {e['db']} key {e['key']}: {redact(e['error'])}")
+        if len(res.errors) > SHOWN_ERRORS:
+            click.echo(f"... {len(res.errors) - SHOWN_ERRORS} more errors in the report")
         click.echo(f"report: {res.report_id} ({reports.reports_dir(pb.state_path)})")
     if not res.complete:
         cctx.exit(1)
+
+
+SHOWN_ERRORS = 5  # copy errors printed under a sync's summary line; the report lists more
 
 
 def _replica_sync(cctx: click.Context, pb, wait: bool, output: str) -> None:

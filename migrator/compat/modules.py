@@ -49,6 +49,37 @@ MODULE_TYPES: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class ModuleType:
+    """What a module data type is, which Valkey module holds it, and a command that creates it
+    (the target's command table tells whether some loaded module provides it)."""
+
+    what: str
+    carrier: str  # the Valkey module that holds this type; "" if none does
+    command: str
+
+
+# TYPE name (lower case) → what it is. valkey-bloom holds bloom filters only; RediSearch 1.x kept
+# its indexes in keys of its own types (2.x keeps none in the keyspace).
+TYPE_INFO: dict[str, ModuleType] = {
+    "rejson-rl": ModuleType("JSON documents", "valkey-json", "json.set"),
+    "mbbloom--": ModuleType("Bloom filters", "valkey-bloom", "bf.add"),
+    "mbbloomcf": ModuleType("cuckoo filters", "", "cf.add"),
+    "topk-type": ModuleType("top-k sketches", "", "topk.add"),
+    "cmsk-type": ModuleType("count-min sketches", "", "cms.incrby"),
+    "tdis-type": ModuleType("t-digest sketches", "", "tdigest.add"),
+    "tsdb-type": ModuleType("time series", "", "ts.add"),
+    "vectorset": ModuleType("vector sets", "", "vadd"),
+    "graphdata": ModuleType("graphs", "", "graph.query"),
+    "ft_index0": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+    "ft_invidx": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+    "numericdx": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+    "ft_tagidx": ModuleType("RediSearch 1.x index structures", "", "ft.create"),
+}
+MODULE_TYPES.update({"ft_index0": "search", "ft_invidx": "search", "numericdx": "search", "ft_tagidx": "search"})
+JSON_KIND = "rejson-rl"  # copied and compared type-aware by sync and check (migrator/data/modtypes.py)
+
+
 def module_names(probe: Probe, role: str) -> set[str]:
     """The modules loaded; on a cluster source those of any node (any may hold module data), on a
     cluster target those loaded on every node (a module missing on one shard fails its keys)."""
@@ -108,22 +139,62 @@ def modules_check(probe: Probe) -> Check:
     return _findings_check("modules", "Modules", findings, passed, {"source": sorted(source), "target": sorted(target)})
 
 
-def odd_types(types: dict[str, int], target_modules: set[str] | None) -> list[Finding]:
-    """A finding for each sampled type outside the core types (module data, vector sets)."""
+def _carried(kind: str, target_modules: set[str] | None, target_commands: dict | None) -> tuple[bool | None, str]:
+    """Whether the target can hold data of module type ``kind``, and how that is known: its
+    command table has the command that creates it, else MODULE LIST shows a module that holds
+    it; None: cannot tell (valkey-bloom and RedisBloom are both listed as "bf")."""
+    info, module = TYPE_INFO.get(kind), MODULES.get(MODULE_TYPES.get(kind, ""))
+    if info and target_commands is not None:
+        return lookup(target_commands, info.command) is not None, f"the target has {info.command.upper()}"
+    if module is None or info is None or target_modules is None:
+        return None, ""
+    listed = sorted(({MODULE_TYPES[kind]} | set(module.valkey_modules)) & target_modules)
+    if not listed:
+        return False, ""
+    return (True if info.carrier else None), f"MODULE LIST on the target shows {', '.join(listed)}"
+
+
+def odd_types(types: dict[str, int], target_modules: set[str] | None, target_commands: dict | None = None,
+              scope: str = "sampled") -> list[Finding]:
+    """A finding for each sampled type outside the core types (module data, vector sets): how many
+    keys, what holds them on Valkey, and whether the target can (``scope`` says what was counted)."""
     out = []
     for kind, n in sorted(types.items()):
         if kind in CORE_TYPES:
             continue
-        rep = MODULES.get(MODULE_TYPES.get(kind.lower(), ""))
-        what = f"type {kind} ({n} sampled key{'s' if n != 1 else ''})"
-        if rep and target_modules is not None and set(rep.valkey_modules) & target_modules:
-            out.append(Finding(what, WARN, f"{rep.what} data; the target has a module for it, but migrator "
-                                           "cannot verify the copy", "cover this data in steps.compatibility.test_command"))
-        elif rep:
-            out.append(Finding(what, FAIL, f"{rep.what} data the target cannot hold", rep.advice))
-        else:
+        low = kind.lower()
+        info, rep = TYPE_INFO.get(low), MODULES.get(MODULE_TYPES.get(low, ""))
+        what = f"type {kind} ({n}{' ' + scope if scope else ''} key{'s' if n != 1 else ''})"
+        if info is None or rep is None:
             out.append(Finding(what, FAIL, "a module type with no known Valkey counterpart",
                                f"load a module on the target that defines {kind}, or move this data elsewhere first"))
+            continue
+        holder = f"{info.carrier} holds them" if info.carrier else "no Valkey module holds them"
+        if info.what.startswith("RediSearch 1.x"):
+            out.append(Finding(what, FAIL, f"{info.what}: an index, not data, and no copy carries them",
+                               "recreate the index on the target with FT.CREATE (valkey-search) and leave these keys "
+                               "out; better, upgrade RediSearch on the source first"))
+            continue
+        carried, how = _carried(low, target_modules, target_commands)
+        if carried and low == JSON_KIND:
+            out.append(Finding(what, PASS, f"{info.what}: {how}; sync copies them with JSON.GET/JSON.SET and check "
+                                           "compares them as JSON"))
+        elif carried:
+            out.append(Finding(what, WARN, f"{info.what}: {how}, but migrator copies them by DUMP/RESTORE and "
+                                           "cannot verify the copy", "cover this data in steps.compatibility.test_command"))
+        elif carried is None:
+            out.append(Finding(what, WARN, f"{info.what} ({holder}): could not tell whether the target holds them "
+                                           f"({how or 'neither COMMAND nor MODULE LIST answered'})",
+                               f"check that the target runs {info.command.upper()}; {rep.advice}"))
+        else:
+            if info.carrier:
+                fix = f"load {info.carrier} on the target"
+            elif MODULE_TYPES[low] == "bf":
+                fix = f"valkey-bloom holds Bloom filters only: move the {info.what} elsewhere first"
+            else:
+                fix = rep.advice
+            out.append(Finding(what, FAIL, f"{info.what} the target cannot hold: it has no {info.command.upper()} "
+                                           f"({holder})", fix))
     return out
 
 
@@ -200,13 +271,22 @@ def data_types_check(probe: Probe) -> Check:
         target_modules = module_names(probe, "target")
     except Unavailable:
         target_modules = None
+    try:
+        # On a cluster target, one node's command table cannot vouch for every shard: MODULE LIST
+        # of every node decides there (module_names: the modules loaded on all of them).
+        target_commands = None if probe.clusters.get("target") else target_table(probe)
+    except Unavailable:
+        target_commands = None
     types = dict(probe.source_keys.types())
-    findings = odd_types(types, target_modules)
+    whole = all(d.complete for d in probe.source_keys.dbs.values())
+    findings = odd_types(types, target_modules, target_commands, "" if whole else "sampled")
     if (ttl := hash_ttl(probe)) is not None:
         findings.append(ttl)
     sampled = sum(len(d.sampled) for d in probe.source_keys.dbs.values())
     listed = ", ".join(f"{k} {n}" for k, n in sorted(types.items())) or "none"
-    passed = f"{sampled} keys sampled; types: {listed}; all core types" + (f"; {ttl.note}" if ttl else "")
+    held = [f"{f.what}: {f.note}" for f in findings if f.status == PASS and f.what.startswith("type ")]
+    passed = (f"{sampled} keys sampled; types: {listed}; " + ("; ".join(held) if held else "all core types")
+              + (f"; {ttl.note}" if ttl else ""))
     data = {"sampled_keys": sampled, "types": types}
     if ttl is not None:
         data["field_ttls"] = probe.memo("field_ttls", lambda: count_field_ttls(probe)).to_json()

@@ -13,6 +13,7 @@ from typing import Callable
 import redis
 
 from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
+from migrator.compat import search
 from migrator.compat import sentinel as sentinel_checks
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
 from migrator.compat.probe import Probe
@@ -42,6 +43,8 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("data.types", "Data the target cannot hold", modules.data_types_check,
      "look for module types, vector sets and hash field TTLs on the source"),
     ("modules", "Modules", modules.modules_check, "compare the modules loaded on both servers in the provider's console"),
+    ("search.indexes", search.TITLE, search.search_indexes_check,
+     "run FT._LIST and FT.INFO on the source and recreate each index on the target with FT.CREATE"),
     ("commands.missing", "Commands the target lacks", commands.missing_commands_check,
      "compare INFO commandstats on the source with COMMAND on the target"),
     ("commands.behaviour", "Commands that behave differently", commands.behaviour_check,

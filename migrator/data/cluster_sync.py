@@ -614,7 +614,7 @@ def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | N
         src.close()
         dst.close()
     complete = len(co.done) == cluster.SLOTS and not r.unsettled and not r.errors
-    cp.unsettled = list(r.unsettled)
+    cp.unsettled = list(dict.fromkeys(list(r.unsettled) + [(db, k) for db, k, _e in r.errors if k]))  # failed: retried
     cp.completed_at = iso(now()) if complete else None
     cpmod.save(pb.state_path, cp)
     if complete:
@@ -811,7 +811,7 @@ def run_full_to_cluster(r, restart: bool):
         src.close()
         dst.close()
     complete = prog.done and not r.unsettled and not r.errors
-    cp.unsettled = list(r.unsettled)
+    cp.unsettled = list(dict.fromkeys(list(r.unsettled) + [(db, k) for db, k, _e in r.errors if k]))  # failed: retried
     cp.completed_at = iso(now()) if complete else None
     cpmod.save(pb.state_path, cp)
     if complete:

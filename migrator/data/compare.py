@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from migrator.data import fieldttl
+from migrator.data import fieldttl, modtypes
 from migrator.data.values import (
     SIZE_COMMAND,
     KeyState,
@@ -39,7 +39,7 @@ def compare(src: redis.Redis, dst: redis.Redis, key: bytes, type_: str, chunk: i
     n_dst = dst.execute_command(SIZE_COMMAND.get(type_, "EXISTS"), key)
     if n_src != n_dst:
         return f"size {n_src} on source, {n_dst} on target"
-    fn = _COMPARERS.get(type_)
+    fn = _COMPARERS.get(type_) or modtypes.COMPARERS.get(type_)
     if fn is None:
         return _compare_dump(src, dst, key)
     return fn(src, dst, key, chunk, chunk_bytes)

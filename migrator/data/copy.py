@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import hiredis
 import redis
 
-from migrator.data import fastcall, fieldttl, streams, values
+from migrator.data import fastcall, fieldttl, modtypes, streams, values
 from migrator.data.keyspace import TMP_PREFIX, prefetch
 
 DUMP, STRUCT = "dump", "struct"
@@ -40,6 +40,8 @@ local function read(keys, maxn, maxb, dump)
   -- is a set or a hash, raw a string or a module type; a wrong guess is settled by TYPE.
   local compact = {listpack=true, ziplist=true, intset=true, embstr=true, int=true}
   local guess = {quicklist='list', skiplist='zset', raw='string', stream='stream', hashtable='set'}
+  -- Module types copied type-aware even by a DUMP copy (modtypes.TYPED): never DUMPed.
+  local typed = {['ReJSON-RL']=true}
   local out, special = {now, 0}, 0
   for i, k in ipairs(keys) do
     local enc = redis.call('OBJECT', 'ENCODING', k)
@@ -60,7 +62,7 @@ local function read(keys, maxn, maxb, dump)
         n = size[ty] and redis.call(size[ty], k) or 0
       end
       local big = (ty == 'string' and n > maxb) or (ty ~= 'string' and n > maxn)
-      if dump and not big then
+      if dump and not big and not typed[ty] then
         out[j], out[j + 1] = redis.call('PTTL', k), redis.call('DUMP', k)
       else
         out[j], out[j + 1] = redis.call('PTTL', k), {ty, n}
@@ -220,6 +222,7 @@ class Copier:
         self._scan_read = src.register_script(_SCAN_READ_LUA)
         self._restore = fastcall.register(dst, _RESTORE_LUA, undeclared[1])
         self.lua = True
+        self.json = modtypes.JsonCopier(src, dst)
         self._field_ttls: dict[str, bool] = {}  # "src"/"dst" → has hash field expiry (asked once)
 
     def field_ttls(self, side: str) -> bool:
@@ -261,7 +264,7 @@ class Copier:
         rows = []
         for k, st in zip(keys, states):
             big = (st.type == "string" and st.size > self.chunk_bytes) or (st.type != "string" and st.size > self.chunk)
-            payload = self.src.dump(k) if dump and st.exists and not big else None
+            payload = self.src.dump(k) if dump and st.exists and not big and st.type not in modtypes.TYPED else None
             rows += [st.pttl, payload if payload is not None else [st.type, st.size]]
         return _snaps(keys, now, rows, self.chunk, self.chunk_bytes)
 
@@ -300,6 +303,9 @@ class Copier:
         """Write what ``read`` returned (big keys are read and written chunk by chunk here)."""
         result = CopyResult()
         small = [s for s in snaps if not s.big]
+        if any(s.payload is None and s.type in modtypes.TYPED for s in small):
+            self.json.copy([s for s in small if s.type in modtypes.TYPED], result)
+            small = [s for s in small if s.type not in modtypes.TYPED]
         if self.method == DUMP:
             retry = self._write_dump(small, result)
         else:
@@ -338,6 +344,10 @@ class Copier:
                 result.deleted += gone
                 result.copied += not gone
                 result.bytes += len(s.payload or b"")
+            elif _payload_rejected(values._s(reply)) and s.payload and s.payload[0] in _RDB_MODULE:
+                # A module value the target cannot load says nothing about the core types' format.
+                result.errors[s.key] = (f"module data rejected by the target (is the module that defines its type "
+                                        f"loaded there?): {values._s(reply)}")
             elif _payload_rejected(values._s(reply)):
                 self.method = STRUCT  # this target cannot read the source's format at all
                 retry.append(s)
@@ -416,6 +426,7 @@ def restore(dst: redis.Redis, keys: list[bytes], expire_at: list[int], payloads:
     return [str(r).encode() if isinstance(r, Exception) else b"OK" for r in replies]  # DEL replies a count
 
 
+_RDB_MODULE = (6, 7)  # RDB_TYPE_MODULE(_2): a DUMP of module data
 _TYPES = {t.encode(): t for t in ("none", "string", "hash", "list", "set", "zset", "stream")}
 # RDB object type (a DUMP payload's first byte) → Redis type, for keys read without TYPE.
 _RDB_TYPES = {0: "string", 1: "list", 2: "set", 3: "zset", 4: "hash", 5: "zset", 6: "module", 7: "module",

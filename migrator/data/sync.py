@@ -291,7 +291,9 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
             cp.notify_before = None
             cpmod.save(state_dir, cp)
     complete = all(cp.db(d).done for d in dbs) and not r.unsettled and not r.errors
-    cp.unsettled = list(r.unsettled)
+    # A key that failed to copy is retried like an unsettled one when the pass resumes: otherwise
+    # a second run would skip it and call the pass complete.
+    cp.unsettled = list(dict.fromkeys(list(r.unsettled) + [(db, k) for db, k, _e in r.errors if k]))
     cp.completed_at = iso(now()) if complete else None
     cpmod.save(state_dir, cp)
     if complete:

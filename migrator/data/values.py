@@ -348,6 +348,8 @@ def value_preview(client: redis.Redis, key: bytes, type_: str, limit: int = 10) 
             return repr(client.lrange(key, 0, limit - 1))
         if type_ == "stream":
             return repr(client.xrange(key, count=limit))
+        if type_ == "ReJSON-RL":  # a JSON document (migrator/data/modtypes.py), as the server serialises it
+            return repr((client.execute_command("JSON.GET", key, "$") or b"")[:200])
     except redis.exceptions.RedisError as e:
         return f"(unreadable: {e})"
     return "(none)"

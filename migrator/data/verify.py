@@ -90,6 +90,8 @@ class Verifier:
     def add(self, seq: int, keys: list[bytes], written_at: float, result: CopyResult, marked_at: float = 0.0) -> None:
         """Queue a copied batch: ``result`` of its copy, ``marked_at`` taken before it was read."""
         self.last_seq = max(self.last_seq, seq)
+        if result.errors:  # reported as copy errors already: a re-copy would only fail again
+            keys = [k for k in keys if k not in result.errors]
         if keys:
             self.queue.append(Pending(seq, keys, written_at, signatures=result.signatures, marked_at=marked_at))
 
