@@ -134,8 +134,30 @@ def _probe_cluster(ep) -> bool:
 
 
 def load_command_table(ep) -> dict:
-    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop)."""
-    (reply,) = _raw_replies(ep, ("COMMAND",), timeout=10)
+    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop).
+
+    Where the server refuses ``COMMAND`` (a managed service renames it away or an ACL denies
+    it), the table shipped with migrator for the server's version family stands in
+    (``migrator.shim.command_tables``, docs/shim.md "Without COMMAND").
+    """
+    from migrator.compat.rpc import is_restricted
+    from migrator.shim import command_tables
+
+    try:
+        (reply,) = _raw_replies(ep, ("COMMAND",), timeout=10)
+    except UnreachableError as e:
+        if not isinstance(e.__context__, redis.exceptions.ResponseError) or not is_restricted(e.__context__):
+            raise
+        reply = e.__context__
+    if isinstance(reply, redis.exceptions.ResponseError):
+        server = _text(_raw_replies(ep, ("INFO", "server"), what="INFO")[0])
+        fields = dict(line.split(b":", 1) for line in server.splitlines() if b":" in line)
+        kind = "valkey" if fields.get(b"server_name", b"").strip() == b"valkey" or b"valkey_version" in fields else "redis"
+        version = fields.get(b"valkey_version" if kind == "valkey" else b"redis_version", b"0").strip().decode()
+        family = command_tables.family_for(kind, version)
+        get_logger("shim").warning("shim.command_table_shipped", server=ep.display, refused=str(reply).splitlines()[0],
+                                 family=family, version=f"{kind} {version}")
+        reply = command_tables.load_reply(family)
     return parse_command_reply(reply)
 
 
