@@ -34,7 +34,8 @@ PROFILES: dict[str, dict] = {
         "conf": ["user default on nopass ~* &* +@all -config -debug -migrate -module -psync -sync -replicaof "
                  "-slaveof -bgsave -bgrewriteaof -save -shutdown -acl|setuser -acl|deluser -acl|load -acl|save "
                  "-cluster|addslots -cluster|delslots -cluster|setslot"],
-        "refused": {"CONFIG GET", "CONFIG SET", "DEBUG", "REPLICAOF", "SYNC", "PSYNC"},
+        # (DEBUG answers "not allowed" (enable-debug-command) before any ACL check: disabled, not denied.)
+        "refused": {"CONFIG GET", "CONFIG SET", "REPLICAOF", "SYNC", "PSYNC"},
         "provider": "AWS MemoryDB",
     },
     # https://cloud.google.com/memorystore/docs/redis/product-constraints#blocked_redis_commands

@@ -1,0 +1,82 @@
+"""Managed services: compat, sync, check, gates and the shim against servers restricted like each provider.
+
+Each profile (``tests/providers.py``) emulates one provider's documented restrictions with
+``rename-command`` lines or ACL rules. One pair of servers serves all the steps of a case.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from migrator import compat, gates, reports
+from migrator.compat import capabilities
+from migrator.data import check, sync
+from migrator.phases import Phase
+from migrator.shim.commands import SOURCE, TARGET
+from migrator.state import StateStore
+from tests.providers import PROFILES
+from tests.test_data_helpers import FAST, bulk, load, populate
+
+# Every profile as the source (Redis 7.0); as the target (Valkey 9.1), the two that restrict
+# differently: by renaming (Memorystore: COMMAND, OBJECT, CLIENT, CONFIG gone) and by ACL (MemoryDB).
+CASES = [(name, "source") for name in PROFILES] + [("memorystore", "target"), ("memorydb", "target")]
+
+
+@pytest.mark.parametrize("name,role", CASES, ids=[f"{n}-as-{r}" for n, r in CASES])
+def test_provider_profile_compat_sync_check_gates_and_shim(name, role, server_factory, make_playbook, make_env):
+    """Against a server restricted like the provider, compat names what is refused and the provider, never claims
+    replication works when SYNC/PSYNC are refused, and sync, check, the gates and the mirroring shim all work."""
+    profile = PROFILES[name]
+    src = server_factory("redis-7.0", conf_lines=profile["conf"] if role == "source" else None)
+    dst = server_factory("valkey-9.1", conf_lines=profile["conf"] if role == "target" else None)
+    populate(src.client())
+    bulk(src.client(), 200)
+    src.client().sadd("bigset", *range(2500))  # copied in chunks (the read script's OBJECT path on a plain source)
+    path = make_playbook(src, dst, **FAST)
+    pb = load(path)
+
+    # compat: the profile, the provider guessed, the replication claim.
+    result = compat.run(pb)
+    prov = result.check("provider")
+    assert prov.status == compat.WARN, prov.evidence
+    caps = {c["name"]: c["state"] for c in result.data["capabilities"][role]["capabilities"]}
+    expected = capabilities.DENIED if name == "memorydb" else capabilities.RENAMED
+    assert {n: caps[n] for n in profile["refused"]} == {n: expected for n in profile["refused"]}, caps
+    assert profile["provider"] in result.data["capabilities"][role]["providers"], prov.evidence
+    other = "target" if role == "source" else "source"
+    assert result.data["capabilities"][other]["providers"] == []  # a plain server matches no provider
+    forward = result.data["replication"]["target_replicates_source"]
+    if role == "source" and profile["refused"] & {"SYNC", "PSYNC"}:
+        assert not forward.startswith("works") and ("SYNC" in forward), forward
+    elif role == "source":
+        assert forward.startswith("works"), forward  # Azure documents no SYNC/PSYNC block: not refused
+    page = (reports.reports_dir(pb.state_path) / f"{result.report_id}.md").read_text()
+    assert "## Provider profile" in page and profile["provider"] in page
+
+    # sync and a full check.
+    res = sync.run(pb, batch=100)
+    keys = src.client().dbsize()
+    assert keys > 200 and res.complete and res.keys == keys and dst.client().dbsize() == keys
+    assert check.run(pb, full=True, interval=0.05).clean
+
+    # The shim in mirroring: the restricted side's command table is loaded (shipped where COMMAND is refused).
+    env = make_env(src, dst, **FAST)
+    side = SOURCE if role == "source" else TARGET
+    assert env.thread.call(lambda: env.thread.shim.table.loaded(side))
+    env.walk_to(Phase.MIRRORING)
+    c = env.client()
+    c.set("via-shim", "1")
+    c.hset("bigset-h", mapping={"a": "1"})
+    c.sadd("bigset", "new-member")
+    c.expire("via-shim", 100)
+    env.flush()
+    for server in (src, dst):
+        r = server.client()
+        assert r.get("via-shim") == b"1" and r.hget("bigset-h", "a") == b"1" and r.sismember("bigset", "new-member")
+        assert 0 < r.ttl("via-shim") <= 100
+
+    # The gates the phase walk asks for read INFO only: none needs CONFIG, OBJECT or CLIENT.
+    store = StateStore(pb.state_path, pb.name)
+    ctx = gates.make_context(pb, store, store.load())
+    results = gates.evaluate(("source_reachable", "sides_live", "key_counts"), ctx)
+    assert len(results) == 3 and all(r.passed for r in results), [(r.name, r.evidence) for r in results]
