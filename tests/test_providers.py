@@ -80,3 +80,16 @@ def test_provider_profile_compat_sync_check_gates_and_shim(name, role, server_fa
     ctx = gates.make_context(pb, store, store.load())
     results = gates.evaluate(("source_reachable", "sides_live", "key_counts"), ctx)
     assert len(results) == 3 and all(r.passed for r in results), [(r.name, r.evidence) for r in results]
+
+
+def test_sync_without_object_or_a_compat_report_sizes_keys_with_type_and_size_commands(server_factory, make_playbook):
+    """With OBJECT renamed away and no compat report, sync picks its copy method and copies every key (big ones in chunks)."""
+    src = server_factory("redis-7.0", conf_lines=PROFILES["memorystore"]["conf"])
+    dst = server_factory("valkey-9.1")
+    bulk(src.client(), 300)
+    src.client().sadd("bigset", *range(2500))
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb, batch=100)
+    assert res.complete and res.method == "dump" and "accepts the source's DUMP payload" in res.method_reason
+    assert res.keys == dst.client().dbsize() == 301 and res.big == 1 and dst.client().scard("bigset") == 2500
+    assert check.run(pb, full=True, interval=0.05).clean
