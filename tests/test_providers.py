@@ -93,3 +93,29 @@ def test_sync_without_object_or_a_compat_report_sizes_keys_with_type_and_size_co
     assert res.complete and res.method == "dump" and "accepts the source's DUMP payload" in res.method_reason
     assert res.keys == dst.client().dbsize() == 301 and res.big == 1 and dst.client().scard("bigset") == 2500
     assert check.run(pb, full=True, interval=0.05).clean
+
+
+# What a locked-down service may refuse beyond the documented profiles: scripting, FUNCTION, MEMORY, DEBUG, OBJECT.
+NO_SCRIPTING = [f'rename-command {c} ""' for c in ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "SCRIPT", "FUNCTION",
+                                                     "FCALL", "FCALL_RO", "MEMORY", "DEBUG", "OBJECT")]
+
+
+def test_sync_and_check_without_scripting_object_memory_or_function_on_both_sides(server_factory, make_playbook):
+    """With no scripting, FUNCTION, MEMORY, DEBUG or OBJECT on either server, sync copies every key, says the
+    function libraries were not copied (not "no functions"), and check still finds the differences planted after it."""
+    src = server_factory("redis-7.0", conf_lines=NO_SCRIPTING)
+    dst = server_factory("valkey-9.1", conf_lines=NO_SCRIPTING)
+    populate(src.client())
+    bulk(src.client(), 300)
+    src.client().sadd("bigset", *range(2500))
+    pb = load(make_playbook(src, dst, **FAST))
+    res = sync.run(pb, batch=100)
+    keys = src.client().dbsize()
+    assert res.complete and res.keys == keys == dst.client().dbsize() and res.big == 1
+    assert res.functions.startswith("function libraries NOT copied: FUNCTION LIST is refused on the source")
+    assert check.run(pb, full=True, interval=0.05).clean
+    dst.client().set("k:5", "changed")
+    dst.client().delete("k:6")
+    dst.client().srem("bigset", 7)
+    found = check.run(pb, full=True, interval=0.05)
+    assert sorted(m.key for m in found.mismatches) == [b"bigset", b"k:5", b"k:6"], found.summary
