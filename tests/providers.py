@@ -31,9 +31,9 @@ PROFILES: dict[str, dict] = {
     # migrate, module, psync, replicaof, save, shutdown, slaveof, sync). MemoryDB enforces access
     # with ACLs: here the default user is denied them by ACL rules (NOPERM), not by renaming.
     "memorydb": {
-        "conf": ["user default on nopass ~* &* +@all -config -debug -migrate -module -psync -sync -replicaof "
-                 "-slaveof -bgsave -bgrewriteaof -save -shutdown -acl|setuser -acl|deluser -acl|load -acl|save "
-                 "-cluster|addslots -cluster|delslots -cluster|setslot"],
+        "conf": [("user default on nopass ~* &* +@all -config -debug -migrate -module -psync -sync -replicaof "
+                  "-slaveof -bgsave -bgrewriteaof -save -shutdown -acl|setuser -acl|deluser -acl|load -acl|save "
+                  "-cluster|addslots -cluster|delslots -cluster|setslot")],
         # (DEBUG answers "not allowed" (enable-debug-command) before any ACL check: disabled, not denied.)
         "refused": {"CONFIG GET", "CONFIG SET", "REPLICAOF", "SYNC", "PSYNC"},
         "provider": "AWS MemoryDB",

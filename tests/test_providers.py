@@ -83,7 +83,7 @@ def test_provider_profile_compat_sync_check_gates_and_shim(name, role, server_fa
 
 
 def test_sync_without_object_or_a_compat_report_sizes_keys_with_type_and_size_commands(server_factory, make_playbook):
-    """With OBJECT renamed away and no compat report, sync picks its copy method and copies every key (big ones in chunks)."""
+    """Without OBJECT and without a compat report, sync picks its copy method and copies every key (big in chunks)."""
     src = server_factory("redis-7.0", conf_lines=PROFILES["memorystore"]["conf"])
     dst = server_factory("valkey-9.1")
     bulk(src.client(), 300)
@@ -119,3 +119,36 @@ def test_sync_and_check_without_scripting_object_memory_or_function_on_both_side
     dst.client().srem("bigset", 7)
     found = check.run(pb, full=True, interval=0.05)
     assert sorted(m.key for m in found.mismatches) == [b"bigset", b"k:5", b"k:6"], found.summary
+
+
+def test_shipped_command_table_family_is_the_newest_not_newer_than_the_server():
+    """A server without COMMAND gets the shipped table of its kind not newer than it (else the oldest of its kind)."""
+    from migrator.shim import command_tables
+    from migrator.shim.commands import parse_command_reply
+
+    assert command_tables.family_for("redis", "7.4.2") == "redis-7.0"
+    assert command_tables.family_for("redis", "8.2.1") == "redis-7.0"
+    assert command_tables.family_for("redis", "6.2.14") == "redis-6.2"
+    assert command_tables.family_for("redis", "6.0.9") == "redis-6.2"
+    assert command_tables.family_for("valkey", "9.0.0") == "valkey-8.1"
+    assert command_tables.family_for("valkey", "9.1.2") == "valkey-9.1"
+    for family in command_tables.FAMILIES:
+        table = parse_command_reply(command_tables.load_reply(family))
+        assert len(table) > 200 and table[b"set"].first == 1 and b"mset" in table
+    assert b"hexpire" in parse_command_reply(command_tables.load_reply("valkey-9.1"))
+
+
+def test_provider_match_needs_every_documented_refusal_and_no_documented_command_refused():
+    """A profile names a provider only when all its documented blocks are refused and none of what it allows is."""
+    def prof(*refused: str) -> capabilities.Profile:
+        p = capabilities.Profile("source")
+        p.capabilities = [capabilities.Capability(n, f, capabilities.RENAMED if f in refused else capabilities.AVAILABLE,
+                                                  "test") for n, f, *_ in capabilities._PROBES]
+        return p
+
+    assert capabilities.match_providers(prof()) == []
+    assert capabilities.match_providers(prof("CONFIG")) == []
+    assert capabilities.match_providers(prof("CONFIG", "DEBUG", "REPLICAOF", "SYNC")) == ["AWS ElastiCache"]
+    assert capabilities.match_providers(prof("CONFIG", "DEBUG", "REPLICAOF", "SYNC", "PSYNC")) == [
+        "AWS ElastiCache", "AWS MemoryDB"]
+    assert capabilities.match_providers(prof("CONFIG", "DEBUG", "REPLICAOF")) == ["Azure Cache for Redis"]

@@ -295,7 +295,8 @@ def sync_refused(prof: Profile | None) -> str | None:
 def psync_without_command(client: redis.Redis, user: str) -> tuple[bool | None, str]:
     """Whether PSYNC exists and ``user`` may run it, where ``COMMAND INFO`` is refused:
     (True/False/None for unknown, why). Runs nothing: a wrong-arity PSYNC and ACL DRYRUN."""
-    cap = probe_one(client, user, "PSYNC", "PSYNC", None, ("PSYNC",), ("PSYNC", "?", "-1"), "", (), _rules(client, user))
+    cap = probe_one(client, user, "PSYNC", "PSYNC", None, ("PSYNC",), ("PSYNC", "?", "-1"), "", (),
+                    _rules(client, user))
     if cap.state == AVAILABLE:
         return True, f"PSYNC present and allowed for user {user!r} ({cap.how})"
     if cap.state in REFUSED:

@@ -137,7 +137,9 @@ def _capability_rows(data: dict) -> list[tuple]:
 def _providers_line(data: dict) -> str:
     parts = [f"{role}: {' or '.join(p['providers'])}" for role, p in (data.get("capabilities") or {}).items()
              if p.get("providers")]
-    return ("Matches the documented restrictions of " + "; ".join(parts)) if parts else "No managed provider's pattern matched."
+    if not parts:
+        return "No managed provider's pattern matched."
+    return "Matches the documented restrictions of " + "; ".join(parts)
 
 
 def _test(data: dict) -> dict:

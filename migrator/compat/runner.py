@@ -131,8 +131,8 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
     finally:
         source.close()
         target.close()
-    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions", "mirror",
-                                            "capabilities")}
+    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions",
+                                            "mirror", "capabilities")}
     data = {
         "source": {"url": playbook.source.display, **probe.source_id.to_json()},
         "target": {"url": playbook.target.display, **probe.target_id.to_json()},

@@ -571,7 +571,8 @@ def _small_payload(src: redis.Redis, tries: int = 20) -> bytes | None:
             return None
         if use_object:
             try:
-                small = values._s(src.object("encoding", key) or b"") in ("listpack", "ziplist", "intset", "embstr", "int")
+                encoding = values._s(src.object("encoding", key) or b"")
+                small = encoding in ("listpack", "ziplist", "intset", "embstr", "int")
             except redis.exceptions.ResponseError as e:
                 if not values._scripting_denied(e):  # OBJECT renamed or denied (a managed service)
                     raise

@@ -42,7 +42,8 @@ def _before_functions(src: redis.Redis) -> bool:
         return False
     if "valkey_version" in info or str(info.get("server_name", "")).lower() == "valkey":
         return False
-    return str(info.get("redis_version", "0")).split(".")[0].isdigit() and int(str(info["redis_version"]).split(".")[0]) < 7
+    major = str(info.get("redis_version", "0")).split(".")[0]
+    return major.isdigit() and int(major) < 7
 
 
 def _lib_field(lib: Any, name: bytes) -> Any:

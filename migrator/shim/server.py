@@ -152,7 +152,8 @@ def load_command_table(ep) -> dict:
     if isinstance(reply, redis.exceptions.ResponseError):
         server = _text(_raw_replies(ep, ("INFO", "server"), what="INFO")[0])
         fields = dict(line.split(b":", 1) for line in server.splitlines() if b":" in line)
-        kind = "valkey" if fields.get(b"server_name", b"").strip() == b"valkey" or b"valkey_version" in fields else "redis"
+        valkey = fields.get(b"server_name", b"").strip() == b"valkey" or b"valkey_version" in fields
+        kind = "valkey" if valkey else "redis"
         version = fields.get(b"valkey_version" if kind == "valkey" else b"redis_version", b"0").strip().decode()
         family = command_tables.family_for(kind, version)
         get_logger("shim").warning("shim.command_table_shipped", server=ep.display, refused=str(reply).splitlines()[0],
