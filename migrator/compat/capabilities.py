@@ -36,6 +36,9 @@ _NO_SHA = "0" * 40
 
 # name, what to run (harmless), or None with (wrong-arity form, ACL DRYRUN form) for a command
 # that has effects; the family (for the provider match) and what migrator does without it.
+# The wrong-arity forms were checked against the COMMAND tables of Redis 6.2/7.0 and Valkey
+# 8.1/9.1 (SYNC and MONITOR take no argument, PSYNC at least two, REPLICAOF exactly two,
+# CONFIG SET / CLIENT KILL / CLIENT PAUSE at least one): every one is rejected before it runs.
 _PROBES: tuple[tuple[str, str, tuple | None, tuple | None, tuple | None, str], ...] = (
     ("CONFIG GET", "CONFIG", ("CONFIG", "GET", "maxmemory"), None, None,
      "the config check says could-not-check; gates and the keyspace watch that read settings say so"),
@@ -350,7 +353,4 @@ def probe_side(side, role: str, probe) -> Profile:
 
 def profile_of(probe, role: str) -> Profile | None:
     """The profile the provider check read (None if it did not run)."""
-    try:
-        return probe._memo.get(f"capabilities:{role}")
-    except AttributeError:
-        return None
+    return getattr(probe, "_memo", {}).get(f"capabilities:{role}")
