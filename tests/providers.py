@@ -45,7 +45,8 @@ PROFILES: dict[str, dict] = {
     "memorystore": {
         "conf": _renamed("ACL", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "DEBUG", "LASTSAVE", "MONITOR", "OBJECT",
                          "REPLICAOF", "SLAVEOF", "SYNC", "PSYNC"),
-        "refused": {"CONFIG GET", "COMMAND", "OBJECT ENCODING", "CLIENT ID", "MONITOR", "CLUSTER", "SYNC", "PSYNC"},
+        "refused": {"CONFIG GET", "COMMAND", "OBJECT ENCODING", "CLIENT ID", "MONITOR", "CLUSTER", "REPLICAOF", "SYNC",
+                    "PSYNC"},
         "provider": "Google Memorystore for Redis",
     },
     # https://learn.microsoft.com/en-us/azure/azure-cache-for-redis/cache-configure

@@ -50,6 +50,11 @@ def test_provider_profile_compat_sync_check_gates_and_shim(name, role, server_fa
         assert not forward.startswith("works") and ("SYNC" in forward), forward
     elif role == "source":
         assert forward.startswith("works"), forward  # Azure documents no SYNC/PSYNC block: not refused
+    elif "REPLICAOF" in profile["refused"]:
+        assert forward.startswith("does not work: REPLICAOF is") and "on the target" in forward, forward
+    if role == "source" and "REPLICAOF" in profile["refused"]:  # no rollback by replication either
+        back = result.data["replication"]["source_replicates_target"]
+        assert back.startswith("does not work: REPLICAOF is") and "on the source" in back, back
     page = (reports.reports_dir(pb.state_path) / f"{result.report_id}.md").read_text()
     assert "## Provider profile" in page and profile["provider"] in page
 

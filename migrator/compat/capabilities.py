@@ -287,6 +287,14 @@ def _needed(c: Capability) -> bool:
     return bool(c.instead) and not c.instead.startswith("nothing")
 
 
+def attach_refused(prof: Profile | None) -> str | None:
+    """Why the target cannot be made a replica (REPLICAOF refused), or None."""
+    cap = next((c for c in prof.capabilities if c.name == "REPLICAOF"), None) if prof else None
+    if cap is None or cap.state not in REFUSED:
+        return None
+    return f"REPLICAOF is {cap.state} on the {prof.role} ({cap.answer or cap.how})"
+
+
 def sync_refused(prof: Profile | None) -> str | None:
     """Why the server refuses SYNC (the pre-PSYNC replication command), or None."""
     cap = next((c for c in prof.capabilities if c.name == "SYNC"), None) if prof else None

@@ -29,7 +29,8 @@ def decision(probe: Probe) -> replication.Decision:
     allowed = probe.source.guard("COMMAND INFO", lambda: replication.source_allows_sync(
         probe.source.client, probe.playbook.source.user))
     prof = capabilities.profile_of(probe, "source")
-    refused = capabilities.replication_refused(prof) or capabilities.sync_refused(prof)
+    refused = (capabilities.replication_refused(prof) or capabilities.sync_refused(prof)
+               or capabilities.attach_refused(capabilities.profile_of(probe, "target")))
     if allowed.allowed is not False and refused:
         # The capability probe saw the provider block replication (SYNC or PSYNC refused): never "works".
         allowed = replication.SyncAllowed(False, f"the source refuses replication: {refused}")
