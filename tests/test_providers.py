@@ -157,3 +157,20 @@ def test_provider_match_needs_every_documented_refusal_and_no_documented_command
     assert capabilities.match_providers(prof("CONFIG", "DEBUG", "REPLICAOF", "SYNC", "PSYNC")) == [
         "AWS ElastiCache", "AWS MemoryDB"]
     assert capabilities.match_providers(prof("CONFIG", "DEBUG", "REPLICAOF")) == ["Azure Cache for Redis"]
+
+
+def test_a_cluster_side_is_probed_on_every_primary(cluster_factory, server_factory, make_playbook):
+    """On a cluster source, each primary is probed: PSYNC denied by ACL on one primary only is reported denied,
+    naming that node, and replication is not claimed."""
+    source = cluster_factory("redis-7.0", primaries=3, replicas=0)
+    target = server_factory("valkey-9.1")
+    third = source.primaries()[2]
+    source.node_client(third).execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
+    result = compat.run(load(make_playbook(source, target)), write_report=False)
+    prof = result.data["capabilities"]["source"]
+    caps = {c["name"]: c for c in prof["capabilities"]}
+    assert caps["PSYNC"]["state"] == caps["SYNC"]["state"] == capabilities.DENIED
+    assert f"on {third.host}:{third.port} of 3 primaries" in caps["PSYNC"]["how"]
+    assert caps["CONFIG GET"]["state"] == capabilities.AVAILABLE and len(prof["nodes"]) == 3
+    assert not result.data["replication"]["target_replicates_source"].startswith("works")
+    assert result.check("provider").status == compat.WARN

@@ -97,6 +97,7 @@ class Profile:
     role: str
     capabilities: list[Capability] = field(default_factory=list)
     providers: list[str] = field(default_factory=list)  # documented restrictions this matches
+    nodes: dict[str, "Profile"] = field(default_factory=dict)  # a cluster side: each primary's own profile
 
     def state(self, name: str) -> str | None:
         return next((c.state for c in self.capabilities if c.name == name), None)
@@ -111,8 +112,10 @@ class Profile:
         return all(c.state == AVAILABLE for c in self.capabilities if c.family == family)
 
     def to_json(self) -> dict[str, Any]:
-        return {"role": self.role, "providers": self.providers,
-                "capabilities": [c.to_json() for c in self.capabilities]}
+        out = {"role": self.role, "providers": self.providers, "capabilities": [c.to_json() for c in self.capabilities]}
+        if self.nodes:
+            out["nodes"] = {addr: [c.to_json() for c in p.capabilities] for addr, p in self.nodes.items()}
+        return out
 
 
 # Each provider's documented restrictions (families refused), and the families it documents as
@@ -343,8 +346,8 @@ TITLE = "Managed-service profile"
 
 
 def provider_check(probe) -> Check:
-    """Probe both servers (each over its compat connection; on a cluster side, the node the side
-    connects to) and report the profile; the profiles are kept for the data-format and strategy checks."""
+    """Probe both servers (on a cluster side, every primary) and report the profile; the profiles
+    are kept for the data-format and strategy checks."""
     profiles = {}
     for role in ("source", "target"):
         side = probe.side(role)
@@ -354,9 +357,35 @@ def provider_check(probe) -> Check:
 
 
 def probe_side(side, role: str, probe) -> Profile:
-    """One side's profile; a lost connection still stops the run (``Side.guard``)."""
-    return side.guard("capability probe", lambda: probe_server(side.client, role, side.endpoint.user,
-                                                               probe.identity(role).version_tuple))
+    """One side's profile; a lost connection still stops the run (``Side.guard``). On a cluster side
+    every primary is probed and each capability takes its worst state over them, naming the nodes."""
+    version = probe.identity(role).version_tuple
+    view = probe.clusters.get(role)
+    primaries = view.readable_primaries() if view is not None else []
+    if not primaries:
+        return side.guard("capability probe", lambda: probe_server(side.client, role, side.endpoint.user, version))
+    nodes = {n.address: n.side.guard("capability probe", lambda n=n: probe_server(
+        n.side.client, role, side.endpoint.user, version)) for n in primaries}
+    return merge(role, nodes)
+
+
+_WORST = (RENAMED, DENIED, DISABLED, UNCONFIRMED, ABSENT, AVAILABLE)  # most restrictive first
+
+
+def merge(role: str, nodes: dict[str, Profile]) -> Profile:
+    """A cluster side's profile from its primaries': each capability at its worst, with the nodes that differ."""
+    first = next(iter(nodes.values()))
+    out = Profile(role, nodes=nodes)
+    for i, cap in enumerate(first.capabilities):
+        caps = {addr: p.capabilities[i] for addr, p in nodes.items()}
+        worst = min(caps.values(), key=lambda c: _WORST.index(c.state))
+        merged = Capability(**{**worst.to_json()})
+        if len({c.state for c in caps.values()}) > 1:
+            where = ", ".join(a for a, c in caps.items() if c.state == worst.state)
+            merged.how += f" (on {where} of {len(caps)} primaries)"
+        out.capabilities.append(merged)
+    out.providers = match_providers(out)
+    return out
 
 
 def profile_of(probe, role: str) -> Profile | None:
