@@ -97,7 +97,7 @@ class Profile:
     role: str
     capabilities: list[Capability] = field(default_factory=list)
     providers: list[str] = field(default_factory=list)  # documented restrictions this matches
-    nodes: dict[str, "Profile"] = field(default_factory=dict)  # a cluster side: each primary's own profile
+    nodes: dict[str, Profile] = field(default_factory=dict)  # a cluster side: each primary's own profile
 
     def state(self, name: str) -> str | None:
         return next((c.state for c in self.capabilities if c.name == name), None)
@@ -379,7 +379,7 @@ def merge(role: str, nodes: dict[str, Profile]) -> Profile:
     for i, cap in enumerate(first.capabilities):
         caps = {addr: p.capabilities[i] for addr, p in nodes.items()}
         worst = min(caps.values(), key=lambda c: _WORST.index(c.state))
-        merged = Capability(**{**worst.to_json()})
+        merged = Capability(**worst.to_json())
         if len({c.state for c in caps.values()}) > 1:
             where = ", ".join(a for a, c in caps.items() if c.state == worst.state)
             merged.how += f" (on {where} of {len(caps)} primaries)"
