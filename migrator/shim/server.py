@@ -100,10 +100,11 @@ def _one_shot_client(ep, timeout: float | None = None) -> redis.Redis:
     return make_client(ep, **extra)  # (a Sentinel endpoint's: to the primary of the moment)
 
 
-def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "") -> list:
+def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "", keep_errors: bool = False) -> list:
     """Send ``commands`` on one fresh connection to ``ep`` and return their raw replies (blocking; run off the loop).
 
-    No retry: a side that is down is retried by the caller's own loop, not here.
+    No retry: a side that is down is retried by the caller's own loop, not here. ``keep_errors``:
+    a server's error reply is returned as its ``ResponseError`` rather than raised.
     """
     client = _one_shot_client(ep, timeout)
     try:
@@ -112,7 +113,12 @@ def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str =
             replies = []
             for cmd in commands:
                 conn.send_command(*cmd)
-                replies.append(conn.read_response())
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as e:
+                    if not keep_errors:
+                        raise
+                    replies.append(e)
             return replies
         finally:
             client.connection_pool.release(conn)
@@ -143,14 +149,11 @@ def load_command_table(ep) -> dict:
     from migrator.compat.rpc import is_restricted
     from migrator.shim import command_tables
 
-    try:
-        (reply,) = _raw_replies(ep, ("COMMAND",), timeout=10)
-    except UnreachableError as e:
-        if not isinstance(e.__context__, redis.exceptions.ResponseError) or not is_restricted(e.__context__):
-            raise
-        reply = e.__context__
+    (reply, server) = _raw_replies(ep, ("COMMAND",), ("INFO", "server"), timeout=10, keep_errors=True)
     if isinstance(reply, redis.exceptions.ResponseError):
-        server = _text(_raw_replies(ep, ("INFO", "server"), what="INFO")[0])
+        if not is_restricted(reply) or isinstance(server, redis.exceptions.ResponseError):
+            raise UnreachableError(f"{ep.display}: cannot read COMMAND ({reply}) or INFO server ({server})")
+        server = _text(server)
         fields = dict(line.split(b":", 1) for line in server.splitlines() if b":" in line)
         valkey = fields.get(b"server_name", b"").strip() == b"valkey" or b"valkey_version" in fields
         kind = "valkey" if valkey else "redis"
