@@ -122,7 +122,10 @@ def source_allows_sync(client: Any, user: str | None) -> SyncAllowed:
     try:
         infos = _raw(client, ("COMMAND", "INFO", *REPLICA_COMMANDS))
     except redis.exceptions.ResponseError as e:
-        return SyncAllowed(None, f"COMMAND INFO is not available on the source ({_err_text(e)})")
+        from migrator.compat.capabilities import psync_without_command  # wrong-arity PSYNC + ACL DRYRUN: runs nothing
+
+        allowed, why = psync_without_command(client, name)
+        return SyncAllowed(allowed, f"COMMAND INFO is not available on the source ({_err_text(e)}); {why}")
     present = {(i[0].decode() if isinstance(i[0], bytes) else str(i[0])).lower() for i in infos or [] if i}
     missing = [c for c in REPLICA_COMMANDS if c not in present]
     if missing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from migrator.compat import rdb
+from migrator.compat import capabilities, rdb
 from migrator.compat.canary import Canaries, Transfer
 from migrator.compat.commands import command_table, lookup
 from migrator.compat.config import read_config
@@ -114,14 +114,28 @@ def _outcome(failed: list[Transfer]) -> str:
 
 def _replication(probe: Probe, method: str | None, rollback: str | None, predicted: bool) -> dict[str, str]:
     """Whether native replication would work each way: it needs the same RDB compatibility as RESTORE."""
+    refused = (capabilities.replication_refused(capabilities.profile_of(probe, "source"))
+               or capabilities.attach_refused(capabilities.profile_of(probe, "target")))
     try:
         psync = lookup(probe.memo("commands:source", lambda: command_table(probe.source)), "psync") is not None
     except Unavailable:
-        psync = True  # cannot tell; the RDB format decides what is reported
-    forward = ("works (full sync)" if method == DUMP_RESTORE and psync else
-               "does not work: PSYNC is not available on the source" if not psync else
-               "does not work: the target cannot load the source's RDB format")
-    reverse = ("works (full sync)" if rollback == DUMP_RESTORE else
+        psync = None  # COMMAND refused: the capability probe (wrong-arity PSYNC, ACL DRYRUN) decides
+    if refused:
+        psync = False
+    if method != DUMP_RESTORE:
+        forward = "does not work: the target cannot load the source's RDB format"
+    elif psync is False or refused:
+        forward = f"does not work: {refused or 'PSYNC is not available on the source'}"
+    elif psync is None:
+        forward = "unknown: the source's COMMAND is refused and the capability probe could not tell whether PSYNC is"
+    else:
+        forward = "works (full sync)"
+    if forward.startswith("works") and (sync := capabilities.sync_refused(capabilities.profile_of(probe, "source"))):
+        forward = (f"unknown: PSYNC is present but {sync}, which managed services do when they accept no replicas; "
+                   "replica_in_sync shows whether the link comes up")
+    back_refused = (capabilities.replication_refused(capabilities.profile_of(probe, "target"))
+                    or capabilities.attach_refused(capabilities.profile_of(probe, "source")))
+    reverse = (f"does not work: {back_refused}" if back_refused else "works (full sync)" if rollback == DUMP_RESTORE else
                "full sync does not work (the source cannot load the target's RDB format); a partial resync works "
                "only right after promoting the target with REPLICAOF NO ONE, within the replication backlog")
     note = " (predicted from RDB versions)" if predicted else ""

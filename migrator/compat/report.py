@@ -121,6 +121,27 @@ def _shard_rows(data: dict) -> list[tuple]:
              _LABEL[s["status"]]) for s in (check or {}).get("data", {}).get("shards", [])]
 
 
+_CAPS_HEAD = ["server", "command", "state", "how probed / the server's answer", "what migrator does instead"]
+
+
+def _capability_rows(data: dict) -> list[tuple]:
+    """Each server's probed commands (``capabilities`` in the JSON), the refused ones first."""
+    rows = []
+    for role, prof in (data.get("capabilities") or {}).items():
+        caps = sorted(prof.get("capabilities", []), key=lambda c: c["state"] == "available")
+        rows += [(role, c["name"], c["state"], f"{c['how']}{': ' + c['answer'] if c['answer'] else ''}",
+                  c["instead"] if c["state"] != "available" else "") for c in caps]
+    return rows
+
+
+def _providers_line(data: dict) -> str:
+    parts = [f"{role}: {' or '.join(p['providers'])}" for role, p in (data.get("capabilities") or {}).items()
+             if p.get("providers")]
+    if not parts:
+        return "No managed provider's pattern matched."
+    return "Matches the documented restrictions of " + "; ".join(parts)
+
+
 def _test(data: dict) -> dict:
     check = next((c for c in data["checks"] if c["name"] == "tests"), None)
     return (check or {}).get("data", {})
@@ -133,6 +154,8 @@ def _md_details(data: dict) -> list[str]:
         out += ["## Cluster nodes", "", reports.md_table(_NODES_HEAD, rows), ""]
     if rows := _shard_rows(data):
         out += ["## Memory per target shard", "", reports.md_table(_SHARDS_HEAD, rows), ""]
+    if rows := _capability_rows(data):
+        out += ["## Provider profile", "", _providers_line(data), "", reports.md_table(_CAPS_HEAD, rows), ""]
     if rows := _config_rows(data):
         out += ["## Configuration", "", reports.md_table(_CONFIG_HEAD, rows), ""]
     test = _test(data)
@@ -172,6 +195,9 @@ def html_report(data: dict) -> str:
     if rows := _shard_rows(data):
         body.append("<h2>Memory per target shard</h2>" + reports.html_table(
             _SHARDS_HEAD, rows, classes=[{"COULD NOT CHECK": WARN}.get(r[6], r[6].lower()) for r in rows]))
+    if rows := _capability_rows(data):
+        body.append(f"<h2>Provider profile</h2><p>{html.escape(_providers_line(data))}</p>" + reports.html_table(
+            _CAPS_HEAD, rows, classes=["pass" if r[2] == "available" else WARN for r in rows]))
     if rows := _config_rows(data):
         body.append("<h2>Configuration</h2>" + reports.html_table(_CONFIG_HEAD, rows,
                     classes=[{"COULD NOT CHECK": WARN}.get(r[3], r[3].lower()) for r in rows]))

@@ -12,7 +12,7 @@ from typing import Callable
 
 import redis
 
-from migrator.compat import acl, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
+from migrator.compat import acl, capabilities, commands, config, dataformat, functions, identify, keyspace, modules, strategy, suite
 from migrator.compat import search
 from migrator.compat import sentinel as sentinel_checks
 from migrator.compat.model import FAIL, UNKNOWN, Check, CompatResult, verdict
@@ -33,6 +33,8 @@ CHECKS: tuple[tuple[str, str, CheckFn, str], ...] = (
     ("topology", "Standalone servers", lambda p: identify.topology_check(p.source_id, p.target_id, _replicating(p)),
      "confirm both servers run standalone"),
     ("keyspace", "Keyspace", keyspace.keyspace_check, "run INFO keyspace on the target and confirm it is empty"),
+    ("provider", capabilities.TITLE, capabilities.provider_check,
+     "compare the provider's list of blocked commands with docs/compatibility.md (Managed services)"),
     ("sentinel", sentinel_checks.TITLE, sentinel_checks.sentinel_check,
      "run SENTINEL CKQUORUM and SENTINEL REPLICAS on a sentinel, and CONFIG GET min-replicas-to-write on the primary"),
     ("data.format", "Data format and copy method", dataformat.data_format_check,
@@ -132,7 +134,8 @@ def run(playbook: Playbook, *, write_report: bool = True) -> CompatResult:
     finally:
         source.close()
         target.close()
-    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions", "mirror")}
+    facts = {k: probe.facts.get(k) for k in ("copy_method", "rollback_copy_method", "replication", "rdb_versions",
+                                            "mirror", "capabilities")}
     data = {
         "source": {"url": playbook.source.display, **probe.source_id.to_json()},
         "target": {"url": playbook.target.display, **probe.target_id.to_json()},

@@ -14,6 +14,7 @@ are never sent (that would make the source fork for a BGSAVE).
 from __future__ import annotations
 
 from migrator import replication
+from migrator.compat import capabilities
 from migrator.compat.model import FAIL, PASS, WARN, Check
 from migrator.compat.probe import Probe
 
@@ -27,6 +28,12 @@ def decision(probe: Probe) -> replication.Decision:
     subset = probe.source.guard("INFO keyspace", lambda: replication.subset_selected(probe.playbook, probe.source.client))
     allowed = probe.source.guard("COMMAND INFO", lambda: replication.source_allows_sync(
         probe.source.client, probe.playbook.source.user))
+    prof = capabilities.profile_of(probe, "source")
+    refused = (capabilities.replication_refused(prof) or capabilities.sync_refused(prof)
+               or capabilities.attach_refused(capabilities.profile_of(probe, "target")))
+    if allowed.allowed is not False and refused:
+        # The capability probe saw the provider block replication (SYNC or PSYNC refused): never "works".
+        allowed = replication.SyncAllowed(False, f"the source refuses replication: {refused}")
     loads, rdb_why = replication.rdb_loadable(probe.facts.get("copy_method"),
                                               (probe.facts.get("replication") or {}).get("target_replicates_source"))
     d = replication.decide(requested, allowed, loads, rdb_why, subset, topology)

@@ -642,12 +642,28 @@ def detect_method(src: redis.Redis, dst: redis.Redis, compat_report: dict | None
 
 def _small_payload(src: redis.Redis, tries: int = 20) -> bytes | None:
     """The DUMP of some small key (never of a big one: that could be gigabytes)."""
+    use_object = True
     for _ in range(tries):
         key = src.randomkey()
         if key is None:
             return None
-        if values._s(src.object("encoding", key) or b"") in ("listpack", "ziplist", "intset", "embstr", "int"):
+        if use_object:
+            try:
+                encoding = values._s(src.object("encoding", key) or b"")
+                small = encoding in ("listpack", "ziplist", "intset", "embstr", "int")
+            except redis.exceptions.ResponseError as e:
+                if not values._scripting_denied(e):  # OBJECT renamed or denied (a managed service)
+                    raise
+                use_object = False
+        if not use_object:  # without OBJECT: the type and size commands say what is small
+            st = values.probe_by_reads(src, [key], 0, 0)[0]
+            small = st.exists and st.size <= (_SMALL_STRING if st.type == "string" else _SMALL_ELEMENTS)
+        if small:
             payload = src.dump(key)
             if payload is not None:
                 return payload
     return None
+
+
+# Without OBJECT ENCODING, a key this small (bytes of a string, elements otherwise) is probed with.
+_SMALL_STRING, _SMALL_ELEMENTS = 4096, 128

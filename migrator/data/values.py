@@ -164,7 +164,10 @@ def _field_ttls(ft: Any) -> tuple | None:
 
 def _scripting_denied(e: Exception) -> bool:
     text = str(e).lower()
-    return any(s in text for s in ("unknown command", "noperm", "no permissions", "disabled", "not allowed"))
+    # "Unknown Redis command called from script" / "can't run this command": a command the script
+    # calls (OBJECT ENCODING, DUMP) is renamed or denied; the pipelined path then does without it.
+    return any(s in text for s in ("unknown command", "noperm", "no permissions", "disabled", "not allowed",
+                                   "unknown redis command", "can't run this command"))
 
 
 def probe_by_reads(client: redis.Redis, keys: list[bytes], chunk: int, max_bytes: int,

@@ -100,10 +100,11 @@ def _one_shot_client(ep, timeout: float | None = None) -> redis.Redis:
     return make_client(ep, **extra)  # (a Sentinel endpoint's: to the primary of the moment)
 
 
-def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "") -> list:
+def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str = "", keep_errors: bool = False) -> list:
     """Send ``commands`` on one fresh connection to ``ep`` and return their raw replies (blocking; run off the loop).
 
-    No retry: a side that is down is retried by the caller's own loop, not here.
+    No retry: a side that is down is retried by the caller's own loop, not here. ``keep_errors``:
+    a server's error reply is returned as its ``ResponseError`` rather than raised.
     """
     client = _one_shot_client(ep, timeout)
     try:
@@ -112,7 +113,12 @@ def _raw_replies(ep, *commands: tuple, timeout: float | None = None, what: str =
             replies = []
             for cmd in commands:
                 conn.send_command(*cmd)
-                replies.append(conn.read_response())
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as e:
+                    if not keep_errors:
+                        raise
+                    replies.append(e)
             return replies
         finally:
             client.connection_pool.release(conn)
@@ -134,8 +140,28 @@ def _probe_cluster(ep) -> bool:
 
 
 def load_command_table(ep) -> dict:
-    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop)."""
-    (reply,) = _raw_replies(ep, ("COMMAND",), timeout=10)
+    """The parsed ``COMMAND`` reply of one endpoint (blocking; run off the loop).
+
+    Where the server refuses ``COMMAND`` (a managed service renames it away or an ACL denies
+    it), the table shipped with migrator for the server's version family stands in
+    (``migrator.shim.command_tables``, docs/shim.md "Without COMMAND").
+    """
+    from migrator.compat.rpc import is_restricted
+    from migrator.shim import command_tables
+
+    (reply, server) = _raw_replies(ep, ("COMMAND",), ("INFO", "server"), timeout=10, keep_errors=True)
+    if isinstance(reply, redis.exceptions.ResponseError):
+        if not is_restricted(reply) or isinstance(server, redis.exceptions.ResponseError):
+            raise UnreachableError(f"{ep.display}: cannot read COMMAND ({reply}) or INFO server ({server})")
+        server = _text(server)
+        fields = dict(line.split(b":", 1) for line in server.splitlines() if b":" in line)
+        valkey = fields.get(b"server_name", b"").strip() == b"valkey" or b"valkey_version" in fields
+        kind = "valkey" if valkey else "redis"
+        version = fields.get(b"valkey_version" if kind == "valkey" else b"redis_version", b"0").strip().decode()
+        family = command_tables.family_for(kind, version)
+        get_logger("shim").warning("shim.command_table_shipped", server=ep.display, refused=str(reply).splitlines()[0],
+                                 family=family, version=f"{kind} {version}")
+        reply = command_tables.load_reply(family)
     return parse_command_reply(reply)
 
 
