@@ -35,6 +35,11 @@ DATA_COMMANDS = frozenset({
     "hscan", "hmget", "hgetall", "scard", "sscan", "smismember", "smembers", "zcard", "zrange", "zmscore", "llen",
     "lrange", "xlen", "xrange", "xinfo|stream", "xinfo|groups", "xinfo|consumers", "xpending", "function|dump",
     "function|list", "psubscribe", "punsubscribe", "subscribe", "unsubscribe", "client|id", "client|tracking", "time", "publish", "info",
+    # asked by the copy and the comparison of newer data and of clusters (hash field TTLs, JSON
+    # documents, slot walks)
+    "command|info", "hpexpiretime", "json.get", "json.type", "role", "readonly", "asking", "cluster|nodes",
+    "cluster|info", "cluster|slots", "cluster|shards", "cluster|myid", "cluster|getkeysinslot",
+    "cluster|countkeysinslot",
 })
 
 
