@@ -37,11 +37,13 @@ from migrator.data import progress as progress_mod
 from migrator.data.copy import Copier, detect_method
 from migrator.data.failures import server_errors
 from migrator.data.keyspace import (
+    MAX_SOURCE_CHANGES,
     Selection,
     databases,
     keyspace_sizes,
     prefetch,
     scan_batches,
+    server_run_id,
 )
 from migrator.data.throttle import RateLimiter
 from migrator.errors import RefusedError, UnreachableError, UsageError
@@ -143,16 +145,6 @@ class _Run:
         return _Db(db, src, dst, values.Prober(src, self.chunk, CHUNK_BYTES), values.Prober(dst, self.chunk, CHUNK_BYTES))
 
 
-MAX_SOURCE_CHANGES = 5  # failovers of the source during one database's walk before check gives up
-
-
-def _run_id(client: redis.Redis) -> str | None:
-    try:
-        return str(client.info("server").get("run_id") or "") or None
-    except redis.exceptions.RedisError:
-        return None
-
-
 def _check_db_on_one_source(r: _Run, selection: Selection, plan, db: int, src0: redis.Redis) -> list[Mismatch]:
     """``_check_db``, walked again from the start if the source's primary changed meanwhile.
 
@@ -161,9 +153,9 @@ def _check_db_on_one_source(r: _Run, selection: Selection, plan, db: int, src0: 
     under-check silently, so that database is walked again on the primary of now.
     """
     for _ in range(MAX_SOURCE_CHANGES + 1):
-        before, checked, ttl_deltas = _run_id(src0), r.checked, len(r.ttl_deltas)
+        before, checked, ttl_deltas = server_run_id(src0), r.checked, len(r.ttl_deltas)
         found = _check_db(r, r.open(db), _keys(r.open(db), selection, plan))
-        after = _run_id(src0)
+        after = server_run_id(src0)
         if before is None or before == after:
             return found
         r.checked = checked

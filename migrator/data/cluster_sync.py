@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import redis
 
-from migrator import cluster, reports, sides
+from migrator import cluster, reports
 from migrator.connect import connect
 from migrator.data import checkpoint as cpmod
 from migrator.data import dirty as dirtymod
@@ -575,18 +575,9 @@ def run_full(r, restart: bool, progress_shards: Callable[[list[dict]], None] | N
         raise UsageError(f"source {pb.source.display} is a cluster: it has only database 0, but sync.databases is "
                            f"{r.selection.databases}")
     saved = cpmod.load(pb.state_path)
-    resumed = not restart and saved is not None and not saved.finished and bool(saved.shards or not saved.dbs)
-    seen = sides.snapshot_json(pb)
-    start_over = ""
-    if resumed and saved.sides:
-        why = sides.restarted_since(sides.recorded({"sides": seen}), saved.started_at,
-                                    sides.recorded({"sides": saved.sides}))
-        if why:
-            resumed, start_over = False, f"the interrupted pass was started over: {'; '.join(why)}"
-    cp = saved if resumed else cpmod.Checkpoint()
-    if not cp.sides:
-        cp.sides = seen
-    cp.runs += 1
+    cp, resumed, start_over = r.open_pass(
+        saved, not restart and saved is not None and not saved.finished and bool(saved.shards or not saved.dbs),
+        cpmod.Checkpoint())
     src = Side(pb.source, "source", True)
     dst = Side(pb.target, "target", is_cluster_endpoint(pb.target, "target"))
     try:
@@ -720,21 +711,9 @@ class RoutedCopy:
         for pair, pair_keys in by_pair.items():
             copier, verifier, errors = self.pairs[pair]
             for i in range(0, len(pair_keys), r.batch):
-                part = pair_keys[i:i + r.batch]
-                r.limiter.wait(len(part))
-                if compare_first:
-                    differ = verifier.differing(part)
-                    r.equal += len(part) - len(differ)
-                    part = [k for k in part if k in differ]
-                    if not part:
-                        continue
-                marked_at = time.monotonic()
-                res = copier.copy(part)
-                redirected(res.errors)
-                errors.update(res.errors)
-                r.total.add(res)
-                verifier.add(self.seq, part, time.monotonic(), res, marked_at)
-                self.seq += 1
+                if r.copy_batch(copier, verifier, self.seq, pair_keys[i:i + r.batch], compare_first, errors,
+                                check=redirected):
+                    self.seq += 1
         self.poll()
         return self.seq
 
@@ -780,18 +759,8 @@ def run_full_to_cluster(r, restart: bool):
                            f"databases {wanted} are selected; migrate the others to another target, or select "
                            "databases: [0]")
     saved = cpmod.load(pb.state_path)
-    resumed = not restart and saved is not None and not saved.finished and not saved.shards
-    seen = sides.snapshot_json(pb)
-    start_over = ""
-    if resumed and saved.sides:
-        why = sides.restarted_since(sides.recorded({"sides": seen}), saved.started_at,
-                                    sides.recorded({"sides": saved.sides}))
-        if why:
-            resumed, start_over = False, f"the interrupted pass was started over: {'; '.join(why)}"
-    cp = saved if resumed else cpmod.Checkpoint()
-    if not cp.sides:
-        cp.sides = seen
-    cp.runs += 1
+    cp, resumed, start_over = r.open_pass(
+        saved, not restart and saved is not None and not saved.finished and not saved.shards, cpmod.Checkpoint())
     dst = Side(pb.target, "target", True)
     prog = cp.db(0)
     try:

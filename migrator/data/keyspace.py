@@ -132,3 +132,17 @@ def prefetch(batches: Iterator, depth: int = 4) -> Iterator:
                 q.get_nowait()
             except queue.Empty:
                 t.join(0.05)
+
+
+# A SCAN cursor means something on one server only: sync and check walk a database again when
+# the source's primary changed during the walk (a Sentinel failover, a restart), at most this
+# many times before they give up.
+MAX_SOURCE_CHANGES = 5
+
+
+def server_run_id(client: redis.Redis) -> str | None:
+    """The ``run_id`` of the server ``client`` reaches now; None when it cannot be read."""
+    try:
+        return str(client.info("server").get("run_id") or "") or None
+    except redis.exceptions.RedisError:
+        return None

@@ -32,7 +32,15 @@ from migrator.data import watch as watchmod
 from migrator.data.copy import DUMP, Copier, CopyResult, detect_method
 from migrator.data.failures import server_errors
 from migrator.data.functions import copy_functions
-from migrator.data.keyspace import Selection, databases, keyspace_sizes, prefetch, scan_batches
+from migrator.data.keyspace import (
+    MAX_SOURCE_CHANGES,
+    Selection,
+    databases,
+    keyspace_sizes,
+    prefetch,
+    scan_batches,
+    server_run_id,
+)
 from migrator.data.throttle import RateLimiter
 from migrator.data.verify import Verifier
 from migrator.data.watch import WriteWatch
@@ -155,6 +163,48 @@ class _Run:
     def verifier(self, src, dst, copier: Copier, watch: WriteWatch | None = None) -> Verifier:
         return Verifier(src, dst, copier, settle=self.settle, ttl_tolerance_ms=self.ttl_tolerance_ms, watch=watch)
 
+    def open_pass(self, saved: cpmod.Checkpoint | None, resumable: bool,
+                  fresh: cpmod.Checkpoint) -> tuple[cpmod.Checkpoint, bool, str]:
+        """The checkpoint this run goes on with: ``saved`` when ``resumable`` and no side restarted
+        since it began, else ``fresh``; with whether it resumed and why it started over.
+
+        Keys the interrupted pass copied are gone if the target restarted since: resuming would
+        skip them and call the sync complete. The pass starts over instead.
+        """
+        resumed, start_over = resumable, ""
+        seen = sides.snapshot_json(self.pb)
+        if resumed and saved is not None and saved.sides:
+            why = sides.restarted_since(sides.recorded({"sides": seen}), saved.started_at,
+                                        sides.recorded({"sides": saved.sides}))
+            if why:
+                resumed, start_over = False, f"the interrupted pass was started over: {'; '.join(why)}"
+        cp = saved if resumed and saved is not None else fresh
+        if not cp.sides:
+            cp.sides = seen
+        cp.runs += 1
+        return cp, resumed, start_over
+
+    def copy_batch(self, copier: Copier, verifier: Verifier, seq: int, part: list[bytes], compare_first: bool,
+                   errors: dict[bytes, str], check: Callable[[dict[bytes, str]], None] | None = None) -> bool:
+        """Copy one batch (only the keys that differ now with ``compare_first``) and hand it to the
+        verifier as batch ``seq``; ``check`` sees the copy's per-key errors first (and may raise).
+        False when nothing needed copying."""
+        self.limiter.wait(len(part))
+        if compare_first:
+            differ = verifier.differing(part)
+            self.equal += len(part) - len(differ)
+            part = [k for k in part if k in differ]
+            if not part:
+                return False
+        marked_at = time.monotonic()
+        res = copier.copy(part)
+        if check is not None:
+            check(res.errors)
+        errors.update(res.errors)
+        self.total.add(res)
+        verifier.add(seq, part, time.monotonic(), res, marked_at)
+        return True
+
     def watch(self, src: redis.Redis, db: int, cp: cpmod.Checkpoint) -> WriteWatch | None:
         """A WriteWatch on the source when keyspace events may be (and can be) turned on there."""
         if not self.keyspace_events:
@@ -258,20 +308,9 @@ def _run_full(r: _Run, restart: bool) -> SyncResult:
     state_dir = r.pb.state_path
     src0, dst0 = r.clients(0)
     saved = cpmod.load(state_dir)
-    resumed = not restart and saved is not None and not saved.finished
-    seen = sides.snapshot_json(r.pb)
-    start_over = ""
-    if resumed and saved.sides:
-        # Keys the interrupted pass copied are gone if the target restarted since: resuming would
-        # skip them and call the sync complete. Start the pass over instead.
-        why = sides.restarted_since(sides.recorded({"sides": seen}), saved.started_at, sides.recorded({"sides": saved.sides}))
-        if why:
-            resumed, start_over = False, f"the interrupted pass was started over: {'; '.join(why)}"
     # A killed run may have left the source's keyspace events on: keep what to restore.
-    cp = saved if resumed else cpmod.Checkpoint(notify_before=saved.notify_before if saved else None)
-    if not cp.sides:
-        cp.sides = seen
-    cp.runs += 1
+    cp, resumed, start_over = r.open_pass(saved, not restart and saved is not None and not saved.finished,
+                                          cpmod.Checkpoint(notify_before=saved.notify_before if saved else None))
     dbs = databases(r.selection, src0)
     cp.method, cp.method_reason = _method(r, cp, dbs)
     sizes = keyspace_sizes(src0)
@@ -329,16 +368,6 @@ def _repair_marked(r: _Run, cp: cpmod.Checkpoint, dbs: list[int]) -> None:
             _copy_and_verify(r, db, wanted, cp.method, compare_first=True)
 
 
-MAX_SOURCE_CHANGES = 5  # failovers of the source during one database's scan before sync gives up
-
-
-def _run_id(src: redis.Redis) -> str | None:
-    try:
-        return str(src.info("server").get("run_id") or "") or None
-    except redis.exceptions.RedisError:
-        return None
-
-
 def _sync_db_on_one_source(r: _Run, cp: cpmod.Checkpoint, db: int, src0: redis.Redis) -> None:
     """``_sync_db``, scanning the database again from the start if the source changed meanwhile.
 
@@ -348,9 +377,9 @@ def _sync_db_on_one_source(r: _Run, cp: cpmod.Checkpoint, db: int, src0: redis.R
     that is the primary now).
     """
     for _ in range(MAX_SOURCE_CHANGES + 1):
-        before = _run_id(src0)
+        before = server_run_id(src0)
         _sync_db(r, cp, db)
-        after = _run_id(src0)
+        after = server_run_id(src0)
         if before is None or before == after:
             return
         prog = cp.db(db)
@@ -478,19 +507,8 @@ def _copy_and_verify(r: _Run, db: int, keys: list[bytes], method: str, compare_f
     verifier = r.verifier(src, dst, copier)
     errors: dict[bytes, str] = {}
     for i in range(0, len(keys), r.batch):
-        part = keys[i:i + r.batch]
-        r.limiter.wait(len(part))
-        if compare_first:
-            differ = verifier.differing(part)
-            r.equal += len(part) - len(differ)
-            part = [k for k in part if k in differ]
-            if not part:
-                continue
-        marked_at = time.monotonic()
-        res = copier.copy(part)
-        errors.update(res.errors)
-        r.total.add(res)
-        verifier.add(i, part, time.monotonic(), res, marked_at)
+        if not r.copy_batch(copier, verifier, i, keys[i:i + r.batch], compare_first, errors):
+            continue
         verifier.poll()
         r.tick(db)
     verifier.drain()
