@@ -46,14 +46,7 @@ def _kwargs(ep: Endpoint, db: int | None) -> dict[str, Any]:
         "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(redis.exceptions.ConnectionError,)),
     }
     if ep.use_tls:
-        kw["ssl"] = True
-        tls = ep.tls
-        if tls is not None:
-            kw["ssl_ca_certs"] = str(tls.ca_file) if tls.ca_file else None
-            kw["ssl_certfile"] = str(tls.cert_file) if tls.cert_file else None
-            kw["ssl_keyfile"] = str(tls.key_file) if tls.key_file else None
-            kw["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.verify else ssl.CERT_NONE
-            kw["ssl_check_hostname"] = bool(tls.verify)
+        kw.update(ep.tls_kwargs())
     return kw
 
 

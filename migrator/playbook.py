@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -233,6 +234,19 @@ class Endpoint(_Strict):
             scheme = "sentinel+tls" if self.use_tls else "sentinel"
             return f"{scheme}://{','.join(self.sentinel.addresses)}/{self.sentinel.master_name}/{self.db}"
         return redact_url(self.url or "")
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """The TLS keyword arguments of a redis-py client of this endpoint's data nodes (``ssl`` and
+        the files, verification on unless ``tls.verify`` is false)."""
+        kw: dict[str, Any] = {"ssl": True}
+        tls = self.tls
+        if tls is not None:
+            kw["ssl_ca_certs"] = str(tls.ca_file) if tls.ca_file else None
+            kw["ssl_certfile"] = str(tls.cert_file) if tls.cert_file else None
+            kw["ssl_keyfile"] = str(tls.key_file) if tls.key_file else None
+            kw["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.verify else ssl.CERT_NONE
+            kw["ssl_check_hostname"] = bool(tls.verify)
+        return kw
 
     def identity(self) -> dict[str, Any]:
         """What identifies the deployment (no secrets): used to notice endpoints changing mid-migration."""

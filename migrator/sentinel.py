@@ -63,21 +63,7 @@ def sentinel_kwargs(ep) -> dict[str, Any]:
                           "username": sen.sentinel_username, "password": sen.sentinel_password,
                           "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
     if sen.sentinel_tls:
-        kw.update(_tls_kwargs(ep))
-    return kw
-
-
-def _tls_kwargs(ep) -> dict[str, Any]:
-    import ssl
-
-    kw: dict[str, Any] = {"ssl": True}
-    tls = ep.tls
-    if tls is not None:
-        kw["ssl_ca_certs"] = str(tls.ca_file) if tls.ca_file else None
-        kw["ssl_certfile"] = str(tls.cert_file) if tls.cert_file else None
-        kw["ssl_keyfile"] = str(tls.key_file) if tls.key_file else None
-        kw["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.verify else ssl.CERT_NONE
-        kw["ssl_check_hostname"] = bool(tls.verify)
+        kw.update(ep.tls_kwargs())
     return kw
 
 
@@ -88,7 +74,7 @@ def node_kwargs(ep, host: str, port: int) -> dict[str, Any]:
                           "socket_connect_timeout": t, "socket_timeout": max(t, SENTINEL_TIMEOUT),
                           "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
     if ep.use_tls:
-        kw.update(_tls_kwargs(ep))
+        kw.update(ep.tls_kwargs())
     return kw
 
 
