@@ -45,16 +45,23 @@ def _int(x: bytes) -> int | None:
         return None
 
 
+# A key's or a hash's fields' relative expiry, and its absolute form: (command, milliseconds per unit).
+_RELATIVE_EXPIRES = {
+    b"expire": (b"PEXPIREAT", 1000), b"pexpire": (b"PEXPIREAT", 1),
+    b"hexpire": (b"HPEXPIREAT", 1000), b"hpexpire": (b"HPEXPIREAT", 1),
+}
+
+
 def rewrite_now(args: Command, now_ms: int) -> Command | None:
     """The shadow's version of a command with a relative expiry, or None to send it unchanged."""
     name = args[0].lower()
     n = len(args)
-    if name in (b"expire", b"pexpire") and n >= 3:
+    if name in _RELATIVE_EXPIRES and n >= 3:
+        absolute, unit_ms = _RELATIVE_EXPIRES[name]
         v = _int(args[2])
         if v is None or abs(v) > 10**13:
             return None  # let both sides reject it the same way
-        ms = v * 1000 if name == b"expire" else v
-        return [b"PEXPIREAT", args[1], b"%d" % (now_ms + ms), *args[3:]]
+        return [absolute, args[1], b"%d" % (now_ms + v * unit_ms), *args[3:]]
     if name in (b"setex", b"psetex") and n == 4:
         v = _int(args[2])
         if v is None or v <= 0 or v > 10**13:
@@ -72,12 +79,6 @@ def rewrite_now(args: Command, now_ms: int) -> Command | None:
                 ms = v * 1000 if opt == b"ex" else v
                 return [*args[:i], b"PXAT", b"%d" % (now_ms + ms), *args[i + 2 :]]
         return None
-    if name in (b"hexpire", b"hpexpire") and n >= 3:
-        v = _int(args[2])
-        if v is None or abs(v) > 10**13:
-            return None  # let both sides reject it the same way
-        ms = v * 1000 if name == b"hexpire" else v
-        return [b"HPEXPIREAT", args[1], b"%d" % (now_ms + ms), *args[3:]]
     if name in (b"hsetex", b"hgetex"):
         return _field_expiry_option(args, now_ms)
     if name == b"restore" and n >= 4:
