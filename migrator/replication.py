@@ -470,7 +470,10 @@ def _progress_once(source: Any, target: Any, host: str, port: int, attached_at: 
             got = t.sync_read_bytes or 0
             done = f"{got:,} of {total:,} bytes" if total and total > 0 else f"{got:,} bytes read (diskless: size unknown)"
             ev = f"initial full sync in progress: {done}"
-            stalled = last_io is not None and int(last_io) >= stall_timeout
+            # The server counts whole seconds of its cached clock, so a transfer a few ms old may
+            # already say 1: no sync has gone without progress for longer than it has existed.
+            stalled = (last_io is not None and int(last_io) >= stall_timeout
+                       and (elapsed is None or elapsed >= stall_timeout))
             data["last_io_s"] = int(last_io) if last_io is not None else None
             hint = "is the source stopped or overloaded, or the network between them cut?"
         else:
